@@ -1,0 +1,1 @@
+"""The device side: draft engine, speculation policy and the agent that talks to the verifier."""

@@ -1,0 +1,247 @@
+"""The device agent: holds the committed text, drafts, asks the verifier, applies verdicts.
+
+The device is the source of truth for the committed text. Every round is
+idempotent (session id + round sequence): a lost verdict is asked for again
+with the same message, a verifier that lost the session gets an OPEN resync.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from specedge import wire
+from specedge.config import DeviceConfig
+from specedge.device.policy import Policy
+from specedge.metrics import SpecStats
+from specedge.mqtt import Link, device_topic
+from specedge.speculative import SamplingParams
+
+log = logging.getLogger("specedge.device")
+
+
+class RequestFailed(RuntimeError):
+    """The verifier refused the request (the reason is in the message)."""
+
+
+class VerifierUnavailable(RequestFailed):
+    """No verdict after every retry: the request fails cleanly, committed text intact."""
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    stats: SpecStats
+    stopped: bool  # ended on a stop token rather than the length limit
+
+
+class Agent:
+    def __init__(self, cfg: DeviceConfig, engine, tokenizer):
+        self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
+        ident = cfg.device
+        self.up_topic = device_topic(ident.fleet, ident.id, "draft")
+        self.down_topic = device_topic(ident.fleet, ident.id, "verdict")
+        self.inbox: queue.Queue[bytes] = queue.Queue()
+        self.link = Link(cfg.mqtt, f"specedge-device-{ident.fleet}-{ident.id}", self._on_message)
+        self.decode_errors: dict[str, int] = {}
+        self._busy = threading.Lock()
+        self.fingerprint = bytes.fromhex(tokenizer.fingerprint())
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        self.inbox.put(payload)
+
+    def start(self) -> "Agent":
+        self.link.subscribe(self.down_topic)
+        self.link.start()
+        return self
+
+    def stop(self) -> None:
+        self.link.stop()
+
+    # -- one request -------------------------------------------------------------------------
+    def generate(self, prompt: list[int], params: SamplingParams, max_new_tokens: int, policy: Policy,
+                 on_tokens=None) -> GenerationResult:
+        """Generate after `prompt`; `on_tokens(list[int])` sees committed tokens as they land."""
+        with self._busy:
+            return _Request(self, prompt, params, max_new_tokens, policy, on_tokens).run()
+
+
+class _Request:
+    def __init__(self, agent: Agent, prompt, params, max_new_tokens, policy, on_tokens):
+        self.agent, self.params, self.policy = agent, params, policy
+        self.max_new, self.on_tokens = max_new_tokens, on_tokens or (lambda tokens: None)
+        self.session = secrets.randbits(64)
+        self.seq = 0
+        self.prompt_len = len(prompt)
+        self.committed = list(prompt)
+        self.stats = SpecStats(policy=policy.name)
+        self.stop_ids = agent.tokenizer.stop_ids
+        self.rng = np.random.default_rng([params.seed, self.session])
+        self.faults = agent.cfg.faults
+        self.start_s = time.perf_counter()
+        self.stopped = False
+        self.stream_failures = 0
+
+    @property
+    def generated(self) -> int:
+        return len(self.committed) - self.prompt_len
+
+    def send(self, msg) -> None:
+        self.agent.link.publish(self.agent.up_topic, wire.encode(msg))
+
+    def open_message(self, resync: bool) -> wire.Open:
+        return wire.Open(self.session, 0, list(self.committed), self.params, self.agent.fingerprint, resync)
+
+    def run(self) -> GenerationResult:
+        agent = self.agent
+        sent0, recv0 = agent.link.bytes_sent, agent.link.bytes_received
+        while not agent.inbox.empty():  # leftovers of an earlier request
+            agent.inbox.get_nowait()
+        self.send(self.open_message(resync=False))
+        try:
+            if self.policy.autoregressive:
+                self.run_autoregressive()
+            else:
+                self.run_speculative()
+        finally:
+            self.seq += 1
+            self.send(wire.Close(self.session, self.seq))
+            self.stats.total_s = time.perf_counter() - self.start_s
+            self.stats.generated_tokens = self.generated
+            self.stats.wire_bytes = (agent.link.bytes_sent - sent0) + (agent.link.bytes_received - recv0)
+        return GenerationResult(self.committed[self.prompt_len:], self.stats, self.stopped)
+
+    def emit(self, tokens: list[int]) -> None:
+        """Commit tokens from the verifier, cut at a stop token or the length limit."""
+        out = []
+        for token in tokens[: self.max_new - self.generated]:
+            if token in self.stop_ids:
+                self.stopped = True
+                break
+            out.append(token)
+        if out and self.generated == 0:
+            self.stats.ttft_s = time.perf_counter() - self.start_s
+        self.committed += out
+        if out:
+            self.on_tokens(out)
+
+    @property
+    def done(self) -> bool:
+        return self.stopped or self.generated >= self.max_new
+
+    def run_speculative(self) -> None:
+        engine = self.agent.engine
+        engine.start(self.committed)
+        while not self.done:
+            length = self.policy.next_draft_length(self.max_new - self.generated)
+            t0 = time.perf_counter()
+            draft, q = engine.draft(length, self.params, self.rng, self.stop_ids)
+            t1 = time.perf_counter()
+            self.stats.draft_s += t1 - t0
+            self.seq += 1
+            verdict = self.round_trip(wire.Draft(self.session, self.seq, len(self.committed), draft, q))
+            t2 = time.perf_counter()
+            if verdict.accepted > len(draft):
+                raise RequestFailed(f"verdict accepts {verdict.accepted} of {len(draft)} drafted tokens")
+            self.stats.wait_s += t2 - t1
+            self.stats.record_round(len(draft), verdict.accepted, t2 - t1, verdict.verify_us / 1e6)
+            self.emit(draft[: verdict.accepted] + [verdict.next_token])
+            engine.commit(self.committed)
+
+    def run_autoregressive(self) -> None:
+        """cloud-ar: the verifier decodes alone and streams every token as it is made."""
+        while not self.done:
+            self.seq += 1
+            request = wire.Generate(self.session, self.seq, len(self.committed), self.max_new - self.generated)
+            for msg in self.stream(request):
+                # `start` is the absolute position of the first token: duplicates are dropped.
+                have = len(self.committed)
+                fresh = msg.tokens[have - msg.start:] if msg.start <= have else []
+                self.stats.target_passes += len(fresh)
+                self.emit(fresh)
+                if msg.done or self.done:
+                    if not self.done:  # the verifier hit its end (stop token) after our last token
+                        self.stopped = True
+                    break
+
+    # -- waiting for the verifier, with retries and resync ------------------------------------
+    def receive(self, deadline: float, accept):
+        """The next message for this session and round that `accept` wants, or None at the deadline."""
+        while True:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return None
+            try:
+                payload = self.agent.inbox.get(timeout=timeout)
+            except queue.Empty:
+                return None
+            try:
+                msg = wire.decode(payload)
+            except wire.WireError as exc:
+                self.agent.decode_errors[exc.kind] = self.agent.decode_errors.get(exc.kind, 0) + 1
+                log.warning("dropped a bad verifier message: %s", exc)
+                continue
+            if msg.session != self.session or msg.seq != self.seq:
+                self.stats.stale_messages += 1
+                continue
+            if isinstance(msg, wire.Error):
+                return msg
+            if accept(msg):
+                return msg
+            self.stats.stale_messages += 1
+
+    def handle_error(self, err: wire.Error) -> None:
+        if err.code in (wire.ErrorCode.UNKNOWN_SESSION, wire.ErrorCode.OUT_OF_SYNC):
+            self.stats.resyncs += 1
+            self.send(self.open_message(resync=True))
+            return
+        raise RequestFailed(f"verifier refused the request (code {err.code}): {err.text}")
+
+    def backoff(self, attempt: int) -> float:
+        """Full jitter around an exponential timeout: replays stay idempotent anyway."""
+        base = self.faults.round_timeout_s * (1.5 ** attempt)
+        return base * (0.75 + 0.5 * random.random())
+
+    def round_trip(self, msg: wire.Draft) -> wire.Verdict:
+        payload = wire.encode(msg)
+        for attempt in range(self.faults.max_retries + 1):
+            if attempt:
+                self.stats.retries += 1
+            self.agent.link.publish(self.agent.up_topic, payload)
+            deadline = time.monotonic() + self.backoff(attempt)
+            while True:
+                reply = self.receive(deadline, lambda m: isinstance(m, wire.Verdict) and m.committed == msg.committed)
+                if reply is None:
+                    break  # timed out: send the same round again
+                if isinstance(reply, wire.Error):
+                    self.handle_error(reply)
+                    self.agent.link.publish(self.agent.up_topic, payload)
+                    continue
+                return reply
+        raise VerifierUnavailable(f"no verdict for round {msg.seq} after {self.faults.max_retries + 1} tries")
+
+    def stream(self, request: wire.Generate):
+        """Tokens messages answering `request`; returns early (to be re-asked) on a timeout."""
+        payload = wire.encode(request)
+        self.agent.link.publish(self.agent.up_topic, payload)
+        while True:
+            reply = self.receive(time.monotonic() + self.backoff(self.stream_failures),
+                                 lambda m: isinstance(m, wire.Tokens))
+            if reply is None:
+                self.stream_failures += 1
+                if self.stream_failures > self.faults.max_retries:
+                    raise VerifierUnavailable(f"no tokens for request {request.seq}")
+                self.stats.retries += 1
+                return  # the caller asks again from the committed length it has
+            if isinstance(reply, wire.Error):
+                self.handle_error(reply)
+                self.agent.link.publish(self.agent.up_topic, payload)
+                continue
+            self.stream_failures = 0
+            yield reply

@@ -1,0 +1,57 @@
+"""Draft engine: the frozen draft model plus its KV cache, one request at a time.
+
+Backends share this interface (start / draft / commit); `torch` is the
+reference backend, running `specedge.model` on the CPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from specedge.model import Qwen2
+from specedge.speculative import Q_ONE, SamplingParams, SparseDist, quantize, sample_sparse, softmax
+
+
+class TorchDraftEngine:
+    backend = "torch"
+
+    def __init__(self, model: Qwen2, q_top_k: int = 8, q_top_p: float = 1.0):
+        self.model, self.q_top_k, self.q_top_p = model, q_top_k, q_top_p
+        self.cache = None
+        self.fed: list[int] = []  # tokens whose keys/values are in the cache
+        self.pending: list[int] = []  # committed tokens not fed yet
+
+    def start(self, committed: list[int]) -> None:
+        self.cache = self.model.new_cache(capacity=len(committed) + 128)
+        self.fed, self.pending = [], list(committed)
+
+    def commit(self, committed: list[int]) -> None:
+        """The device's committed text changed (a verdict): keep the cache's valid prefix."""
+        fed = self.fed
+        common = 0
+        limit = min(len(fed), len(committed))
+        while common < limit and fed[common] == committed[common]:
+            common += 1
+        self.cache.truncate(common)
+        del fed[common:]
+        self.pending = list(committed[common:])
+
+    def draft(self, n: int, params: SamplingParams, rng: np.random.Generator,
+              stop_ids=frozenset()) -> tuple[list[int], list[SparseDist] | None]:
+        """Draft up to n tokens after the committed text; in sampled mode also each token's q."""
+        tokens: list[int] = []
+        dists: list[SparseDist] | None = None if params.greedy else []
+        for _ in range(n):
+            logits = self.model.forward(self.pending, self.cache, last_only=True)[-1]
+            self.fed += self.pending
+            if params.greedy:
+                token = int(torch.argmax(logits))
+            else:
+                dist = quantize(softmax(logits.numpy() / params.temperature), self.q_top_k, self.q_top_p)
+                token = sample_sparse(dist, int(rng.integers(Q_ONE)))
+                dists.append(dist)
+            tokens.append(token)
+            self.pending = [token]
+            if token in stop_ids:  # nothing follows a stop token worth verifying
+                break
+        return tokens, dists

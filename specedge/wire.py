@@ -1,0 +1,293 @@
+"""The wire: a versioned, compact, bounded binary encoding of every message.
+
+Layout (little-endian), documented in docs/protocol.md:
+    header  = version u8 | type u8 | session u64 | seq u32      (14 bytes)
+    body    = per type, every length field bounded, no trailing bytes.
+Decoding never trusts a length: sizes are checked before anything is allocated.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from specedge.speculative import Q_ONE, SamplingParams, SparseDist
+
+PROTOCOL_VERSION = 1
+MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
+MAX_CONTEXT = 32768  # tokens in OPEN
+MAX_DRAFT = 64  # drafted tokens per DRAFT
+MAX_Q_ENTRIES = 255  # (id, count) pairs per drafted token
+MAX_STREAM = 1024  # tokens per TOKENS message
+MAX_TOKEN_ID = (1 << 24) - 1
+MAX_ERROR_TEXT = 255
+
+_HEADER = struct.Struct("<BBQI")
+
+
+class WireError(ValueError):
+    """A payload that cannot be decoded. `kind` names the failure for metrics."""
+
+    kind = "malformed"
+
+
+class Truncated(WireError):
+    kind = "truncated"
+
+
+class Oversized(WireError):
+    kind = "oversized"
+
+
+class UnsupportedVersion(WireError):
+    kind = "unsupported_version"
+
+
+class UnknownType(WireError):
+    kind = "unknown_type"
+
+
+class ErrorCode:
+    UNKNOWN_SESSION = 1  # verifier has no state for this session: send OPEN (resync)
+    OUT_OF_SYNC = 2  # committed length disagrees: send OPEN (resync)
+    BAD_REQUEST = 3
+    UNSUPPORTED_VERSION = 4
+    INCOMPATIBLE = 5  # draft and target do not share a tokenizer
+    OVERLOADED = 6
+    INTERNAL = 7
+
+
+@dataclass
+class Open:
+    """Device -> verifier: start (or resync) a session from the committed tokens."""
+
+    session: int
+    seq: int
+    tokens: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    tokenizer: bytes = bytes(8)  # fingerprint; the verifier refuses a mismatch
+    resync: bool = False
+    TYPE = 1
+
+
+@dataclass
+class Draft:
+    """Device -> verifier: drafted tokens extending the first `committed` tokens."""
+
+    session: int
+    seq: int
+    committed: int
+    tokens: list[int]
+    q: list[SparseDist] | None = None  # sampled mode: the exact draft distribution per token
+    TYPE = 2
+
+
+@dataclass
+class Generate:
+    """Device -> verifier: plain autoregressive generation (the cloud-only baseline)."""
+
+    session: int
+    seq: int
+    committed: int
+    max_new_tokens: int
+    TYPE = 3
+
+
+@dataclass
+class Close:
+    session: int
+    seq: int
+    TYPE = 4
+
+
+@dataclass
+class Verdict:
+    """Verifier -> device: `accepted` drafted tokens hold, then the target's `next_token`."""
+
+    session: int
+    seq: int
+    committed: int
+    accepted: int
+    next_token: int
+    verify_us: int = 0  # target compute time for this round
+    TYPE = 16
+
+
+@dataclass
+class Tokens:
+    """Verifier -> device: streamed tokens of a Generate, starting at generated index `start`."""
+
+    session: int
+    seq: int
+    start: int
+    tokens: list[int]
+    done: bool = False
+    TYPE = 17
+
+
+@dataclass
+class Error:
+    session: int
+    seq: int
+    code: int
+    text: str = ""
+    TYPE = 18
+
+
+MESSAGES = {m.TYPE: m for m in (Open, Draft, Generate, Close, Verdict, Tokens, Error)}
+
+
+def _tokens(values, limit: int, what: str) -> bytes:
+    arr = np.asarray(values, dtype=np.int64)
+    if arr.size > limit:
+        raise Oversized(f"{what}: {arr.size} tokens exceed the limit of {limit}")
+    if arr.size and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
+        raise WireError(f"{what}: token id out of range")
+    return arr.astype("<u4").tobytes()
+
+
+def encode(msg) -> bytes:
+    out = [_HEADER.pack(PROTOCOL_VERSION, msg.TYPE, msg.session, msg.seq)]
+    if isinstance(msg, Open):
+        p = msg.params
+        if len(msg.tokenizer) != 8:
+            raise WireError("tokenizer fingerprint must be 8 bytes")
+        out.append(struct.pack("<BfIfQ8sI", int(msg.resync), p.temperature, p.top_k, p.top_p, p.seed,
+                               msg.tokenizer, len(msg.tokens)))
+        out.append(_tokens(msg.tokens, MAX_CONTEXT, "open"))
+    elif isinstance(msg, Draft):
+        has_q = msg.q is not None
+        if has_q and len(msg.q) != len(msg.tokens):
+            raise WireError("draft: one q per drafted token")
+        out.append(struct.pack("<IBB", msg.committed, len(msg.tokens), int(has_q)))
+        out.append(_tokens(msg.tokens, MAX_DRAFT, "draft"))
+        for q in msg.q or ():
+            if not 0 < len(q.ids) <= MAX_Q_ENTRIES:
+                raise Oversized(f"q with {len(q.ids)} entries")
+            out.append(struct.pack("<B", len(q.ids)))
+            out.append(_tokens(q.ids, MAX_Q_ENTRIES, "q"))
+            # Counts are 1..65536; minus one they fit 16 bits.
+            out.append((np.asarray(q.counts, dtype=np.int64) - 1).astype("<u2").tobytes())
+    elif isinstance(msg, Generate):
+        out.append(struct.pack("<II", msg.committed, msg.max_new_tokens))
+    elif isinstance(msg, Verdict):
+        out.append(struct.pack("<IBII", msg.committed, msg.accepted, msg.next_token, msg.verify_us))
+    elif isinstance(msg, Tokens):
+        out.append(struct.pack("<IBH", msg.start, int(msg.done), len(msg.tokens)))
+        out.append(_tokens(msg.tokens, MAX_STREAM, "tokens"))
+    elif isinstance(msg, Error):
+        text = msg.text.encode("utf-8")[:MAX_ERROR_TEXT]
+        out.append(struct.pack("<HB", msg.code, len(text)) + text)
+    elif not isinstance(msg, Close):
+        raise TypeError(f"not a wire message: {msg!r}")
+    payload = b"".join(out)
+    if len(payload) > MAX_PAYLOAD:
+        raise Oversized(f"{len(payload)} bytes exceed {MAX_PAYLOAD}")
+    return payload
+
+
+class _Reader:
+    def __init__(self, data: bytes, offset: int):
+        self.data, self.pos = data, offset
+
+    def take(self, fmt: str):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.data):
+            raise Truncated(f"payload ends at byte {len(self.data)}, needed {self.pos + size}")
+        values = struct.unpack_from(fmt, self.data, self.pos)
+        self.pos += size
+        return values
+
+    def array(self, dtype: str, count: int) -> np.ndarray:
+        size = np.dtype(dtype).itemsize * count
+        if self.pos + size > len(self.data):
+            raise Truncated(f"payload ends at byte {len(self.data)}, needed {self.pos + size}")
+        arr = np.frombuffer(self.data, dtype=dtype, count=count, offset=self.pos)
+        self.pos += size
+        return arr
+
+    def tokens(self, count: int) -> list[int]:
+        arr = self.array("<u4", count)
+        if arr.size and int(arr.max()) > MAX_TOKEN_ID:
+            raise WireError("token id out of range")
+        return arr.astype(np.int64).tolist()
+
+
+def _bounded(count: int, limit: int, what: str) -> int:
+    if count > limit:
+        raise Oversized(f"{what}: {count} exceeds the limit of {limit}")
+    return count
+
+
+def decode(data: bytes):
+    """bytes -> message; raises a WireError subclass on anything but a valid message."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError("payload is not bytes")
+    data = bytes(data)
+    if len(data) > MAX_PAYLOAD:
+        raise Oversized(f"{len(data)} bytes exceed {MAX_PAYLOAD}")
+    if len(data) < _HEADER.size:
+        raise Truncated(f"{len(data)} bytes is shorter than the {_HEADER.size}-byte header")
+    version, mtype, session, seq = _HEADER.unpack_from(data)
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"protocol version {version}; this build speaks {PROTOCOL_VERSION}")
+    r = _Reader(data, _HEADER.size)
+    if mtype == Open.TYPE:
+        resync, temperature, top_k, top_p, seed, tok, n = r.take("<BfIfQ8sI")
+        try:
+            params = SamplingParams(float(temperature), int(top_k), float(top_p), int(seed))
+        except ValueError as exc:
+            raise WireError(f"open: {exc}") from exc
+        if resync > 1:
+            raise WireError("open: bad resync flag")
+        msg = Open(session, seq, r.tokens(_bounded(n, MAX_CONTEXT, "open")), params, tok, bool(resync))
+        if not msg.tokens:
+            raise WireError("open: no tokens")
+    elif mtype == Draft.TYPE:
+        committed, n, has_q = r.take("<IBB")
+        if has_q > 1:
+            raise WireError("draft: bad q flag")
+        tokens = r.tokens(_bounded(n, MAX_DRAFT, "draft"))
+        q = None
+        if has_q:
+            q = []
+            for _ in range(n):
+                (k,) = r.take("<B")
+                if k == 0:
+                    raise WireError("draft: empty q")
+                ids = r.array("<u4", k).astype(np.uint32)
+                counts = r.array("<u2", k).astype(np.int64) + 1
+                if int(counts.sum()) != Q_ONE:
+                    raise WireError(f"draft: q counts sum to {int(counts.sum())}, not {Q_ONE}")
+                if len(np.unique(ids)) != k or int(ids.max()) > MAX_TOKEN_ID:
+                    raise WireError("draft: q ids repeat or are out of range")
+                q.append(SparseDist(ids, counts))
+            for x, dist in zip(tokens, q):
+                if dist.prob(x) == 0.0:
+                    raise WireError(f"draft: token {x} lies outside its own q")
+        msg = Draft(session, seq, committed, tokens, q)
+    elif mtype == Generate.TYPE:
+        committed, max_new = r.take("<II")
+        msg = Generate(session, seq, committed, max_new)
+    elif mtype == Close.TYPE:
+        msg = Close(session, seq)
+    elif mtype == Verdict.TYPE:
+        committed, accepted, next_token, verify_us = r.take("<IBII")
+        if next_token > MAX_TOKEN_ID:
+            raise WireError("verdict: token id out of range")
+        msg = Verdict(session, seq, committed, accepted, next_token, verify_us)
+    elif mtype == Tokens.TYPE:
+        start, done, n = r.take("<IBH")
+        if done > 1:
+            raise WireError("tokens: bad done flag")
+        msg = Tokens(session, seq, start, r.tokens(_bounded(n, MAX_STREAM, "tokens")), bool(done))
+    elif mtype == Error.TYPE:
+        code, n = r.take("<HB")
+        raw = bytes(r.array("u1", n))
+        msg = Error(session, seq, code, raw.decode("utf-8", errors="replace"))
+    else:
+        raise UnknownType(f"message type {mtype}")
+    if r.pos != len(data):
+        raise WireError(f"{len(data) - r.pos} trailing bytes after a {type(msg).__name__}")
+    return msg
