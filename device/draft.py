@@ -32,6 +32,7 @@ class TorchDraftEngine:
         limit = min(len(fed), len(committed))
         while common < limit and fed[common] == committed[common]:
             common += 1
+        common = min(common, len(committed) - 1)  # the last token is re-fed: its logits start the draft
         self.cache.truncate(common)
         del fed[common:]
         self.pending = list(committed[common:])

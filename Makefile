@@ -1,0 +1,36 @@
+# specedge: `make demo` runs a real generation; `make test` runs the suite. Both set themselves up.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch (on this project's machines it comes from the local wheel cache).
+TORCH ?= torch==2.13.0
+DEMO_ARGS ?=
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test test-slow models mosquitto clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $@
+
+mosquitto:
+	@command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || { \
+		echo "installing mosquitto (Debian package)"; \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq mosquitto >/dev/null; }
+
+models: $(VENV)/.installed
+	$(VENV)/bin/specedge models fetch
+
+demo: models
+	$(VENV)/bin/specedge demo $(DEMO_ARGS)
+
+test: $(VENV)/.installed mosquitto
+	$(PY) -m pytest -q
+
+test-slow: $(VENV)/.installed mosquitto models
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

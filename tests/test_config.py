@@ -1,0 +1,52 @@
+"""Config files: validated with clear messages, environment overrides."""
+from __future__ import annotations
+
+import pytest
+
+from specedge.config import CloudConfig, ConfigError, DeviceConfig, build, load
+
+
+def test_defaults_are_valid():
+    assert build(DeviceConfig, {}, env={}).speculation.policy == "fixed:4"
+    assert build(CloudConfig, {}, env={}).target.batch_invariant
+
+
+def test_example_files_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "firmware_config"
+    assert load(DeviceConfig, root / "device.toml").device.id
+    assert load(CloudConfig, root / "cloud.toml").verifier.id
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"mqtt": {"prot": 5}}, "unknown key"),
+    ({"nonsense": {}}, "unknown section"),
+    ({"mqtt": {"port": "many"}}, "mqtt.port: expected int"),
+    ({"mqtt": {"port": 70000}}, "mqtt.port"),
+    ({"mqtt": {"protocol": "4"}}, "mqtt.protocol"),
+    ({"speculation": {"policy": "fixed:x"}}, "speculation.policy"),
+    ({"device": {"id": "a/b"}}, "device.id"),
+    ({"generation": {"top_p": 0}}, "generation.top_p"),
+    ({"mqtt": 3}, "must be a table"),
+])
+def test_bad_values_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        build(DeviceConfig, data, "dev.toml", env={})
+
+
+def test_environment_overrides_file():
+    cfg = build(DeviceConfig, {"mqtt": {"port": 1883}}, env={"SPECEDGE_MQTT_PORT": "1999",
+                                                             "SPECEDGE_GENERATION_TEMPERATURE": "0.5"})
+    assert cfg.mqtt.port == 1999 and cfg.generation.temperature == 0.5
+    with pytest.raises(ConfigError, match="SPECEDGE_MQTT_PORT"):
+        build(DeviceConfig, {}, env={"SPECEDGE_MQTT_PORT": "x"})
+
+
+def test_unreadable_files_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(DeviceConfig, tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mqtt\nport=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(DeviceConfig, bad)

@@ -1,0 +1,97 @@
+"""Greedy speculative decoding through device, Mosquitto and verifier equals the target's own decoding."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import reference_greedy
+from specedge.device.policy import parse_policy
+from specedge.speculative import SamplingParams
+
+WORDS = ["the", "cat", "robot", "turn", "left", "stop", "on", "mat", "in", "at", "is", "it", "for",
+         "when", "sensor", "arm", "wheel", "go", "hello", "?", "!", "42", "é", "x"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=12),
+       draft_length=st.integers(0, 8), max_new=st.integers(1, 40))
+def test_output_equals_target_greedy(stack, tiny_models, words, draft_length, max_new):
+    _, tok, target, _ = tiny_models
+    prompt = tok.encode_chat(" ".join(words))
+    result = stack.agent.generate(prompt, SamplingParams(), max_new, parse_policy(f"fixed:{draft_length}"))
+    assert result.tokens == reference_greedy(target, prompt, max_new, tok.stop_ids)
+    stats = result.stats.summary()
+    assert stats["generated_tokens"] == len(result.tokens)
+    if draft_length == 0:
+        assert stats["acceptance_rate"] == 0.0
+
+
+class RejectAt:
+    """A test instrument: drafts the target's own tokens (a perfect draft) but corrupts
+    the token at `position` of every draft, forcing rejection exactly there."""
+
+    backend = "test"
+
+    def __init__(self, engine, position: int, vocab: int):
+        self.engine, self.position, self.vocab = engine, position, vocab
+        self.rounds = []
+
+    def start(self, committed):
+        self.engine.start(committed)
+
+    def commit(self, committed):
+        self.engine.commit(committed)
+
+    def draft(self, n, params, rng, stop_ids=frozenset()):
+        tokens, q = self.engine.draft(n, params, rng, frozenset())
+        if self.position < len(tokens):
+            tokens[self.position] = (tokens[self.position] + 1) % self.vocab
+        self.rounds.append(len(tokens))
+        return tokens, q
+
+
+@pytest.mark.parametrize("draft_length", [1, 2, 4, 8])
+def test_forced_rejection_at_every_position(stack, tiny_models, draft_length):
+    from specedge.device.draft import TorchDraftEngine
+
+    _, tok, target, _ = tiny_models
+    prompt = tok.encode_chat("the robot arm turns left")
+    expected = reference_greedy(target, prompt, 24, tok.stop_ids)
+    real_engine = stack.agent.engine
+    try:
+        for position in range(draft_length):
+            instrument = RejectAt(TorchDraftEngine(target), position, target.cfg.vocab_size)
+            stack.agent.engine = instrument
+            result = stack.agent.generate(prompt, SamplingParams(), 24, parse_policy(f"fixed:{draft_length}"))
+            assert result.tokens == expected
+            # A round accepts exactly the tokens before the corrupted one (all, if it is shorter).
+            assert result.stats.accepted_tokens == sum(min(n, position) for n in instrument.rounds)
+    finally:
+        stack.agent.engine = real_engine
+
+
+def test_perfect_draft_needs_few_target_passes(stack, tiny_models):
+    from specedge.device.draft import TorchDraftEngine
+
+    _, tok, target, _ = tiny_models
+    prompt = tok.encode_chat("hello robot")
+    real_engine = stack.agent.engine
+    stack.agent.engine = TorchDraftEngine(target)
+    try:
+        result = stack.agent.generate(prompt, SamplingParams(), 30, parse_policy("fixed:4"))
+    finally:
+        stack.agent.engine = real_engine
+    assert result.tokens == reference_greedy(target, prompt, 30, tok.stop_ids)
+    summary = result.stats.summary()
+    assert summary["acceptance_rate"] == 1.0 or result.stopped
+    assert summary["target_passes_per_token"] <= 0.3
+
+
+def test_cloud_ar_baseline_streams_target_decoding(stack, tiny_models):
+    _, tok, target, _ = tiny_models
+    prompt = tok.encode_chat("stop the wheel")
+    seen = []
+    result = stack.agent.generate(prompt, SamplingParams(), 30, parse_policy("cloud-ar"), on_tokens=seen.extend)
+    assert result.tokens == seen == reference_greedy(target, prompt, 30, tok.stop_ids)
+    assert result.stats.summary()["target_passes_per_token"] >= 1.0 or result.stopped

@@ -1,0 +1,103 @@
+"""The acceptance rules and the fixed-point draft distribution, as pure functions."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+from specedge.speculative import (Q_ONE, SamplingParams, greedy_verify, quantize, sample_sparse, softmax,
+                                  speculative_verify, target_distribution)
+
+
+def test_greedy_accepts_longest_matching_prefix():
+    assert greedy_verify([], [7]) == (0, 7)
+    assert greedy_verify([1, 2, 3], [1, 2, 3, 4]) == (3, 4)
+    assert greedy_verify([1, 2, 3], [1, 9, 3, 4]) == (1, 9)
+    assert greedy_verify([5, 2, 3], [1, 2, 3, 4]) == (0, 1)
+    with pytest.raises(ValueError):
+        greedy_verify([1, 2], [1, 2])
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits=st.lists(st.floats(-20, 20), min_size=1, max_size=300),
+       top_k=st.integers(0, 300), top_p=st.floats(0.05, 1.0))
+def test_quantized_q_sums_exactly_to_one(logits, top_k, top_p):
+    probs = softmax(np.array(logits))
+    q = quantize(probs, top_k, top_p)
+    assert int(q.counts.sum()) == Q_ONE
+    assert (q.counts >= 1).all() and len(set(q.ids.tolist())) == len(q.ids)
+    if top_k:
+        assert len(q.ids) <= top_k
+    assert int(q.ids[0]) == int(np.argmax(probs)) or probs[q.ids[0]] == probs.max()
+
+
+def test_sample_sparse_is_the_exact_inverse_cdf():
+    q = quantize(softmax(np.array([2.0, 1.0, 0.0, -1.0])), 0, 1.0)
+    counts = np.zeros(4, dtype=np.int64)
+    for draw in range(Q_ONE):  # every draw once: frequencies are exactly q
+        counts[sample_sparse(q, draw)] += 1
+    assert counts[q.ids].tolist() == q.counts.tolist()
+
+
+def test_target_distribution_respects_top_k_and_top_p():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
+    p = target_distribution(logits, SamplingParams(1.0, top_k=2))
+    assert np.allclose(p, [0.625, 0.375, 0, 0])
+    p = target_distribution(logits, SamplingParams(1.0, top_p=0.9))
+    assert np.allclose(p, np.array([0.5, 0.3, 0.15, 0]) / 0.95)
+
+
+VOCAB = 6
+
+
+def _tables(seed):
+    """Context-dependent target p(x | prev) and a deliberately different draft."""
+    rng = np.random.default_rng(seed)
+    p_logits = rng.normal(size=(VOCAB, VOCAB)) * 1.5
+    q_logits = p_logits + rng.normal(size=(VOCAB, VOCAB)) * 1.5
+    return p_logits, q_logits
+
+
+@pytest.mark.parametrize("draft_length,q_top_k,params", [
+    (1, 6, SamplingParams(1.0)),
+    (3, 3, SamplingParams(1.0)),  # sparse q: the draft never proposes half the vocabulary
+    (4, 2, SamplingParams(0.7, top_k=4)),
+    (2, 6, SamplingParams(1.3, top_p=0.8)),
+])
+def test_speculative_sampling_reproduces_the_target_distribution(draft_length, q_top_k, params):
+    """Chi-square over the first two generated tokens (36 cells) after many rounds."""
+    p_logits, q_logits = _tables(draft_length)
+    p_table = np.stack([target_distribution(row, params) for row in p_logits])
+    q_table = [quantize(softmax(row / params.temperature), q_top_k, 1.0) for row in q_logits]
+    rng = np.random.default_rng(1234 + draft_length)
+    trials, start = 30000, 0
+    counts = np.zeros((VOCAB, VOCAB))
+    for _ in range(trials):
+        out, prev = [], start
+        while len(out) < 2:
+            draft, qs, ctx = [], [], prev
+            for _ in range(draft_length):
+                q = q_table[ctx]
+                ctx = sample_sparse(q, int(rng.integers(Q_ONE)))
+                draft.append(ctx)
+                qs.append(q)
+            contexts = [prev] + draft
+            p_rows = np.stack([p_table[c] for c in contexts])
+            accepted, token = speculative_verify(draft, qs, p_rows, rng)
+            new = draft[:accepted] + [token]
+            out += new
+            prev = out[-1]
+        counts[out[0], out[1]] += 1
+    expected = p_table[start][:, None] * p_table  # p(a) * p(b | a)
+    mask = expected.ravel() > 0
+    assert counts.ravel()[~mask].sum() == 0  # never outside the target's support
+    stat, pvalue = chisquare(counts.ravel()[mask], expected.ravel()[mask] / expected.ravel()[mask].sum() * trials)
+    assert pvalue > 1e-3, f"chi-square {stat:.1f}, p = {pvalue:.2e}"
+
+
+def test_sampling_params_are_validated():
+    for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)

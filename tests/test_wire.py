@@ -1,0 +1,126 @@
+"""The wire protocol: every message round-trips; bad payloads are rejected with the right error."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specedge import wire
+from specedge.speculative import SamplingParams, quantize, softmax
+
+Q = [quantize(softmax(np.array([3.0, 1.0, 0.5, 0.0, -2.0])), 3, 1.0)]
+MESSAGES = [
+    wire.Open(2**63 + 5, 0, [1, 2, 151935], SamplingParams(0.7, 20, 0.9, 42), b"abcdefgh", True),
+    wire.Draft(7, 3, 100, [4, 5, 6]),
+    wire.Draft(7, 4, 100, [int(Q[0].ids[0])], Q),
+    wire.Draft(7, 5, 100, []),
+    wire.Generate(9, 1, 20, 64),
+    wire.Close(9, 2),
+    wire.Verdict(7, 3, 100, 2, 151000, 12345),
+    wire.Tokens(9, 1, 20, [3, 4, 5], True),
+    wire.Error(7, 3, wire.ErrorCode.OUT_OF_SYNC, "resync, please ✓"),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg):
+    decoded = wire.decode(wire.encode(msg))
+    assert type(decoded) is type(msg)
+    for key, value in vars(msg).items():
+        got = getattr(decoded, key)
+        if key == "q" and value is not None:
+            assert [(d.ids.tolist(), d.counts.tolist()) for d in got] == [(d.ids.tolist(), d.counts.tolist())
+                                                                          for d in value]
+        elif key == "params":
+            assert got.top_k == value.top_k and got.seed == value.seed
+            assert got.temperature == pytest.approx(value.temperature) and got.top_p == pytest.approx(value.top_p)
+        else:
+            assert got == value
+
+
+def test_greedy_draft_is_compact():
+    # 14-byte header + 6 bytes + 4 per token
+    assert len(wire.encode(wire.Draft(1, 1, 10, [1, 2, 3, 4]))) == 14 + 6 + 16
+    assert len(wire.encode(wire.Verdict(1, 1, 10, 2, 3))) == 14 + 13
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_truncation_is_rejected(msg):
+    payload = wire.encode(msg)
+    for cut in range(len(payload)):
+        with pytest.raises(wire.WireError):
+            wire.decode(payload[:cut])
+
+
+def test_trailing_bytes_are_rejected():
+    with pytest.raises(wire.WireError, match="trailing"):
+        wire.decode(wire.encode(wire.Close(1, 1)) + b"\0")
+
+
+def test_newer_protocol_version_is_rejected_clearly():
+    payload = bytearray(wire.encode(wire.Close(1, 1)))
+    payload[0] = wire.PROTOCOL_VERSION + 1
+    with pytest.raises(wire.UnsupportedVersion, match="protocol version 2"):
+        wire.decode(bytes(payload))
+
+
+def test_unknown_type_is_rejected():
+    with pytest.raises(wire.UnknownType):
+        wire.decode(struct.pack("<BBQI", wire.PROTOCOL_VERSION, 99, 1, 1))
+
+
+def test_oversized_payloads_and_counts_are_rejected_before_allocation():
+    with pytest.raises(wire.Oversized):
+        wire.decode(b"\x01" * (wire.MAX_PAYLOAD + 1))
+    huge_open = struct.pack("<BBQI", 1, wire.Open.TYPE, 1, 0) + struct.pack("<BfIfQ8sI", 0, 0, 0, 1, 0, bytes(8),
+                                                                              10**9)
+    with pytest.raises(wire.Oversized):
+        wire.decode(huge_open)
+    with pytest.raises(wire.Oversized):
+        wire.encode(wire.Draft(1, 1, 1, list(range(wire.MAX_DRAFT + 1))))
+
+
+def test_q_that_does_not_sum_to_one_is_rejected():
+    payload = bytearray(wire.encode(MESSAGES[2]))
+    payload[-1] ^= 0x01  # flip a count bit
+    with pytest.raises(wire.WireError, match="sum"):
+        wire.decode(bytes(payload))
+
+
+def test_token_outside_its_own_q_is_rejected():
+    q = Q[0]
+    outside = next(t for t in range(10) if t not in q.ids.tolist())
+    with pytest.raises(wire.WireError, match="outside"):
+        wire.decode(wire.encode(wire.Draft(1, 1, 1, [outside], Q)))
+
+
+def test_bad_sampling_params_in_open_are_rejected():
+    payload = wire.encode(wire.Open(1, 0, [1], SamplingParams()))
+    bad = payload[:14] + struct.pack("<BfIfQ8sI", 0, -1.0, 0, 1.0, 0, bytes(8), 1) + payload[-4:]
+    with pytest.raises(wire.WireError, match="temperature"):
+        wire.decode(bad)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.binary(max_size=400))
+def test_random_payloads_never_crash_the_decoder(data):
+    try:
+        wire.decode(data)
+    except wire.WireError:
+        pass
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from(MESSAGES), st.data())
+def test_mutated_payloads_decode_or_fail_cleanly(msg, data):
+    payload = bytearray(wire.encode(msg))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(payload) - 1))
+        payload[i] = data.draw(st.integers(0, 255))
+    try:
+        wire.decode(bytes(payload))
+    except wire.WireError:
+        pass
