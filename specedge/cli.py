@@ -1,4 +1,4 @@
-"""`specedge` command line: demo, models, device, cloud, broker."""
+"""`specedge` command line: demo, models, device, cloud, channel, bench, broker."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,39 @@ def _device_run(args) -> int:
     return 0
 
 
+def _channel(args) -> int:
+    from specedge.channel import ChannelConfig, ChannelEmulator, LinkSpec, load_trace, preset
+
+    host, _, port = args.upstream.rpartition(":")
+    if not port.isdigit():
+        raise SystemExit("specedge channel: --upstream must be HOST:PORT")
+    if args.preset:
+        cfg = preset(args.preset, seed=args.seed)
+    else:
+        blackouts = []
+        for b in args.blackout or []:
+            start, _, duration = b.partition(":")
+            blackouts.append((float(start), float(duration)))
+
+        def side(trace, rate):
+            return LinkSpec(trace=load_trace(trace) if trace else None, rate_bps=rate * 1e6 if rate else None,
+                            delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, loss=args.loss,
+                            rto_ms=args.rto_ms, blackouts=blackouts)
+
+        cfg = ChannelConfig(side(args.up_trace, args.up_mbps), side(args.down_trace, args.down_mbps),
+                            seed=args.seed)
+    channel = ChannelEmulator(cfg, (host or "127.0.0.1", int(port)), args.listen).start()
+    print(f"channel {cfg.name}: 127.0.0.1:{channel.port} -> {args.upstream} "
+          f"(up {cfg.up.mean_rate_bps() or 0:.3g} bit/s, down {cfg.down.mean_rate_bps() or 0:.3g} bit/s, "
+          f"one-way delay {cfg.up.delay_ms} ms)", file=sys.stderr)
+    try:
+        _wait_for_signal()
+    finally:
+        channel.stop()
+        print(f"bytes up {channel.bytes_up}, down {channel.bytes_down}", file=sys.stderr)
+    return 0
+
+
 def _broker(args) -> int:
     from specedge.broker import EmbeddedBroker
 
@@ -152,6 +185,22 @@ def parser() -> argparse.ArgumentParser:
     dr.add_argument("--config", help="TOML file (see firmware_config/device.toml)")
     dr.add_argument("--prompt", action="append")
     dr.set_defaults(func=_device_run)
+
+    ch = sub.add_parser("channel", help="wireless channel emulator: a shaping TCP proxy")
+    ch.add_argument("--listen", type=int, required=True, help="local port (0 = any)")
+    ch.add_argument("--upstream", required=True, help="HOST:PORT of the broker")
+    ch.add_argument("--preset", help="ideal, wifi, lte, lte-driving, umts or evdo (overrides the rest)")
+    ch.add_argument("--up-trace", help="Mahimahi trace for device -> broker")
+    ch.add_argument("--down-trace", help="Mahimahi trace for broker -> device")
+    ch.add_argument("--up-mbps", type=float, help="fixed uplink rate without a trace")
+    ch.add_argument("--down-mbps", type=float, help="fixed downlink rate without a trace")
+    ch.add_argument("--delay-ms", type=float, default=0.0, help="one-way propagation delay")
+    ch.add_argument("--jitter-ms", type=float, default=0.0)
+    ch.add_argument("--loss", type=float, default=0.0, help="packet loss probability (adds an RTO each)")
+    ch.add_argument("--rto-ms", type=float, default=200.0)
+    ch.add_argument("--blackout", action="append", metavar="START_S:DURATION_S")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.set_defaults(func=_channel)
 
     b = sub.add_parser("broker", help="a zero-setup MQTT 3.1.1 broker (amqtt)")
     b.add_argument("--host", default="127.0.0.1")

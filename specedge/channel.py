@@ -1,0 +1,326 @@
+"""Wireless channel emulator: a user-space TCP proxy that shapes each direction.
+
+Per direction (up = client -> upstream, down = upstream -> client):
+  capacity  Mahimahi trace (one line per 1500-byte delivery opportunity, in ms,
+            repeating with the last timestamp as period) or a fixed rate;
+            bytes queue at the bottleneck and drain at link speed, unused
+            opportunities are lost (as in Mahimahi);
+  delay     fixed one-way propagation delay plus optional jitter (order kept,
+            it carries TCP);
+  loss      a lost 1500-byte packet costs a retransmission timeout of extra delay;
+  blackouts intervals (seconds since start) with no delivery at all.
+No kernel qdiscs, no privileges: it works on a laptop and in CI.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MTU = 1500
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def default_trace_dir() -> Path:
+    """$SPECEDGE_TRACES, else shared/data/traces inside or beside the checkout."""
+    import os
+
+    if os.environ.get("SPECEDGE_TRACES"):
+        return Path(os.environ["SPECEDGE_TRACES"])
+    candidates = [_REPO / "shared" / "data" / "traces", _REPO.parent / "shared" / "data" / "traces"]
+    return next((c for c in candidates if c.is_dir()), candidates[-1])
+
+
+def load_trace(path: str | Path) -> list[int]:
+    """Millisecond timestamps of delivery opportunities; validated."""
+    path = Path(path)
+    try:
+        values = [int(line) for line in path.read_text().split()]
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a Mahimahi trace ({exc})") from None
+    if not values or values[-1] <= 0 or any(b < a for a, b in zip(values, values[1:])) or values[0] < 0:
+        raise ValueError(f"{path}: a trace needs non-decreasing, non-negative timestamps ending after 0 ms")
+    return values
+
+
+@dataclass
+class LinkSpec:
+    """One direction of the emulated link."""
+
+    trace: list[int] | None = None  # ms timestamps of 1500-byte opportunities
+    rate_bps: float | None = None  # fixed capacity when there is no trace (None = unlimited)
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss: float = 0.0  # probability that a 1500-byte packet needs a retransmission
+    rto_ms: float = 200.0  # the delay a retransmission adds
+    blackouts: list[tuple[float, float]] = field(default_factory=list)  # (start_s, duration_s)
+
+    def mean_rate_bps(self) -> float | None:
+        if self.trace:
+            return len(self.trace) * MTU * 8 / (self.trace[-1] / 1000)
+        return self.rate_bps
+
+    def rate_at(self, t: float, window_s: float = 1.0) -> float | None:
+        """Capacity (bit/s) over [t, t + window) seconds after start: what the trace offers there."""
+        if not self.trace:
+            return self.rate_bps
+        period = self.trace[-1] / 1000
+        start, end = t % period, t % period + window_s
+        count = bisect.bisect_left(self.trace, end * 1000) - bisect.bisect_left(self.trace, start * 1000)
+        if end > period:
+            count += bisect.bisect_left(self.trace, (end - period) * 1000)
+        return count * MTU * 8 / window_s
+
+
+class _Opportunities:
+    """Delivery opportunity times (seconds after start) for one direction."""
+
+    def __init__(self, spec: LinkSpec):
+        self.spec = spec
+        self.index = 0
+        if spec.trace:
+            self.period = spec.trace[-1] / 1000
+            self.times = [t / 1000 for t in spec.trace]
+        elif spec.rate_bps:
+            self.interval, self.next_time = MTU * 8 / spec.rate_bps, 0.0
+
+    def blacked_out(self, t: float) -> float | None:
+        """End of the blackout covering t, if any."""
+        for start, duration in self.spec.blackouts:
+            if start <= t < start + duration:
+                return start + duration
+        return None
+
+    def next_after(self, now: float) -> float:
+        """The first usable opportunity at or after `now` (consumed)."""
+        while True:
+            t = self._next_raw(now)
+            end = self.blacked_out(t)
+            if end is None:
+                return t
+            now = end
+
+    def _next_raw(self, now: float) -> float:
+        spec = self.spec
+        if spec.trace:
+            n = len(self.times)
+            cycle, pos = divmod(self.index, n)
+            t = cycle * self.period + self.times[pos]
+            if t < now:  # unused opportunities are gone: jump to the first one after now
+                cycle = int(now // self.period)
+                pos = bisect.bisect_left(self.times, now - cycle * self.period)
+                if pos == n:
+                    cycle, pos = cycle + 1, 0
+                self.index = cycle * n + pos
+                t = cycle * self.period + self.times[pos]
+            self.index += 1
+            return t
+        if spec.rate_bps:
+            t = max(now, self.next_time)
+            self.next_time = t + self.interval
+            return t
+        return now
+
+
+class _Direction:
+    """Bottleneck queue -> propagation delay -> writer, for one direction of one connection."""
+
+    def __init__(self, spec: LinkSpec, writer: asyncio.StreamWriter, clock, rng: random.Random, counter):
+        self.spec, self.writer, self.clock, self.rng, self.counter = spec, writer, clock, rng, counter
+        self.queue = bytearray()
+        self.data = asyncio.Event()
+        self.ops = _Opportunities(spec)
+        self.inflight: asyncio.Queue = asyncio.Queue()
+        self.last_delivery = 0.0
+        self.ready_at = 0.0  # since when the head of the queue has been waiting
+        self.closed = False
+
+    def push(self, chunk: bytes) -> None:
+        if not self.queue:
+            self.ready_at = self.clock()
+        self.queue += chunk
+        self.data.set()
+
+    async def bottleneck(self) -> None:
+        while True:
+            if not self.queue:
+                if self.closed:
+                    await self.inflight.put(None)
+                    return
+                self.data.clear()
+                await self.data.wait()
+                continue
+            if self.spec.trace is None and not self.spec.rate_bps and not self.spec.blackouts:
+                size, depart = len(self.queue), self.clock()  # unlimited capacity
+            else:
+                # A backlogged queue uses consecutive opportunities; an idle link lets them pass.
+                depart = self.ops.next_after(self.ready_at)
+                size = min(MTU, len(self.queue))
+                wait = depart - self.clock()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+            packet = bytes(self.queue[:size])
+            del self.queue[:size]
+            self.ready_at = depart
+            delay = self.spec.delay_ms / 1000
+            if self.spec.jitter_ms:
+                delay = max(0.0, delay + self.rng.uniform(-1, 1) * self.spec.jitter_ms / 1000)
+            if self.spec.loss and self.rng.random() < self.spec.loss:
+                delay += self.spec.rto_ms / 1000
+            arrive = max(depart + delay, self.last_delivery)  # TCP keeps order
+            self.last_delivery = arrive
+            await self.inflight.put((arrive, packet))
+
+    async def deliver(self) -> None:
+        while True:
+            item = await self.inflight.get()
+            if item is None:
+                break
+            arrive, packet = item
+            wait = arrive - self.clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self.writer.write(packet)
+            self.counter(len(packet))
+            await self.writer.drain()
+        self.writer.close()
+
+
+@dataclass
+class ChannelConfig:
+    up: LinkSpec = field(default_factory=LinkSpec)
+    down: LinkSpec = field(default_factory=LinkSpec)
+    name: str = "custom"
+    seed: int = 0
+
+
+class ChannelEmulator:
+    """TCP proxy listen_port -> upstream, shaping both directions. Runs its own asyncio thread."""
+
+    def __init__(self, config: ChannelConfig, upstream: tuple[str, int], listen_port: int = 0,
+                 host: str = "127.0.0.1"):
+        self.config, self.upstream, self.host = config, upstream, host
+        self.port = listen_port
+        self.bytes_up = self.bytes_down = 0
+        self.connections = 0
+        self._t0 = time.monotonic()
+        self._rng = random.Random(config.seed)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="channel", daemon=True)
+        self._server = None
+        self._tasks: set[asyncio.Task] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def clock(self) -> float:
+        return time.monotonic() - self._t0
+
+    def restart_clock(self) -> None:
+        """Blackouts and trace positions count from now."""
+        self._t0 = time.monotonic()
+
+    def _count_up(self, n: int) -> None:
+        self.bytes_up += n
+
+    def _count_down(self, n: int) -> None:
+        self.bytes_down += n
+
+    async def _pipe(self, reader: asyncio.StreamReader, direction: _Direction) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                direction.push(chunk)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            direction.closed = True
+            direction.data.set()
+
+    async def _handle(self, client_reader, client_writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            client_writer.close()
+            return
+        self.connections += 1
+        self._writers.update((client_writer, up_writer))
+        up = _Direction(self.config.up, up_writer, self.clock, self._rng, self._count_up)
+        down = _Direction(self.config.down, client_writer, self.clock, self._rng, self._count_down)
+        jobs = [self._pipe(client_reader, up), up.bottleneck(), up.deliver(),
+                self._pipe(up_reader, down), down.bottleneck(), down.deliver()]
+        tasks = [asyncio.ensure_future(j) for j in jobs]
+        self._tasks.update(tasks)
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            self._tasks.difference_update(tasks)
+            for w in (client_writer, up_writer):
+                w.close()
+                self._writers.discard(w)
+
+    def start(self) -> "ChannelEmulator":
+        self._thread.start()
+
+        async def boot():
+            self._server = await asyncio.start_server(self._handle, self.host, self.port)
+            return self._server.sockets[0].getsockname()[1]
+
+        self.port = asyncio.run_coroutine_threadsafe(boot(), self._loop).result(timeout=10)
+        self.restart_clock()
+        return self
+
+    def stop(self) -> None:
+        async def shutdown():
+            if self._server is not None:
+                self._server.close()
+            for w in list(self._writers):
+                w.close()
+            for t in list(self._tasks):
+                t.cancel()
+            await asyncio.sleep(0)
+
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        self._loop.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+# Presets: real U.S. cellular traces (../shared/data/traces, Mahimahi format) plus typical
+# one-way delays; Wi-Fi has no trace here and uses a fixed home-Wi-Fi rate.
+PRESETS = {
+    "ideal": dict(doc="loopback: no shaping, no delay"),
+    "wifi": dict(up_rate=20e6, down_rate=50e6, delay_ms=5, jitter_ms=2, loss=0.002,
+                 doc="home Wi-Fi: 20/50 Mbit/s up/down, 5 ms one-way (10 ms RTT), 2 ms jitter, 0.2% loss"),
+    "lte": dict(trace="Verizon-LTE-short", delay_ms=30, jitter_ms=5,
+                doc="Verizon LTE trace (5.9/5.0 Mbit/s mean up/down), 30 ms one-way (60 ms RTT)"),
+    "lte-driving": dict(trace="ATT-LTE-driving-2016", delay_ms=40, jitter_ms=8,
+                        doc="AT&T LTE while driving (1.9/4.6 Mbit/s mean, with outages), 40 ms one-way"),
+    "umts": dict(trace="TMobile-UMTS-driving", delay_ms=75, jitter_ms=10,
+                 doc="T-Mobile UMTS/3G while driving (0.9/2.0 Mbit/s mean), 75 ms one-way (150 ms RTT)"),
+    "evdo": dict(trace="Verizon-EVDO-driving", delay_ms=100, jitter_ms=15,
+                 doc="Verizon EV-DO while driving (0.8/0.5 Mbit/s mean), 100 ms one-way (200 ms RTT)"),
+}
+
+
+def preset(name: str, trace_dir: str | Path | None = None, seed: int = 0) -> ChannelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown channel {name!r}; presets: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    trace_dir = Path(trace_dir) if trace_dir else default_trace_dir()
+    common = dict(delay_ms=p.get("delay_ms", 0.0), jitter_ms=p.get("jitter_ms", 0.0), loss=p.get("loss", 0.0))
+    if "trace" in p:
+        up = LinkSpec(trace=load_trace(trace_dir / f"{p['trace']}.up"), **common)
+        down = LinkSpec(trace=load_trace(trace_dir / f"{p['trace']}.down"), **common)
+    else:
+        up = LinkSpec(rate_bps=p.get("up_rate"), **common)
+        down = LinkSpec(rate_bps=p.get("down_rate"), **common)
+    return ChannelConfig(up, down, name, seed)
