@@ -214,13 +214,26 @@ class ChannelEmulator:
         self._server = None
         self._tasks: set[asyncio.Task] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self._directions: set[_Direction] = set()
 
     def clock(self) -> float:
         return time.monotonic() - self._t0
 
     def restart_clock(self) -> None:
-        """Blackouts and trace positions count from now."""
-        self._t0 = time.monotonic()
+        """Blackouts and trace positions count from now (the bench gives every run the same channel)."""
+        def reset():
+            self._t0 = time.monotonic()
+            for d in self._directions:
+                d.ops = _Opportunities(d.spec)
+                d.ready_at = d.last_delivery = 0.0
+
+        async def reset_in_loop():
+            reset()
+
+        if self._thread.is_alive():  # the directions belong to the loop's thread
+            asyncio.run_coroutine_threadsafe(reset_in_loop(), self._loop).result(timeout=5)
+        else:
+            reset()
 
     def _count_up(self, n: int) -> None:
         self.bytes_up += n
@@ -248,6 +261,7 @@ class ChannelEmulator:
         self._writers.update((client_writer, up_writer))
         up = _Direction(self.config.up, up_writer, self.clock, self._rng, self._count_up)
         down = _Direction(self.config.down, client_writer, self.clock, self._rng, self._count_down)
+        self._directions.update((up, down))
         jobs = [self._pipe(client_reader, up), up.bottleneck(), up.deliver(),
                 self._pipe(up_reader, down), down.bottleneck(), down.deliver()]
         tasks = [asyncio.ensure_future(j) for j in jobs]
@@ -256,6 +270,7 @@ class ChannelEmulator:
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             self._tasks.difference_update(tasks)
+            self._directions.difference_update((up, down))
             for w in (client_writer, up_writer):
                 w.close()
                 self._writers.discard(w)

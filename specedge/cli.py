@@ -54,6 +54,9 @@ def _cloud_run(args) -> int:
     cfg = load(CloudConfig, args.config)
     model, tok = load_named(cfg.target.model, cfg.target.weights, cfg.target.batch_invariant)
     verifier = Verifier(cfg, model, tok).start()
+    # One JSON line on stdout tells supervisors (the bench, tests) that rounds will be served.
+    print(json.dumps({"ready": True, "verifier": cfg.verifier.id, "protocol": verifier.link.protocol,
+                      "rowwise_linears": model.rowwise_linears}), flush=True)
     logging.getLogger("specedge").info("verifier %s serving %s on %s:%d (MQTT %s)", cfg.verifier.id,
                                        cfg.target.model, cfg.mqtt.host, cfg.mqtt.port, verifier.link.protocol)
     try:
@@ -129,6 +132,12 @@ def _channel(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from specedge import bench
+
+    return bench.run(args)
+
+
 def _broker(args) -> int:
     from specedge.broker import EmbeddedBroker
 
@@ -202,6 +211,24 @@ def parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, default=0)
     ch.set_defaults(func=_channel)
 
+    be = sub.add_parser("bench", help="policies vs baselines over emulated channels (JSON + plot)")
+    be.add_argument("--channel", default="ideal,lte,umts", help="comma-separated presets")
+    be.add_argument("--policies", default="cloud-ar,fixed:1,fixed:2,fixed:4,fixed:8")
+    be.add_argument("--prompts", default=None, help="JSONL (Spec-Bench format: first turn is used)")
+    be.add_argument("--max-prompts", type=int, default=8)
+    be.add_argument("--max-new-tokens", type=int, default=64)
+    be.add_argument("--temperature", type=float, default=0.0)
+    be.add_argument("--draft", default=DEFAULT_DRAFT)
+    be.add_argument("--target", default=DEFAULT_TARGET)
+    be.add_argument("--draft-weights", default="int8", choices=["int8", "bf16", "fp32"])
+    be.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"])
+    be.add_argument("--json", help="write the report here")
+    be.add_argument("--plot", help="write a PNG here")
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--start-timeout", type=float, default=600.0, help="seconds for a process to load its model")
+    be.add_argument("--run-timeout", type=float, default=900.0, help="seconds for one generation")
+    be.set_defaults(func=_bench)
+
     b = sub.add_parser("broker", help="a zero-setup MQTT 3.1.1 broker (amqtt)")
     b.add_argument("--host", default="127.0.0.1")
     b.add_argument("--port", type=int, default=1883)
@@ -217,6 +244,10 @@ def main(argv=None) -> int:
         from specedge.demo import DEFAULT_PROMPT
 
         args.prompt = DEFAULT_PROMPT
+    if args.command == "bench" and args.prompts is None:
+        from specedge.bench import default_prompts
+
+        args.prompts = str(default_prompts())
     from specedge.config import ConfigError
     from specedge.device.agent import RequestFailed
     from specedge.fetch import FetchError

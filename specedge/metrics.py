@@ -23,6 +23,7 @@ class SpecStats:
     stale_messages: int = 0
     draft_lengths: list[int] = field(default_factory=list)
     round_trip_s: list[float] = field(default_factory=list)
+    verify_round_s: list[float] = field(default_factory=list)
 
     def record_round(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float) -> None:
         self.rounds += 1
@@ -32,6 +33,11 @@ class SpecStats:
         self.verify_s += verify_s
         self.draft_lengths.append(drafted)
         self.round_trip_s.append(round_trip_s)
+        self.verify_round_s.append(verify_s)
+
+    def network_rtt_s(self) -> list[float]:
+        """Round trips minus the verifier's compute: link, broker and queueing."""
+        return [max(rt - v, 0.0) for rt, v in zip(self.round_trip_s, self.verify_round_s)]
 
     def summary(self) -> dict:
         gen = max(self.generated_tokens, 1)

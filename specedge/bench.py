@@ -1,0 +1,399 @@
+"""`specedge bench`: every policy against its baselines, over emulated channels, in one run.
+
+Layout of a run: a real Mosquitto; the verifier (`specedge cloud run`) as one
+process pinned to its own core(s); per channel, the channel emulator between
+the device and the broker, and a device worker process (this module with
+--worker) pinned to other core(s). The orchestrator sends the worker one
+(prompt, policy) at a time over stdin, reads the result from stdout, and reads
+the bytes that crossed the emulated link from the proxy. Before each run the
+channel's clock restarts, so every policy meets the same stretch of the trace.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from specedge.broker import MosquittoBroker
+from specedge.channel import ChannelEmulator, PRESETS, preset
+
+MAX_G = 8
+
+
+def default_prompts() -> Path:
+    """shared/data/prompts/spec_bench_dev.jsonl inside or beside the checkout."""
+    repo = Path(__file__).resolve().parents[1]
+    candidates = [d / "shared" / "data" / "prompts" / "spec_bench_dev.jsonl" for d in (repo, repo.parent)]
+    return next((c for c in candidates if c.exists()), candidates[-1])
+
+
+def load_prompts(path: str | Path, limit: int | None) -> list[str]:
+    prompts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            prompts.append(record["turns"][0] if "turns" in record else record["prompt"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'turns' or 'prompt'") from None
+        if limit and len(prompts) >= limit:
+            break
+    return prompts
+
+
+# -- energy: a labelled estimate until a power meter is read ---------------------------------
+# Generic device profile (Jetson Orin Nano class in its 15 W mode, LTE modem): busy and idle
+# board power, radio power while connected and energy per byte moved. Estimates, not readings.
+GENERIC_PROFILE = {"active_w": 10.0, "idle_w": 4.0, "radio_w": 1.2, "radio_j_per_byte": 8e-7}
+
+
+def estimate_energy(busy_s: float, total_s: float, wire_bytes: int, profile=GENERIC_PROFILE) -> float:
+    idle_s = max(total_s - busy_s, 0.0)
+    return (busy_s * profile["active_w"] + idle_s * profile["idle_w"] + total_s * profile["radio_w"]
+            + wire_bytes * profile["radio_j_per_byte"])
+
+
+# -- the analytical optimum of DESIGN section 4 ------------------------------------------------
+def expected_tokens(a: float, g: int) -> float:
+    """E(g) = (1 - a^(g+1)) / (1 - a): tokens per round at per-token acceptance a."""
+    if a >= 1.0:
+        return g + 1.0
+    return (1 - a ** (g + 1)) / (1 - a)
+
+
+def round_time(g: int, t_draft: float, t_verify: float, rtt: float, up_bytes: float, down_bytes: float,
+               rate_up: float | None, rate_down: float | None) -> float:
+    """T(g) = g t_draft + bytes_up(g)/R_up + RTT + t_verify + bytes_down/R_down (seconds, bit/s)."""
+    t = g * t_draft + rtt + t_verify
+    if rate_up:
+        t += up_bytes * 8 / rate_up
+    if rate_down:
+        t += down_bytes * 8 / rate_down
+    return t
+
+
+def optimum(a: float, t_draft: float, t_verify: float, rtt: float, rate_up, rate_down, v5: bool = True,
+            max_g: int = MAX_G) -> tuple[float, int]:
+    """(best tokens/s, its draft length) over g in [0, max_g] for greedy rounds on this wire."""
+    from specedge.mqtt import publish_packet_bytes
+
+    topic = "specedge/v1/bench/device0/draft"
+    best = (0.0, 0)
+    for g in range(max_g + 1):
+        up = publish_packet_bytes(topic, 14 + 6 + 4 * g, 1, v5)
+        down = publish_packet_bytes(topic.replace("draft", "verdict"), 14 + 13, 1, v5)
+        rate = expected_tokens(a, g) / round_time(g, t_draft, t_verify, rtt, up, down, rate_up, rate_down)
+        best = max(best, (rate, g))
+    return best
+
+
+# -- the device worker: one process, one draft model, commands on stdin -------------------------
+def worker_main(argv: list[str]) -> int:
+    import argparse
+
+    from specedge.config import DeviceConfig, build
+    from specedge.device.agent import Agent
+    from specedge.device.draft import TorchDraftEngine
+    from specedge.device.policy import parse_policy
+    from specedge.loader import load_named
+    from specedge.speculative import SamplingParams
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--draft", required=True)
+    p.add_argument("--draft-weights", default="int8")
+    p.add_argument("--device-id", default="bench0")
+    args = p.parse_args(argv)
+    cfg = build(DeviceConfig, {"device": {"id": args.device_id, "fleet": "bench"},
+                               "mqtt": {"port": args.port, "protocol": "5"},
+                               "draft": {"model": args.draft, "weights": args.draft_weights},
+                               "faults": {"round_timeout_s": 60.0}})
+    model, tok = load_named(args.draft, args.draft_weights)
+    engine = TorchDraftEngine(model, cfg.draft.q_top_k, cfg.draft.q_top_p)
+    agent = Agent(cfg, engine, tok).start()
+    out = sys.stdout
+    out.write(json.dumps({"ready": True, "backend": engine.backend, "protocol": agent.link.protocol}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        params = SamplingParams(cmd.get("temperature", 0.0), cmd.get("top_k", 0), cmd.get("top_p", 1.0),
+                                cmd.get("seed", 0))
+        prompt = tok.encode_chat(cmd["prompt"])
+        result = agent.generate(prompt, params, cmd["max_new_tokens"], parse_policy(cmd["policy"], 64))
+        stats = result.stats
+        out.write(json.dumps({"tokens": result.tokens, "summary": stats.summary(), "draft_s": stats.draft_s,
+                              "wait_s": stats.wait_s, "verify_s": stats.verify_s, "rounds": stats.rounds,
+                              "drafted": stats.drafted_tokens, "accepted": stats.accepted_tokens,
+                              "network_rtt_s": stats.network_rtt_s(), "draft_lengths": stats.draft_lengths,
+                              "text": tok.decode(result.tokens)}) + "\n")
+        out.flush()
+    agent.stop()
+    return 0
+
+
+def _cores() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return list(range(os.cpu_count() or 1))
+
+
+def _pinned(cores: list[int]):
+    def pin():
+        if cores and hasattr(os, "sched_setaffinity"):
+            os.sched_setaffinity(0, set(cores))
+    return pin
+
+
+def _spawn(cmd: list[str], cores: list[int], env_extra: dict, log_path: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
+    if cores:
+        env["OMP_NUM_THREADS"] = str(len(cores))
+    log = open(log_path, "w")  # a file, not a pipe: a chatty child can never block on it
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+                            env=env, preexec_fn=_pinned(cores))
+    proc.log_path = log_path
+    log.close()
+    return proc
+
+
+def _read_json(proc: subprocess.Popen, what: str, timeout: float) -> dict:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("{"):
+            return json.loads(line)
+    err = Path(proc.log_path).read_text()[-2000:]
+    state = "exited" if proc.poll() is not None else "is still running"
+    raise RuntimeError(f"{what} gave no answer within {timeout:.0f}s and {state}; its log ends:\n{err}")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _git_revision() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """One policy on one channel, pooled over prompts (token-weighted)."""
+    tokens = sum(len(r["tokens"]) for r in runs)
+    total_s = sum(r["summary"]["total_s"] for r in runs)
+    drafted = sum(r["drafted"] for r in runs)
+    accepted = sum(r["accepted"] for r in runs)
+    rounds = sum(r["rounds"] for r in runs)
+    passes = sum(r["summary"]["target_passes_per_token"] * max(len(r["tokens"]), 1) for r in runs)
+    wire = sum(r["proxy_bytes"] for r in runs)
+    verify_s = sum(r["verify_s"] for r in runs)
+    rtts = sorted(rtt for r in runs for rtt in r["network_rtt_s"])
+    energy = sum(estimate_energy(r["draft_s"], r["summary"]["total_s"], r["proxy_bytes"]) for r in runs)
+    gen = max(tokens, 1)
+    return {
+        "tokens_per_s": tokens / total_s if total_s else 0.0,
+        "ttft_s": sum(r["summary"]["ttft_s"] for r in runs) / len(runs),
+        "acceptance_rate": accepted / drafted if drafted else 0.0,
+        "mean_accepted_len": (accepted + rounds) / rounds if rounds else 0.0,
+        "target_passes_per_token": passes / gen,
+        "wire_bytes_per_token": wire / gen,
+        "rounds": rounds,
+        "generated_tokens": tokens,
+        "draft_ms_per_token": 1000 * sum(r["draft_s"] for r in runs) / drafted if drafted else 0.0,
+        "verify_ms_per_pass": 1000 * verify_s / rounds if rounds else 0.0,
+        "rtt_ms": 1000 * rtts[len(rtts) // 2] if rtts else None,
+        "energy_j_per_token": energy / gen,
+        "energy_source": "estimated",
+    }
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from specedge.demo import machine
+    from specedge.device.policy import parse_policy
+
+    channels = [c for c in args.channel.split(",") if c]
+    policies = [p for p in args.policies.split(",") if p]
+    for c in channels:
+        if c not in PRESETS:
+            raise ValueError(f"unknown channel {c!r}; presets: {', '.join(PRESETS)}")
+    for p in policies:
+        parse_policy(p, 64)
+    prompts = load_prompts(args.prompts, args.max_prompts)
+    cores = _cores()
+    if len(cores) >= 2:
+        half = len(cores) // 2
+        device_cores, verifier_cores = cores[:half], cores[half:]
+        pinning = f"device on cores {device_cores}, verifier on cores {verifier_cores}"
+    else:
+        device_cores = verifier_cores = []
+        pinning = "one core: device and verifier share it (not pinned)"
+    print(f"specedge bench: {len(prompts)} prompts x {len(policies)} policies x {len(channels)} channels, "
+          f"{args.max_new_tokens} new tokens each; {pinning}", file=sys.stderr, flush=True)
+
+    import tempfile
+
+    logs = Path(tempfile.mkdtemp(prefix="specedge-bench-"))
+    broker = MosquittoBroker().start()
+    procs = []
+    results: dict = {}
+    try:
+        verifier = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run"], verifier_cores, {
+            "SPECEDGE_MQTT_PORT": str(broker.port), "SPECEDGE_TARGET_MODEL": args.target,
+            "SPECEDGE_TARGET_WEIGHTS": args.target_weights, "SPECEDGE_VERIFIER_FLEET": "bench"},
+            logs / "verifier.log")
+        procs.append(verifier)
+        _read_json(verifier, "the verifier", args.start_timeout)
+        bar = tqdm(total=len(channels) * len(prompts) * len(policies), desc="bench", unit="run", file=sys.stderr)
+        for channel_name in channels:
+            cfg = preset(channel_name, seed=args.seed)
+            with ChannelEmulator(cfg, ("127.0.0.1", broker.port)) as channel:
+                worker = _spawn([sys.executable, "-m", "specedge.bench", "--worker", "--port", str(channel.port),
+                                 "--draft", args.draft, "--draft-weights", args.draft_weights],
+                                device_cores, {}, logs / f"device-{channel_name}.log")
+                procs.append(worker)
+                hello = _read_json(worker, "the device worker", args.start_timeout)
+                runs: dict[str, list] = {p: [] for p in policies}
+                for i, prompt in enumerate(prompts):
+                    for policy in policies:
+                        bar.set_postfix_str(f"{channel_name} {policy} prompt {i + 1}")
+                        channel.restart_clock()
+                        before = channel.bytes_up + channel.bytes_down
+                        worker.stdin.write(json.dumps({"prompt": prompt, "policy": policy,
+                                                       "max_new_tokens": args.max_new_tokens,
+                                                       "temperature": args.temperature}) + "\n")
+                        worker.stdin.flush()
+                        r = _read_json(worker, f"{policy} on {channel_name}", args.run_timeout)
+                        r["proxy_bytes"] = channel.bytes_up + channel.bytes_down - before
+                        runs[policy].append(r)
+                        bar.update()
+                worker.stdin.close()
+                _stop(worker)
+            results[channel_name] = _channel_report(runs, cfg, hello.get("protocol") == "5", args)
+        bar.close()
+    finally:
+        for proc in procs:
+            _stop(proc)
+        broker.stop()
+
+    report = {
+        "machine": machine(), "git_revision": _git_revision(), "pinning": pinning,
+        "draft": args.draft, "target": args.target, "draft_weights": args.draft_weights,
+        "target_weights": args.target_weights, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "energy_profile": GENERIC_PROFILE,
+        "channels": {name: {"doc": PRESETS[name]["doc"], **res} for name, res in results.items()},
+        "outputs_identical": all(r.get("outputs_identical") is not False for r in results.values())
+        if args.temperature == 0 else None,
+    }
+    _print_table(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}", file=sys.stderr)
+    if args.plot:
+        plot(report, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0 if report["outputs_identical"] in (True, None) else 1
+
+
+def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
+    policies = {name: aggregate(rs) for name, rs in runs.items()}
+    speculative = [r for name, rs in runs.items() if name != "cloud-ar" for r in rs]
+    pooled_drafted = sum(r["drafted"] for r in speculative)
+    pooled_a = sum(r["accepted"] for r in speculative) / pooled_drafted if pooled_drafted else 0.0
+    rate_up, rate_down = cfg.up.mean_rate_bps(), cfg.down.mean_rate_bps()
+    verify_rounds = sum(r["rounds"] for r in speculative)
+    drafted_all = sum(r["drafted"] for r in speculative)
+    pooled_t_draft = sum(r["draft_s"] for r in speculative) / drafted_all if drafted_all else 0.0
+    pooled_t_verify = sum(r["verify_s"] for r in speculative) / verify_rounds if verify_rounds else 0.0
+    base = policies.get("cloud-ar")
+    for name, m in policies.items():
+        a = m["acceptance_rate"] if m["rounds"] and m["acceptance_rate"] and name != "cloud-ar" else pooled_a
+        t_draft = m["draft_ms_per_token"] / 1000 or pooled_t_draft
+        t_verify = m["verify_ms_per_pass"] / 1000 or pooled_t_verify
+        rtt = (m["rtt_ms"] or 0.0) / 1000
+        best, best_g = optimum(a, t_draft, t_verify, rtt, rate_up, rate_down, v5)
+        m["optimum_tokens_per_s"] = best
+        m["optimum_draft_length"] = best_g
+        m["efficiency"] = m["tokens_per_s"] / best if best else None
+        m["speedup_vs_cloud_ar"] = m["tokens_per_s"] / base["tokens_per_s"] if base and base["tokens_per_s"] else None
+    out = {"policies": policies, "link": {"up_mean_bps": rate_up, "down_mean_bps": rate_down,
+                                          "one_way_delay_ms": cfg.up.delay_ms}}
+    if "cloud-ar" in runs and args.temperature == 0:
+        reference = [r["tokens"] for r in runs["cloud-ar"]]
+        out["outputs_identical"] = all([r["tokens"] for r in rs] == reference for rs in runs.values())
+    return out
+
+
+def _print_table(report: dict) -> None:
+    cols = ["tokens_per_s", "speedup_vs_cloud_ar", "ttft_s", "acceptance_rate", "mean_accepted_len",
+            "target_passes_per_token", "wire_bytes_per_token", "rtt_ms", "energy_j_per_token", "efficiency"]
+    heads = ["tok/s", "vs AR", "TTFT s", "accept", "acc.len", "passes/t", "bytes/t", "RTT ms", "J/tok*", "eff."]
+    print(f"\n{'channel':12}{'policy':12}" + "".join(f"{h:>10}" for h in heads))
+    for name, ch in report["channels"].items():
+        for policy, m in ch["policies"].items():
+            cells = []
+            for c in cols:
+                v = m.get(c)
+                cells.append(f"{v:>10.3f}" if isinstance(v, float) else f"{'-' if v is None else v:>10}")
+            print(f"{name:12}{policy:12}" + "".join(cells))
+        if "outputs_identical" in ch:
+            print(f"{'':12}outputs identical to cloud-ar: {ch['outputs_identical']}")
+    print("* energy is an estimate from a generic device profile (energy_source = estimated)")
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    channels = list(report["channels"])
+    policies = list(next(iter(report["channels"].values()))["policies"]) if channels else []
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(len(policies), 1)
+    for ax, key, label in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "wire_bytes_per_token", "bytes/token")):
+        for j, policy in enumerate(policies):
+            values = [report["channels"][c]["policies"][policy][key] for c in channels]
+            ax.bar([i + j * width for i in range(len(channels))], values, width, label=policy)
+        if key == "tokens_per_s":
+            optimum_values = [max(m["optimum_tokens_per_s"] for m in report["channels"][c]["policies"].values())
+                              for c in channels]
+            ax.scatter([i + 0.4 - width / 2 for i in range(len(channels))], optimum_values, marker="_", s=900,
+                       color="black", label="analytical optimum", zorder=3)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(channels))], channels)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"specedge bench: {report['draft']} -> {report['target']}, {report['prompts']} prompts x "
+                 f"{report['max_new_tokens']} tokens ({report['machine']['cpu']}, {report['pinning']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        sys.exit(worker_main(sys.argv[2:]))
+    sys.exit("usage: specedge bench ... (this module's --worker mode is started by the bench)")
