@@ -1,0 +1,56 @@
+"""A short `specedge bench` with tiny models: separate processes, real Mosquitto, emulated channels."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from specedge.bench import expected_tokens, optimum, round_time
+
+
+def test_expected_tokens_and_round_time():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert round_time(2, 0.01, 0.1, 0.05, 1000, 500, 8e6, 4e6) == pytest.approx(0.02 + 0.05 + 0.1 + 0.001 + 0.001)
+
+
+def test_optimum_draft_length_follows_the_link():
+    # A slow round trip makes long drafts pay; a poor acceptance makes them useless.
+    _, g_far = optimum(0.8, t_draft=0.02, t_verify=0.05, rtt=0.3, rate_up=None, rate_down=None)
+    _, g_near = optimum(0.8, t_draft=0.02, t_verify=0.05, rtt=0.001, rate_up=None, rate_down=None)
+    _, g_bad = optimum(0.05, t_draft=0.02, t_verify=0.05, rtt=0.3, rate_up=None, rate_down=None)
+    assert g_far > g_near and g_bad <= 1
+
+
+def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
+    draft, target = tiny_files
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "specedge.cli", "bench", "--draft", str(draft), "--target", str(target),
+         "--draft-weights", "bf16", "--channel", "ideal,lte", "--policies", "cloud-ar,fixed:1,fixed:3",
+         "--max-prompts", "2", "--max-new-tokens", "12", "--json", str(out), "--plot", str(png),
+         "--start-timeout", "120", "--run-timeout", "120"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["outputs_identical"] is True
+    assert report["git_revision"] and report["machine"]["cores"]
+    for channel in ("ideal", "lte"):
+        ch = report["channels"][channel]
+        assert ch["outputs_identical"] is True
+        for policy in ("cloud-ar", "fixed:1", "fixed:3"):
+            m = ch["policies"][policy]
+            for key in ("tokens_per_s", "ttft_s", "acceptance_rate", "mean_accepted_len", "target_passes_per_token",
+                        "wire_bytes_per_token", "rounds", "draft_ms_per_token", "verify_ms_per_pass", "rtt_ms",
+                        "energy_j_per_token", "energy_source", "speedup_vs_cloud_ar", "optimum_tokens_per_s"):
+                assert key in m, (channel, policy, key)
+            assert m["energy_source"] == "estimated"
+            assert m["wire_bytes_per_token"] > 0
+        assert ch["policies"]["cloud-ar"]["target_passes_per_token"] == pytest.approx(1.0, abs=0.1)
+        assert ch["policies"]["fixed:3"]["target_passes_per_token"] < 1.0
+    assert report["channels"]["lte"]["policies"]["fixed:1"]["rtt_ms"] >= 50  # 2 x 30 ms one-way
+    assert png.stat().st_size > 10_000
+    assert "outputs identical to cloud-ar: True" in proc.stdout
