@@ -150,6 +150,13 @@ def _broker(args) -> int:
     return 0
 
 
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--draft", default=DEFAULT_DRAFT, help="registry name or path (GGUF file or HF folder)")
+    p.add_argument("--target", default=DEFAULT_TARGET, help="registry name or path (GGUF file or HF folder)")
+    p.add_argument("--draft-weights", default="int8", choices=["int8", "bf16", "fp32"])
+    p.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"])
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specedge", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -163,10 +170,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--top-p", type=float, default=1.0)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--policy", default="fixed:4", help="fixed:G or cloud-ar")
-    d.add_argument("--draft", default=DEFAULT_DRAFT)
-    d.add_argument("--target", default=DEFAULT_TARGET)
-    d.add_argument("--draft-weights", default="int8", choices=["int8", "bf16", "fp32"])
-    d.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"])
+    _model_options(d)
     d.add_argument("--broker", default="embedded", choices=["embedded", "mosquitto"])
     d.add_argument("--json", help="write the summary as JSON here")
     d.set_defaults(func=_demo)
@@ -218,10 +222,7 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--max-prompts", type=int, default=8)
     be.add_argument("--max-new-tokens", type=int, default=64)
     be.add_argument("--temperature", type=float, default=0.0)
-    be.add_argument("--draft", default=DEFAULT_DRAFT)
-    be.add_argument("--target", default=DEFAULT_TARGET)
-    be.add_argument("--draft-weights", default="int8", choices=["int8", "bf16", "fp32"])
-    be.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"])
+    _model_options(be)
     be.add_argument("--json", help="write the report here")
     be.add_argument("--plot", help="write a PNG here")
     be.add_argument("--seed", type=int, default=0)

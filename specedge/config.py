@@ -154,22 +154,15 @@ def _coerce(value, typ, key: str):
                 return False
         elif isinstance(value, bool):
             return value
-    elif typ is int:
+    elif typ in (int, float):
         if isinstance(value, str):
             try:
-                return int(value)
+                return typ(value)
             except ValueError:
                 pass
-        elif isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif typ is float:
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        # TOML ints are fine for floats; floats are not fine for ints; bools are neither.
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and (typ is float or isinstance(value, int)):
+            return typ(value)
     elif typ is str and isinstance(value, str):
         return value
     raise ConfigError(f"{key}: expected {typ.__name__}, got {value!r}")
