@@ -255,6 +255,10 @@ def run(args) -> int:
 
     import tempfile
 
+    import signal
+
+    # A terminated bench still stops its broker and children (the finally below).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logs = Path(tempfile.mkdtemp(prefix="specedge-bench-"))
     broker = MosquittoBroker().start()
     procs = []

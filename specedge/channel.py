@@ -77,10 +77,11 @@ class LinkSpec:
 
 
 class _Opportunities:
-    """Delivery opportunity times (seconds after start) for one direction."""
+    """Delivery opportunity times for one direction. The trace and the blackouts are laid
+    out from `origin` (emulator clock seconds); times in and out are on the emulator clock."""
 
-    def __init__(self, spec: LinkSpec):
-        self.spec = spec
+    def __init__(self, spec: LinkSpec, origin: float = 0.0):
+        self.spec, self.origin = spec, origin
         self.index = 0
         if spec.trace:
             self.period = spec.trace[-1] / 1000
@@ -97,11 +98,12 @@ class _Opportunities:
 
     def next_after(self, now: float) -> float:
         """The first usable opportunity at or after `now` (consumed)."""
+        now = max(now - self.origin, 0.0)
         while True:
             t = self._next_raw(now)
             end = self.blacked_out(t)
             if end is None:
-                return t
+                return self.origin + t
             now = end
 
     def _next_raw(self, now: float) -> float:
@@ -129,11 +131,12 @@ class _Opportunities:
 class _Direction:
     """Bottleneck queue -> propagation delay -> writer, for one direction of one connection."""
 
-    def __init__(self, spec: LinkSpec, writer: asyncio.StreamWriter, clock, rng: random.Random, counter):
+    def __init__(self, spec: LinkSpec, writer: asyncio.StreamWriter, clock, rng: random.Random, counter,
+                 origin: float):
         self.spec, self.writer, self.clock, self.rng, self.counter = spec, writer, clock, rng, counter
         self.queue = bytearray()
         self.data = asyncio.Event()
-        self.ops = _Opportunities(spec)
+        self.ops = _Opportunities(spec, origin)
         self.inflight: asyncio.Queue = asyncio.Queue()
         self.last_delivery = 0.0
         self.ready_at = 0.0  # since when the head of the queue has been waiting
@@ -208,6 +211,7 @@ class ChannelEmulator:
         self.bytes_up = self.bytes_down = 0
         self.connections = 0
         self._t0 = time.monotonic()
+        self._origin = 0.0
         self._rng = random.Random(config.seed)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="channel", daemon=True)
@@ -219,13 +223,17 @@ class ChannelEmulator:
     def clock(self) -> float:
         return time.monotonic() - self._t0
 
+    def elapsed(self) -> float:
+        """Seconds since the trace and blackouts were last laid out (start or restart_clock)."""
+        return self.clock() - self._origin
+
     def restart_clock(self) -> None:
-        """Blackouts and trace positions count from now (the bench gives every run the same channel)."""
+        """Lay the trace and blackouts out again from now, so the bench gives every run the
+        same channel. The clock itself runs on: bytes in flight keep their delivery times."""
         def reset():
-            self._t0 = time.monotonic()
+            self._origin = self.clock()
             for d in self._directions:
-                d.ops = _Opportunities(d.spec)
-                d.ready_at = d.last_delivery = 0.0
+                d.ops = _Opportunities(d.spec, self._origin)
 
         async def reset_in_loop():
             reset()
@@ -259,8 +267,8 @@ class ChannelEmulator:
             return
         self.connections += 1
         self._writers.update((client_writer, up_writer))
-        up = _Direction(self.config.up, up_writer, self.clock, self._rng, self._count_up)
-        down = _Direction(self.config.down, client_writer, self.clock, self._rng, self._count_down)
+        up = _Direction(self.config.up, up_writer, self.clock, self._rng, self._count_up, self._origin)
+        down = _Direction(self.config.down, client_writer, self.clock, self._rng, self._count_down, self._origin)
         self._directions.update((up, down))
         jobs = [self._pipe(client_reader, up), up.bottleneck(), up.deliver(),
                 self._pipe(up_reader, down), down.bottleneck(), down.deliver()]

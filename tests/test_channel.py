@@ -110,10 +110,26 @@ def test_blackout_stops_traffic_and_it_resumes_after(server):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ch.restart_clock()
         assert _rtt(s) < 0.1  # before the blackout
-        time.sleep(0.35 - ch.clock())
+        time.sleep(0.35 - ch.elapsed())
         stalled = _rtt(s)  # sent inside the blackout: held until it ends at 1.1 s
-        assert ch.clock() >= 1.1 and stalled >= 0.6
+        assert ch.elapsed() >= 1.1 and stalled >= 0.6
         assert _rtt(s) < 0.1  # after it
+
+
+def test_restarting_the_trace_keeps_bytes_in_flight_on_time(server):
+    """restart_clock between two exchanges must not hold new traffic behind old timestamps."""
+    addr = server(_Echo)
+    cfg = ChannelConfig(LinkSpec(rate_bps=5e6, delay_ms=20), LinkSpec(rate_bps=5e6, delay_ms=20))
+    with ChannelEmulator(cfg, addr) as ch, socket.create_connection(("127.0.0.1", ch.port)) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        time.sleep(0.5)
+        assert _rtt(s) < 0.1
+        s.sendall(b"late")  # still in flight when the trace restarts
+        ch.restart_clock()
+        got = b""
+        while len(got) < 4:
+            got += s.recv(4)
+        assert _rtt(s) < 0.1
 
 
 def test_loss_adds_retransmission_delay(server):
