@@ -160,14 +160,15 @@ class _Request:
             self.seq += 1
             request = wire.Generate(self.session, self.seq, len(self.committed), self.max_new - self.generated)
             for msg in self.stream(request):
-                # `start` is the absolute position of the first token: duplicates are dropped.
+                # `start` is the absolute position of the first token: duplicates are dropped,
+                # and after a gap (a lost message) we ask again from what we hold.
                 have = len(self.committed)
-                fresh = msg.tokens[have - msg.start:] if msg.start <= have else []
+                if msg.start > have:
+                    break
+                fresh = msg.tokens[have - msg.start:]
                 self.stats.target_passes += len(fresh)
                 self.emit(fresh)
                 if msg.done or self.done:
-                    if not self.done:  # the verifier hit its end (stop token) after our last token
-                        self.stopped = True
                     break
 
     # -- waiting for the verifier, with retries and resync ------------------------------------
