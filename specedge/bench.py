@@ -220,6 +220,7 @@ def aggregate(runs: list[dict]) -> dict:
         "wire_bytes_per_token": wire / gen,
         "rounds": rounds,
         "generated_tokens": tokens,
+        "drafted_tokens": drafted,
         "draft_ms_per_token": 1000 * sum(r["draft_s"] for r in runs) / drafted if drafted else 0.0,
         "verify_ms_per_pass": 1000 * verify_s / rounds if rounds else 0.0,
         "rtt_ms": 1000 * rtts[len(rtts) // 2] if rtts else None,
@@ -324,19 +325,17 @@ def run(args) -> int:
 def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
     policies = {name: aggregate(rs) for name, rs in runs.items()}
     speculative = [r for name, rs in runs.items() if name != "cloud-ar" for r in rs]
-    pooled_drafted = sum(r["drafted"] for r in speculative)
-    pooled_a = sum(r["accepted"] for r in speculative) / pooled_drafted if pooled_drafted else 0.0
     rate_up, rate_down = cfg.up.mean_rate_bps(), cfg.down.mean_rate_bps()
-    verify_rounds = sum(r["rounds"] for r in speculative)
-    drafted_all = sum(r["drafted"] for r in speculative)
-    pooled_t_draft = sum(r["draft_s"] for r in speculative) / drafted_all if drafted_all else 0.0
-    pooled_t_verify = sum(r["verify_s"] for r in speculative) / verify_rounds if verify_rounds else 0.0
+    pooled = aggregate(speculative) if speculative else None
+    pooled_a = pooled["acceptance_rate"] if pooled else 0.0
+    # Inputs a policy did not measure itself (cloud-ar drafts nothing) come from the
+    # speculative runs of the same channel.
+    fallback = {k: (pooled or {}).get(k) or 0.0 for k in ("draft_ms_per_token", "verify_ms_per_pass", "rtt_ms")}
     base = policies.get("cloud-ar")
     for name, m in policies.items():
-        a = m["acceptance_rate"] if m["rounds"] and m["acceptance_rate"] and name != "cloud-ar" else pooled_a
-        t_draft = m["draft_ms_per_token"] / 1000 or pooled_t_draft
-        t_verify = m["verify_ms_per_pass"] / 1000 or pooled_t_verify
-        rtt = (m["rtt_ms"] or 0.0) / 1000
+        a = m["acceptance_rate"] if m["drafted_tokens"] else pooled_a
+        t_draft, t_verify, rtt = ((m[k] or fallback[k]) / 1000 for k in ("draft_ms_per_token", "verify_ms_per_pass",
+                                                                          "rtt_ms"))
         best, best_g = optimum(a, t_draft, t_verify, rtt, rate_up, rate_down, v5)
         m["optimum_tokens_per_s"] = best
         m["optimum_draft_length"] = best_g
@@ -344,6 +343,14 @@ def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
         m["speedup_vs_cloud_ar"] = m["tokens_per_s"] / base["tokens_per_s"] if base and base["tokens_per_s"] else None
     out = {"policies": policies, "link": {"up_mean_bps": rate_up, "down_mean_bps": rate_down,
                                           "one_way_delay_ms": cfg.up.delay_ms}}
+    if pooled:
+        best, best_g = optimum(pooled_a, pooled["draft_ms_per_token"] / 1000, pooled["verify_ms_per_pass"] / 1000,
+                               (pooled["rtt_ms"] or 0.0) / 1000, rate_up, rate_down, v5)
+        out["optimum"] = {"tokens_per_s": best, "draft_length": best_g, "acceptance_rate": pooled_a,
+                          "draft_ms_per_token": pooled["draft_ms_per_token"],
+                          "verify_ms_per_pass": pooled["verify_ms_per_pass"], "rtt_ms": pooled["rtt_ms"]}
+    # Raw per-run numbers, so a report can be recomputed without re-running.
+    out["runs"] = {name: [{k: v for k, v in r.items() if k != "text"} for r in rs] for name, rs in runs.items()}
     if "cloud-ar" in runs and args.temperature == 0:
         reference = [r["tokens"] for r in runs["cloud-ar"]]
         out["outputs_identical"] = all([r["tokens"] for r in rs] == reference for rs in runs.values())
@@ -382,8 +389,7 @@ def plot(report: dict, path: str) -> None:
             values = [report["channels"][c]["policies"][policy][key] for c in channels]
             ax.bar([i + j * width for i in range(len(channels))], values, width, label=policy)
         if key == "tokens_per_s":
-            optimum_values = [max(m["optimum_tokens_per_s"] for m in report["channels"][c]["policies"].values())
-                              for c in channels]
+            optimum_values = [report["channels"][c].get("optimum", {}).get("tokens_per_s", 0.0) for c in channels]
             ax.scatter([i + 0.4 - width / 2 for i in range(len(channels))], optimum_values, marker="_", s=900,
                        color="black", label="analytical optimum", zorder=3)
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(channels))], channels)
