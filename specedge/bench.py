@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from specedge.broker import MosquittoBroker
-from specedge.channel import ChannelEmulator, PRESETS, preset
+from specedge.channel import PRESETS, ChannelEmulator, preset, shared_data
 
 MAX_G = 8
 
 
 def default_prompts() -> Path:
-    """shared/data/prompts/spec_bench_dev.jsonl inside or beside the checkout."""
-    repo = Path(__file__).resolve().parents[1]
-    candidates = [d / "shared" / "data" / "prompts" / "spec_bench_dev.jsonl" for d in (repo, repo.parent)]
-    return next((c for c in candidates if c.exists()), candidates[-1])
+    return shared_data("prompts", "spec_bench_dev.jsonl")
 
 
 def load_prompts(path: str | Path, limit: int | None) -> list[str]:
@@ -127,6 +126,7 @@ def worker_main(argv: list[str]) -> int:
         stats = result.stats
         out.write(json.dumps({"tokens": result.tokens, "summary": stats.summary(), "draft_s": stats.draft_s,
                               "wait_s": stats.wait_s, "verify_s": stats.verify_s, "rounds": stats.rounds,
+                              "target_passes": stats.target_passes,
                               "drafted": stats.drafted_tokens, "accepted": stats.accepted_tokens,
                               "network_rtt_s": stats.network_rtt_s(), "draft_lengths": stats.draft_lengths,
                               "text": tok.decode(result.tokens)}) + "\n")
@@ -205,7 +205,7 @@ def aggregate(runs: list[dict]) -> dict:
     drafted = sum(r["drafted"] for r in runs)
     accepted = sum(r["accepted"] for r in runs)
     rounds = sum(r["rounds"] for r in runs)
-    passes = sum(r["summary"]["target_passes_per_token"] * max(len(r["tokens"]), 1) for r in runs)
+    passes = sum(r["target_passes"] for r in runs)
     wire = sum(r["proxy_bytes"] for r in runs)
     verify_s = sum(r["verify_s"] for r in runs)
     rtts = sorted(rtt for r in runs for rtt in r["network_rtt_s"])
@@ -253,10 +253,6 @@ def run(args) -> int:
         pinning = "one core: device and verifier share it (not pinned)"
     print(f"specedge bench: {len(prompts)} prompts x {len(policies)} policies x {len(channels)} channels, "
           f"{args.max_new_tokens} new tokens each; {pinning}", file=sys.stderr, flush=True)
-
-    import tempfile
-
-    import signal
 
     # A terminated bench still stops its broker and children (the finally below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -332,11 +328,14 @@ def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
     # speculative runs of the same channel.
     fallback = {k: (pooled or {}).get(k) or 0.0 for k in ("draft_ms_per_token", "verify_ms_per_pass", "rtt_ms")}
     base = policies.get("cloud-ar")
-    for name, m in policies.items():
-        a = m["acceptance_rate"] if m["drafted_tokens"] else pooled_a
+
+    def best_for(m: dict, a: float) -> tuple[float, int]:
         t_draft, t_verify, rtt = ((m[k] or fallback[k]) / 1000 for k in ("draft_ms_per_token", "verify_ms_per_pass",
                                                                           "rtt_ms"))
-        best, best_g = optimum(a, t_draft, t_verify, rtt, rate_up, rate_down, v5)
+        return optimum(a, t_draft, t_verify, rtt, rate_up, rate_down, v5)
+
+    for name, m in policies.items():
+        best, best_g = best_for(m, m["acceptance_rate"] if m["drafted_tokens"] else pooled_a)
         m["optimum_tokens_per_s"] = best
         m["optimum_draft_length"] = best_g
         m["efficiency"] = m["tokens_per_s"] / best if best else None
@@ -344,8 +343,7 @@ def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
     out = {"policies": policies, "link": {"up_mean_bps": rate_up, "down_mean_bps": rate_down,
                                           "one_way_delay_ms": cfg.up.delay_ms}}
     if pooled:
-        best, best_g = optimum(pooled_a, pooled["draft_ms_per_token"] / 1000, pooled["verify_ms_per_pass"] / 1000,
-                               (pooled["rtt_ms"] or 0.0) / 1000, rate_up, rate_down, v5)
+        best, best_g = best_for(pooled, pooled_a)
         out["optimum"] = {"tokens_per_s": best, "draft_length": best_g, "acceptance_rate": pooled_a,
                           "draft_ms_per_token": pooled["draft_ms_per_token"],
                           "verify_ms_per_pass": pooled["verify_ms_per_pass"], "rtt_ms": pooled["rtt_ms"]}

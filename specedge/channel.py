@@ -25,14 +25,17 @@ MTU = 1500
 _REPO = Path(__file__).resolve().parents[1]
 
 
+def shared_data(*parts: str) -> Path:
+    """A path under shared/data, inside the checkout (device machines) or beside it (CI)."""
+    candidates = [root / "shared" / "data" / Path(*parts) for root in (_REPO, _REPO.parent)]
+    return next((c for c in candidates if c.exists()), candidates[-1])
+
+
 def default_trace_dir() -> Path:
-    """$SPECEDGE_TRACES, else shared/data/traces inside or beside the checkout."""
+    """$SPECEDGE_TRACES, else shared/data/traces."""
     import os
 
-    if os.environ.get("SPECEDGE_TRACES"):
-        return Path(os.environ["SPECEDGE_TRACES"])
-    candidates = [_REPO / "shared" / "data" / "traces", _REPO.parent / "shared" / "data" / "traces"]
-    return next((c for c in candidates if c.is_dir()), candidates[-1])
+    return Path(os.environ["SPECEDGE_TRACES"]) if os.environ.get("SPECEDGE_TRACES") else shared_data("traces")
 
 
 def load_trace(path: str | Path) -> list[int]:
