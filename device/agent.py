@@ -12,15 +12,18 @@ import random
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from specedge import wire
 from specedge.config import DeviceConfig
 from specedge.device.policy import Policy
+from specedge.device.power import PowerMeter, open_meter
+from specedge.device.profiles import get_profile
+from specedge.device.scheduler import Scheduler
 from specedge.metrics import SpecStats
-from specedge.mqtt import Link, device_topic
+from specedge.mqtt import Link, device_topic, publish_packet_bytes
 from specedge.speculative import SamplingParams
 
 log = logging.getLogger("specedge.device")
@@ -52,17 +55,41 @@ class Agent:
         self.decode_errors: dict[str, int] = {}
         self._busy = threading.Lock()
         self.fingerprint = bytes.fromhex(tokenizer.fingerprint())
+        energy = cfg.energy
+        self.profile = get_profile(energy.profile, energy.profiles or None)
+        self.radio = self.profile.radio(energy.link)
+        self.meter: PowerMeter | None = None
+        empty_draft = len(wire.encode(wire.Draft(0, 0, 0, [])))
+        self.scheduler = Scheduler(
+            energy.objective(), cfg.speculation.max_draft, self.profile.active_w, self.profile.idle_w,
+            self.radio.active_w, self.radio.j_per_byte_up, self.radio.j_per_byte_down,
+            up_bytes_base=publish_packet_bytes(self.up_topic, empty_draft, cfg.mqtt.qos, True))
+
+    @property
+    def energy_source(self) -> str:
+        source = self.meter.source if self.meter else "none"
+        link = self.cfg.energy.link
+        return source if link == "none" else f"{source}+radio-model:{link}"
+
+    def set_objective(self, **changes) -> None:
+        """Change the adaptive policies' objective at run time (mode, budget_j_per_token,
+        min_tokens_per_s); the next round plans with it."""
+        self.scheduler.set_objective(replace(self.scheduler.objective, **changes))
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.inbox.put(payload)
 
     def start(self) -> "Agent":
+        self.meter = open_meter(self.cfg.energy.meter, self.profile)
+        log.info("power meter: %s", self.meter.source)
         self.link.subscribe(self.down_topic)
         self.link.start()
         return self
 
     def stop(self) -> None:
         self.link.stop()
+        if self.meter:
+            self.meter.close()
 
     # -- one request -------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams, max_new_tokens: int, policy: Policy,
@@ -101,6 +128,7 @@ class _Request:
     def run(self) -> GenerationResult:
         agent = self.agent
         sent0, recv0 = agent.link.bytes_sent, agent.link.bytes_received
+        energy0 = agent.meter.energy_j()
         while not agent.inbox.empty():  # leftovers of an earlier request
             agent.inbox.get_nowait()
         self.send(self.open_message(resync=False))
@@ -114,7 +142,14 @@ class _Request:
             self.send(wire.Close(self.session, self.seq))
             self.stats.total_s = time.perf_counter() - self.start_s
             self.stats.generated_tokens = self.generated
-            self.stats.wire_bytes = (agent.link.bytes_sent - sent0) + (agent.link.bytes_received - recv0)
+            sent, received = agent.link.bytes_sent - sent0, agent.link.bytes_received - recv0
+            self.stats.wire_bytes = sent + received
+            # The radio is modelled (its connected-state power over the request, plus per byte);
+            # its tail after the request is reported apart: it follows the last request of a burst.
+            self.stats.energy_j = (agent.meter.energy_j() - energy0
+                                   + agent.radio.energy_j(self.stats.total_s, sent, received))
+            self.stats.radio_tail_j = agent.radio.tail_s * agent.radio.tail_w
+            self.stats.energy_source = agent.energy_source
         return GenerationResult(self.committed[self.prompt_len:], self.stats, self.stopped)
 
     def emit(self, tokens: list[int]) -> None:
@@ -136,21 +171,34 @@ class _Request:
         return self.stopped or self.generated >= self.max_new
 
     def run_speculative(self) -> None:
-        engine = self.agent.engine
+        agent, engine, policy = self.agent, self.agent.engine, self.policy
+        scheduler, meter, link = agent.scheduler, agent.meter, agent.link
         engine.start(self.committed)
         while not self.done:
-            length = self.policy.next_draft_length(self.max_new - self.generated)
-            t0 = time.perf_counter()
-            draft, q = engine.draft(length, self.params, self.rng, self.stop_ids)
+            limit = policy.next_draft_length(self.max_new - self.generated)
+            keep_going = None
+            if policy.adaptive:
+                keep_going = scheduler.planner(limit, replace(scheduler.objective, **policy.overrides))
+            t0, e0, sent0, recv0 = time.perf_counter(), meter.energy_j(), link.bytes_sent, link.bytes_received
+            drafted = engine.draft(limit, self.params, self.rng, self.stop_ids, keep_going)
             t1 = time.perf_counter()
+            meter.note_busy(t1 - t0)
+            e1 = meter.energy_j()
             self.stats.draft_s += t1 - t0
             self.seq += 1
-            verdict = self.round_trip(wire.Draft(self.session, self.seq, len(self.committed), draft, q))
+            draft = drafted.tokens
+            verdict = self.round_trip(wire.Draft(self.session, self.seq, len(self.committed), draft, drafted.q))
             t2 = time.perf_counter()
             if verdict.accepted > len(draft):
                 raise RequestFailed(f"verdict accepts {verdict.accepted} of {len(draft)} drafted tokens")
             self.stats.wait_s += t2 - t1
-            self.stats.record_round(len(draft), verdict.accepted, t2 - t1, verdict.verify_us / 1e6)
+            self.stats.record_round(len(draft), verdict.accepted, t2 - t1, verdict.verify_us / 1e6,
+                                    t0 - self.start_s)
+            if policy.adaptive:
+                scheduler.observe_round(drafted.confidences, verdict.accepted, t1 - t0, verdict.verify_us / 1e6,
+                                        t2 - t1, link.bytes_sent - sent0, link.bytes_received - recv0)
+                scheduler.observe_power((e1 - e0) / (t1 - t0) if draft else None,
+                                        (meter.energy_j() - e1) / (t2 - t1))
             self.emit(draft[: verdict.accepted] + [verdict.next_token])
             engine.commit(self.committed)
 

@@ -5,11 +5,20 @@ reference backend, running `specedge.model` on the CPU.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
 from specedge.model import Qwen2
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist, quantize, sample_sparse, softmax
+
+
+@dataclass
+class Drafted:
+    tokens: list[int]
+    q: list[SparseDist] | None  # sampled mode: each token's draft distribution
+    confidences: list[float]  # the draft's probability of each token it chose
 
 
 class TorchDraftEngine:
@@ -37,22 +46,27 @@ class TorchDraftEngine:
         del fed[common:]
         self.pending = list(committed[common:])
 
-    def draft(self, n: int, params: SamplingParams, rng: np.random.Generator,
-              stop_ids=frozenset()) -> tuple[list[int], list[SparseDist] | None]:
-        """Draft up to n tokens after the committed text; in sampled mode also each token's q."""
-        tokens: list[int] = []
-        dists: list[SparseDist] | None = None if params.greedy else []
+    def draft(self, n: int, params: SamplingParams, rng: np.random.Generator, stop_ids=frozenset(),
+              keep_going=None) -> Drafted:
+        """Draft up to n tokens after the committed text. `keep_going(confidences so far)` may
+        stop the draft early (it is asked before each token, the first included)."""
+        out = Drafted([], None if params.greedy else [], [])
         for _ in range(n):
+            if keep_going is not None and not keep_going(out.confidences):
+                break
             logits = self.model.forward(self.pending, self.cache, last_only=True)[-1]
             self.fed += self.pending
             if params.greedy:
                 token = int(torch.argmax(logits))
+                confidence = float(torch.softmax(logits.float(), -1)[token])
             else:
                 dist = quantize(softmax(logits.numpy() / params.temperature), self.q_top_k, self.q_top_p)
                 token = sample_sparse(dist, int(rng.integers(Q_ONE)))
-                dists.append(dist)
-            tokens.append(token)
+                confidence = dist.prob(token)
+                out.q.append(dist)
+            out.tokens.append(token)
+            out.confidences.append(confidence)
             self.pending = [token]
             if token in stop_ids:  # nothing follows a stop token worth verifying
                 break
-        return tokens, dists
+        return out

@@ -1,25 +1,59 @@
-"""How far to speculate each round. Policies are pure: state in, draft length out."""
+"""How far to speculate each round, as named on the command line and in the bench.
+
+  cloud-ar                      the cloud decodes alone and streams (the baseline)
+  fixed:G                       G drafted tokens every round (0 = one plain target step)
+  adaptive[:budget=J]           the scheduler: most tokens/s, J/token <= budget if given
+  adaptive-energy[:floor=R,budget=J]
+                                the scheduler: fewest J/token, tokens/s >= floor if given
+Options left out of an adaptive spec come from the device's current objective
+([energy] in the config, changeable at run time).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class Policy:
     name: str
-    draft_length: int  # tokens drafted per round; 0 = one plain target step per round
+    draft_length: int  # fixed policies: tokens drafted per round; adaptive: the most per round
     autoregressive: bool = False  # cloud-ar: the cloud generates alone and streams tokens
+    adaptive: bool = False
+    overrides: dict = field(default_factory=dict)  # Objective fields an adaptive spec sets
 
     def next_draft_length(self, remaining: int) -> int:
         """Never draft past the request's end: the verdict always adds one target token."""
         return max(0, min(self.draft_length, remaining - 1))
 
 
+_OPTION_FIELDS = {"budget": "budget_j_per_token", "floor": "min_tokens_per_s"}
+
+
+def _adaptive(spec: str, mode: str, options: str, max_draft: int) -> Policy:
+    overrides: dict = {"mode": mode}
+    for item in filter(None, options.split(",")):
+        key, _, value = item.partition("=")
+        if key not in _OPTION_FIELDS:
+            raise ValueError(f"policy {spec!r}: unknown option {key!r}; use budget=J_PER_TOKEN or floor=TOKENS_PER_S")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"policy {spec!r}: {key} needs a number, got {value!r}") from None
+        if not number > 0:
+            raise ValueError(f"policy {spec!r}: {key} must be > 0")
+        overrides[_OPTION_FIELDS[key]] = number
+    return Policy(spec, max_draft, adaptive=True, overrides=overrides)
+
+
 def parse_policy(spec: str, max_draft: int = 64) -> Policy:
-    """'cloud-ar' or 'fixed:G' (0 <= G <= max_draft)."""
     if spec == "cloud-ar":
         return Policy(spec, 0, autoregressive=True)
     kind, _, arg = spec.partition(":")
     if kind == "fixed" and arg.isdigit() and int(arg) <= max_draft:
         return Policy(spec, int(arg))
-    raise ValueError(f"unknown policy {spec!r}: use cloud-ar or fixed:G with 0 <= G <= {max_draft}")
+    if kind == "adaptive":
+        return _adaptive(spec, "throughput", arg, max_draft)
+    if kind == "adaptive-energy":
+        return _adaptive(spec, "energy", arg, max_draft)
+    raise ValueError(f"unknown policy {spec!r}: use cloud-ar, fixed:G with 0 <= G <= {max_draft}, "
+                     f"adaptive[:budget=J] or adaptive-energy[:floor=R,budget=J]")

@@ -61,7 +61,7 @@ class DraftConfig:
 
 @dataclass
 class SpeculationConfig:
-    policy: str = "fixed:4"  # fixed:G | cloud-ar
+    policy: str = "fixed:4"  # fixed:G | cloud-ar | adaptive[:budget=J] | adaptive-energy[:floor=R]
     max_draft: int = 8
 
     def validate(self):
@@ -101,6 +101,36 @@ class FaultConfig:
 
 
 @dataclass
+class EnergyConfig:
+    profile: str = "orin-nano-15w"  # a [profile.*] of the profile table
+    link: str = "lte"  # the radio model: a [radio.*] of the profile table (wifi, lte, 3g, 5g, none)
+    meter: str = "auto"  # auto | jtop | ina3221 | rapl | estimated
+    mode: str = "throughput"  # adaptive policies: throughput (under the budget) | energy (above the floor)
+    budget_j_per_token: float = 0.0  # 0 = no budget
+    min_tokens_per_s: float = 0.0  # 0 = no floor
+    profiles: str = ""  # the profile table; "" = firmware_config/profiles.toml
+
+    def validate(self):
+        from specedge.device.power import METERS
+        from specedge.device.profiles import get_profile
+        from specedge.device.scheduler import MODES
+
+        _check(self.meter in METERS, "energy.meter", ", ".join(METERS))
+        _check(self.mode in MODES, "energy.mode", ", ".join(MODES))
+        _check(self.budget_j_per_token >= 0, "energy.budget_j_per_token", ">= 0 (0 = none)")
+        _check(self.min_tokens_per_s >= 0, "energy.min_tokens_per_s", ">= 0 (0 = none)")
+        try:
+            get_profile(self.profile, self.profiles or None).radio(self.link)
+        except ConfigError as exc:
+            raise ConfigError(f"energy: {exc}") from None
+
+    def objective(self):
+        from specedge.device.scheduler import Objective
+
+        return Objective(self.mode, self.budget_j_per_token or None, self.min_tokens_per_s or None)
+
+
+@dataclass
 class DeviceConfig:
     device: IdentityConfig = field(default_factory=IdentityConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -108,6 +138,7 @@ class DeviceConfig:
     speculation: SpeculationConfig = field(default_factory=SpeculationConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
 
 @dataclass

@@ -21,17 +21,23 @@ class SpecStats:
     resyncs: int = 0
     retries: int = 0
     stale_messages: int = 0
+    energy_j: float = 0.0  # device energy over the request (meter + modelled radio)
+    energy_source: str = ""
+    radio_tail_j: float = 0.0  # the radio's tail after the request, not in energy_j
     draft_lengths: list[int] = field(default_factory=list)
+    round_start_s: list[float] = field(default_factory=list)  # offsets from the request's start
     round_trip_s: list[float] = field(default_factory=list)
     verify_round_s: list[float] = field(default_factory=list)
 
-    def record_round(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float) -> None:
+    def record_round(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float,
+                     start_s: float = 0.0) -> None:
         self.rounds += 1
         self.target_passes += 1
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
         self.verify_s += verify_s
         self.draft_lengths.append(drafted)
+        self.round_start_s.append(start_s)
         self.round_trip_s.append(round_trip_s)
         self.verify_round_s.append(verify_s)
 
@@ -65,4 +71,6 @@ class SpecStats:
             "resyncs": self.resyncs,
             "retries": self.retries,
             "stale_messages": self.stale_messages,
+            "energy_j_per_token": self.energy_j / gen,
+            "energy_source": self.energy_source,
         }

@@ -43,12 +43,12 @@ class RejectAt:
     def commit(self, committed):
         self.engine.commit(committed)
 
-    def draft(self, n, params, rng, stop_ids=frozenset()):
-        tokens, q = self.engine.draft(n, params, rng, frozenset())
-        if self.position < len(tokens):
-            tokens[self.position] = (tokens[self.position] + 1) % self.vocab
-        self.rounds.append(len(tokens))
-        return tokens, q
+    def draft(self, n, params, rng, stop_ids=frozenset(), keep_going=None):
+        drafted = self.engine.draft(n, params, rng, frozenset(), keep_going)
+        if self.position < len(drafted.tokens):
+            drafted.tokens[self.position] = (drafted.tokens[self.position] + 1) % self.vocab
+        self.rounds.append(len(drafted.tokens))
+        return drafted
 
 
 @pytest.mark.parametrize("draft_length", [1, 2, 4, 8])

@@ -1,0 +1,101 @@
+"""Device profiles: board power per power mode and a radio energy model per link type.
+
+The table lives in firmware_config/profiles.toml (sources cited there); it is
+validated on load so a typo fails with the file, the entry and the key.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from specedge.config import ConfigError
+
+DEFAULT_PROFILES = Path(__file__).resolve().parents[1] / "firmware_config" / "profiles.toml"
+
+
+@dataclass(frozen=True)
+class RadioModel:
+    active_w: float  # connected-state power (the radio stays connected between rounds)
+    j_per_byte_up: float
+    j_per_byte_down: float
+    tail_s: float  # high-power tail after the last transfer of a request
+    tail_w: float
+
+    def energy_j(self, seconds: float, bytes_up: int, bytes_down: int, with_tail: bool = False) -> float:
+        tail = self.tail_s * self.tail_w if with_tail else 0.0
+        return self.active_w * seconds + self.j_per_byte_up * bytes_up + self.j_per_byte_down * bytes_down + tail
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    board: str
+    nvpmodel_id: int  # -1: the board has no nvpmodel
+    nvpmodel_name: str
+    idle_w: float
+    active_w: float
+    radios: dict  # link type -> RadioModel
+
+    def radio(self, link: str) -> RadioModel:
+        try:
+            return self.radios[link]
+        except KeyError:
+            raise ConfigError(f"unknown link type {link!r}; known: {', '.join(sorted(self.radios))}") from None
+
+
+def _number(table: dict, key: str, where: str, minimum: float = 0.0) -> float:
+    value = table.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise ConfigError(f"{where}.{key}: expected a number >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def _radio(table: dict, where: str) -> RadioModel:
+    names = [f.name for f in fields(RadioModel)]
+    extra = set(table) - set(names)
+    if extra:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; known: {names}")
+    return RadioModel(**{k: _number(table, k, where) for k in names})
+
+
+def load_profiles(path: str | Path = DEFAULT_PROFILES) -> dict[str, DeviceProfile]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"profile table {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    unknown = set(data) - {"profile", "radio"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; known: ['profile', 'radio']")
+    radios = {name: _radio(t, f"{path}: radio.{name}") for name, t in data.get("radio", {}).items()}
+    if not radios:
+        raise ConfigError(f"{path}: no [radio.*] tables")
+    profiles = {}
+    allowed = {"board", "nvpmodel_id", "nvpmodel_name", "idle_w", "active_w"}
+    for name, t in data.get("profile", {}).items():
+        where = f"{path}: profile.{name}"
+        extra = set(t) - allowed
+        if extra:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(extra)}; known: {sorted(allowed)}")
+        mode = t.get("nvpmodel_id")
+        if isinstance(mode, bool) or not isinstance(mode, int) or mode < -1:
+            raise ConfigError(f"{where}.nvpmodel_id: expected an integer >= -1, got {mode!r}")
+        idle, active = _number(t, "idle_w", where, 0.01), _number(t, "active_w", where, 0.01)
+        if active < idle:
+            raise ConfigError(f"{where}: active_w ({active}) is below idle_w ({idle})")
+        profiles[name] = DeviceProfile(name, str(t.get("board", "")), mode, str(t.get("nvpmodel_name", "")),
+                                       idle, active, radios)
+    if not profiles:
+        raise ConfigError(f"{path}: no [profile.*] tables")
+    return profiles
+
+
+def get_profile(name: str, path: str | Path | None = None) -> DeviceProfile:
+    profiles = load_profiles(path or DEFAULT_PROFILES)
+    try:
+        return profiles[name]
+    except KeyError:
+        raise ConfigError(f"unknown device profile {name!r}; known: {', '.join(sorted(profiles))}") from None

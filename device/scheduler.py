@@ -1,0 +1,299 @@
+"""How far to speculate: a pure decision rule over an estimated state, plus the estimators.
+
+A round that drafts g tokens (DESIGN section 4) yields E(g) = 1 + sum_{i<=g} S_i tokens,
+S_i the probability that the first i drafted tokens are all accepted; it takes
+    T(g) = g t_draft + RTT + up_bytes(g)/R_up + down_bytes/R_down + t_verify(g + 1)
+and costs the device
+    J(g) = g t_draft P_active + (T - g t_draft) P_idle + radio(T, bytes).
+S is built from per-position acceptance (for tokens not drafted yet) and from the
+calibrated confidence of the tokens already drafted, so `plan` is asked again after
+every drafted token and can stop a draft early. Long-run throughput is a ratio
+(tokens over time), so each round maximises E - lambda T with lambda the best rate the
+state allows (Dinkelbach); the energy mode minimises J - mu E the same way. The energy
+budget (J/E <= budget) and the throughput floor (E/T >= floor) are constraints.
+Draft length 0 (a plain target step) is always a candidate.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+MODES = ("throughput", "energy")
+
+
+@dataclass(frozen=True)
+class Objective:
+    mode: str = "throughput"  # throughput: max tokens/s under the budget | energy: min J/token above the floor
+    budget_j_per_token: float | None = None
+    min_tokens_per_s: float | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"scheduler mode {self.mode!r}: use throughput or energy")
+        for name in ("budget_j_per_token", "min_tokens_per_s"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be > 0 (or unset), got {value}")
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything the decision needs, in seconds, bytes, watts and joules."""
+
+    accept_by_position: tuple[float, ...]  # P(token j accepted | tokens < j accepted), j = 1..
+    draft_s: float  # one drafted token
+    verify_base_s: float  # t_verify(n rows) = base + per_row * n
+    verify_per_row_s: float
+    rtt_s: float  # network time of a round beyond what the bytes explain
+    up_bps: float = math.inf
+    down_bps: float = math.inf
+    up_bytes_base: int = 70  # a Draft message on the wire with no tokens, framing included
+    up_bytes_per_token: int = 4  # greedy; sampled drafts add their sparse q
+    down_bytes: int = 60
+    active_w: float = 10.0
+    idle_w: float = 4.0
+    radio_w: float = 0.0
+    radio_j_per_byte_up: float = 0.0
+    radio_j_per_byte_down: float = 0.0
+
+    def accept(self, position: int) -> float:
+        table = self.accept_by_position
+        return table[min(position, len(table)) - 1] if table else 0.0
+
+    def round_cost(self, g: int) -> tuple[float, float]:
+        """(seconds, device joules) of a round drafting g tokens."""
+        up = self.up_bytes_base + self.up_bytes_per_token * g
+        draft = g * self.draft_s
+        wait = (self.rtt_s + up * 8 / self.up_bps + self.down_bytes * 8 / self.down_bps
+                + self.verify_base_s + self.verify_per_row_s * (g + 1))
+        seconds = draft + wait
+        joules = (draft * self.active_w + wait * self.idle_w + seconds * self.radio_w
+                  + up * self.radio_j_per_byte_up + self.down_bytes * self.radio_j_per_byte_down)
+        return seconds, joules
+
+
+def _outcomes(state: State, survival: Sequence[float], max_draft: int):
+    """(g, expected tokens, seconds, joules) for every total draft length g >= len(survival)."""
+    drafted = len(survival)
+    tokens = 1.0 + sum(survival)
+    s = survival[-1] if survival else 1.0
+    out = []
+    for g in range(drafted, max_draft + 1):
+        if g > drafted:
+            s *= state.accept(g)
+            tokens += s
+        seconds, joules = state.round_cost(g)
+        out.append((g, tokens, seconds, joules))
+    return out
+
+
+def _feasible(objective: Objective, tokens: float, seconds: float, joules: float) -> bool:
+    if objective.mode == "throughput":
+        return objective.budget_j_per_token is None or joules <= objective.budget_j_per_token * tokens
+    return objective.min_tokens_per_s is None or tokens >= objective.min_tokens_per_s * seconds
+
+
+def best_rate(state: State, objective: Objective, max_draft: int) -> tuple[float, int]:
+    """Before drafting: the best tokens/s (throughput mode) or J/token (energy mode) a fixed
+    draft length reaches under the constraint, and that length. Falls back to the least
+    violating length when no length meets the constraint."""
+    outcomes = _outcomes(state, (), max_draft)
+    feasible = [o for o in outcomes if _feasible(objective, *o[1:])] or None
+    if objective.mode == "throughput":
+        if feasible:
+            return max((t / s, g) for g, t, s, _ in feasible)
+        g, t, s, _ = min(outcomes, key=lambda o: o[3] / o[1])
+        return t / s, g
+    if feasible:
+        return min((j / t, g) for g, t, s, j in feasible)
+    return max((t / s, g) for g, t, s, _ in outcomes)
+
+
+def plan(state: State, objective: Objective, survival: Sequence[float], max_draft: int) -> int:
+    """How many more tokens to draft, given the survival probabilities S_1..S_i of the
+    tokens drafted so far this round (empty before the first). 0 = stop here."""
+    if max_draft <= len(survival):
+        return 0
+    outcomes = _outcomes(state, survival, max_draft)
+    feasible = [o for o in outcomes if _feasible(objective, *o[1:])]
+    if objective.mode == "throughput":
+        if not feasible:  # over budget whatever we do: spend the least per token
+            return min(outcomes, key=lambda o: (o[3] / o[1], o[0]))[0] - len(survival)
+        rate, _ = best_rate(state, objective, max_draft)
+        best = max(feasible, key=lambda o: (o[1] - rate * o[2], -o[0]))
+    else:
+        if not feasible:  # below the floor whatever we do: go as fast as we can
+            return max(outcomes, key=lambda o: (o[1] / o[2], -o[0]))[0] - len(survival)
+        per_token, _ = best_rate(state, objective, max_draft)
+        best = min(feasible, key=lambda o: (o[3] - per_token * o[1], o[0]))
+    return best[0] - len(survival)
+
+
+# -- online estimators ---------------------------------------------------------------------------
+class Ewma:
+    def __init__(self, alpha: float, initial: float | None = None):
+        self.alpha, self.value = alpha, initial
+
+    def update(self, x: float) -> float:
+        self.value = x if self.value is None else self.value + self.alpha * (x - self.value)
+        return self.value
+
+
+class LinearFit:
+    """y = a + b x by least squares with exponential forgetting; b clamped to >= 0.
+    Until x has varied, b stays at its prior and a follows the mean."""
+
+    def __init__(self, forget: float = 0.97, slope_prior: float = 0.0):
+        self.forget, self.slope_prior = forget, slope_prior
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def update(self, x: float, y: float) -> None:
+        f = self.forget
+        self.w, self.sx, self.sy = f * self.w + 1, f * self.sx + x, f * self.sy + y
+        self.sxx, self.sxy = f * self.sxx + x * x, f * self.sxy + x * y
+
+    @property
+    def ready(self) -> bool:
+        return self.w > 0
+
+    def coefficients(self) -> tuple[float, float]:
+        if not self.w:
+            return 0.0, self.slope_prior
+        mx, my = self.sx / self.w, self.sy / self.w
+        var = self.sxx / self.w - mx * mx
+        slope = (self.sxy / self.w - mx * my) / var if var > 1e-9 * max(mx * mx, 1.0) else self.slope_prior
+        slope = max(slope, 0.0)
+        return my - slope * mx, slope
+
+
+CONFIDENCE_EDGES = (0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0001)
+
+
+class AcceptanceEstimator:
+    """Acceptance per draft position (conditional on the earlier ones accepted) and per draft
+    confidence bin, from decayed counts with Beta priors, so it follows a drifting text."""
+
+    def __init__(self, positions: int = 16, decay: float = 0.98, prior_strength: float = 2.0,
+                 initial_rate: float = 0.6):
+        self.positions, self.decay, self.k = positions, decay, prior_strength
+        self.pos_tested = [0.0] * positions
+        self.pos_accepted = [0.0] * positions
+        bins = len(CONFIDENCE_EDGES) - 1
+        self.bin_tested = [0.0] * bins
+        self.bin_accepted = [0.0] * bins
+        self.tested = self.accepted = 0.0
+        self.initial_rate = initial_rate
+
+    @staticmethod
+    def _bin(confidence: float) -> int:
+        for b in range(len(CONFIDENCE_EDGES) - 1):
+            if confidence < CONFIDENCE_EDGES[b + 1]:
+                return b
+        return len(CONFIDENCE_EDGES) - 2
+
+    def observe(self, confidences: Sequence[float], accepted: int) -> None:
+        """One verdict: tokens 1..accepted accepted, token accepted+1 rejected, later ones untested."""
+        d = self.decay
+        for table in (self.pos_tested, self.pos_accepted, self.bin_tested, self.bin_accepted):
+            for i in range(len(table)):
+                table[i] *= d
+        self.tested *= d
+        self.accepted *= d
+        for j, confidence in enumerate(confidences[: accepted + 1]):
+            ok = j < accepted
+            p, b = min(j, self.positions - 1), self._bin(confidence)
+            self.pos_tested[p] += 1
+            self.bin_tested[b] += 1
+            self.tested += 1
+            if ok:
+                self.pos_accepted[p] += 1
+                self.bin_accepted[b] += 1
+                self.accepted += 1
+
+    @property
+    def rate(self) -> float:
+        return (self.accepted + self.k * self.initial_rate) / (self.tested + self.k)
+
+    def by_position(self) -> tuple[float, ...]:
+        mean = self.rate
+        return tuple((a + self.k * mean) / (t + self.k) for a, t in zip(self.pos_accepted, self.pos_tested))
+
+    def given_confidence(self, confidence: float) -> float:
+        """P(accepted | the draft gave its token this probability); the prior is the confidence itself."""
+        b = self._bin(confidence)
+        return (self.bin_accepted[b] + self.k * confidence) / (self.bin_tested[b] + self.k)
+
+
+@dataclass
+class Scheduler:
+    """The estimators of one device plus its objective; `state()` is the snapshot `plan` reads."""
+
+    objective: Objective = field(default_factory=Objective)
+    max_draft: int = 8
+    active_w: float = 10.0  # priors until the meter has spoken
+    idle_w: float = 4.0
+    radio_w: float = 0.0
+    radio_j_per_byte_up: float = 0.0
+    radio_j_per_byte_down: float = 0.0
+    up_bytes_base: int = 70
+    up_bytes_per_token: int = 4
+    down_bytes: int = 60
+
+    def __post_init__(self):
+        self.acceptance = AcceptanceEstimator()
+        self.draft_s = Ewma(0.2)
+        self.verify = LinearFit(0.95)
+        self.network = LinearFit(0.9)  # network seconds against uplink bytes: RTT + 1/R_up
+        self.power_active = Ewma(0.2, self.active_w)
+        self.power_idle = Ewma(0.2, self.idle_w)
+        self.rounds = 0
+
+    def set_objective(self, objective: Objective) -> None:
+        """Safe at run time: the next `plan` call sees it (one reference swap)."""
+        self.objective = objective
+
+    def observe_round(self, confidences: Sequence[float], accepted: int, draft_s: float, verify_s: float,
+                      round_trip_s: float, up_bytes: int, down_bytes: int) -> None:
+        drafted = len(confidences)
+        self.acceptance.observe(confidences, accepted)
+        if drafted:
+            self.draft_s.update(draft_s / drafted)
+        self.verify.update(drafted + 1, verify_s)
+        self.network.update(up_bytes, max(round_trip_s - verify_s, 0.0))
+        self.down_bytes = down_bytes
+        self.rounds += 1
+
+    def observe_power(self, busy_w: float | None, waiting_w: float | None) -> None:
+        if busy_w is not None and busy_w > 0:
+            self.power_active.update(busy_w)
+        if waiting_w is not None and waiting_w > 0:
+            self.power_idle.update(waiting_w)
+
+    def state(self) -> State:
+        verify_base, verify_row = self.verify.coefficients()
+        rtt, s_per_byte = self.network.coefficients()
+        return State(
+            accept_by_position=self.acceptance.by_position(),
+            draft_s=self.draft_s.value if self.draft_s.value is not None else 0.05,
+            verify_base_s=verify_base if self.verify.ready else 0.1, verify_per_row_s=verify_row,
+            rtt_s=rtt, up_bps=8 / s_per_byte if s_per_byte > 0 else math.inf,
+            up_bytes_base=self.up_bytes_base, up_bytes_per_token=self.up_bytes_per_token,
+            down_bytes=self.down_bytes, active_w=self.power_active.value, idle_w=self.power_idle.value,
+            radio_w=self.radio_w, radio_j_per_byte_up=self.radio_j_per_byte_up,
+            radio_j_per_byte_down=self.radio_j_per_byte_down)
+
+    def planner(self, limit: int, objective: Objective | None = None):
+        """A pure keep-drafting test for one round: confidences of the tokens drafted so far -> bool.
+        The state and objective are frozen for the round; the draft loop calls it between tokens."""
+        state, objective, acceptance = self.state(), objective or self.objective, self.acceptance
+        max_draft = min(limit, self.max_draft)
+
+        def keep_going(confidences: Sequence[float]) -> bool:
+            survival, s = [], 1.0
+            for c in confidences:
+                s *= acceptance.given_confidence(c)
+                survival.append(s)
+            return plan(state, objective, survival, max_draft) > 0
+
+        return keep_going
