@@ -44,40 +44,37 @@ def load_prompts(path: str | Path, limit: int | None) -> list[str]:
     return prompts
 
 
-# -- energy: a labelled estimate until a power meter is read ---------------------------------
-# Generic device profile (Jetson Orin Nano class in its 15 W mode, LTE modem): busy and idle
-# board power, radio power while connected and energy per byte moved. Estimates, not readings.
-GENERIC_PROFILE = {"active_w": 10.0, "idle_w": 4.0, "radio_w": 1.2, "radio_j_per_byte": 8e-7}
+# The radio model each preset's device uses for its energy figures.
+CHANNEL_RADIO = {"ideal": "wifi", "wifi": "wifi", "lte": "lte", "lte-driving": "lte", "umts": "3g", "evdo": "3g"}
 
 
-def estimate_energy(busy_s: float, total_s: float, wire_bytes: int, profile=GENERIC_PROFILE) -> float:
-    idle_s = max(total_s - busy_s, 0.0)
-    return (busy_s * profile["active_w"] + idle_s * profile["idle_w"] + total_s * profile["radio_w"]
-            + wire_bytes * profile["radio_j_per_byte"])
+# -- the analytical optimum of DESIGN section 4, with per-position acceptance -------------------
+def acceptance_by_position(draft_lengths: list[int], accepted: list[int], positions: int = MAX_G) -> list[float]:
+    """c_j = P(drafted token j accepted | tokens before it accepted), from verdicts."""
+    tested, passed = [0] * positions, [0] * positions
+    for d, k in zip(draft_lengths, accepted):
+        for j in range(min(k + 1, d, positions)):
+            tested[j] += 1
+            passed[j] += j < k
+    rates = []
+    for t, a in zip(tested, passed):
+        rates.append(a / t if t else (rates[-1] if rates else 0.0))
+    return rates
 
 
-# -- the analytical optimum of DESIGN section 4 ------------------------------------------------
-def expected_tokens(a: float, g: int) -> float:
-    """E(g) = (1 - a^(g+1)) / (1 - a): tokens per round at per-token acceptance a."""
-    if a >= 1.0:
-        return g + 1.0
-    return (1 - a ** (g + 1)) / (1 - a)
+def expected_tokens(accept_by_position: list[float], g: int) -> float:
+    """E(g) = 1 + sum_{i<=g} prod_{j<=i} c_j: tokens per round drafting g."""
+    total, survival = 1.0, 1.0
+    for j in range(g):
+        survival *= accept_by_position[min(j, len(accept_by_position) - 1)]
+        total += survival
+    return total
 
 
-def round_time(g: int, t_draft: float, t_verify: float, rtt: float, up_bytes: float, down_bytes: float,
-               rate_up: float | None, rate_down: float | None) -> float:
-    """T(g) = g t_draft + bytes_up(g)/R_up + RTT + t_verify + bytes_down/R_down (seconds, bit/s)."""
-    t = g * t_draft + rtt + t_verify
-    if rate_up:
-        t += up_bytes * 8 / rate_up
-    if rate_down:
-        t += down_bytes * 8 / rate_down
-    return t
-
-
-def optimum(a: float, t_draft: float, t_verify: float, rtt: float, rate_up, rate_down, v5: bool = True,
-            max_g: int = MAX_G) -> tuple[float, int]:
-    """(best tokens/s, its draft length) over g in [0, max_g] for greedy rounds on this wire."""
+def optimum(accept_by_position: list[float], t_draft: float, verify_base: float, verify_per_row: float,
+            rtt: float, rate_up, rate_down, v5: bool = True, max_g: int = MAX_G) -> tuple[float, int]:
+    """(best tokens/s, its draft length) over fixed g in [0, max_g] for greedy rounds on this wire:
+    T(g) = g t_draft + bytes_up(g)/R_up + RTT + t_verify(g + 1) + bytes_down/R_down."""
     from specedge.mqtt import publish_packet_bytes
 
     topic = "specedge/v1/bench/device0/draft"
@@ -85,9 +82,21 @@ def optimum(a: float, t_draft: float, t_verify: float, rtt: float, rate_up, rate
     for g in range(max_g + 1):
         up = publish_packet_bytes(topic, 14 + 6 + 4 * g, 1, v5)
         down = publish_packet_bytes(topic.replace("draft", "verdict"), 14 + 13, 1, v5)
-        rate = expected_tokens(a, g) / round_time(g, t_draft, t_verify, rtt, up, down, rate_up, rate_down)
-        best = max(best, (rate, g))
+        t = g * t_draft + rtt + verify_base + verify_per_row * (g + 1)
+        t += (up * 8 / rate_up if rate_up else 0.0) + (down * 8 / rate_down if rate_down else 0.0)
+        best = max(best, (expected_tokens(accept_by_position, g) / t, g))
     return best
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares (intercept, slope >= 0); the mean when x never varied."""
+    n = len(xs)
+    if not n:
+        return 0.0, 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = max(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var, 0.0) if var else 0.0
+    return my - slope * mx, slope
 
 
 # -- the device worker: one process, one draft model, commands on stdin -------------------------
@@ -106,16 +115,22 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--draft", required=True)
     p.add_argument("--draft-weights", default="int8")
     p.add_argument("--device-id", default="bench0")
+    p.add_argument("--profile", default="orin-nano-15w")
+    p.add_argument("--link", default="lte")
+    p.add_argument("--meter", default="auto")
     args = p.parse_args(argv)
     cfg = build(DeviceConfig, {"device": {"id": args.device_id, "fleet": "bench"},
                                "mqtt": {"port": args.port, "protocol": "5"},
                                "draft": {"model": args.draft, "weights": args.draft_weights},
+                               "speculation": {"max_draft": MAX_G},
+                               "energy": {"profile": args.profile, "link": args.link, "meter": args.meter},
                                "faults": {"round_timeout_s": 60.0}})
     model, tok = load_named(args.draft, args.draft_weights)
     engine = TorchDraftEngine(model, cfg.draft.q_top_k, cfg.draft.q_top_p)
     agent = Agent(cfg, engine, tok).start()
     out = sys.stdout
-    out.write(json.dumps({"ready": True, "backend": engine.backend, "protocol": agent.link.protocol}) + "\n")
+    out.write(json.dumps({"ready": True, "backend": engine.backend, "protocol": agent.link.protocol,
+                          "energy_source": agent.energy_source}) + "\n")
     out.flush()
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -129,7 +144,9 @@ def worker_main(argv: list[str]) -> int:
                               "target_passes": stats.target_passes,
                               "drafted": stats.drafted_tokens, "accepted": stats.accepted_tokens,
                               "network_rtt_s": stats.network_rtt_s(), "draft_lengths": stats.draft_lengths,
-                              "text": tok.decode(result.tokens)}) + "\n")
+                              "accepted_lengths": stats.accepted_lengths, "round_start_s": stats.round_start_s,
+                              "verify_round_s": stats.verify_round_s, "energy_j": stats.energy_j,
+                              "energy_source": stats.energy_source, "text": tok.decode(result.tokens)}) + "\n")
         out.flush()
     agent.stop()
     return 0
@@ -209,7 +226,7 @@ def aggregate(runs: list[dict]) -> dict:
     wire = sum(r["proxy_bytes"] for r in runs)
     verify_s = sum(r["verify_s"] for r in runs)
     rtts = sorted(rtt for r in runs for rtt in r["network_rtt_s"])
-    energy = sum(estimate_energy(r["draft_s"], r["summary"]["total_s"], r["proxy_bytes"]) for r in runs)
+    energy = sum(r["energy_j"] for r in runs)
     gen = max(tokens, 1)
     return {
         "tokens_per_s": tokens / total_s if total_s else 0.0,
@@ -225,7 +242,8 @@ def aggregate(runs: list[dict]) -> dict:
         "verify_ms_per_pass": 1000 * verify_s / rounds if rounds else 0.0,
         "rtt_ms": 1000 * rtts[len(rtts) // 2] if rtts else None,
         "energy_j_per_token": energy / gen,
-        "energy_source": "estimated",
+        "energy_source": runs[0]["energy_source"],
+        "mean_draft_len": drafted / rounds if rounds else 0.0,
     }
 
 
@@ -272,7 +290,9 @@ def run(args) -> int:
             cfg = preset(channel_name, seed=args.seed)
             with ChannelEmulator(cfg, ("127.0.0.1", broker.port)) as channel:
                 worker = _spawn([sys.executable, "-m", "specedge.bench", "--worker", "--port", str(channel.port),
-                                 "--draft", args.draft, "--draft-weights", args.draft_weights],
+                                 "--draft", args.draft, "--draft-weights", args.draft_weights,
+                                 "--profile", args.profile, "--meter", args.meter,
+                                 "--link", CHANNEL_RADIO.get(channel_name, "lte")],
                                 device_cores, {}, logs / f"device-{channel_name}.log")
                 procs.append(worker)
                 hello = _read_json(worker, "the device worker", args.start_timeout)
@@ -288,6 +308,9 @@ def run(args) -> int:
                         worker.stdin.flush()
                         r = _read_json(worker, f"{policy} on {channel_name}", args.run_timeout)
                         r["proxy_bytes"] = channel.bytes_up + channel.bytes_down - before
+                        # What the trace offered when each round started (the clock restarted above).
+                        r["link_up_bps"] = [cfg.up.rate_at(t) for t in r["round_start_s"]]
+                        r["link_down_bps"] = [cfg.down.rate_at(t) for t in r["round_start_s"]]
                         runs[policy].append(r)
                         bar.update()
                 worker.stdin.close()
@@ -303,7 +326,7 @@ def run(args) -> int:
         "machine": machine(), "git_revision": _git_revision(), "pinning": pinning,
         "draft": args.draft, "target": args.target, "draft_weights": args.draft_weights,
         "target_weights": args.target_weights, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "energy_profile": GENERIC_PROFILE,
+        "temperature": args.temperature, "energy_profile": args.profile,
         "channels": {name: {"doc": PRESETS[name]["doc"], **res} for name, res in results.items()},
         "outputs_identical": all(r.get("outputs_identical") is not False for r in results.values())
         if args.temperature == 0 else None,
@@ -314,39 +337,50 @@ def run(args) -> int:
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
         plot(report, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr)
+        timeline = str(Path(args.plot).with_name(Path(args.plot).stem + "-draft-length.png"))
+        plot_draft_lengths(report, timeline)
+        print(f"wrote {args.plot} and {timeline}", file=sys.stderr)
     return 0 if report["outputs_identical"] in (True, None) else 1
 
 
 def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
     policies = {name: aggregate(rs) for name, rs in runs.items()}
-    speculative = [r for name, rs in runs.items() if name != "cloud-ar" for r in rs]
     rate_up, rate_down = cfg.up.mean_rate_bps(), cfg.down.mean_rate_bps()
-    pooled = aggregate(speculative) if speculative else None
-    pooled_a = pooled["acceptance_rate"] if pooled else 0.0
-    # Inputs a policy did not measure itself (cloud-ar drafts nothing) come from the
-    # speculative runs of the same channel.
-    fallback = {k: (pooled or {}).get(k) or 0.0 for k in ("draft_ms_per_token", "verify_ms_per_pass", "rtt_ms")}
+    # The optimum is the best fixed draft length under the measured costs: acceptance per
+    # position from the fixed-length runs (an adaptive policy's early stops bias it), draft
+    # and verify costs and network RTT from every speculative run of this channel.
+    speculative = [r for name, rs in runs.items() if name != "cloud-ar" for r in rs]
+    fixed = [r for name, rs in runs.items() if name.startswith("fixed:") for r in rs] or speculative
+    out = {"link": {"up_mean_bps": rate_up, "down_mean_bps": rate_down, "one_way_delay_ms": cfg.up.delay_ms}}
+    best = None
+    if speculative:
+        accept = acceptance_by_position([d for r in fixed for d in r["draft_lengths"]],
+                                        [k for r in fixed for k in r["accepted_lengths"]])
+        drafted = sum(r["drafted"] for r in speculative)
+        t_draft = sum(r["draft_s"] for r in speculative) / drafted if drafted else 0.0
+        verify_base, verify_row = fit_line([d + 1 for r in speculative for d in r["draft_lengths"]],
+                                           [v for r in speculative for v in r["verify_round_s"]])
+        rtts = sorted(x for r in speculative for x in r["network_rtt_s"])
+        rtt = rtts[len(rtts) // 2] if rtts else 0.0
+        best, best_g = optimum(accept, t_draft, verify_base, verify_row, rtt, rate_up, rate_down, v5)
+        out["optimum"] = {"tokens_per_s": best, "draft_length": best_g, "acceptance_by_position": accept,
+                          "draft_ms_per_token": 1000 * t_draft, "verify_ms_base": 1000 * verify_base,
+                          "verify_ms_per_row": 1000 * verify_row, "rtt_ms": 1000 * rtt}
     base = policies.get("cloud-ar")
-
-    def best_for(m: dict, a: float) -> tuple[float, int]:
-        t_draft, t_verify, rtt = ((m[k] or fallback[k]) / 1000 for k in ("draft_ms_per_token", "verify_ms_per_pass",
-                                                                          "rtt_ms"))
-        return optimum(a, t_draft, t_verify, rtt, rate_up, rate_down, v5)
-
+    fixed_rates = {n: m["tokens_per_s"] for n, m in policies.items() if n.startswith("fixed:")}
+    best_fixed = max(fixed_rates, key=fixed_rates.get) if fixed_rates else None
     for name, m in policies.items():
-        best, best_g = best_for(m, m["acceptance_rate"] if m["drafted_tokens"] else pooled_a)
         m["optimum_tokens_per_s"] = best
-        m["optimum_draft_length"] = best_g
         m["efficiency"] = m["tokens_per_s"] / best if best else None
         m["speedup_vs_cloud_ar"] = m["tokens_per_s"] / base["tokens_per_s"] if base and base["tokens_per_s"] else None
-    out = {"policies": policies, "link": {"up_mean_bps": rate_up, "down_mean_bps": rate_down,
-                                          "one_way_delay_ms": cfg.up.delay_ms}}
-    if pooled:
-        best, best_g = best_for(pooled, pooled_a)
-        out["optimum"] = {"tokens_per_s": best, "draft_length": best_g, "acceptance_rate": pooled_a,
-                          "draft_ms_per_token": pooled["draft_ms_per_token"],
-                          "verify_ms_per_pass": pooled["verify_ms_per_pass"], "rtt_ms": pooled["rtt_ms"]}
+        if best_fixed:
+            m["vs_best_fixed"] = m["tokens_per_s"] / fixed_rates[best_fixed]
+        budget = _budget(name)
+        if budget is not None:
+            m["energy_budget_j_per_token"] = budget
+            m["within_budget"] = m["energy_j_per_token"] <= budget
+    out["best_fixed"] = best_fixed
+    out["policies"] = policies
     # Raw per-run numbers, so a report can be recomputed without re-running.
     out["runs"] = {name: [{k: v for k, v in r.items() if k != "text"} for r in rs] for name, rs in runs.items()}
     if "cloud-ar" in runs and args.temperature == 0:
@@ -355,21 +389,32 @@ def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
     return out
 
 
+def _budget(policy: str) -> float | None:
+    from specedge.device.policy import parse_policy
+
+    return parse_policy(policy, 64).overrides.get("budget_j_per_token")
+
+
 def _print_table(report: dict) -> None:
-    cols = ["tokens_per_s", "speedup_vs_cloud_ar", "ttft_s", "acceptance_rate", "mean_accepted_len",
-            "target_passes_per_token", "wire_bytes_per_token", "rtt_ms", "energy_j_per_token", "efficiency"]
-    heads = ["tok/s", "vs AR", "TTFT s", "accept", "acc.len", "passes/t", "bytes/t", "RTT ms", "J/tok*", "eff."]
-    print(f"\n{'channel':12}{'policy':12}" + "".join(f"{h:>10}" for h in heads))
+    cols = ["tokens_per_s", "speedup_vs_cloud_ar", "vs_best_fixed", "mean_draft_len", "acceptance_rate",
+            "mean_accepted_len", "target_passes_per_token", "wire_bytes_per_token", "rtt_ms", "energy_j_per_token",
+            "efficiency"]
+    heads = ["tok/s", "vs AR", "vs best", "draft", "accept", "acc.len", "passes/t", "bytes/t", "RTT ms", "J/tok",
+             "eff."]
+    width = max([12] + [len(p) + 2 for ch in report["channels"].values() for p in ch["policies"]])
+    print(f"\n{'channel':12}{'policy':{width}}" + "".join(f"{h:>9}" for h in heads))
     for name, ch in report["channels"].items():
         for policy, m in ch["policies"].items():
             cells = []
             for c in cols:
                 v = m.get(c)
-                cells.append(f"{v:>10.3f}" if isinstance(v, float) else f"{'-' if v is None else v:>10}")
-            print(f"{name:12}{policy:12}" + "".join(cells))
+                cells.append(f"{v:>9.3f}" if isinstance(v, float) else f"{'-' if v is None else v:>9}")
+            print(f"{name:12}{policy:{width}}" + "".join(cells))
         if "outputs_identical" in ch:
             print(f"{'':12}outputs identical to cloud-ar: {ch['outputs_identical']}")
-    print("* energy is an estimate from a generic device profile (energy_source = estimated)")
+    sources = {m["energy_source"] for ch in report["channels"].values() for m in ch["policies"].values()}
+    print(f"energy (J/tok) source: {', '.join(sorted(sources))}; efficiency = tok/s over the analytical optimum "
+          f"(best fixed draft length under the measured per-position acceptance and costs)")
 
 
 def plot(report: dict, path: str) -> None:
@@ -396,6 +441,43 @@ def plot(report: dict, path: str) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"specedge bench: {report['draft']} -> {report['target']}, {report['prompts']} prompts x "
                  f"{report['max_new_tokens']} tokens ({report['machine']['cpu']}, {report['pinning']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_draft_lengths(report: dict, path: str) -> None:
+    """Per channel: the draft length each adaptive round chose against the time since the request
+    started, over the link rate the trace offered at that moment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    channels = list(report["channels"])
+    fig, axes = plt.subplots(len(channels), 1, figsize=(11, 3.2 * max(len(channels), 1)), squeeze=False)
+    for ax, name in zip(axes[:, 0], channels):
+        runs = report["channels"][name]["runs"]
+        rates = sorted((t, u, d) for rs in runs.values() for r in rs
+                       for t, u, d in zip(r["round_start_s"], r["link_up_bps"], r["link_down_bps"]))
+        for policy, rs in runs.items():
+            if not policy.startswith("adaptive"):
+                continue
+            xs = [t for r in rs for t in r["round_start_s"]]
+            ys = [g for r in rs for g in r["draft_lengths"]]
+            ax.scatter(xs, ys, s=10, alpha=0.45, label=f"{policy}: draft length")
+        ax.set_ylabel("draft length")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        if rates and rates[0][1] is not None:
+            twin = ax.twinx()
+            twin.plot([r[0] for r in rates], [r[1] / 1e6 for r in rates], color="gray", lw=1, label="uplink Mbit/s")
+            twin.plot([r[0] for r in rates], [r[2] / 1e6 for r in rates], color="black", lw=1, ls=":",
+                      label="downlink Mbit/s")
+            twin.set_ylabel("link rate (Mbit/s, 1 s window)")
+            twin.legend(loc="upper right", fontsize=7)
+        ax.legend(loc="upper left", fontsize=7)
+    axes[-1, 0].set_xlabel("seconds since the request started (trace time)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -217,7 +217,7 @@ def parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help="policies vs baselines over emulated channels (JSON + plot)")
     be.add_argument("--channel", default="ideal,lte,umts", help="comma-separated presets")
-    be.add_argument("--policies", default="cloud-ar,fixed:1,fixed:2,fixed:4,fixed:8")
+    be.add_argument("--policies", default="cloud-ar,fixed:1,fixed:2,fixed:4,fixed:8,adaptive,adaptive-energy")
     be.add_argument("--prompts", default=None, help="JSONL (Spec-Bench format: first turn is used)")
     be.add_argument("--max-prompts", type=int, default=8)
     be.add_argument("--max-new-tokens", type=int, default=64)
@@ -226,6 +226,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--json", help="write the report here")
     be.add_argument("--plot", help="write a PNG here")
     be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--profile", default="orin-nano-15w", help="device profile for energy (profiles.toml)")
+    be.add_argument("--meter", default="auto", help="power meter of the device worker (auto, estimated, ...)")
     be.add_argument("--start-timeout", type=float, default=600.0, help="seconds for a process to load its model")
     be.add_argument("--run-timeout", type=float, default=900.0, help="seconds for one generation")
     be.set_defaults(func=_bench)

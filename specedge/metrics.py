@@ -25,6 +25,7 @@ class SpecStats:
     energy_source: str = ""
     radio_tail_j: float = 0.0  # the radio's tail after the request, not in energy_j
     draft_lengths: list[int] = field(default_factory=list)
+    accepted_lengths: list[int] = field(default_factory=list)
     round_start_s: list[float] = field(default_factory=list)  # offsets from the request's start
     round_trip_s: list[float] = field(default_factory=list)
     verify_round_s: list[float] = field(default_factory=list)
@@ -37,6 +38,7 @@ class SpecStats:
         self.accepted_tokens += accepted
         self.verify_s += verify_s
         self.draft_lengths.append(drafted)
+        self.accepted_lengths.append(accepted)
         self.round_start_s.append(start_s)
         self.round_trip_s.append(round_trip_s)
         self.verify_round_s.append(verify_s)

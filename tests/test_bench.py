@@ -7,21 +7,33 @@ import sys
 
 import pytest
 
-from specedge.bench import expected_tokens, optimum, round_time
+from specedge.bench import acceptance_by_position, expected_tokens, fit_line, optimum
 
 
-def test_expected_tokens_and_round_time():
-    assert expected_tokens(0.0, 4) == 1.0
-    assert expected_tokens(1.0, 4) == 5.0
-    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
-    assert round_time(2, 0.01, 0.1, 0.05, 1000, 500, 8e6, 4e6) == pytest.approx(0.02 + 0.05 + 0.1 + 0.001 + 0.001)
+def test_expected_tokens_from_per_position_acceptance():
+    assert expected_tokens([0.0], 4) == 1.0
+    assert expected_tokens([1.0], 4) == 5.0
+    assert expected_tokens([0.5], 2) == pytest.approx(1.75)
+    assert expected_tokens([0.8, 0.5], 3) == pytest.approx(1 + 0.8 + 0.4 + 0.2)
+
+
+def test_acceptance_by_position_counts_only_tested_positions():
+    # Rounds (drafted, accepted): a rejection at j+1 tests j+1; later positions are untested.
+    rates = acceptance_by_position([4, 4, 2, 4], [4, 1, 2, 0], positions=4)
+    assert rates == pytest.approx([3 / 4, 2 / 3, 1 / 1, 1 / 1])
+
+
+def test_fit_line_recovers_verify_cost():
+    intercept, slope = fit_line([1, 2, 3, 5], [0.11, 0.12, 0.13, 0.15])
+    assert intercept == pytest.approx(0.10) and slope == pytest.approx(0.01)
+    assert fit_line([3, 3], [0.2, 0.4]) == pytest.approx((0.3, 0.0))
 
 
 def test_optimum_draft_length_follows_the_link():
     # A slow round trip makes long drafts pay; a poor acceptance makes them useless.
-    _, g_far = optimum(0.8, t_draft=0.02, t_verify=0.05, rtt=0.3, rate_up=None, rate_down=None)
-    _, g_near = optimum(0.8, t_draft=0.02, t_verify=0.05, rtt=0.001, rate_up=None, rate_down=None)
-    _, g_bad = optimum(0.05, t_draft=0.02, t_verify=0.05, rtt=0.3, rate_up=None, rate_down=None)
+    _, g_far = optimum([0.8], 0.02, 0.05, 0.0, rtt=0.3, rate_up=None, rate_down=None)
+    _, g_near = optimum([0.8], 0.02, 0.05, 0.0, rtt=0.001, rate_up=None, rate_down=None)
+    _, g_bad = optimum([0.05], 0.02, 0.05, 0.0, rtt=0.3, rate_up=None, rate_down=None)
     assert g_far > g_near and g_bad <= 1
 
 
@@ -30,7 +42,8 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = subprocess.run(
         [sys.executable, "-m", "specedge.cli", "bench", "--draft", str(draft), "--target", str(target),
-         "--draft-weights", "bf16", "--channel", "ideal,lte", "--policies", "cloud-ar,fixed:1,fixed:3",
+         "--draft-weights", "bf16", "--channel", "ideal,lte", "--meter", "estimated",
+         "--policies", "cloud-ar,fixed:1,fixed:3,adaptive,adaptive-energy:budget=50",
          "--max-prompts", "2", "--max-new-tokens", "12", "--json", str(out), "--plot", str(png),
          "--start-timeout", "120", "--run-timeout", "120"],
         capture_output=True, text=True, timeout=600)
@@ -41,16 +54,20 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
     for channel in ("ideal", "lte"):
         ch = report["channels"][channel]
         assert ch["outputs_identical"] is True
-        for policy in ("cloud-ar", "fixed:1", "fixed:3"):
+        for policy in ("cloud-ar", "fixed:1", "fixed:3", "adaptive", "adaptive-energy:budget=50"):
             m = ch["policies"][policy]
             for key in ("tokens_per_s", "ttft_s", "acceptance_rate", "mean_accepted_len", "target_passes_per_token",
                         "wire_bytes_per_token", "rounds", "draft_ms_per_token", "verify_ms_per_pass", "rtt_ms",
                         "energy_j_per_token", "energy_source", "speedup_vs_cloud_ar", "optimum_tokens_per_s"):
                 assert key in m, (channel, policy, key)
-            assert m["energy_source"] == "estimated"
-            assert m["wire_bytes_per_token"] > 0
+            assert m["energy_source"].startswith("estimated:orin-nano-15w+radio-model:")
+            assert m["wire_bytes_per_token"] > 0 and m["energy_j_per_token"] > 0
         assert ch["policies"]["cloud-ar"]["target_passes_per_token"] == pytest.approx(1.0, abs=0.1)
         assert ch["policies"]["fixed:3"]["target_passes_per_token"] < 1.0
+        assert ch["policies"]["adaptive-energy:budget=50"]["within_budget"] in (True, False)
+        run = ch["runs"]["adaptive"][0]
+        assert len(run["draft_lengths"]) == len(run["round_start_s"]) == len(run["link_down_bps"]) > 0
     assert report["channels"]["lte"]["policies"]["fixed:1"]["rtt_ms"] >= 50  # 2 x 30 ms one-way
     assert png.stat().st_size > 10_000
+    assert (tmp_path / "bench-draft-length.png").stat().st_size > 10_000
     assert "outputs identical to cloud-ar: True" in proc.stdout
