@@ -142,10 +142,11 @@ class Ewma:
 
 class LinearFit:
     """y = a + b x by least squares with exponential forgetting; b clamped to >= 0.
-    Until x has varied, b stays at its prior and a follows the mean."""
+    Until x has spread by `min_spread` (standard deviation), b stays at its prior and a
+    follows the mean: a slope read off a few bytes of difference would be noise."""
 
-    def __init__(self, forget: float = 0.97, slope_prior: float = 0.0):
-        self.forget, self.slope_prior = forget, slope_prior
+    def __init__(self, forget: float = 0.97, slope_prior: float = 0.0, min_spread: float = 0.0):
+        self.forget, self.slope_prior, self.min_spread = forget, slope_prior, min_spread
         self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
 
     def update(self, x: float, y: float) -> None:
@@ -162,9 +163,13 @@ class LinearFit:
             return 0.0, self.slope_prior
         mx, my = self.sx / self.w, self.sy / self.w
         var = self.sxx / self.w - mx * mx
-        slope = (self.sxy / self.w - mx * my) / var if var > 1e-9 * max(mx * mx, 1.0) else self.slope_prior
-        slope = max(slope, 0.0)
-        return my - slope * mx, slope
+        spread_ok = var > max(self.min_spread ** 2, 1e-9 * max(mx * mx, 1.0))
+        slope = max((self.sxy / self.w - mx * my) / var if spread_ok else self.slope_prior, 0.0)
+        intercept = my - slope * mx
+        if intercept < 0:  # the line would promise negative cost at x = 0: keep the mean instead
+            slope = my / mx if mx > 0 else 0.0
+            intercept = 0.0
+        return intercept, slope
 
 
 CONFIDENCE_EDGES = (0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0001)
@@ -243,8 +248,10 @@ class Scheduler:
     def __post_init__(self):
         self.acceptance = AcceptanceEstimator()
         self.draft_s = Ewma(0.2)
-        self.verify = LinearFit(0.95)
-        self.network = LinearFit(0.9)  # network seconds against uplink bytes: RTT + 1/R_up
+        self.verify = LinearFit(0.95, min_spread=0.5)  # seconds against rows verified
+        # Network seconds against uplink bytes: RTT + 1/R_up. Greedy drafts differ by 4 bytes a
+        # token, so the rate is only read once sampled drafts spread the sizes by a packet or so.
+        self.network = LinearFit(0.9, min_spread=1000.0)
         self.power_active = Ewma(0.2, self.active_w)
         self.power_idle = Ewma(0.2, self.idle_w)
         self.rounds = 0

@@ -134,8 +134,9 @@ class _Opportunities:
 class _Direction:
     """Bottleneck queue -> propagation delay -> writer, for one direction of one connection."""
 
-    def __init__(self, spec: LinkSpec, writer: asyncio.StreamWriter, clock, rng: random.Random, counter,
-                 origin: float):
+    def __init__(self, name: str, spec: LinkSpec, writer: asyncio.StreamWriter, clock, rng: random.Random,
+                 counter, origin: float):
+        self.name = name  # up | down
         self.spec, self.writer, self.clock, self.rng, self.counter = spec, writer, clock, rng, counter
         self.queue = bytearray()
         self.data = asyncio.Event()
@@ -233,18 +234,31 @@ class ChannelEmulator:
     def restart_clock(self) -> None:
         """Lay the trace and blackouts out again from now, so the bench gives every run the
         same channel. The clock itself runs on: bytes in flight keep their delivery times."""
-        def reset():
-            self._origin = self.clock()
-            for d in self._directions:
-                d.ops = _Opportunities(d.spec, self._origin)
+        self._in_loop(self._reset)
 
-        async def reset_in_loop():
-            reset()
+    def reconfigure(self, config: ChannelConfig) -> None:
+        """Switch live connections to another channel from now on (a handover, a tunnel)."""
+        def switch():
+            self.config = config
+            for d in self._directions:
+                d.spec = config.up if d.name == "up" else config.down
+            self._reset()
+
+        self._in_loop(switch)
+
+    def _reset(self) -> None:
+        self._origin = self.clock()
+        for d in self._directions:
+            d.ops = _Opportunities(d.spec, self._origin)
+
+    def _in_loop(self, fn) -> None:
+        async def call():
+            fn()
 
         if self._thread.is_alive():  # the directions belong to the loop's thread
-            asyncio.run_coroutine_threadsafe(reset_in_loop(), self._loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(call(), self._loop).result(timeout=5)
         else:
-            reset()
+            fn()
 
     def _count_up(self, n: int) -> None:
         self.bytes_up += n
@@ -270,8 +284,9 @@ class ChannelEmulator:
             return
         self.connections += 1
         self._writers.update((client_writer, up_writer))
-        up = _Direction(self.config.up, up_writer, self.clock, self._rng, self._count_up, self._origin)
-        down = _Direction(self.config.down, client_writer, self.clock, self._rng, self._count_down, self._origin)
+        up = _Direction("up", self.config.up, up_writer, self.clock, self._rng, self._count_up, self._origin)
+        down = _Direction("down", self.config.down, client_writer, self.clock, self._rng, self._count_down,
+                          self._origin)
         self._directions.update((up, down))
         jobs = [self._pipe(client_reader, up), up.bottleneck(), up.deliver(),
                 self._pipe(up_reader, down), down.bottleneck(), down.deliver()]

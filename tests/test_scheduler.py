@@ -1,0 +1,209 @@
+"""The draft-length scheduler: the decision rule on constructed states, the estimators on
+synthetic streams, and the agent adapting when the emulated channel changes mid-run."""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import replace
+
+import pytest
+
+from specedge.device.scheduler import (AcceptanceEstimator, Ewma, LinearFit, Objective, Scheduler, State,
+                                       best_rate, plan)
+
+# Shaped like the real pair on one CPU core: 76 ms a drafted token, ~300 ms a verification.
+BASE = State(accept_by_position=(0.7, 0.65, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6), draft_s=0.076,
+             verify_base_s=0.28, verify_per_row_s=0.005, rtt_s=0.07)
+THROUGHPUT = Objective()
+MAX = 8
+
+
+def g(state: State, objective: Objective = THROUGHPUT, survival=()) -> int:
+    return plan(state, objective, survival, MAX)
+
+
+def test_high_rtt_pushes_the_draft_longer():
+    assert g(replace(BASE, rtt_s=0.4)) > g(BASE)
+
+
+def test_slow_link_pushes_the_draft_longer():
+    # Every round pays the message sizes at the link rate: a slow link makes rounds dear.
+    assert g(replace(BASE, up_bps=3000, down_bps=3000)) > g(BASE)
+
+
+def test_low_acceptance_shortens_the_draft():
+    assert g(replace(BASE, accept_by_position=(0.25,))) < g(BASE)
+    assert g(replace(BASE, accept_by_position=(0.02,))) == 0  # a plain target step
+
+
+def test_high_acceptance_and_cheap_drafts_lengthen_it():
+    assert g(replace(BASE, accept_by_position=(0.95,))) > g(BASE)
+    assert g(replace(BASE, draft_s=0.005)) > g(BASE)
+
+
+def test_tight_energy_budget_shortens_the_draft_or_zeroes_it():
+    # Drafting draws 12 W against 4 W waiting: each drafted token costs energy.
+    state = replace(BASE, active_w=12.0, idle_w=4.0)
+    free = g(state)
+    per_token = {n: state.round_cost(n)[1] / tokens(state, n) for n in range(MAX + 1)}
+    budget = (per_token[free] + min(per_token.values())) / 2
+    assert per_token[free] > min(per_token.values())
+    shorter = g(state, Objective(budget_j_per_token=budget))
+    assert shorter < free and per_token[shorter] <= budget
+    # When drafting is expensive and useless, the budget leaves only the plain step.
+    costly = replace(state, active_w=60.0, accept_by_position=(0.3,))
+    assert g(costly, Objective(budget_j_per_token=min(
+        costly.round_cost(n)[1] / tokens(costly, n) for n in range(MAX + 1)) * 1.01)) == 0
+
+
+def tokens(state: State, n: int) -> float:
+    total, s = 1.0, 1.0
+    for j in range(1, n + 1):
+        s *= state.accept(j)
+        total += s
+    return total
+
+
+def test_energy_mode_spends_less_per_token_and_honours_the_floor():
+    state = replace(BASE, active_w=12.0, idle_w=4.0)
+    fast, frugal = g(state), g(state, Objective("energy"))
+    joules = lambda n: state.round_cost(n)[1] / tokens(state, n)  # noqa: E731
+    rate = lambda n: tokens(state, n) / state.round_cost(n)[0]  # noqa: E731
+    assert joules(frugal) <= joules(fast) and frugal <= fast
+    floor = (rate(frugal) + rate(fast)) / 2
+    floored = g(state, Objective("energy", min_tokens_per_s=floor))
+    assert rate(floored) >= floor
+
+
+def test_draft_confidence_stops_a_draft_early_or_extends_it():
+    assert g(BASE, survival=(0.1,)) == 0  # the first token will likely be rejected: send now
+    assert g(BASE, survival=(0.97,)) >= 1
+    assert g(BASE, survival=(0.97, 0.95, 0.93)) >= 1 > g(BASE, survival=(0.97, 0.95, 0.2))
+
+
+def test_plan_never_exceeds_the_limit_and_best_rate_is_a_rate():
+    assert plan(replace(BASE, accept_by_position=(1.0,)), THROUGHPUT, (), 3) == 3
+    assert plan(BASE, THROUGHPUT, (0.9, 0.9, 0.9), 3) == 0
+    rate, n = best_rate(BASE, THROUGHPUT, MAX)
+    assert rate == pytest.approx(tokens(BASE, n) / BASE.round_cost(n)[0])
+
+
+def test_objective_is_validated():
+    with pytest.raises(ValueError):
+        Objective("fastest")
+    with pytest.raises(ValueError):
+        Objective(budget_j_per_token=0)
+
+
+# -- estimators ------------------------------------------------------------------------------------
+def test_acceptance_estimator_converges_per_position_and_per_confidence():
+    rng = random.Random(0)
+    truth = [0.9, 0.7, 0.5, 0.3]
+    est = AcceptanceEstimator(positions=4, decay=0.999)
+    for _ in range(4000):
+        # A token's confidence says how likely it is accepted, calibrated: P(accept | c) = c.
+        confidences = [rng.choice((0.15, 0.5, 0.85, 0.99)) for _ in truth]
+        accepted = 0
+        for p_pos, c in zip(truth, confidences):
+            if rng.random() < p_pos * c / 0.6225:  # mean confidence 0.6225: keeps position rates
+                accepted += 1
+            else:
+                break
+        est.observe(confidences, accepted)
+    by_position = est.by_position()
+    assert by_position[0] > by_position[1] > by_position[2] > by_position[3]
+    assert est.given_confidence(0.99) > est.given_confidence(0.5) > est.given_confidence(0.15)
+
+
+def test_acceptance_estimator_follows_a_change():
+    est = AcceptanceEstimator(decay=0.95)
+    for _ in range(200):
+        est.observe([0.9] * 4, 4)
+    high = est.by_position()[0]
+    for _ in range(200):
+        est.observe([0.9] * 4, 0)
+    assert high > 0.9 and est.by_position()[0] < 0.1
+
+
+def test_linear_fit_recovers_rtt_and_rate_and_ignores_tiny_spreads():
+    rng = random.Random(1)
+    fit = LinearFit(forget=0.999, min_spread=500)
+    for _ in range(500):
+        size = rng.randrange(100, 6000)
+        fit.update(size, 0.08 + size * 8 / 1e6 + rng.gauss(0, 0.002))  # 80 ms + 1 Mbit/s
+    rtt, s_per_byte = fit.coefficients()
+    assert rtt == pytest.approx(0.08, abs=0.005) and 8 / s_per_byte == pytest.approx(1e6, rel=0.05)
+    narrow = LinearFit(min_spread=500)
+    for size, y in ((80, 0.07), (84, 0.09), (88, 0.06)):
+        narrow.update(size, y)
+    assert narrow.coefficients() == pytest.approx((0.0733, 0.0), abs=1e-3)  # the (weighted) mean
+
+
+def test_ewma_tracks_the_latest_level():
+    e = Ewma(0.2)
+    for _ in range(50):
+        e.update(1.0)
+    for _ in range(50):
+        e.update(3.0)
+    assert e.value == pytest.approx(3.0, abs=1e-3)
+
+
+def test_scheduler_learns_costs_from_rounds_and_takes_objectives_at_run_time():
+    s = Scheduler(max_draft=8)
+    for n in range(60):
+        drafted = 1 + n % 6
+        s.observe_round([0.95] * drafted, drafted, 0.02 * drafted, 0.1 + 0.01 * (drafted + 1), 0.35, 90, 60)
+        s.observe_power(12.0, 4.0)
+    state = s.state()
+    assert state.draft_s == pytest.approx(0.02)
+    assert state.verify_base_s == pytest.approx(0.1, abs=1e-6) and state.verify_per_row_s == pytest.approx(0.01)
+    assert state.rtt_s == pytest.approx(0.35 - 0.1 - 0.01 * 3.5, abs=0.05)
+    assert state.active_w == pytest.approx(12.0, abs=0.01) and state.idle_w == pytest.approx(4.0, abs=0.01)
+    assert s.planner(8)([]) is True
+    s.set_objective(Objective(budget_j_per_token=1e-6))  # nothing fits: spend the least per token
+    keep = s.planner(8)
+    assert keep([]) is (plan(s.state(), s.objective, (), 8) > 0)
+
+
+# -- the agent over the emulated channel ---------------------------------------------------------
+def test_agent_drafts_further_when_the_channel_slows_down_mid_run(tiny_models, mosquitto):
+    from specedge.channel import ChannelConfig, ChannelEmulator, LinkSpec
+    from specedge.cloud.verifier import Verifier
+    from specedge.config import CloudConfig, DeviceConfig, build
+    from specedge.device.agent import Agent
+    from specedge.device.draft import TorchDraftEngine
+    from specedge.device.policy import parse_policy
+    from specedge.speculative import SamplingParams
+
+    draft, tok, target, target_tok = tiny_models
+    fleet = "adaptive"
+    cloud = build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {"fleet": fleet, "id": "v-adaptive"}})
+    verifier = Verifier(cloud, target, target_tok).start()
+    fast = ChannelConfig(LinkSpec(), LinkSpec(), "loopback")
+    slow = ChannelConfig(LinkSpec(delay_ms=120), LinkSpec(delay_ms=120), "far")
+    with ChannelEmulator(fast, ("127.0.0.1", mosquitto.port)) as channel:
+        cfg = build(DeviceConfig, {"device": {"fleet": fleet, "id": "robot"}, "mqtt": {"port": channel.port},
+                                   "energy": {"meter": "estimated"}})
+        agent = Agent(cfg, TorchDraftEngine(draft), tok).start()
+        switched_at = []
+
+        def on_tokens(new):
+            on_tokens.count += len(new)
+            if on_tokens.count >= 60 and not switched_at:
+                channel.reconfigure(slow)
+                switched_at.append(time.perf_counter() - start)
+        on_tokens.count = 0
+        start = time.perf_counter()
+        try:
+            result = agent.generate(tok.encode_chat("the robot arm turns left and picks up the red cube"),
+                                    SamplingParams(), 200, parse_policy("adaptive"), on_tokens)
+        finally:
+            agent.stop()
+            verifier.stop()
+    stats = result.stats
+    assert switched_at, "the generation ended before the channel changed"
+    before = [g for g, t in zip(stats.draft_lengths, stats.round_start_s) if t < switched_at[0]]
+    after = [g for g, t in zip(stats.draft_lengths, stats.round_start_s) if t > switched_at[0]][10:]
+    assert len(before) >= 5 and len(after) >= 5
+    assert sum(after) / len(after) > sum(before) / len(before) + 0.5, (before, after)
+    assert stats.energy_source == "estimated:orin-nano-15w+radio-model:lte" and stats.energy_j > 0
