@@ -173,7 +173,11 @@ class _Request:
     def run_speculative(self) -> None:
         agent, engine, policy = self.agent, self.agent.engine, self.policy
         scheduler, meter, link = agent.scheduler, agent.meter, agent.link
+        t0 = time.perf_counter()
         engine.start(self.committed)
+        self.stats.draft_s += time.perf_counter() - t0
+        meter.note_busy(time.perf_counter() - t0)
+        first_round = True
         while not self.done:
             limit = policy.next_draft_length(self.max_new - self.generated)
             keep_going = None
@@ -195,12 +199,15 @@ class _Request:
             self.stats.record_round(len(draft), verdict.accepted, t2 - t1, verdict.verify_us / 1e6,
                                     t0 - self.start_s)
             if policy.adaptive:
+                # The first round also waits for the verifier to prefill the prompt: not the network.
                 scheduler.observe_round(drafted.confidences, verdict.accepted, t1 - t0, verdict.verify_us / 1e6,
-                                        t2 - t1, link.bytes_sent - sent0, link.bytes_received - recv0)
+                                        t2 - t1, link.bytes_sent - sent0, link.bytes_received - recv0,
+                                        network=not first_round)
                 scheduler.observe_power((e1 - e0) / (t1 - t0) if draft else None,
                                         (meter.energy_j() - e1) / (t2 - t1))
             self.emit(draft[: verdict.accepted] + [verdict.next_token])
             engine.commit(self.committed)
+            first_round = False
 
     def run_autoregressive(self) -> None:
         """cloud-ar: the verifier decodes alone and streams every token as it is made."""

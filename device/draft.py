@@ -31,8 +31,12 @@ class TorchDraftEngine:
         self.pending: list[int] = []  # committed tokens not fed yet
 
     def start(self, committed: list[int]) -> None:
+        """Prefill the prompt (all but its last token, whose logits start the first draft), so a
+        draft step costs the same in the first round as in any other."""
         self.cache = self.model.new_cache(capacity=len(committed) + 128)
-        self.fed, self.pending = [], list(committed)
+        if len(committed) > 1:
+            self.model.forward(committed[:-1], self.cache, last_only=True)
+        self.fed, self.pending = list(committed[:-1]), list(committed[-1:])
 
     def commit(self, committed: list[int]) -> None:
         """The device's committed text changed (a verdict): keep the cache's valid prefix."""

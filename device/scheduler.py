@@ -244,6 +244,9 @@ class Scheduler:
     up_bytes_base: int = 70
     up_bytes_per_token: int = 4
     down_bytes: int = 60
+    # After this many rounds without a draft, draft one token anyway: plain steps teach the
+    # estimators nothing about acceptance or draft cost, and the text or the link may have changed.
+    probe_every: int = 16
 
     def __post_init__(self):
         self.acceptance = AcceptanceEstimator()
@@ -255,21 +258,24 @@ class Scheduler:
         self.power_active = Ewma(0.2, self.active_w)
         self.power_idle = Ewma(0.2, self.idle_w)
         self.rounds = 0
+        self.rounds_without_draft = 0
 
     def set_objective(self, objective: Objective) -> None:
         """Safe at run time: the next `plan` call sees it (one reference swap)."""
         self.objective = objective
 
     def observe_round(self, confidences: Sequence[float], accepted: int, draft_s: float, verify_s: float,
-                      round_trip_s: float, up_bytes: int, down_bytes: int) -> None:
+                      round_trip_s: float, up_bytes: int, down_bytes: int, network: bool = True) -> None:
         drafted = len(confidences)
         self.acceptance.observe(confidences, accepted)
         if drafted:
             self.draft_s.update(draft_s / drafted)
         self.verify.update(drafted + 1, verify_s)
-        self.network.update(up_bytes, max(round_trip_s - verify_s, 0.0))
+        if network:
+            self.network.update(up_bytes, max(round_trip_s - verify_s, 0.0))
         self.down_bytes = down_bytes
         self.rounds += 1
+        self.rounds_without_draft = 0 if drafted else self.rounds_without_draft + 1
 
     def observe_power(self, busy_w: float | None, waiting_w: float | None) -> None:
         if busy_w is not None and busy_w > 0:
@@ -295,8 +301,11 @@ class Scheduler:
         The state and objective are frozen for the round; the draft loop calls it between tokens."""
         state, objective, acceptance = self.state(), objective or self.objective, self.acceptance
         max_draft = min(limit, self.max_draft)
+        probe = max_draft > 0 and self.rounds_without_draft >= self.probe_every
 
         def keep_going(confidences: Sequence[float]) -> bool:
+            if probe and not confidences:
+                return True
             survival, s = [], 1.0
             for c in confidences:
                 s *= acceptance.given_confidence(c)
