@@ -1,4 +1,4 @@
-"""`specedge` command line: demo, models, device, cloud, channel, bench, broker."""
+"""`specedge` command line: demo, models, device, cloud, channel, bench, power, broker."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +138,46 @@ def _bench(args) -> int:
     return bench.run(args)
 
 
+def _power(args) -> int:
+    """Read the power meter; with --calibrate, measure this board's idle and drafting watts."""
+    import time
+
+    from specedge.device.power import EstimatedMeter, open_meter
+    from specedge.device.profiles import get_profile
+
+    meter = open_meter(args.meter, get_profile(args.profile))
+    try:
+        if not args.calibrate:
+            e0, t0 = meter.energy_j(), time.monotonic()
+            time.sleep(args.seconds)
+            sample = meter.sample()
+            watts = (meter.energy_j() - e0) / (time.monotonic() - t0)
+            print(json.dumps({"source": meter.source, "rails_w": sample.rails_w, "total_w": sample.total_w,
+                              "mean_w": watts, "seconds": args.seconds}, indent=2))
+            return 0
+        if isinstance(meter, EstimatedMeter):
+            raise SystemExit("specedge power --calibrate needs a hardware meter (jtop, ina3221 or rapl); "
+                             "this machine only has the estimate")
+        from specedge.loader import load_named
+
+        model, _ = load_named(args.draft, args.draft_weights)
+
+        def mean_watts(work) -> float:
+            e0, t0 = meter.energy_j(), time.monotonic()
+            while time.monotonic() - t0 < args.seconds:
+                work()
+            return (meter.energy_j() - e0) / (time.monotonic() - t0)
+
+        idle = mean_watts(lambda: time.sleep(0.05))
+        cache = model.new_cache(capacity=64 * 1024)
+        active = mean_watts(lambda: model.forward([1], cache, last_only=True))
+        print(json.dumps({"source": meter.source, "idle_w": round(idle, 2), "active_w": round(active, 2),
+                          "note": "put these in your [profile.*] of firmware_config/profiles.toml"}, indent=2))
+    finally:
+        meter.close()
+    return 0
+
+
 def _broker(args) -> int:
     from specedge.broker import EmbeddedBroker
 
@@ -231,6 +271,14 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--start-timeout", type=float, default=600.0, help="seconds for a process to load its model")
     be.add_argument("--run-timeout", type=float, default=900.0, help="seconds for one generation")
     be.set_defaults(func=_bench)
+
+    pw = sub.add_parser("power", help="read the power meter, or calibrate a device profile")
+    pw.add_argument("--meter", default="auto", help="auto, jtop, ina3221, rapl or estimated")
+    pw.add_argument("--profile", default="orin-nano-15w", help="the profile the estimate falls back to")
+    pw.add_argument("--seconds", type=float, default=2.0, help="how long to measure (each phase)")
+    pw.add_argument("--calibrate", action="store_true", help="measure idle and draft-decoding watts")
+    _model_options(pw)
+    pw.set_defaults(func=_power)
 
     b = sub.add_parser("broker", help="a zero-setup MQTT 3.1.1 broker (amqtt)")
     b.add_argument("--host", default="127.0.0.1")
