@@ -209,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--top-k", type=int, default=0)
     d.add_argument("--top-p", type=float, default=1.0)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--policy", default="fixed:4", help="fixed:G or cloud-ar")
+    d.add_argument("--policy", default="fixed:4", help="fixed:G, adaptive[:budget=J], adaptive-energy or cloud-ar")
     _model_options(d)
     d.add_argument("--broker", default="embedded", choices=["embedded", "mosquitto"])
     d.add_argument("--json", help="write the summary as JSON here")
