@@ -21,7 +21,7 @@ from specedge.config import DeviceConfig
 from specedge.device.policy import Policy
 from specedge.device.power import PowerMeter, open_meter
 from specedge.device.profiles import get_profile
-from specedge.device.scheduler import Scheduler
+from specedge.device.scheduler import Scheduler, State
 from specedge.metrics import SpecStats
 from specedge.mqtt import Link, device_topic, publish_packet_bytes
 from specedge.speculative import SamplingParams
@@ -60,10 +60,12 @@ class Agent:
         self.radio = self.profile.radio(energy.link)
         self.meter: PowerMeter | None = None
         empty_draft = len(wire.encode(wire.Draft(0, 0, 0, [])))
-        self.scheduler = Scheduler(
-            energy.objective(), cfg.speculation.max_draft, self.profile.active_w, self.profile.idle_w,
-            self.radio.active_w, self.radio.j_per_byte_up, self.radio.j_per_byte_down,
-            up_bytes_base=publish_packet_bytes(self.up_topic, empty_draft, cfg.mqtt.qos, True))
+        prior = State((0.6,), draft_s=0.05, verify_base_s=0.1, verify_per_row_s=0.0, rtt_s=0.0,
+                      up_bytes_base=publish_packet_bytes(self.up_topic, empty_draft, cfg.mqtt.qos, True),
+                      active_w=self.profile.active_w, idle_w=self.profile.idle_w, radio_w=self.radio.active_w,
+                      radio_j_per_byte_up=self.radio.j_per_byte_up,
+                      radio_j_per_byte_down=self.radio.j_per_byte_down)
+        self.scheduler = Scheduler(energy.objective(), cfg.speculation.max_draft, prior)
 
     @property
     def energy_source(self) -> str:

@@ -5,11 +5,10 @@ validated on load so a typo fails with the file, the entry and the key.
 """
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from specedge.config import ConfigError
+from specedge.config import ConfigError, read_toml
 
 DEFAULT_PROFILES = Path(__file__).resolve().parents[1] / "firmware_config" / "profiles.toml"
 
@@ -61,12 +60,7 @@ def _radio(table: dict, where: str) -> RadioModel:
 
 def load_profiles(path: str | Path = DEFAULT_PROFILES) -> dict[str, DeviceProfile]:
     path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"profile table {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    data = read_toml(path, "profile table")
     unknown = set(data) - {"profile", "radio"}
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}; known: ['profile', 'radio']")

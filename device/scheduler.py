@@ -16,7 +16,7 @@ Draft length 0 (a plain target step) is always a candidate.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 MODES = ("throughput", "energy")
@@ -232,31 +232,27 @@ class AcceptanceEstimator:
 
 @dataclass
 class Scheduler:
-    """The estimators of one device plus its objective; `state()` is the snapshot `plan` reads."""
+    """The estimators of one device plus its objective; `state()` is the snapshot `plan` reads.
+    `prior` holds what is used until measured (and the fixed inputs: message sizes, radio)."""
 
     objective: Objective = field(default_factory=Objective)
     max_draft: int = 8
-    active_w: float = 10.0  # priors until the meter has spoken
-    idle_w: float = 4.0
-    radio_w: float = 0.0
-    radio_j_per_byte_up: float = 0.0
-    radio_j_per_byte_down: float = 0.0
-    up_bytes_base: int = 70
-    up_bytes_per_token: int = 4
-    down_bytes: int = 60
+    prior: State = field(default_factory=lambda: State((0.6,), draft_s=0.05, verify_base_s=0.1,
+                                                       verify_per_row_s=0.0, rtt_s=0.0))
     # After this many rounds without a draft, draft one token anyway: plain steps teach the
     # estimators nothing about acceptance or draft cost, and the text or the link may have changed.
     probe_every: int = 16
 
     def __post_init__(self):
-        self.acceptance = AcceptanceEstimator()
+        self.acceptance = AcceptanceEstimator(initial_rate=self.prior.accept(1))
         self.draft_s = Ewma(0.2)
         self.verify = LinearFit(0.95, min_spread=0.5)  # seconds against rows verified
         # Network seconds against uplink bytes: RTT + 1/R_up. Greedy drafts differ by 4 bytes a
         # token, so the rate is only read once sampled drafts spread the sizes by a packet or so.
         self.network = LinearFit(0.9, min_spread=1000.0)
-        self.power_active = Ewma(0.2, self.active_w)
-        self.power_idle = Ewma(0.2, self.idle_w)
+        self.power_active = Ewma(0.2, self.prior.active_w)
+        self.power_idle = Ewma(0.2, self.prior.idle_w)
+        self.down_bytes = self.prior.down_bytes
         self.rounds = 0
         self.rounds_without_draft = 0
 
@@ -284,17 +280,17 @@ class Scheduler:
             self.power_idle.update(waiting_w)
 
     def state(self) -> State:
+        prior = self.prior
         verify_base, verify_row = self.verify.coefficients()
         rtt, s_per_byte = self.network.coefficients()
-        return State(
-            accept_by_position=self.acceptance.by_position(),
-            draft_s=self.draft_s.value if self.draft_s.value is not None else 0.05,
-            verify_base_s=verify_base if self.verify.ready else 0.1, verify_per_row_s=verify_row,
-            rtt_s=rtt, up_bps=8 / s_per_byte if s_per_byte > 0 else math.inf,
-            up_bytes_base=self.up_bytes_base, up_bytes_per_token=self.up_bytes_per_token,
-            down_bytes=self.down_bytes, active_w=self.power_active.value, idle_w=self.power_idle.value,
-            radio_w=self.radio_w, radio_j_per_byte_up=self.radio_j_per_byte_up,
-            radio_j_per_byte_down=self.radio_j_per_byte_down)
+        return replace(
+            prior, accept_by_position=self.acceptance.by_position(),
+            draft_s=self.draft_s.value if self.draft_s.value is not None else prior.draft_s,
+            verify_base_s=verify_base if self.verify.ready else prior.verify_base_s,
+            verify_per_row_s=verify_row if self.verify.ready else prior.verify_per_row_s,
+            rtt_s=rtt if self.network.ready else prior.rtt_s,
+            up_bps=8 / s_per_byte if s_per_byte > 0 else prior.up_bps,
+            down_bytes=self.down_bytes, active_w=self.power_active.value, idle_w=self.power_idle.value)
 
     def planner(self, limit: int, objective: Objective | None = None):
         """A pure keep-drafting test for one round: confidences of the tokens drafted so far -> bool.

@@ -61,7 +61,7 @@ class DraftConfig:
 
 @dataclass
 class SpeculationConfig:
-    policy: str = "fixed:4"  # fixed:G | cloud-ar | adaptive[:budget=J] | adaptive-energy[:floor=R]
+    policy: str = "adaptive"  # adaptive[:budget=J] | adaptive-energy[:floor=R] | fixed:G | cloud-ar
     max_draft: int = 8
 
     def validate(self):
@@ -235,14 +235,17 @@ def build(cls, data: dict, source: str = "config", env: dict | None = None):
     return cls(**built)
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict:
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+
+
 def load(cls, path: str | Path | None):
     if path is None:
         return build(cls, {}, "defaults")
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    return build(cls, data, str(path))
+    return build(cls, read_toml(path), str(path))

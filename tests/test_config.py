@@ -7,7 +7,7 @@ from specedge.config import CloudConfig, ConfigError, DeviceConfig, build, load
 
 
 def test_defaults_are_valid():
-    assert build(DeviceConfig, {}, env={}).speculation.policy == "fixed:4"
+    assert build(DeviceConfig, {}, env={}).speculation.policy == "adaptive"
     assert build(CloudConfig, {}, env={}).target.batch_invariant
 
 
