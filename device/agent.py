@@ -177,8 +177,9 @@ class _Request:
         scheduler, meter, link = agent.scheduler, agent.meter, agent.link
         t0 = time.perf_counter()
         engine.start(self.committed)
-        self.stats.draft_s += time.perf_counter() - t0
-        meter.note_busy(time.perf_counter() - t0)
+        prefill_s = time.perf_counter() - t0
+        self.stats.draft_s += prefill_s
+        meter.note_busy(prefill_s)
         first_round = True
         while not self.done:
             limit = policy.next_draft_length(self.max_new - self.generated)
