@@ -150,7 +150,7 @@ class _Request:
             # its tail after the request is reported apart: it follows the last request of a burst.
             self.stats.energy_j = (agent.meter.energy_j() - energy0
                                    + agent.radio.energy_j(self.stats.total_s, sent, received))
-            self.stats.radio_tail_j = agent.radio.tail_s * agent.radio.tail_w
+            self.stats.radio_tail_j = agent.radio.tail_j
             self.stats.energy_source = agent.energy_source
         return GenerationResult(self.committed[self.prompt_len:], self.stats, self.stopped)
 

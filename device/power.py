@@ -74,8 +74,7 @@ class _IntegratingMeter(PowerMeter):
     def __init__(self, interval_s: float = 0.02):
         self.interval_s = interval_s
         self._lock = threading.Lock()
-        first = self._reading()
-        self._last = first
+        self._last = self._reading()
         self._energy = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"power-{self.source}", daemon=True)

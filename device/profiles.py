@@ -21,9 +21,13 @@ class RadioModel:
     tail_s: float  # high-power tail after the last transfer of a request
     tail_w: float
 
-    def energy_j(self, seconds: float, bytes_up: int, bytes_down: int, with_tail: bool = False) -> float:
-        tail = self.tail_s * self.tail_w if with_tail else 0.0
-        return self.active_w * seconds + self.j_per_byte_up * bytes_up + self.j_per_byte_down * bytes_down + tail
+    @property
+    def tail_j(self) -> float:
+        return self.tail_s * self.tail_w
+
+    def energy_j(self, seconds: float, bytes_up: int, bytes_down: int) -> float:
+        """Connected for `seconds`, moving these bytes; the tail is apart (`tail_j`)."""
+        return self.active_w * seconds + self.j_per_byte_up * bytes_up + self.j_per_byte_down * bytes_down
 
 
 @dataclass(frozen=True)

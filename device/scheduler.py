@@ -61,6 +61,10 @@ class State:
         table = self.accept_by_position
         return table[min(position, len(table)) - 1] if table else 0.0
 
+    def expected_tokens(self, g: int) -> float:
+        """E(g) = 1 + sum_{i<=g} prod_{j<=i} c_j: tokens a round drafting g yields."""
+        return _outcomes(self, (), g)[-1][1]
+
     def round_cost(self, g: int) -> tuple[float, float]:
         """(seconds, device joules) of a round drafting g tokens."""
         up = self.up_bytes_base + self.up_bytes_per_token * g

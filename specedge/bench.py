@@ -11,6 +11,7 @@ channel's clock restarts, so every policy meets the same stretch of the trace.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -62,41 +63,29 @@ def acceptance_by_position(draft_lengths: list[int], accepted: list[int], positi
     return rates
 
 
-def expected_tokens(accept_by_position: list[float], g: int) -> float:
-    """E(g) = 1 + sum_{i<=g} prod_{j<=i} c_j: tokens per round drafting g."""
-    total, survival = 1.0, 1.0
-    for j in range(g):
-        survival *= accept_by_position[min(j, len(accept_by_position) - 1)]
-        total += survival
-    return total
-
-
 def optimum(accept_by_position: list[float], t_draft: float, verify_base: float, verify_per_row: float,
             rtt: float, rate_up, rate_down, v5: bool = True, max_g: int = MAX_G) -> tuple[float, int]:
     """(best tokens/s, its draft length) over fixed g in [0, max_g] for greedy rounds on this wire:
-    T(g) = g t_draft + bytes_up(g)/R_up + RTT + t_verify(g + 1) + bytes_down/R_down."""
+    the scheduler's own round model (DESIGN section 4) fed with the run's measurements."""
+    from specedge.device.scheduler import Objective, State, best_rate
     from specedge.mqtt import publish_packet_bytes
 
     topic = "specedge/v1/bench/device0/draft"
-    best = (0.0, 0)
-    for g in range(max_g + 1):
-        up = publish_packet_bytes(topic, 14 + 6 + 4 * g, 1, v5)
-        down = publish_packet_bytes(topic.replace("draft", "verdict"), 14 + 13, 1, v5)
-        t = g * t_draft + rtt + verify_base + verify_per_row * (g + 1)
-        t += (up * 8 / rate_up if rate_up else 0.0) + (down * 8 / rate_down if rate_down else 0.0)
-        best = max(best, (expected_tokens(accept_by_position, g) / t, g))
-    return best
+    state = State(tuple(accept_by_position), t_draft, verify_base, verify_per_row, rtt,
+                  up_bps=rate_up or math.inf, down_bps=rate_down or math.inf,
+                  up_bytes_base=publish_packet_bytes(topic, 14 + 6, 1, v5), up_bytes_per_token=4,
+                  down_bytes=publish_packet_bytes(topic.replace("draft", "verdict"), 14 + 13, 1, v5))
+    return best_rate(state, Objective(), max_g)
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares (intercept, slope >= 0); the mean when x never varied."""
-    n = len(xs)
-    if not n:
-        return 0.0, 0.0
-    mx, my = sum(xs) / n, sum(ys) / n
-    var = sum((x - mx) ** 2 for x in xs)
-    slope = max(sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var, 0.0) if var else 0.0
-    return my - slope * mx, slope
+    """Least-squares (intercept, slope >= 0) over every point alike; the mean when x never varied."""
+    from specedge.device.scheduler import LinearFit
+
+    fit = LinearFit(forget=1.0)
+    for x, y in zip(xs, ys):
+        fit.update(x, y)
+    return fit.coefficients()
 
 
 # -- the device worker: one process, one draft model, commands on stdin -------------------------

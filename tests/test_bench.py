@@ -7,7 +7,12 @@ import sys
 
 import pytest
 
-from specedge.bench import acceptance_by_position, expected_tokens, fit_line, optimum
+from specedge.bench import acceptance_by_position, fit_line, optimum
+from specedge.device.scheduler import State
+
+
+def expected_tokens(accept_by_position, g):
+    return State(tuple(accept_by_position), 0.0, 0.0, 0.0, 0.0).expected_tokens(g)
 
 
 def test_expected_tokens_from_per_position_acceptance():
