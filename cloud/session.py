@@ -38,6 +38,7 @@ class TargetSession:
         self.last_seq = 0
         self.last_reply: bytes | None = None
         self.last_used = time.monotonic()
+        self.hints = False  # the device asked for early-exit hints
 
     def _check_ids(self, tokens) -> None:
         vocab = self.model.cfg.vocab_size
@@ -59,14 +60,21 @@ class TargetSession:
             return int(torch.argmax(logits_row))
         return sample_dense(target_distribution(logits_row.numpy(), self.params), self.rng)
 
-    def verify(self, draft: list[int], q: list[SparseDist] | None) -> tuple[int, int]:
-        """One target pass over the draft: (accepted count, the target's next token)."""
+    def verify(self, draft: list[int], q: list[SparseDist] | None, exit_head=None, on_hint=None) -> tuple[int, int]:
+        """One target pass over the draft: (accepted count, the target's next token).
+        With an exit head, `on_hint(accepted, token)` gets the verdict the intermediate layer
+        predicts (greedy rule on its guesses), mid-pass, before the remaining layers run."""
         self._check_ids(draft)
         if (q is None) != self.params.greedy:
             raise BadRequest("sampled sessions need q with every draft, greedy ones none")
         if len(self.committed) + len(draft) + 1 > self.model.cfg.max_seq_len:
             raise BadRequest("draft runs past the target's context")
-        logits = self.model.forward([self.committed[-1]] + draft, self.cache)
+        hook = None
+        if exit_head is not None and on_hint is not None:
+            def hook(index, hidden):
+                if index == exit_head.layer:
+                    on_hint(*greedy_verify(draft, exit_head.logits(hidden).argmax(-1).tolist()))
+        logits = self.model.forward([self.committed[-1]] + draft, self.cache, on_layer=hook)
         if self.params.greedy:
             accepted, token = greedy_verify(draft, torch.argmax(logits, dim=-1).tolist())
         else:

@@ -13,6 +13,7 @@ import threading
 import time
 
 from specedge import wire
+from specedge.cloud.exit_head import load_exit_head
 from specedge.cloud.session import BadRequest, OutOfSync, TargetSession
 from specedge.config import CloudConfig
 from specedge.mqtt import TOPIC_ROOT, Link, split_device_topic
@@ -24,6 +25,10 @@ class Verifier:
     def __init__(self, cfg: CloudConfig, model, tokenizer):
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.fingerprint = bytes.fromhex(tokenizer.fingerprint())
+        target = cfg.target
+        self.exit_head = load_exit_head(model, target.exit_layer or max(1, model.cfg.n_layers * 3 // 4),
+                                        target.exit_head or None)
+        self.hints_sent = 0
         self.inbox: queue.Queue = queue.Queue()
         self.sessions: dict[tuple[str, str, int], TargetSession] = {}
         self.link = Link(cfg.mqtt, f"specedge-verifier-{cfg.verifier.id}", self._on_message)
@@ -141,12 +146,18 @@ class Verifier:
             return
         if old is not None:  # a resync keeps the round counter so replays stay recognisable
             session.last_seq, session.last_reply = old.last_seq, None
+        session.hints = msg.hints
         self.sessions[key] = session
 
     def verify(self, session: TargetSession, msg: wire.Draft, out: str) -> None:
         session.sync(msg.committed)
+        on_hint = None
+        if session.hints and msg.tokens:
+            def on_hint(accepted, token):  # leaves mid-pass, before the remaining layers run
+                self.hints_sent += 1
+                self.reply(out, wire.Hint(msg.session, msg.seq, msg.committed, accepted, token, self.exit_head.layer))
         t0 = time.perf_counter()
-        accepted, token = session.verify(msg.tokens, msg.q)
+        accepted, token = session.verify(msg.tokens, msg.q, self.exit_head, on_hint)
         verify_us = int((time.perf_counter() - t0) * 1e6)
         self.rounds += 1
         session.last_seq = msg.seq

@@ -18,6 +18,8 @@ import numpy as np
 
 from specedge import wire
 from specedge.config import DeviceConfig
+from specedge.device.draft import Drafted
+from specedge.device.pipeline import Ahead
 from specedge.device.policy import Policy
 from specedge.device.power import PowerMeter, open_meter
 from specedge.device.profiles import get_profile
@@ -125,7 +127,8 @@ class _Request:
         self.agent.link.publish(self.agent.up_topic, wire.encode(msg))
 
     def open_message(self, resync: bool) -> wire.Open:
-        return wire.Open(self.session, 0, list(self.committed), self.params, self.agent.fingerprint, resync)
+        return wire.Open(self.session, 0, list(self.committed), self.params, self.agent.fingerprint, resync,
+                         self.policy.early_exit)
 
     def run(self) -> GenerationResult:
         agent = self.agent
@@ -181,36 +184,71 @@ class _Request:
         self.stats.draft_s += prefill_s
         meter.note_busy(prefill_s)
         first_round = True
+        carried: Drafted | None = None  # drafted ahead during the last round, its bet held
         while not self.done:
             limit = policy.next_draft_length(self.max_new - self.generated)
             keep_going = None
             if policy.adaptive:
-                keep_going = scheduler.planner(limit, replace(scheduler.objective, **policy.overrides))
+                keep_going = scheduler.planner(limit, replace(scheduler.objective, **policy.overrides),
+                                               policy.pipelined)
             t0, e0, sent0, recv0 = time.perf_counter(), meter.energy_j(), link.bytes_sent, link.bytes_received
-            drafted = engine.draft(limit, self.params, self.rng, self.stop_ids, keep_going)
+            drafted = self.draft(limit, keep_going, carried)
             t1 = time.perf_counter()
             meter.note_busy(t1 - t0)
             e1 = meter.energy_j()
             self.stats.draft_s += t1 - t0
             self.seq += 1
             draft = drafted.tokens
-            verdict = self.round_trip(wire.Draft(self.session, self.seq, len(self.committed), draft, drafted.q))
+            ahead = None
+            if policy.pipelined:
+                room = lambda accepted: policy.next_draft_length(self.max_new - self.generated - accepted - 1)
+                ahead = Ahead(engine, list(self.committed), list(draft), self.params, self.rng, self.stop_ids,
+                              room, keep_going)
+            verdict = self.round_trip(wire.Draft(self.session, self.seq, len(self.committed), draft, drafted.q),
+                                      ahead)
             t2 = time.perf_counter()
             if verdict.accepted > len(draft):
                 raise RequestFailed(f"verdict accepts {verdict.accepted} of {len(draft)} drafted tokens")
             self.stats.wait_s += t2 - t1
             self.stats.record_round(len(draft), verdict.accepted, t2 - t1, verdict.verify_us / 1e6,
                                     t0 - self.start_s)
+            if ahead is not None:
+                meter.note_busy(ahead.seconds)
+                self.stats.ahead_s += ahead.seconds
+                self.stats.ahead_tokens += ahead.tokens
             if policy.adaptive:
                 # The first round also waits for the verifier to prefill the prompt: not the network.
-                scheduler.observe_round(drafted.confidences, verdict.accepted, t1 - t0, verdict.verify_us / 1e6,
+                busy_s = drafted.seconds or (t1 - t0)
+                scheduler.observe_round(drafted.confidences, verdict.accepted, busy_s, verdict.verify_us / 1e6,
                                         t2 - t1, link.bytes_sent - sent0, link.bytes_received - recv0,
                                         network=not first_round)
-                scheduler.observe_power((e1 - e0) / (t1 - t0) if draft else None,
-                                        (meter.energy_j() - e1) / (t2 - t1))
+                scheduler.observe_power((e1 - e0) / (t1 - t0) if draft and t1 > t0 else None,
+                                        None if ahead and ahead.seconds else (meter.energy_j() - e1) / (t2 - t1))
             self.emit(draft[: verdict.accepted] + [verdict.next_token])
-            engine.commit(self.committed)
+            carried = None
+            if ahead is None:
+                engine.commit(self.committed)
+            elif not self.done:
+                carried = ahead.resolve(verdict.accepted, verdict.next_token, self.committed)
+                if carried is not None:
+                    self.stats.ahead_hits += 1
+                    self.stats.ahead_kept += len(carried.tokens)
             first_round = False
+
+    def draft(self, limit: int, keep_going, carried: Drafted | None) -> Drafted:
+        """This round's draft: what was drafted ahead (if its bet held), extended up to `limit`."""
+        engine = self.agent.engine
+        if carried is None:
+            return engine.draft(limit, self.params, self.rng, self.stop_ids, keep_going)
+        if len(carried.tokens) > limit:  # the request is nearly done: drop the tail
+            carried = carried.cut(limit)
+            engine.commit(self.committed + carried.tokens)
+        if (carried.tokens and carried.tokens[-1] in self.stop_ids) or len(carried.tokens) >= limit:
+            return carried
+        drafted_before = carried.confidences
+        more = engine.draft(limit - len(carried.tokens), self.params, self.rng, self.stop_ids,
+                            keep_going and (lambda confidences: keep_going(drafted_before + confidences)))
+        return carried.extend(more)
 
     def run_autoregressive(self) -> None:
         """cloud-ar: the verifier decodes alone and streams every token as it is made."""
@@ -267,21 +305,40 @@ class _Request:
         base = self.faults.round_timeout_s * (1.5 ** attempt)
         return base * (0.75 + 0.5 * random.random())
 
-    def round_trip(self, msg: wire.Draft) -> wire.Verdict:
+    def round_trip(self, msg: wire.Draft, ahead: Ahead | None = None) -> wire.Verdict:
+        """Send a draft and wait for its verdict; `ahead` drafts during the wait, between messages."""
         payload = wire.encode(msg)
+        inbox = self.agent.inbox
+        wanted = lambda m: isinstance(m, (wire.Verdict, wire.Hint)) and m.committed == msg.committed
+        hint = None
         for attempt in range(self.faults.max_retries + 1):
             if attempt:
                 self.stats.retries += 1
             self.agent.link.publish(self.agent.up_topic, payload)
             deadline = time.monotonic() + self.backoff(attempt)
             while True:
-                reply = self.receive(deadline, lambda m: isinstance(m, wire.Verdict) and m.committed == msg.committed)
+                busy = ahead is not None and ahead.wants_more()
+                if busy and inbox.empty():
+                    ahead.step()
+                    continue
+                reply = self.receive(min(deadline, time.monotonic() + 0.001) if busy else deadline, wanted)
                 if reply is None:
+                    if time.monotonic() < deadline:
+                        continue
                     break  # timed out: send the same round again
                 if isinstance(reply, wire.Error):
                     self.handle_error(reply)
                     self.agent.link.publish(self.agent.up_topic, payload)
                     continue
+                if isinstance(reply, wire.Hint):
+                    hint = reply
+                    if ahead is not None:
+                        ahead.redirect(reply.accepted, reply.next_token)
+                    continue
+                if hint is not None:
+                    self.stats.hints += 1
+                    self.stats.hints_agreed += (hint.accepted, hint.next_token) == (reply.accepted, reply.next_token)
+                    self.stats.hint_layer = hint.layer
                 return reply
         raise VerifierUnavailable(f"no verdict for round {msg.seq} after {self.faults.max_retries + 1} tries")
 

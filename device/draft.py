@@ -5,6 +5,7 @@ reference backend, running `specedge.model` on the CPU.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,18 @@ class Drafted:
     tokens: list[int]
     q: list[SparseDist] | None  # sampled mode: each token's draft distribution
     confidences: list[float]  # the draft's probability of each token it chose
+    seconds: float = 0.0  # drafting time
+
+    def extend(self, more: "Drafted") -> "Drafted":
+        self.tokens += more.tokens
+        self.confidences += more.confidences
+        if self.q is not None:
+            self.q += more.q
+        self.seconds += more.seconds
+        return self
+
+    def cut(self, n: int) -> "Drafted":
+        return Drafted(self.tokens[:n], None if self.q is None else self.q[:n], self.confidences[:n], self.seconds)
 
 
 class TorchDraftEngine:
@@ -55,6 +68,7 @@ class TorchDraftEngine:
         """Draft up to n tokens after the committed text. `keep_going(confidences so far)` may
         stop the draft early (it is asked before each token, the first included)."""
         out = Drafted([], None if params.greedy else [], [])
+        t0 = time.perf_counter()
         for _ in range(n):
             if keep_going is not None and not keep_going(out.confidences):
                 break
@@ -73,4 +87,5 @@ class TorchDraftEngine:
             self.pending = [token]
             if token in stop_ids:  # nothing follows a stop token worth verifying
                 break
+        out.seconds = time.perf_counter() - t0
         return out

@@ -5,6 +5,10 @@
   adaptive[:budget=J]           the scheduler: most tokens/s, J/token <= budget if given
   adaptive-energy[:floor=R,budget=J]
                                 the scheduler: fewest J/token, tokens/s >= floor if given
+  BASE+pipelined                while a verdict is in flight, draft the next block on the guess
+                                that everything is accepted (kept when the guess holds)
+  BASE+early-exit               pipelined, and the verifier's mid-pass hint redirects the guess
+  pipelined[:G], early-exit[:G] shorthands for fixed:G+pipelined, fixed:G+early-exit (G = 4)
 Options left out of an adaptive spec come from the device's current objective
 ([energy] in the config, changeable at run time).
 """
@@ -20,6 +24,8 @@ class Policy:
     autoregressive: bool = False  # cloud-ar: the cloud generates alone and streams tokens
     adaptive: bool = False
     overrides: dict = field(default_factory=dict)  # Objective fields an adaptive spec sets
+    pipelined: bool = False  # draft ahead while the verdict is in flight
+    early_exit: bool = False  # ask the verifier for early-exit hints and draft ahead from them
 
     def next_draft_length(self, remaining: int) -> int:
         """Never draft past the request's end: the verdict always adds one target token."""
@@ -45,7 +51,29 @@ def _adaptive(spec: str, mode: str, options: str, max_draft: int) -> Policy:
     return Policy(spec, max_draft, adaptive=True, overrides=overrides)
 
 
+DEFAULT_PIPELINED_DRAFT = 4
+_MODIFIERS = ("pipelined", "early-exit")
+
+
 def parse_policy(spec: str, max_draft: int = 64) -> Policy:
+    base, *modifiers = spec.split("+")
+    kind, _, arg = base.partition(":")
+    if kind in _MODIFIERS and not modifiers:  # shorthand: a fixed draft length, pipelined
+        base, modifiers = f"fixed:{arg or DEFAULT_PIPELINED_DRAFT}", [kind]
+    for m in modifiers:
+        if m not in _MODIFIERS:
+            raise ValueError(f"policy {spec!r}: unknown modifier {m!r}; use +pipelined or +early-exit")
+    policy = _parse_base(base, max_draft)
+    if modifiers:
+        if policy.autoregressive:
+            raise ValueError(f"policy {spec!r}: cloud-ar drafts nothing to pipeline")
+        early = "early-exit" in modifiers
+        policy = Policy(spec, policy.draft_length, adaptive=policy.adaptive, overrides=policy.overrides,
+                        pipelined=True, early_exit=early)
+    return policy
+
+
+def _parse_base(spec: str, max_draft: int) -> Policy:
     if spec == "cloud-ar":
         return Policy(spec, 0, autoregressive=True)
     kind, _, arg = spec.partition(":")
@@ -56,4 +84,5 @@ def parse_policy(spec: str, max_draft: int = 64) -> Policy:
     if kind == "adaptive-energy":
         return _adaptive(spec, "energy", arg, max_draft)
     raise ValueError(f"unknown policy {spec!r}: use cloud-ar, fixed:G with 0 <= G <= {max_draft}, "
-                     f"adaptive[:budget=J] or adaptive-energy[:floor=R,budget=J]")
+                     f"adaptive[:budget=J] or adaptive-energy[:floor=R,budget=J], each optionally "
+                     f"+pipelined or +early-exit; or pipelined[:G], early-exit[:G]")

@@ -12,6 +12,13 @@ every drafted token and can stop a draft early. Long-run throughput is a ratio
 state allows (Dinkelbach); the energy mode minimises J - mu E the same way. The energy
 budget (J/E <= budget) and the throughput floor (E/T >= floor) are constraints.
 Draft length 0 (a plain target step) is always a candidate.
+
+Pipelined drafting (device/pipeline.py) drafts the next block during the wait, betting
+that all g tokens and the draft's guess of the bonus token hold: with probability
+S_{g+1} the next round's drafting is already done, as far as the wait had room for it.
+So a pipelined round costs (1 - S_{g+1} h) g t_draft of drafting on the critical path,
+h the share of the block the wait has room for, while the device burns active power
+for the drafting ahead whether the bet pays or not.
 """
 from __future__ import annotations
 
@@ -56,6 +63,7 @@ class State:
     radio_w: float = 0.0
     radio_j_per_byte_up: float = 0.0
     radio_j_per_byte_down: float = 0.0
+    pipelined: bool = False  # the next block is drafted during the wait (see the module notes)
 
     def accept(self, position: int) -> float:
         table = self.accept_by_position
@@ -65,14 +73,20 @@ class State:
         """E(g) = 1 + sum_{i<=g} prod_{j<=i} c_j: tokens a round drafting g yields."""
         return _outcomes(self, (), g)[-1][1]
 
-    def round_cost(self, g: int) -> tuple[float, float]:
-        """(seconds, device joules) of a round drafting g tokens."""
+    def round_cost(self, g: int, survival_next: float = 0.0) -> tuple[float, float]:
+        """(seconds, device joules) of a round drafting g tokens; `survival_next` = S_{g+1},
+        the chance a pipelined device's bet on this round's outcome pays."""
         up = self.up_bytes_base + self.up_bytes_per_token * g
         draft = g * self.draft_s
         wait = (self.rtt_s + up * 8 / self.up_bps + self.down_bytes * 8 / self.down_bps
                 + self.verify_base_s + self.verify_per_row_s * (g + 1))
+        ahead = 0.0  # seconds spent drafting ahead during the wait
+        if self.pipelined and self.draft_s > 0:
+            ahead = min(wait, (g + 1) * self.draft_s)  # the bonus guess, then the next block
+            room = max(ahead - self.draft_s, 0.0)  # of the next block, what was drafted in time
+            draft -= survival_next * min(draft, room)
         seconds = draft + wait
-        joules = (draft * self.active_w + wait * self.idle_w + seconds * self.radio_w
+        joules = ((draft + ahead) * self.active_w + (wait - ahead) * self.idle_w + seconds * self.radio_w
                   + up * self.radio_j_per_byte_up + self.down_bytes * self.radio_j_per_byte_down)
         return seconds, joules
 
@@ -87,7 +101,7 @@ def _outcomes(state: State, survival: Sequence[float], max_draft: int):
         if g > drafted:
             s *= state.accept(g)
             tokens += s
-        seconds, joules = state.round_cost(g)
+        seconds, joules = state.round_cost(g, s * state.accept(g + 1))
         out.append((g, tokens, seconds, joules))
     return out
 
@@ -296,10 +310,11 @@ class Scheduler:
             up_bps=8 / s_per_byte if s_per_byte > 0 else prior.up_bps,
             down_bytes=self.down_bytes, active_w=self.power_active.value, idle_w=self.power_idle.value)
 
-    def planner(self, limit: int, objective: Objective | None = None):
+    def planner(self, limit: int, objective: Objective | None = None, pipelined: bool = False):
         """A pure keep-drafting test for one round: confidences of the tokens drafted so far -> bool.
         The state and objective are frozen for the round; the draft loop calls it between tokens."""
         state, objective, acceptance = self.state(), objective or self.objective, self.acceptance
+        state = replace(state, pipelined=pipelined)
         max_draft = min(limit, self.max_draft)
         probe = max_draft > 0 and self.rounds_without_draft >= self.probe_every
 

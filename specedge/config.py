@@ -159,9 +159,15 @@ class TargetConfig:
     weights: str = "bf16"
     # Bit-identical logits whether a position is verified in a block or decoded alone.
     batch_invariant: bool = True
+    # Early-exit hints (sent to devices that ask): the layer they are read after, 0 = three
+    # quarters of the target's depth; a trained exit head (`specedge cloud train-exit-head`),
+    # "" = the target's own final norm and output head.
+    exit_layer: int = 0
+    exit_head: str = ""
 
     def validate(self):
         _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "target.weights", "int8, bf16, fp32 or fp64")
+        _check(self.exit_layer >= 0, "target.exit_layer", ">= 0 (0 = three quarters of the depth)")
 
 
 @dataclass

@@ -24,6 +24,13 @@ class SpecStats:
     energy_j: float = 0.0  # device energy over the request (meter + modelled radio)
     energy_source: str = ""
     radio_tail_j: float = 0.0  # the radio's tail after the request, not in energy_j
+    ahead_s: float = 0.0  # drafting ahead during waits (pipelined policies), in wait_s
+    ahead_tokens: int = 0  # tokens drafted ahead, kept or not
+    ahead_kept: int = 0  # of those, tokens whose bet held and that went out as the next draft
+    ahead_hits: int = 0  # rounds whose bet held
+    hints: int = 0  # rounds with an early-exit hint
+    hints_agreed: int = 0  # of those, rounds whose verdict was the one the hint predicted
+    hint_layer: int = 0
     draft_lengths: list[int] = field(default_factory=list)
     accepted_lengths: list[int] = field(default_factory=list)
     round_start_s: list[float] = field(default_factory=list)  # offsets from the request's start
@@ -74,5 +81,8 @@ class SpecStats:
             "retries": self.retries,
             "stale_messages": self.stale_messages,
             "energy_j_per_token": self.energy_j / gen,
+            "ahead_hit_rate": self.ahead_hits / rounds if self.ahead_tokens or self.ahead_hits else None,
+            "ahead_kept_tokens": self.ahead_kept,
+            "early_exit_agreement": self.hints_agreed / self.hints if self.hints else None,
             "energy_source": self.energy_source,
         }

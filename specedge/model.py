@@ -207,12 +207,16 @@ class Qwen2:
         return F.scaled_dot_product_attention(q.unsqueeze(0), k[None, :, :end], v[None, :, :end],
                                               attn_mask=mask, enable_gqa=True, scale=scale)[0]
 
-    def forward(self, tokens, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens, cache: KVCache, last_only: bool = False, on_layer=None) -> torch.Tensor:
         """Feed `tokens` after the cached positions; return fp32 logits [len(tokens), vocab]
-        (or [1, vocab] for the last position with last_only, as prefill needs)."""
+        (or [1, vocab] for the last position with last_only, as prefill needs).
+        `on_layer(i, hidden)` sees the residual stream (one row per token) after i layers, before
+        layer i runs: an early exit reads it there and acts before the pass goes on."""
         tokens = torch.as_tensor(tokens, dtype=torch.long)
         if not self.batch_invariant or tokens.shape[0] <= INVARIANT_BLOCK:
-            return self._forward(tokens, cache, last_only)
+            return self._forward(tokens, cache, last_only, on_layer)
+        if on_layer is not None:
+            raise ValueError(f"on_layer needs a block of at most {INVARIANT_BLOCK} tokens")
         # Larger blocks switch oneDNN to kernels with another reduction order.
         chunks = tokens.split(INVARIANT_BLOCK)
         if last_only:
@@ -222,7 +226,7 @@ class Qwen2:
         return torch.cat([self._forward(chunk, cache, False) for chunk in chunks])
 
     @torch.inference_mode()
-    def _forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool, on_layer=None) -> torch.Tensor:
         cfg = self.cfg
         n, start = tokens.shape[0], cache.length
         end = start + n
@@ -238,6 +242,8 @@ class Qwen2:
 
         x = self.embed[tokens]
         for li, layer in enumerate(self.layers):
+            if on_layer is not None:
+                on_layer(li, x)
             h = self._rmsnorm(x, layer["attn_norm"])
             qkv = layer["qkv"](h)
             q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -253,4 +259,9 @@ class Qwen2:
         cache.length = end
         if last_only:
             x = x[-1:]
-        return self.head(self._rmsnorm(x, self.norm)).float()
+        return self.logits(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm and output head on residual-stream rows: fp32 logits."""
+        return self.head(self._rmsnorm(hidden, self.norm)).float()

@@ -68,6 +68,7 @@ class Open:
     params: SamplingParams = field(default_factory=SamplingParams)
     tokenizer: bytes = bytes(8)  # fingerprint; the verifier refuses a mismatch
     resync: bool = False
+    hints: bool = False  # ask for early-exit hints (when the verifier has an exit head)
     TYPE = 1
 
 
@@ -115,6 +116,20 @@ class Verdict:
 
 
 @dataclass
+class Hint:
+    """Verifier -> device, mid-verification: the verdict an intermediate layer predicts.
+    Advisory only: the device may start drafting from it, the Verdict decides."""
+
+    session: int
+    seq: int
+    committed: int
+    accepted: int
+    next_token: int
+    layer: int
+    TYPE = 19
+
+
+@dataclass
 class Tokens:
     """Verifier -> device: streamed tokens of a Generate, starting at generated index `start`."""
 
@@ -135,7 +150,7 @@ class Error:
     TYPE = 18
 
 
-MESSAGES = {m.TYPE: m for m in (Open, Draft, Generate, Close, Verdict, Tokens, Error)}
+MESSAGES = {m.TYPE: m for m in (Open, Draft, Generate, Close, Verdict, Hint, Tokens, Error)}
 
 
 def _tokens(values, limit: int, what: str) -> bytes:
@@ -153,7 +168,7 @@ def encode(msg) -> bytes:
         p = msg.params
         if len(msg.tokenizer) != 8:
             raise WireError("tokenizer fingerprint must be 8 bytes")
-        out.append(struct.pack("<BfIfQ8sI", int(msg.resync), p.temperature, p.top_k, p.top_p, p.seed,
+        out.append(struct.pack("<BfIfQ8sI", int(msg.resync) | int(msg.hints) << 1, p.temperature, p.top_k, p.top_p, p.seed,
                                msg.tokenizer, len(msg.tokens)))
         out.append(_tokens(msg.tokens, MAX_CONTEXT, "open"))
     elif isinstance(msg, Draft):
@@ -173,6 +188,8 @@ def encode(msg) -> bytes:
         out.append(struct.pack("<II", msg.committed, msg.max_new_tokens))
     elif isinstance(msg, Verdict):
         out.append(struct.pack("<IBII", msg.committed, msg.accepted, msg.next_token, msg.verify_us))
+    elif isinstance(msg, Hint):
+        out.append(struct.pack("<IBIB", msg.committed, msg.accepted, msg.next_token, msg.layer))
     elif isinstance(msg, Tokens):
         out.append(struct.pack("<IBH", msg.start, int(msg.done), len(msg.tokens)))
         out.append(_tokens(msg.tokens, MAX_STREAM, "tokens"))
@@ -234,14 +251,15 @@ def decode(data: bytes):
         raise UnsupportedVersion(f"protocol version {version}; this build speaks {PROTOCOL_VERSION}")
     r = _Reader(data, _HEADER.size)
     if mtype == Open.TYPE:
-        resync, temperature, top_k, top_p, seed, tok, n = r.take("<BfIfQ8sI")
+        flags, temperature, top_k, top_p, seed, tok, n = r.take("<BfIfQ8sI")
         try:
             params = SamplingParams(float(temperature), int(top_k), float(top_p), int(seed))
         except ValueError as exc:
             raise WireError(f"open: {exc}") from exc
-        if resync > 1:
-            raise WireError("open: bad resync flag")
-        msg = Open(session, seq, r.tokens(_bounded(n, MAX_CONTEXT, "open")), params, tok, bool(resync))
+        if flags > 3:
+            raise WireError("open: unknown flags")
+        msg = Open(session, seq, r.tokens(_bounded(n, MAX_CONTEXT, "open")), params, tok, bool(flags & 1),
+                   bool(flags & 2))
         if not msg.tokens:
             raise WireError("open: no tokens")
     elif mtype == Draft.TYPE:
@@ -277,6 +295,11 @@ def decode(data: bytes):
         if next_token > MAX_TOKEN_ID:
             raise WireError("verdict: token id out of range")
         msg = Verdict(session, seq, committed, accepted, next_token, verify_us)
+    elif mtype == Hint.TYPE:
+        committed, accepted, next_token, layer = r.take("<IBIB")
+        if next_token > MAX_TOKEN_ID:
+            raise WireError("hint: token id out of range")
+        msg = Hint(session, seq, committed, accepted, next_token, layer)
     elif mtype == Tokens.TYPE:
         start, done, n = r.take("<IBH")
         if done > 1:
