@@ -47,7 +47,7 @@ class ExitHead:
 
         if self.down is None:
             raise ExitHeadError("an untrained exit head has nothing to save")
-        info = {"layer": str(self.layer), "hidden": str(self.model.cfg.hidden), "meta": json.dumps(meta)}
+        info = {"layer": str(self.layer), "hidden": str(self.model.cfg.dim), "meta": json.dumps(meta)}
         save_file({"down": self.down.contiguous(), "up": self.up.contiguous()}, str(path), metadata=info)
 
 
@@ -67,7 +67,7 @@ def load_exit_head(model: Qwen2, layer: int, path: str | Path | None = None) -> 
         layer = int(info["layer"])
     except Exception as exc:  # a corrupted or foreign file: say which
         raise ExitHeadError(f"exit head {path} is unreadable: {exc}") from exc
-    hidden = model.cfg.hidden
+    hidden = model.cfg.dim
     if down.ndim != 2 or down.shape[1] != hidden or up.shape != (hidden, down.shape[0]):
         raise ExitHeadError(f"exit head {path} is for a hidden size of {down.shape[-1]}, the target has {hidden}")
     return ExitHead(model, layer, down, up)
@@ -88,13 +88,13 @@ def hidden_states(model: Qwen2, tokens: list[int], layers: list[int]):
     return {layer: torch.cat(rows) for layer, rows in seen.items()}, torch.cat(final)
 
 
-def layer_agreement(model: Qwen2, sequences: list[list[int]], layers: list[int], skip: int = 0,
+def layer_agreement(model: Qwen2, sequences: list[tuple[list[int], int]], layers: list[int],
                     heads: dict[int, ExitHead] | None = None) -> dict[int, float]:
     """How often each layer's exit head names the same next token as the full model, over every
-    position after the first `skip` of each sequence (teacher forcing)."""
+    position of each (tokens, skip) sequence after its first `skip` (teacher forcing)."""
     agree = {layer: 0 for layer in layers}
     total = 0
-    for tokens in sequences:
+    for tokens, skip in sequences:
         states, final = hidden_states(model, tokens, layers)
         final = final[skip:]
         total += final.numel()
@@ -140,7 +140,7 @@ def train_exit_head(model: Qwen2, sequences: list[list[int]], layer: int, rank: 
         xs.append(states[layer].float())
         ys.append(final)
     x_all, y_all = torch.cat(xs), torch.cat(ys)
-    hidden, vocab = model.cfg.hidden, model.cfg.vocab_size
+    hidden, vocab = model.cfg.dim, model.cfg.vocab_size
     down = (torch.randn(rank, hidden, generator=gen) / hidden ** 0.5).requires_grad_()
     up = torch.zeros(hidden, rank, requires_grad=True)
     head_w = _head_weight(model)
@@ -164,8 +164,9 @@ def train_exit_head(model: Qwen2, sequences: list[list[int]], layer: int, rank: 
             log(f"step {step + 1}/{steps}: loss {loss.item():.3f} ({time.perf_counter() - t0:.0f}s)")
     head = ExitHead(model, layer, down.detach(), up.detach())
     report = {"layer": layer, "rank": rank, "steps": steps, "train_positions": int(x_all.shape[0]),
-              "agreement_plain": layer_agreement(model, test_seqs, [layer])[layer],
-              "agreement_trained": layer_agreement(model, test_seqs, [layer], heads={layer: head})[layer]}
+              "agreement_plain": layer_agreement(model, [(t, 0) for t in test_seqs], [layer])[layer],
+              "agreement_trained": layer_agreement(model, [(t, 0) for t in test_seqs], [layer],
+                                                   heads={layer: head})[layer]}
     return head, report
 
 

@@ -118,6 +118,7 @@ class _Request:
         self.start_s = time.perf_counter()
         self.stopped = False
         self.stream_failures = 0
+        self.vocab_size = agent.engine.vocab_size
 
     @property
     def generated(self) -> int:
@@ -204,8 +205,13 @@ class _Request:
                 room = lambda accepted: policy.next_draft_length(self.max_new - self.generated - accepted - 1)
                 ahead = Ahead(engine, list(self.committed), list(draft), self.params, self.rng, self.stop_ids,
                               room, keep_going)
-            verdict = self.round_trip(wire.Draft(self.session, self.seq, len(self.committed), draft, drafted.q),
-                                      ahead)
+            message = wire.Draft(self.session, self.seq, len(self.committed), draft, drafted.q)
+            if drafted.q is not None and draft:
+                # The naive baseline ships each drafted token's full distribution (fp16 over the
+                # vocabulary) instead of its sparse q: counted, never sent.
+                self.stats.q_wire_bytes += len(wire.encode(message)) - len(wire.encode(replace(message, q=None)))
+                self.stats.dense_q_bytes += 2 * self.vocab_size * len(draft)
+            verdict = self.round_trip(message, ahead)
             t2 = time.perf_counter()
             if verdict.accepted > len(draft):
                 raise RequestFailed(f"verdict accepts {verdict.accepted} of {len(draft)} drafted tokens")

@@ -37,11 +37,15 @@ class Drafted:
 class TorchDraftEngine:
     backend = "torch"
 
-    def __init__(self, model: Qwen2, q_top_k: int = 8, q_top_p: float = 1.0):
+    def __init__(self, model: Qwen2, q_top_k: int = 8, q_top_p: float = 0.98):
         self.model, self.q_top_k, self.q_top_p = model, q_top_k, q_top_p
         self.cache = None
         self.fed: list[int] = []  # tokens whose keys/values are in the cache
         self.pending: list[int] = []  # committed tokens not fed yet
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
 
     def start(self, committed: list[int]) -> None:
         """Prefill the prompt (all but its last token, whose logits start the first draft), so a

@@ -135,7 +135,13 @@ def worker_main(argv: list[str]) -> int:
                               "network_rtt_s": stats.network_rtt_s(), "draft_lengths": stats.draft_lengths,
                               "accepted_lengths": stats.accepted_lengths, "round_start_s": stats.round_start_s,
                               "verify_round_s": stats.verify_round_s, "energy_j": stats.energy_j,
-                              "energy_source": stats.energy_source, "text": tok.decode(result.tokens)}) + "\n")
+                              "energy_source": stats.energy_source, "prompt_tokens": len(prompt),
+                              "prompt": prompt, "q_wire_bytes": stats.q_wire_bytes,
+                              "dense_q_bytes": stats.dense_q_bytes, "ahead_s": stats.ahead_s,
+                              "ahead_tokens": stats.ahead_tokens, "ahead_kept": stats.ahead_kept,
+                              "ahead_hits": stats.ahead_hits, "hints": stats.hints,
+                              "hints_agreed": stats.hints_agreed, "hint_layer": stats.hint_layer,
+                              "text": tok.decode(result.tokens)}) + "\n")
         out.flush()
     agent.stop()
     return 0
@@ -217,6 +223,9 @@ def aggregate(runs: list[dict]) -> dict:
     rtts = sorted(rtt for r in runs for rtt in r["network_rtt_s"])
     energy = sum(r["energy_j"] for r in runs)
     gen = max(tokens, 1)
+    dense = sum(r.get("dense_q_bytes", 0) for r in runs)
+    hints = sum(r.get("hints", 0) for r in runs)
+    ahead = sum(r.get("ahead_tokens", 0) + r.get("ahead_hits", 0) for r in runs)
     return {
         "tokens_per_s": tokens / total_s if total_s else 0.0,
         "ttft_s": sum(r["summary"]["ttft_s"] for r in runs) / len(runs),
@@ -233,6 +242,13 @@ def aggregate(runs: list[dict]) -> dict:
         "energy_j_per_token": energy / gen,
         "energy_source": runs[0]["energy_source"],
         "mean_draft_len": drafted / rounds if rounds else 0.0,
+        # Sampled runs: the same run had it shipped full fp16 draft distributions instead of sparse q.
+        "naive_wire_bytes_per_token": (wire - sum(r.get("q_wire_bytes", 0) for r in runs) + dense) / gen
+        if dense else None,
+        "ahead_hit_rate": sum(r.get("ahead_hits", 0) for r in runs) / rounds if ahead and rounds else None,
+        "ahead_kept_per_round": sum(r.get("ahead_kept", 0) for r in runs) / rounds if ahead and rounds else None,
+        "early_exit_agreement": sum(r.get("hints_agreed", 0) for r in runs) / hints if hints else None,
+        "early_exit_layer": max(r.get("hint_layer", 0) for r in runs) if hints else None,
     }
 
 
@@ -270,7 +286,8 @@ def run(args) -> int:
     try:
         verifier = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run"], verifier_cores, {
             "SPECEDGE_MQTT_PORT": str(broker.port), "SPECEDGE_TARGET_MODEL": args.target,
-            "SPECEDGE_TARGET_WEIGHTS": args.target_weights, "SPECEDGE_VERIFIER_FLEET": "bench"},
+            "SPECEDGE_TARGET_WEIGHTS": args.target_weights, "SPECEDGE_VERIFIER_FLEET": "bench",
+            "SPECEDGE_TARGET_EXIT_LAYER": str(args.exit_layer), "SPECEDGE_TARGET_EXIT_HEAD": args.exit_head or ""},
             logs / "verifier.log")
         procs.append(verifier)
         _read_json(verifier, "the verifier", args.start_timeout)
@@ -310,6 +327,9 @@ def run(args) -> int:
         for proc in procs:
             _stop(proc)
         broker.stop()
+    exit_agreement = None
+    if any(parse_policy(p, 64).early_exit for p in policies):
+        exit_agreement = _exit_agreement(results, args, logs)
 
     report = {
         "machine": machine(), "git_revision": _git_revision(), "pinning": pinning,
@@ -317,6 +337,9 @@ def run(args) -> int:
         "target_weights": args.target_weights, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "energy_profile": args.profile,
         "channels": {name: {"doc": PRESETS[name]["doc"], **res} for name, res in results.items()},
+        # Per layer: how often an exit head there names the target's next token, teacher-forced over
+        # the generated text (the early-exit policies' live rate is per channel and policy).
+        "early_exit_agreement": exit_agreement,
         "outputs_identical": all(r.get("outputs_identical") is not False for r in results.values())
         if args.temperature == 0 else None,
     }
@@ -330,6 +353,29 @@ def run(args) -> int:
         plot_draft_lengths(report, timeline)
         print(f"wrote {args.plot} and {timeline}", file=sys.stderr)
     return 0 if report["outputs_identical"] in (True, None) else 1
+
+
+def _exit_agreement(results: dict, args, logs: Path) -> dict:
+    sequences = [{"tokens": r["prompt"] + r["tokens"], "skip": r["prompt_tokens"]}
+                 for res in results.values() for r in res["runs"].get("cloud-ar") or next(iter(res["runs"].values()))]
+    seen, unique = set(), []
+    for seq in sequences:  # every channel generates the same greedy text: measure it once
+        key = tuple(seq["tokens"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(seq)
+    path = logs / "sequences.json"
+    path.write_text(json.dumps(unique))
+    cmd = [sys.executable, "-m", "specedge.cli", "cloud", "exit-agreement", "--target", args.target,
+           "--target-weights", args.target_weights, "--sequences", str(path)]
+    if args.exit_head:
+        cmd += ["--exit-head", args.exit_head]
+    print("measuring early-exit agreement per layer ...", file=sys.stderr, flush=True)
+    proc = _spawn(cmd, _cores(), {}, logs / "exit-agreement.log")
+    try:
+        return _read_json(proc, "the exit-agreement sweep", args.run_timeout)
+    finally:
+        _stop(proc)
 
 
 def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
@@ -387,9 +433,9 @@ def _budget(policy: str) -> float | None:
 def _print_table(report: dict) -> None:
     cols = ["tokens_per_s", "speedup_vs_cloud_ar", "vs_best_fixed", "mean_draft_len", "acceptance_rate",
             "mean_accepted_len", "target_passes_per_token", "wire_bytes_per_token", "rtt_ms", "energy_j_per_token",
-            "efficiency"]
+            "efficiency", "ahead_hit_rate", "early_exit_agreement", "naive_wire_bytes_per_token"]
     heads = ["tok/s", "vs AR", "vs best", "draft", "accept", "acc.len", "passes/t", "bytes/t", "RTT ms", "J/tok",
-             "eff."]
+             "eff.", "ahead", "exit agr", "naive B/t"]
     width = max([12] + [len(p) + 2 for ch in report["channels"].values() for p in ch["policies"]])
     print(f"\n{'channel':12}{'policy':{width}}" + "".join(f"{h:>9}" for h in heads))
     for name, ch in report["channels"].items():
@@ -397,13 +443,21 @@ def _print_table(report: dict) -> None:
             cells = []
             for c in cols:
                 v = m.get(c)
-                cells.append(f"{v:>9.3f}" if isinstance(v, float) else f"{'-' if v is None else v:>9}")
+                cells.append(f"{v:>9.3f}" if isinstance(v, float) and v < 1e5 else
+                             f"{v:>9.3g}" if isinstance(v, float) else f"{'-' if v is None else v:>9}")
             print(f"{name:12}{policy:{width}}" + "".join(cells))
         if "outputs_identical" in ch:
             print(f"{'':12}outputs identical to cloud-ar: {ch['outputs_identical']}")
     sources = {m["energy_source"] for ch in report["channels"].values() for m in ch["policies"].values()}
     print(f"energy (J/tok) source: {', '.join(sorted(sources))}; efficiency = tok/s over the analytical optimum "
-          f"(best fixed draft length under the measured per-position acceptance and costs)")
+          f"(best fixed draft length, not pipelined, under the measured per-position acceptance and costs); "
+          f"ahead = rounds whose drafted-ahead block was kept; exit agr = rounds whose verdict the early-exit "
+          f"hint predicted; naive B/t = bytes/token had full fp16 draft distributions been sent")
+    layers = report.get("early_exit_agreement")
+    if layers:
+        cells = ", ".join(f"layer {k}: {v:.3f}" for k, v in layers["agreement"].items())
+        print(f"early-exit next-token agreement per layer (of {layers['layers']}, teacher-forced over "
+              f"{layers['positions']} generated positions): {cells}")
 
 
 def plot(report: dict, path: str) -> None:

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
 
@@ -63,6 +64,47 @@ def _cloud_run(args) -> int:
         _wait_for_signal()
     finally:
         verifier.stop()
+    return 0
+
+
+def _train_exit_head(args) -> int:
+    from specedge.cloud.exit_head import corpus_passages, train_exit_head
+    from specedge.loader import load_named
+
+    model, tok = load_named(args.target, args.target_weights)
+    layer = args.layer or max(1, model.cfg.n_layers * 3 // 4)
+    sequences = corpus_passages(tok, args.corpus, args.passages, args.length)
+    print(f"training an exit head after layer {layer}/{model.cfg.n_layers} of {args.target} on "
+          f"{len(sequences)} passages of {args.length} tokens", file=sys.stderr, flush=True)
+    head, report = train_exit_head(model, sequences, layer, args.rank, args.steps, seed=args.seed,
+                                   log=lambda line: print(line, file=sys.stderr, flush=True))
+    head.save(args.out, {"target": args.target, "weights": args.target_weights, **report})
+    print(json.dumps({"out": args.out, **report}), flush=True)
+    return 0
+
+
+def _exit_agreement(args) -> int:
+    """Per layer: how often the exit head there names the full model's next token (teacher forcing)."""
+    from specedge.cloud.exit_head import layer_agreement, load_exit_head
+    from specedge.loader import load_named
+
+    model, _ = load_named(args.target, args.target_weights)
+    runs = json.loads(Path(args.sequences).read_text())
+    n = model.cfg.n_layers
+    layers = sorted({int(x) for x in args.layers.split(",")} if args.layers else
+                    {x for x in set(range(4, n, 4)) | {n * 3 // 4, n - 2} if 1 <= x < n})
+    heads = {}
+    if args.exit_head:
+        head = load_exit_head(model, 1, args.exit_head)
+        heads[head.layer] = head
+    rates = layer_agreement(model, [(r["tokens"], r["skip"]) for r in runs], layers)
+    out = {"layers": n, "positions": sum(len(r["tokens"]) - r["skip"] for r in runs),
+           "agreement": {str(k): v for k, v in rates.items()}}
+    if heads:
+        layer = next(iter(heads))
+        out["trained"] = {str(layer): layer_agreement(model, [(r["tokens"], r["skip"]) for r in runs], [layer],
+                                                      heads=heads)[layer]}
+    print(json.dumps(out), flush=True)
     return 0
 
 
@@ -231,6 +273,25 @@ def parser() -> argparse.ArgumentParser:
     cr = csub.add_parser("run")
     cr.add_argument("--config", help="TOML file (see firmware_config/cloud.toml)")
     cr.set_defaults(func=_cloud_run)
+    te = csub.add_parser("train-exit-head", help="fit an early-exit head by distillation (CPU, minutes)")
+    te.add_argument("--target", default=DEFAULT_TARGET)
+    te.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"])
+    te.add_argument("--layer", type=int, default=0, help="read after this many layers (0 = 3/4 of the depth)")
+    te.add_argument("--corpus", action="append", help="text file(s); default: the Python standard library")
+    te.add_argument("--passages", type=int, default=48)
+    te.add_argument("--length", type=int, default=128, help="tokens a passage")
+    te.add_argument("--rank", type=int, default=32)
+    te.add_argument("--steps", type=int, default=300)
+    te.add_argument("--seed", type=int, default=0)
+    te.add_argument("--out", required=True, help="safetensors file; set [target] exit_head to use it")
+    te.set_defaults(func=_train_exit_head)
+    ea = csub.add_parser("exit-agreement", help="per-layer early-exit agreement on token sequences")
+    ea.add_argument("--target", default=DEFAULT_TARGET)
+    ea.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"])
+    ea.add_argument("--sequences", required=True, help='JSON list of {"tokens": [...], "skip": N}')
+    ea.add_argument("--layers", help="comma-separated (default: every 4th, 3/4 and n-2)")
+    ea.add_argument("--exit-head", help="also a trained head (its own layer)")
+    ea.set_defaults(func=_exit_agreement)
 
     dv = sub.add_parser("device", help="the device agent")
     dsub = dv.add_subparsers(dest="device_command", required=True)
@@ -268,6 +329,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--profile", default="orin-nano-15w", help="device profile for energy (profiles.toml)")
     be.add_argument("--meter", default="auto", help="power meter of the device worker (auto, estimated, ...)")
+    be.add_argument("--exit-layer", type=int, default=0, help="early-exit hints after this layer (0 = 3/4)")
+    be.add_argument("--exit-head", help="a trained exit head for the verifier (train-exit-head)")
     be.add_argument("--start-timeout", type=float, default=600.0, help="seconds for a process to load its model")
     be.add_argument("--run-timeout", type=float, default=900.0, help="seconds for one generation")
     be.set_defaults(func=_bench)

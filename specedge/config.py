@@ -51,7 +51,7 @@ class DraftConfig:
     model: str = "qwen2.5-coder-0.5b"  # registry name or a path (GGUF file or HF folder)
     weights: str = "int8"  # int8 (fastest single-token decode on CPU) | bf16 | fp32
     q_top_k: int = 8  # sampled mode: candidates in the sparse q sent per drafted token
-    q_top_p: float = 1.0
+    q_top_p: float = 0.98  # the fewest candidates reaching this mass: ~1.6 a token on code, not ~4.7
 
     def validate(self):
         _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "draft.weights", "int8, bf16, fp32 or fp64")

@@ -31,6 +31,8 @@ class SpecStats:
     hints: int = 0  # rounds with an early-exit hint
     hints_agreed: int = 0  # of those, rounds whose verdict was the one the hint predicted
     hint_layer: int = 0
+    q_wire_bytes: int = 0  # sampled mode: what the sparse q added to the drafts, over plain token ids
+    dense_q_bytes: int = 0  # what full fp16 draft distributions would have added instead (not sent)
     draft_lengths: list[int] = field(default_factory=list)
     accepted_lengths: list[int] = field(default_factory=list)
     round_start_s: list[float] = field(default_factory=list)  # offsets from the request's start
@@ -81,6 +83,8 @@ class SpecStats:
             "retries": self.retries,
             "stale_messages": self.stale_messages,
             "energy_j_per_token": self.energy_j / gen,
+            "naive_wire_bytes_per_token": ((self.wire_bytes - self.q_wire_bytes + self.dense_q_bytes) / gen
+                                           if self.dense_q_bytes else None),
             "ahead_hit_rate": self.ahead_hits / rounds if self.ahead_tokens or self.ahead_hits else None,
             "ahead_kept_tokens": self.ahead_kept,
             "early_exit_agreement": self.hints_agreed / self.hints if self.hints else None,

@@ -14,7 +14,7 @@ import numpy as np
 
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: token lists packed 3 bytes an id, compact sparse q, HINT, OPEN flags
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_CONTEXT = 32768  # tokens in OPEN
 MAX_DRAFT = 64  # drafted tokens per DRAFT
@@ -154,12 +154,13 @@ MESSAGES = {m.TYPE: m for m in (Open, Draft, Generate, Close, Verdict, Hint, Tok
 
 
 def _tokens(values, limit: int, what: str) -> bytes:
+    """Token ids packed as 3-byte little-endian integers (ids < 2**24: every vocabulary here)."""
     arr = np.asarray(values, dtype=np.int64)
     if arr.size > limit:
         raise Oversized(f"{what}: {arr.size} tokens exceed the limit of {limit}")
     if arr.size and (arr.min() < 0 or arr.max() > MAX_TOKEN_ID):
         raise WireError(f"{what}: token id out of range")
-    return arr.astype("<u4").tobytes()
+    return arr.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
 
 
 def encode(msg) -> bytes:
@@ -176,11 +177,18 @@ def encode(msg) -> bytes:
         if has_q and len(msg.q) != len(msg.tokens):
             raise WireError("draft: one q per drafted token")
         out.append(struct.pack("<IBB", msg.committed, len(msg.tokens), int(has_q)))
-        out.append(_tokens(msg.tokens, MAX_DRAFT, "draft"))
-        for q in msg.q or ():
+        if len(msg.tokens) > MAX_DRAFT:
+            raise Oversized(f"draft: {len(msg.tokens)} tokens exceed the limit of {MAX_DRAFT}")
+        if not has_q:
+            out.append(_tokens(msg.tokens, MAX_DRAFT, "draft"))
+        for token, q in zip(msg.tokens, msg.q or ()):
             if not 0 < len(q.ids) <= MAX_Q_ENTRIES:
                 raise Oversized(f"q with {len(q.ids)} entries")
-            out.append(struct.pack("<B", len(q.ids)))
+            where = np.nonzero(np.asarray(q.ids) == token)[0]
+            if not where.size:
+                raise WireError(f"draft: token {token} lies outside its own q")
+            # The drafted token is named by its place in q: one byte instead of three.
+            out.append(struct.pack("<BB", len(q.ids), int(where[0])))
             out.append(_tokens(q.ids, MAX_Q_ENTRIES, "q"))
             # Counts are 1..65536; minus one they fit 16 bits.
             out.append((np.asarray(q.counts, dtype=np.int64) - 1).astype("<u2").tobytes())
@@ -224,11 +232,12 @@ class _Reader:
         self.pos += size
         return arr
 
+    def token_array(self, count: int) -> np.ndarray:
+        packed = self.array("u1", 3 * count).reshape(count, 3).astype(np.uint32)
+        return packed[:, 0] | packed[:, 1] << 8 | packed[:, 2] << 16
+
     def tokens(self, count: int) -> list[int]:
-        arr = self.array("<u4", count)
-        if arr.size and int(arr.max()) > MAX_TOKEN_ID:
-            raise WireError("token id out of range")
-        return arr.astype(np.int64).tolist()
+        return self.token_array(count).astype(np.int64).tolist()
 
 
 def _bounded(count: int, limit: int, what: str) -> int:
@@ -266,24 +275,26 @@ def decode(data: bytes):
         committed, n, has_q = r.take("<IBB")
         if has_q > 1:
             raise WireError("draft: bad q flag")
-        tokens = r.tokens(_bounded(n, MAX_DRAFT, "draft"))
+        _bounded(n, MAX_DRAFT, "draft")
         q = None
-        if has_q:
-            q = []
+        if not has_q:
+            tokens = r.tokens(n)
+        else:
+            tokens, q = [], []
             for _ in range(n):
-                (k,) = r.take("<B")
+                k, index = r.take("<BB")
                 if k == 0:
                     raise WireError("draft: empty q")
-                ids = r.array("<u4", k).astype(np.uint32)
+                if index >= k:
+                    raise WireError(f"draft: drafted token at place {index} of a q with {k} entries")
+                ids = r.token_array(k)
                 counts = r.array("<u2", k).astype(np.int64) + 1
                 if int(counts.sum()) != Q_ONE:
                     raise WireError(f"draft: q counts sum to {int(counts.sum())}, not {Q_ONE}")
-                if len(np.unique(ids)) != k or int(ids.max()) > MAX_TOKEN_ID:
-                    raise WireError("draft: q ids repeat or are out of range")
+                if len(np.unique(ids)) != k:
+                    raise WireError("draft: q ids repeat")
+                tokens.append(int(ids[index]))
                 q.append(SparseDist(ids, counts))
-            for x, dist in zip(tokens, q):
-                if dist.prob(x) == 0.0:
-                    raise WireError(f"draft: token {x} lies outside its own q")
         msg = Draft(session, seq, committed, tokens, q)
     elif mtype == Generate.TYPE:
         committed, max_new = r.take("<II")

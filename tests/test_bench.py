@@ -48,7 +48,8 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
     proc = subprocess.run(
         [sys.executable, "-m", "specedge.cli", "bench", "--draft", str(draft), "--target", str(target),
          "--draft-weights", "bf16", "--channel", "ideal,lte", "--meter", "estimated",
-         "--policies", "cloud-ar,fixed:1,fixed:3,adaptive,adaptive-energy:budget=50",
+         "--policies", "cloud-ar,fixed:1,fixed:3,adaptive,adaptive-energy:budget=50,pipelined:3,"
+                       "adaptive+pipelined,early-exit:3",
          "--max-prompts", "2", "--max-new-tokens", "12", "--json", str(out), "--plot", str(png),
          "--start-timeout", "120", "--run-timeout", "120"],
         capture_output=True, text=True, timeout=600)
@@ -59,7 +60,8 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
     for channel in ("ideal", "lte"):
         ch = report["channels"][channel]
         assert ch["outputs_identical"] is True
-        for policy in ("cloud-ar", "fixed:1", "fixed:3", "adaptive", "adaptive-energy:budget=50"):
+        for policy in ("cloud-ar", "fixed:1", "fixed:3", "adaptive", "adaptive-energy:budget=50", "pipelined:3",
+                       "adaptive+pipelined", "early-exit:3"):
             m = ch["policies"][policy]
             for key in ("tokens_per_s", "ttft_s", "acceptance_rate", "mean_accepted_len", "target_passes_per_token",
                         "wire_bytes_per_token", "rounds", "draft_ms_per_token", "verify_ms_per_pass", "rtt_ms",
@@ -70,9 +72,35 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
         assert ch["policies"]["cloud-ar"]["target_passes_per_token"] == pytest.approx(1.0, abs=0.1)
         assert ch["policies"]["fixed:3"]["target_passes_per_token"] < 1.0
         assert ch["policies"]["adaptive-energy:budget=50"]["within_budget"] in (True, False)
+        assert ch["policies"]["fixed:3"]["ahead_hit_rate"] is None
+        assert 0.0 <= ch["policies"]["pipelined:3"]["ahead_hit_rate"] <= 1.0
+        assert 0.0 <= ch["policies"]["early-exit:3"]["early_exit_agreement"] <= 1.0
+        assert ch["policies"]["early-exit:3"]["early_exit_layer"] == 1  # 3/4 of the tiny target's 2 layers
         run = ch["runs"]["adaptive"][0]
         assert len(run["draft_lengths"]) == len(run["round_start_s"]) == len(run["link_down_bps"]) > 0
     assert report["channels"]["lte"]["policies"]["fixed:1"]["rtt_ms"] >= 50  # 2 x 30 ms one-way
+    layers = report["early_exit_agreement"]
+    assert layers["layers"] == 2 and set(layers["agreement"]) == {"1"} and layers["positions"] > 0
     assert png.stat().st_size > 10_000
     assert (tmp_path / "bench-draft-length.png").stat().st_size > 10_000
     assert "outputs identical to cloud-ar: True" in proc.stdout
+
+
+def test_tiny_sampled_bench_counts_the_naive_wire_cost(tiny_files, tmp_path, mosquitto):
+    draft, target = tiny_files
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "specedge.cli", "bench", "--draft", str(draft), "--target", str(target),
+         "--draft-weights", "bf16", "--channel", "lte", "--meter", "estimated", "--temperature", "0.8",
+         "--policies", "cloud-ar,fixed:3,pipelined:3", "--max-prompts", "1", "--max-new-tokens", "12",
+         "--json", str(out), "--start-timeout", "120", "--run-timeout", "120"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["outputs_identical"] is None  # sampled: compared by distribution, in test_pipeline
+    policies = report["channels"]["lte"]["policies"]
+    assert policies["cloud-ar"]["naive_wire_bytes_per_token"] is None
+    for name in ("fixed:3", "pipelined:3"):
+        m = policies[name]
+        # the naive baseline ships vocabulary-sized fp16 rows per drafted token (the tiny vocabulary: 2 x 256 B)
+        assert m["naive_wire_bytes_per_token"] > 2 * m["wire_bytes_per_token"]

@@ -35,6 +35,7 @@ class RejectAt:
 
     def __init__(self, engine, position: int, vocab: int):
         self.engine, self.position, self.vocab = engine, position, vocab
+        self.vocab_size = vocab
         self.rounds = []
 
     def start(self, committed):

@@ -14,12 +14,15 @@ from specedge.speculative import SamplingParams, quantize, softmax
 Q = [quantize(softmax(np.array([3.0, 1.0, 0.5, 0.0, -2.0])), 3, 1.0)]
 MESSAGES = [
     wire.Open(2**63 + 5, 0, [1, 2, 151935], SamplingParams(0.7, 20, 0.9, 42), b"abcdefgh", True),
+    wire.Open(5, 0, [7], SamplingParams(), bytes(8), False, hints=True),
     wire.Draft(7, 3, 100, [4, 5, 6]),
     wire.Draft(7, 4, 100, [int(Q[0].ids[0])], Q),
+    wire.Draft(7, 4, 100, [int(Q[0].ids[1]), int(Q[0].ids[2])], Q * 2),
     wire.Draft(7, 5, 100, []),
     wire.Generate(9, 1, 20, 64),
     wire.Close(9, 2),
     wire.Verdict(7, 3, 100, 2, 151000, 12345),
+    wire.Hint(7, 3, 100, 1, 151000, 21),
     wire.Tokens(9, 1, 20, [3, 4, 5], True),
     wire.Error(7, 3, wire.ErrorCode.OUT_OF_SYNC, "resync, please ✓"),
 ]
@@ -41,10 +44,13 @@ def test_round_trip(msg):
             assert got == value
 
 
-def test_greedy_draft_is_compact():
-    # 14-byte header + 6 bytes + 4 per token
-    assert len(wire.encode(wire.Draft(1, 1, 10, [1, 2, 3, 4]))) == 14 + 6 + 16
+def test_drafts_are_compact():
+    # 14-byte header + 6 bytes + 3 per token id
+    assert len(wire.encode(wire.Draft(1, 1, 10, [1, 2, 3, 4]))) == 14 + 6 + 12
     assert len(wire.encode(wire.Verdict(1, 1, 10, 2, 3))) == 14 + 13
+    # sampled: per drafted token its q (k entries of 3 + 2 bytes) plus 2 bytes, the token named by its place
+    sampled = wire.Draft(1, 1, 10, [int(Q[0].ids[0])] * 2, Q * 2)
+    assert len(wire.encode(sampled)) == 14 + 6 + 2 * (2 + 5 * len(Q[0].ids))
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
@@ -63,7 +69,7 @@ def test_trailing_bytes_are_rejected():
 def test_newer_protocol_version_is_rejected_clearly():
     payload = bytearray(wire.encode(wire.Close(1, 1)))
     payload[0] = wire.PROTOCOL_VERSION + 1
-    with pytest.raises(wire.UnsupportedVersion, match="protocol version 2"):
+    with pytest.raises(wire.UnsupportedVersion, match=f"protocol version {wire.PROTOCOL_VERSION + 1}"):
         wire.decode(bytes(payload))
 
 
@@ -75,7 +81,7 @@ def test_unknown_type_is_rejected():
 def test_oversized_payloads_and_counts_are_rejected_before_allocation():
     with pytest.raises(wire.Oversized):
         wire.decode(b"\x01" * (wire.MAX_PAYLOAD + 1))
-    huge_open = struct.pack("<BBQI", 1, wire.Open.TYPE, 1, 0) + struct.pack("<BfIfQ8sI", 0, 0, 0, 1, 0, bytes(8),
+    huge_open = struct.pack("<BBQI", wire.PROTOCOL_VERSION, wire.Open.TYPE, 1, 0) + struct.pack("<BfIfQ8sI", 0, 0, 0, 1, 0, bytes(8),
                                                                               10**9)
     with pytest.raises(wire.Oversized):
         wire.decode(huge_open)
@@ -84,7 +90,7 @@ def test_oversized_payloads_and_counts_are_rejected_before_allocation():
 
 
 def test_q_that_does_not_sum_to_one_is_rejected():
-    payload = bytearray(wire.encode(MESSAGES[2]))
+    payload = bytearray(wire.encode(MESSAGES[3]))
     payload[-1] ^= 0x01  # flip a count bit
     with pytest.raises(wire.WireError, match="sum"):
         wire.decode(bytes(payload))
@@ -94,12 +100,16 @@ def test_token_outside_its_own_q_is_rejected():
     q = Q[0]
     outside = next(t for t in range(10) if t not in q.ids.tolist())
     with pytest.raises(wire.WireError, match="outside"):
-        wire.decode(wire.encode(wire.Draft(1, 1, 1, [outside], Q)))
+        wire.encode(wire.Draft(1, 1, 1, [outside], Q))
+    payload = bytearray(wire.encode(MESSAGES[3]))
+    payload[21] = len(q.ids)  # the drafted token's place in q, one past its end
+    with pytest.raises(wire.WireError, match="place"):
+        wire.decode(bytes(payload))
 
 
 def test_bad_sampling_params_in_open_are_rejected():
     payload = wire.encode(wire.Open(1, 0, [1], SamplingParams()))
-    bad = payload[:14] + struct.pack("<BfIfQ8sI", 0, -1.0, 0, 1.0, 0, bytes(8), 1) + payload[-4:]
+    bad = payload[:14] + struct.pack("<BfIfQ8sI", 0, -1.0, 0, 1.0, 0, bytes(8), 1) + payload[-3:]
     with pytest.raises(wire.WireError, match="temperature"):
         wire.decode(bad)
 
