@@ -41,6 +41,24 @@ def test_high_acceptance_and_cheap_drafts_lengthen_it():
     assert g(replace(BASE, draft_s=0.005)) > g(BASE)
 
 
+def test_pipelining_hides_the_draft_time_the_bet_pays_for():
+    pipelined = replace(BASE, pipelined=True)
+    wait = BASE.round_cost(0)[0]  # no drafting: all waiting (plus the bytes of a 0-token draft)
+    plain_s, plain_j = BASE.round_cost(2)
+    assert pipelined.round_cost(2, survival_next=0.0)[0] == pytest.approx(plain_s)  # the bet never pays
+    assert pipelined.round_cost(2, survival_next=1.0)[0] == pytest.approx(plain_s - 2 * BASE.draft_s)
+    # drafting ahead draws active power during the wait, whether the bet pays or not
+    assert pipelined.round_cost(2, survival_next=0.0)[1] > plain_j
+    # only what the wait has room for is hidden: a block longer than the wait costs the rest
+    long_g = int(wait / BASE.draft_s) + 4
+    hidden = plain_long = BASE.round_cost(long_g)[0]
+    hidden = plain_long - pipelined.round_cost(long_g, survival_next=1.0)[0]
+    assert 0 < hidden < long_g * BASE.draft_s
+    # cheaper drafting per round: the scheduler drafts at least as far, and a round earns more
+    assert g(pipelined) >= g(BASE)
+    assert best_rate(pipelined, THROUGHPUT, MAX)[0] > best_rate(BASE, THROUGHPUT, MAX)[0]
+
+
 def test_tight_energy_budget_shortens_the_draft_or_zeroes_it():
     # Drafting draws 12 W against 4 W waiting: each drafted token costs energy.
     state = replace(BASE, active_w=12.0, idle_w=4.0)
