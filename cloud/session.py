@@ -62,8 +62,9 @@ class TargetSession:
 
     def verify(self, draft: list[int], q: list[SparseDist] | None, exit_head=None, on_hint=None) -> tuple[int, int]:
         """One target pass over the draft: (accepted count, the target's next token).
-        With an exit head, `on_hint(accepted, token)` gets the verdict the intermediate layer
-        predicts (greedy rule on its guesses), mid-pass, before the remaining layers run."""
+        With an exit head, `on_hint(accepted, token, confidence)` gets the verdict the intermediate
+        layer predicts (greedy rule on its guesses), mid-pass, before the remaining layers run;
+        confidence = the exit's least probability among the guesses that decide it."""
         self._check_ids(draft)
         if (q is None) != self.params.greedy:
             raise BadRequest("sampled sessions need q with every draft, greedy ones none")
@@ -73,7 +74,9 @@ class TargetSession:
         if exit_head is not None and on_hint is not None:
             def hook(index, hidden):
                 if index == exit_head.layer:
-                    on_hint(*greedy_verify(draft, exit_head.logits(hidden).argmax(-1).tolist()))
+                    top = torch.softmax(exit_head.logits(hidden), dim=-1).max(dim=-1)
+                    accepted, token = greedy_verify(draft, top.indices.tolist())
+                    on_hint(accepted, token, float(top.values[: accepted + 1].min()))
         logits = self.model.forward([self.committed[-1]] + draft, self.cache, on_layer=hook)
         if self.params.greedy:
             accepted, token = greedy_verify(draft, torch.argmax(logits, dim=-1).tolist())

@@ -28,7 +28,7 @@ class Verifier:
         target = cfg.target
         self.exit_head = load_exit_head(model, target.exit_layer or max(1, model.cfg.n_layers * 3 // 4),
                                         target.exit_head or None)
-        self.hints_sent = 0
+        self.hints_sent = self.hints_withheld = 0
         self.inbox: queue.Queue = queue.Queue()
         self.sessions: dict[tuple[str, str, int], TargetSession] = {}
         self.link = Link(cfg.mqtt, f"specedge-verifier-{cfg.verifier.id}", self._on_message)
@@ -153,7 +153,10 @@ class Verifier:
         session.sync(msg.committed)
         on_hint = None
         if session.hints and msg.tokens:
-            def on_hint(accepted, token):  # leaves mid-pass, before the remaining layers run
+            def on_hint(accepted, token, confidence):  # leaves mid-pass, before the remaining layers run
+                if confidence < self.cfg.target.exit_threshold:
+                    self.hints_withheld += 1
+                    return
                 self.hints_sent += 1
                 self.reply(out, wire.Hint(msg.session, msg.seq, msg.committed, accepted, token, self.exit_head.layer))
         t0 = time.perf_counter()

@@ -249,6 +249,7 @@ def aggregate(runs: list[dict]) -> dict:
         "ahead_kept_per_round": sum(r.get("ahead_kept", 0) for r in runs) / rounds if ahead and rounds else None,
         "early_exit_agreement": sum(r.get("hints_agreed", 0) for r in runs) / hints if hints else None,
         "early_exit_layer": max(r.get("hint_layer", 0) for r in runs) if hints else None,
+        "early_exit_hints_per_round": hints / rounds if hints and rounds else None,
     }
 
 

@@ -164,10 +164,14 @@ class TargetConfig:
     # "" = the target's own final norm and output head.
     exit_layer: int = 0
     exit_head: str = ""
+    # A hint leaves only when the exit is this sure of every guess it rests on: a wrong hint costs
+    # the device its own bet, which holds more often than a doubtful hint.
+    exit_threshold: float = 0.5
 
     def validate(self):
         _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "target.weights", "int8, bf16, fp32 or fp64")
         _check(self.exit_layer >= 0, "target.exit_layer", ">= 0 (0 = three quarters of the depth)")
+        _check(0.0 <= self.exit_threshold <= 1.0, "target.exit_threshold", "0..1")
 
 
 @dataclass

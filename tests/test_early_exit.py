@@ -24,24 +24,30 @@ def test_hint_is_the_verdict_the_intermediate_layer_predicts(tiny_models):
     guesses = head.logits(states[1][len(prompt) - 1:]).argmax(-1).tolist()
     hints = []
     session = TargetSession(target, prompt, SamplingParams(), 1)
-    verdict = session.verify(draft, None, head, lambda accepted, token: hints.append((accepted, token)))
+    verdict = session.verify(draft, None, head, lambda accepted, token, confidence: hints.append((accepted, token)))
     assert hints == [greedy_verify(draft, guesses)]
     # the hint changes nothing about the verdict
     plain = TargetSession(target, prompt, SamplingParams(), 1)
     assert plain.verify(draft, None) == verdict
 
 
-def test_agent_gets_a_hint_before_every_verdict_and_output_is_unchanged(stack, tiny_models):
+def test_agent_gets_a_hint_before_every_verdict_and_output_is_unchanged(stack, tiny_models, monkeypatch):
     from conftest import reference_greedy
 
     _, tok, target, _ = tiny_models
     prompt = tok.encode_chat("stop the wheel when the sensor is on")
+    verifier = stack.verifier
+    monkeypatch.setattr(verifier.cfg.target, "exit_threshold", 0.0)  # every hint leaves
     result = stack.agent.generate(prompt, SamplingParams(), 24, parse_policy("early-exit:3"))
     assert result.tokens == reference_greedy(target, prompt, 24, tok.stop_ids)
     stats = result.stats
     drafted_rounds = sum(1 for d in stats.draft_lengths if d)
     assert stats.hints == drafted_rounds > 0  # hints that came after their verdict would not count
     assert stats.hint_layer == 1 and 0 <= stats.hints_agreed <= stats.hints
+    monkeypatch.setattr(verifier.cfg.target, "exit_threshold", 1.0)  # none is that sure
+    withheld = verifier.hints_withheld
+    result = stack.agent.generate(prompt, SamplingParams(), 24, parse_policy("early-exit:3"))
+    assert result.stats.hints == 0 and verifier.hints_withheld > withheld
 
 
 def test_trained_head_agrees_more_than_the_plain_one_and_round_trips(tiny_models, tmp_path):

@@ -15,11 +15,12 @@ WORDS = ["the", "cat", "robot", "turn", "left", "stop", "on", "mat", "in", "at",
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=12),
-       draft_length=st.integers(0, 8), max_new=st.integers(1, 40))
-def test_output_equals_target_greedy(stack, tiny_models, words, draft_length, max_new):
+       draft_length=st.integers(0, 8), max_new=st.integers(1, 40),
+       mode=st.sampled_from(["", "+pipelined", "+early-exit"]))
+def test_output_equals_target_greedy(stack, tiny_models, words, draft_length, max_new, mode):
     _, tok, target, _ = tiny_models
     prompt = tok.encode_chat(" ".join(words))
-    result = stack.agent.generate(prompt, SamplingParams(), max_new, parse_policy(f"fixed:{draft_length}"))
+    result = stack.agent.generate(prompt, SamplingParams(), max_new, parse_policy(f"fixed:{draft_length}{mode}"))
     assert result.tokens == reference_greedy(target, prompt, max_new, tok.stop_ids)
     stats = result.stats.summary()
     assert stats["generated_tokens"] == len(result.tokens)
