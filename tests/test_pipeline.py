@@ -80,7 +80,7 @@ def test_pipelined_sampling_reproduces_the_target_distribution(draft_length, red
         out, k = generate(engine, p_table, draft_length, params, device_rng, cloud_rng, redirect_rate, 4)
         counts[out[2], out[3]] += 1
         kept += k
-    assert kept > trials // 4  # the pipelined path really ran
+    assert kept > trials // 10  # the pipelined path really ran: thousands of kept blocks
     marginal = p_table[0] @ p_table  # token 2's distribution (token 1 follows the start token 0)
     expected = (marginal @ p_table)[:, None] * p_table  # p(x3 = a) p(x4 = b | a)
     stat, pvalue = chisquare(counts.ravel(), expected.ravel() * trials)
