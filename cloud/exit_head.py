@@ -23,6 +23,11 @@ class ExitHeadError(ValueError):
     pass
 
 
+def default_exit_layer(n_layers: int) -> int:
+    """Three quarters of the depth: late enough to guess, early enough to leave a quarter of the pass."""
+    return max(1, n_layers * 3 // 4)
+
+
 @dataclass
 class ExitHead:
     model: Qwen2
@@ -143,7 +148,7 @@ def train_exit_head(model: Qwen2, sequences: list[list[int]], layer: int, rank: 
     hidden, vocab = model.cfg.dim, model.cfg.vocab_size
     down = (torch.randn(rank, hidden, generator=gen) / hidden ** 0.5).requires_grad_()
     up = torch.zeros(hidden, rank, requires_grad=True)
-    head_w = _head_weight(model)
+    head_w = model.head.dense_weight()
     norm_w = model.norm.float()
     eps = model.cfg.norm_eps
     opt = torch.optim.Adam([down, up], lr=lr)
@@ -169,9 +174,3 @@ def train_exit_head(model: Qwen2, sequences: list[list[int]], layer: int, rank: 
                                                    heads={layer: head})[layer]}
     return head, report
 
-
-def _head_weight(model: Qwen2) -> torch.Tensor:
-    lin = model.head
-    if lin.int8:
-        return lin.weight.float() * lin.scale.float()[:, None]
-    return lin.weight.float()

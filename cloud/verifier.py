@@ -13,7 +13,7 @@ import threading
 import time
 
 from specedge import wire
-from specedge.cloud.exit_head import load_exit_head
+from specedge.cloud.exit_head import default_exit_layer, load_exit_head
 from specedge.cloud.session import BadRequest, OutOfSync, TargetSession
 from specedge.config import CloudConfig
 from specedge.mqtt import TOPIC_ROOT, Link, split_device_topic
@@ -26,7 +26,7 @@ class Verifier:
         self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
         self.fingerprint = bytes.fromhex(tokenizer.fingerprint())
         target = cfg.target
-        self.exit_head = load_exit_head(model, target.exit_layer or max(1, model.cfg.n_layers * 3 // 4),
+        self.exit_head = load_exit_head(model, target.exit_layer or default_exit_layer(model.cfg.n_layers),
                                         target.exit_head or None)
         self.hints_sent = self.hints_withheld = 0
         self.inbox: queue.Queue = queue.Queue()

@@ -22,6 +22,10 @@ class Drafted:
     confidences: list[float]  # the draft's probability of each token it chose
     seconds: float = 0.0  # drafting time
 
+    @classmethod
+    def empty(cls, params: SamplingParams) -> "Drafted":
+        return cls([], None if params.greedy else [], [])
+
     def extend(self, more: "Drafted") -> "Drafted":
         self.tokens += more.tokens
         self.confidences += more.confidences
@@ -71,7 +75,7 @@ class TorchDraftEngine:
               keep_going=None) -> Drafted:
         """Draft up to n tokens after the committed text. `keep_going(confidences so far)` may
         stop the draft early (it is asked before each token, the first included)."""
-        out = Drafted([], None if params.greedy else [], [])
+        out = Drafted.empty(params)
         t0 = time.perf_counter()
         for _ in range(n):
             if keep_going is not None and not keep_going(out.confidences):

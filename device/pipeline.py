@@ -26,10 +26,9 @@ class Ahead:
         self.params, self.rng, self.stop_ids = params, rng, stop_ids
         self.room, self.keep_going = room, keep_going
         self.branch: tuple[int, int] | None = None
-        self.block = Drafted([], None if params.greedy else [], [])
+        self.block = Drafted.empty(params)
         self.seconds = 0.0  # all drafting ahead, kept or not
         self.tokens = 0
-        self.redirects = 0
         # A draft ending on a stop token ends the request when it is all accepted.
         self.finished = bool(draft) and draft[-1] in stop_ids
 
@@ -64,8 +63,7 @@ class Ahead:
             return
         self.engine.commit(self.committed + self.draft[:accepted] + [token])
         self.branch = (accepted, token)
-        self.block = Drafted([], None if self.params.greedy else [], [])
-        self.redirects += 1
+        self.block = Drafted.empty(self.params)
 
     def resolve(self, accepted: int, token: int, committed: list[int]) -> Drafted | None:
         """The verdict is in and `committed` is the new committed text: the block drafted ahead if the

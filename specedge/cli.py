@@ -68,11 +68,11 @@ def _cloud_run(args) -> int:
 
 
 def _train_exit_head(args) -> int:
-    from specedge.cloud.exit_head import corpus_passages, train_exit_head
+    from specedge.cloud.exit_head import corpus_passages, default_exit_layer, train_exit_head
     from specedge.loader import load_named
 
     model, tok = load_named(args.target, args.target_weights)
-    layer = args.layer or max(1, model.cfg.n_layers * 3 // 4)
+    layer = args.layer or default_exit_layer(model.cfg.n_layers)
     sequences = corpus_passages(tok, args.corpus, args.passages, args.length)
     print(f"training an exit head after layer {layer}/{model.cfg.n_layers} of {args.target} on "
           f"{len(sequences)} passages of {args.length} tokens", file=sys.stderr, flush=True)
@@ -85,14 +85,14 @@ def _train_exit_head(args) -> int:
 
 def _exit_agreement(args) -> int:
     """Per layer: how often the exit head there names the full model's next token (teacher forcing)."""
-    from specedge.cloud.exit_head import layer_agreement, load_exit_head
+    from specedge.cloud.exit_head import default_exit_layer, layer_agreement, load_exit_head
     from specedge.loader import load_named
 
     model, _ = load_named(args.target, args.target_weights)
     runs = json.loads(Path(args.sequences).read_text())
     n = model.cfg.n_layers
     layers = sorted({int(x) for x in args.layers.split(",")} if args.layers else
-                    {x for x in set(range(4, n, 4)) | {n * 3 // 4, n - 2} if 1 <= x < n})
+                    {x for x in set(range(4, n, 4)) | {default_exit_layer(n), n - 2} if 1 <= x < n})
     heads = {}
     if args.exit_head:
         head = load_exit_head(model, 1, args.exit_head)

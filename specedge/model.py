@@ -52,6 +52,12 @@ class Linear:
         else:
             self.weight = weight.to(dtype).contiguous()
 
+    def dense_weight(self) -> torch.Tensor:
+        """W as fp32 (int8 weights dequantised): for training against the layer, not for inference."""
+        if self.int8:
+            return self.weight.float() * self.scale.float()[:, None]
+        return self.weight.float()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.rowwise and x.shape[0] > 1:  # where the GEMM is not batch-invariant: exact, slower
             return torch.cat([self._matmul(row) for row in x.split(1)])

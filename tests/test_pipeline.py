@@ -24,7 +24,7 @@ class TableDraftEngine:
         self.text = list(committed)
 
     def draft(self, n, params, rng, stop_ids=frozenset(), keep_going=None):
-        out = Drafted([], None if params.greedy else [], [])
+        out = Drafted.empty(params)
         for _ in range(n):
             q = self.q_table[self.text[-1]]
             token = int(q.ids[np.argmax(q.counts)]) if params.greedy else sample_sparse(q, int(rng.integers(Q_ONE)))
