@@ -1,19 +1,22 @@
-"""One device session on the target: committed text, KV cache, verification of drafts.
+"""Device sessions on the target: committed text, KV cache, batched verification.
 
 No I/O here: the verifier service feeds it decoded messages.
-Invariant: the cache holds every committed token but the last, which is fed
-together with the next draft so one forward pass yields len(draft) + 1 rows.
+Invariant: a warm cache holds every committed token but the last, which is fed
+together with the next draft so one pass yields len(draft) + 1 rows. A cold
+session (new, evicted under the memory budget, or moved to another target
+version) has no cache; its next pass feeds the whole committed text, inside
+the same batch as everyone else's drafts.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from specedge.model import Qwen2
-from specedge.speculative import (SamplingParams, SparseDist, greedy_verify, sample_dense,
-                                  speculative_verify, target_distribution)
+from specedge.contract import Contract
+from specedge.speculative import SamplingParams, SparseDist, greedy_verify, speculative_verify, target_distribution
 
 
 class OutOfSync(Exception):
@@ -25,25 +28,40 @@ class BadRequest(Exception):
 
 
 class TargetSession:
-    def __init__(self, model: Qwen2, tokens: list[int], params: SamplingParams, session_id: int):
-        self.model, self.params = model, params
+    def __init__(self, target, tokens: list[int], params: SamplingParams, session_id: int,
+                 draft: str = "", contract: Contract | None = None):
+        self.target, self.params, self.draft, self.contract = target, params, draft, contract
         self._check_ids(tokens)
-        if len(tokens) + 1 > model.cfg.max_seq_len:
-            raise BadRequest(f"{len(tokens)} tokens exceed the target's context of {model.cfg.max_seq_len}")
+        if len(tokens) + 1 > target.model.cfg.max_seq_len:
+            raise BadRequest(f"{len(tokens)} tokens exceed the target's context of {target.model.cfg.max_seq_len}")
         self.committed = list(tokens)
-        self.cache = model.new_cache(capacity=len(tokens) + 128)
-        if len(tokens) > 1:
-            model.forward(tokens[:-1], self.cache, last_only=True)
+        self.cache = None  # cold: built by the next pass
         self.rng = np.random.default_rng([params.seed, session_id])
         self.last_seq = 0
         self.last_reply: bytes | None = None
         self.last_used = time.monotonic()
         self.hints = False  # the device asked for early-exit hints
+        self.generating = 0  # cloud-ar: tokens still to generate for the current Generate
+
+    @property
+    def model(self):
+        return self.target.model
 
     def _check_ids(self, tokens) -> None:
-        vocab = self.model.cfg.vocab_size
+        vocab = self.target.model.cfg.vocab_size
         if any(not 0 <= t < vocab for t in tokens):
             raise BadRequest(f"token id outside the target's vocabulary of {vocab}")
+
+    def cache_bytes(self) -> int:
+        return 0 if self.cache is None else self.cache.nbytes()
+
+    def evict(self) -> None:
+        """Drop the KV cache (memory budget, version switch); the committed text stays."""
+        self.cache = None
+
+    def switch(self, target) -> None:
+        self.target = target
+        self.evict()
 
     def sync(self, committed: int, allow_rollback: bool = False) -> None:
         """Make the session's committed length equal the device's."""
@@ -51,33 +69,34 @@ class TargetSession:
             return
         if allow_rollback and 1 <= committed < len(self.committed):
             del self.committed[committed:]
-            self.cache.truncate(committed - 1)
+            if self.cache is not None:
+                self.cache.truncate(min(self.cache.length, committed - 1))
             return
         raise OutOfSync(f"device has {committed} committed tokens, verifier {len(self.committed)}")
 
-    def _pick(self, logits_row: torch.Tensor) -> int:
-        if self.params.greedy:
-            return int(torch.argmax(logits_row))
-        return sample_dense(target_distribution(logits_row.numpy(), self.params), self.rng)
-
-    def verify(self, draft: list[int], q: list[SparseDist] | None, exit_head=None, on_hint=None) -> tuple[int, int]:
-        """One target pass over the draft: (accepted count, the target's next token).
-        With an exit head, `on_hint(accepted, token, confidence)` gets the verdict the intermediate
-        layer predicts (greedy rule on its guesses), mid-pass, before the remaining layers run;
-        confidence = the exit's least probability among the guesses that decide it."""
+    def check_draft(self, draft: list[int], q: list[SparseDist] | None) -> None:
         self._check_ids(draft)
         if (q is None) != self.params.greedy:
             raise BadRequest("sampled sessions need q with every draft, greedy ones none")
         if len(self.committed) + len(draft) + 1 > self.model.cfg.max_seq_len:
             raise BadRequest("draft runs past the target's context")
-        hook = None
-        if exit_head is not None and on_hint is not None:
-            def hook(index, hidden):
-                if index == exit_head.layer:
-                    top = torch.softmax(exit_head.logits(hidden), dim=-1).max(dim=-1)
-                    accepted, token = greedy_verify(draft, top.indices.tolist())
-                    on_hint(accepted, token, float(top.values[: accepted + 1].min()))
-        logits = self.model.forward([self.committed[-1]] + draft, self.cache, on_layer=hook)
+
+    def feed(self, draft: list[int]):
+        """(tokens, cache) for the next pass: what the cache lacks of the committed text, then the draft."""
+        if self.cache is None:
+            self.cache = self.model.new_cache(capacity=len(self.committed) + 128)
+        return self.committed[self.cache.length:] + draft, self.cache
+
+    def verify(self, draft: list[int], q: list[SparseDist] | None = None, exit_head=None,
+               on_hint=None) -> tuple[int, int]:
+        """One pass over this session's draft alone: (accepted, next token)."""
+        self.check_draft(draft, q)
+        item = Item(self, draft, q, on_hint)
+        verify_batch(self.model, [item], exit_head)
+        return item.accepted, item.next_token
+
+    def finish(self, draft: list[int], q, logits: torch.Tensor) -> tuple[int, int]:
+        """Apply the target's logits for the last len(draft) + 1 positions: (accepted, next token)."""
         if self.params.greedy:
             accepted, token = greedy_verify(draft, torch.argmax(logits, dim=-1).tolist())
         else:
@@ -87,10 +106,41 @@ class TargetSession:
         self.committed += draft[:accepted] + [token]
         return accepted, token
 
-    def step(self) -> int:
-        """One autoregressive target step (the cloud-only baseline)."""
-        if len(self.committed) + 1 > self.model.cfg.max_seq_len:
-            raise BadRequest("generation runs past the target's context")
-        token = self._pick(self.model.forward([self.committed[-1]], self.cache)[-1])
-        self.committed.append(token)
-        return token
+
+@dataclass
+class Item:
+    """One session's share of a batched pass: its draft (empty = one autoregressive step)."""
+
+    session: TargetSession
+    draft: list[int]
+    q: list[SparseDist] | None = None
+    on_hint: object = None  # on_hint(accepted, token, confidence), mid-pass, from the exit head
+    accepted: int = 0
+    next_token: int = -1
+
+    @classmethod
+    def step(cls, session: TargetSession) -> "Item":
+        """One autoregressive step: an empty draft, whose verdict is the target's next token."""
+        return cls(session, [], None if session.params.greedy else [])
+
+
+def verify_batch(model, items: list[Item], exit_head=None) -> None:
+    """One target pass over every item's draft (ragged: each session its own length and cache);
+    fills in each item's verdict. With an exit head, items that want hints get them mid-pass."""
+    fed = [item.session.feed(item.draft) for item in items]
+    keep = [len(item.draft) + 1 for item in items]
+    hook = None
+    if exit_head is not None and any(item.on_hint for item in items):
+        ends = np.cumsum([len(tokens) for tokens, _ in fed])
+
+        def hook(index, hidden):
+            if index != exit_head.layer:
+                return
+            for item, end, k in zip(items, ends, keep):
+                if item.on_hint and item.draft:
+                    top = torch.softmax(exit_head.logits(hidden[end - k:end]), dim=-1).max(dim=-1)
+                    accepted, token = greedy_verify(item.draft, top.indices.tolist())
+                    item.on_hint(accepted, token, float(top.values[: accepted + 1].min()))
+    logits = model.forward_batch(fed, on_layer=hook, keep=keep)
+    for item, rows in zip(items, logits):
+        item.accepted, item.next_token = item.session.finish(item.draft, item.q, rows)

@@ -1,92 +1,253 @@
-"""The verifier service: MQTT in, target sessions, verdicts out.
+"""The verifier service: MQTT in, batched target passes, verdicts out.
 
-One worker thread owns every session; paho's thread only queues payloads.
-Replays are harmless: a round already answered gets the same verdict again,
-an older one is dropped, a bad payload gets an error reply and a count.
+One worker thread owns every session; paho's thread only queues payloads (with
+their arrival time). The worker gathers drafts for up to `batch_window_ms` or
+`max_batch` sessions, verifies them in one target pass per version, and answers
+each. Replays are harmless: a round already answered gets the same verdict
+again, an older one is dropped, a bad payload gets an error reply and a count.
+
+Replicas: new sessions reach one replica of the group (MQTT 5 shared
+subscription); it answers OPENED with its name, and the device sends that
+session's drafts to `.../draft/{replica}` afterwards. A replica's retained
+status on `specedge/v1/_verifiers/{id}/status` turns "offline" through its last
+will when it dies; its devices then resync with the group.
 """
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import struct
 import threading
 import time
+from dataclasses import dataclass, field
 
 from specedge import wire
-from specedge.cloud.exit_head import default_exit_layer, load_exit_head
-from specedge.cloud.session import BadRequest, OutOfSync, TargetSession
+from specedge.cloud.registry import Announcement, AnnouncementError, Target, TargetSpec, load_target
+from specedge.cloud.session import BadRequest, Item, OutOfSync, TargetSession, verify_batch
 from specedge.config import CloudConfig
-from specedge.mqtt import TOPIC_ROOT, Link, split_device_topic
+from specedge.exit_head import default_exit_layer, load_exit_head
+from specedge.mqtt import REPLICAS, TOPIC_ROOT, Link, split_device_topic
 
 log = logging.getLogger("specedge.cloud")
 
 
+def replica_topic(replica: str, leaf: str) -> str:
+    return f"{REPLICAS}/{replica}/{leaf}"
+
+
+@dataclass
+class Pending:
+    key: tuple
+    item: Item
+    msg: object  # the Draft, or the Generate a cloud-ar step belongs to
+    out: str
+    arrived: float
+
+
+@dataclass
+class PairStats:
+    """Acceptance of one (draft, target version) pair."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    def summary(self) -> dict:
+        return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
+                "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
+                "mean_accepted_length": (self.accepted + self.rounds) / self.rounds if self.rounds else None}
+
+
+@dataclass
+class VerifierStats:
+    passes: int = 0  # target forward passes
+    rounds: int = 0  # drafts verified plus cloud-ar steps
+    tokens: int = 0  # tokens committed by those rounds
+    rows: int = 0  # positions run through the target
+    evictions: int = 0
+    expired: int = 0
+    switches: int = 0
+    queue_s: list = field(default_factory=list)  # per round: arrival to the start of its pass
+    compute_s: list = field(default_factory=list)  # per round: its pass
+    batch_sizes: list = field(default_factory=list)
+    pairs: dict = field(default_factory=dict)  # (draft, version) -> PairStats
+
+    def pair(self, draft: str, version: str) -> PairStats:
+        return self.pairs.setdefault((draft, version), PairStats())
+
+    def summary(self) -> dict:
+        def pct(values, q):
+            values = sorted(values)
+            return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+        return {"passes": self.passes, "rounds": self.rounds, "tokens": self.tokens, "rows": self.rows,
+                "passes_per_token": self.passes / self.tokens if self.tokens else None,
+                "mean_batch": sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else None,
+                "queue_s_p50": pct(self.queue_s, 0.5), "queue_s_p99": pct(self.queue_s, 0.99),
+                "compute_s_p50": pct(self.compute_s, 0.5), "compute_s_p99": pct(self.compute_s, 0.99),
+                "evictions": self.evictions, "expired": self.expired, "switches": self.switches,
+                "pairs": [{"draft": d, "target": v, **s.summary()} for (d, v), s in sorted(self.pairs.items())]}
+
+
 class Verifier:
-    def __init__(self, cfg: CloudConfig, model, tokenizer):
-        self.cfg, self.model, self.tokenizer = cfg, model, tokenizer
-        self.fingerprint = bytes.fromhex(tokenizer.fingerprint())
-        target = cfg.target
-        self.exit_head = load_exit_head(model, target.exit_layer or default_exit_layer(model.cfg.n_layers),
-                                        target.exit_head or None)
-        self.hints_sent = self.hints_withheld = 0
+    def __init__(self, cfg: CloudConfig, default: Target, registry: dict[str, TargetSpec] | None = None):
+        self.cfg = cfg
+        self.replica = cfg.verifier.id
+        self.registry = dict(registry or {})
+        self.registry.setdefault(default.name, default.spec)
+        self.default = default.name
+        self.targets: dict[str, Target] = {}
+        self._add_target(default)
+        self.announcements: dict[str, Announcement] = {}  # fleet -> its retained announcement
+        self._loading: set[str] = set()
+        self._loaded: queue.Queue = queue.Queue()  # versions loaded in the background
         self.inbox: queue.Queue = queue.Queue()
         self.sessions: dict[tuple[str, str, int], TargetSession] = {}
-        self.link = Link(cfg.mqtt, f"specedge-verifier-{cfg.verifier.id}", self._on_message)
+        self.pending: dict[tuple, Pending] = {}
+        self.deferred: list = []  # messages for a session whose previous draft is still pending
+        self.hints_sent = self.hints_withheld = 0
         self.errors: dict[str, int] = {}
-        self.rounds = 0
+        self.stats = VerifierStats()
+        self.status_topic = replica_topic(self.replica, "status")
+        offline = json.dumps({"state": "offline", "replica": self.replica}).encode()
+        self.link = Link(cfg.mqtt, f"specedge-verifier-{self.replica}", self._on_message,
+                         will=(self.status_topic, offline, True))
         self._stop = threading.Event()
         self._thread = None
 
+    @property
+    def rounds(self) -> int:
+        return self.stats.rounds
+
+    def _add_target(self, target: Target) -> None:
+        if target.exit_head is None:
+            cfg = self.cfg.target
+            trained = cfg.exit_head if target.name == self.default else ""  # a head fits one model
+            target.exit_head = load_exit_head(
+                target.model, cfg.exit_layer or default_exit_layer(target.model.cfg.n_layers), trained or None)
+        self.targets[target.name] = target
+
     def _on_message(self, topic: str, payload: bytes) -> None:
-        self.inbox.put((topic, payload))
+        self.inbox.put((topic, payload, time.monotonic()))
 
     def start(self) -> "Verifier":
-        self.link.subscribe(f"{TOPIC_ROOT}/{self.cfg.verifier.fleet}/+/draft")
+        fleet = self.cfg.verifier.fleet
+        self.link.subscribe(f"{TOPIC_ROOT}/{fleet}/+/draft/{self.replica}")
+        self.link.subscribe(f"{TOPIC_ROOT}/{fleet}/targets")
         self.link.start()
+        group = self.cfg.verifier.group
+        if group and self.link.protocol == "5":
+            self.link.subscribe(f"$share/{group}/{TOPIC_ROOT}/{fleet}/+/draft")
+        else:
+            if group:
+                log.warning("broker speaks MQTT %s: no shared subscriptions, run one replica only", self.link.protocol)
+            self.link.subscribe(f"{TOPIC_ROOT}/{fleet}/+/draft")
+        self.link.publish(self.status_topic, self._status("online"), retain=True)
         self._thread = threading.Thread(target=self.serve, name="verifier", daemon=True)
         self._thread.start()
         return self
 
+    def _status(self, state: str) -> bytes:
+        return json.dumps({"state": state, "replica": self.replica, "default": self.default,
+                           "versions": sorted(self.targets), "time": time.time()}).encode()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread:
-            self._thread.join(timeout=10)
+            self._thread.join(timeout=30)
+        if self.link.connected.is_set():  # a clean goodbye does not fire the will
+            self.publish_stats()
+            self.link.publish(self.status_topic, self._status("offline"), retain=True)
         self.link.stop()
 
     def count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
 
+    # -- the worker loop -----------------------------------------------------------------------
     def serve(self) -> None:
-        last_sweep = time.monotonic()
+        last_sweep = last_stats = time.monotonic()
         while not self._stop.is_set():
+            self.gather()
             try:
-                topic, payload = self.inbox.get(timeout=0.2)
-            except queue.Empty:
-                topic = None
-            if topic is not None:
-                try:
-                    self.handle(topic, payload)
-                except Exception:  # one bad request must not take the service down
-                    log.exception("internal error on %s", topic)
-                    self.count("internal")
-            if time.monotonic() - last_sweep > 5:
+                self.run_pending()
+            except Exception:  # one bad batch must not take the service down
+                log.exception("internal error in a target pass")
+                self.count("internal")
+                self.pending.clear()
+            while not self._loaded.empty():
+                self._add_target(self._loaded.get_nowait())
+                self.apply_assignments()
+            now = time.monotonic()
+            if now - last_sweep > 1:
                 self.expire_idle()
-                last_sweep = time.monotonic()
+                last_sweep = now
+            if now - last_stats > self.cfg.verifier.stats_interval_s:
+                self.publish_stats()
+                last_stats = now
+
+    def gather(self) -> None:
+        """Handle messages until a batch is due: the oldest pending draft has waited the window,
+        or max_batch sessions are pending."""
+        cfg = self.cfg.verifier
+        window = cfg.batch_window_ms / 1000
+        deferred, self.deferred = self.deferred, []
+        for message in deferred:
+            self.dispatch(*message)
+        while len(self.pending) < cfg.max_batch and not self._stop.is_set():
+            if self.pending and len(self.pending) >= self.active_sessions():
+                return  # everyone who could join already has: waiting would only add latency
+            if self.pending:
+                oldest = min(p.arrived for p in self.pending.values())
+                timeout = oldest + window - time.monotonic()
+                if timeout <= 0:
+                    return
+            else:
+                timeout = 0.2
+            try:
+                message = self.inbox.get(timeout=timeout)
+            except queue.Empty:
+                return
+            self.dispatch(*message)
+
+    def active_sessions(self) -> int:
+        """Sessions that had a round in the last few seconds: the ones a batch may wait for."""
+        recent = time.monotonic() - 5.0
+        return sum(1 for s in self.sessions.values() if s.last_used > recent)
+
+    def dispatch(self, topic: str, payload: bytes, arrived: float) -> None:
+        try:
+            self.handle(topic, payload, arrived)
+        except Exception:  # one bad request must not take the service down
+            log.exception("internal error on %s", topic)
+            self.count("internal")
 
     def expire_idle(self) -> None:
         cutoff = time.monotonic() - self.cfg.verifier.session_idle_s
-        for key in [k for k, s in self.sessions.items() if s.last_used < cutoff]:
+        for key in [k for k, s in self.sessions.items() if s.last_used < cutoff and k not in self.pending]:
             del self.sessions[key]
+            self.stats.expired += 1
+
+    def publish_stats(self) -> None:
+        summary = {"replica": self.replica, "time": time.time(), "sessions": len(self.sessions),
+                   "cache_bytes": sum(s.cache_bytes() for s in self.sessions.values()),
+                   "hints_sent": self.hints_sent, "hints_withheld": self.hints_withheld,
+                   "errors": dict(self.errors), **self.stats.summary()}
+        self.link.publish(replica_topic(self.replica, "stats"), json.dumps(summary).encode())
 
     def reply(self, topic: str, msg) -> bytes:
         payload = wire.encode(msg)
         self.link.publish(topic, payload)
         return payload
 
-    def handle(self, topic: str, payload: bytes) -> None:
+    # -- messages ------------------------------------------------------------------------------
+    def handle(self, topic: str, payload: bytes, arrived: float) -> None:
         parts = split_device_topic(topic)
         if parts is None:
-            self.count("bad_topic")
+            if topic.startswith(f"{TOPIC_ROOT}/") and topic.endswith("/targets") and topic.count("/") == 3:
+                self.on_announcement(topic.split("/")[2], payload)
+            else:
+                self.count("bad_topic")
             return
         fleet, device, _ = parts
         out = f"{TOPIC_ROOT}/{fleet}/{device}/verdict"
@@ -102,6 +263,8 @@ class Verifier:
                 self.reply(out, wire.Error(session, seq, code, str(exc)))
             return
         key = (fleet, device, msg.session)
+        if key in self.pending and not isinstance(msg, wire.Draft):
+            self.run_pending()  # an OPEN or CLOSE acts after the draft before it
         if isinstance(msg, wire.Open):
             self.open(key, msg, out)
         elif isinstance(msg, wire.Close):
@@ -111,6 +274,10 @@ class Verifier:
             if session is None:
                 self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.UNKNOWN_SESSION, "open the session"))
                 return
+            if key in self.pending:
+                if self.pending[key].msg.seq != msg.seq:  # the next round: after this batch
+                    self.deferred.append((topic, payload, arrived))
+                return  # a duplicate of a draft already waiting
             session.last_used = time.monotonic()
             if msg.seq == session.last_seq and session.last_reply is not None:
                 self.link.publish(out, session.last_reply)  # a replay: same answer, no new work
@@ -120,26 +287,44 @@ class Verifier:
                 return
             try:
                 if isinstance(msg, wire.Draft):
-                    self.verify(session, msg, out)
+                    session.sync(msg.committed)
+                    session.check_draft(msg.tokens, msg.q)
+                    item = Item(session, msg.tokens, msg.q, self.hint_sender(session, msg, out))
                 else:
-                    self.generate(session, msg, out)
+                    session.sync(msg.committed, allow_rollback=True)
+                    if len(session.committed) + msg.max_new_tokens > session.model.cfg.max_seq_len:
+                        raise BadRequest("generation runs past the target's context")
+                    session.last_seq, session.last_reply = msg.seq, None
+                    session.generating = msg.max_new_tokens
+                    item = Item.step(session)
             except OutOfSync as exc:
                 self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.OUT_OF_SYNC, str(exc)))
+                return
             except BadRequest as exc:
                 self.count("bad_request")
                 self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.BAD_REQUEST, str(exc)))
+                return
+            self.pending[key] = Pending(key, item, msg, out, arrived)
         else:
             self.count("unexpected_type")
 
+    def version_for(self, fleet: str, device: str) -> str:
+        """The version this device should be verified by: its pin, its fleet's default, ours."""
+        announcement = self.announcements.get(fleet)
+        wanted = announcement.version_for(device) if announcement else self.default
+        return wanted if wanted in self.targets else self.default
+
     def open(self, key, msg: wire.Open, out: str) -> None:
-        if msg.tokenizer != bytes(8) and msg.tokenizer != self.fingerprint:
+        target = self.targets[self.version_for(key[0], key[1])]
+        reason = msg.contract.mismatch(target.contract)
+        if reason:
             self.count("incompatible")
             self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.INCOMPATIBLE,
-                                       f"draft tokenizer {msg.tokenizer.hex()} != target {self.fingerprint.hex()}"))
+                                       f"draft {msg.draft or '?'} cannot speculate for target {target.name}: {reason}"))
             return
         old = self.sessions.pop(key, None)
         try:
-            session = TargetSession(self.model, msg.tokens, msg.params, msg.session)
+            session = TargetSession(target, msg.tokens, msg.params, msg.session, msg.draft, msg.contract)
         except BadRequest as exc:
             self.count("bad_request")
             self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.BAD_REQUEST, str(exc)))
@@ -148,33 +333,129 @@ class Verifier:
             session.last_seq, session.last_reply = old.last_seq, None
         session.hints = msg.hints
         self.sessions[key] = session
+        self.reply(out, wire.Opened(msg.session, msg.seq, self.replica, target.name))
 
-    def verify(self, session: TargetSession, msg: wire.Draft, out: str) -> None:
-        session.sync(msg.committed)
-        on_hint = None
-        if session.hints and msg.tokens:
-            def on_hint(accepted, token, confidence):  # leaves mid-pass, before the remaining layers run
-                if confidence < self.cfg.target.exit_threshold:
-                    self.hints_withheld += 1
-                    return
-                self.hints_sent += 1
-                self.reply(out, wire.Hint(msg.session, msg.seq, msg.committed, accepted, token, self.exit_head.layer))
-        t0 = time.perf_counter()
-        accepted, token = session.verify(msg.tokens, msg.q, self.exit_head, on_hint)
-        verify_us = int((time.perf_counter() - t0) * 1e6)
-        self.rounds += 1
-        session.last_seq = msg.seq
-        session.last_reply = self.reply(out, wire.Verdict(msg.session, msg.seq, msg.committed, accepted, token,
-                                                          verify_us))
+    def hint_sender(self, session: TargetSession, msg: wire.Draft, out: str):
+        if not (session.hints and msg.tokens):
+            return None
 
-    def generate(self, session: TargetSession, msg: wire.Generate, out: str) -> None:
-        session.sync(msg.committed, allow_rollback=True)
-        session.last_seq, session.last_reply = msg.seq, None
-        stop_ids = self.tokenizer.stop_ids
-        for i in range(msg.max_new_tokens):
-            start = len(session.committed)
-            token = session.step()
-            done = token in stop_ids or i == msg.max_new_tokens - 1
-            self.reply(out, wire.Tokens(msg.session, msg.seq, start, [token], done))
-            if done:
+        def on_hint(accepted, token, confidence):  # leaves mid-pass, before the remaining layers run
+            if confidence < self.cfg.target.exit_threshold:
+                self.hints_withheld += 1
+                return
+            self.hints_sent += 1
+            layer = session.target.exit_head.layer
+            self.reply(out, wire.Hint(msg.session, msg.seq, msg.committed, accepted, token, layer))
+        return on_hint
+
+    # -- batched passes --------------------------------------------------------------------------
+    def run_pending(self) -> None:
+        """Verify every pending draft and take one step of every cloud-ar generation, one
+        target pass per version and per max_batch sessions."""
+        if not self.pending:
+            return
+        pending, self.pending = list(self.pending.values()), {}
+        by_target: dict[str, list[Pending]] = {}
+        for p in sorted(pending, key=lambda p: p.arrived):
+            by_target.setdefault(p.item.session.target.name, []).append(p)
+        size = self.cfg.verifier.max_batch
+        for name, group in by_target.items():
+            for first in range(0, len(group), size):
+                self.run_batch(self.targets[name], group[first:first + size])
+        self.enforce_budget()
+
+    def run_batch(self, target: Target, batch: list[Pending]) -> None:
+        t0 = time.monotonic()
+        items = [p.item for p in batch]
+        rows = sum(len(s.committed) - (s.cache.length if s.cache else 0) + len(i.draft)
+                   for i, s in ((i, i.session) for i in items))
+        verify_batch(target.model, items, target.exit_head)
+        compute_s = time.monotonic() - t0
+        stats = self.stats
+        stats.passes += 1
+        stats.rows += rows
+        stats.batch_sizes.append(len(batch))
+        for p in batch:
+            item, session, msg = p.item, p.item.session, p.msg
+            stats.rounds += 1
+            stats.tokens += item.accepted + 1
+            stats.queue_s.append(t0 - p.arrived)
+            stats.compute_s.append(compute_s)
+            session.last_used = time.monotonic()
+            if isinstance(msg, wire.Draft):
+                pair = stats.pair(session.draft, target.name)
+                pair.rounds += 1
+                pair.drafted += len(item.draft)
+                pair.accepted += item.accepted
+                session.last_seq = msg.seq
+                session.last_reply = self.reply(p.out, wire.Verdict(
+                    msg.session, msg.seq, msg.committed, item.accepted, item.next_token, int(compute_s * 1e6)))
+            else:  # a cloud-ar step: stream the token, queue the next step
+                session.generating -= 1
+                done = item.next_token in session.target.tokenizer.stop_ids or session.generating <= 0
+                start = len(session.committed) - 1
+                self.reply(p.out, wire.Tokens(msg.session, msg.seq, start, [item.next_token], done))
+                if not done:
+                    self.pending[p.key] = Pending(p.key, Item.step(session), msg, p.out, time.monotonic())
+
+    def enforce_budget(self) -> None:
+        budget = self.cfg.verifier.kv_budget_mb * 2**20
+        warm = sorted((s for s in self.sessions.values() if s.cache is not None), key=lambda s: s.last_used)
+        total = sum(s.cache_bytes() for s in warm)
+        for session in warm:
+            if total <= budget:
                 break
+            if any(p.item.session is session for p in self.pending.values()):
+                continue  # a cloud-ar generation mid-way: its next step is already queued
+            total -= session.cache_bytes()
+            session.evict()
+            self.stats.evictions += 1
+
+    # -- target versions -------------------------------------------------------------------------
+    def on_announcement(self, fleet: str, payload: bytes) -> None:
+        if not payload:  # the retained announcement was cleared
+            self.announcements.pop(fleet, None)
+            self.apply_assignments()
+            return
+        try:
+            announcement = Announcement.decode(payload)
+        except AnnouncementError as exc:
+            self.count("bad_announcement")
+            log.warning("ignored the targets announcement of fleet %s: %s", fleet, exc)
+            return
+        self.announcements[fleet] = announcement
+        for name in {announcement.default, *announcement.pins.values()}:
+            if name in self.targets or name in self._loading:
+                continue
+            if name not in self.registry:
+                self.count("unknown_version")
+                log.warning("fleet %s asks for target %s, which is not in this verifier's registry", fleet, name)
+                continue
+            self._loading.add(name)
+            threading.Thread(target=self._load, args=(self.registry[name],), daemon=True).start()
+        self.apply_assignments()
+
+    def _load(self, spec: TargetSpec) -> None:
+        """Loads a version while the worker keeps serving; the worker switches sessions once it is in."""
+        try:
+            log.info("loading target version %s", spec.name)
+            self._loaded.put(load_target(spec, self.cfg.target.batch_invariant))
+        except Exception:
+            log.exception("could not load target version %s", spec.name)
+            self.count("version_load_failed")
+
+    def apply_assignments(self) -> None:
+        """Move each session to the version its fleet's announcement gives it, if loaded and compatible.
+        The session keeps its committed text; its cache is rebuilt by the new version."""
+        for (fleet, device, session_id), session in self.sessions.items():
+            name = self.version_for(fleet, device)
+            if name == session.target.name:
+                continue
+            target = self.targets[name]
+            if session.contract is not None and session.contract.mismatch(target.contract):
+                self.count("incompatible_switch")
+                continue
+            session.switch(target)
+            self.stats.switches += 1
+            self.reply(f"{TOPIC_ROOT}/{fleet}/{device}/verdict",
+                       wire.Opened(session_id, session.last_seq, self.replica, name))

@@ -3,9 +3,14 @@
 The device is the source of truth for the committed text. Every round is
 idempotent (session id + round sequence): a lost verdict is asked for again
 with the same message, a verifier that lost the session gets an OPEN resync.
+A session sticks to the verifier replica that answered its OPEN (OPENED names
+it); when that replica's last will fires or a round times out, the device
+resyncs with the replica group under a new round number, so a late verdict of
+the lost replica cannot mix with the new one's state.
 """
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import random
@@ -18,6 +23,7 @@ import numpy as np
 
 from specedge import wire
 from specedge.config import DeviceConfig
+from specedge.contract import Contract
 from specedge.device.draft import Drafted
 from specedge.device.pipeline import Ahead
 from specedge.device.policy import Policy
@@ -25,10 +31,13 @@ from specedge.device.power import PowerMeter, open_meter
 from specedge.device.profiles import get_profile
 from specedge.device.scheduler import Scheduler, State
 from specedge.metrics import SpecStats
-from specedge.mqtt import Link, device_topic, publish_packet_bytes
+from specedge.mqtt import REPLICAS, Link, device_topic, publish_packet_bytes
 from specedge.speculative import SamplingParams
 
 log = logging.getLogger("specedge.device")
+
+
+REPLICA_LOST = object()  # receive(): the replica holding the session went offline
 
 
 class RequestFailed(RuntimeError):
@@ -52,11 +61,13 @@ class Agent:
         ident = cfg.device
         self.up_topic = device_topic(ident.fleet, ident.id, "draft")
         self.down_topic = device_topic(ident.fleet, ident.id, "verdict")
-        self.inbox: queue.Queue[bytes] = queue.Queue()
+        self.inbox: queue.Queue[bytes | None] = queue.Queue()  # None: a replica's status changed
+        self.offline_replicas: set[str] = set()
+        self.draft_name = cfg.draft.display_name()
+        self.contract = Contract.of(tokenizer, engine.vocab_size)
         self.link = Link(cfg.mqtt, f"specedge-device-{ident.fleet}-{ident.id}", self._on_message)
         self.decode_errors: dict[str, int] = {}
         self._busy = threading.Lock()
-        self.fingerprint = bytes.fromhex(tokenizer.fingerprint())
         energy = cfg.energy
         self.profile = get_profile(energy.profile, energy.profiles or None)
         self.radio = self.profile.radio(energy.link)
@@ -81,12 +92,28 @@ class Agent:
         self.scheduler.set_objective(replace(self.scheduler.objective, **changes))
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        self.inbox.put(payload)
+        if topic.startswith(REPLICAS + "/"):
+            self._on_replica_status(topic.split("/")[3], payload)
+            self.inbox.put(None)  # wake a waiting round: its replica may be gone
+        else:
+            self.inbox.put(payload)
+
+    def _on_replica_status(self, replica: str, payload: bytes) -> None:
+        try:
+            state = json.loads(payload[:4096]).get("state") if payload else "offline"
+        except (ValueError, AttributeError):
+            self.decode_errors["replica_status"] = self.decode_errors.get("replica_status", 0) + 1
+            return
+        if state == "online":
+            self.offline_replicas.discard(replica)
+        else:
+            self.offline_replicas.add(replica)
 
     def start(self) -> "Agent":
         self.meter = open_meter(self.cfg.energy.meter, self.profile)
         log.info("power meter: %s", self.meter.source)
         self.link.subscribe(self.down_topic)
+        self.link.subscribe(f"{REPLICAS}/+/status")
         self.link.start()
         return self
 
@@ -109,6 +136,9 @@ class _Request:
         self.max_new, self.on_tokens = max_new_tokens, on_tokens or (lambda tokens: None)
         self.session = secrets.randbits(64)
         self.seq = 0
+        self.replica: str | None = None  # the verifier replica holding this session
+        self.open_seq = 0  # the round number of our latest OPEN
+        self.target_version = ""
         self.prompt_len = len(prompt)
         self.committed = list(prompt)
         self.stats = SpecStats(policy=policy.name)
@@ -125,11 +155,40 @@ class _Request:
         return len(self.committed) - self.prompt_len
 
     def send(self, msg) -> None:
-        self.agent.link.publish(self.agent.up_topic, wire.encode(msg))
+        """To the replica holding the session; OPEN (and anything before one answers) to the group."""
+        topic = self.agent.up_topic
+        if self.replica is not None and not isinstance(msg, wire.Open):
+            topic = f"{topic}/{self.replica}"
+        self.agent.link.publish(topic, wire.encode(msg))
 
     def open_message(self, resync: bool) -> wire.Open:
-        return wire.Open(self.session, 0, list(self.committed), self.params, self.agent.fingerprint, resync,
-                         self.policy.early_exit)
+        self.open_seq = self.seq
+        return wire.Open(self.session, self.seq, list(self.committed), self.params, self.agent.contract, resync,
+                         self.policy.early_exit, self.agent.draft_name)
+
+    def resync(self, failover: bool = False) -> None:
+        """Rebuild the session from the committed text on whichever replica of the group answers.
+        A new round number: nothing the previous replica still sends can be taken for the new one's."""
+        self.stats.failovers += failover
+        self.stats.resyncs += 1
+        self.replica = None
+        self.seq += 1
+        self.send(self.open_message(resync=True))
+
+    def bind(self) -> None:
+        """Wait for OPENED: from then on the session's messages go to the replica it names."""
+        attempt = 0
+        while self.replica is None:
+            reply = self.receive(time.monotonic() + self.backoff(attempt), lambda m: self.replica is not None)
+            if isinstance(reply, wire.Error):
+                self.handle_error(reply)  # a refusal raises; a lost session resyncs
+            elif reply is None and self.replica is None:
+                attempt += 1
+                if attempt > self.faults.max_retries:
+                    raise VerifierUnavailable(f"no verifier answered the session's OPEN after {attempt} tries")
+                self.stats.retries += 1
+                self.seq += 1
+                self.send(self.open_message(resync=True))
 
     def run(self) -> GenerationResult:
         agent = self.agent
@@ -156,6 +215,8 @@ class _Request:
                                    + agent.radio.energy_j(self.stats.total_s, sent, received))
             self.stats.radio_tail_j = agent.radio.tail_j
             self.stats.energy_source = agent.energy_source
+            self.stats.target_version = self.target_version
+            self.stats.replica = self.replica or ""
         return GenerationResult(self.committed[self.prompt_len:], self.stats, self.stopped)
 
     def emit(self, tokens: list[int]) -> None:
@@ -284,13 +345,28 @@ class _Request:
                 payload = self.agent.inbox.get(timeout=timeout)
             except queue.Empty:
                 return None
+            if payload is None:
+                if self.replica is not None and self.replica in self.agent.offline_replicas:
+                    return REPLICA_LOST
+                continue
             try:
                 msg = wire.decode(payload)
             except wire.WireError as exc:
                 self.agent.decode_errors[exc.kind] = self.agent.decode_errors.get(exc.kind, 0) + 1
                 log.warning("dropped a bad verifier message: %s", exc)
                 continue
-            if msg.session != self.session or msg.seq != self.seq:
+            if isinstance(msg, wire.Opened) and msg.session == self.session:
+                if msg.seq == self.open_seq and self.replica is None:  # the answer to our OPEN
+                    self.replica, self.target_version = msg.replica, msg.version
+                elif msg.replica == self.replica:  # our replica moved the session to another version
+                    self.target_version = msg.version
+                    self.stats.version_switches += 1
+                if accept(msg):
+                    return msg
+                continue
+            # A refusal of our OPEN carries the OPEN's round number.
+            answers_open = isinstance(msg, wire.Error) and self.replica is None and msg.seq == self.open_seq
+            if msg.session != self.session or (msg.seq != self.seq and not answers_open):
                 self.stats.stale_messages += 1
                 continue
             if isinstance(msg, wire.Error):
@@ -301,8 +377,7 @@ class _Request:
 
     def handle_error(self, err: wire.Error) -> None:
         if err.code in (wire.ErrorCode.UNKNOWN_SESSION, wire.ErrorCode.OUT_OF_SYNC):
-            self.stats.resyncs += 1
-            self.send(self.open_message(resync=True))
+            self.resync()
             return
         raise RequestFailed(f"verifier refused the request (code {err.code}): {err.text}")
 
@@ -313,14 +388,14 @@ class _Request:
 
     def round_trip(self, msg: wire.Draft, ahead: Ahead | None = None) -> wire.Verdict:
         """Send a draft and wait for its verdict; `ahead` drafts during the wait, between messages."""
-        payload = wire.encode(msg)
         inbox = self.agent.inbox
         wanted = lambda m: isinstance(m, (wire.Verdict, wire.Hint)) and m.committed == msg.committed
         hint = None
         for attempt in range(self.faults.max_retries + 1):
             if attempt:
                 self.stats.retries += 1
-            self.agent.link.publish(self.agent.up_topic, payload)
+            self.bind()
+            self.send(replace(msg, seq=self.seq))
             deadline = time.monotonic() + self.backoff(attempt)
             while True:
                 busy = ahead is not None and ahead.wants_more()
@@ -331,10 +406,15 @@ class _Request:
                 if reply is None:
                     if time.monotonic() < deadline:
                         continue
-                    break  # timed out: send the same round again
+                    self.resync(failover=True)  # timed out: this replica may be gone, ask the group
+                    break
+                if reply is REPLICA_LOST:
+                    self.resync(failover=True)
+                    break
                 if isinstance(reply, wire.Error):
                     self.handle_error(reply)
-                    self.agent.link.publish(self.agent.up_topic, payload)
+                    self.bind()
+                    self.send(replace(msg, seq=self.seq))
                     continue
                 if isinstance(reply, wire.Hint):
                     hint = reply
@@ -350,20 +430,20 @@ class _Request:
 
     def stream(self, request: wire.Generate):
         """Tokens messages answering `request`; returns early (to be re-asked) on a timeout."""
-        payload = wire.encode(request)
-        self.agent.link.publish(self.agent.up_topic, payload)
+        self.bind()
+        self.send(replace(request, seq=self.seq))
         while True:
             reply = self.receive(time.monotonic() + self.backoff(self.stream_failures),
                                  lambda m: isinstance(m, wire.Tokens))
-            if reply is None:
+            if reply is None or reply is REPLICA_LOST:
                 self.stream_failures += 1
                 if self.stream_failures > self.faults.max_retries:
                     raise VerifierUnavailable(f"no tokens for request {request.seq}")
                 self.stats.retries += 1
+                self.resync(failover=True)
                 return  # the caller asks again from the committed length it has
             if isinstance(reply, wire.Error):
                 self.handle_error(reply)
-                self.agent.link.publish(self.agent.up_topic, payload)
-                continue
+                return
             self.stream_failures = 0
             yield reply

@@ -48,18 +48,19 @@ def _wait_for_signal() -> None:
 
 
 def _cloud_run(args) -> int:
+    from specedge.cloud.registry import load_target, registry_for
     from specedge.cloud.verifier import Verifier
     from specedge.config import CloudConfig, load
-    from specedge.loader import load_named
 
     cfg = load(CloudConfig, args.config)
-    model, tok = load_named(cfg.target.model, cfg.target.weights, cfg.target.batch_invariant)
-    verifier = Verifier(cfg, model, tok).start()
+    registry, default = registry_for(cfg.target)
+    target = load_target(registry[default], cfg.target.batch_invariant)
+    verifier = Verifier(cfg, target, registry).start()
     # One JSON line on stdout tells supervisors (the bench, tests) that rounds will be served.
     print(json.dumps({"ready": True, "verifier": cfg.verifier.id, "protocol": verifier.link.protocol,
-                      "rowwise_linears": model.rowwise_linears}), flush=True)
+                      "target": target.describe(), "rowwise_linears": target.model.rowwise_linears}), flush=True)
     logging.getLogger("specedge").info("verifier %s serving %s on %s:%d (MQTT %s)", cfg.verifier.id,
-                                       cfg.target.model, cfg.mqtt.host, cfg.mqtt.port, verifier.link.protocol)
+                                       target.name, cfg.mqtt.host, cfg.mqtt.port, verifier.link.protocol)
     try:
         _wait_for_signal()
     finally:
@@ -68,7 +69,7 @@ def _cloud_run(args) -> int:
 
 
 def _train_exit_head(args) -> int:
-    from specedge.cloud.exit_head import corpus_passages, default_exit_layer, train_exit_head
+    from specedge.exit_head import corpus_passages, default_exit_layer, train_exit_head
     from specedge.loader import load_named
 
     model, tok = load_named(args.target, args.target_weights)
@@ -85,7 +86,7 @@ def _train_exit_head(args) -> int:
 
 def _exit_agreement(args) -> int:
     """Per layer: how often the exit head there names the full model's next token (teacher forcing)."""
-    from specedge.cloud.exit_head import default_exit_layer, layer_agreement, load_exit_head
+    from specedge.exit_head import default_exit_layer, layer_agreement, load_exit_head
     from specedge.loader import load_named
 
     model, _ = load_named(args.target, args.target_weights)

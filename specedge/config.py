@@ -44,6 +44,8 @@ class IdentityConfig:
             value = getattr(self, key)
             _check(bool(value) and not set(value) & set("/+#\0"), f"device.{key}",
                    "a non-empty name without / + # or NUL")
+        # specedge/v1/_verifiers/... belongs to the verifier replicas.
+        _check(not self.fleet.startswith("_"), "device.fleet", "a name not starting with _")
 
 
 @dataclass
@@ -52,9 +54,20 @@ class DraftConfig:
     weights: str = "int8"  # int8 (fastest single-token decode on CPU) | bf16 | fp32
     q_top_k: int = 8  # sampled mode: candidates in the sparse q sent per drafted token
     q_top_p: float = 0.98  # the fewest candidates reaching this mass: ~1.6 a token on code, not ~4.7
+    # A shallower draft on the same backbone: only the first `layers` layers (0 = all), read out
+    # through a trained head (`specedge cloud train-exit-head --target <draft> --layer N`).
+    layers: int = 0
+    head: str = ""
+    name: str = ""  # how the verifier's per-(draft, target) statistics name it; "" = model[-lN]
 
     def validate(self):
         _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "draft.weights", "int8, bf16, fp32 or fp64")
+        _check(self.layers >= 0, "draft.layers", ">= 0 (0 = every layer)")
+        _check(not self.head or self.layers > 0, "draft.head", "a file only together with draft.layers")
+        _check(len(self.name.encode()) <= 64, "draft.name", "at most 64 bytes")
+
+    def display_name(self) -> str:
+        return self.name or (Path(self.model).stem + (f"-l{self.layers}" if self.layers else ""))
         _check(1 <= self.q_top_k <= 255, "draft.q_top_k", "1..255")
         _check(0 < self.q_top_p <= 1, "draft.q_top_p", "(0, 1]")
 
@@ -146,11 +159,27 @@ class VerifierIdentity:
     id: str = "verifier0"
     fleet: str = "+"  # serve every fleet, or one fleet's devices
     session_idle_s: float = 600.0
+    # Replicas with the same group share new sessions (MQTT 5 shared subscription); "" = plain.
+    group: str = "verifiers"
+    # Batching: a draft waits at most batch_window_ms for others to join its target pass, which
+    # holds at most max_batch sessions (1 = no batching).
+    max_batch: int = 16
+    batch_window_ms: float = 5.0
+    # KV caches of all sessions together; beyond it the least recently used are dropped (their
+    # committed text stays, the next round rebuilds the cache).
+    kv_budget_mb: float = 4096.0
+    stats_interval_s: float = 5.0  # statistics on specedge/v1/_verifiers/{id}/stats
 
     def validate(self):
         _check(bool(self.id) and not set(self.id) & set("/+#\0"), "verifier.id", "a name without / + # NUL")
+        _check(len(self.id.encode()) <= 64, "verifier.id", "at most 64 bytes")
         _check(self.fleet == "+" or not set(self.fleet) & set("/+#\0"), "verifier.fleet", "+ or a fleet name")
         _check(self.session_idle_s > 0, "verifier.session_idle_s", "> 0")
+        _check(not set(self.group) & set("/+#\0"), "verifier.group", "a name without / + # NUL, or \"\"")
+        _check(1 <= self.max_batch <= 256, "verifier.max_batch", "1..256")
+        _check(0 <= self.batch_window_ms <= 1000, "verifier.batch_window_ms", "0..1000")
+        _check(self.kv_budget_mb > 0, "verifier.kv_budget_mb", "> 0")
+        _check(self.stats_interval_s > 0, "verifier.stats_interval_s", "> 0")
 
 
 @dataclass
@@ -167,6 +196,11 @@ class TargetConfig:
     # A hint leaves only when the exit is this sure of every guess it rests on: a wrong hint costs
     # the device its own bet, which holds more often than a doubtful hint.
     exit_threshold: float = 0.5
+    # Target versions: a registry file ([versions.NAME] tables; "shipped" = cloud/targets.toml) and
+    # the version served when no announcement says otherwise. Without a registry the one version
+    # is `model` above, named `version` or after the model.
+    registry: str = ""
+    version: str = ""
 
     def validate(self):
         _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "target.weights", "int8, bf16, fp32 or fp64")

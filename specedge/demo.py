@@ -26,6 +26,7 @@ class Stack:
 
     def __init__(self, draft_model, draft_tok, target_model, target_tok, broker: str = "embedded",
                  device_cfg: DeviceConfig | None = None, cloud_cfg: CloudConfig | None = None, port: int | None = None):
+        from specedge.cloud.registry import Target
         from specedge.cloud.verifier import Verifier
         from specedge.device.agent import Agent
         from specedge.device.draft import TorchDraftEngine
@@ -41,7 +42,8 @@ class Stack:
         device_cfg = replace(device_cfg, mqtt=replace(device_cfg.mqtt, port=port, protocol=protocol))
         cloud_cfg = replace(cloud_cfg, mqtt=replace(cloud_cfg.mqtt, port=port, protocol=protocol))
         self.tokenizer = draft_tok
-        self.verifier = Verifier(cloud_cfg, target_model, target_tok).start()
+        self.verifier = Verifier(cloud_cfg, Target.in_memory(cloud_cfg.target.version or "target", target_model,
+                                                             target_tok)).start()
         engine = TorchDraftEngine(draft_model, device_cfg.draft.q_top_k, device_cfg.draft.q_top_p)
         self.agent = Agent(device_cfg, engine, draft_tok).start()
 

@@ -19,6 +19,10 @@ class SpecStats:
     ttft_s: float = 0.0
     wire_bytes: int = 0  # MQTT packets both ways, framing included
     resyncs: int = 0
+    failovers: int = 0  # resyncs with the replica group after our replica went silent or offline
+    version_switches: int = 0  # the verifier moved the session to another target version mid-request
+    target_version: str = ""  # the version that verified the last round
+    replica: str = ""  # the replica that held the session at the end
     retries: int = 0
     stale_messages: int = 0
     energy_j: float = 0.0  # device energy over the request (meter + modelled radio)

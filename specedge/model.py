@@ -7,6 +7,8 @@ weight-only (per-row scales) or fp32/fp64 (reference, tests).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -79,8 +81,10 @@ class Linear:
         gen = torch.Generator().manual_seed(0)
         dtype = torch.bfloat16 if self.int8 else self.weight.dtype
         x = torch.randn(INVARIANT_BLOCK, self.weight.shape[1], generator=gen).to(dtype)
-        alone = self(x[:1])
-        return all(torch.equal(self(x[:m])[:1], alone) for m in (2, 3, 5, 8, 13, 21, INVARIANT_BLOCK))
+        # Rows of different devices share a block in batched verification: every row must
+        # come out as it does alone, wherever it sits.
+        alone = torch.cat([self(row) for row in x.split(1)])
+        return all(torch.equal(self(x[:m]), alone[:m]) for m in (2, 3, 5, 8, 13, 21, INVARIANT_BLOCK))
 
 
 class KVCache:
@@ -161,6 +165,7 @@ class Qwen2:
         self._rope_len = 0
         self._grow_rope(4096)
         self.rowwise_linears = 0
+        self.adapter = None
         if batch_invariant:
             self._ensure_invariance()
 
@@ -218,56 +223,88 @@ class Qwen2:
         (or [1, vocab] for the last position with last_only, as prefill needs).
         `on_layer(i, hidden)` sees the residual stream (one row per token) after i layers, before
         layer i runs: an early exit reads it there and acts before the pass goes on."""
-        tokens = torch.as_tensor(tokens, dtype=torch.long)
-        if not self.batch_invariant or tokens.shape[0] <= INVARIANT_BLOCK:
-            return self._forward(tokens, cache, last_only, on_layer)
-        if on_layer is not None:
-            raise ValueError(f"on_layer needs a block of at most {INVARIANT_BLOCK} tokens")
-        # Larger blocks switch oneDNN to kernels with another reduction order.
-        chunks = tokens.split(INVARIANT_BLOCK)
-        if last_only:
-            for chunk in chunks[:-1]:
-                self._forward(chunk, cache, True)
-            return self._forward(chunks[-1], cache, True)
-        return torch.cat([self._forward(chunk, cache, False) for chunk in chunks])
+        return self.forward_batch([(tokens, cache)], last_only, on_layer)[0]
 
     @torch.inference_mode()
-    def _forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool, on_layer=None) -> torch.Tensor:
+    def forward_batch(self, sequences, last_only: bool = False, on_layer=None,
+                      keep: list[int] | None = None) -> list[torch.Tensor]:
+        """One pass over several sequences, each `(tokens, cache)` with its own cached length:
+        the weight products run on all their rows at once (what batching across devices buys),
+        attention runs per sequence over its own cache. Returns each sequence's logits, as
+        forward() would; in batch-invariant mode they are bit-identical to it. `keep[i]` asks
+        for the logits of only the last keep[i] rows of sequence i (a cold session's prefill
+        rides along in the batch, and only its draft rows reach the output head).
+        `on_layer(i, hidden)` sees the rows of all sequences, concatenated in order."""
         cfg = self.cfg
-        n, start = tokens.shape[0], cache.length
-        end = start + n
-        cache.reserve(end)
-        if end > self._rope_len:
-            self._grow_rope(end)
-        cos, sin = self.cos[start:end], self.sin[start:end]
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
-        # Causal within the new block; everything cached before it is visible.
-        mask = None
-        if n > 1:
-            mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start)
+        tokens = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t, _ in sequences]
+        spans = []  # (first row, rows, first position, cache, rotary cos, sin, causal mask)
+        row = 0
+        for toks, (_, cache) in zip(tokens, sequences):
+            n, start = toks.shape[0], cache.length
+            if n == 0:
+                raise ValueError("a sequence in the batch has no tokens")
+            end = start + n
+            cache.reserve(end)
+            if end > self._rope_len:
+                self._grow_rope(end)
+            # Causal within the new block; everything cached before it is visible.
+            mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start) if n > 1 else None
+            spans.append((row, n, start, cache, self.cos[start:end], self.sin[start:end], mask))
+            row += n
 
-        x = self.embed[tokens]
+        x = self.embed[torch.cat(tokens)]
         for li, layer in enumerate(self.layers):
             if on_layer is not None:
                 on_layer(li, x)
             h = self._rmsnorm(x, layer["attn_norm"])
-            qkv = layer["qkv"](h)
-            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            q = self._rotate(q.view(n, nh, hd).transpose(0, 1), cos, sin)
-            k = self._rotate(k.view(n, nkv, hd).transpose(0, 1), cos, sin)
-            cache.k[li][:, start:end] = k
-            cache.v[li][:, start:end] = v.view(n, nkv, hd).transpose(0, 1)
-            attn = self._attend(q, cache.k[li], cache.v[li], start, mask)
-            x = x + layer["out"](attn.transpose(0, 1).reshape(n, nh * hd))
+            qkv = self._rows(layer["qkv"], h)
+            attn = []
+            for first, n, start, cache, cos, sin, mask in spans:
+                q, k, v = qkv[first:first + n].split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+                q = self._rotate(q.view(n, nh, hd).transpose(0, 1), cos, sin)
+                k = self._rotate(k.view(n, nkv, hd).transpose(0, 1), cos, sin)
+                cache.k[li][:, start:start + n] = k
+                cache.v[li][:, start:start + n] = v.view(n, nkv, hd).transpose(0, 1)
+                attn.append(self._attend(q, cache.k[li], cache.v[li], start, mask).transpose(0, 1).reshape(n, nh * hd))
+            x = x + self._rows(layer["out"], torch.cat(attn) if len(attn) > 1 else attn[0])
             h = self._rmsnorm(x, layer["ffn_norm"])
-            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
-            x = x + layer["down"](F.silu(gate) * up)
-        cache.length = end
+            gate, up = self._rows(layer["gate_up"], h).chunk(2, dim=-1)
+            x = x + self._rows(layer["down"], F.silu(gate) * up)
+        for _, n, start, cache, *_ in spans:
+            cache.length = start + n
         if last_only:
-            x = x[-1:]
-        return self.logits(x)
+            keep = [1] * len(spans)
+        if keep is None:
+            return list(self.logits(x).split([n for _, n, *_ in spans]))
+        rows = [x[first + n - k:first + n] for k, (first, n, *_) in zip(keep, spans)]
+        return list(self.logits(torch.cat(rows)).split(keep))
+
+    def _rows(self, linear: Linear, x: torch.Tensor) -> torch.Tensor:
+        # Larger blocks switch oneDNN to kernels with another reduction order.
+        if not self.batch_invariant or x.shape[0] <= INVARIANT_BLOCK:
+            return linear(x)
+        return torch.cat([linear(block) for block in x.split(INVARIANT_BLOCK)])
 
     @torch.inference_mode()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The final norm and output head on residual-stream rows: fp32 logits."""
-        return self.head(self._rmsnorm(hidden, self.norm)).float()
+    def logits(self, hidden: torch.Tensor, adapter=None) -> torch.Tensor:
+        """The final norm and output head on residual-stream rows: fp32 logits. An adapter
+        (down [rank, dim], up [dim, rank]; default the model's own, if truncated with one) maps
+        the rows first: an early exit's or a shallow draft's trained head."""
+        adapter = self.adapter if adapter is None else adapter
+        if adapter is not None:
+            h = hidden.float()
+            hidden = (h + (h @ adapter[0].T) @ adapter[1].T).to(hidden.dtype)
+        return self._rows(self.head, self._rmsnorm(hidden, self.norm)).float()
+
+    def layer_subset(self, layers: list[int], adapter: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Qwen2":
+        """A model made of some of this one's layers (sharing their weights) and its output head,
+        behind an optional adapter: the first N layers make a shallower draft on the same backbone,
+        leaving a few out makes a layer-pruned target."""
+        if not layers or any(not 0 <= i < self.cfg.n_layers for i in layers) or len(set(layers)) != len(layers):
+            raise ValueError(f"layers {layers} are not distinct indices below {self.cfg.n_layers}")
+        small = copy.copy(self)
+        small.cfg = dataclasses.replace(self.cfg, n_layers=len(layers))
+        small.layers = [self.layers[i] for i in sorted(layers)]
+        small.adapter = adapter
+        return small

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from specedge.contract import Contract
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
-PROTOCOL_VERSION = 2  # 2: token lists packed 3 bytes an id, compact sparse q, HINT, OPEN flags
+PROTOCOL_VERSION = 3  # 3: OPEN states the draft and its contract, OPENED names replica and version
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_CONTEXT = 32768  # tokens in OPEN
 MAX_DRAFT = 64  # drafted tokens per DRAFT
@@ -22,6 +23,7 @@ MAX_Q_ENTRIES = 255  # (id, count) pairs per drafted token
 MAX_STREAM = 1024  # tokens per TOKENS message
 MAX_TOKEN_ID = (1 << 24) - 1
 MAX_ERROR_TEXT = 255
+MAX_NAME = 64  # bytes of a draft, replica or target-version name
 
 _HEADER = struct.Struct("<BBQI")
 
@@ -66,10 +68,24 @@ class Open:
     seq: int
     tokens: list[int]
     params: SamplingParams = field(default_factory=SamplingParams)
-    tokenizer: bytes = bytes(8)  # fingerprint; the verifier refuses a mismatch
+    contract: Contract = field(default_factory=Contract.unchecked)  # the verifier refuses a mismatch
     resync: bool = False
     hints: bool = False  # ask for early-exit hints (when the verifier has an exit head)
+    draft: str = ""  # the draft model's name: acceptance is tracked per (draft, target version)
     TYPE = 1
+
+
+@dataclass
+class Opened:
+    """Verifier -> device: the session lives on `replica`, verified by target `version`. Sent for
+    every OPEN and whenever the session moves to another target version; the device addresses
+    its drafts to that replica from then on."""
+
+    session: int
+    seq: int
+    replica: str
+    version: str
+    TYPE = 20
 
 
 @dataclass
@@ -150,7 +166,7 @@ class Error:
     TYPE = 18
 
 
-MESSAGES = {m.TYPE: m for m in (Open, Draft, Generate, Close, Verdict, Hint, Tokens, Error)}
+MESSAGES = {m.TYPE: m for m in (Open, Draft, Generate, Close, Verdict, Hint, Tokens, Error, Opened)}
 
 
 def _tokens(values, limit: int, what: str) -> bytes:
@@ -163,15 +179,26 @@ def _tokens(values, limit: int, what: str) -> bytes:
     return arr.astype("<u4").view(np.uint8).reshape(-1, 4)[:, :3].tobytes()
 
 
+def _name(text: str, what: str) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) > MAX_NAME:
+        raise Oversized(f"{what}: {len(raw)} bytes exceed the limit of {MAX_NAME}")
+    return bytes([len(raw)]) + raw
+
+
 def encode(msg) -> bytes:
     out = [_HEADER.pack(PROTOCOL_VERSION, msg.TYPE, msg.session, msg.seq)]
     if isinstance(msg, Open):
-        p = msg.params
-        if len(msg.tokenizer) != 8:
-            raise WireError("tokenizer fingerprint must be 8 bytes")
-        out.append(struct.pack("<BfIfQ8sI", int(msg.resync) | int(msg.hints) << 1, p.temperature, p.top_k, p.top_p, p.seed,
-                               msg.tokenizer, len(msg.tokens)))
+        p, c = msg.params, msg.contract
+        if not all(len(h) == 8 for h in (c.tokenizer, c.special_tokens, c.chat_template)):
+            raise WireError("contract hashes must be 8 bytes")
+        out.append(struct.pack("<BfIfQ8sI8s8sI", int(msg.resync) | int(msg.hints) << 1, p.temperature, p.top_k,
+                               p.top_p, p.seed, c.tokenizer, c.vocab_size, c.special_tokens, c.chat_template,
+                               len(msg.tokens)))
+        out.append(_name(msg.draft, "draft name"))
         out.append(_tokens(msg.tokens, MAX_CONTEXT, "open"))
+    elif isinstance(msg, Opened):
+        out.append(_name(msg.replica, "replica") + _name(msg.version, "version"))
     elif isinstance(msg, Draft):
         has_q = msg.q is not None
         if has_q and len(msg.q) != len(msg.tokens):
@@ -236,6 +263,14 @@ class _Reader:
         packed = self.array("u1", 3 * count).reshape(count, 3).astype(np.uint32)
         return packed[:, 0] | packed[:, 1] << 8 | packed[:, 2] << 16
 
+    def name(self, what: str) -> str:
+        (n,) = self.take("<B")
+        raw = bytes(self.array("u1", _bounded(n, MAX_NAME, what)))
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError(f"{what}: not UTF-8") from None
+
     def tokens(self, count: int) -> list[int]:
         return self.token_array(count).astype(np.int64).tolist()
 
@@ -260,17 +295,21 @@ def decode(data: bytes):
         raise UnsupportedVersion(f"protocol version {version}; this build speaks {PROTOCOL_VERSION}")
     r = _Reader(data, _HEADER.size)
     if mtype == Open.TYPE:
-        flags, temperature, top_k, top_p, seed, tok, n = r.take("<BfIfQ8sI")
+        flags, temperature, top_k, top_p, seed, tok, vocab, specials, template, n = r.take("<BfIfQ8sI8s8sI")
         try:
             params = SamplingParams(float(temperature), int(top_k), float(top_p), int(seed))
         except ValueError as exc:
             raise WireError(f"open: {exc}") from exc
         if flags > 3:
             raise WireError("open: unknown flags")
-        msg = Open(session, seq, r.tokens(_bounded(n, MAX_CONTEXT, "open")), params, tok, bool(flags & 1),
-                   bool(flags & 2))
+        _bounded(n, MAX_CONTEXT, "open")
+        draft = r.name("open: draft name")
+        msg = Open(session, seq, r.tokens(n), params,
+                   Contract(tok, vocab, specials, template), bool(flags & 1), bool(flags & 2), draft)
         if not msg.tokens:
             raise WireError("open: no tokens")
+    elif mtype == Opened.TYPE:
+        msg = Opened(session, seq, r.name("opened: replica"), r.name("opened: version"))
     elif mtype == Draft.TYPE:
         committed, n, has_q = r.take("<IBB")
         if has_q > 1:

@@ -8,9 +8,10 @@ import sys
 import pytest
 import torch
 
-from specedge.cloud.exit_head import (ExitHead, ExitHeadError, corpus_passages, hidden_states, layer_agreement,
-                                      load_exit_head, train_exit_head)
+from specedge.cloud.registry import Target
 from specedge.cloud.session import TargetSession
+from specedge.exit_head import (ExitHead, ExitHeadError, corpus_passages, hidden_states, layer_agreement,
+                                load_exit_head, train_exit_head)
 from specedge.device.policy import parse_policy
 from specedge.speculative import SamplingParams, greedy_verify
 
@@ -23,11 +24,11 @@ def test_hint_is_the_verdict_the_intermediate_layer_predicts(tiny_models):
     head = ExitHead(target, 1)
     guesses = head.logits(states[1][len(prompt) - 1:]).argmax(-1).tolist()
     hints = []
-    session = TargetSession(target, prompt, SamplingParams(), 1)
+    session = TargetSession(Target.in_memory("t", target, tok), prompt, SamplingParams(), 1)
     verdict = session.verify(draft, None, head, lambda accepted, token, confidence: hints.append((accepted, token)))
     assert hints == [greedy_verify(draft, guesses)]
     # the hint changes nothing about the verdict
-    plain = TargetSession(target, prompt, SamplingParams(), 1)
+    plain = TargetSession(Target.in_memory("t", target, tok), prompt, SamplingParams(), 1)
     assert plain.verify(draft, None) == verdict
 
 

@@ -186,6 +186,7 @@ def test_scheduler_learns_costs_from_rounds_and_takes_objectives_at_run_time():
 # -- the agent over the emulated channel ---------------------------------------------------------
 def test_agent_drafts_further_when_the_channel_slows_down_mid_run(tiny_models, mosquitto):
     from specedge.channel import ChannelConfig, ChannelEmulator, LinkSpec
+    from specedge.cloud.registry import Target
     from specedge.cloud.verifier import Verifier
     from specedge.config import CloudConfig, DeviceConfig, build
     from specedge.device.agent import Agent
@@ -196,7 +197,7 @@ def test_agent_drafts_further_when_the_channel_slows_down_mid_run(tiny_models, m
     draft, tok, target, target_tok = tiny_models
     fleet = "adaptive"
     cloud = build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {"fleet": fleet, "id": "v-adaptive"}})
-    verifier = Verifier(cloud, target, target_tok).start()
+    verifier = Verifier(cloud, Target.in_memory("tiny", target, target_tok)).start()
     fast = ChannelConfig(LinkSpec(), LinkSpec(), "loopback")
     slow = ChannelConfig(LinkSpec(delay_ms=120), LinkSpec(delay_ms=120), "far")
     with ChannelEmulator(fast, ("127.0.0.1", mosquitto.port)) as channel:

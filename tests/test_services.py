@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import queue
 import time
+from dataclasses import replace
 
 import pytest
 
 from conftest import reference_greedy
 from specedge import wire
 from specedge.config import MqttConfig
+from specedge.contract import Contract
 from specedge.device.policy import parse_policy
 from specedge.mqtt import BrokerUnavailable, Link, device_topic
 from specedge.speculative import SamplingParams
@@ -56,19 +58,25 @@ def test_draft_for_an_unknown_session_asks_for_a_resync(stack, probe):
     assert isinstance(reply, wire.Error) and reply.code == wire.ErrorCode.UNKNOWN_SESSION
 
 
-def test_incompatible_tokenizer_is_refused(stack, probe):
+def test_incompatible_draft_is_refused_with_the_part_that_differs(stack, probe, tiny_models):
     _, ask, _ = probe
-    reply = ask(wire.encode(wire.Open(5, 0, [1, 2, 3], SamplingParams(), b"12345678")))
-    assert reply.code == wire.ErrorCode.INCOMPATIBLE
+    _, tok, target, _ = tiny_models
+    good = Contract.of(tok, target.cfg.vocab_size)
+    for change, part in ((dict(tokenizer=b"12345678"), "tokenizer"), (dict(vocab_size=151936), "vocab size"),
+                         (dict(special_tokens=b"xxxxxxxx"), "special tokens"),
+                         (dict(chat_template=b"tttttttt"), "chat template")):
+        reply = ask(wire.encode(wire.Open(5, 0, [1, 2, 3], SamplingParams(), replace(good, **change), draft="d")))
+        assert reply.code == wire.ErrorCode.INCOMPATIBLE and part in reply.text, reply
+    reply = ask(wire.encode(wire.Open(5, 0, [1, 2, 3], SamplingParams(), good, draft="d")))
+    assert isinstance(reply, wire.Opened) and reply.replica == stack.verifier.replica
 
 
 def test_replayed_round_gets_the_same_verdict_and_no_new_work(stack, probe, tiny_models):
     _, ask, _ = probe
     _, tok, target, _ = tiny_models
     prompt = tok.encode_chat("hello")
-    fp = bytes.fromhex(tok.fingerprint())
-    stack.verifier.link.publish  # the verifier is up
-    probe[0].publish(device_topic("default", "probe", "draft"), wire.encode(wire.Open(99, 0, prompt, SamplingParams(), fp)))
+    opened = ask(wire.encode(wire.Open(99, 0, prompt, SamplingParams())))
+    assert isinstance(opened, wire.Opened)
     draft = wire.encode(wire.Draft(99, 1, len(prompt), [5, 6]))
     first = ask(draft)
     rounds = stack.verifier.rounds
@@ -92,7 +100,7 @@ def test_agent_resyncs_when_the_verifier_loses_its_session(stack, tiny_models):
     def forgetful_draft(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] in (3, 6):
-            stack.verifier.inbox.put(("forget", b""))  # processed in order, before our next draft
+            stack.verifier.inbox.put(("forget", b"", time.monotonic()))  # processed in order, before our next draft
             stack.verifier.sessions.clear()
         return original(*args, **kwargs)
 

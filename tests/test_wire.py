@@ -9,12 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specedge import wire
+from specedge.contract import Contract
 from specedge.speculative import SamplingParams, quantize, softmax
 
 Q = [quantize(softmax(np.array([3.0, 1.0, 0.5, 0.0, -2.0])), 3, 1.0)]
 MESSAGES = [
-    wire.Open(2**63 + 5, 0, [1, 2, 151935], SamplingParams(0.7, 20, 0.9, 42), b"abcdefgh", True),
-    wire.Open(5, 0, [7], SamplingParams(), bytes(8), False, hints=True),
+    wire.Open(2**63 + 5, 0, [1, 2, 151935], SamplingParams(0.7, 20, 0.9, 42),
+              Contract(b"abcdefgh", 151936, b"ijklmnop", b"qrstuvwx"), True, draft="qwen2.5-coder-0.5b-l12"),
+    wire.Open(5, 0, [7], SamplingParams(), Contract.unchecked(), False, hints=True),
     wire.Draft(7, 3, 100, [4, 5, 6]),
     wire.Draft(7, 4, 100, [int(Q[0].ids[0])], Q),
     wire.Draft(7, 4, 100, [int(Q[0].ids[1]), int(Q[0].ids[2])], Q * 2),
@@ -25,6 +27,7 @@ MESSAGES = [
     wire.Hint(7, 3, 100, 1, 151000, 21),
     wire.Tokens(9, 1, 20, [3, 4, 5], True),
     wire.Error(7, 3, wire.ErrorCode.OUT_OF_SYNC, "resync, please ✓"),
+    wire.Opened(5, 3, "verifier-a", "coder-1.5b-pruned"),
 ]
 
 
@@ -81,7 +84,7 @@ def test_unknown_type_is_rejected():
 def test_oversized_payloads_and_counts_are_rejected_before_allocation():
     with pytest.raises(wire.Oversized):
         wire.decode(b"\x01" * (wire.MAX_PAYLOAD + 1))
-    huge_open = struct.pack("<BBQI", wire.PROTOCOL_VERSION, wire.Open.TYPE, 1, 0) + struct.pack("<BfIfQ8sI", 0, 0, 0, 1, 0, bytes(8),
+    huge_open = struct.pack("<BBQI", wire.PROTOCOL_VERSION, wire.Open.TYPE, 1, 0) + struct.pack("<BfIfQ8sI8s8sI", 0, 0, 0, 1, 0, bytes(8), 0, bytes(8), bytes(8),
                                                                               10**9)
     with pytest.raises(wire.Oversized):
         wire.decode(huge_open)
@@ -109,7 +112,8 @@ def test_token_outside_its_own_q_is_rejected():
 
 def test_bad_sampling_params_in_open_are_rejected():
     payload = wire.encode(wire.Open(1, 0, [1], SamplingParams()))
-    bad = payload[:14] + struct.pack("<BfIfQ8sI", 0, -1.0, 0, 1.0, 0, bytes(8), 1) + payload[-3:]
+    bad = (payload[:14] + struct.pack("<BfIfQ8sI8s8sI", 0, -1.0, 0, 1.0, 0, bytes(8), 0, bytes(8), bytes(8), 1)
+           + payload[-4:])
     with pytest.raises(wire.WireError, match="temperature"):
         wire.decode(bad)
 

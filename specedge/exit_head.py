@@ -42,10 +42,7 @@ class ExitHead:
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.down is not None:
-            h = hidden.float()
-            hidden = (h + (h @ self.down.T) @ self.up.T).to(hidden.dtype)
-        return self.model.logits(hidden)
+        return self.model.logits(hidden, None if self.down is None else (self.down, self.up))
 
     def save(self, path: str | Path, meta: dict) -> None:
         from safetensors.torch import save_file

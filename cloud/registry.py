@@ -1,0 +1,162 @@
+"""Target versions: what the verifier can serve, and which version serves whom.
+
+A version is a name, a model file (pinned by sha256), how it is loaded
+(weights, layers dropped) and the compatibility contract of its tokenizer. The
+registry file lists versions; the retained `specedge/v1/{fleet}/targets`
+announcement says which one serves a fleet by default and pins single devices
+(canaries) to others. Devices never re-download anything: their frozen draft
+keeps speculating for whatever version verifies it, as long as the contracts match.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specedge.config import ConfigError, read_toml
+from specedge.contract import Contract
+
+MAX_ANNOUNCEMENT = 64 * 1024  # bytes of JSON on the targets topic
+SHIPPED_REGISTRY = Path(__file__).with_name("targets.toml")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    name: str
+    model: str  # registry name or path
+    weights: str = "bf16"
+    drop_layers: tuple[int, ...] = ()  # a layer-pruned variant of `model` (see prune-layers)
+    sha256: str = ""  # of the model file; checked on load when given
+
+    def recipe(self) -> dict:
+        return {"model": self.model, "weights": self.weights, "drop_layers": list(self.drop_layers)}
+
+
+@dataclass
+class Target:
+    """A loaded version."""
+
+    spec: TargetSpec
+    model: object  # specedge.model.Qwen2
+    tokenizer: object
+    file_sha256: str = ""
+    exit_head: object = None
+
+    @classmethod
+    def in_memory(cls, name: str, model, tokenizer) -> "Target":
+        """A model already loaded (the demo, tests): a version without a file behind it."""
+        return cls(TargetSpec(name, "<in memory>"), model, tokenizer)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def contract(self) -> Contract:
+        return Contract.of(self.tokenizer, self.model.cfg.vocab_size)
+
+    @property
+    def version_hash(self) -> str:
+        """What exactly verifies: the file and how it is loaded."""
+        text = json.dumps({"file": self.file_sha256, **self.spec.recipe()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {"name": self.name, "file_sha256": self.file_sha256, "version_hash": self.version_hash,
+                "layers": self.model.cfg.n_layers, "contract": self.contract.to_json(), **self.spec.recipe()}
+
+
+def load_target(spec: TargetSpec, batch_invariant: bool = True) -> Target:
+    from specedge.fetch import resolve, sha256_file
+    from specedge.loader import load_model
+
+    path, sha256 = resolve(spec.model)
+    if spec.sha256 and path.is_file():
+        actual = sha256 if sha256 else sha256_file(path)
+        if actual != spec.sha256:
+            raise ConfigError(f"target {spec.name}: {path} has sha256 {actual}, the registry pins {spec.sha256}")
+        sha256 = actual
+    elif sha256 is None and path.is_file():
+        sha256 = sha256_file(path)
+    model, tokenizer = load_model(path, sha256, spec.weights, batch_invariant)
+    if spec.drop_layers:
+        model = model.layer_subset([i for i in range(model.cfg.n_layers) if i not in spec.drop_layers])
+    return Target(spec, model, tokenizer, sha256 or "")
+
+
+def read_registry(path: str | Path) -> dict[str, TargetSpec]:
+    data = read_toml(path, "target registry")
+    versions = data.get("versions")
+    if not isinstance(versions, dict) or not versions or set(data) != {"versions"}:
+        raise ConfigError(f"{path}: expected only [versions.NAME] tables")
+    specs = {}
+    for name, entry in versions.items():
+        where = f"{path}: versions.{name}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            raise ConfigError(f"{where}: needs model = \"name or path\"")
+        unknown = set(entry) - {"model", "weights", "drop_layers", "sha256"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+        drop = entry.get("drop_layers", [])
+        if not isinstance(drop, list) or not all(isinstance(i, int) and i >= 0 for i in drop):
+            raise ConfigError(f"{where}: drop_layers must be a list of layer indices")
+        weights = entry.get("weights", "bf16")
+        if weights not in ("int8", "bf16", "fp32", "fp64"):
+            raise ConfigError(f"{where}: weights must be int8, bf16, fp32 or fp64")
+        model = entry["model"]
+        if not Path(model).is_absolute() and ("/" in model or model.endswith(".gguf")):
+            model = str((Path(path).parent / model).resolve())  # relative to the registry file
+        specs[name] = TargetSpec(name, model, weights, tuple(sorted(set(drop))), str(entry.get("sha256", "")))
+    return specs
+
+
+def registry_for(target_cfg) -> tuple[dict[str, TargetSpec], str]:
+    """(versions, default version) from the [target] section: its registry file, or the one model it names."""
+    if target_cfg.registry:
+        path = SHIPPED_REGISTRY if target_cfg.registry == "shipped" else target_cfg.registry
+        specs = read_registry(path)
+        default = target_cfg.version or next(iter(specs))
+        if default not in specs:
+            raise ConfigError(f"target.version {default!r} is not in {path} ({', '.join(specs)})")
+        return specs, default
+    name = target_cfg.version or Path(target_cfg.model).stem
+    return {name: TargetSpec(name, target_cfg.model, target_cfg.weights)}, name
+
+
+class AnnouncementError(ValueError):
+    pass
+
+
+@dataclass
+class Announcement:
+    """The retained `specedge/v1/{fleet}/targets`: the fleet's version and per-device pins."""
+
+    default: str
+    pins: dict[str, str] = field(default_factory=dict)
+    versions: dict[str, dict] = field(default_factory=dict)  # what each named version is (informative)
+
+    def version_for(self, device: str) -> str:
+        return self.pins.get(device, self.default)
+
+    def encode(self) -> bytes:
+        return json.dumps({"default": self.default, "pins": self.pins, "versions": self.versions},
+                          sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> "Announcement":
+        if len(payload) > MAX_ANNOUNCEMENT:
+            raise AnnouncementError(f"{len(payload)} bytes exceed {MAX_ANNOUNCEMENT}")
+        try:
+            data = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AnnouncementError(f"not JSON: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("default"), str) or not data["default"]:
+            raise AnnouncementError('expected {"default": "VERSION", "pins": {"DEVICE": "VERSION"}}')
+        pins = data.get("pins", {})
+        if not isinstance(pins, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in pins.items()):
+            raise AnnouncementError("pins must map device names to version names")
+        versions = data.get("versions", {})
+        if not isinstance(versions, dict):
+            raise AnnouncementError("versions must be an object")
+        return cls(data["default"], pins, versions)
