@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specedge.config import ConfigError, read_toml
+from specedge.config import ConfigError, model_label, read_toml
 from specedge.contract import Contract
 
 MAX_ANNOUNCEMENT = 64 * 1024  # bytes of JSON on the targets topic
@@ -120,7 +120,7 @@ def registry_for(target_cfg) -> tuple[dict[str, TargetSpec], str]:
         if default not in specs:
             raise ConfigError(f"target.version {default!r} is not in {path} ({', '.join(specs)})")
         return specs, default
-    name = target_cfg.version or Path(target_cfg.model).stem
+    name = target_cfg.version or model_label(target_cfg.model)
     return {name: TargetSpec(name, target_cfg.model, target_cfg.weights)}, name
 
 

@@ -72,6 +72,7 @@ class Agent:
         self.profile = get_profile(energy.profile, energy.profiles or None)
         self.radio = self.profile.radio(energy.link)
         self.meter: PowerMeter | None = None
+        self.current: _Request | None = None  # the request running or last run
         empty_draft = len(wire.encode(wire.Draft(0, 0, 0, [])))
         prior = State((0.6,), draft_s=0.05, verify_base_s=0.1, verify_per_row_s=0.0, rtt_s=0.0,
                       up_bytes_base=publish_packet_bytes(self.up_topic, empty_draft, cfg.mqtt.qos, True),
@@ -127,7 +128,8 @@ class Agent:
                  on_tokens=None) -> GenerationResult:
         """Generate after `prompt`; `on_tokens(list[int])` sees committed tokens as they land."""
         with self._busy:
-            return _Request(self, prompt, params, max_new_tokens, policy, on_tokens).run()
+            self.current = _Request(self, prompt, params, max_new_tokens, policy, on_tokens)
+            return self.current.run()
 
 
 class _Request:

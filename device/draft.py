@@ -97,3 +97,17 @@ class TorchDraftEngine:
                 break
         out.seconds = time.perf_counter() - t0
         return out
+
+
+def load_draft(cfg):
+    """(model, tokenizer) for a [draft] section: the model, or its first `layers` layers read out
+    through a trained head (a smaller draft sharing the backbone, and its weights in memory)."""
+    from specedge.exit_head import load_exit_head
+    from specedge.loader import load_named
+
+    model, tok = load_named(cfg.model, cfg.weights)
+    if cfg.layers:
+        head = load_exit_head(model, cfg.layers, cfg.head or None)
+        adapter = None if head.down is None else (head.down, head.up)
+        model = model.layer_subset(list(range(head.layer)), adapter)
+    return model, tok

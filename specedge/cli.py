@@ -68,6 +68,20 @@ def _cloud_run(args) -> int:
     return 0
 
 
+def _prune_layers(args) -> int:
+    from specedge.exit_head import block_influence, corpus_passages
+    from specedge.loader import load_named
+
+    model, tok = load_named(args.target, "bf16", batch_invariant=True)
+    influence = block_influence(model, corpus_passages(tok, args.corpus, args.passages, args.length))
+    # The first and last layers are never candidates: every model needs them most.
+    drop = sorted(sorted(range(1, len(influence) - 1), key=lambda i: influence[i])[:args.drop])
+    name = args.name or f"{args.target}-pruned{len(influence) - len(drop)}"
+    print(json.dumps({"influence": [round(v, 5) for v in influence], "drop_layers": drop}), flush=True)
+    print(f'\n[versions."{name}"]\nmodel = "{args.target}"\nweights = "bf16"\ndrop_layers = {drop}')
+    return 0
+
+
 def _train_exit_head(args) -> int:
     from specedge.exit_head import corpus_passages, default_exit_layer, train_exit_head
     from specedge.loader import load_named
@@ -112,14 +126,13 @@ def _exit_agreement(args) -> int:
 def _device_run(args) -> int:
     from specedge.config import DeviceConfig, load
     from specedge.device.agent import Agent
-    from specedge.device.draft import TorchDraftEngine
+    from specedge.device.draft import TorchDraftEngine, load_draft
     from specedge.device.policy import parse_policy
-    from specedge.loader import load_named
     from specedge.speculative import SamplingParams
     from specedge.tokenizer import StreamDecoder
 
     cfg = load(DeviceConfig, args.config)
-    model, tok = load_named(cfg.draft.model, cfg.draft.weights)
+    model, tok = load_draft(cfg.draft)
     engine = TorchDraftEngine(model, cfg.draft.q_top_k, cfg.draft.q_top_p)
     agent = Agent(cfg, engine, tok).start()
     gen = cfg.generation
@@ -173,6 +186,12 @@ def _channel(args) -> int:
         channel.stop()
         print(f"bytes up {channel.bytes_up}, down {channel.bytes_down}", file=sys.stderr)
     return 0
+
+
+def _bench_verifier(args) -> int:
+    from specedge import bench_verifier
+
+    return bench_verifier.run(args)
 
 
 def _bench(args) -> int:
@@ -286,6 +305,15 @@ def parser() -> argparse.ArgumentParser:
     te.add_argument("--seed", type=int, default=0)
     te.add_argument("--out", required=True, help="safetensors file; set [target] exit_head to use it")
     te.set_defaults(func=_train_exit_head)
+
+    pl = csub.add_parser("prune-layers", help="pick the layers a pruned target version leaves out (block influence)")
+    pl.add_argument("--target", default=DEFAULT_TARGET)
+    pl.add_argument("--drop", type=int, default=2, help="how many layers to leave out")
+    pl.add_argument("--corpus", action="append", help="text file(s); default: the Python standard library")
+    pl.add_argument("--passages", type=int, default=8)
+    pl.add_argument("--length", type=int, default=128)
+    pl.add_argument("--name", default="", help="version name for the registry entry it prints")
+    pl.set_defaults(func=_prune_layers)
     ea = csub.add_parser("exit-agreement", help="per-layer early-exit agreement on token sequences")
     ea.add_argument("--target", default=DEFAULT_TARGET)
     ea.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"])
@@ -336,6 +364,34 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--run-timeout", type=float, default=900.0, help="seconds for one generation")
     be.set_defaults(func=_bench)
 
+    bv = sub.add_parser("bench-verifier", help="one verifier or a replica group under many devices (JSON + plot)")
+    bv.add_argument("--devices", default="1,2,4,8,16,32", help="device counts, comma-separated")
+    bv.add_argument("--replicas", default="1,2", help="replica counts, comma-separated")
+    bv.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="skip the unbatched verifier (max_batch = 1)")
+    bv.add_argument("--baseline-devices", type=lambda s: [int(x) for x in s.split(",")],
+                    help="device counts for the unbatched baseline (default: all)")
+    bv.add_argument("--draft", default=DEFAULT_DRAFT)
+    bv.add_argument("--small-draft-head", help="also devices with the draft's first N layers and this trained head")
+    bv.add_argument("--target", default=DEFAULT_TARGET)
+    bv.add_argument("--registry", default="", help='target registry ("shipped" = cloud/targets.toml)')
+    bv.add_argument("--target-version", default="")
+    bv.add_argument("--prompts", default=None)
+    bv.add_argument("--max-prompts", type=int, default=8)
+    bv.add_argument("--tokens", type=int, default=32, help="new tokens a session")
+    bv.add_argument("--draft-length", type=int, default=4)
+    bv.add_argument("--max-batch", type=int, default=16)
+    bv.add_argument("--window-ms", type=float, default=5.0)
+    bv.add_argument("--kv-budget-mb", type=float, default=4096.0)
+    bv.add_argument("--round-timeout", type=float, default=60.0)
+    bv.add_argument("--start-timeout", type=float, default=600.0)
+    bv.add_argument("--kill-replica-at", type=float, help="seconds into a run: kill -9 one replica (2+ replicas)")
+    bv.add_argument("--switch-at", type=float, help="seconds into a run: announce --switch-to for the fleet")
+    bv.add_argument("--switch-to", default="", help="the target version to announce")
+    bv.add_argument("--json")
+    bv.add_argument("--plot")
+    bv.set_defaults(func=_bench_verifier)
+
     pw = sub.add_parser("power", help="read the power meter, or calibrate a device profile")
     pw.add_argument("--meter", default="auto", help="auto, jtop, ina3221, rapl or estimated")
     pw.add_argument("--profile", default="orin-nano-15w", help="the profile the estimate falls back to")
@@ -359,7 +415,7 @@ def main(argv=None) -> int:
         from specedge.demo import DEFAULT_PROMPT
 
         args.prompt = DEFAULT_PROMPT
-    if args.command == "bench" and args.prompts is None:
+    if args.command in ("bench", "bench-verifier") and args.prompts is None:
         from specedge.bench import default_prompts
 
         args.prompts = str(default_prompts())

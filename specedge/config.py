@@ -67,7 +67,7 @@ class DraftConfig:
         _check(len(self.name.encode()) <= 64, "draft.name", "at most 64 bytes")
 
     def display_name(self) -> str:
-        return self.name or (Path(self.model).stem + (f"-l{self.layers}" if self.layers else ""))
+        return self.name or (model_label(self.model) + (f"-l{self.layers}" if self.layers else ""))
         _check(1 <= self.q_top_k <= 255, "draft.q_top_k", "1..255")
         _check(0 < self.q_top_p <= 1, "draft.q_top_p", "(0, 1]")
 
@@ -213,6 +213,12 @@ class CloudConfig:
     verifier: VerifierIdentity = field(default_factory=VerifierIdentity)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
+
+
+def model_label(model: str) -> str:
+    """A short name for a model setting: the registry name itself, or a file's or folder's name."""
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.name
 
 
 def _check(ok: bool, key: str, allowed: str) -> None:

@@ -106,6 +106,22 @@ def layer_agreement(model: Qwen2, sequences: list[tuple[list[int], int]], layers
     return {layer: agree[layer] / total if total else 0.0 for layer in layers}
 
 
+def block_influence(model: Qwen2, sequences: list[list[int]]) -> list[float]:
+    """Per layer, 1 - the mean cosine similarity of the residual stream before and after it
+    (ShortGPT's block influence): the layers that change it least are the ones to leave out."""
+    n = model.cfg.n_layers
+    total = torch.zeros(n, dtype=torch.float64)
+    rows = 0
+    for tokens in sequences:
+        states, _ = hidden_states(model, tokens, list(range(n)))
+        for i in range(n - 1):
+            total[i] += torch.nn.functional.cosine_similarity(states[i].float(), states[i + 1].float(), dim=-1).sum()
+        rows += len(tokens)
+    influence = (1 - total / rows).tolist()
+    influence[-1] = float("inf")  # the last layer's output is not read here: never a candidate
+    return influence
+
+
 def corpus_passages(tokenizer, paths: list[str] | None, passages: int, length: int) -> list[list[int]]:
     """`passages` token sequences of `length` tokens from text files, or by default from the Python
     standard library's own sources (code and prose, in the coder target's domain; PSF licence,

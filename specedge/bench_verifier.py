@@ -1,0 +1,376 @@
+"""`specedge bench-verifier`: one verifier (or a replica group) under many device sessions.
+
+Each device is the real agent (its own MQTT client, binding, failover) with a
+replayed draft engine: the drafts the real draft model makes after every
+prefix of the target's own greedy output are recorded once, so a hundred
+devices cost no drafting. If a session's text leaves the recording (another
+target version), the real draft model drafts for it instead. Every session's
+output is checked against the target's own greedy decoding.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from specedge.bench import _git_revision, _read_json, _spawn, _stop, load_prompts
+from specedge.broker import MosquittoBroker
+from specedge.device.draft import Drafted, TorchDraftEngine
+from specedge.fetch import cache_dir
+
+FLEET = "bench"
+
+
+def target_decode(model, prompt: list[int], max_new: int, stop_ids) -> list[int]:
+    """The target's own greedy decoding, one position at a time."""
+    cache = model.new_cache(capacity=len(prompt) + max_new + 8)
+    logits = model.forward(prompt, cache, last_only=True)[-1]
+    out = []
+    for _ in range(max_new):
+        token = int(torch.argmax(logits))
+        if token in stop_ids:
+            break
+        out.append(token)
+        logits = model.forward([token], cache)[-1]
+    return out
+
+
+def record(target, draft_engine, prompts: list[list[int]], max_new: int, draft_length: int, stop_ids) -> list[dict]:
+    """Per prompt: the target's output and the draft the engine makes after each prefix of it."""
+    from specedge.speculative import SamplingParams
+
+    recordings = []
+    for prompt in prompts:
+        output = target_decode(target, prompt, max_new, stop_ids)
+        drafts = []
+        draft_engine.start(prompt)
+        for k in range(len(output) + 1):
+            draft_engine.commit(prompt + output[:k])  # keeps the cache's valid prefix: no re-prefill
+            drafts.append(draft_engine.draft(draft_length, SamplingParams(), None, stop_ids).tokens)
+        recordings.append({"prompt": prompt, "output": output, "drafts": drafts})
+    return recordings
+
+
+class ReplayDraftEngine:
+    """The draft engine interface, answered from a recording where the text matches it and by the
+    real draft model where it does not."""
+
+    backend = "replay"
+
+    def __init__(self, recording: dict, fallback: TorchDraftEngine):
+        self.prompt, self.output, self.drafts = recording["prompt"], recording["output"], recording["drafts"]
+        self.fallback = fallback
+        self.committed: list[int] = []
+        self.replayed = self.drafted_live = 0
+
+    @property
+    def vocab_size(self) -> int:
+        return self.fallback.vocab_size
+
+    def start(self, committed: list[int]) -> None:
+        self.committed = list(committed)
+        self._live = False
+
+    def commit(self, committed: list[int]) -> None:
+        self.committed = list(committed)
+
+    def _recorded(self) -> list[int] | None:
+        k = len(self.committed) - len(self.prompt)
+        if 0 <= k < len(self.drafts) and self.committed == self.prompt + self.output[:k]:
+            return self.drafts[k]
+        return None
+
+    def draft(self, n, params, rng, stop_ids=frozenset(), keep_going=None) -> Drafted:
+        recorded = self._recorded()
+        if recorded is not None:
+            self.replayed += 1
+            tokens = recorded[:n]
+            self.committed += tokens
+            return Drafted(tokens, None, [1.0] * len(tokens))
+        self.drafted_live += 1
+        if self.fallback.cache is None:
+            self.fallback.start(self.committed)
+        else:
+            self.fallback.commit(self.committed)
+        out = self.fallback.draft(n, params, rng, stop_ids, keep_going)
+        self.committed += out.tokens
+        return out
+
+
+def _verifier_config(folder: Path, name: str, port: int, args, max_batch: int) -> Path:
+    path = folder / f"{name}.toml"
+    registry = f'registry = "{args.registry}"\nversion = "{args.target_version}"\n' if args.registry else ""
+    path.write_text(f"""[verifier]
+id = "{name}"
+max_batch = {max_batch}
+batch_window_ms = {args.window_ms}
+kv_budget_mb = {args.kv_budget_mb}
+stats_interval_s = 0.5
+
+[mqtt]
+port = {port}
+protocol = "5"
+
+[target]
+model = "{args.target}"
+weights = "bf16"
+{registry}""")
+    return path
+
+
+def _start_verifiers(folder: Path, port: int, args, replicas: int, max_batch: int, tag: str) -> list:
+    procs = []
+    threads = max(1, (os.cpu_count() or 2) // replicas)
+    for i in range(replicas):
+        name = f"{tag}-r{i}"
+        cfg = _verifier_config(folder, name, port, args, max_batch)
+        proc = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(cfg)], [],
+                      {"OMP_NUM_THREADS": str(threads)}, folder / f"{name}.log")
+        proc.replica = name
+        procs.append(proc)
+    for proc in procs:
+        _read_json(proc, f"verifier {proc.replica}", args.start_timeout)
+    return procs
+
+
+class StatsWatch:
+    """Follows the replicas' statistics topic: the latest per replica, and the peak cache memory."""
+
+    def __init__(self, port: int):
+        from specedge.config import MqttConfig
+        from specedge.mqtt import REPLICAS, Link
+
+        self.latest: dict[str, dict] = {}
+        self.peak_cache_bytes = 0
+        self.lock = threading.Lock()
+        self.link = Link(MqttConfig(port=port, protocol="5"), f"bench-stats-{os.getpid()}", self._on)
+        self.link.subscribe(f"{REPLICAS}/+/stats")
+        self.link.start()
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        stats = json.loads(payload)
+        with self.lock:
+            self.latest[stats["replica"]] = stats
+            self.peak_cache_bytes = max(self.peak_cache_bytes, sum(s["cache_bytes"] for s in self.latest.values()))
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {r: dict(s) for r, s in self.latest.items()}
+
+    def reset_peak(self) -> None:
+        with self.lock:
+            self.peak_cache_bytes = 0
+
+
+def _agents(n: int, port: int, recordings, drafts: list[tuple[str, TorchDraftEngine, object]], args):
+    from specedge.config import DeviceConfig, build
+    from specedge.device.agent import Agent
+
+    agents = []
+    for i in range(n):
+        name, engine, tok = drafts[i % len(drafts)]
+        cfg = build(DeviceConfig, {"device": {"id": f"dev{i}", "fleet": FLEET}, "mqtt": {"port": port, "protocol": "5"},
+                                   "draft": {"name": name}, "energy": {"meter": "estimated", "link": "none"},
+                                   "faults": {"round_timeout_s": args.round_timeout}})
+        recording = recordings[name][i % len(recordings[name])]
+        # Each device its own fallback engine (its own KV cache) over the shared draft weights.
+        agents.append((Agent(cfg, ReplayDraftEngine(recording, TorchDraftEngine(engine.model)), tok).start(),
+                       recording))
+    return agents
+
+
+def _run_sessions(agents, args, events=()) -> dict:
+    """Every agent generates its prompt's continuation at once; `events` are (seconds, callable)."""
+    from specedge.device.policy import parse_policy
+    from specedge.speculative import SamplingParams
+
+    results: list = [None] * len(agents)
+    policy = parse_policy(f"fixed:{args.draft_length}")
+
+    def one(i, agent, recording):
+        try:
+            results[i] = agent.generate(recording["prompt"], SamplingParams(), args.tokens, policy)
+        except Exception as exc:  # reported, not raised: a lost session is what the bench looks for
+            results[i] = exc
+    threads = [threading.Thread(target=one, args=(i, a, r)) for i, (a, r) in enumerate(agents)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for at, action in sorted(events, key=lambda e: e[0]):
+        time.sleep(max(0.0, t0 + at - time.monotonic()))
+        action()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - t0
+    rounds, tokens, lost, wrong, failovers, versions = [], 0, 0, 0, 0, {}
+    for (agent, recording), result in zip(agents, results):
+        if isinstance(result, Exception):
+            lost += 1
+            continue
+        tokens += len(result.tokens)
+        rounds += result.stats.round_trip_s
+        failovers += result.stats.failovers
+        versions[result.stats.target_version] = versions.get(result.stats.target_version, 0) + 1
+        wrong += result.tokens != recording["output"][:args.tokens] and not result.stats.version_switches
+    rounds.sort()
+    pct = lambda q: rounds[min(len(rounds) - 1, int(q * len(rounds)))] if rounds else None
+    return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "rounds": len(rounds),
+            "round_s_p50": pct(0.5), "round_s_p99": pct(0.99), "round_s_max": rounds[-1] if rounds else None,
+            "sessions_lost": lost, "outputs_wrong": wrong, "failovers": failovers, "final_versions": versions,
+            "errors": [repr(r) for r in results if isinstance(r, Exception)][:5]}
+
+
+def _delta(before: dict, after: dict) -> dict:
+    passes = sum(s["passes"] for s in after.values()) - sum(s["passes"] for s in before.values())
+    tokens = sum(s["tokens"] for s in after.values()) - sum(s["tokens"] for s in before.values())
+    rounds = sum(s["rounds"] for s in after.values()) - sum(s["rounds"] for s in before.values())
+    return {"target_passes": passes, "verifier_rounds": rounds, "passes_per_token": passes / tokens if tokens else None,
+            "sessions_per_pass": rounds / passes if passes else None,
+            "queue_s_p99": max((s["queue_s_p99"] or 0) for s in after.values()),
+            "compute_s_p99": max((s["compute_s_p99"] or 0) for s in after.values())}
+
+
+def run(args) -> int:
+    from specedge.cloud.registry import load_target, registry_for
+    from specedge.config import TargetConfig, model_label
+    from specedge.exit_head import load_exit_head
+    from specedge.loader import load_named
+
+    devices = [int(d) for d in args.devices.split(",")]
+    replica_counts = [int(r) for r in args.replicas.split(",")]
+    modes = ["batched", "unbatched"] if args.baseline else ["batched"]
+    print(f"loading {args.draft} and the target for the recording", file=sys.stderr)
+    draft_model, draft_tok = load_named(args.draft, "int8")
+    drafts = [(model_label(args.draft), TorchDraftEngine(draft_model), draft_tok)]
+    if args.small_draft_head:
+        head = load_exit_head(draft_model, 1, args.small_draft_head)
+        small = draft_model.layer_subset(list(range(head.layer)), (head.down, head.up))
+        drafts.append((f"{model_label(args.draft)}-l{head.layer}", TorchDraftEngine(small), draft_tok))
+    tcfg = TargetConfig(model=args.target, registry=args.registry, version=args.target_version)
+    specs, default = registry_for(tcfg)
+    target = None
+    prompts = [draft_tok.encode_chat(p) for p in load_prompts(args.prompts, args.max_prompts)]
+    recordings = {}
+    for name, engine, tok in drafts:
+        key = hashlib.sha256(json.dumps([name, args.small_draft_head, specs[default].recipe(), prompts, args.tokens,
+                                         args.draft_length]).encode()).hexdigest()[:16]
+        path = cache_dir() / "bench" / f"replay-{key}.json"
+        if not path.exists():
+            target = target or load_target(specs[default])
+            print(f"recording {name}'s drafts along {target.name}'s output ({len(prompts)} prompts)", file=sys.stderr)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record(target.model, engine, prompts, args.tokens, args.draft_length,
+                                              draft_tok.stop_ids)))
+        recordings[name] = json.loads(path.read_text())
+    del target
+    report = {"machine": {"cpus": os.cpu_count(), "torch_threads_per_replica": "cores / replicas"},
+              "git": _git_revision(), "args": {k: v for k, v in vars(args).items() if k != "func"}, "drafts": [d[0] for d in drafts], "runs": []}
+    folder = Path(tempfile.mkdtemp(prefix="specedge-bench-verifier-"))
+    broker = MosquittoBroker().start()
+    watch = StatsWatch(broker.port)
+    try:
+        for replicas in replica_counts:
+            for mode in modes:
+                tag = f"{mode[0]}{replicas}x{int(time.time()) % 100000}"
+                procs = _start_verifiers(folder, broker.port, args, replicas, args.max_batch if mode == "batched" else 1,
+                                         tag)
+                try:
+                    for n in devices:
+                        if mode == "unbatched" and args.baseline_devices and n not in args.baseline_devices:
+                            continue
+                        agents = _agents(n, broker.port, recordings, drafts, args)
+                        events = []
+                        if args.kill_replica_at is not None and replicas > 1:
+                            events.append((args.kill_replica_at, lambda p=procs[0]: p.kill()))
+                        if args.switch_at is not None:
+                            events.append((args.switch_at, lambda: _announce(broker.port, args.switch_to)))
+                        before = watch.snapshot()
+                        watch.reset_peak()
+                        result = _run_sessions(agents, args, events)
+                        time.sleep(1.2)  # the replicas' next statistics
+                        row = {"mode": mode, "replicas": replicas, "devices": n, **result,
+                               **_delta(before, watch.snapshot()), "peak_cache_mb": watch.peak_cache_bytes / 2**20,
+                               "pairs": [p for s in watch.snapshot().values() for p in s["pairs"]]}
+                        report["runs"].append(row)
+                        print(f"{mode:9s} replicas={replicas} devices={n:3d}: {row['tokens_per_s']:7.2f} tok/s, "
+                              f"{row['passes_per_token']:.3f} passes/token, round p50 {row['round_s_p50']:.2f}s "
+                              f"p99 {row['round_s_p99']:.2f}s, cache peak {row['peak_cache_mb']:.0f} MB, "
+                              f"lost {row['sessions_lost']}, wrong {row['outputs_wrong']}, failovers {row['failovers']}",
+                              file=sys.stderr)
+                        for agent, _ in agents:
+                            agent.stop()
+                        if args.kill_replica_at is not None or args.switch_at is not None:
+                            _announce(broker.port, None)
+                            break  # one fault run per configuration
+                finally:
+                    for proc in procs:
+                        _stop(proc)
+    finally:
+        watch.link.stop()
+        broker.stop()
+    report["speedup"] = _speedups(report["runs"])
+    text = json.dumps(report, indent=1)
+    if args.json:
+        Path(args.json).write_text(text)
+    if args.plot:
+        plot(report, args.plot)
+    print(json.dumps({"speedup": report["speedup"]}, indent=1))
+    return 0
+
+
+def _announce(port: int, version: str | None) -> None:
+    from specedge.cloud.registry import Announcement
+    from specedge.config import MqttConfig
+    from specedge.mqtt import TOPIC_ROOT, Link
+
+    link = Link(MqttConfig(port=port, protocol="5"), f"bench-operator-{os.getpid()}", lambda *_: None).start()
+    payload = Announcement(version).encode() if version else b""
+    link.publish(f"{TOPIC_ROOT}/{FLEET}/targets", payload, retain=True)
+    time.sleep(0.2)
+    link.stop()
+
+
+def _speedups(runs: list[dict]) -> dict:
+    """Batched over unbatched verified tokens/s at each device count (one replica)."""
+    out = {}
+    for row in runs:
+        if row["mode"] != "batched":
+            continue
+        base = next((r for r in runs if r["mode"] == "unbatched" and r["replicas"] == row["replicas"]
+                     and r["devices"] == row["devices"]), None)
+        if base:
+            out[f"{row['replicas']}x{row['devices']}"] = row["tokens_per_s"] / base["tokens_per_s"]
+    return out
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    series = sorted({(r["mode"], r["replicas"]) for r in report["runs"]})
+    for mode, replicas in series:
+        rows = sorted((r for r in report["runs"] if (r["mode"], r["replicas"]) == (mode, replicas)),
+                      key=lambda r: r["devices"])
+        label = f"{mode}, {replicas} replica{'s' if replicas > 1 else ''}"
+        ax1.plot([r["devices"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=label)
+        ax2.plot([r["devices"] for r in rows], [r["round_s_p99"] for r in rows], "o-", label=label)
+    for ax, title in ((ax1, "verified tokens/s (all devices)"), (ax2, "p99 round latency (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("devices")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax1.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
