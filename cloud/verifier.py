@@ -194,11 +194,16 @@ class Verifier:
         deferred, self.deferred = self.deferred, []
         for message in deferred:
             self.dispatch(*message)
+        # What queued up during the last pass joins this one whatever its age; the window only
+        # bounds how long we wait for more.
+        opened = time.monotonic()
+        while len(self.pending) < cfg.max_batch and not self.inbox.empty():
+            self.dispatch(*self.inbox.get_nowait())
         while len(self.pending) < cfg.max_batch and not self._stop.is_set():
             if self.pending and len(self.pending) >= self.active_sessions():
                 return  # everyone who could join already has: waiting would only add latency
             if self.pending:
-                oldest = min(p.arrived for p in self.pending.values())
+                oldest = max(opened, min(p.arrived for p in self.pending.values()))
                 timeout = oldest + window - time.monotonic()
                 if timeout <= 0:
                     return

@@ -301,11 +301,12 @@ def run(args) -> int:
                                **_delta(before, watch.snapshot()), "peak_cache_mb": watch.peak_cache_bytes / 2**20,
                                "pairs": [p for s in watch.snapshot().values() for p in s["pairs"]]}
                         report["runs"].append(row)
-                        print(f"{mode:9s} replicas={replicas} devices={n:3d}: {row['tokens_per_s']:7.2f} tok/s, "
-                              f"{row['passes_per_token']:.3f} passes/token, round p50 {row['round_s_p50']:.2f}s "
-                              f"p99 {row['round_s_p99']:.2f}s, cache peak {row['peak_cache_mb']:.0f} MB, "
-                              f"lost {row['sessions_lost']}, wrong {row['outputs_wrong']}, failovers {row['failovers']}",
-                              file=sys.stderr)
+                        f = lambda v, spec: "-" if v is None else format(v, spec)
+                        print(f"{mode:9s} replicas={replicas} devices={n:3d}: {f(row['tokens_per_s'], '7.2f')} tok/s, "
+                              f"{f(row['passes_per_token'], '.3f')} passes/token, round p50 "
+                              f"{f(row['round_s_p50'], '.2f')}s p99 {f(row['round_s_p99'], '.2f')}s, cache peak "
+                              f"{row['peak_cache_mb']:.0f} MB, lost {row['sessions_lost']}, wrong {row['outputs_wrong']}, "
+                              f"failovers {row['failovers']} {' '.join(row['errors'])}", file=sys.stderr)
                         for agent, _ in agents:
                             agent.stop()
                         if args.kill_replica_at is not None or args.switch_at is not None:

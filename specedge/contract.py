@@ -16,18 +16,34 @@ def _hash8(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()[:8]
 
 
+# Conversations the product renders: the template is compared by what it makes of them, so two
+# templates that differ only in branches never taken here (tool calls) still match. (The 0.5B and
+# 1.5B Qwen2.5-Coder files differ exactly so: one escapes braces in the tool-call instructions.)
+_PROBES = (
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+)
+
+
+def _rendered_template(tokenizer) -> str:
+    if not tokenizer.chat_template:
+        return ""
+    return "\x00".join(tokenizer.apply_chat_template(messages) for messages in _PROBES)
+
+
 @dataclass(frozen=True)
 class Contract:
     tokenizer: bytes  # 8 bytes: vocabulary and merges
     vocab_size: int  # rows of the model's output head
     special_tokens: bytes  # 8 bytes: ids of eos, bos and the stop tokens
-    chat_template: bytes  # 8 bytes
+    chat_template: bytes  # 8 bytes: the template's rendering of a few conversations
 
     @classmethod
     def of(cls, tokenizer, vocab_size: int) -> "Contract":
         specials = f"eos={tokenizer.eos_id} bos={tokenizer.bos_id} stop={sorted(tokenizer.stop_ids)}"
         return cls(bytes.fromhex(tokenizer.fingerprint()), int(vocab_size), _hash8(specials),
-                   _hash8(tokenizer.chat_template or ""))
+                   _hash8(_rendered_template(tokenizer)))
 
     @classmethod
     def unchecked(cls) -> "Contract":
