@@ -35,7 +35,10 @@ def tiny_models(tiny_files):
 def stack(tiny_models, mosquitto):
     from specedge.demo import Stack
 
-    s = Stack(*tiny_models, port=mosquitto.port)
+    from specedge.config import CloudConfig, build
+
+    # Its own fleet only: other tests' verifiers and replica groups share this broker.
+    s = Stack(*tiny_models, port=mosquitto.port, cloud_cfg=build(CloudConfig, {"verifier": {"fleet": "default"}}))
     yield s
     s.close()
 

@@ -62,7 +62,7 @@ def fleet_verifier(tiny_models, mosquitto):
     def start(fleet: str, **verifier):
         _, tok, target, _ = tiny_models
         cfg = build(CloudConfig, {"mqtt": {"port": mosquitto.port},
-                                  "verifier": {"fleet": fleet, "id": f"v-{fleet}", **verifier}})
+                                  "verifier": {"fleet": fleet, "id": f"v-{fleet}", "group": fleet, **verifier}})
         from specedge.cloud.verifier import Verifier
 
         v = Verifier(cfg, Target.in_memory("tiny", target, tok)).start()
@@ -163,7 +163,7 @@ def test_idle_sessions_expire_and_the_device_resyncs(tiny_models, mosquitto, fle
 
 def _replica(tmp_path, name: str, port: int, target_path) -> subprocess.Popen:
     cfg = tmp_path / f"{name}.toml"
-    cfg.write_text(f'[verifier]\nid = "{name}"\nfleet = "ha"\n[mqtt]\nport = {port}\nprotocol = "5"\n'
+    cfg.write_text(f'[verifier]\nid = "{name}"\nfleet = "ha"\ngroup = "ha"\n[mqtt]\nport = {port}\nprotocol = "5"\n'
                    f'[target]\nmodel = "{target_path}"\n')
     proc = subprocess.Popen([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -216,7 +216,7 @@ def test_target_versions_switch_by_announcement_with_pins_and_per_version_accept
                         f'\n[versions.v1-pruned]\nmodel = "{tiny_files[1]}"\ndrop_layers = [1]\n')
     specs = read_registry(registry)
     assert specs["v1-pruned"].drop_layers == (1,)
-    cfg = build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {"fleet": "canary", "id": "v-canary"},
+    cfg = build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {"fleet": "canary", "id": "v-canary", "group": "canary"},
                               "target": {"registry": str(registry), "version": "v1"}})
     verifier = Verifier(cfg, Target.in_memory("v1", target, tok), specs).start()
     operator = Link(build(CloudConfig, {"mqtt": {"port": mosquitto.port}}).mqtt, "operator", lambda *_: None).start()
