@@ -124,9 +124,10 @@ class Item:
         return cls(session, [], None if session.params.greedy else [])
 
 
-def verify_batch(model, items: list[Item], exit_head=None) -> None:
+def verify_batch(model, items: list[Item], exit_head=None) -> int:
     """One target pass over every item's draft (ragged: each session its own length and cache);
-    fills in each item's verdict. With an exit head, items that want hints get them mid-pass."""
+    fills in each item's verdict and returns the positions it ran. With an exit head, items that
+    want hints get them mid-pass."""
     fed = [item.session.feed(item.draft) for item in items]
     keep = [len(item.draft) + 1 for item in items]
     hook = None
@@ -144,3 +145,4 @@ def verify_batch(model, items: list[Item], exit_head=None) -> None:
     logits = model.forward_batch(fed, on_layer=hook, keep=keep)
     for item, rows in zip(items, logits):
         item.accepted, item.next_token = item.session.finish(item.draft, item.q, rows)
+    return sum(len(tokens) for tokens, _ in fed)

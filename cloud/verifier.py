@@ -27,7 +27,7 @@ from specedge.cloud.registry import Announcement, AnnouncementError, Target, Tar
 from specedge.cloud.session import BadRequest, Item, OutOfSync, TargetSession, verify_batch
 from specedge.config import CloudConfig
 from specedge.exit_head import default_exit_layer, load_exit_head
-from specedge.mqtt import REPLICAS, TOPIC_ROOT, Link, split_device_topic
+from specedge.mqtt import REPLICAS, TOPIC_ROOT, Link, device_topic, split_device_topic
 
 log = logging.getLogger("specedge.cloud")
 
@@ -255,7 +255,7 @@ class Verifier:
                 self.count("bad_topic")
             return
         fleet, device, _ = parts
-        out = f"{TOPIC_ROOT}/{fleet}/{device}/verdict"
+        out = device_topic(fleet, device, "verdict")
         try:
             msg = wire.decode(payload)
         except wire.WireError as exc:
@@ -371,10 +371,7 @@ class Verifier:
 
     def run_batch(self, target: Target, batch: list[Pending]) -> None:
         t0 = time.monotonic()
-        items = [p.item for p in batch]
-        rows = sum(len(s.committed) - (s.cache.length if s.cache else 0) + len(i.draft)
-                   for i, s in ((i, i.session) for i in items))
-        verify_batch(target.model, items, target.exit_head)
+        rows = verify_batch(target.model, [p.item for p in batch], target.exit_head)
         compute_s = time.monotonic() - t0
         stats = self.stats
         stats.passes += 1
@@ -462,5 +459,5 @@ class Verifier:
                 continue
             session.switch(target)
             self.stats.switches += 1
-            self.reply(f"{TOPIC_ROOT}/{fleet}/{device}/verdict",
+            self.reply(device_topic(fleet, device, "verdict"),
                        wire.Opened(session_id, session.last_seq, self.replica, name))

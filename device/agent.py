@@ -174,6 +174,10 @@ class _Request:
         self.stats.failovers += failover
         self.stats.resyncs += 1
         self.replica = None
+        self.reopen()
+
+    def reopen(self) -> None:
+        """OPEN again with the committed text, under the next round number."""
         self.seq += 1
         self.send(self.open_message(resync=True))
 
@@ -189,8 +193,7 @@ class _Request:
                 if attempt > self.faults.max_retries:
                     raise VerifierUnavailable(f"no verifier answered the session's OPEN after {attempt} tries")
                 self.stats.retries += 1
-                self.seq += 1
-                self.send(self.open_message(resync=True))
+                self.reopen()
 
     def run(self) -> GenerationResult:
         agent = self.agent

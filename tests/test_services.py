@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import reference_greedy
+from conftest import on_draft_call, reference_greedy
 from specedge import wire
 from specedge.config import MqttConfig
 from specedge.contract import Contract
@@ -93,22 +93,12 @@ def test_agent_resyncs_when_the_verifier_loses_its_session(stack, tiny_models):
     """The device is the source of truth: a verifier that forgot the session is rebuilt from it."""
     _, tok, target, _ = tiny_models
     prompt = tok.encode_chat("robot go to the mat")
-    engine = stack.agent.engine
-    original = engine.draft
-    calls = {"n": 0}
+    def forget():
+        stack.verifier.inbox.put(("forget", b"", time.monotonic()))  # processed in order, before our next draft
+        stack.verifier.sessions.clear()
 
-    def forgetful_draft(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] in (3, 6):
-            stack.verifier.inbox.put(("forget", b"", time.monotonic()))  # processed in order, before our next draft
-            stack.verifier.sessions.clear()
-        return original(*args, **kwargs)
-
-    engine.draft = forgetful_draft
-    try:
+    with on_draft_call(stack.agent.engine, {3, 6}, forget):
         result = stack.agent.generate(prompt, SamplingParams(), 30, parse_policy("fixed:3"))
-    finally:
-        engine.draft = original
     assert result.tokens == reference_greedy(target, prompt, 30, tok.stop_ids)
     assert result.stats.resyncs >= 1 or result.stopped
 

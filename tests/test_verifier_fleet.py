@@ -11,8 +11,8 @@ import time
 import pytest
 import torch
 
-from conftest import reference_greedy
-from specedge import tiny, wire
+from conftest import on_draft_call, reference_greedy
+from specedge import tiny
 from specedge.cloud.registry import Announcement, AnnouncementError, Target, read_registry
 from specedge.cloud.session import Item, TargetSession, verify_batch
 from specedge.config import CloudConfig, ConfigError, DeviceConfig, build
@@ -20,7 +20,7 @@ from specedge.device.draft import TorchDraftEngine
 from specedge.device.policy import parse_policy
 from specedge.exit_head import ExitHead
 from specedge.loader import load_model
-from specedge.mqtt import REPLICAS, TOPIC_ROOT, Link
+from specedge.mqtt import TOPIC_ROOT, Link
 from specedge.speculative import SamplingParams
 
 
@@ -142,19 +142,10 @@ def test_idle_sessions_expire_and_the_device_resyncs(tiny_models, mosquitto, fle
     _, tok, target, _ = tiny_models
     verifier = fleet_verifier("idle", session_idle_s=0.2)
     agent, = _agents(tiny_models, mosquitto.port, "idle", 1)
-    engine = agent.engine
-    original = engine.draft
-
-    def slow_draft(*args, **kwargs):  # the device pauses past the idle limit once
-        slow_draft.calls += 1
-        if slow_draft.calls == 3:
-            time.sleep(1.6)
-        return original(*args, **kwargs)
-    slow_draft.calls = 0
-    engine.draft = slow_draft
     prompt = tok.encode_chat("wait for me")
     try:
-        result = agent.generate(prompt, SamplingParams(), 20, parse_policy("fixed:2"))
+        with on_draft_call(agent.engine, {3}, lambda: time.sleep(1.6)):  # the device pauses past the idle limit
+            result = agent.generate(prompt, SamplingParams(), 20, parse_policy("fixed:2"))
     finally:
         agent.stop()
     assert verifier.stats.expired >= 1 and result.stats.resyncs >= 1
@@ -178,22 +169,17 @@ def test_killed_replica_loses_no_session(tiny_files, tiny_models, mosquitto, tmp
     _, tok, target, _ = tiny_models
     replicas = {name: _replica(tmp_path, name, mosquitto.port, tiny_files[1]) for name in ("ra", "rb")}
     agent, = _agents(tiny_models, mosquitto.port, "ha", 1)
-    engine, original = agent.engine, agent.engine.draft
     killed = []
 
-    def draft_then_kill(*args, **kwargs):
-        draft_then_kill.calls += 1
-        if draft_then_kill.calls == 4:
-            victim = agent.current.replica
-            replicas[victim].kill()
-            replicas[victim].wait()
-            killed.append(victim)
-        return original(*args, **kwargs)
-    draft_then_kill.calls = 0
-    engine.draft = draft_then_kill
+    def kill_the_holder():
+        victim = agent.current.replica
+        replicas[victim].kill()
+        replicas[victim].wait()
+        killed.append(victim)
     prompt = tok.encode_chat("keep going whatever happens")
     try:
-        result = agent.generate(prompt, SamplingParams(), 30, parse_policy("fixed:2"))
+        with on_draft_call(agent.engine, {4}, kill_the_holder):
+            result = agent.generate(prompt, SamplingParams(), 30, parse_policy("fixed:2"))
     finally:
         agent.stop()
         for proc in replicas.values():
@@ -237,17 +223,11 @@ def test_target_versions_switch_by_announcement_with_pins_and_per_version_accept
         assert results[0].tokens == reference_greedy(target, prompt, 16, tok.stop_ids)
         assert results[1].tokens == reference_greedy(v2, prompt, 16, tok.stop_ids)
         # A switch in the middle of a generation: the session moves, the device is told.
-        engine, original = agents[0].engine, agents[0].engine.draft
-
-        def draft_then_switch(*args, **kwargs):
-            draft_then_switch.calls += 1
-            if draft_then_switch.calls == 2:
-                operator.publish(f"{TOPIC_ROOT}/canary/targets", Announcement("v2").encode(), retain=True)
-                time.sleep(0.3)
-            return original(*args, **kwargs)
-        draft_then_switch.calls = 0
-        engine.draft = draft_then_switch
-        switched = agents[0].generate(prompt, SamplingParams(), 16, parse_policy("fixed:3"))
+        def switch_fleet():
+            operator.publish(f"{TOPIC_ROOT}/canary/targets", Announcement("v2").encode(), retain=True)
+            time.sleep(0.3)
+        with on_draft_call(agents[0].engine, {2}, switch_fleet):
+            switched = agents[0].generate(prompt, SamplingParams(), 16, parse_policy("fixed:3"))
         assert switched.stats.version_switches == 1 and switched.stats.target_version == "v2"
         pairs = {p["target"]: p for p in verifier.stats.summary()["pairs"]}
         assert set(pairs) == {"v1", "v2"} and all(p["rounds"] > 0 for p in pairs.values())
