@@ -20,6 +20,7 @@ import queue
 import struct
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from specedge import wire
@@ -30,6 +31,8 @@ from specedge.exit_head import default_exit_layer, load_exit_head
 from specedge.mqtt import REPLICAS, TOPIC_ROOT, Link, device_topic, split_device_topic
 
 log = logging.getLogger("specedge.cloud")
+
+RECENT = 10_000  # rounds (and passes) the latency and batch-size statistics describe
 
 
 def replica_topic(replica: str, leaf: str) -> str:
@@ -68,9 +71,11 @@ class VerifierStats:
     evictions: int = 0
     expired: int = 0
     switches: int = 0
-    queue_s: list = field(default_factory=list)  # per round: arrival to the start of its pass
-    compute_s: list = field(default_factory=list)  # per round: its pass
-    batch_sizes: list = field(default_factory=list)
+    # The most recent rounds and passes only: a service runs for months, its percentiles should
+    # neither grow its memory nor describe last week.
+    queue_s: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # per round: arrival to its pass
+    compute_s: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # per round: its pass
+    batch_sizes: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     pairs: dict = field(default_factory=dict)  # (draft, version) -> PairStats
 
     def pair(self, draft: str, version: str) -> PairStats:
@@ -84,6 +89,7 @@ class VerifierStats:
         return {"passes": self.passes, "rounds": self.rounds, "tokens": self.tokens, "rows": self.rows,
                 "passes_per_token": self.passes / self.tokens if self.tokens else None,
                 "mean_batch": sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else None,
+                "recent_rounds": len(self.queue_s),
                 "queue_s_p50": pct(self.queue_s, 0.5), "queue_s_p99": pct(self.queue_s, 0.99),
                 "compute_s_p50": pct(self.compute_s, 0.5), "compute_s_p99": pct(self.compute_s, 0.99),
                 "evictions": self.evictions, "expired": self.expired, "switches": self.switches,
