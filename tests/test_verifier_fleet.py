@@ -99,6 +99,14 @@ def _generate_all(agents, prompts, max_new, policy="fixed:3"):
     return results
 
 
+def _generate_then_stop(agents, prompts, max_new):
+    try:
+        return _generate_all(agents, prompts, max_new)
+    finally:
+        for a in agents:
+            a.stop()
+
+
 def test_many_devices_with_different_drafts_share_batched_passes_and_get_their_target_outputs(
         tiny_models, mosquitto, fleet_verifier):
     draft, tok, target, _ = tiny_models
@@ -106,11 +114,7 @@ def test_many_devices_with_different_drafts_share_batched_passes_and_get_their_t
     shallow = draft.layer_subset([0])  # a smaller draft on the same backbone
     agents = _agents(tiny_models, mosquitto.port, "many", 6, [(draft, "full"), (shallow, "shallow")])
     prompts = [tok.encode_chat(f"robot {i} moves to the dock") for i in range(6)]
-    try:
-        results = _generate_all(agents, prompts, 24)
-    finally:
-        for a in agents:
-            a.stop()
+    results = _generate_then_stop(agents, prompts, 24)
     for prompt, result in zip(prompts, results):
         assert result.tokens == reference_greedy(target, prompt, 24, tok.stop_ids)
         assert result.stats.replica == verifier.replica
@@ -127,11 +131,7 @@ def test_kv_budget_evicts_the_least_recently_used_and_rebuilds_them_transparentl
     verifier = fleet_verifier("budget", kv_budget_mb=0.05, batch_window_ms=0)  # room for about one cache
     agents = _agents(tiny_models, mosquitto.port, "budget", 3)
     prompts = [tok.encode_chat(f"count to {i}") for i in range(3)]
-    try:
-        results = _generate_all(agents, prompts, 20)
-    finally:
-        for a in agents:
-            a.stop()
+    results = _generate_then_stop(agents, prompts, 20)
     assert verifier.stats.evictions > 0
     for prompt, result in zip(prompts, results):
         assert result.tokens == reference_greedy(target, prompt, 20, tok.stop_ids)
