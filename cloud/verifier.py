@@ -118,7 +118,8 @@ class Verifier:
         self.status_topic = replica_topic(self.replica, "status")
         offline = json.dumps({"state": "offline", "replica": self.replica}).encode()
         self.link = Link(cfg.mqtt, f"specedge-verifier-{self.replica}", self._on_message,
-                         will=(self.status_topic, offline, True))
+                         will=(self.status_topic, offline, True),
+                         birth=(self.status_topic, lambda: self._status("online"), True))
         self._stop = threading.Event()
         self._thread = None
 
@@ -149,7 +150,6 @@ class Verifier:
             if group:
                 log.warning("broker speaks MQTT %s: no shared subscriptions, run one replica only", self.link.protocol)
             self.link.subscribe(f"{TOPIC_ROOT}/{fleet}/+/draft")
-        self.link.publish(self.status_topic, self._status("online"), retain=True)
         self._thread = threading.Thread(target=self.serve, name="verifier", daemon=True)
         self._thread.start()
         return self

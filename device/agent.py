@@ -7,6 +7,11 @@ A session sticks to the verifier replica that answered its OPEN (OPENED names
 it); when that replica's last will fires or a round times out, the device
 resyncs with the replica group under a new round number, so a late verdict of
 the lost replica cannot mix with the new one's state.
+
+When verdicts stop coming (no verifier answers, the broker is gone) the
+configured fault policy decides (docs/faults.md): wait and resume, go on with
+the draft alone for a bounded number of tokens marked unverified, or fail the
+request with a clear error. Either way the committed text is never rewritten.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import random
 import secrets
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -37,7 +42,11 @@ from specedge.speculative import SamplingParams
 log = logging.getLogger("specedge.device")
 
 
-REPLICA_LOST = object()  # receive(): the replica holding the session went offline
+# What receive() returns besides messages and None (its deadline passed):
+REPLICA_LOST = "replica lost"  # the replica holding the session went offline
+BROKER_LOST = "broker lost"  # the connection to the broker is down
+RECONNECTED = "reconnected"  # the connection came back since our last send: that message may be lost
+TIMEOUT = "timeout"
 
 
 class RequestFailed(RuntimeError):
@@ -45,7 +54,15 @@ class RequestFailed(RuntimeError):
 
 
 class VerifierUnavailable(RequestFailed):
-    """No verdict after every retry: the request fails cleanly, committed text intact."""
+    """No verdict within the fault policy's bounds: the request fails cleanly, committed text intact."""
+
+
+class BrokerUnreachable(VerifierUnavailable):
+    """The broker connection stayed down within the fault policy's bounds."""
+
+
+class _DraftAlone(Exception):
+    """The fault policy says: go on with the draft alone, unverified, for now."""
 
 
 @dataclass
@@ -53,6 +70,7 @@ class GenerationResult:
     tokens: list[int]
     stats: SpecStats
     stopped: bool  # ended on a stop token rather than the length limit
+    unverified: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of tokens the target never saw
 
 
 class Agent:
@@ -61,11 +79,12 @@ class Agent:
         ident = cfg.device
         self.up_topic = device_topic(ident.fleet, ident.id, "draft")
         self.down_topic = device_topic(ident.fleet, ident.id, "verdict")
-        self.inbox: queue.Queue[bytes | None] = queue.Queue()  # None: a replica's status changed
+        self.inbox: queue.Queue[bytes | None] = queue.Queue()  # None: a replica's or the link's state changed
         self.offline_replicas: set[str] = set()
         self.draft_name = cfg.draft.display_name()
         self.contract = Contract.of(tokenizer, engine.vocab_size)
-        self.link = Link(cfg.mqtt, f"specedge-device-{ident.fleet}-{ident.id}", self._on_message)
+        self.link = Link(cfg.mqtt, f"specedge-device-{ident.fleet}-{ident.id}", self._on_message,
+                         on_connection=lambda up: self.inbox.put(None))  # wake a waiting round
         self.decode_errors: dict[str, int] = {}
         self._busy = threading.Lock()
         energy = cfg.energy
@@ -126,7 +145,8 @@ class Agent:
     # -- one request -------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams, max_new_tokens: int, policy: Policy,
                  on_tokens=None) -> GenerationResult:
-        """Generate after `prompt`; `on_tokens(list[int])` sees committed tokens as they land."""
+        """Generate after `prompt`; `on_tokens(tokens, verified)` sees committed tokens as they land
+        (verified False: the draft's alone, under the `draft` fault policy)."""
         with self._busy:
             self.current = _Request(self, prompt, params, max_new_tokens, policy, on_tokens)
             return self.current.run()
@@ -135,7 +155,7 @@ class Agent:
 class _Request:
     def __init__(self, agent: Agent, prompt, params, max_new_tokens, policy, on_tokens):
         self.agent, self.params, self.policy = agent, params, policy
-        self.max_new, self.on_tokens = max_new_tokens, on_tokens or (lambda tokens: None)
+        self.max_new, self.on_tokens = max_new_tokens, on_tokens or (lambda tokens, verified: None)
         self.session = secrets.randbits(64)
         self.seq = 0
         self.replica: str | None = None  # the verifier replica holding this session
@@ -151,6 +171,9 @@ class _Request:
         self.stopped = False
         self.stream_failures = 0
         self.vocab_size = agent.engine.vocab_size
+        self.sent_connects = 0  # the link's connection count when we last sent
+        self.alone = False  # the last round went on without the target: next failure needs no retries
+        self.unverified: list[tuple[int, int]] = []
 
     @property
     def generated(self) -> int:
@@ -161,6 +184,7 @@ class _Request:
         topic = self.agent.up_topic
         if self.replica is not None and not isinstance(msg, wire.Open):
             topic = f"{topic}/{self.replica}"
+        self.sent_connects = self.agent.link.connects
         self.agent.link.publish(topic, wire.encode(msg))
 
     def open_message(self, resync: bool) -> wire.Open:
@@ -181,17 +205,18 @@ class _Request:
         self.seq += 1
         self.send(self.open_message(resync=True))
 
-    def bind(self) -> None:
+    def bind(self, since: float, can_draft: bool = False) -> None:
         """Wait for OPENED: from then on the session's messages go to the replica it names."""
         attempt = 0
         while self.replica is None:
             reply = self.receive(time.monotonic() + self.backoff(attempt), lambda m: self.replica is not None)
             if isinstance(reply, wire.Error):
                 self.handle_error(reply)  # a refusal raises; a lost session resyncs
-            elif reply is None and self.replica is None:
+            elif reply is RECONNECTED:
+                self.reopen()
+            elif reply in (None, BROKER_LOST) and self.replica is None:
+                self.unanswered(reply or TIMEOUT, attempt, since, can_draft)
                 attempt += 1
-                if attempt > self.faults.max_retries:
-                    raise VerifierUnavailable(f"no verifier answered the session's OPEN after {attempt} tries")
                 self.stats.retries += 1
                 self.reopen()
 
@@ -222,10 +247,10 @@ class _Request:
             self.stats.energy_source = agent.energy_source
             self.stats.target_version = self.target_version
             self.stats.replica = self.replica or ""
-        return GenerationResult(self.committed[self.prompt_len:], self.stats, self.stopped)
+        return GenerationResult(self.committed[self.prompt_len:], self.stats, self.stopped, self.unverified)
 
-    def emit(self, tokens: list[int]) -> None:
-        """Commit tokens from the verifier, cut at a stop token or the length limit."""
+    def emit(self, tokens: list[int], verified: bool = True) -> None:
+        """Commit tokens (the verifier's, or the draft's alone), cut at a stop token or the length limit."""
         out = []
         for token in tokens[: self.max_new - self.generated]:
             if token in self.stop_ids:
@@ -235,8 +260,11 @@ class _Request:
         if out and self.generated == 0:
             self.stats.ttft_s = time.perf_counter() - self.start_s
         self.committed += out
+        if out and not verified:
+            self.unverified.append((self.generated - len(out), self.generated))
+            self.stats.unverified_tokens += len(out)
         if out:
-            self.on_tokens(out)
+            self.on_tokens(out, verified)
 
     @property
     def done(self) -> bool:
@@ -277,7 +305,15 @@ class _Request:
                 # vocabulary) instead of its sparse q: counted, never sent.
                 self.stats.q_wire_bytes += len(wire.encode(message)) - len(wire.encode(replace(message, q=None)))
                 self.stats.dense_q_bytes += 2 * self.vocab_size * len(draft)
-            verdict = self.round_trip(message, ahead)
+            try:
+                verdict = self.round_trip(message, ahead)
+            except _DraftAlone:
+                self.emit(draft[: self.faults.unverified_max_tokens - self.stats.unverified_tokens], verified=False)
+                self.alone = True
+                carried = None
+                engine.commit(self.committed)
+                continue
+            self.alone = False
             t2 = time.perf_counter()
             if verdict.accepted > len(draft):
                 raise RequestFailed(f"verdict accepts {verdict.accepted} of {len(draft)} drafted tokens")
@@ -342,7 +378,12 @@ class _Request:
     # -- waiting for the verifier, with retries and resync ------------------------------------
     def receive(self, deadline: float, accept):
         """The next message for this session and round that `accept` wants, or None at the deadline."""
+        link = self.agent.link
         while True:
+            if not link.connected.is_set():
+                return BROKER_LOST
+            if link.connects != self.sent_connects:
+                return RECONNECTED
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 return None
@@ -387,19 +428,38 @@ class _Request:
         raise RequestFailed(f"verifier refused the request (code {err.code}): {err.text}")
 
     def backoff(self, attempt: int) -> float:
-        """Full jitter around an exponential timeout: replays stay idempotent anyway."""
-        base = self.faults.round_timeout_s * (1.5 ** attempt)
+        """Jitter around an exponential timeout (capped): replays stay idempotent anyway."""
+        base = self.faults.round_timeout_s * (1.5 ** min(attempt, 4))
         return base * (0.75 + 0.5 * random.random())
+
+    def unanswered(self, cause: str, attempt: int, since: float, can_draft: bool = False) -> None:
+        """A message went unanswered (`cause`: TIMEOUT, REPLICA_LOST or BROKER_LOST) on its
+        `attempt`-th try, the wait having begun at `since`. Applies the fault policy: returns when
+        it is worth trying again, raises _DraftAlone to go on unverified, or fails the request."""
+        faults, link = self.faults, self.agent.link
+        broker = cause == BROKER_LOST
+        policy = faults.on_broker_loss if broker else faults.on_verifier_loss
+        waited = time.monotonic() - since
+        failure = BrokerUnreachable if broker else VerifierUnavailable
+        what = "the MQTT broker is unreachable" if broker else f"no verdict ({cause}, {attempt + 1} tries)"
+        if broker or self.alone or attempt >= faults.max_retries:  # lost, not a hiccup
+            if policy == "fail" or waited >= faults.max_wait_s:
+                raise failure(f"{what}: request failed after {waited:.1f}s under the '{policy}' policy; "
+                              f"{self.generated} tokens committed and kept")
+            if policy == "draft" and can_draft and self.stats.unverified_tokens < faults.unverified_max_tokens:
+                raise _DraftAlone(cause)
+        if broker and not link.connected.wait(max(0.0, since + faults.max_wait_s - time.monotonic())):
+            raise failure(f"{what}: request failed after {faults.max_wait_s:.0f}s (max_wait_s); "
+                          f"{self.generated} tokens committed and kept")
 
     def round_trip(self, msg: wire.Draft, ahead: Ahead | None = None) -> wire.Verdict:
         """Send a draft and wait for its verdict; `ahead` drafts during the wait, between messages."""
         inbox = self.agent.inbox
         wanted = lambda m: isinstance(m, (wire.Verdict, wire.Hint)) and m.committed == msg.committed
-        hint = None
-        for attempt in range(self.faults.max_retries + 1):
-            if attempt:
-                self.stats.retries += 1
-            self.bind()
+        hint, since, attempt = None, time.monotonic(), 0
+        can_draft = bool(msg.tokens) and not self.policy.autoregressive
+        while True:
+            self.bind(since, can_draft)
             self.send(replace(msg, seq=self.seq))
             deadline = time.monotonic() + self.backoff(attempt)
             while True:
@@ -408,17 +468,21 @@ class _Request:
                     ahead.step()
                     continue
                 reply = self.receive(min(deadline, time.monotonic() + 0.001) if busy else deadline, wanted)
-                if reply is None:
-                    if time.monotonic() < deadline:
-                        continue
-                    self.resync(failover=True)  # timed out: this replica may be gone, ask the group
-                    break
-                if reply is REPLICA_LOST:
-                    self.resync(failover=True)
+                if reply is None and time.monotonic() < deadline:
+                    continue
+                if reply is RECONNECTED:  # what we sent may have died with the old connection
+                    self.send(replace(msg, seq=self.seq))
+                    continue
+                if reply is None or isinstance(reply, str):
+                    self.unanswered(reply or TIMEOUT, attempt, since, can_draft)
+                    attempt += 1
+                    self.stats.retries += 1
+                    if reply is not BROKER_LOST:
+                        self.resync(failover=True)  # this replica may be gone: ask the group
                     break
                 if isinstance(reply, wire.Error):
                     self.handle_error(reply)
-                    self.bind()
+                    self.bind(since, can_draft)
                     self.send(replace(msg, seq=self.seq))
                     continue
                 if isinstance(reply, wire.Hint):
@@ -431,24 +495,28 @@ class _Request:
                     self.stats.hints_agreed += (hint.accepted, hint.next_token) == (reply.accepted, reply.next_token)
                     self.stats.hint_layer = hint.layer
                 return reply
-        raise VerifierUnavailable(f"no verdict for round {msg.seq} after {self.faults.max_retries + 1} tries")
 
     def stream(self, request: wire.Generate):
         """Tokens messages answering `request`; returns early (to be re-asked) on a timeout."""
-        self.bind()
+        since = time.monotonic()
+        self.bind(since)
         self.send(replace(request, seq=self.seq))
         while True:
             reply = self.receive(time.monotonic() + self.backoff(self.stream_failures),
                                  lambda m: isinstance(m, wire.Tokens))
-            if reply is None or reply is REPLICA_LOST:
+            if reply is RECONNECTED:
+                self.send(replace(request, seq=self.seq))
+                continue
+            if reply is None or isinstance(reply, str):
+                self.unanswered(reply or TIMEOUT, self.stream_failures, since)
                 self.stream_failures += 1
-                if self.stream_failures > self.faults.max_retries:
-                    raise VerifierUnavailable(f"no tokens for request {request.seq}")
                 self.stats.retries += 1
-                self.resync(failover=True)
+                if reply is not BROKER_LOST:
+                    self.resync(failover=True)
                 return  # the caller asks again from the committed length it has
             if isinstance(reply, wire.Error):
                 self.handle_error(reply)
                 return
             self.stream_failures = 0
+            since = time.monotonic()
             yield reply

@@ -24,6 +24,7 @@ from specedge.bench import _git_revision, _read_json, _spawn, _stop, load_prompt
 from specedge.broker import MosquittoBroker
 from specedge.device.draft import Drafted, TorchDraftEngine
 from specedge.fetch import cache_dir
+from specedge.loader import CONVERSION
 
 FLEET = "bench"
 
@@ -259,7 +260,7 @@ def run(args) -> int:
     prompts = [draft_tok.encode_chat(p) for p in load_prompts(args.prompts, args.max_prompts)]
     recordings = {}
     for name, engine, tok in drafts:
-        key = hashlib.sha256(json.dumps([name, args.small_draft_head, specs[default].recipe(), prompts, args.tokens,
+        key = hashlib.sha256(json.dumps([CONVERSION, name, args.small_draft_head, specs[default].recipe(), prompts, args.tokens,
                                          args.draft_length]).encode()).hexdigest()[:16]
         path = cache_dir() / "bench" / f"replay-{key}.json"
         if not path.exists():

@@ -67,11 +67,12 @@ class EmbeddedBroker:
 
 
 class MosquittoBroker:
-    """A private Mosquitto on a free loopback port, for tests and benchmarks."""
+    """A private Mosquitto on a free loopback port, for tests, benchmarks and fault injection.
+    `persistence` keeps retained messages and sessions on disk across `restart()`."""
 
-    def __init__(self, port: int | None = None, extra_conf: str = ""):
+    def __init__(self, port: int | None = None, extra_conf: str = "", persistence: bool = False):
         self.port = port or free_port()
-        self.extra_conf = extra_conf
+        self.extra_conf, self.persistence = extra_conf, persistence
         self.proc = None
         self._dir = None
 
@@ -84,9 +85,13 @@ class MosquittoBroker:
         exe = self.binary()
         if exe is None:
             raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
-        self._dir = tempfile.TemporaryDirectory(prefix="specedge-mosquitto-")
-        conf = Path(self._dir.name) / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="specedge-mosquitto-")
+        folder = Path(self._dir.name)
+        persistence = (f"persistence true\npersistence_location {folder}/\n" if self.persistence
+                       else "persistence false\n")
+        conf = folder / "mosquitto.conf"
+        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}"
                         f"set_tcp_nodelay true\n"
                         f"log_dest stderr\nlog_type error\n{self.extra_conf}")
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -97,7 +102,13 @@ class MosquittoBroker:
             raise
         return self
 
-    def stop(self) -> None:
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the broker (clients see their connections drop) and start it again on the same port."""
+        self._stop_process()
+        time.sleep(down_s)
+        self.start()
+
+    def _stop_process(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -107,5 +118,9 @@ class MosquittoBroker:
                 self.proc.wait()
         if self.proc is not None and self.proc.stderr:
             self.proc.stderr.close()
+
+    def stop(self) -> None:
+        self._stop_process()
         if self._dir is not None:
             self._dir.cleanup()
+            self._dir = None

@@ -125,7 +125,7 @@ def _exit_agreement(args) -> int:
 
 def _device_run(args) -> int:
     from specedge.config import DeviceConfig, load
-    from specedge.device.agent import Agent
+    from specedge.device.agent import Agent, RequestFailed
     from specedge.device.draft import TorchDraftEngine, load_draft
     from specedge.device.policy import parse_policy
     from specedge.speculative import SamplingParams
@@ -141,18 +141,30 @@ def _device_run(args) -> int:
     print(f"device {cfg.device.fleet}/{cfg.device.id}: draft backend {engine.backend}, policy {policy.name}, "
           f"MQTT {agent.link.protocol}", file=sys.stderr)
     prompts = args.prompt or (line.strip() for line in sys.stdin)
+    failed = 0
     try:
         for text in prompts:
             if not text:
                 continue
             stream = StreamDecoder(tok)
-            result = agent.generate(tok.encode_chat(text, gen.system_prompt or None), params, gen.max_new_tokens,
-                                    policy, on_tokens=lambda t: print(stream.push(t), end="", flush=True))
+
+            def show(tokens, verified):
+                text = stream.push(tokens)
+                if not verified:  # the `draft` fault policy: the target never saw these
+                    text = f"\x1b[2m{text}\x1b[0m" if sys.stdout.isatty() else f"[[unverified: {text}]]"
+                print(text, end="", flush=True)
+            try:
+                result = agent.generate(tok.encode_chat(text, gen.system_prompt or None), params,
+                                        gen.max_new_tokens, policy, on_tokens=show)
+            except RequestFailed as exc:
+                print(f"\nerror: {exc}", file=sys.stderr)
+                failed += 1
+                continue
             print()
             print(json.dumps(result.stats.summary()), file=sys.stderr)
     finally:
         agent.stop()
-    return 0
+    return 1 if failed else 0
 
 
 def _channel(args) -> int:
@@ -186,6 +198,12 @@ def _channel(args) -> int:
         channel.stop()
         print(f"bytes up {channel.bytes_up}, down {channel.bytes_down}", file=sys.stderr)
     return 0
+
+
+def _faults(args) -> int:
+    from specedge import faults
+
+    return faults.main(args)
 
 
 def _bench_verifier(args) -> int:
@@ -391,6 +409,14 @@ def parser() -> argparse.ArgumentParser:
     bv.add_argument("--json")
     bv.add_argument("--plot")
     bv.set_defaults(func=_bench_verifier)
+
+    fa = sub.add_parser("faults", help="inject real faults into real services; per fault: trials passed / run")
+    fa.add_argument("--trials", type=int, default=20, help="trials per fault (each with its own timing)")
+    fa.add_argument("--only", default="", help="comma-separated fault names (default: all)")
+    fa.add_argument("--seed", type=int, default=0)
+    fa.add_argument("--blackout-s", type=float, default=10.0, help="length of the link blackout")
+    fa.add_argument("--json", default="", help="write the table and every trial here")
+    fa.set_defaults(func=_faults)
 
     pw = sub.add_parser("power", help="read the power meter, or calibrate a device profile")
     pw.add_argument("--meter", default="auto", help="auto, jtop, ina3221, rapl or estimated")

@@ -103,14 +103,29 @@ class GenerationConfig:
         _check(0 < self.top_p <= 1, "generation.top_p", "(0, 1]")
 
 
+FAULT_POLICIES = ("wait", "draft", "fail")
+
+
 @dataclass
 class FaultConfig:
-    round_timeout_s: float = 30.0  # resend a round with no verdict after this long
-    max_retries: int = 4  # then the request fails with VerifierUnavailable
+    """What a request does when its verdicts stop coming (docs/faults.md)."""
+
+    round_timeout_s: float = 30.0  # resend a round with no verdict after this long (backoff with jitter)
+    max_retries: int = 4  # resends before the verifier counts as lost and `on_verifier_loss` applies
+    # wait: keep resending until `max_wait_s`; draft: go on with the draft alone for at most
+    # `unverified_max_tokens` tokens, marked unverified (not lossless!); fail: fail the request now.
+    on_verifier_loss: str = "wait"
+    on_broker_loss: str = "wait"  # the broker connection dropped: the same three choices
+    max_wait_s: float = 300.0  # a request waits at most this long for one verdict, then fails
+    unverified_max_tokens: int = 32  # `draft`: the most tokens a request may add without the target
 
     def validate(self):
         _check(self.round_timeout_s > 0, "faults.round_timeout_s", "> 0")
         _check(self.max_retries >= 0, "faults.max_retries", ">= 0")
+        _check(self.on_verifier_loss in FAULT_POLICIES, "faults.on_verifier_loss", " | ".join(FAULT_POLICIES))
+        _check(self.on_broker_loss in FAULT_POLICIES, "faults.on_broker_loss", " | ".join(FAULT_POLICIES))
+        _check(self.max_wait_s > 0, "faults.max_wait_s", "> 0")
+        _check(self.unverified_max_tokens >= 0, "faults.unverified_max_tokens", ">= 0")
 
 
 @dataclass

@@ -90,7 +90,7 @@ def run(args) -> int:
         print(f"\n>>> {args.prompt}\n", flush=True)
         stream = StreamDecoder(draft_tok)
         spec = stack.agent.generate(prompt, params, args.max_new_tokens, policy,
-                                    on_tokens=lambda toks: print(stream.push(toks), end="", flush=True))
+                                    on_tokens=lambda toks, verified: print(stream.push(toks), end="", flush=True))
         print("\n", flush=True)
         print("running the cloud-only autoregressive baseline on the same prompt ...", file=sys.stderr, flush=True)
         base = stack.agent.generate(prompt, params, args.max_new_tokens, parse_policy("cloud-ar"))

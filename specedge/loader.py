@@ -147,16 +147,28 @@ def _gguf_name(hf_name: str) -> str:
     raise ModelFileError(f"unexpected tensor {hf_name!r} in a Qwen2 checkpoint")
 
 
+# v2: norms and biases kept in fp32 (v1 rounded them to bf16 in the cache only, so a model's
+# first load and its later ones computed differently). Anything derived from a model's outputs
+# (recorded drafts) keys on it too.
+CONVERSION = "v2"
+
+
 def _converted_dir(sha256: str) -> Path:
     from specedge.fetch import cache_dir
 
-    return cache_dir() / "converted" / sha256[:32]
+    return cache_dir() / "converted" / f"{CONVERSION}-{sha256[:32]}"
+
+
+def _cached_form(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Matrices as bf16, vectors (norms, biases) as fp32: what the conversion cache holds."""
+    return {k: v.to(torch.bfloat16) if v.dim() > 1 else v.float() for k, v in weights.items()}
 
 
 def read_checkpoint(path: str | Path, sha256: str | None = None):
     """(cfg, weights, tokenizer) from a GGUF file or an HF folder.
 
-    With the GGUF's verified sha256, the dequantised weights are cached as bf16.
+    With the GGUF's verified sha256, the dequantised weights are cached (matrices as bf16) and
+    every load, the first included, returns that form: a model computes the same on every load.
     """
     path = Path(path)
     if path.is_dir():
@@ -173,9 +185,10 @@ def read_checkpoint(path: str | Path, sha256: str | None = None):
         tok = Tokenizer.from_file(conv / "tokenizer.json", conv / "tokenizer_config.json")
         return cfg, load_file(str(conv / "weights.safetensors")), tok
     cfg, weights, tok = read_gguf(path)
+    weights = _cached_form(weights)
     tmp = conv.with_name(conv.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.bfloat16) for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    save_file(weights, str(tmp / "weights.safetensors"))
     (tmp / "config.json").write_text(json.dumps(asdict(cfg)))
     tok.save(tmp / "tokenizer.json", tmp / "tokenizer_config.json")
     (tmp / "done").write_text(sha256)
@@ -194,7 +207,8 @@ def load_model(path: str | Path, sha256: str | None = None, dtype: str = "bf16",
                    "fp64": torch.float64}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"unknown weight dtype {dtype!r} (bf16, int8, fp32, fp64)")
-    cfg, weights, tok = read_checkpoint(path, sha256)
+    # fp32/fp64 ask for the file's exact values: no bf16 conversion cache for them.
+    cfg, weights, tok = read_checkpoint(path, None if dtype in ("fp32", "fp64") else sha256)
     return Qwen2(cfg, weights, torch_dtype, int8=dtype == "int8", batch_invariant=batch_invariant), tok
 
 

@@ -25,6 +25,7 @@ class SpecStats:
     replica: str = ""  # the replica that held the session at the end
     retries: int = 0
     stale_messages: int = 0
+    unverified_tokens: int = 0  # committed on the draft alone under the `draft` fault policy
     energy_j: float = 0.0  # device energy over the request (meter + modelled radio)
     energy_source: str = ""
     radio_tail_j: float = 0.0  # the radio's tail after the request, not in energy_j
@@ -86,6 +87,7 @@ class SpecStats:
             "resyncs": self.resyncs,
             "retries": self.retries,
             "stale_messages": self.stale_messages,
+            "unverified_tokens": self.unverified_tokens,
             "energy_j_per_token": self.energy_j / gen,
             "naive_wire_bytes_per_token": ((self.wire_bytes - self.q_wire_bytes + self.dense_q_bytes) / gen
                                            if self.dense_q_bytes else None),

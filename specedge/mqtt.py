@@ -1,9 +1,11 @@
 """MQTT transport shared by both services (paho-mqtt 2.x).
 
 Callbacks stay thin: a received message is handed to `on_message(topic,
-payload)`, which the services point at a queue. Subscriptions are restored on
-every (re)connect; paho's network thread reconnects with backoff. MQTT 5 is
-used where the broker speaks it, 3.1.1 otherwise ("auto").
+payload)`, which the services point at a queue; a connection that goes down or
+comes back calls `on_connection(up)`. Subscriptions and the birth message are
+restored on every (re)connect (a broker restarted without persistence forgot
+both); paho's network thread reconnects with backoff. MQTT 5 is used where the
+broker speaks it, 3.1.1 otherwise ("auto").
 """
 from __future__ import annotations
 
@@ -59,12 +61,15 @@ class Link:
     """One MQTT client connection with explicit state and byte accounting."""
 
     def __init__(self, cfg: MqttConfig, client_id: str, on_message,
-                 will: tuple[str, bytes, bool] | None = None):
+                 will: tuple[str, bytes, bool] | None = None, birth: tuple | None = None,
+                 on_connection=None):
         self.cfg, self.client_id, self.on_message, self.will = cfg, client_id, on_message, will
+        self.birth, self.on_connection = birth, on_connection
         self.subscriptions: set[str] = set()
         self.bytes_sent = self.bytes_received = 0
         self.protocol = None  # "5" or "3.1.1" once connected
         self.connected = threading.Event()
+        self.connects = 0  # successful connections so far: a change means messages in flight may be lost
         self._connack = threading.Event()
         self._refused = None
         self._client = None
@@ -77,12 +82,20 @@ class Link:
         else:
             for topic in self.subscriptions:
                 client.subscribe(topic, qos=self.cfg.qos)
+            if self.birth:
+                topic, payload, retain = self.birth
+                client.publish(topic, payload() if callable(payload) else payload, qos=1, retain=retain)
+            self.connects += 1
             self.connected.set()
+            if self.on_connection:
+                self.on_connection(True)
         self._connack.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
         self._connack.set()
+        if self.on_connection:
+            self.on_connection(False)
 
     @staticmethod
     def _on_socket_open(client, userdata, sock):

@@ -94,6 +94,6 @@ def test_cloud_ar_baseline_streams_target_decoding(stack, tiny_models):
     _, tok, target, _ = tiny_models
     prompt = tok.encode_chat("stop the wheel")
     seen = []
-    result = stack.agent.generate(prompt, SamplingParams(), 30, parse_policy("cloud-ar"), on_tokens=seen.extend)
+    result = stack.agent.generate(prompt, SamplingParams(), 30, parse_policy("cloud-ar"), on_tokens=lambda tokens, verified: seen.extend(tokens))
     assert result.tokens == seen == reference_greedy(target, prompt, 30, tok.stop_ids)
     assert result.stats.summary()["target_passes_per_token"] >= 1.0 or result.stopped

@@ -136,3 +136,18 @@ def test_int8_weights_stay_close_to_bf16(tiny_files):
     a = bf16.forward(ids, bf16.new_cache()).numpy()
     b = int8.forward(ids, int8.new_cache()).numpy()
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.99
+
+
+def test_a_model_computes_the_same_on_first_load_cached_load_and_uncached_load(tiny_files, tmp_path, monkeypatch):
+    """The bf16 conversion cache once rounded norms only in the cache: the verifier's later loads
+    decoded differently from its first one (and from the reference)."""
+    from specedge.fetch import sha256_file
+
+    monkeypatch.setenv("SPECEDGE_CACHE", str(tmp_path))
+    path = tiny_files[1]
+    sha = sha256_file(path)
+    loads = [load_model(path, sha, "bf16", True)[0], load_model(path, sha, "bf16", True)[0],
+             load_model(path, None, "bf16", True)[0]]
+    tokens = list(range(3, 40))
+    logits = [model.forward(tokens, model.new_cache()) for model in loads]
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])

@@ -206,7 +206,7 @@ def test_agent_drafts_further_when_the_channel_slows_down_mid_run(tiny_models, m
         agent = Agent(cfg, TorchDraftEngine(draft), tok).start()
         switched_at = []
 
-        def on_tokens(new):
+        def on_tokens(new, verified):
             on_tokens.count += len(new)
             if on_tokens.count >= 60 and not switched_at:
                 channel.reconfigure(slow)

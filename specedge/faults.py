@@ -1,0 +1,485 @@
+"""`specedge faults`: real faults injected into real services; every trial proves nothing was lost.
+
+A trial starts its own Mosquitto, verifier processes (`specedge cloud run`) and a
+device agent in this process (through the channel emulator where the fault is
+the link's), injects one fault at a random round of a greedy generation, and checks:
+  - the output is the target's own greedy decoding, or the request failed with the
+    documented error (VerifierUnavailable / BrokerUnreachable) and what it had
+    committed is a prefix of that decoding, or (the `draft` policy) the text up to
+    the first unverified token is, and the unverified spans are marked;
+  - the streamed tokens are exactly the returned ones: none lost, none twice;
+  - the request ended inside its bound, every process it started exits when asked,
+    the surviving verifier holds no session afterwards, and the agent's threads and
+    file descriptors are back where they were.
+Models are tiny ones written for the run (the fault handling does not depend on them).
+"""
+from __future__ import annotations
+
+import gc
+import heapq
+import json
+import os
+import random
+import resource
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from specedge import wire
+from specedge.bench import _read_json, _spawn, _stop
+from specedge.bench_verifier import target_decode
+from specedge.broker import MosquittoBroker
+from specedge.channel import ChannelConfig, ChannelEmulator, LinkSpec
+from specedge.config import DeviceConfig, MqttConfig, build
+from specedge.mqtt import REPLICAS, Link, device_topic
+
+FLEET = "faults"
+# Prompts the tiny target answers at length (30-40 tokens), so every fault lands mid-generation.
+PROMPTS = ["robot go to the mat", "hello", "say hi to the user", "turn on the light", "go home"]
+MAX_NEW = 40
+DEVICE_FAULTS = dict(round_timeout_s=1.0, max_retries=2, max_wait_s=40.0)
+
+
+@dataclass
+class Fault:
+    name: str
+    doc: str
+    inject: Callable  # (rig, rng) -> None, run just before the chosen round's draft
+    expect: str = "exact"  # exact | failed | unverified
+    replicas: int = 1
+    persistence: bool = False
+    channel: bool = False
+    faults: dict = field(default_factory=dict)  # the device's [faults] for this trial
+    chaos: Callable | None = None  # (rig, rng) -> a client that misbehaves for the whole trial
+
+
+class Rig:
+    """What one trial runs: broker, replicas, optional channel emulator, the agent."""
+
+    def __init__(self, folder: Path, files, models, fault: Fault, trial: int):
+        from specedge.device.agent import Agent
+        from specedge.device.draft import TorchDraftEngine
+
+        self.folder, self.files, self.fault, self.trial = folder, files, fault, trial
+        folder.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, object] = {}
+        self.hung: list[str] = []
+        self.later: list[threading.Thread] = []  # faults still playing out (a replica restarting)
+        self.broker = MosquittoBroker(persistence=fault.persistence).start()
+        self.channel = None
+        self.clients: list = []
+        try:
+            self.start_replicas([f"r{i}" for i in range(fault.replicas)])
+            port = self.broker.port
+            if fault.channel:
+                self.channel = ChannelEmulator(ChannelConfig(), ("127.0.0.1", port)).start()
+                port = self.channel.port
+            cfg = build(DeviceConfig, {"device": {"id": f"dev{trial}", "fleet": FLEET},
+                                       "mqtt": {"port": port, "protocol": "5", "keepalive_s": 5},
+                                       "faults": {**DEVICE_FAULTS, **fault.faults}})
+            draft, tok = models[0], models[1]
+            self.agent = Agent(cfg, TorchDraftEngine(draft, cfg.draft.q_top_k, cfg.draft.q_top_p), tok).start()
+        except BaseException:
+            self.close()
+            raise
+
+    def mqtt(self) -> MqttConfig:
+        return MqttConfig(port=self.broker.port, protocol="5")
+
+    def start_replicas(self, names: list[str]) -> None:
+        started = []
+        for name in names:
+            cfg = self.folder / f"{name}.toml"
+            cfg.write_text(f'[verifier]\nid = "{name}-{self.trial}"\nfleet = "{FLEET}"\ngroup = "{FLEET}"\n'
+                           f'stats_interval_s = 0.3\n[mqtt]\nport = {self.broker.port}\nprotocol = "5"\n'
+                           f'keepalive_s = 5\n[target]\nmodel = "{self.files[1]}"\n')
+            proc = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(cfg)], [],
+                          {"OMP_NUM_THREADS": "1"}, self.folder / f"{name}.log")
+            self.procs[f"{name}-{self.trial}"] = proc
+            started.append(proc)
+        for proc in started:
+            _read_json(proc, "a verifier replica", 60)
+
+    def kill_replica(self, replica: str | None = None) -> str:
+        """kill -9 the replica holding the session (or the first one alive)."""
+        name = replica or self.agent.current.replica or next(n for n, p in self.procs.items() if p.poll() is None)
+        self.procs[name].kill()
+        self.procs[name].wait()
+        return name
+
+    def alive_replicas(self) -> list[str]:
+        return [name for name, proc in self.procs.items() if proc.poll() is None]
+
+    def replica_sessions(self, timeout: float = 5.0) -> dict[str, int]:
+        """Sessions each live replica holds, from its statistics topic."""
+        latest: dict[str, int] = {}
+        alive = set(self.alive_replicas())
+
+        def on(topic, payload):
+            try:
+                stats = json.loads(payload)
+                latest[stats["replica"]] = int(stats["sessions"])
+            except (ValueError, KeyError, TypeError):
+                pass
+        link = Link(self.mqtt(), f"faults-watch-{self.trial}", on)
+        link.subscribe(f"{REPLICAS}/+/stats")
+        link.start()
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if alive <= set(latest) and not any(latest.get(n) for n in alive):
+                    break
+                latest.clear()
+                time.sleep(0.7)  # a fresh statistics message from each replica
+        finally:
+            link.stop()
+        return {n: latest.get(n, -1) for n in alive}
+
+    def close(self) -> None:
+        for thread in self.later:
+            thread.join(timeout=60)
+        if getattr(self, "agent", None) is not None:
+            self.agent.stop()
+        for client in self.clients:
+            client.stop()
+        if self.channel is not None:
+            self.channel.stop()
+        for name, proc in self.procs.items():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except Exception:  # TimeoutExpired: hung on the way out
+                    self.hung.append(name)
+                    _stop(proc)
+            if proc.stdout:
+                proc.stdout.close()
+            if proc.stdin:
+                proc.stdin.close()
+        self.broker.stop()
+
+
+# -- misbehaving clients -----------------------------------------------------------------------
+class Echo:
+    """Duplicates every verdict-topic message 1-2 times with random delays up to `max_delay_s`:
+    duplicated, delayed and (the delay outlasting later rounds) reordered verdicts."""
+
+    def __init__(self, rig: Rig, rng: random.Random, max_delay_s: float = 1.2):
+        self.rng, self.max_delay_s = rng, max_delay_s
+        self.topic = rig.agent.down_topic
+        self.seen: set[bytes] = set()  # our own copies come back on the topic: echo each payload once
+        self.heap: list = []
+        self.wake = threading.Condition()
+        self.copies = 0
+        self.link = Link(rig.mqtt(), f"faults-echo-{rig.trial}", self.on)
+        self.link.subscribe(self.topic)
+        self.link.start()
+        self._stop = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def on(self, topic, payload):
+        if payload in self.seen:
+            return
+        self.seen.add(payload)
+        with self.wake:
+            for _ in range(self.rng.randint(1, 2)):
+                heapq.heappush(self.heap, (time.monotonic() + self.rng.uniform(0, self.max_delay_s), payload))
+            self.wake.notify()
+
+    def run(self):
+        while True:
+            with self.wake:
+                while not self._stop and (not self.heap or self.heap[0][0] > time.monotonic()):
+                    self.wake.wait(timeout=max(0.0, self.heap[0][0] - time.monotonic()) if self.heap else None)
+                if self._stop:
+                    return
+                _, payload = heapq.heappop(self.heap)
+            self.link.publish(self.topic, payload)
+            self.copies += 1
+
+    def stop(self):
+        with self.wake:
+            self._stop = True
+            self.wake.notify()
+        self.thread.join(timeout=5)
+        self.link.stop()
+
+
+class Rogue:
+    """A broken replica: answers every message of the device with verdicts for another session,
+    for the previous and the next round, a refusal for a round not asked, and claims the session
+    moved to another target version, all in the name of a replica that does not hold it."""
+
+    def __init__(self, rig: Rig, rng: random.Random):
+        self.rng = rng
+        self.down = rig.agent.down_topic
+        self.forged = 0
+        self.link = Link(rig.mqtt(), f"faults-rogue-{rig.trial}", self.on)
+        self.link.subscribe(device_topic(FLEET, rig.agent.cfg.device.id, "draft/#"))
+        self.link.start()
+
+    def on(self, topic, payload):
+        try:
+            msg = wire.decode(payload)
+        except wire.WireError:
+            return
+        s, q, n = msg.session, msg.seq, getattr(msg, "committed", 0)
+        token = self.rng.randrange(1, 50)
+        forged = [wire.Verdict(s ^ 1, q, n, 0, token), wire.Verdict(s, q - 1, n, 0, token),
+                  wire.Verdict(s, q + 1, n, 0, token), wire.Error(s, q + 2, wire.ErrorCode.INCOMPATIBLE, "forged"),
+                  wire.Opened(s, q + 3, "rogue", "wrong-version")]
+        if not isinstance(msg, wire.Open):  # a replica that is not ours claims a version switch
+            forged.append(wire.Opened(s, q, "rogue", "wrong-version"))
+        for m in forged:
+            self.link.publish(self.down, wire.encode(m))
+            self.forged += 1
+
+    def stop(self):
+        self.link.stop()
+
+
+# -- the faults --------------------------------------------------------------------------------
+def _later(rig: Rig, delay_s: float, fn) -> None:
+    thread = threading.Thread(target=lambda: (time.sleep(delay_s), fn()), daemon=True)
+    rig.later.append(thread)
+    thread.start()
+
+
+def _restart_broker(rig: Rig, rng: random.Random) -> None:
+    rig.broker.restart(down_s=rng.uniform(0.0, 1.5))
+
+
+def _kill_and_restart(rig: Rig, rng: random.Random) -> None:
+    rig.kill_replica()
+    _later(rig, rng.uniform(1.0, 3.0), lambda: rig.start_replicas(["r9"]))
+
+
+def _blackout(seconds: float):
+    def inject(rig: Rig, rng: random.Random) -> None:
+        gone = LinkSpec(blackouts=[(0.0, seconds)])
+        rig.channel.reconfigure(ChannelConfig(gone, gone, f"blackout {seconds:g}s"))
+    return inject
+
+
+def _flap(rig: Rig, rng: random.Random) -> None:
+    outages = []
+    t = 0.0
+    for _ in range(6):  # six outages of 0.3-1.2 s, 0.5-1.5 s apart
+        duration = rng.uniform(0.3, 1.2)
+        outages.append((t, duration))
+        t += duration + rng.uniform(0.5, 1.5)
+    spec = LinkSpec(blackouts=outages)
+    rig.channel.reconfigure(ChannelConfig(spec, spec, "flapping"))
+
+
+def _nothing(rig: Rig, rng: random.Random) -> None:
+    pass
+
+
+def faults(blackout_s: float = 10.0) -> list[Fault]:
+    return [
+        Fault("broker-restart", "Mosquitto restarted mid-generation, no persistence", _restart_broker),
+        Fault("broker-restart-persistent", "Mosquitto restarted mid-generation, persistence on", _restart_broker,
+              persistence=True),
+        Fault("broker-down-fail", "Mosquitto gone for good, on_broker_loss = fail",
+              lambda rig, rng: rig.broker._stop_process(), expect="failed", faults={"on_broker_loss": "fail"}),
+        Fault("verifier-kill-wait", "kill -9 of the only replica, a new one 1-3 s later (wait)", _kill_and_restart),
+        Fault("verifier-kill-fail", "kill -9 of the only replica, on_verifier_loss = fail",
+              lambda rig, rng: rig.kill_replica(), expect="failed", faults={"on_verifier_loss": "fail"}),
+        Fault("verifier-kill-draft", "kill -9 of the only replica, draft alone (<= 6 tokens), a new one later",
+              _kill_and_restart, expect="unverified",
+              faults={"on_verifier_loss": "draft", "unverified_max_tokens": 6}),
+        Fault("verifier-kill-failover", "kill -9 of the replica holding the session, two replicas",
+              lambda rig, rng: rig.kill_replica(), replicas=2),
+        Fault("blackout", f"the link carries nothing for {blackout_s:g} s (channel emulator)",
+              _blackout(blackout_s), channel=True),
+        Fault("flapping-link", "six outages of 0.3-1.2 s in a row (channel emulator)", _flap, channel=True),
+        Fault("duplicated-reordered-verdicts", "every verdict delivered 2-3 times, copies up to 1.2 s late",
+              _nothing, chaos=Echo),
+        Fault("wrong-answers", "a broken replica answers for other sessions, rounds and target versions",
+              _nothing, chaos=Rogue),
+    ]
+
+
+# -- one trial ---------------------------------------------------------------------------------
+def _rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1
+
+
+def _diverges(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models) -> dict:
+    from specedge.device.agent import RequestFailed, VerifierUnavailable
+    from specedge.device.policy import parse_policy
+    from specedge.speculative import SamplingParams
+
+    rng = random.Random(f"{seed}-{fault.name}-{trial}")
+    draft, tok, target = models
+    prompt = tok.encode_chat(rng.choice(PROMPTS))
+    reference = target_decode(target, prompt, MAX_NEW, tok.stop_ids)
+    at_round = rng.randint(2, 4)
+    gc.collect()
+    threads0, fds0, rss0 = threading.active_count(), _fds(), _rss_mb()
+    t0 = time.monotonic()
+    row = {"fault": fault.name, "trial": trial, "round": at_round, "problems": []}
+    problems = row["problems"]
+    rig = Rig(folder / f"{fault.name}-{trial}", files, (draft, tok), fault, trial)
+    streamed, flags, outcome = [], [], {}
+    try:
+        if fault.chaos:
+            rig.clients.append(fault.chaos(rig, rng))
+        engine, calls = rig.agent.engine, [0]
+        original = engine.draft
+
+        def draft_and_inject(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == at_round:
+                fault.inject(rig, rng)
+            return original(*args, **kwargs)
+        engine.draft = draft_and_inject
+
+        def on_tokens(tokens, verified):
+            streamed.extend(tokens)
+            flags.extend([verified] * len(tokens))
+
+        def generate():
+            try:
+                outcome["result"] = rig.agent.generate(prompt, SamplingParams(), MAX_NEW, parse_policy("fixed:3"),
+                                                       on_tokens)
+            except RequestFailed as exc:
+                outcome["error"] = exc
+            except Exception as exc:  # anything else is a defect the trial reports
+                outcome["crash"] = exc
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        bound = DEVICE_FAULTS["max_wait_s"] + 60
+        worker.join(timeout=bound)
+        if worker.is_alive():
+            problems.append(f"request still running after {bound:.0f}s (hung)")
+        result, error = outcome.get("result"), outcome.get("error")
+        if "crash" in outcome:
+            problems.append(f"crashed: {outcome['crash']!r}")
+        got = result.tokens if result else streamed
+        if result and streamed != result.tokens:
+            problems.append("streamed tokens differ from the returned ones (lost or duplicated)")
+        if fault.expect == "exact":
+            if error:
+                problems.append(f"failed: {error}")
+            elif result and result.tokens != reference:
+                problems.append(f"output differs from the target's decoding from token {_diverges(got, reference)}")
+            if not all(flags):
+                problems.append("tokens marked unverified under a lossless policy")
+        elif fault.expect == "failed":
+            if not isinstance(error, VerifierUnavailable):
+                problems.append(f"expected VerifierUnavailable, got {error or 'success'!r}")
+            if streamed != reference[:len(streamed)]:
+                problems.append("committed text before the failure is not the target's")
+        elif fault.expect == "unverified" and result:
+            spans = result.unverified
+            first = spans[0][0] if spans else len(got)
+            if not spans:
+                problems.append("no tokens went unverified: the fault was not seen")
+            if got[:first] != reference[:first]:
+                problems.append("verified text before the outage is not the target's")
+            marked = [i for i, f in enumerate(flags) if not f]
+            if marked != [i for a, b in spans for i in range(a, b)]:
+                problems.append("stream marks differ from the result's unverified spans")
+            if result.stats.unverified_tokens > rig.agent.cfg.faults.unverified_max_tokens:
+                problems.append("more unverified tokens than the policy allows")
+        if result:
+            row.update(tokens=len(result.tokens), unverified=result.stats.unverified_tokens,
+                       retries=result.stats.retries, resyncs=result.stats.resyncs,
+                       failovers=result.stats.failovers, stale=result.stats.stale_messages)
+        row["outcome"] = "error: " + type(error).__name__ if error else "exact" if got == reference else "unverified"
+        if not worker.is_alive() and rig.broker.proc.poll() is None:
+            held = rig.replica_sessions()
+            if any(held.values()):
+                problems.append(f"sessions left on the verifier: {held}")
+    finally:
+        rig.close()
+    if rig.hung:
+        problems.append(f"processes hung on the way out: {rig.hung}")
+    time.sleep(0.3)  # paho's and the emulator's threads wind down
+    gc.collect()
+    row.update(seconds=round(time.monotonic() - t0, 2), threads=threading.active_count() - threads0,
+               fds=_fds() - fds0, rss_mb=round(_rss_mb() - rss0, 1))
+    if row["threads"] > 0:
+        problems.append(f"{row['threads']} threads left behind")
+    if row["fds"] > 0:
+        problems.append(f"{row['fds']} file descriptors left open")
+    row["passed"] = not problems
+    return row
+
+
+def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, blackout_s: float = 10.0,
+              progress=None) -> dict:
+    from specedge.loader import load_model
+    from specedge.tiny import write_pair
+
+    chosen = [f for f in faults(blackout_s) if not names or f.name in names]
+    unknown = set(names or ()) - {f.name for f in faults(blackout_s)}
+    if unknown:
+        raise ValueError(f"unknown faults {sorted(unknown)}; known: {[f.name for f in faults(blackout_s)]}")
+    with tempfile.TemporaryDirectory(prefix="specedge-faults-") as tmp:
+        folder = Path(tmp)
+        files = write_pair(folder / "models", seed=0, noise=0.3)
+        draft, tok = load_model(files[0], dtype="bf16")
+        target, _ = load_model(files[1], dtype="bf16", batch_invariant=True)
+        rss_start = _rss_mb()
+        rows = []
+        for fault in chosen:
+            for trial in range(trials):
+                row = run_trial(fault, trial, seed, folder, files, (draft, tok, target))
+                rows.append(row)
+                if progress:
+                    progress(row)
+        rss_growth = _rss_mb() - rss_start
+    table = {}
+    for fault in chosen:
+        mine = [r for r in rows if r["fault"] == fault.name]
+        table[fault.name] = {"doc": fault.doc, "expect": fault.expect, "run": len(mine),
+                             "passed": sum(r["passed"] for r in mine),
+                             "mean_s": round(sum(r["seconds"] for r in mine) / max(len(mine), 1), 2)}
+    return {"trials": trials, "seed": seed, "table": table, "rows": rows, "rss_growth_mb": round(rss_growth, 1),
+            "passed": all(r["passed"] for r in rows)}
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{'fault':32}{'passed/run':>11}  {'expect':11}{'mean s':>7}  what"]
+    for name, t in report["table"].items():
+        lines.append(f"{name:32}{t['passed']:>5}/{t['run']:<5}  {t['expect']:11}{t['mean_s']:>7.1f}  {t['doc']}")
+    lines.append(f"device process RSS growth over the run: {report['rss_growth_mb']:+.1f} MB")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    def progress(row):
+        state = "ok  " if row["passed"] else "FAIL"
+        print(f"{state} {row['fault']:32} trial {row['trial']:>2}  round {row['round']}  {row['outcome']:24} "
+              f"{row['seconds']:6.1f}s  {'; '.join(row['problems'])}", file=sys.stderr, flush=True)
+    names = args.only.split(",") if args.only else None
+    report = run_suite(args.trials, names, args.seed, args.blackout_s, progress)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return 0 if report["passed"] else 1
