@@ -200,6 +200,12 @@ def _channel(args) -> int:
     return 0
 
 
+def _fuzz(args) -> int:
+    from specedge import fuzz
+
+    return fuzz.main(args)
+
+
 def _faults(args) -> int:
     from specedge import faults
 
@@ -417,6 +423,12 @@ def parser() -> argparse.ArgumentParser:
     fa.add_argument("--blackout-s", type=float, default=10.0, help="length of the link blackout")
     fa.add_argument("--json", default="", help="write the table and every trial here")
     fa.set_defaults(func=_faults)
+
+    fz = sub.add_parser("fuzz", help="coverage-guided fuzzing of a decoder under atheris (pip install atheris)")
+    fz.add_argument("target", help="wire | config | announcement | gguf")
+    fz.add_argument("--runs", type=int, default=100_000, help="inputs to run")
+    fz.add_argument("--corpus", default="", help="corpus folder (kept between runs)")
+    fz.set_defaults(func=_fuzz)
 
     pw = sub.add_parser("power", help="read the power meter, or calibrate a device profile")
     pw.add_argument("--meter", default="auto", help="auto, jtop, ina3221, rapl or estimated")

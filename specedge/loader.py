@@ -57,6 +57,18 @@ def read_gguf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], T
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the gguf package raises ValueError/struct.error/... on bad headers
         raise ModelFileError(f"{path}: not a readable GGUF file ({exc})") from exc
+    try:
+        return _from_reader(reader, path)
+    except ModelFileError:
+        raise
+    except Exception as exc:  # a corrupted table or string: the gguf package raises all kinds
+        raise ModelFileError(f"{path}: corrupted GGUF metadata or tensor table ({type(exc).__name__}: {exc})") \
+            from exc
+
+
+def _from_reader(reader, path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    import gguf
+
     arch = _field(reader, "general.architecture")
     if arch != ARCH:
         raise ModelFileError(f"{path}: architecture {arch!r}, expected {ARCH!r}")

@@ -229,7 +229,8 @@ def encode(msg) -> bytes:
         out.append(struct.pack("<IBH", msg.start, int(msg.done), len(msg.tokens)))
         out.append(_tokens(msg.tokens, MAX_STREAM, "tokens"))
     elif isinstance(msg, Error):
-        text = msg.text.encode("utf-8")[:MAX_ERROR_TEXT]
+        # Cut at a character boundary: the text stays valid UTF-8.
+        text = msg.text.encode("utf-8")[:MAX_ERROR_TEXT].decode("utf-8", "ignore").encode("utf-8")
         out.append(struct.pack("<HB", msg.code, len(text)) + text)
     elif not isinstance(msg, Close):
         raise TypeError(f"not a wire message: {msg!r}")
@@ -358,7 +359,7 @@ def decode(data: bytes):
     elif mtype == Error.TYPE:
         code, n = r.take("<HB")
         raw = bytes(r.array("u1", n))
-        msg = Error(session, seq, code, raw.decode("utf-8", errors="replace"))
+        msg = Error(session, seq, code, raw.decode("utf-8", errors="replace"))  # informative: kept lenient
     else:
         raise UnknownType(f"message type {mtype}")
     if r.pos != len(data):
