@@ -200,6 +200,12 @@ def _channel(args) -> int:
     return 0
 
 
+def _soak(args) -> int:
+    from specedge import soak
+
+    return soak.main(args)
+
+
 def _fuzz(args) -> int:
     from specedge import fuzz
 
@@ -423,6 +429,19 @@ def parser() -> argparse.ArgumentParser:
     fa.add_argument("--blackout-s", type=float, default=10.0, help="length of the link blackout")
     fa.add_argument("--json", default="", help="write the table and every trial here")
     fa.set_defaults(func=_faults)
+
+    so = sub.add_parser("soak", help="devices generating without pause over the channel emulator: memory, fds, "
+                                     "errors and throughput over time (JSON + plot)")
+    so.add_argument("--minutes", type=float, default=3.0, help="how long (30 for the long run)")
+    so.add_argument("--devices", type=int, default=4)
+    so.add_argument("--channel", default="wifi", help="a channel preset (specedge channels)")
+    so.add_argument("--interval-s", type=float, default=5.0, help="sampling interval")
+    so.add_argument("--tokens", type=int, default=32, help="new tokens a request")
+    so.add_argument("--draft", default="", help="draft model (default: tiny generated models)")
+    so.add_argument("--target", default="", help="target model (with --draft)")
+    so.add_argument("--json", default="")
+    so.add_argument("--plot", default="")
+    so.set_defaults(func=_soak)
 
     fz = sub.add_parser("fuzz", help="coverage-guided fuzzing of a decoder under atheris (pip install atheris)")
     fz.add_argument("target", help="wire | config | announcement | gguf")

@@ -228,7 +228,8 @@ class Rogue:
             msg = wire.decode(payload)
         except wire.WireError:
             return
-        s, q, n = msg.session, msg.seq, getattr(msg, "committed", 0)
+        s, n = msg.session, getattr(msg, "committed", 0)
+        q = max(msg.seq, 1)  # round numbers around it stay in range
         token = self.rng.randrange(1, 50)
         forged = [wire.Verdict(s ^ 1, q, n, 0, token), wire.Verdict(s, q - 1, n, 0, token),
                   wire.Verdict(s, q + 1, n, 0, token), wire.Error(s, q + 2, wire.ErrorCode.INCOMPATIBLE, "forged"),

@@ -1,0 +1,197 @@
+"""`specedge soak`: several devices generate without pause against a verifier, over the channel
+emulator, for a bounded time; memory, file descriptors, errors and throughput are sampled.
+
+Every finished generation is checked against the target's own greedy decoding. The
+verifier runs as its own process (`specedge cloud run`), the agents in this one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from specedge.bench import _read_json, _spawn, _stop
+from specedge.bench_verifier import target_decode
+from specedge.broker import MosquittoBroker
+from specedge.channel import ChannelEmulator, preset
+from specedge.config import DeviceConfig, build
+from specedge.mqtt import REPLICAS, Link
+
+PROMPTS = ["robot go to the mat", "hello", "say hi to the user", "turn on the light", "go home"]
+
+
+def _proc_stats(pid: int | str = "self") -> tuple[float, int]:
+    """(resident MB, open file descriptors) of a process, from /proc."""
+    rss = 0.0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0.0, -1
+    return rss, fds
+
+
+def _growth(samples: list[dict], key: str) -> float:
+    """Growth of `key` from the end of the warm-up (the first quarter) to the last sample."""
+    if len(samples) < 2:
+        return 0.0
+    return samples[-1][key] - samples[len(samples) // 4][key]
+
+
+def run(seconds: float, devices: int = 4, channel: str = "wifi", interval_s: float = 5.0, max_new: int = 32,
+        draft: str | None = None, target: str | None = None, progress=None) -> dict:
+    from specedge.device.agent import Agent, RequestFailed
+    from specedge.device.draft import TorchDraftEngine
+    from specedge.device.policy import parse_policy
+    from specedge.loader import load_named
+    from specedge.speculative import SamplingParams
+    from specedge.tiny import write_pair
+
+    tmp = tempfile.TemporaryDirectory(prefix="specedge-soak-")
+    folder = Path(tmp.name)
+    tiny = not (draft and target)
+    if tiny:
+        draft_path, target_path = write_pair(folder / "models", seed=0, noise=0.3)
+        draft, target = str(draft_path), str(target_path)
+    draft_model, tok = load_named(draft, "bf16" if tiny else "int8")  # int8: the device default
+    target_model, _ = load_named(target, "bf16", batch_invariant=True)
+    prompts = [tok.encode_chat(p) for p in PROMPTS]
+    references = [target_decode(target_model, p, max_new, tok.stop_ids) for p in prompts]
+    del target_model
+
+    broker = MosquittoBroker().start()
+    procs, agents, emulator = [], [], None
+    counters = {"tokens": 0, "requests": 0, "failed": 0, "wrong": 0}
+    failures: list[str] = []
+    lock = threading.Lock()
+    verifier_stats: dict = {}
+    stop = threading.Event()
+    try:
+        cfg_path = folder / "verifier.toml"
+        cfg_path.write_text(f'[verifier]\nid = "soak"\nfleet = "soak"\nstats_interval_s = 1.0\n'
+                            f'[mqtt]\nport = {broker.port}\n[target]\nmodel = "{target}"\n')
+        verifier = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(cfg_path)], [],
+                          {"OMP_NUM_THREADS": "1"}, folder / "verifier.log")
+        procs.append(verifier)
+        _read_json(verifier, "the verifier", 120)
+        watch = Link(build(DeviceConfig, {"mqtt": {"port": broker.port}}).mqtt, "soak-watch",
+                     lambda t, p: verifier_stats.update(json.loads(p)))
+        watch.subscribe(f"{REPLICAS}/soak/stats")
+        watch.start()
+        emulator = ChannelEmulator(preset(channel), ("127.0.0.1", broker.port)).start()
+        for i in range(devices):
+            cfg = build(DeviceConfig, {"device": {"id": f"soak{i}", "fleet": "soak"},
+                                       "mqtt": {"port": emulator.port},
+                                       "faults": {"round_timeout_s": 5.0, "max_wait_s": 60.0}})
+            engine = TorchDraftEngine(draft_model, cfg.draft.q_top_k, cfg.draft.q_top_p)
+            agents.append(Agent(cfg, engine, tok).start())
+
+        def device_loop(i: int, agent) -> None:
+            n = i
+            while not stop.is_set():
+                k = n % len(prompts)
+                n += 1
+                try:
+                    result = agent.generate(prompts[k], SamplingParams(), max_new, parse_policy("fixed:3"))
+                except RequestFailed as exc:
+                    with lock:
+                        counters["failed"] += 1
+                        failures.append(str(exc))
+                    continue
+                with lock:
+                    counters["requests"] += 1
+                    counters["tokens"] += len(result.tokens)
+                    counters["wrong"] += result.tokens != references[k]
+        threads = [threading.Thread(target=device_loop, args=(i, a), daemon=True) for i, a in enumerate(agents)]
+        t0 = time.monotonic()
+        for t in threads:
+            t.start()
+        samples, last_tokens = [], 0
+        while time.monotonic() - t0 < seconds:
+            time.sleep(min(interval_s, max(0.0, seconds - (time.monotonic() - t0))))
+            v_rss, v_fds = _proc_stats(verifier.pid)
+            d_rss, d_fds = _proc_stats()
+            with lock:
+                tokens, snapshot = counters["tokens"], dict(counters)
+            sample = {"t": round(time.monotonic() - t0, 1), "tokens_per_s": (tokens - last_tokens) / interval_s,
+                      "verifier_rss_mb": round(v_rss, 1), "verifier_fds": v_fds,
+                      "device_rss_mb": round(d_rss, 1), "device_fds": d_fds, "threads": threading.active_count(),
+                      "verifier_sessions": verifier_stats.get("sessions", -1),
+                      "verifier_errors": sum(verifier_stats.get("errors", {}).values()),
+                      "device_decode_errors": sum(sum(a.decode_errors.values()) for a in agents), **snapshot}
+            last_tokens = tokens
+            samples.append(sample)
+            if progress:
+                progress(sample)
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+        hung = sum(t.is_alive() for t in threads)
+        watch.stop()
+    finally:
+        stop.set()
+        for agent in agents:
+            agent.stop()
+        if emulator is not None:
+            emulator.stop()
+        for proc in procs:
+            _stop(proc)
+        broker.stop()
+        tmp.cleanup()
+    report = {
+        "seconds": seconds, "devices": devices, "channel": channel, "max_new": max_new, "samples": samples,
+        **counters, "hung_devices": hung, "failures": failures[:20],
+        "verifier_rss_growth_mb": round(_growth(samples, "verifier_rss_mb"), 1),
+        "device_rss_growth_mb": round(_growth(samples, "device_rss_mb"), 1),
+        "verifier_fd_growth": _growth(samples, "verifier_fds"), "device_fd_growth": _growth(samples, "device_fds"),
+        "mean_tokens_per_s": round(counters["tokens"] / seconds, 2),
+    }
+    report["passed"] = (not counters["failed"] and not counters["wrong"] and not hung and counters["requests"] > 0
+                        and report["verifier_fd_growth"] <= 0 and report["device_fd_growth"] <= 0)
+    return report
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report["samples"]
+    t = [x["t"] for x in s]
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex=True)
+    for ax, keys, title in ((axes[0][0], ["tokens_per_s"], "verified tokens/s (all devices)"),
+                            (axes[0][1], ["verifier_rss_mb", "device_rss_mb"], "resident memory (MB)"),
+                            (axes[1][0], ["verifier_fds", "device_fds"], "open file descriptors"),
+                            (axes[1][1], ["failed", "wrong", "verifier_errors", "device_decode_errors"], "errors")):
+        for key in keys:
+            ax.plot(t, [x[key] for x in s], label=key)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xlabel("seconds")
+    fig.suptitle(f"specedge soak: {report['devices']} devices, {report['channel']}, {report['seconds']:.0f} s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(args) -> int:
+    def progress(x):
+        print(f"{x['t']:7.1f}s {x['tokens_per_s']:7.1f} tok/s  verifier {x['verifier_rss_mb']:7.1f} MB "
+              f"{x['verifier_fds']:4d} fds  device {x['device_rss_mb']:7.1f} MB {x['device_fds']:4d} fds  "
+              f"requests {x['requests']} failed {x['failed']} wrong {x['wrong']}", file=sys.stderr, flush=True)
+    report = run(args.minutes * 60, args.devices, args.channel, args.interval_s, args.tokens,
+                 args.draft or None, args.target or None, progress)
+    summary = {k: v for k, v in report.items() if k != "samples"}
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(report, args.plot)
+    return 0 if report["passed"] else 1
