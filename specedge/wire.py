@@ -359,7 +359,10 @@ def decode(data: bytes):
     elif mtype == Error.TYPE:
         code, n = r.take("<HB")
         raw = bytes(r.array("u1", n))
-        msg = Error(session, seq, code, raw.decode("utf-8", errors="replace"))  # informative: kept lenient
+        try:
+            msg = Error(session, seq, code, raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise WireError("error text: not UTF-8") from None
     else:
         raise UnknownType(f"message type {mtype}")
     if r.pos != len(data):
