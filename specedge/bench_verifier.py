@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from specedge.bench import _git_revision, _read_json, _spawn, _stop, load_prompts
+from specedge.bench import _git_revision, _read_json, _stop, load_prompts, spawn_verifier
 from specedge.broker import MosquittoBroker
 from specedge.device.draft import Drafted, TorchDraftEngine
 from specedge.fetch import cache_dir
@@ -132,8 +132,7 @@ def _start_verifiers(folder: Path, port: int, args, replicas: int, max_batch: in
     for i in range(replicas):
         name = f"{tag}-r{i}"
         cfg = _verifier_config(folder, name, port, args, max_batch)
-        proc = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(cfg)], [],
-                      {"OMP_NUM_THREADS": str(threads)}, folder / f"{name}.log")
+        proc = spawn_verifier(cfg, folder / f"{name}.log", threads)
         proc.replica = name
         procs.append(proc)
     for proc in procs:

@@ -15,12 +15,11 @@ Models are tiny ones written for the run (the fault handling does not depend on 
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import heapq
 import json
-import os
 import random
-import resource
 import sys
 import tempfile
 import threading
@@ -30,12 +29,13 @@ from pathlib import Path
 from typing import Callable
 
 from specedge import wire
-from specedge.bench import _read_json, _spawn, _stop
+from specedge.bench import _read_json, _stop, spawn_verifier
 from specedge.bench_verifier import target_decode
 from specedge.broker import MosquittoBroker
 from specedge.channel import ChannelConfig, ChannelEmulator, LinkSpec
 from specedge.config import DeviceConfig, MqttConfig, build
 from specedge.mqtt import REPLICAS, Link, device_topic
+from specedge.soak import proc_stats
 
 FLEET = "faults"
 # Prompts the tiny target answers at length (30-40 tokens), so every fault lands mid-generation.
@@ -97,8 +97,7 @@ class Rig:
             cfg.write_text(f'[verifier]\nid = "{name}-{self.trial}"\nfleet = "{FLEET}"\ngroup = "{FLEET}"\n'
                            f'stats_interval_s = 0.3\n[mqtt]\nport = {self.broker.port}\nprotocol = "5"\n'
                            f'keepalive_s = 5\n[target]\nmodel = "{self.files[1]}"\n')
-            proc = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(cfg)], [],
-                          {"OMP_NUM_THREADS": "1"}, self.folder / f"{name}.log")
+            proc = spawn_verifier(cfg, self.folder / f"{name}.log")
             self.procs[f"{name}-{self.trial}"] = proc
             started.append(proc)
         for proc in started:
@@ -308,21 +307,23 @@ def faults(blackout_s: float = 10.0) -> list[Fault]:
 
 
 # -- one trial ---------------------------------------------------------------------------------
-def _rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+@contextlib.contextmanager
+def on_draft_call(engine, calls: set[int], action):
+    """Run `action()` just before the engine's draft calls numbered in `calls` (1-based): a fault
+    or an operator's move at a chosen point of a generation."""
+    original, count = engine.draft, 0
 
-
-def _fds() -> int:
+    def draft(*args, **kwargs):
+        nonlocal count
+        count += 1
+        if count in calls:
+            action()
+        return original(*args, **kwargs)
+    engine.draft = draft
     try:
-        return len(os.listdir("/proc/self/fd"))
-    except OSError:
-        return -1
+        yield
+    finally:
+        engine.draft = original
 
 
 def _diverges(a: list[int], b: list[int]) -> int:
@@ -340,7 +341,8 @@ def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models) 
     reference = target_decode(target, prompt, MAX_NEW, tok.stop_ids)
     at_round = rng.randint(2, 4)
     gc.collect()
-    threads0, fds0, rss0 = threading.active_count(), _fds(), _rss_mb()
+    rss0, fds0 = proc_stats()
+    threads0 = threading.active_count()
     t0 = time.monotonic()
     row = {"fault": fault.name, "trial": trial, "round": at_round, "problems": []}
     problems = row["problems"]
@@ -349,16 +351,6 @@ def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models) 
     try:
         if fault.chaos:
             rig.clients.append(fault.chaos(rig, rng))
-        engine, calls = rig.agent.engine, [0]
-        original = engine.draft
-
-        def draft_and_inject(*args, **kwargs):
-            calls[0] += 1
-            if calls[0] == at_round:
-                fault.inject(rig, rng)
-            return original(*args, **kwargs)
-        engine.draft = draft_and_inject
-
         def on_tokens(tokens, verified):
             streamed.extend(tokens)
             flags.extend([verified] * len(tokens))
@@ -372,9 +364,10 @@ def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models) 
             except Exception as exc:  # anything else is a defect the trial reports
                 outcome["crash"] = exc
         worker = threading.Thread(target=generate, daemon=True)
-        worker.start()
         bound = DEVICE_FAULTS["max_wait_s"] + 60
-        worker.join(timeout=bound)
+        with on_draft_call(rig.agent.engine, {at_round}, lambda: fault.inject(rig, rng)):
+            worker.start()
+            worker.join(timeout=bound)
         if worker.is_alive():
             problems.append(f"request still running after {bound:.0f}s (hung)")
         result, error = outcome.get("result"), outcome.get("error")
@@ -422,8 +415,9 @@ def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models) 
         problems.append(f"processes hung on the way out: {rig.hung}")
     time.sleep(0.3)  # paho's and the emulator's threads wind down
     gc.collect()
+    rss, fds = proc_stats()
     row.update(seconds=round(time.monotonic() - t0, 2), threads=threading.active_count() - threads0,
-               fds=_fds() - fds0, rss_mb=round(_rss_mb() - rss0, 1))
+               fds=fds - fds0, rss_mb=round(rss - rss0, 1))
     if row["threads"] > 0:
         problems.append(f"{row['threads']} threads left behind")
     if row["fds"] > 0:
@@ -446,7 +440,7 @@ def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, bl
         files = write_pair(folder / "models", seed=0, noise=0.3)
         draft, tok = load_model(files[0], dtype="bf16")
         target, _ = load_model(files[1], dtype="bf16", batch_invariant=True)
-        rss_start = _rss_mb()
+        rss_start = proc_stats()[0]
         rows = []
         for fault in chosen:
             for trial in range(trials):
@@ -454,7 +448,7 @@ def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, bl
                 rows.append(row)
                 if progress:
                     progress(row)
-        rss_growth = _rss_mb() - rss_start
+        rss_growth = proc_stats()[0] - rss_start
     table = {}
     for fault in chosen:
         mine = [r for r in rows if r["fault"] == fault.name]

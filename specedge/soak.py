@@ -14,7 +14,7 @@ import threading
 import time
 from pathlib import Path
 
-from specedge.bench import _read_json, _spawn, _stop
+from specedge.bench import _read_json, _stop, spawn_verifier
 from specedge.bench_verifier import target_decode
 from specedge.broker import MosquittoBroker
 from specedge.channel import ChannelEmulator, preset
@@ -24,7 +24,7 @@ from specedge.mqtt import REPLICAS, Link
 PROMPTS = ["robot go to the mat", "hello", "say hi to the user", "turn on the light", "go home"]
 
 
-def _proc_stats(pid: int | str = "self") -> tuple[float, int]:
+def proc_stats(pid: int | str = "self") -> tuple[float, int]:
     """(resident MB, open file descriptors) of a process, from /proc."""
     rss = 0.0
     try:
@@ -76,8 +76,7 @@ def run(seconds: float, devices: int = 4, channel: str = "wifi", interval_s: flo
         cfg_path = folder / "verifier.toml"
         cfg_path.write_text(f'[verifier]\nid = "soak"\nfleet = "soak"\nstats_interval_s = 1.0\n'
                             f'[mqtt]\nport = {broker.port}\n[target]\nmodel = "{target}"\n')
-        verifier = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(cfg_path)], [],
-                          {"OMP_NUM_THREADS": "1"}, folder / "verifier.log")
+        verifier = spawn_verifier(cfg_path, folder / "verifier.log")
         procs.append(verifier)
         _read_json(verifier, "the verifier", 120)
         watch = Link(build(DeviceConfig, {"mqtt": {"port": broker.port}}).mqtt, "soak-watch",
@@ -115,8 +114,8 @@ def run(seconds: float, devices: int = 4, channel: str = "wifi", interval_s: flo
         samples, last_tokens = [], 0
         while time.monotonic() - t0 < seconds:
             time.sleep(min(interval_s, max(0.0, seconds - (time.monotonic() - t0))))
-            v_rss, v_fds = _proc_stats(verifier.pid)
-            d_rss, d_fds = _proc_stats()
+            v_rss, v_fds = proc_stats(verifier.pid)
+            d_rss, d_fds = proc_stats()
             with lock:
                 tokens, snapshot = counters["tokens"], dict(counters)
             sample = {"t": round(time.monotonic() - t0, 1), "tokens_per_s": (tokens - last_tokens) / interval_s,

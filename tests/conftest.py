@@ -1,8 +1,6 @@
 """Shared fixtures: a real Mosquitto on a free port and tiny Qwen2 models written to GGUF."""
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 
 from specedge.broker import MosquittoBroker
@@ -59,22 +57,3 @@ def reference_greedy(model, prompt: list[int], max_new: int, stop_ids) -> list[i
         out.append(token)
         last = token
     return out
-
-
-@contextlib.contextmanager
-def on_draft_call(engine, calls: set[int], action):
-    """Run `action()` just before the engine's draft calls numbered in `calls` (1-based): a fault
-    or an operator's move at a chosen point of a generation."""
-    original, count = engine.draft, 0
-
-    def draft(*args, **kwargs):
-        nonlocal count
-        count += 1
-        if count in calls:
-            action()
-        return original(*args, **kwargs)
-    engine.draft = draft
-    try:
-        yield
-    finally:
-        engine.draft = original

@@ -99,7 +99,6 @@ def test_a_block_is_kept_only_when_the_verdict_matches_the_bet():
         ahead.step()
     accepted, guess = ahead.branch
     assert accepted == 2 and len(ahead.block.tokens) == 3  # the bet, then a full next block
-    block = list(ahead.block.tokens)
     # the verdict disagrees: nothing is kept and the engine is back on the committed text
     assert ahead.resolve(2, (guess + 1) % VOCAB, [0, 1, 2, (guess + 1) % VOCAB]) is None
     assert engine.text == [0, 1, 2, (guess + 1) % VOCAB]

@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from conftest import on_draft_call, reference_greedy
+from conftest import reference_greedy
 from specedge import wire
+from specedge.faults import on_draft_call
 from specedge.config import MqttConfig
 from specedge.contract import Contract
 from specedge.device.policy import parse_policy

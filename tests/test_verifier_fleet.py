@@ -1,24 +1,23 @@
 """One verifier for many devices: batched passes, the KV budget, replicas and failover, target versions."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
 
-from conftest import on_draft_call, reference_greedy
+from conftest import reference_greedy
 from specedge import tiny
+from specedge.bench import _read_json, spawn_verifier
 from specedge.cloud.registry import Announcement, AnnouncementError, Target, read_registry
 from specedge.cloud.session import Item, TargetSession, verify_batch
 from specedge.config import CloudConfig, ConfigError, DeviceConfig, build
 from specedge.device.draft import TorchDraftEngine
 from specedge.device.policy import parse_policy
 from specedge.exit_head import ExitHead
+from specedge.faults import on_draft_call
 from specedge.loader import load_model
 from specedge.mqtt import TOPIC_ROOT, Link
 from specedge.speculative import SamplingParams
@@ -156,10 +155,8 @@ def _replica(tmp_path, name: str, port: int, target_path) -> subprocess.Popen:
     cfg = tmp_path / f"{name}.toml"
     cfg.write_text(f'[verifier]\nid = "{name}"\nfleet = "ha"\ngroup = "ha"\n[mqtt]\nport = {port}\nprotocol = "5"\n'
                    f'[target]\nmodel = "{target_path}"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(cfg)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert json.loads(proc.stdout.readline())["ready"]
+    proc = spawn_verifier(cfg, tmp_path / f"{name}.log")
+    assert _read_json(proc, f"replica {name}", 60)["ready"]
     return proc
 
 
