@@ -104,11 +104,12 @@ class MosquittoBroker:
 
     def restart(self, down_s: float = 0.0) -> None:
         """Stop the broker (clients see their connections drop) and start it again on the same port."""
-        self._stop_process()
+        self.stop_process()
         time.sleep(down_s)
         self.start()
 
-    def _stop_process(self) -> None:
+    def stop_process(self) -> None:
+        """Stop the broker, keeping its data folder for a later start() (persistence)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -120,7 +121,7 @@ class MosquittoBroker:
             self.proc.stderr.close()
 
     def stop(self) -> None:
-        self._stop_process()
+        self.stop_process()
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None

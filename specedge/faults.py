@@ -103,9 +103,9 @@ class Rig:
         for proc in started:
             _read_json(proc, "a verifier replica", 60)
 
-    def kill_replica(self, replica: str | None = None) -> str:
+    def kill_replica(self) -> str:
         """kill -9 the replica holding the session (or the first one alive)."""
-        name = replica or self.agent.current.replica or next(n for n, p in self.procs.items() if p.poll() is None)
+        name = self.agent.current.replica or next(n for n, p in self.procs.items() if p.poll() is None)
         self.procs[name].kill()
         self.procs[name].wait()
         return name
@@ -287,7 +287,7 @@ def faults(blackout_s: float = 10.0) -> list[Fault]:
         Fault("broker-restart-persistent", "Mosquitto restarted mid-generation, persistence on", _restart_broker,
               persistence=True),
         Fault("broker-down-fail", "Mosquitto gone for good, on_broker_loss = fail",
-              lambda rig, rng: rig.broker._stop_process(), expect="failed", faults={"on_broker_loss": "fail"}),
+              lambda rig, rng: rig.broker.stop_process(), expect="failed", faults={"on_broker_loss": "fail"}),
         Fault("verifier-kill-wait", "kill -9 of the only replica, a new one 1-3 s later (wait)", _kill_and_restart),
         Fault("verifier-kill-fail", "kill -9 of the only replica, on_verifier_loss = fail",
               lambda rig, rng: rig.kill_replica(), expect="failed", faults={"on_verifier_loss": "fail"}),

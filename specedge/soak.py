@@ -18,7 +18,7 @@ from specedge.bench import _read_json, _stop, spawn_verifier
 from specedge.bench_verifier import target_decode
 from specedge.broker import MosquittoBroker
 from specedge.channel import ChannelEmulator, preset
-from specedge.config import DeviceConfig, build
+from specedge.config import DeviceConfig, MqttConfig, build
 from specedge.mqtt import REPLICAS, Link
 
 PROMPTS = ["robot go to the mat", "hello", "say hi to the user", "turn on the light", "go home"]
@@ -79,8 +79,7 @@ def run(seconds: float, devices: int = 4, channel: str = "wifi", interval_s: flo
         verifier = spawn_verifier(cfg_path, folder / "verifier.log")
         procs.append(verifier)
         _read_json(verifier, "the verifier", 120)
-        watch = Link(build(DeviceConfig, {"mqtt": {"port": broker.port}}).mqtt, "soak-watch",
-                     lambda t, p: verifier_stats.update(json.loads(p)))
+        watch = Link(MqttConfig(port=broker.port), "soak-watch", lambda t, p: verifier_stats.update(json.loads(p)))
         watch.subscribe(f"{REPLICAS}/soak/stats")
         watch.start()
         emulator = ChannelEmulator(preset(channel), ("127.0.0.1", broker.port)).start()
