@@ -431,10 +431,11 @@ def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, bl
     from specedge.loader import load_model
     from specedge.tiny import write_pair
 
-    chosen = [f for f in faults(blackout_s) if not names or f.name in names]
-    unknown = set(names or ()) - {f.name for f in faults(blackout_s)}
+    every = faults(blackout_s)
+    chosen = [f for f in every if not names or f.name in names]
+    unknown = set(names or ()) - {f.name for f in every}
     if unknown:
-        raise ValueError(f"unknown faults {sorted(unknown)}; known: {[f.name for f in faults(blackout_s)]}")
+        raise ValueError(f"unknown faults {sorted(unknown)}; known: {[f.name for f in every]}")
     with tempfile.TemporaryDirectory(prefix="specedge-faults-") as tmp:
         folder = Path(tmp)
         files = write_pair(folder / "models", seed=0, noise=0.3)
