@@ -28,6 +28,7 @@ from specedge.cloud.registry import Announcement, AnnouncementError, Target, Tar
 from specedge.cloud.session import BadRequest, Item, OutOfSync, TargetSession, verify_batch
 from specedge.config import CloudConfig
 from specedge.exit_head import default_exit_layer, load_exit_head
+from specedge.exporter import VerifierMetrics
 from specedge.mqtt import REPLICAS, TOPIC_ROOT, Link, device_topic, split_device_topic
 
 log = logging.getLogger("specedge.cloud")
@@ -115,6 +116,8 @@ class Verifier:
         self.hints_sent = self.hints_withheld = 0
         self.errors: dict[str, int] = {}
         self.stats = VerifierStats()
+        self.metrics = VerifierMetrics(self)
+        self.metrics_port: int | None = None  # where /metrics is served, once started
         self.status_topic = replica_topic(self.replica, "status")
         offline = json.dumps({"state": "offline", "replica": self.replica}).encode()
         self.link = Link(cfg.mqtt, f"specedge-verifier-{self.replica}", self._on_message,
@@ -150,6 +153,9 @@ class Verifier:
             if group:
                 log.warning("broker speaks MQTT %s: no shared subscriptions, run one replica only", self.link.protocol)
             self.link.subscribe(f"{TOPIC_ROOT}/{fleet}/+/draft")
+        ident = self.cfg.verifier
+        if ident.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(ident.metrics_host, ident.metrics_port)
         self._thread = threading.Thread(target=self.serve, name="verifier", daemon=True)
         self._thread.start()
         return self
@@ -166,6 +172,7 @@ class Verifier:
             self.publish_stats()
             self.link.publish(self.status_topic, self._status("offline"), retain=True)
         self.link.stop()
+        self.metrics.close()
 
     def count(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -383,6 +390,7 @@ class Verifier:
         stats.passes += 1
         stats.rows += rows
         stats.batch_sizes.append(len(batch))
+        self.metrics.observe_pass(len(batch), compute_s, [t0 - p.arrived for p in batch])
         for p in batch:
             item, session, msg = p.item, p.item.session, p.msg
             stats.rounds += 1

@@ -68,11 +68,14 @@ class EmbeddedBroker:
 
 class MosquittoBroker:
     """A private Mosquitto on a free loopback port, for tests, benchmarks and fault injection.
-    `persistence` keeps retained messages and sessions on disk across `restart()`."""
+    `persistence` keeps retained messages and sessions on disk across `restart()`; `listener`
+    replaces the plain anonymous loopback listener (a TLS one from `specedge certs`, say)."""
 
-    def __init__(self, port: int | None = None, extra_conf: str = "", persistence: bool = False):
+    def __init__(self, port: int | None = None, extra_conf: str = "", persistence: bool = False,
+                 listener: str | None = None):
         self.port = port or free_port()
         self.extra_conf, self.persistence = extra_conf, persistence
+        self.listener = listener or f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
         self.proc = None
         self._dir = None
 
@@ -91,7 +94,7 @@ class MosquittoBroker:
         persistence = (f"persistence true\npersistence_location {folder}/\n" if self.persistence
                        else "persistence false\n")
         conf = folder / "mosquitto.conf"
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}"
+        conf.write_text(f"{self.listener}{persistence}"
                         f"set_tcp_nodelay true\n"
                         f"log_dest stderr\nlog_type error\n{self.extra_conf}")
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -58,7 +58,8 @@ def _cloud_run(args) -> int:
     verifier = Verifier(cfg, target, registry).start()
     # One JSON line on stdout tells supervisors (the bench, tests) that rounds will be served.
     print(json.dumps({"ready": True, "verifier": cfg.verifier.id, "protocol": verifier.link.protocol,
-                      "target": target.describe(), "rowwise_linears": target.model.rowwise_linears}), flush=True)
+                      "target": target.describe(), "rowwise_linears": target.model.rowwise_linears,
+                      "metrics_port": verifier.metrics_port}), flush=True)
     logging.getLogger("specedge").info("verifier %s serving %s on %s:%d (MQTT %s)", cfg.verifier.id,
                                        target.name, cfg.mqtt.host, cfg.mqtt.port, verifier.link.protocol)
     try:
@@ -165,6 +166,35 @@ def _device_run(args) -> int:
     finally:
         agent.stop()
     return 1 if failed else 0
+
+
+def _device_serve(args) -> int:
+    from specedge.config import DeviceConfig, load
+    from specedge.device.draft import TorchDraftEngine, load_draft
+    from specedge.device.node import DeviceNode
+
+    cfg = load(DeviceConfig, args.config)
+    model, tok = load_draft(cfg.draft)
+    node = DeviceNode(cfg, TorchDraftEngine(model, cfg.draft.q_top_k, cfg.draft.q_top_p), tok, args.config).start()
+    # One JSON line on stdout tells supervisors (tests, scripts) where the local API listens.
+    print(json.dumps(node.describe()), flush=True)
+    try:
+        _wait_for_signal()
+    finally:
+        node.stop()
+    return 0
+
+
+def _fleet(args) -> int:
+    from specedge import fleet_cli
+
+    return fleet_cli.run(args)
+
+
+def _certs(args) -> int:
+    from specedge import certs
+
+    return certs.run(args)
 
 
 def _channel(args) -> int:
@@ -305,6 +335,10 @@ def parser() -> argparse.ArgumentParser:
     _model_options(d)
     d.add_argument("--broker", default="embedded", choices=["embedded", "mosquitto"])
     d.add_argument("--json", help="write the summary as JSON here")
+    d.add_argument("--serve", action="store_true",
+                   help="instead of one prompt: keep broker, verifier and device running, with the device's "
+                        "local HTTP API (for examples/) until Ctrl-C")
+    d.add_argument("--http-port", type=int, default=8080, help="--serve: the local HTTP API's port (0 = any)")
     d.set_defaults(func=_demo)
 
     m = sub.add_parser("models", help="content-addressed model files")
@@ -358,6 +392,16 @@ def parser() -> argparse.ArgumentParser:
     dr.add_argument("--config", help="TOML file (see firmware_config/device.toml)")
     dr.add_argument("--prompt", action="append")
     dr.set_defaults(func=_device_run)
+    ds = dsub.add_parser("serve", help="the device service: local HTTP API (OpenAI-compatible), fleet topics, "
+                                       "metrics (docs/fleet.md)")
+    ds.add_argument("--config", help="TOML file (see firmware_config/device.toml)")
+    ds.set_defaults(func=_device_serve)
+
+    from specedge.fleet_cli import add_parser as add_fleet_parser
+    from specedge.certs import add_parser as add_certs_parser
+
+    add_fleet_parser(sub, _fleet)
+    add_certs_parser(sub, _certs)
 
     ch = sub.add_parser("channel", help="wireless channel emulator: a shaping TCP proxy")
     ch.add_argument("--listen", type=int, required=True, help="local port (0 = any)")

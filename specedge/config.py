@@ -26,9 +26,19 @@ class MqttConfig:
     qos: int = 1
     username: str = ""
     password: str = ""
+    # TLS (docs/fleet.md): the CA that signed the broker's certificate, and this client's own
+    # certificate and key (`specedge certs`); "" = plain TCP.
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def validate(self):
         _check(self.protocol in ("auto", "5", "3.1.1"), "mqtt.protocol", "auto, 5 or 3.1.1")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "mqtt.tls_cert/tls_key", "both set or both empty")
+        _check(not self.tls_cert or bool(self.tls_ca), "mqtt.tls_ca", "set whenever a client certificate is")
+        for key in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, key)
+            _check(not path or Path(path).is_file(), f"mqtt.{key}", f"a readable file ({path} does not exist)")
         _check(0 < self.port < 65536, "mqtt.port", "1..65535")
         _check(self.qos in (0, 1), "mqtt.qos", "0 or 1")
         _check(self.keepalive_s >= 5, "mqtt.keepalive_s", ">= 5")
@@ -66,10 +76,11 @@ class DraftConfig:
         _check(not self.head or self.layers > 0, "draft.head", "a file only together with draft.layers")
         _check(len(self.name.encode()) <= 64, "draft.name", "at most 64 bytes")
 
-    def display_name(self) -> str:
-        return self.name or (model_label(self.model) + (f"-l{self.layers}" if self.layers else ""))
         _check(1 <= self.q_top_k <= 255, "draft.q_top_k", "1..255")
         _check(0 < self.q_top_p <= 1, "draft.q_top_p", "(0, 1]")
+
+    def display_name(self) -> str:
+        return self.name or (model_label(self.model) + (f"-l{self.layers}" if self.layers else ""))
 
 
 @dataclass
@@ -158,6 +169,49 @@ class EnergyConfig:
         return Objective(self.mode, self.budget_j_per_token or None, self.min_tokens_per_s or None)
 
 
+COMMANDS = ("set_budget", "set_policy", "drain", "resume", "reload_config", "report")
+
+
+@dataclass
+class ApiConfig:
+    """The local API for apps on the device (docs/fleet.md)."""
+
+    # OpenAI-compatible HTTP (and /metrics for Prometheus) on this address; port 0 = any free
+    # port, -1 = off. Keep it on loopback: it has no authentication of its own.
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    queue_size: int = 8  # requests waiting beyond the one running; more get 429
+    max_body_kb: int = 256  # larger request bodies get 413
+    # The MQTT topic API (specedge/local/{device}/...) on a broker local to the device; "" = off.
+    local_mqtt_host: str = ""
+    local_mqtt_port: int = 1883
+
+    def validate(self):
+        _check(-1 <= self.http_port < 65536, "api.http_port", "-1 (off), 0 (any free port) or 1..65535")
+        _check(0 <= self.queue_size <= 4096, "api.queue_size", "0..4096")
+        _check(1 <= self.max_body_kb <= 65536, "api.max_body_kb", "1..65536")
+        _check(0 < self.local_mqtt_port < 65536, "api.local_mqtt_port", "1..65535")
+
+
+@dataclass
+class FleetConfig:
+    """Fleet topics (docs/fleet.md): telemetry, commands, desired config."""
+
+    telemetry_interval_s: float = 10.0
+    # Commands operators may send this device (a comma-separated subset of: set_budget,
+    # set_policy, drain, resume, reload_config, report); others are refused as unauthorised.
+    allowed_commands: str = ",".join(COMMANDS)
+    remote_config: bool = True  # apply the retained desired config the fleet publishes
+
+    def validate(self):
+        _check(self.telemetry_interval_s >= 0.1, "fleet.telemetry_interval_s", ">= 0.1")
+        unknown = set(self.allowed()) - set(COMMANDS)
+        _check(not unknown, "fleet.allowed_commands", "a comma-separated subset of " + ", ".join(COMMANDS))
+
+    def allowed(self) -> list[str]:
+        return [c.strip() for c in self.allowed_commands.split(",") if c.strip()]
+
+
 @dataclass
 class DeviceConfig:
     device: IdentityConfig = field(default_factory=IdentityConfig)
@@ -167,6 +221,8 @@ class DeviceConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 @dataclass
@@ -184,6 +240,8 @@ class VerifierIdentity:
     # committed text stays, the next round rebuilds the cache).
     kv_budget_mb: float = 4096.0
     stats_interval_s: float = 5.0  # statistics on specedge/v1/_verifiers/{id}/stats
+    metrics_port: int = -1  # Prometheus /metrics on this port (0 = any free port, -1 = off)
+    metrics_host: str = "127.0.0.1"
 
     def validate(self):
         _check(bool(self.id) and not set(self.id) & set("/+#\0"), "verifier.id", "a name without / + # NUL")
@@ -195,6 +253,7 @@ class VerifierIdentity:
         _check(0 <= self.batch_window_ms <= 1000, "verifier.batch_window_ms", "0..1000")
         _check(self.kv_budget_mb > 0, "verifier.kv_budget_mb", "> 0")
         _check(self.stats_interval_s > 0, "verifier.stats_interval_s", "> 0")
+        _check(-1 <= self.metrics_port < 65536, "verifier.metrics_port", "-1 (off), 0 (any free port) or 1..65535")
 
 
 @dataclass

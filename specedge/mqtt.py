@@ -10,10 +10,14 @@ broker speaks it, 3.1.1 otherwise ("auto").
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
+from typing import NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from specedge.config import MqttConfig
 
@@ -57,6 +61,12 @@ class BrokerUnavailable(ConnectionError):
     pass
 
 
+class ReplyTo(NamedTuple):
+    """Where a request wants its answer: MQTT 5's response topic and correlation data."""
+    topic: str | None
+    correlation: bytes | None
+
+
 class Link:
     """One MQTT client connection with explicit state and byte accounting."""
 
@@ -66,6 +76,7 @@ class Link:
         self.cfg, self.client_id, self.on_message, self.will = cfg, client_id, on_message, will
         self.birth, self.on_connection = birth, on_connection
         self.subscriptions: set[str] = set()
+        self.handlers: dict[str, object] = {}  # topic filter -> handler(topic, payload, ReplyTo)
         self.bytes_sent = self.bytes_received = 0
         self.protocol = None  # "5" or "3.1.1" once connected
         self.connected = threading.Event()
@@ -107,6 +118,14 @@ class Link:
         self.bytes_received += publish_packet_bytes(msg.topic, len(msg.payload), msg.qos, self.protocol == "5")
         self.on_message(msg.topic, msg.payload)
 
+    def _routed(self, handler):
+        def on_message(client, userdata, msg):
+            self.bytes_received += publish_packet_bytes(msg.topic, len(msg.payload), msg.qos, self.protocol == "5")
+            props = msg.properties
+            handler(msg.topic, msg.payload, ReplyTo(getattr(props, "ResponseTopic", None),
+                                                    getattr(props, "CorrelationData", None)))
+        return on_message
+
     def _make_client(self, protocol: str) -> paho.Client:
         v5 = protocol == "5"
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
@@ -116,6 +135,11 @@ class Link:
             self._on_connect, self._on_disconnect, self._on_message)
         client.on_socket_open = self._on_socket_open
         client.reconnect_delay_set(min_delay=1, max_delay=8)
+        for topic, handler in self.handlers.items():
+            client.message_callback_add(topic, self._routed(handler))
+        if self.cfg.tls_ca:
+            client.tls_set(ca_certs=self.cfg.tls_ca, certfile=self.cfg.tls_cert or None,
+                           keyfile=self.cfg.tls_key or None, cert_reqs=ssl.CERT_REQUIRED)
         if self.cfg.username:
             client.username_pw_set(self.cfg.username, self.cfg.password or None)
         if self.will:
@@ -144,15 +168,30 @@ class Link:
             errors.append(f"MQTT {protocol}: {self._refused or 'no CONNACK'}")
         raise BrokerUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port} refused us ({'; '.join(errors)})")
 
-    def subscribe(self, topic: str) -> None:
+    def subscribe(self, topic: str, handler=None) -> None:
+        """Subscribe (now and after every reconnect); messages on `topic` go to `handler(topic,
+        payload, ReplyTo)` when given, to `on_message` otherwise."""
         self.subscriptions.add(topic)
+        if handler is not None:
+            self.handlers[topic] = handler
         if self._client is not None:
+            if handler is not None:
+                self._client.message_callback_add(topic, self._routed(handler))
             self._client.subscribe(topic, qos=self.cfg.qos)
 
-    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int | None = None) -> None:
+    def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int | None = None,
+                reply_to: ReplyTo | None = None) -> None:
+        """`reply_to` asks for an answer there (MQTT 5 properties; on 3.1.1 it must travel in the payload)."""
         qos = self.cfg.qos if qos is None else qos
+        props = None
+        if reply_to is not None and self.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            if reply_to.topic:
+                props.ResponseTopic = reply_to.topic
+            if reply_to.correlation:
+                props.CorrelationData = reply_to.correlation
         self.bytes_sent += publish_packet_bytes(topic, len(payload), qos, self.protocol == "5")
-        self._client.publish(topic, payload, qos=qos, retain=retain)
+        self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def stop(self) -> None:
         if self._client is not None:

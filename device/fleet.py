@@ -1,0 +1,345 @@
+"""The device as a fleet member: status, telemetry, commands and desired config over MQTT.
+
+Topics (docs/fleet.md), all under specedge/v1/{fleet}/{device}/:
+  status          retained; birth on connect, last will "offline" on loss
+  telemetry       retained, every [fleet] telemetry_interval_s
+  cmd             commands in; answers go to the MQTT 5 response topic with its correlation
+                  data, or (MQTT 3.1.1) to the payload's "reply_to" with its "id"
+  config          retained desired config for this device; specedge/v1/{fleet}/config for all
+  config/applied  retained: what the device actually applied, rejected, or needs a restart for
+and it follows the fleet's retained specedge/v1/{fleet}/targets.
+
+MQTT callbacks only queue what arrived; one thread handles it and publishes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+from specedge import wire
+from specedge.config import COMMANDS, ConfigError, DeviceConfig, build, read_toml
+from specedge.device.service import DeviceService
+from specedge.mqtt import TOPIC_ROOT, ReplyTo, device_topic
+
+log = logging.getLogger("specedge.fleet")
+
+MAX_COMMAND = 64 * 1024  # bytes of a command or desired-config payload
+# What a desired config may change without a restart; everything else is reported as needing one.
+LIVE_SECTIONS = ("speculation", "generation", "faults")
+LIVE_KEYS = ("energy.mode", "energy.budget_j_per_token", "energy.min_tokens_per_s", "fleet.telemetry_interval_s")
+# Set only in the device's own file: a remote config must not widen what remote operators may do.
+LOCAL_ONLY = ("fleet.allowed_commands", "fleet.remote_config", "mqtt.tls_ca", "mqtt.tls_cert", "mqtt.tls_key")
+
+
+class CommandError(ValueError):
+    pass
+
+
+def package_version() -> str:
+    try:
+        return version("specedge")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def flatten(cfg: DeviceConfig) -> dict:
+    return {f"{section}.{key}": value for section, table in dataclasses.asdict(cfg).items()
+            for key, value in table.items()}
+
+
+def config_changes(current: DeviceConfig, new: DeviceConfig) -> tuple[dict, list[str]]:
+    """({key: value} that changes live, [keys] that change only with a restart)."""
+    old, fresh = flatten(current), flatten(new)
+    changed = {k: v for k, v in fresh.items() if old[k] != v}
+    live = {k: v for k, v in changed.items() if k.split(".")[0] in LIVE_SECTIONS or k in LIVE_KEYS}
+    return live, sorted(set(changed) - set(live))
+
+
+def merge(base: dict, overlay: dict) -> dict:
+    out = {section: dict(table) for section, table in base.items()}
+    for section, table in overlay.items():
+        out.setdefault(section, {}).update(table)
+    return out
+
+
+def parse_desired(payload: bytes) -> dict:
+    """A desired config: {"section": {"key": value}}, as in the TOML file."""
+    if len(payload) > MAX_COMMAND:
+        raise ConfigError(f"{len(payload)} bytes exceed {MAX_COMMAND}")
+    try:
+        data = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
+        raise ConfigError('expected {"section": {"key": value, ...}, ...}')
+    return data
+
+
+def digest(payload: bytes) -> str:
+    return hashlib.sha256(payload).hexdigest()[:16]
+
+
+class FleetMember:
+    def __init__(self, service: DeviceService, http_port: int | None = None):
+        self.service, self.agent = service, service.agent
+        ident = service.cfg.device
+        self.fleet, self.device = ident.fleet, ident.id
+        self.topic = lambda leaf: device_topic(self.fleet, self.device, leaf)
+        self.reply_prefix = self.topic("reply") + "/"
+        self.http_port = http_port
+        self.inbox: queue.Queue = queue.Queue()
+        self.desired: dict[str, bytes] = {}  # "fleet" / "device" -> retained desired config payload
+        self.announced_target = ""
+        self.commands_handled = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="specedge-fleet", daemon=True)
+        self._last_energy = (time.monotonic(), 0.0)
+        link = self.agent.link
+        # The will and birth ride on the agent's own connection: its loss is the device's loss.
+        link.will = (self.topic("status"), json.dumps({"state": "offline", "device": self.device,
+                                                       "fleet": self.fleet}).encode(), True)
+        link.birth = (self.topic("status"), self.status_payload, True)
+        queued = lambda kind: lambda topic, payload, reply_to: self.inbox.put((kind, topic, payload, reply_to))
+        link.subscribe(self.topic("cmd"), queued("cmd"))
+        link.subscribe(self.topic("config"), queued("config"))
+        link.subscribe(f"{TOPIC_ROOT}/{self.fleet}/config", queued("config"))
+        link.subscribe(f"{TOPIC_ROOT}/{self.fleet}/targets", queued("targets"))
+        service.on_state_change = lambda: self.inbox.put(("status", None, None, None))
+
+    def start(self) -> "FleetMember":
+        self._last_energy = (time.monotonic(), self.agent.meter.energy_j() if self.agent.meter else 0.0)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(None)
+        self._thread.join(timeout=10)
+        if self.agent.link.connected.is_set():  # a clean goodbye does not fire the will
+            self.agent.link.publish(self.topic("status"), self.status_payload("offline"), retain=True, qos=1)
+
+    # -- the one thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        next_telemetry = time.monotonic() + self.service.cfg.fleet.telemetry_interval_s
+        while not self._stop.is_set():
+            try:
+                item = self.inbox.get(timeout=max(0.0, next_telemetry - time.monotonic()))
+            except queue.Empty:
+                item = ("telemetry", None, None, None)
+            if item is None:
+                return
+            kind, topic, payload, reply_to = item
+            try:
+                if kind == "cmd":
+                    self.on_command(payload, reply_to)
+                elif kind == "config":
+                    self.desired["fleet" if topic.count("/") == 3 else "device"] = payload
+                    self.apply_desired()
+                elif kind == "targets":
+                    self.on_targets(payload)
+                elif kind == "status":
+                    self.publish_status()
+            except Exception:  # a bad message must not stop the fleet thread
+                log.exception("fleet: handling %s failed", kind)
+            if kind == "telemetry" or time.monotonic() >= next_telemetry:
+                if self.agent.link.connected.is_set():
+                    self.publish(self.topic("telemetry"), self.telemetry(), retain=True)
+                next_telemetry = time.monotonic() + self.service.cfg.fleet.telemetry_interval_s
+
+    def publish(self, topic: str, data: dict, retain: bool = False, reply_to: ReplyTo | None = None) -> None:
+        self.agent.link.publish(topic, json.dumps(data, sort_keys=True).encode(), retain=retain, qos=1,
+                                reply_to=reply_to)
+
+    # -- status and telemetry ------------------------------------------------------------------
+    def status_payload(self, state: str | None = None) -> bytes:
+        s, cfg = self.service, self.service.cfg
+        profile = self.agent.profile
+        data = {
+            "state": state or s.state, "device": self.device, "fleet": self.fleet, "time": time.time(),
+            "versions": {"specedge": package_version(), "protocol": wire.PROTOCOL_VERSION,
+                         "draft": self.agent.draft_name},
+            "backend": s.engine.backend,
+            "power_mode": {"profile": profile.name, "board": profile.board, "nvpmodel": profile.nvpmodel_name,
+                           "meter": self.agent.energy_source},
+            "policy": s.policy.name,
+            "energy": {"mode": cfg.energy.mode, "budget_j_per_token": cfg.energy.budget_j_per_token,
+                       "min_tokens_per_s": cfg.energy.min_tokens_per_s},
+            "target": {"announced": self.announced_target,
+                       "serving": s.agent.current.target_version if s.agent.current else ""},
+            "http_port": self.http_port,
+            "protocol": self.agent.link.protocol,
+        }
+        return json.dumps(data, sort_keys=True).encode()
+
+    def publish_status(self) -> None:
+        if self.agent.link.connected.is_set():
+            self.agent.link.publish(self.topic("status"), self.status_payload(), retain=True, qos=1)
+
+    def telemetry(self) -> dict:
+        s = self.service
+        w = s.take_window()
+        now = time.monotonic()
+        energy = self.agent.meter.energy_j() if self.agent.meter else 0.0
+        (then, energy0), self._last_energy = self._last_energy, (now, energy)
+        rtts = sorted(w.round_trip_s)
+        state = self.agent.scheduler.state()
+        return {
+            "device": self.device, "time": time.time(), "window_s": now - then, "state": s.state,
+            "requests": w.requests, "failed": w.failed, "tokens": w.tokens,
+            "tokens_per_s": w.tokens / w.busy_s if w.busy_s else 0.0,
+            "acceptance_rate": w.accepted / w.drafted if w.drafted else None,
+            "mean_accepted_length": (w.accepted + w.rounds) / w.rounds if w.rounds else None,
+            "mean_draft_length": w.drafted / w.rounds if w.rounds else None,
+            "rtt_s_p50": rtts[len(rtts) // 2] if rtts else None,
+            "rtt_s_estimate": state.rtt_s,
+            "uplink_bps_estimate": state.up_bps if state.up_bps != float("inf") else None,
+            "watts": (energy - energy0) / (now - then) if now > then else 0.0,
+            "j_per_token": w.energy_j / w.tokens if w.tokens else None,
+            "wire_bytes_per_token": w.wire_bytes / w.tokens if w.tokens else None,
+            "queue_depth": s.queue_depth, "in_flight": s.in_flight, "policy": s.policy.name,
+            "budget_j_per_token": s.cfg.energy.budget_j_per_token,
+            "target_version": s.agent.current.target_version if s.agent.current else "",
+            "connected": self.agent.link.connected.is_set(),
+        }
+
+    # -- commands ------------------------------------------------------------------------------
+    def on_command(self, payload: bytes, reply_to: ReplyTo) -> None:
+        request: dict = {}
+        try:
+            if len(payload) > MAX_COMMAND:
+                raise CommandError(f"{len(payload)} bytes exceed {MAX_COMMAND}")
+            try:
+                request = json.loads(payload.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError) as exc:
+                raise CommandError(f"not JSON: {exc}") from None
+            if not isinstance(request, dict):
+                raise CommandError('expected {"command": NAME, "args": {...}}')
+        except CommandError as exc:
+            request = {}
+            answer = {"ok": False, "error": f"malformed command: {exc}"}
+        else:
+            answer = self.run_command(request.get("command"), request.get("args", {}))
+        self.commands_handled += 1
+        topic = reply_to.topic or request.get("reply_to")
+        if not isinstance(topic, str) or not topic.startswith(self.reply_prefix) or set(topic) & set("+#"):
+            log.warning("command %r: reply topic %r is not under %s; answer dropped",
+                        request.get("command"), topic, self.reply_prefix)
+            return
+        answer.update(device=self.device, command=request.get("command"))
+        if "id" in request:
+            answer["id"] = request["id"]
+        self.publish(topic, answer, reply_to=ReplyTo(None, reply_to.correlation) if reply_to.correlation else None)
+
+    def run_command(self, command, args) -> dict:
+        """{"ok": True, "result": ...} or {"ok": False, "error": reason}; never raises."""
+        if command not in COMMANDS:
+            return {"ok": False, "error": f"unknown command {command!r}; known: {', '.join(COMMANDS)}"}
+        if command not in self.service.cfg.fleet.allowed():
+            return {"ok": False, "error": f"unauthorised: {command} is not in this device's fleet.allowed_commands"}
+        if not isinstance(args, dict):
+            return {"ok": False, "error": "args must be an object"}
+        try:
+            return {"ok": True, "result": getattr(self, f"cmd_{command}")(**args)}
+        except TypeError as exc:  # unexpected or missing arguments
+            return {"ok": False, "error": f"bad arguments for {command}: {exc}"}
+        except (ValueError, ConfigError) as exc:
+            return {"ok": False, "error": f"{command}: {exc}"}
+
+    def cmd_set_budget(self, budget_j_per_token, mode: str | None = None, min_tokens_per_s=None) -> dict:
+        energy = self.service.cfg.energy
+        changes = {"budget_j_per_token": budget_j_per_token, "mode": mode or energy.mode,
+                   "min_tokens_per_s": energy.min_tokens_per_s if min_tokens_per_s is None else min_tokens_per_s}
+        new = self.live_overlay({"energy": changes})
+        self.service.apply_config(new)
+        self.publish_status()
+        e = self.service.cfg.energy
+        return {"mode": e.mode, "budget_j_per_token": e.budget_j_per_token, "min_tokens_per_s": e.min_tokens_per_s}
+
+    def cmd_set_policy(self, policy: str) -> dict:
+        if not isinstance(policy, str):
+            raise ValueError("policy must be a string such as adaptive, fixed:4 or cloud-ar")
+        self.service.set_policy(policy)
+        return {"policy": self.service.policy.name}
+
+    def cmd_drain(self, wait_s: float = 0.0) -> dict:
+        in_flight = self.service.drain()
+        idle = self.service.wait_idle(min(float(wait_s), 60.0)) if wait_s else in_flight == 0
+        return {"state": "draining", "in_flight": self.service.in_flight, "idle": idle}
+
+    def cmd_resume(self) -> dict:
+        self.service.resume()
+        return {"state": self.service.state}
+
+    def cmd_reload_config(self) -> dict:
+        return self.apply_desired(reread_file=True)
+
+    def cmd_report(self) -> dict:
+        s = self.service
+        return {"status": json.loads(self.status_payload()), "config": flatten(s.cfg),
+                "requests_done": s.requests_done, "uptime_s": time.time() - s.started_s,
+                "decode_errors": dict(self.agent.decode_errors), "totals": s.metrics.totals()}
+
+    def live_overlay(self, overlay: dict) -> DeviceConfig:
+        """The current config with `overlay` on top, validated; ConfigError names what is wrong."""
+        current = {section: dict(table) for section, table in dataclasses.asdict(self.service.cfg).items()}
+        return build(DeviceConfig, merge(current, overlay), "command", env={})
+
+    # -- desired config ------------------------------------------------------------------------
+    def apply_desired(self, reread_file: bool = False) -> dict:
+        """Build the config from the file plus the fleet's and the device's desired overlays, apply
+        what changes live, acknowledge on config/applied; returns the acknowledgement."""
+        s = self.service
+        rejected: dict[str, str] = {}
+        overlay: dict = {}
+        if s.cfg.fleet.remote_config:
+            for source in ("fleet", "device"):
+                payload = self.desired.get(source)
+                if not payload:
+                    continue
+                try:
+                    overlay = merge(overlay, parse_desired(payload))
+                except ConfigError as exc:
+                    rejected[source] = str(exc)
+            for key in LOCAL_ONLY:
+                section, name = key.split(".")
+                if name in overlay.get(section, {}):
+                    del overlay[section][name]
+                    rejected[key] = "set only in the device's own config file"
+        elif self.desired:
+            rejected["config"] = "remote config is off on this device (fleet.remote_config = false)"
+        applied, restart = {}, []
+        try:
+            base = read_toml(s.config_path) if s.config_path else {}
+            new = build(DeviceConfig, merge(base, overlay), "desired config")
+        except ConfigError as exc:
+            rejected["config"] = str(exc)
+        else:
+            applied, restart = config_changes(s.cfg, new)
+            if applied:
+                s.apply_config(new)
+        ack = {"device": self.device, "time": time.time(), "applied": applied, "rejected": rejected,
+               "needs_restart": restart, "reread_file": reread_file,
+               "sources": {k: digest(v) for k, v in self.desired.items() if v}}
+        if self.agent.link.connected.is_set():
+            self.publish(self.topic("config/applied"), ack, retain=True)
+        self.publish_status()
+        return ack
+
+    def on_targets(self, payload: bytes) -> None:
+        from specedge.cloud.registry import Announcement, AnnouncementError
+
+        if not payload:
+            self.announced_target = ""
+        else:
+            try:
+                self.announced_target = Announcement.decode(payload).version_for(self.device)
+            except AnnouncementError as exc:
+                log.warning("ignored the fleet's targets announcement: %s", exc)
+                return
+        self.publish_status()

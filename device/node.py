@@ -1,0 +1,42 @@
+"""Everything a device runs as a service: the agent's request queue, its fleet membership,
+the local HTTP API and (optionally) the local MQTT API. `specedge device serve` is this."""
+from __future__ import annotations
+
+from specedge.config import DeviceConfig
+from specedge.device.fleet import FleetMember
+from specedge.device.http_api import LocalHttpApi
+from specedge.device.local_mqtt import LocalMqttApi
+from specedge.device.service import DeviceService
+
+
+class DeviceNode:
+    def __init__(self, cfg: DeviceConfig, engine, tokenizer, config_path: str | None = None):
+        self.service = DeviceService(cfg, engine, tokenizer, config_path)
+        api = cfg.api
+        self.http = LocalHttpApi(self.service, api.http_host, api.http_port) if api.http_port >= 0 else None
+        self.fleet = FleetMember(self.service, self.http.port if self.http else None)  # before the link starts
+        self.local = LocalMqttApi(self.service, cfg) if api.local_mqtt_host else None
+
+    def start(self) -> "DeviceNode":
+        self.service.start()
+        self.fleet.start()
+        if self.http:
+            self.http.start()
+        if self.local:
+            self.local.start()
+        return self
+
+    def describe(self) -> dict:
+        s = self.service
+        return {"ready": True, "device": s.cfg.device.id, "fleet": s.cfg.device.fleet,
+                "http_port": self.http.port if self.http else None, "backend": s.engine.backend,
+                "policy": s.policy.name, "protocol": s.agent.link.protocol,
+                "local_mqtt": f"{s.cfg.api.local_mqtt_host}:{s.cfg.api.local_mqtt_port}" if self.local else None}
+
+    def stop(self) -> None:
+        if self.http:
+            self.http.stop()
+        if self.local:
+            self.local.stop()
+        self.fleet.stop()
+        self.service.stop()

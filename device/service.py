@@ -1,0 +1,323 @@
+"""The device as a service: one agent, a bounded queue of requests, drain and resume.
+
+Apps (the local HTTP and MQTT APIs) submit jobs; one worker thread runs them on
+the agent one at a time, since the draft model is one engine. A job streams
+events (text increments, then its end) to whoever submitted it, ends at a stop
+string, and can be cancelled: the agent's token callback raises, the agent
+closes its session, the committed text is reported as far as it got.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from specedge.config import DeviceConfig
+from specedge.device.agent import Agent, RequestFailed, VerifierUnavailable
+from specedge.device.policy import Policy, parse_policy
+from specedge.exporter import DeviceMetrics
+from specedge.metrics import SpecStats
+from specedge.speculative import SamplingParams
+from specedge.tokenizer import StreamDecoder
+
+log = logging.getLogger("specedge.device")
+
+
+class Rejected(RuntimeError):
+    """A request the service does not take now; `status` is the HTTP status that says why."""
+
+    def __init__(self, message: str, status: int, kind: str):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _StopStringHit(Exception):
+    pass
+
+
+@dataclass
+class Outcome:
+    text: str
+    tokens: int  # completion tokens
+    prompt_tokens: int
+    finish_reason: str  # stop | length | cancelled | error
+    stats: SpecStats | None = None
+    error: str = ""
+    error_kind: str = ""  # verifier_unavailable | refused | internal
+
+
+class Job:
+    """One request: submit, then read `events()` until it ends."""
+
+    def __init__(self, prompt: list[int], params: SamplingParams, max_new_tokens: int, tokenizer,
+                 stop: tuple[str, ...] = ()):
+        self.prompt, self.params, self.max_new_tokens = prompt, params, max_new_tokens
+        self.stop = tuple(s for s in stop if s)
+        self.cancelled = threading.Event()
+        self.outcome: Outcome | None = None
+        self.done = threading.Event()
+        self._events: queue.Queue = queue.Queue()
+        self._decoder = StreamDecoder(tokenizer)
+        self._held = ""  # text not yet passed on: it may be the start of a stop string
+        self._text: list[str] = []
+        self._stop_hit = False
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def on_tokens(self, tokens: list[int], verified: bool) -> None:
+        """The agent's callback, on the worker thread: decode, cut at a stop string, pass text on."""
+        if self.cancelled.is_set():
+            raise _Cancelled
+        text = self._held + self._decoder.push(tokens)
+        if self.stop:
+            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self._pass_on(text[:cut])
+                self._held, self._stop_hit = "", True
+                raise _StopStringHit
+            # Hold back what could still become a stop string with the next tokens.
+            hold = max(len(s) for s in self.stop) - 1
+            keep = next((k for k in range(min(hold, len(text)), 0, -1)
+                         if any(s.startswith(text[-k:]) for s in self.stop)), 0)
+            text, self._held = text[:len(text) - keep], text[len(text) - keep:]
+        self._pass_on(text)
+
+    def _pass_on(self, text: str) -> None:
+        if text:
+            self._text.append(text)
+            self._events.put(("text", text))
+
+    def finish(self, outcome: Outcome) -> None:
+        if outcome.finish_reason in ("stop", "length") and self._held:
+            self._pass_on(self._held)
+        self._held = ""
+        outcome.text = "".join(self._text)
+        self.outcome = outcome
+        self._events.put(("end", outcome))
+        self.done.set()
+
+    def events(self, timeout: float | None = None):
+        """("text", str) increments, then ("end", Outcome)."""
+        while True:
+            kind, value = self._events.get(timeout=timeout)
+            yield kind, value
+            if kind == "end":
+                return
+
+    def wait(self, timeout: float | None = None) -> Outcome:
+        if not self.done.wait(timeout):
+            raise TimeoutError("the request did not finish in time")
+        return self.outcome
+
+
+@dataclass
+class Window:
+    """What the requests finished since the last telemetry did: summed, then read and reset."""
+
+    requests: int = 0
+    failed: int = 0
+    tokens: int = 0
+    busy_s: float = 0.0
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
+    energy_j: float = 0.0
+    wire_bytes: int = 0
+    round_trip_s: list = field(default_factory=list)
+
+    def add(self, stats: SpecStats, ok: bool) -> None:
+        self.requests += 1
+        self.failed += not ok
+        self.tokens += stats.generated_tokens
+        self.busy_s += stats.total_s
+        self.drafted += stats.drafted_tokens
+        self.accepted += stats.accepted_tokens
+        self.rounds += stats.rounds
+        self.energy_j += max(stats.energy_j, 0.0)
+        self.wire_bytes += stats.wire_bytes
+        self.round_trip_s += stats.round_trip_s
+
+
+class DeviceService:
+    def __init__(self, cfg: DeviceConfig, engine, tokenizer, config_path: str | None = None):
+        self.cfg, self.engine, self.tokenizer, self.config_path = cfg, engine, tokenizer, config_path
+        self.agent = Agent(cfg, engine, tokenizer)
+        self.policy: Policy = parse_policy(cfg.speculation.policy, cfg.speculation.max_draft)
+        self.draining = False
+        self.metrics = DeviceMetrics(lambda: {"queue_depth": self.queue_depth, "draining": self.draining,
+                                              "decode_errors": dict(self.agent.decode_errors)})
+        self.on_state_change = None  # called (no arguments) after drain/resume: the fleet re-publishes status
+        self._waiting: deque[Job] = deque()
+        self._running: Job | None = None
+        self._lock = threading.Condition()
+        self._stopping = False
+        self._window = Window()
+        self._worker = threading.Thread(target=self._work, name="specedge-requests", daemon=True)
+        self.started_s = time.time()
+        self.requests_done = 0
+
+    def start(self) -> "DeviceService":
+        self.agent.start()
+        self._worker.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            for job in self._waiting:
+                job.cancel()
+            if self._running:
+                self._running.cancel()
+            self._lock.notify_all()
+        self._worker.join(timeout=30)
+        self.agent.stop()
+
+    # -- requests ------------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting, not counting the one running."""
+        return len(self._waiting)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._waiting) + (self._running is not None)
+
+    def defaults(self) -> SamplingParams:
+        gen = self.cfg.generation
+        return SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.seed)
+
+    def submit(self, prompt: list[int], params: SamplingParams | None = None, max_new_tokens: int | None = None,
+               stop: tuple[str, ...] = ()) -> Job:
+        """Queue a request, or raise Rejected (503 draining or broker down, 429 queue full)."""
+        job = Job(prompt, params or self.defaults(), max_new_tokens or self.cfg.generation.max_new_tokens,
+                  self.tokenizer, stop)
+        with self._lock:
+            if self._stopping or self.draining:
+                self.metrics.requests.labels("rejected").inc()
+                raise Rejected("the device is draining: it finishes what it holds and takes no new requests",
+                               503, "draining")
+            if not self.agent.link.connected.is_set():
+                self.metrics.requests.labels("rejected").inc()
+                raise Rejected("the device has no connection to its MQTT broker, so no verifier", 503,
+                               "broker_unreachable")
+            if self.in_flight > self.cfg.api.queue_size:
+                self.metrics.requests.labels("rejected").inc()
+                raise Rejected(f"the request queue is full ({self.cfg.api.queue_size} waiting)", 429, "queue_full")
+            self._waiting.append(job)
+            self._lock.notify_all()
+        return job
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._stopping:
+                    self._lock.wait()
+                if self._stopping and not self._waiting:
+                    return
+                job = self._running = self._waiting.popleft()
+            try:
+                self._run(job)
+            finally:
+                with self._lock:
+                    self._running = None
+                    self._lock.notify_all()
+
+    def _run(self, job: Job) -> None:
+        outcome = Outcome("", 0, len(job.prompt), "error")
+        if job.cancelled.is_set():
+            outcome.finish_reason = "cancelled"
+            job.finish(outcome)
+            return
+        try:
+            result = self.agent.generate(job.prompt, job.params, job.max_new_tokens, self.policy,
+                                         on_tokens=job.on_tokens)
+            outcome.finish_reason = "stop" if result.stopped else "length"
+        except _StopStringHit:
+            outcome.finish_reason = "stop"
+        except _Cancelled:
+            outcome.finish_reason = "cancelled"
+        except VerifierUnavailable as exc:
+            outcome.error, outcome.error_kind = str(exc), "verifier_unavailable"
+        except RequestFailed as exc:
+            outcome.error, outcome.error_kind = str(exc), "refused"
+        except Exception as exc:  # one bad request must not take the service down
+            log.exception("request failed")
+            outcome.error, outcome.error_kind = f"internal error: {exc}", "internal"
+        current = self.agent.current
+        stats = current.stats if current is not None else SpecStats()
+        outcome.stats, outcome.tokens = stats, stats.generated_tokens
+        ok = outcome.finish_reason != "error"
+        self.metrics.requests.labels("ok" if ok and outcome.finish_reason != "cancelled" else
+                                     outcome.finish_reason if ok else "failed").inc()
+        if not ok:
+            self.metrics.errors.labels(outcome.error_kind).inc()
+        self.metrics.observe(stats)
+        with self._lock:
+            self._window.add(stats, ok)
+            self.requests_done += 1
+        job.finish(outcome)
+
+    # -- operator controls ---------------------------------------------------------------------
+    def drain(self) -> int:
+        """Take no new requests; those held finish. Returns how many are still held."""
+        with self._lock:
+            self.draining = True
+        self._changed()
+        return self.in_flight
+
+    def resume(self) -> None:
+        with self._lock:
+            self.draining = False
+        self._changed()
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while self.in_flight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(left)
+        return True
+
+    def set_policy(self, spec: str) -> Policy:
+        policy = parse_policy(spec, self.cfg.speculation.max_draft)  # ValueError names what is allowed
+        self.policy = policy
+        self.cfg = replace(self.cfg, speculation=replace(self.cfg.speculation, policy=spec))
+        self._changed()
+        return policy
+
+    def apply_config(self, cfg: DeviceConfig) -> None:
+        """Take the sections that change without a restart from a validated config."""
+        self.cfg = self.agent.cfg = replace(self.cfg, speculation=cfg.speculation, generation=cfg.generation,
+                                            faults=cfg.faults, energy=replace(
+                                                self.cfg.energy, mode=cfg.energy.mode,
+                                                budget_j_per_token=cfg.energy.budget_j_per_token,
+                                                min_tokens_per_s=cfg.energy.min_tokens_per_s),
+                                            fleet=cfg.fleet)
+        self.policy = parse_policy(cfg.speculation.policy, cfg.speculation.max_draft)
+        self.agent.scheduler.max_draft = cfg.speculation.max_draft
+        self.agent.set_objective(mode=cfg.energy.mode, budget_j_per_token=cfg.energy.budget_j_per_token or None,
+                                 min_tokens_per_s=cfg.energy.min_tokens_per_s or None)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_state_change is not None:
+            self.on_state_change()
+
+    @property
+    def state(self) -> str:
+        return "draining" if self.draining else "online"
+
+    def take_window(self) -> Window:
+        with self._lock:
+            window, self._window = self._window, Window()
+        return window

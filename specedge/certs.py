@@ -1,0 +1,186 @@
+"""`specedge certs`: a CA, the broker's certificate, one client certificate per device, verifier
+and operator, the Mosquitto ACL that confines each to its own topics, and a mosquitto.conf.
+
+For tests and small deployments; a larger one brings its own PKI and keeps the ACL's shape
+(docs/fleet.md). The client certificate's common name is the identity: Mosquitto takes it as
+the user name (use_identity_as_username) and the ACL grants topics per user. Running it
+again keeps the CA and the certificates already made and adds the new names; the ACL always
+covers every certificate in the folder.
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from pathlib import Path
+
+from specedge.mqtt import REPLICAS, TOPIC_ROOT
+from specedge.wire import MAX_PAYLOAD
+
+ROLES = ("devices", "verifiers", "operators")
+# Beyond the largest message (an OPEN with the longest context): MQTT framing and topic.
+MAX_PACKET = MAX_PAYLOAD + 4096
+
+
+def add_parser(sub, func) -> None:
+    c = sub.add_parser("certs", help="CA, broker and client certificates, Mosquitto ACL and config (TLS)")
+    c.add_argument("--out", required=True, help="folder for the files (created; existing ones are kept)")
+    c.add_argument("--fleet", default="default")
+    c.add_argument("--devices", default="", help="comma-separated device ids")
+    c.add_argument("--verifiers", default="", help="comma-separated verifier ids")
+    c.add_argument("--operators", default="", help="comma-separated operator names")
+    c.add_argument("--hosts", default="localhost,127.0.0.1", help="names and addresses the broker is reached at")
+    c.add_argument("--port", type=int, default=8883, help="the TLS listener's port in mosquitto.conf")
+    c.add_argument("--days", type=int, default=825, help="validity of the leaf certificates")
+    c.set_defaults(func=func)
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if set(n) & set("/+#\0 ") or n.startswith("_"):
+            raise ValueError(f"{n!r}: a name without / + # spaces, not starting with _")
+    return names
+
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(path: Path, key) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    os.chmod(path, 0o600)
+
+
+def _write_cert(path: Path, cert) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _certificate(name: str, key, issuer_name, issuer_key, days: int, ca: bool = False, hosts=(), client=True):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name or subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                                        critical=True)
+    else:
+        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if hosts:
+        alt = []
+        for h in hosts:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                alt.append(x509.DNSName(h))
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+def acl_text(fleet: str, devices: list[str], verifiers: list[str], operators: list[str]) -> str:
+    """Mosquitto ACL: each device its own topics (and the fleet's targets and config), each
+    verifier drafts in and verdicts out, operators commands and config out, status in."""
+    root = f"{TOPIC_ROOT}/{fleet}"
+    lines = ["# specedge ACL (specedge certs). One block per client certificate (its common name).", ""]
+    for d in devices:
+        me = f"{root}/{d}"
+        lines += [f"user {d}",
+                  f"topic write {me}/draft/#", f"topic write {me}/status", f"topic write {me}/telemetry",
+                  f"topic write {me}/reply/#", f"topic write {me}/config/applied",
+                  f"topic read {me}/verdict", f"topic read {me}/cmd", f"topic read {me}/config",
+                  f"topic read {root}/config", f"topic read {root}/targets", f"topic read {REPLICAS}/+/status", ""]
+    for v in verifiers:
+        lines += [f"user {v}",
+                  f"topic read {root}/+/draft/#", f"topic write {root}/+/verdict", f"topic read {root}/targets",
+                  f"topic readwrite {REPLICAS}/{v}/#", ""]
+    for o in operators:
+        lines += [f"user {o}",
+                  f"topic write {root}/+/cmd", f"topic readwrite {root}/+/config", f"topic readwrite {root}/config",
+                  f"topic readwrite {root}/targets", f"topic read {root}/+/reply/{o}",
+                  f"topic read {root}/+/status", f"topic read {root}/+/telemetry", f"topic read {root}/+/config/applied",
+                  f"topic read {REPLICAS}/#", ""]
+    return "\n".join(lines)
+
+
+def mosquitto_conf(folder: Path, port: int, host: str = "0.0.0.0") -> str:
+    """The TLS listener: client certificates required, their names as user names, the ACL applied,
+    anything larger than the largest specedge message dropped (its sender disconnected)."""
+    folder = Path(folder).resolve()
+    return (f"listener {port} {host}\n"
+            f"cafile {folder / 'ca.crt'}\ncertfile {folder / 'broker.crt'}\nkeyfile {folder / 'broker.key'}\n"
+            f"require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n"
+            f"acl_file {folder / 'acl'}\nmax_packet_size {MAX_PACKET}\n")
+
+
+def make(out: str | Path, fleet: str, devices=(), verifiers=(), operators=(), hosts=("localhost", "127.0.0.1"),
+         port: int = 8883, days: int = 825) -> dict:
+    """Create what is missing under `out`; returns {role: [names]} of every certificate there."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ca_crt, ca_key_path = out / "ca.crt", out / "ca.key"
+    if ca_crt.exists() and ca_key_path.exists():
+        ca_key = load_pem_private_key(ca_key_path.read_bytes(), None)
+        ca_name = x509.load_pem_x509_certificate(ca_crt.read_bytes()).subject
+    else:
+        ca_key = _key()
+        ca = _certificate(f"specedge CA {fleet}", ca_key, None, None, 3650, ca=True)
+        ca_name = ca.subject
+        _write_key(ca_key_path, ca_key)
+        _write_cert(ca_crt, ca)
+    if not (out / "broker.crt").exists():
+        key = _key()
+        _write_key(out / "broker.key", key)
+        _write_cert(out / "broker.crt", _certificate("specedge broker", key, ca_name, ca_key, days, hosts=hosts,
+                                                     client=False))
+    wanted = {"devices": list(devices), "verifiers": list(verifiers), "operators": list(operators)}
+    everyone: dict[str, list[str]] = {}
+    for role in ROLES:
+        folder = out / role
+        folder.mkdir(exist_ok=True)
+        for name in wanted[role]:
+            if not (folder / f"{name}.crt").exists():
+                key = _key()
+                _write_key(folder / f"{name}.key", key)
+                _write_cert(folder / f"{name}.crt", _certificate(name, key, ca_name, ca_key, days))
+        everyone[role] = sorted(p.stem for p in folder.glob("*.crt"))
+    names = [n for role in ROLES for n in everyone[role]]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ValueError(f"{clash}: a name may hold one role only (it is the broker's user name)")
+    (out / "acl").write_text(acl_text(fleet, everyone["devices"], everyone["verifiers"], everyone["operators"]))
+    (out / "mosquitto.conf").write_text(mosquitto_conf(out, port))
+    return everyone
+
+
+def run(args) -> int:
+    from specedge.config import ConfigError
+
+    try:
+        everyone = make(args.out, args.fleet, _names(args.devices), _names(args.verifiers), _names(args.operators),
+                        _names(args.hosts), args.port, args.days)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out = Path(args.out)
+    print(f"CA and broker certificate in {out}/ (ca.crt, broker.crt); Mosquitto: {out}/mosquitto.conf, {out}/acl")
+    for role in ROLES:
+        if everyone[role]:
+            print(f"{role}: {', '.join(everyone[role])}  ({out}/{role}/NAME.crt and .key)")
+    print("each client's [mqtt] section: tls_ca = ca.crt, tls_cert/tls_key = its own pair; see docs/fleet.md")
+    return 0
