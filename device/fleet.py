@@ -23,7 +23,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from specedge import wire
-from specedge.config import COMMANDS, ConfigError, DeviceConfig, build, read_toml
+from specedge.config import COMMANDS, ConfigError, DeviceConfig, build, load
 from specedge.device.service import DeviceService
 from specedge.mqtt import TOPIC_ROOT, ReplyTo, device_topic
 
@@ -257,6 +257,11 @@ class FleetMember:
                    "min_tokens_per_s": energy.min_tokens_per_s if min_tokens_per_s is None else min_tokens_per_s}
         new = self.live_overlay({"energy": changes})
         self.service.apply_config(new)
+        # An operator's command outlives later desired configs (until a restart or reload_config).
+        local = self.service.local_cfg
+        self.service.local_cfg = dataclasses.replace(local, energy=dataclasses.replace(
+            local.energy, mode=new.energy.mode, budget_j_per_token=new.energy.budget_j_per_token,
+            min_tokens_per_s=new.energy.min_tokens_per_s))
         self.publish_status()
         e = self.service.cfg.energy
         return {"mode": e.mode, "budget_j_per_token": e.budget_j_per_token, "min_tokens_per_s": e.min_tokens_per_s}
@@ -315,8 +320,9 @@ class FleetMember:
             rejected["config"] = "remote config is off on this device (fleet.remote_config = false)"
         applied, restart = {}, []
         try:
-            base = read_toml(s.config_path) if s.config_path else {}
-            new = build(DeviceConfig, merge(base, overlay), "desired config")
+            if reread_file and s.config_path:
+                s.local_cfg = load(DeviceConfig, s.config_path)
+            new = build(DeviceConfig, merge(dataclasses.asdict(s.local_cfg), overlay), "desired config", env={})
         except ConfigError as exc:
             rejected["config"] = str(exc)
         else:

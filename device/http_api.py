@@ -15,7 +15,6 @@ import logging
 import secrets
 import threading
 import time
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from specedge.device.service import DeviceService, Job, Outcome, Rejected

@@ -149,6 +149,7 @@ class Window:
 class DeviceService:
     def __init__(self, cfg: DeviceConfig, engine, tokenizer, config_path: str | None = None):
         self.cfg, self.engine, self.tokenizer, self.config_path = cfg, engine, tokenizer, config_path
+        self.local_cfg = cfg  # the device's own config (file and environment): desired configs go on top
         self.agent = Agent(cfg, engine, tokenizer)
         self.policy: Policy = parse_policy(cfg.speculation.policy, cfg.speculation.max_draft)
         self.draining = False
@@ -291,7 +292,9 @@ class DeviceService:
     def set_policy(self, spec: str) -> Policy:
         policy = parse_policy(spec, self.cfg.speculation.max_draft)  # ValueError names what is allowed
         self.policy = policy
+        # An operator's command outlives later desired configs (until a restart or reload_config).
         self.cfg = replace(self.cfg, speculation=replace(self.cfg.speculation, policy=spec))
+        self.local_cfg = replace(self.local_cfg, speculation=replace(self.local_cfg.speculation, policy=spec))
         self._changed()
         return policy
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -94,7 +96,9 @@ class MosquittoBroker:
         persistence = (f"persistence true\npersistence_location {folder}/\n" if self.persistence
                        else "persistence false\n")
         conf = folder / "mosquitto.conf"
-        conf.write_text(f"{self.listener}{persistence}"
+        # Run as whoever started us: as root, Mosquitto would switch to its own user, which cannot
+        # read a key file that `specedge certs` made for this user.
+        conf.write_text(f"{self.listener}{persistence}user {pwd.getpwuid(os.geteuid()).pw_name}\n"
                         f"set_tcp_nodelay true\n"
                         f"log_dest stderr\nlog_type error\n{self.extra_conf}")
         self.proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
