@@ -320,11 +320,13 @@ class FleetMember:
             rejected["config"] = "remote config is off on this device (fleet.remote_config = false)"
         applied, restart = {}, []
         try:
+            if set(rejected) & {"fleet", "device", "config"}:
+                raise ConfigError("nothing applied: the desired config is not valid")
             if reread_file and s.config_path:
                 s.local_cfg = load(DeviceConfig, s.config_path)
             new = build(DeviceConfig, merge(dataclasses.asdict(s.local_cfg), overlay), "desired config", env={})
         except ConfigError as exc:
-            rejected["config"] = str(exc)
+            rejected.setdefault("config", str(exc))
         else:
             applied, restart = config_changes(s.cfg, new)
             if applied:

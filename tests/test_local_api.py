@@ -1,0 +1,151 @@
+"""The device's local APIs for apps: OpenAI-compatible HTTP (errors, queue, streaming, stop strings)
+and the MQTT topic API, on a real broker, verifier and tiny models."""
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import time
+
+import pytest
+
+from specedge.cloud.registry import Target
+from specedge.config import CloudConfig, DeviceConfig, build
+from specedge.device.draft import TorchDraftEngine
+from specedge.device.node import DeviceNode
+from specedge.mqtt import Link, ReplyTo
+from test_fleet_secure import http
+
+FLEET = "apps"
+
+
+@pytest.fixture(scope="module")
+def node(tiny_models, mosquitto):
+    from specedge.cloud.verifier import Verifier
+
+    draft, tok, target, target_tok = tiny_models
+    verifier = Verifier(build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {
+        "id": "v-apps", "fleet": FLEET, "group": FLEET}}), Target.in_memory("tiny", target, target_tok)).start()
+    cfg = build(DeviceConfig, {"device": {"id": "robot", "fleet": FLEET}, "mqtt": {"port": mosquitto.port},
+                               "energy": {"meter": "estimated"}, "generation": {"max_new_tokens": 24},
+                               "api": {"http_port": 0, "queue_size": 1, "max_body_kb": 4,
+                                       "local_mqtt_host": "127.0.0.1", "local_mqtt_port": mosquitto.port}})
+    n = DeviceNode(cfg, TorchDraftEngine(draft), tok).start()
+    yield n
+    n.stop()
+    verifier.stop()
+
+
+def chat(node, **body):
+    return http(node.http.port, "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "def f():"}], **body})
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"n": 2}, "n"), ({"temperature": 5}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"), ({"stream": "yes"}, "stream"),
+    ({"logprobs": True}, "logprobs"), ({"max_tokens": 2.5}, "max_tokens")])
+def test_bad_parameters_get_400_naming_the_parameter(node, body, param):
+    status, raw = chat(node, **body)
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["param"] == param and error["type"] == "invalid_request_error"
+
+
+def test_bad_bodies_and_routes_get_clear_errors(node):
+    port = node.http.port
+    status, raw = http(port, "/v1/completions", {"prompt": "x" * 5000})
+    assert status == 413 and "max_body_kb" in json.loads(raw)["error"]["message"]
+    assert http(port, "/v1/nothing", {})[0] == 404
+    assert http(port, "/nothing")[0] == 404
+    with socket.create_connection(("127.0.0.1", port)) as s:  # not JSON
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{nope")
+        assert b" 400 " in s.recv(4096).split(b"\r\n")[0]
+
+
+def test_non_streamed_completion_has_openai_shape_and_spec_numbers(node):
+    status, raw = http(node.http.port, "/v1/completions", {"prompt": "def f():", "max_tokens": 6})
+    body = json.loads(raw)
+    assert status == 200 and body["object"] == "text_completion"
+    assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] <= 6
+    assert body["specedge"]["target_version"] == "tiny" and 0 <= body["specedge"]["acceptance_rate"] <= 1
+    status, raw = http(node.http.port, "/v1/models")
+    assert status == 200 and json.loads(raw)["data"][0]["id"] == "specedge"
+    status, raw = http(node.http.port, "/health")
+    assert status == 200 and json.loads(raw)["status"] == "ok"
+
+
+def test_a_stop_string_ends_the_text_before_it(node, tiny_models):
+    _, tok, _, _ = tiny_models
+    status, raw = chat(node, max_tokens=24)
+    full = json.loads(raw)["choices"][0]["message"]["content"]
+    stop = full[5:8]
+    assert len(stop) == 3 and full.find(stop) == 5
+    status, raw = chat(node, max_tokens=24, stop=[stop, "\x00never"])
+    body = json.loads(raw)
+    assert body["choices"][0]["message"]["content"] == full[:5] and body["choices"][0]["finish_reason"] == "stop"
+    status, raw = chat(node, max_tokens=24, stop=stop, stream=True)  # the stop string split over chunks
+    text = "".join(json.loads(e[6:])["choices"][0]["delta"].get("content", "")
+                   for e in raw.decode().split("\n\n") if e.startswith("data: {"))
+    assert text == full[:5]
+
+
+def test_a_full_queue_answers_429_and_a_draining_device_503(node):
+    service = node.service
+    with service.agent._busy:  # the worker holds one request, blocked inside the agent
+        first = service.submit([1, 2, 3], max_new_tokens=2)
+        deadline = time.monotonic() + 5
+        while service.queue_depth and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = service.submit([1, 2, 3], max_new_tokens=2)  # queue_size = 1: one may wait
+        status, raw = chat(node)
+        assert status == 429 and json.loads(raw)["error"]["code"] == "queue_full"
+        service.drain()
+        status, raw = chat(node)
+        assert status == 503 and json.loads(raw)["error"]["code"] == "draining"
+        assert http(node.http.port, "/health")[0] == 503
+        service.resume()
+    assert first.wait(30).finish_reason in ("stop", "length") and second.wait(30).finish_reason in ("stop", "length")
+    assert b'specedge_requests_total{outcome="rejected"} 2.0' in http(node.http.port, "/metrics")[1]
+
+
+def test_a_client_that_goes_away_cancels_its_request(node):
+    service = node.service
+    done = service.requests_done
+    with socket.create_connection(("127.0.0.1", node.http.port)) as s:
+        body = json.dumps({"prompt": "def f():", "max_tokens": 4000, "stream": True}).encode()
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        assert s.recv(100).startswith(b"HTTP/1.1 200")
+    deadline = time.monotonic() + 60
+    while service.requests_done == done and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert service.requests_done == done + 1
+    assert service.agent.current.stats.generated_tokens < 4000
+
+
+def test_local_mqtt_api_streams_to_the_response_topic(node, mosquitto):
+    got: queue.Queue = queue.Queue()
+    for protocol in ("5", "3.1.1"):
+        link = Link(build(DeviceConfig, {"mqtt": {"port": mosquitto.port, "protocol": protocol}}).mqtt,
+                    f"app-{protocol}", lambda topic, payload: got.put((topic, json.loads(payload)))).start()
+        try:
+            reply = f"app/{protocol}/answers"
+            link.subscribe(reply)
+            time.sleep(0.2)
+            request = {"id": "r1", "prompt": "def f():", "max_tokens": 5, "stream": True}
+            if protocol == "3.1.1":
+                request["reply_to"] = reply  # no response topic property in 3.1.1
+            link.publish("specedge/local/robot/request", json.dumps(request).encode(), reply_to=ReplyTo(reply, b"c1"))
+            messages = []
+            while not messages or not messages[-1][1].get("done"):
+                messages.append(got.get(timeout=30))
+            assert {t for t, _ in messages} == {reply} and all(m["id"] == "r1" for _, m in messages)
+            last = messages[-1][1]
+            assert last["finish_reason"] in ("stop", "length")
+            assert "".join(m.get("delta", "") for _, m in messages[:-1]) == last["text"]
+            if protocol == "5":  # a payload that is not JSON can name no reply topic of its own
+                link.publish("specedge/local/robot/request", b"{not json", reply_to=ReplyTo(reply, None))
+                topic, answer = got.get(timeout=10)
+                assert answer["status"] == 400 and "not JSON" in answer["error"]["message"]
+        finally:
+            link.stop()
