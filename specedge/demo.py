@@ -25,7 +25,9 @@ class Stack:
     """An agent and a verifier on one broker: what the demo, the tests and the bench build on."""
 
     def __init__(self, draft_model, draft_tok, target_model, target_tok, broker: str = "embedded",
-                 device_cfg: DeviceConfig | None = None, cloud_cfg: CloudConfig | None = None, port: int | None = None):
+                 device_cfg: DeviceConfig | None = None, cloud_cfg: CloudConfig | None = None, port: int | None = None,
+                 serve: bool = False):
+        """`serve`: the device runs as a service (DeviceNode: local HTTP API, fleet topics) around the agent."""
         from specedge.cloud.registry import Target
         from specedge.cloud.verifier import Verifier
         from specedge.device.agent import Agent
@@ -45,10 +47,20 @@ class Stack:
         self.verifier = Verifier(cloud_cfg, Target.in_memory(cloud_cfg.target.version or "target", target_model,
                                                              target_tok)).start()
         engine = TorchDraftEngine(draft_model, device_cfg.draft.q_top_k, device_cfg.draft.q_top_p)
-        self.agent = Agent(device_cfg, engine, draft_tok).start()
+        self.node = None
+        if serve:
+            from specedge.device.node import DeviceNode
+
+            self.node = DeviceNode(device_cfg, engine, draft_tok).start()
+            self.agent = self.node.service.agent
+        else:
+            self.agent = Agent(device_cfg, engine, draft_tok).start()
 
     def close(self) -> None:
-        self.agent.stop()
+        if self.node is not None:
+            self.node.stop()
+        else:
+            self.agent.stop()
         self.verifier.stop()
         if self.broker is not None:
             self.broker.stop()
@@ -72,6 +84,28 @@ def machine() -> dict:
             "python": platform.python_version(), "torch": torch.__version__}
 
 
+def serve(args, draft, draft_tok, target, target_tok) -> int:
+    """Broker, verifier and the device service with its local HTTP API, until Ctrl-C (examples/)."""
+    import signal
+    import threading
+
+    device_cfg = build(DeviceConfig, {"api": {"http_port": args.http_port}, "fleet": {"telemetry_interval_s": 5},
+                                      "generation": {"max_new_tokens": args.max_new_tokens}})
+    stack = Stack(draft, draft_tok, target, target_tok, broker=args.broker, device_cfg=device_cfg, serve=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        port = stack.node.http.port
+        print(json.dumps({**stack.node.describe(), "mqtt_port": stack.agent.cfg.mqtt.port}), flush=True)
+        print(f"device API on http://127.0.0.1:{port}/v1 (OpenAI-compatible), metrics on /metrics; fleet "
+              f"`specedge fleet --port {stack.agent.cfg.mqtt.port} ls`; Ctrl-C stops", file=sys.stderr, flush=True)
+        stop.wait()
+    finally:
+        stack.close()
+    return 0
+
+
 def run(args) -> int:
     from specedge.loader import load_named
 
@@ -81,6 +115,8 @@ def run(args) -> int:
     target, target_tok = load_named(args.target, args.target_weights, batch_invariant=True)
     print(f"models ready in {time.perf_counter() - t0:.1f}s; starting broker ({args.broker}), verifier and agent",
           file=sys.stderr, flush=True)
+    if args.serve:
+        return serve(args, draft, draft_tok, target, target_tok)
     stack = Stack(draft, draft_tok, target, target_tok, broker=args.broker)
     try:
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
