@@ -37,10 +37,6 @@ LIVE_KEYS = ("energy.mode", "energy.budget_j_per_token", "energy.min_tokens_per_
 LOCAL_ONLY = ("fleet.allowed_commands", "fleet.remote_config", "mqtt.tls_ca", "mqtt.tls_cert", "mqtt.tls_key")
 
 
-class CommandError(ValueError):
-    pass
-
-
 def package_version() -> str:
     try:
         return version("specedge")
@@ -68,16 +64,28 @@ def merge(base: dict, overlay: dict) -> dict:
     return out
 
 
-def parse_desired(payload: bytes) -> dict:
-    """A desired config: {"section": {"key": value}}, as in the TOML file."""
+def json_object(payload: bytes, shape: str) -> dict:
+    """A JSON object of at most MAX_COMMAND bytes; ValueError says what is wrong."""
     if len(payload) > MAX_COMMAND:
-        raise ConfigError(f"{len(payload)} bytes exceed {MAX_COMMAND}")
+        raise ValueError(f"{len(payload)} bytes exceed {MAX_COMMAND}")
     try:
         data = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ConfigError(f"not JSON: {exc}") from None
-    if not isinstance(data, dict) or not all(isinstance(t, dict) for t in data.values()):
-        raise ConfigError('expected {"section": {"key": value, ...}, ...}')
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected {shape}")
+    return data
+
+
+def parse_desired(payload: bytes) -> dict:
+    """A desired config: {"section": {"key": value}}, as in the TOML file."""
+    shape = '{"section": {"key": value, ...}, ...}'
+    try:
+        data = json_object(payload, shape)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if not all(isinstance(t, dict) for t in data.values()):
+        raise ConfigError(f"expected {shape}")
     return data
 
 
@@ -212,16 +220,8 @@ class FleetMember:
     def on_command(self, payload: bytes, reply_to: ReplyTo) -> None:
         request: dict = {}
         try:
-            if len(payload) > MAX_COMMAND:
-                raise CommandError(f"{len(payload)} bytes exceed {MAX_COMMAND}")
-            try:
-                request = json.loads(payload.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise CommandError(f"not JSON: {exc}") from None
-            if not isinstance(request, dict):
-                raise CommandError('expected {"command": NAME, "args": {...}}')
-        except CommandError as exc:
-            request = {}
+            request = json_object(payload, '{"command": NAME, "args": {...}}')
+        except ValueError as exc:
             answer = {"ok": False, "error": f"malformed command: {exc}"}
         else:
             answer = self.run_command(request.get("command"), request.get("args", {}))
