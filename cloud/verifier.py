@@ -160,6 +160,10 @@ class Verifier:
         self._thread.start()
         return self
 
+    def problem(self) -> str:
+        """"" while healthy, else what is wrong (the systemd watchdog stops pinging)."""
+        return "" if self._thread is not None and self._thread.is_alive() else "the verifier worker is not running"
+
     def _status(self, state: str) -> bytes:
         return json.dumps({"state": state, "replica": self.replica, "default": self.default,
                            "versions": sorted(self.targets), "time": time.time()}).encode()

@@ -200,7 +200,7 @@ class FleetMember:
         return {
             "device": self.device, "time": time.time(), "window_s": now - then, "state": s.state,
             "requests": w.requests, "failed": w.failed, "tokens": w.tokens,
-            "tokens_per_s": w.tokens / w.busy_s if w.busy_s else 0.0,
+            "tokens_per_s": w.tokens / w.busy_s if w.busy_s else None,
             "acceptance_rate": w.accepted / w.drafted if w.drafted else None,
             "mean_accepted_length": (w.accepted + w.rounds) / w.rounds if w.rounds else None,
             "mean_draft_length": w.drafted / w.rounds if w.rounds else None,
@@ -214,7 +214,22 @@ class FleetMember:
             "budget_j_per_token": s.cfg.energy.budget_j_per_token,
             "target_version": s.agent.current.target_version if s.agent.current else "",
             "connected": self.agent.link.connected.is_set(),
+            "last_request": self.last_request(),
         }
+
+    def last_request(self) -> dict | None:
+        """The last finished request's numbers: what an operator sees while the device is idle
+        (or busy with a long request) and the interval's own rates are null."""
+        if self.service.last_request is None:
+            return None
+        ended, stats = self.service.last_request
+        s = stats.summary()
+        return {"ended_s_ago": time.monotonic() - ended, "tokens": s["generated_tokens"],
+                "tokens_per_s": s["tokens_per_s"], "acceptance_rate": s["acceptance_rate"] if stats.drafted_tokens
+                else None, "mean_accepted_length": s["mean_accepted_len"] if stats.rounds else None,
+                "mean_draft_length": s["mean_draft_len"] if stats.rounds else None,
+                "rtt_s_p50": s["round_trip_ms_p50"] / 1000 if stats.round_trip_s else None,
+                "j_per_token": s["energy_j_per_token"] if stats.generated_tokens else None}
 
     # -- commands ------------------------------------------------------------------------------
     def on_command(self, payload: bytes, reply_to: ReplyTo) -> None:

@@ -33,6 +33,13 @@ class DeviceNode:
                 "policy": s.policy.name, "protocol": s.agent.link.protocol,
                 "local_mqtt": f"{s.cfg.api.local_mqtt_host}:{s.cfg.api.local_mqtt_port}" if self.local else None}
 
+    def problem(self) -> str:
+        """"" while healthy, else what is wrong (the systemd watchdog stops pinging)."""
+        threads = {"request worker": self.service._worker, "fleet": self.fleet._thread}
+        if self.http:
+            threads["http"] = self.http._thread
+        return ", ".join(f"the {name} thread died" for name, t in threads.items() if not t.is_alive())
+
     def stop(self) -> None:
         if self.http:
             self.http.stop()

@@ -164,6 +164,7 @@ class DeviceService:
         self._worker = threading.Thread(target=self._work, name="specedge-requests", daemon=True)
         self.started_s = time.time()
         self.requests_done = 0
+        self.last_request: tuple[float, SpecStats] | None = None  # (when it ended, its numbers)
 
     def start(self) -> "DeviceService":
         self.agent.start()
@@ -264,6 +265,7 @@ class DeviceService:
         with self._lock:
             self._window.add(stats, ok)
             self.requests_done += 1
+            self.last_request = (time.monotonic(), stats)
         job.finish(outcome)
 
     # -- operator controls ---------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`specedge` command line: demo, models, device, cloud, channel, bench, power, broker."""
+"""`specedge` command line: demo, models, device, cloud, fleet, certs, channel, bench, power, broker,
+install-service."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+from specedge import systemd
 from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
@@ -62,9 +64,12 @@ def _cloud_run(args) -> int:
                       "metrics_port": verifier.metrics_port}), flush=True)
     logging.getLogger("specedge").info("verifier %s serving %s on %s:%d (MQTT %s)", cfg.verifier.id,
                                        target.name, cfg.mqtt.host, cfg.mqtt.port, verifier.link.protocol)
+    watchdog = systemd.ready(f"verifier {cfg.verifier.id} serving {target.name}", verifier.problem)
     try:
         _wait_for_signal()
     finally:
+        systemd.notify("STOPPING=1")
+        watchdog.stop()
         verifier.stop()
     return 0
 
@@ -178,9 +183,12 @@ def _device_serve(args) -> int:
     node = DeviceNode(cfg, TorchDraftEngine(model, cfg.draft.q_top_k, cfg.draft.q_top_p), tok, args.config).start()
     # One JSON line on stdout tells supervisors (tests, scripts) where the local API listens.
     print(json.dumps(node.describe()), flush=True)
+    watchdog = systemd.ready(f"serving {cfg.device.fleet}/{cfg.device.id}", node.problem)
     try:
         _wait_for_signal()
     finally:
+        systemd.notify("STOPPING=1")
+        watchdog.stop()
         node.stop()
     return 0
 
@@ -402,6 +410,7 @@ def parser() -> argparse.ArgumentParser:
 
     add_fleet_parser(sub, _fleet)
     add_certs_parser(sub, _certs)
+    systemd.add_parser(sub, systemd.run)
 
     ch = sub.add_parser("channel", help="wireless channel emulator: a shaping TCP proxy")
     ch.add_argument("--listen", type=int, required=True, help="local port (0 = any)")

@@ -91,7 +91,8 @@ def serve(args, draft, draft_tok, target, target_tok) -> int:
 
     device_cfg = build(DeviceConfig, {"api": {"http_port": args.http_port}, "fleet": {"telemetry_interval_s": 5},
                                       "generation": {"max_new_tokens": args.max_new_tokens}})
-    stack = Stack(draft, draft_tok, target, target_tok, broker=args.broker, device_cfg=device_cfg, serve=True)
+    stack = Stack(draft, draft_tok, target, target_tok, broker=args.broker, device_cfg=device_cfg, serve=True,
+                  cloud_cfg=build(CloudConfig, {"target": {"version": args.target}}))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

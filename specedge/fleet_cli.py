@@ -158,6 +158,8 @@ class Table:
         out = []
         for device in sorted(set(self.status) | set(self.telemetry)):
             s, t = self.status.get(device, {}), self.telemetry.get(device, {})
+            if t and not t.get("requests") and isinstance(t.get("last_request"), dict):
+                t = {**t, **t["last_request"], "from_last_request": True}  # nothing finished this interval
             out.append({"device": device, "state": s.get("state", "?"), "policy": s.get("policy", ""),
                         "budget_j_per_token": (s.get("energy") or {}).get("budget_j_per_token"),
                         "backend": s.get("backend", ""), "draft": (s.get("versions") or {}).get("draft", ""),
@@ -167,7 +169,8 @@ class Table:
                         "mean_accepted_length": t.get("mean_accepted_length"),
                         "mean_draft_length": t.get("mean_draft_length"), "rtt_s": t.get("rtt_s_p50"),
                         "watts": t.get("watts"), "j_per_token": t.get("j_per_token"),
-                        "queue_depth": t.get("queue_depth"), "requests": t.get("requests"),
+                        "queue_depth": t.get("queue_depth"), "in_flight": t.get("in_flight"),
+                        "requests": t.get("requests"), "from_last_request": t.get("from_last_request", False),
                         "telemetry_age_s": time.time() - t["time"] if isinstance(t.get("time"), (int, float))
                         else None})
         return out
@@ -178,7 +181,7 @@ class Table:
 
         head = (f"{'DEVICE':14}{'STATE':10}{'POLICY':20}{'BUDGET':>7}  {'BACKEND':9}{'DRAFT':20}{'TARGET':20}"
                 f"{'TOK/S':>7}{'ACCEPT':>8}{'MAL':>6}{'DRAFT':>6}{'RTT ms':>8}{'W':>7}{'J/TOK':>7}{'QUEUE':>6}"
-                f"{'AGE s':>7}")
+                f"{'BUSY':>5}{'AGE s':>7}")
         lines = [f"fleet {self.fleet}: {len(self.status)} device(s), "
                  f"{sum(1 for s in self.status.values() if s.get('state') in ('online', 'draining'))} up", head]
         for r in self.rows():
@@ -188,8 +191,8 @@ class Table:
                 f"{r['target'][:19]:20}{num(r['tokens_per_s'], '.1f'):>7}{num(r['acceptance_rate'], '.2f'):>8}"
                 f"{num(r['mean_accepted_length'], '.2f'):>6}{num(r['mean_draft_length'], '.1f'):>6}"
                 f"{num(r['rtt_s'] and r['rtt_s'] * 1000, '.0f'):>8}{num(r['watts'], '.1f'):>7}"
-                f"{num(r['j_per_token'], '.2f'):>7}{num(r['queue_depth'], 'd'):>6}"
-                f"{num(r['telemetry_age_s'], '.0f'):>7}")
+                f"{num(r['j_per_token'], '.2f'):>7}{num(r['queue_depth'], 'd'):>6}{num(r['in_flight'], 'd'):>5}"
+                f"{num(r['telemetry_age_s'], '.0f'):>7}" + ("  (last request)" if r["from_last_request"] else ""))
         if self.verifiers:
             lines.append("verifiers: " + ", ".join(
                 f"{name} {v.get('state', '?')} ({v.get('default', '')})" for name, v in sorted(self.verifiers.items())))
@@ -267,7 +270,7 @@ def config_set(args, op: Operator) -> int:
     for t, payload in op.collect(min(args.timeout, 1.0)):
         if t == topic:
             current = _json(payload) or {}
-        elif t.endswith("/status"):
+        elif t.endswith("/status") and t.split("/")[2] == op.fleet:  # (amqtt also sends _verifiers' statuses)
             statuses[t.split("/")[3]] = _json(payload) or {}
     desired = {} if args.replace else {s: dict(v) for s, v in current.items() if isinstance(v, dict)}
     for section, table in changes.items():

@@ -1,0 +1,160 @@
+"""systemd integration: the notify protocol (READY, WATCHDOG, STATUS, STOPPING) and the unit
+files with their installer (`specedge install-service device|cloud [--dry-run]`).
+
+The notify protocol is one datagram per message to the unix socket named by $NOTIFY_SOCKET
+(a leading "@" is Linux's abstract namespace). Without it (not under systemd) every call is a
+no-op. The watchdog pings at half of $WATCHDOG_USEC, and only while the service's own health
+check passes, so a hung worker is restarted by systemd instead of being kept alive by a
+healthy ping thread.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+SERVICES = {"device": "specedge-device", "cloud": "specedge-cloud"}
+
+
+def notify(message: str, env: dict | None = None) -> bool:
+    """Send one notify message ("READY=1", "WATCHDOG=1", "STATUS=..."); False when not under systemd."""
+    address = (env or os.environ).get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(address)
+        sock.sendall(message.encode())
+    return True
+
+
+def watchdog_interval_s(env: dict | None = None) -> float | None:
+    """Half of the watchdog timeout systemd gave this process, or None when it gave none."""
+    env = env or os.environ
+    usec, pid = env.get("WATCHDOG_USEC"), env.get("WATCHDOG_PID")
+    if not usec or (pid and int(pid) != os.getpid()):
+        return None
+    return int(usec) / 2e6
+
+
+class Watchdog:
+    """Pings WATCHDOG=1 while `healthy()` holds; stops pinging (and says why) when it fails."""
+
+    def __init__(self, healthy, env: dict | None = None):
+        self.healthy, self.env = healthy, env
+        self.interval = watchdog_interval_s(env)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sd-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        if self.interval:
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            problem = self.healthy()
+            if problem:
+                notify(f"STATUS=unhealthy: {problem}", self.env)
+                return  # systemd's watchdog fires and restarts us (Restart=on-failure)
+            notify("WATCHDOG=1", self.env)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def ready(status: str, healthy, env: dict | None = None) -> Watchdog:
+    """READY=1 with a status line, and the watchdog started."""
+    notify(f"READY=1\nSTATUS={status}", env)
+    return Watchdog(healthy, env).start()
+
+
+# -- unit files and the installer ------------------------------------------------------------------
+def render_unit(kind: str, exe: str, config: str, user: str = "specedge") -> str:
+    template = (UNITS / f"{SERVICES[kind]}.service").read_text()
+    return (template.replace("@EXE@", exe).replace("@CONFIG@", config).replace("@USER@", user))
+
+
+def install_plan(kind: str, exe: str, unit_dir: Path, config_dir: Path, user: str) -> list[tuple[str, list[str] | None]]:
+    """What installing does, step by step: (description, command or None for a file write).
+    Idempotent: steps already done are left out."""
+    service = SERVICES[kind]
+    example = UNITS.parent / "firmware_config" / f"{kind}.toml"
+    config = config_dir / f"{kind}.toml"
+    steps: list[tuple[str, list[str] | None]] = []
+    if shutil.which("getent") and subprocess.run(["getent", "passwd", user], capture_output=True).returncode != 0:
+        steps.append((f"create the system user {user}", ["useradd", "--system", "--home-dir", f"/var/lib/{user}",
+                                                         "--shell", "/usr/sbin/nologin", user]))
+    if kind == "device":
+        # The GPU (video, render) and the power rails (i2c; jtop's socket group) without root.
+        for group in ("video", "render", "i2c", "jtop"):
+            if subprocess.run(["getent", "group", group], capture_output=True).returncode == 0:
+                steps.append((f"add {user} to {group}", ["usermod", "--append", "--groups", group, user]))
+    if not config.exists():
+        steps.append((f"copy the example config to {config} (edit it: broker, identity, TLS)",
+                       ["install", "-D", "-m", "0640", str(example), str(config)]))
+    unit = unit_dir / f"{service}.service"
+    text = render_unit(kind, exe, str(config), user)
+    if not unit.exists() or unit.read_text() != text:
+        steps.append((f"write {unit}", None))
+    steps.append(("reload systemd", ["systemctl", "daemon-reload"]))
+    steps.append((f"enable and start {service}", ["systemctl", "enable", "--now", f"{service}.service"]))
+    return steps
+
+
+def uninstall_plan(kind: str, unit_dir: Path) -> list[tuple[str, list[str] | None]]:
+    service = SERVICES[kind]
+    unit = unit_dir / f"{service}.service"
+    if not unit.exists():
+        return []
+    return [(f"stop and disable {service}", ["systemctl", "disable", "--now", f"{service}.service"]),
+            (f"remove {unit}", ["rm", "-f", str(unit)]),
+            ("reload systemd", ["systemctl", "daemon-reload"])]
+
+
+def add_parser(sub, func) -> None:
+    for name, what in (("install-service", "install, enable and start"), ("uninstall-service", "stop and remove")):
+        p = sub.add_parser(name, help=f"{what} the systemd unit of the device agent or the verifier")
+        p.add_argument("kind", choices=sorted(SERVICES))
+        p.add_argument("--dry-run", action="store_true", help="print what would be done, change nothing")
+        p.add_argument("--unit-dir", default="/etc/systemd/system")
+        if name == "install-service":
+            p.add_argument("--config-dir", default="/etc/specedge")
+            p.add_argument("--user", default="specedge")
+            p.add_argument("--exe", default=shutil.which("specedge") or sys.argv[0],
+                           help="the specedge executable the unit runs")
+        p.set_defaults(func=func)
+
+
+def run(args) -> int:
+    unit_dir = Path(args.unit_dir)
+    if args.command == "install-service":
+        exe = str(Path(args.exe).resolve())
+        steps = install_plan(args.kind, exe, unit_dir, Path(args.config_dir), args.user)
+    else:
+        steps = uninstall_plan(args.kind, unit_dir)
+    if not steps:
+        print(f"{SERVICES[args.kind]} is not installed in {unit_dir}: nothing to do")
+        return 0
+    for what, command in steps:
+        shown = shlex.join(command) if command else f"write {unit_dir}/{SERVICES[args.kind]}.service"
+        print(f"{'would ' if args.dry_run else ''}{what}:\n    {shown}", flush=True)
+        if args.dry_run:
+            continue
+        if command is None:
+            unit_dir.mkdir(parents=True, exist_ok=True)
+            (unit_dir / f"{SERVICES[args.kind]}.service").write_text(
+                render_unit(args.kind, exe, str(Path(args.config_dir) / f"{args.kind}.toml"), args.user))
+        else:
+            done = subprocess.run(command)
+            if done.returncode != 0:
+                print(f"failed ({done.returncode}): {shlex.join(command)}", file=sys.stderr)
+                return 1
+    return 0

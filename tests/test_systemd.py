@@ -1,0 +1,129 @@
+"""systemd: the units verify, the installer is idempotent and dry-runs, and the services speak the
+notify protocol (READY, WATCHDOG, STOPPING) to a socket the test provides."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from specedge import systemd
+
+
+def systemd_analyze() -> str:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.fail("systemd-analyze is missing: `make test` installs the systemd Debian package")
+    return exe
+
+
+@pytest.mark.parametrize("kind", ["device", "cloud"])
+def test_unit_files_verify(kind, tmp_path):
+    unit = tmp_path / f"{systemd.SERVICES[kind]}.service"
+    unit.write_text(systemd.render_unit(kind, str(Path(sys.executable).parent / "specedge"),
+                                        f"/etc/specedge/{kind}.toml"))
+    text = unit.read_text()
+    assert "Type=notify" in text and "WatchdogSec=" in text and "Restart=on-failure" in text
+    assert "User=specedge" in text and "@" not in text.split("[Service]")[1].split("\n", 2)[1]
+    done = subprocess.run([systemd_analyze(), "verify", str(unit)], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr.strip() == "", done.stderr
+
+
+def test_install_is_a_dry_run_then_idempotent(tmp_path, capsys):
+    from specedge import cli
+
+    units, configs = tmp_path / "units", tmp_path / "etc"
+    argv = ["install-service", "device", "--unit-dir", str(units), "--config-dir", str(configs),
+            "--user", "root", "--exe", sys.executable]
+    assert cli.main([*argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would write" in out and "systemctl enable --now specedge-device.service" in out
+    assert not units.exists() and not configs.exists()  # a dry run changes nothing
+    steps = systemd.install_plan("device", sys.executable, units, configs, "root")
+    assert any("copy the example config" in what for what, _ in steps)
+    (units).mkdir()
+    (units / "specedge-device.service").write_text(systemd.render_unit("device", sys.executable,
+                                                                         str(configs / "device.toml"), "root"))
+    (configs).mkdir()
+    (configs / "device.toml").write_text("")
+    again = [what for what, _ in systemd.install_plan("device", sys.executable, units, configs, "root")]
+    assert not any("write" in w or "copy" in w or "create the system user" in w for w in again)
+    assert systemd.uninstall_plan("cloud", units) == []
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's."""
+
+    def __init__(self, folder: Path):
+        self.path = str(folder / "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(30)
+
+    def receive(self) -> str:
+        return self.sock.recv(4096).decode()
+
+
+def test_notify_ready_and_watchdog_while_healthy(tmp_path):
+    sock = NotifySocket(tmp_path)
+    env = {"NOTIFY_SOCKET": sock.path, "WATCHDOG_USEC": "200000", "WATCHDOG_PID": str(os.getpid())}
+    health = {"problem": ""}
+    watchdog = systemd.ready("serving", lambda: health["problem"], env)
+    assert sock.receive() == "READY=1\nSTATUS=serving"
+    assert watchdog.interval == 0.1
+    assert sock.receive() == "WATCHDOG=1" and sock.receive() == "WATCHDOG=1"
+    health["problem"] = "the request worker thread died"
+    message = sock.receive()
+    while message == "WATCHDOG=1":
+        message = sock.receive()
+    assert message == "STATUS=unhealthy: the request worker thread died"
+    sock.sock.settimeout(0.5)
+    with pytest.raises(socket.timeout):  # no more pings: systemd restarts the service
+        sock.receive()
+    watchdog.stop()
+    assert systemd.notify("READY=1", {}) is False  # not under systemd: nothing to do
+    assert systemd.watchdog_interval_s({"WATCHDOG_USEC": "1000000", "WATCHDOG_PID": "1"}) is None  # another pid's
+
+
+def test_the_verifier_process_notifies_ready_and_stopping(tmp_path, tiny_files, mosquitto):
+    sock = NotifySocket(tmp_path)
+    _, target = tiny_files
+    config = tmp_path / "cloud.toml"
+    config.write_text(f'[mqtt]\nport = {mosquitto.port}\n[verifier]\nid = "v-notify"\nfleet = "notify"\n'
+                      f'group = "notify"\n[target]\nmodel = "{target}"\nweights = "fp32"\n')
+    env = {**os.environ, "NOTIFY_SOCKET": sock.path, "WATCHDOG_USEC": "400000"}
+    proc = subprocess.Popen([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(config)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        env["WATCHDOG_PID"] = str(proc.pid)
+        ready = sock.receive()
+        assert ready.startswith("READY=1\nSTATUS=verifier v-notify serving"), ready
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.extend(iter_messages(sock)), daemon=True)
+        reader.start()
+        time.sleep(1.0)
+        proc.terminate()
+        assert proc.wait(30) == 0, proc.stderr.read()
+        reader.join(5)
+        assert "WATCHDOG=1" in seen and seen[-1] == "STOPPING=1", seen
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def iter_messages(sock: NotifySocket):
+    sock.sock.settimeout(3)
+    try:
+        while True:
+            message = sock.receive()
+            yield message
+            if message == "STOPPING=1":
+                return
+    except socket.timeout:
+        return
