@@ -1,7 +1,9 @@
 """Draft engine: the frozen draft model plus its KV cache, one request at a time.
 
-Backends share this interface (start / draft / commit); `torch` is the
-reference backend, running `specedge.model` on the CPU.
+Backends share this interface (start / draft / commit, `backend`, `vocab_size`): `torch` is
+the reference, running `specedge.model` on the CPU; `onnxruntime` runs the exported graph
+(device/ort_engine.py); `tensorrt` a TensorRT engine built from it (device/trt_engine.py).
+`device/backends.py` picks the best one available.
 """
 from __future__ import annotations
 
@@ -9,8 +11,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-
 from specedge.model import Qwen2
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist, quantize, sample_sparse, softmax
 
@@ -38,25 +38,25 @@ class Drafted:
         return Drafted(self.tokens[:n], None if self.q is None else self.q[:n], self.confidences[:n], self.seconds)
 
 
-class TorchDraftEngine:
-    backend = "torch"
+class DraftEngine:
+    """What every backend shares: the committed text against the cache, and the drafting loop.
+    A backend supplies `_reset(capacity)`, `_feed(tokens) -> last logits` (fp32 numpy, the
+    cache advanced past `tokens`) and `_truncate(length)`."""
 
-    def __init__(self, model: Qwen2, q_top_k: int = 8, q_top_p: float = 0.98):
-        self.model, self.q_top_k, self.q_top_p = model, q_top_k, q_top_p
-        self.cache = None
+    backend = "?"
+    vocab_size: int
+
+    def __init__(self, q_top_k: int = 8, q_top_p: float = 0.98):
+        self.q_top_k, self.q_top_p = q_top_k, q_top_p
         self.fed: list[int] = []  # tokens whose keys/values are in the cache
         self.pending: list[int] = []  # committed tokens not fed yet
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.cfg.vocab_size
 
     def start(self, committed: list[int]) -> None:
         """Prefill the prompt (all but its last token, whose logits start the first draft), so a
         draft step costs the same in the first round as in any other."""
-        self.cache = self.model.new_cache(capacity=len(committed) + 128)
+        self._reset(len(committed) + 128)
         if len(committed) > 1:
-            self.model.forward(committed[:-1], self.cache, last_only=True)
+            self._feed(committed[:-1])
         self.fed, self.pending = list(committed[:-1]), list(committed[-1:])
 
     def commit(self, committed: list[int]) -> None:
@@ -67,7 +67,7 @@ class TorchDraftEngine:
         while common < limit and fed[common] == committed[common]:
             common += 1
         common = min(common, len(committed) - 1)  # the last token is re-fed: its logits start the draft
-        self.cache.truncate(common)
+        self._truncate(common)
         del fed[common:]
         self.pending = list(committed[common:])
 
@@ -80,13 +80,13 @@ class TorchDraftEngine:
         for _ in range(n):
             if keep_going is not None and not keep_going(out.confidences):
                 break
-            logits = self.model.forward(self.pending, self.cache, last_only=True)[-1]
+            logits = self._feed(self.pending)
             self.fed += self.pending
             if params.greedy:
-                token = int(torch.argmax(logits))
-                confidence = float(torch.softmax(logits.float(), -1)[token])
+                token = int(np.argmax(logits))
+                confidence = float(softmax(logits)[token])
             else:
-                dist = quantize(softmax(logits.numpy() / params.temperature), self.q_top_k, self.q_top_p)
+                dist = quantize(softmax(logits / params.temperature), self.q_top_k, self.q_top_p)
                 token = sample_sparse(dist, int(rng.integers(Q_ONE)))
                 confidence = dist.prob(token)
                 out.q.append(dist)
@@ -97,6 +97,30 @@ class TorchDraftEngine:
                 break
         out.seconds = time.perf_counter() - t0
         return out
+
+
+class TorchDraftEngine(DraftEngine):
+    """The reference: `specedge.model` in PyTorch on the CPU."""
+
+    backend = "torch"
+
+    def __init__(self, model: Qwen2, q_top_k: int = 8, q_top_p: float = 0.98):
+        super().__init__(q_top_k, q_top_p)
+        self.model = model
+        self.cache = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.cfg.vocab_size
+
+    def _reset(self, capacity: int) -> None:
+        self.cache = self.model.new_cache(capacity=capacity)
+
+    def _feed(self, tokens: list[int]) -> np.ndarray:
+        return self.model.forward(tokens, self.cache, last_only=True)[-1].numpy()
+
+    def _truncate(self, length: int) -> None:
+        self.cache.truncate(length)
 
 
 def load_draft(cfg):

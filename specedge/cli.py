@@ -132,14 +132,13 @@ def _exit_agreement(args) -> int:
 def _device_run(args) -> int:
     from specedge.config import DeviceConfig, load
     from specedge.device.agent import Agent, RequestFailed
-    from specedge.device.draft import TorchDraftEngine, load_draft
+    from specedge.device.backends import open_engine
     from specedge.device.policy import parse_policy
     from specedge.speculative import SamplingParams
     from specedge.tokenizer import StreamDecoder
 
     cfg = load(DeviceConfig, args.config)
-    model, tok = load_draft(cfg.draft)
-    engine = TorchDraftEngine(model, cfg.draft.q_top_k, cfg.draft.q_top_p)
+    engine, tok = open_engine(cfg.draft, _say)
     agent = Agent(cfg, engine, tok).start()
     gen = cfg.generation
     params = SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.seed)
@@ -173,14 +172,41 @@ def _device_run(args) -> int:
     return 1 if failed else 0
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _build_engine(args) -> int:
+    """The draft's ONNX export (checked against PyTorch) and, with a GPU, its TensorRT engine."""
+    from dataclasses import replace
+
+    from specedge.config import DeviceConfig, load
+    from specedge.device.backends import unavailable
+    from specedge.device.draft import load_draft
+    from specedge.device.onnx_export import cached_export
+
+    cfg = load(DeviceConfig, args.config)
+    onnx_path = cached_export(cfg.draft, _say)
+    print(json.dumps({"onnx": str(onnx_path)}), flush=True)
+    reason = unavailable("tensorrt")
+    if reason:
+        _say(f"no TensorRT engine built: {reason}")
+        return 0 if not args.tensorrt else 1
+    from specedge.device.trt_engine import cached_engine
+
+    model, _ = load_draft(replace(cfg.draft, weights="int8"))
+    print(json.dumps({"engine": str(cached_engine(onnx_path, model.cfg, _say))}), flush=True)
+    return 0
+
+
 def _device_serve(args) -> int:
     from specedge.config import DeviceConfig, load
-    from specedge.device.draft import TorchDraftEngine, load_draft
+    from specedge.device.backends import open_engine
     from specedge.device.node import DeviceNode
 
     cfg = load(DeviceConfig, args.config)
-    model, tok = load_draft(cfg.draft)
-    node = DeviceNode(cfg, TorchDraftEngine(model, cfg.draft.q_top_k, cfg.draft.q_top_p), tok, args.config).start()
+    engine, tok = open_engine(cfg.draft, _say)
+    node = DeviceNode(cfg, engine, tok, args.config).start()
     # One JSON line on stdout tells supervisors (tests, scripts) where the local API listens.
     print(json.dumps(node.describe()), flush=True)
     watchdog = systemd.ready(f"serving {cfg.device.fleet}/{cfg.device.id}", node.problem)
@@ -404,6 +430,11 @@ def parser() -> argparse.ArgumentParser:
                                        "metrics (docs/fleet.md)")
     ds.add_argument("--config", help="TOML file (see firmware_config/device.toml)")
     ds.set_defaults(func=_device_serve)
+    be = dsub.add_parser("build-engine", help="export the draft to ONNX (checked against PyTorch) and build its "
+                                              "TensorRT engine for this GPU, ahead of the first start")
+    be.add_argument("--config", help="TOML file (see firmware_config/device.toml)")
+    be.add_argument("--tensorrt", action="store_true", help="fail (exit 1) when no TensorRT engine can be built")
+    be.set_defaults(func=_build_engine)
 
     from specedge.fleet_cli import add_parser as add_fleet_parser
     from specedge.certs import add_parser as add_certs_parser
