@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-slow models mosquitto clean
+.PHONY: demo test test-slow test-gpu models mosquitto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test: $(VENV)/.installed mosquitto
 
 test-slow: $(VENV)/.installed mosquitto models
 	$(PY) -m pytest -q -m slow
+
+# On a machine with a CUDA GPU: the kernels against their NumPy references.
+test-gpu: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check pycuda
+	$(PY) -m pytest -q -m gpu tests/test_kernels.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -11,6 +11,8 @@ from pathlib import Path
 from specedge.config import ConfigError, read_toml
 
 DEFAULT_PROFILES = Path(__file__).resolve().parents[1] / "firmware_config" / "profiles.toml"
+FAN_MODES = ("", "quiet", "cool", "max")
+NVFANCONTROL_CONF = "/etc/nvfancontrol.conf"
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class DeviceProfile:
     idle_w: float
     active_w: float
     radios: dict  # link type -> RadioModel
+    jetson_clocks: bool = False  # pin CPU, GPU and EMC clocks at the mode's maximum
+    fan: str = ""  # nvfancontrol profile: quiet | cool; max = full speed (jetson_clocks --fan); "" = leave
 
     def radio(self, link: str) -> RadioModel:
         try:
@@ -72,7 +76,7 @@ def load_profiles(path: str | Path = DEFAULT_PROFILES) -> dict[str, DeviceProfil
     if not radios:
         raise ConfigError(f"{path}: no [radio.*] tables")
     profiles = {}
-    allowed = {"board", "nvpmodel_id", "nvpmodel_name", "idle_w", "active_w"}
+    allowed = {"board", "nvpmodel_id", "nvpmodel_name", "idle_w", "active_w", "jetson_clocks", "fan"}
     for name, t in data.get("profile", {}).items():
         where = f"{path}: profile.{name}"
         extra = set(t) - allowed
@@ -84,8 +88,13 @@ def load_profiles(path: str | Path = DEFAULT_PROFILES) -> dict[str, DeviceProfil
         idle, active = _number(t, "idle_w", where, 0.01), _number(t, "active_w", where, 0.01)
         if active < idle:
             raise ConfigError(f"{where}: active_w ({active}) is below idle_w ({idle})")
+        clocks, fan = t.get("jetson_clocks", False), t.get("fan", "")
+        if not isinstance(clocks, bool):
+            raise ConfigError(f"{where}.jetson_clocks: expected true or false, got {clocks!r}")
+        if fan not in FAN_MODES:
+            raise ConfigError(f"{where}.fan: expected one of {', '.join(map(repr, FAN_MODES))}, got {fan!r}")
         profiles[name] = DeviceProfile(name, str(t.get("board", "")), mode, str(t.get("nvpmodel_name", "")),
-                                       idle, active, radios)
+                                       idle, active, radios, clocks, fan)
     if not profiles:
         raise ConfigError(f"{path}: no [profile.*] tables")
     return profiles
@@ -97,3 +106,22 @@ def get_profile(name: str, path: str | Path | None = None) -> DeviceProfile:
         return profiles[name]
     except KeyError:
         raise ConfigError(f"unknown device profile {name!r}; known: {', '.join(sorted(profiles))}") from None
+
+
+def power_commands(profile: DeviceProfile) -> list[list[str]]:
+    """The commands that put a Jetson into `profile` (run as root), in order. Setting the nvpmodel
+    mode resets the clocks to the mode's defaults, so jetson_clocks comes after it."""
+    if profile.nvpmodel_id < 0:
+        return []
+    commands = [["nvpmodel", "-m", str(profile.nvpmodel_id)]]
+    if profile.jetson_clocks:
+        commands.append(["jetson_clocks"])
+    if profile.fan == "max":
+        commands.append(["jetson_clocks", "--fan"])
+    elif profile.fan:
+        commands += [["systemctl", "stop", "nvfancontrol"],
+                     ["sed", "-i", f"s/^\\([[:space:]]*FAN_DEFAULT_PROFILE[[:space:]]\\+\\).*/\\1{profile.fan}/",
+                      NVFANCONTROL_CONF],
+                     ["rm", "-f", "/var/lib/nvfancontrol/status"],  # else it restores the old profile
+                     ["systemctl", "start", "nvfancontrol"]]
+    return commands

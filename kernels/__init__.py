@@ -1,5 +1,7 @@
-"""Hot math for GPUs and Jetsons (CUDA sources next to NumPy references).
+"""Hot math for GPUs and Jetsons: CUDA sources next to their NumPy references.
 
-The NumPy references are `specedge.speculative` (acceptance rules, fixed-point
-quantisation, sparse sampling); the CUDA versions of them land here.
+sampling.cu holds the drafting kernels (greedy argmax; temperature, top-k/top-p, softmax,
+fixed-point quantisation and sampling fused; the wire encoder of q). Their references are
+`specedge.speculative` (softmax, truncate, quantize, sample_sparse) and `specedge.wire.encode_q`.
+build.py compiles them with nvcc; cuda.py runs them with pycuda.
 """

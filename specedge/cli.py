@@ -199,6 +199,42 @@ def _build_engine(args) -> int:
     return 0
 
 
+def _apply_power_profile(args) -> int:
+    """Put the board into its profile's power mode: nvpmodel, jetson_clocks, fan."""
+    import os
+    import shlex
+    import shutil
+    import subprocess
+
+    from specedge.config import ConfigError, DeviceConfig, load
+    from specedge.device.profiles import get_profile, power_commands
+
+    cfg = load(DeviceConfig, args.config)
+    profile = get_profile(args.profile or cfg.energy.profile, cfg.energy.profiles or None)
+    commands = power_commands(profile)
+    if not commands:
+        print(f"profile {profile.name} ({profile.board}) has no nvpmodel mode: nothing to apply")
+        return 0
+    print(f"profile {profile.name}: {profile.board}, nvpmodel {profile.nvpmodel_id} ({profile.nvpmodel_name}), "
+          f"jetson_clocks {'on' if profile.jetson_clocks else 'off'}, fan {profile.fan or 'unchanged'}")
+    if args.dry_run:
+        for command in commands:
+            print(shlex.join(command))
+        return 0
+    if os.geteuid() != 0:
+        raise ConfigError("applying a power profile needs root: run it with sudo (or --dry-run to see the commands)")
+    missing = sorted({c[0] for c in commands if shutil.which(c[0]) is None})
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not found: this is not a Jetson (or JetPack is incomplete)")
+    for command in commands:
+        print(f"$ {shlex.join(command)}", flush=True)
+        done = subprocess.run(command)
+        if done.returncode != 0:
+            print(f"failed ({done.returncode})", file=sys.stderr)
+            return 1
+    return 0
+
+
 def _device_serve(args) -> int:
     from specedge.config import DeviceConfig, load
     from specedge.device.backends import open_engine
@@ -217,6 +253,12 @@ def _device_serve(args) -> int:
         watchdog.stop()
         node.stop()
     return 0
+
+
+def _bench_draft(args) -> int:
+    from specedge import bench_draft
+
+    return bench_draft.run(args)
 
 
 def _fleet(args) -> int:
@@ -435,6 +477,12 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--config", help="TOML file (see firmware_config/device.toml)")
     be.add_argument("--tensorrt", action="store_true", help="fail (exit 1) when no TensorRT engine can be built")
     be.set_defaults(func=_build_engine)
+    ap = dsub.add_parser("apply-power-profile", help="set the board's power mode from its profile (nvpmodel, "
+                                                     "jetson_clocks, fan); --dry-run prints the exact commands")
+    ap.add_argument("--config", help="TOML file (its [energy] profile)")
+    ap.add_argument("--profile", help="a profile name instead of the config's")
+    ap.add_argument("--dry-run", action="store_true")
+    ap.set_defaults(func=_apply_power_profile)
 
     from specedge.fleet_cli import add_parser as add_fleet_parser
     from specedge.certs import add_parser as add_certs_parser
@@ -442,6 +490,9 @@ def parser() -> argparse.ArgumentParser:
     add_fleet_parser(sub, _fleet)
     add_certs_parser(sub, _certs)
     systemd.add_parser(sub, systemd.run)
+    from specedge.bench_draft import add_parser as add_bench_draft_parser
+
+    add_bench_draft_parser(sub, _bench_draft)
 
     ch = sub.add_parser("channel", help="wireless channel emulator: a shaping TCP proxy")
     ch.add_argument("--listen", type=int, required=True, help="local port (0 = any)")
@@ -556,7 +607,7 @@ def main(argv=None) -> int:
         from specedge.demo import DEFAULT_PROMPT
 
         args.prompt = DEFAULT_PROMPT
-    if args.command in ("bench", "bench-verifier") and args.prompts is None:
+    if args.command in ("bench", "bench-verifier", "bench-draft") and args.prompts is None:
         from specedge.bench import default_prompts
 
         args.prompts = str(default_prompts())

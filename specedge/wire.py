@@ -186,6 +186,20 @@ def _name(text: str, what: str) -> bytes:
     return bytes([len(raw)]) + raw
 
 
+def encode_q(q: SparseDist, token: int) -> bytes:
+    """One drafted token's q: n u8 | the token's place in q u8 | n ids (3 bytes) | n (count - 1) u16.
+    The reference of kernels/sampling.cu's encode_q."""
+    if not 0 < len(q.ids) <= MAX_Q_ENTRIES:
+        raise Oversized(f"q with {len(q.ids)} entries")
+    where = np.nonzero(np.asarray(q.ids) == token)[0]
+    if not where.size:
+        raise WireError(f"draft: token {token} lies outside its own q")
+    # The drafted token is named by its place in q: one byte instead of three; counts are
+    # 1..65536, minus one they fit 16 bits.
+    return (struct.pack("<BB", len(q.ids), int(where[0])) + _tokens(q.ids, MAX_Q_ENTRIES, "q")
+            + (np.asarray(q.counts, dtype=np.int64) - 1).astype("<u2").tobytes())
+
+
 def encode(msg) -> bytes:
     out = [_HEADER.pack(PROTOCOL_VERSION, msg.TYPE, msg.session, msg.seq)]
     if isinstance(msg, Open):
@@ -208,17 +222,7 @@ def encode(msg) -> bytes:
             raise Oversized(f"draft: {len(msg.tokens)} tokens exceed the limit of {MAX_DRAFT}")
         if not has_q:
             out.append(_tokens(msg.tokens, MAX_DRAFT, "draft"))
-        for token, q in zip(msg.tokens, msg.q or ()):
-            if not 0 < len(q.ids) <= MAX_Q_ENTRIES:
-                raise Oversized(f"q with {len(q.ids)} entries")
-            where = np.nonzero(np.asarray(q.ids) == token)[0]
-            if not where.size:
-                raise WireError(f"draft: token {token} lies outside its own q")
-            # The drafted token is named by its place in q: one byte instead of three.
-            out.append(struct.pack("<BB", len(q.ids), int(where[0])))
-            out.append(_tokens(q.ids, MAX_Q_ENTRIES, "q"))
-            # Counts are 1..65536; minus one they fit 16 bits.
-            out.append((np.asarray(q.counts, dtype=np.int64) - 1).astype("<u2").tobytes())
+        out += [encode_q(q, token) for token, q in zip(msg.tokens, msg.q or ())]
     elif isinstance(msg, Generate):
         out.append(struct.pack("<II", msg.committed, msg.max_new_tokens))
     elif isinstance(msg, Verdict):

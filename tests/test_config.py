@@ -50,3 +50,22 @@ def test_unreadable_files_are_clear(tmp_path):
     bad.write_text("[mqtt\nport=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load(DeviceConfig, bad)
+
+
+def test_the_shipped_device_and_cloud_configs_and_examples_load():
+    from pathlib import Path
+
+    from specedge.config import CloudConfig, DeviceConfig, load
+
+    root = Path(__file__).resolve().parent.parent / "firmware_config"
+    load(DeviceConfig, root / "device.toml")
+    load(CloudConfig, root / "cloud.toml")
+    # The examples name certificate files of a real deployment: the environment blanks them here.
+    env = {f"SPECEDGE_MQTT_TLS_{k}": "" for k in ("CA", "CERT", "KEY")}
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, env):
+        robot = load(DeviceConfig, root / "examples" / "robot.toml")
+        voice = load(DeviceConfig, root / "examples" / "voice-assistant.toml")
+    assert robot.faults.on_verifier_loss == "fail" and voice.energy.mode == "energy"

@@ -127,3 +127,28 @@ def iter_messages(sock: NotifySocket):
                 return
     except socket.timeout:
         return
+
+
+def test_power_profile_commands_and_the_fan_edit(tmp_path):
+    import dataclasses
+
+    from specedge.device.profiles import get_profile, power_commands
+
+    assert power_commands(get_profile("x86-host")) == []
+    assert power_commands(get_profile("orin-nano-15w")) == [["nvpmodel", "-m", "0"]]
+    profile = dataclasses.replace(get_profile("orin-nano-25w"), jetson_clocks=True, fan="cool")
+    commands = power_commands(profile)
+    assert commands[:2] == [["nvpmodel", "-m", "1"], ["jetson_clocks"]]  # the mode first: it resets clocks
+    sed = next(c for c in commands if c[0] == "sed")
+    conf = tmp_path / "nvfancontrol.conf"
+    conf.write_text("POLLING_INTERVAL 2\n\tFAN_DEFAULT_PROFILE quiet\n\tFAN_PROFILE quiet {\n")
+    subprocess.run([*sed[:-1], str(conf)], check=True)
+    assert "\tFAN_DEFAULT_PROFILE cool\n\tFAN_PROFILE quiet {" in conf.read_text()
+
+
+def test_apply_power_profile_dry_run_prints_the_exact_commands(capsys):
+    from specedge import cli
+
+    assert cli.main(["device", "apply-power-profile", "--profile", "agx-orin-30w", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "nvpmodel -m 2"
+    assert cli.main(["device", "apply-power-profile", "--profile", "no-such-board", "--dry-run"]) == 2

@@ -1,0 +1,91 @@
+"""CUDA drafting kernels: they compile with the machine's nvcc (here and in CI), and on a GPU
+(`make test-gpu`, marker gpu) they agree with their NumPy references on the draft's real
+vocabulary size."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from specedge import wire
+from specedge.kernels.build import build, nvcc
+from specedge.speculative import Q_ONE, quantize, sample_sparse, softmax
+
+VOCAB = 151936  # Qwen2.5's
+
+
+def test_cuda_sources_compile_with_nvcc(tmp_path):
+    if nvcc() is None:
+        pytest.skip("nvcc is not installed on this machine (the CUDA toolkit); CI has it")
+    built = build(tmp_path)
+    assert [p.name for p in built] == ["sampling.fatbin"] and built[0].stat().st_size > 10_000
+
+
+def test_wire_form_of_q_is_what_the_encoder_kernel_writes():
+    q = quantize(softmax(np.random.default_rng(0).normal(size=500).astype(np.float32) * 3), 8, 0.98)
+    raw = wire.encode_q(q, int(q.ids[1]))
+    n = len(q.ids)
+    assert raw[0] == n and raw[1] == 1 and len(raw) == 2 + 5 * n
+    ids = np.frombuffer(raw[2:2 + 3 * n], np.uint8).reshape(n, 3).astype(np.uint32)
+    assert ((ids[:, 0] | ids[:, 1] << 8 | ids[:, 2] << 16) == q.ids).all()
+    assert (np.frombuffer(raw[2 + 3 * n:], "<u2") + 1 == q.counts).all()
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    from specedge.kernels.cuda import Kernels
+
+    return Kernels()
+
+
+def _logits(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(0, 2, VOCAB).astype(np.float32)
+    logits[rng.integers(VOCAB, size=20)] += 12  # a peaked head, as real next-token logits have
+    return logits
+
+
+@pytest.mark.gpu
+def test_greedy_kernel_matches_numpy(kernels):
+    for seed in range(5):
+        logits = _logits(seed)
+        token, confidence = kernels.greedy(kernels.to_gpu(logits), VOCAB)
+        assert token == int(np.argmax(logits))
+        assert confidence == pytest.approx(float(softmax(logits)[token]), rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 8, 0.98), (0.7, 8, 1.0), (1.3, 255, 0.9), (1.0, 1, 1.0)])
+def test_fused_sampling_kernel_matches_numpy(kernels, temperature, top_k, top_p):
+    for seed in range(8):
+        logits = _logits(seed)
+        draw = int(np.random.default_rng(seed).integers(Q_ONE))
+        token, q = kernels.sample(kernels.to_gpu(logits), VOCAB, temperature, top_k, top_p, draw)
+        want = quantize(softmax(logits / temperature), top_k, top_p)
+        assert q.ids.tolist() == want.ids.tolist()
+        assert int(q.counts.sum()) == Q_ONE and np.abs(q.counts - want.counts).max() <= 1
+        assert token == sample_sparse(q, draw)
+
+
+@pytest.mark.gpu
+def test_encoder_kernel_matches_the_wire(kernels):
+    q = quantize(softmax(_logits(3)), 32, 1.0)
+    assert kernels.encode_q(q, int(q.ids[5])) == wire.encode_q(q, int(q.ids[5]))
+
+
+@pytest.mark.gpu
+def test_kernel_against_reference_timing(kernels, capsys):
+    logits = _logits(0)
+    gpu = kernels.to_gpu(logits)
+    kernels.sample(gpu, VOCAB, 1.0, 8, 0.98, 123)  # warm
+    t0 = time.perf_counter()
+    for _ in range(50):
+        kernels.sample(gpu, VOCAB, 1.0, 8, 0.98, 123)
+    kernel_ms = (time.perf_counter() - t0) / 50 * 1000
+    t0 = time.perf_counter()
+    for _ in range(5):
+        sample_sparse(quantize(softmax(logits), 8, 0.98), 123)
+    numpy_ms = (time.perf_counter() - t0) / 5 * 1000
+    with capsys.disabled():
+        print(f"\nfused sampling over {VOCAB} logits: kernel {kernel_ms:.3f} ms, NumPy {numpy_ms:.3f} ms")
