@@ -205,16 +205,17 @@ def cached_export(draft_cfg, log=print) -> Path:
         return path
     model, tok = load_draft(dataclasses.replace(draft_cfg, weights="fp32"))
     prompt = tok.encode("def fibonacci(n):\n    ")
+    fp32_path.parent.mkdir(parents=True, exist_ok=True)
     if not _complete(fp32_path):
         log(f"exporting the draft to ONNX: {fp32_path} (once; cached)")
-        with tempfile.TemporaryDirectory(dir=cache_dir()) as folder:
+        with tempfile.TemporaryDirectory(dir=fp32_path.parent) as folder:
             staged = export(model, Path(folder) / fp32_path.name)
             worst = check_export(model, staged, prompt, steps=3)
             log(f"ONNX export checked against PyTorch: max |logit difference| {worst:.2e}")
             _move(staged, fp32_path)
     if path != fp32_path:
         log(f"quantising its weights to 8 bits (MatMulNBits): {path}")
-        with tempfile.TemporaryDirectory(dir=cache_dir()) as folder:
+        with tempfile.TemporaryDirectory(dir=fp32_path.parent) as folder:
             staged = quantize_weights(fp32_path, Path(folder) / path.name)
             worst = check_export(model, staged, prompt, steps=3, tolerance=Q8_TOLERANCE)
             log(f"8-bit ONNX draft checked against fp32 PyTorch: max |logit difference| {worst:.3f}")

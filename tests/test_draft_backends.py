@@ -108,10 +108,29 @@ def test_real_draft_export_matches_pytorch_and_drafts_the_same_tokens():
     cfg = DraftConfig(weights="fp32")
     path = cached_export(cfg, print)
     model, tok = load_named(cfg.model, "fp32")
-    assert check_export(model, path, tok.encode_chat("Write a binary search in Python."), steps=4) < LOGIT_TOLERANCE * 30
+    assert check_export(model, path, tok.encode_chat("Write a binary search in Python."), steps=4) < LOGIT_TOLERANCE
     torch_engine, ort_engine = TorchDraftEngine(model), OrtDraftEngine(path, model.cfg)
     prompt = tok.encode_chat("Write a binary search in Python.")
     for engine in (torch_engine, ort_engine):
         engine.start(prompt)
     rng = np.random.default_rng(0)
     assert torch_engine.draft(16, SamplingParams(), rng).tokens == ort_engine.draft(16, SamplingParams(), rng).tokens
+
+
+def test_bench_draft_reports_both_backends_and_their_agreement(tiny_files, tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    from specedge import bench_draft
+
+    monkeypatch.setenv("SPECEDGE_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"turns": ["def add(a, b):"]}\n{"turns": ["import os"]}\n')
+    args = argparse.Namespace(draft=str(tiny_files[0]), backends="torch:fp32,onnxruntime:fp32,tensorrt",
+                              prompts=str(prompts), max_prompts=2, tokens=6, json=str(tmp_path / "r.json"),
+                              plot=str(tmp_path / "r.png"))
+    assert bench_draft.run(args) == 0
+    rows = {r["backend"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    assert set(rows) == {"torch:fp32", "onnxruntime:fp32"}  # tensorrt: skipped with its reason
+    assert rows["onnxruntime:fp32"]["same_greedy_drafts_as_torch"] == 2
+    assert rows["onnxruntime:fp32"]["ms_per_token"] > 0 and (tmp_path / "r.png").stat().st_size > 0
