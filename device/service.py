@@ -257,8 +257,8 @@ class DeviceService:
         stats = current.stats if current is not None else SpecStats()
         outcome.stats, outcome.tokens = stats, stats.generated_tokens
         ok = outcome.finish_reason != "error"
-        self.metrics.requests.labels("ok" if ok and outcome.finish_reason != "cancelled" else
-                                     outcome.finish_reason if ok else "failed").inc()
+        self.metrics.requests.labels({"error": "failed", "cancelled": "cancelled"}.get(outcome.finish_reason,
+                                                                                       "ok")).inc()
         if not ok:
             self.metrics.errors.labels(outcome.error_kind).inc()
         self.metrics.observe(stats)

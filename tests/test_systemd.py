@@ -152,3 +152,29 @@ def test_apply_power_profile_dry_run_prints_the_exact_commands(capsys):
     assert cli.main(["device", "apply-power-profile", "--profile", "agx-orin-30w", "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "nvpmodel -m 2"
     assert cli.main(["device", "apply-power-profile", "--profile", "no-such-board", "--dry-run"]) == 2
+
+
+def test_the_device_service_process_serves_http_and_notifies(tmp_path, tiny_files, mosquitto):
+    import json
+    import urllib.request
+
+    sock = NotifySocket(tmp_path)
+    draft, _ = tiny_files
+    config = tmp_path / "device.toml"
+    config.write_text(f'[device]\nid = "svc"\nfleet = "svc"\n[mqtt]\nport = {mosquitto.port}\n'
+                      f'[draft]\nmodel = "{draft}"\n[energy]\nmeter = "estimated"\n[api]\nhttp_port = 0\n')
+    env = {**os.environ, "NOTIFY_SOCKET": sock.path, "SPECEDGE_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, "-m", "specedge.cli", "device", "serve", "--config", str(config)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = json.loads(proc.stdout.readline())
+        assert ready["backend"] == "onnxruntime" and ready["device"] == "svc"  # auto, on this machine
+        assert sock.receive() == "READY=1\nSTATUS=serving svc/svc"
+        with urllib.request.urlopen(f"http://127.0.0.1:{ready['http_port']}/health", timeout=10) as r:
+            assert json.load(r)["status"] == "ok"
+        proc.terminate()
+        assert proc.wait(30) == 0, proc.stderr.read()
+        assert "STOPPING=1" in list(iter_messages(sock))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
