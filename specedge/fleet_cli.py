@@ -179,7 +179,7 @@ class Table:
         def num(v, fmt):
             return "-" if v is None else format(v, fmt)
 
-        head = (f"{'DEVICE':14}{'STATE':10}{'POLICY':20}{'BUDGET':>7}  {'BACKEND':9}{'DRAFT':20}{'TARGET':20}"
+        head = (f"{'DEVICE':14}{'STATE':10}{'POLICY':20}{'BUDGET':>7}  {'BACKEND':12}{'DRAFT':20}{'TARGET':20}"
                 f"{'TOK/S':>7}{'ACCEPT':>8}{'MAL':>6}{'DRAFT':>6}{'RTT ms':>8}{'W':>7}{'J/TOK':>7}{'QUEUE':>6}"
                 f"{'BUSY':>5}{'AGE s':>7}")
         lines = [f"fleet {self.fleet}: {len(self.status)} device(s), "
@@ -187,7 +187,7 @@ class Table:
         for r in self.rows():
             lines.append(
                 f"{r['device'][:13]:14}{r['state'][:9]:10}{r['policy'][:19]:20}"
-                f"{num(r['budget_j_per_token'] or None, '.2f'):>7}  {r['backend'][:8]:9}{r['draft'][:19]:20}"
+                f"{num(r['budget_j_per_token'] or None, '.2f'):>7}  {r['backend'][:11]:12}{r['draft'][:19]:20}"
                 f"{r['target'][:19]:20}{num(r['tokens_per_s'], '.1f'):>7}{num(r['acceptance_rate'], '.2f'):>8}"
                 f"{num(r['mean_accepted_length'], '.2f'):>6}{num(r['mean_draft_length'], '.1f'):>6}"
                 f"{num(r['rtt_s'] and r['rtt_s'] * 1000, '.0f'):>8}{num(r['watts'], '.1f'):>7}"
