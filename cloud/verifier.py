@@ -29,6 +29,7 @@ from specedge.cloud.session import BadRequest, Item, OutOfSync, TargetSession, v
 from specedge.config import CloudConfig
 from specedge.exit_head import default_exit_layer, load_exit_head
 from specedge.exporter import VerifierMetrics
+from specedge.metrics import spec_rates
 from specedge.mqtt import REPLICAS, TOPIC_ROOT, Link, device_topic, split_device_topic
 
 log = logging.getLogger("specedge.cloud")
@@ -59,8 +60,7 @@ class PairStats:
 
     def summary(self) -> dict:
         return {"rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted,
-                "acceptance_rate": self.accepted / self.drafted if self.drafted else None,
-                "mean_accepted_length": (self.accepted + self.rounds) / self.rounds if self.rounds else None}
+                **spec_rates(self.drafted, self.accepted, self.rounds)}
 
 
 @dataclass

@@ -25,6 +25,7 @@ from importlib.metadata import PackageNotFoundError, version
 from specedge import wire
 from specedge.config import COMMANDS, ConfigError, DeviceConfig, build, load
 from specedge.device.service import DeviceService
+from specedge.metrics import spec_rates
 from specedge.mqtt import TOPIC_ROOT, ReplyTo, device_topic
 
 log = logging.getLogger("specedge.fleet")
@@ -201,8 +202,7 @@ class FleetMember:
             "device": self.device, "time": time.time(), "window_s": now - then, "state": s.state,
             "requests": w.requests, "failed": w.failed, "tokens": w.tokens,
             "tokens_per_s": w.tokens / w.busy_s if w.busy_s else None,
-            "acceptance_rate": w.accepted / w.drafted if w.drafted else None,
-            "mean_accepted_length": (w.accepted + w.rounds) / w.rounds if w.rounds else None,
+            **spec_rates(w.drafted, w.accepted, w.rounds),
             "mean_draft_length": w.drafted / w.rounds if w.rounds else None,
             "rtt_s_p50": rtts[len(rtts) // 2] if rtts else None,
             "rtt_s_estimate": state.rtt_s,
@@ -225,8 +225,8 @@ class FleetMember:
         ended, stats = self.service.last_request
         s = stats.summary()
         return {"ended_s_ago": time.monotonic() - ended, "tokens": s["generated_tokens"],
-                "tokens_per_s": s["tokens_per_s"], "acceptance_rate": s["acceptance_rate"] if stats.drafted_tokens
-                else None, "mean_accepted_length": s["mean_accepted_len"] if stats.rounds else None,
+                "tokens_per_s": s["tokens_per_s"],
+                **spec_rates(stats.drafted_tokens, stats.accepted_tokens, stats.rounds),
                 "mean_draft_length": s["mean_draft_len"] if stats.rounds else None,
                 "rtt_s_p50": s["round_trip_ms_p50"] / 1000 if stats.round_trip_s else None,
                 "j_per_token": s["energy_j_per_token"] if stats.generated_tokens else None}

@@ -11,7 +11,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, dis
                                generate_latest, start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from specedge.metrics import SpecStats
+from specedge.metrics import SpecStats, spec_rates
 
 disable_created_metrics()  # *_created series double every counter and say nothing a service needs
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -74,17 +74,16 @@ class DeviceMetrics:
         t["drafted"] += stats.drafted_tokens
         t["accepted"] += stats.accepted_tokens
         t["rounds"] += stats.rounds
-        if t["drafted"]:
-            self.acceptance.set(t["accepted"] / t["drafted"])
-        if t["rounds"]:
-            self.mean_accepted.set((t["accepted"] + t["rounds"]) / t["rounds"])
+        totals = self.totals()
+        if totals["acceptance_rate"] is not None:
+            self.acceptance.set(totals["acceptance_rate"])
+        if totals["mean_accepted_length"] is not None:
+            self.mean_accepted.set(totals["mean_accepted_length"])
 
     def totals(self) -> dict:
         """Since start: requests, generated, drafted and accepted tokens, rounds, and the rates."""
-        t = dict(self._totals)
-        t["acceptance_rate"] = t["accepted"] / t["drafted"] if t["drafted"] else None
-        t["mean_accepted_length"] = (t["accepted"] + t["rounds"]) / t["rounds"] if t["rounds"] else None
-        return t
+        t = self._totals
+        return {**t, **spec_rates(t["drafted"], t["accepted"], t["rounds"])}
 
     def _collect(self):
         state = self._state()

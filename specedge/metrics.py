@@ -4,6 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def spec_rates(drafted: int, accepted: int, rounds: int) -> dict:
+    """Acceptance rate and mean accepted length (tokens a round commits: the accepted ones and
+    the target's own) of some rounds; None where nothing was drafted or no round ran."""
+    return {"acceptance_rate": accepted / drafted if drafted else None,
+            "mean_accepted_length": (accepted + rounds) / rounds if rounds else None}
+
+
 @dataclass
 class SpecStats:
     policy: str = ""
