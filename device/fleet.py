@@ -270,14 +270,7 @@ class FleetMember:
         energy = self.service.cfg.energy
         changes = {"budget_j_per_token": budget_j_per_token, "mode": mode or energy.mode,
                    "min_tokens_per_s": energy.min_tokens_per_s if min_tokens_per_s is None else min_tokens_per_s}
-        new = self.live_overlay({"energy": changes})
-        self.service.apply_config(new)
-        # An operator's command outlives later desired configs (until a restart or reload_config).
-        local = self.service.local_cfg
-        self.service.local_cfg = dataclasses.replace(local, energy=dataclasses.replace(
-            local.energy, mode=new.energy.mode, budget_j_per_token=new.energy.budget_j_per_token,
-            min_tokens_per_s=new.energy.min_tokens_per_s))
-        self.publish_status()
+        self.service.set_energy(self.live_overlay({"energy": changes}).energy)
         e = self.service.cfg.energy
         return {"mode": e.mode, "budget_j_per_token": e.budget_j_per_token, "min_tokens_per_s": e.min_tokens_per_s}
 
@@ -307,8 +300,7 @@ class FleetMember:
 
     def live_overlay(self, overlay: dict) -> DeviceConfig:
         """The current config with `overlay` on top, validated; ConfigError names what is wrong."""
-        current = {section: dict(table) for section, table in dataclasses.asdict(self.service.cfg).items()}
-        return build(DeviceConfig, merge(current, overlay), "command", env={})
+        return build(DeviceConfig, merge(dataclasses.asdict(self.service.cfg), overlay), "command", env={})
 
     # -- desired config ------------------------------------------------------------------------
     def apply_desired(self, reread_file: bool = False) -> dict:
@@ -351,7 +343,6 @@ class FleetMember:
                "sources": {k: digest(v) for k, v in self.desired.items() if v}}
         if self.agent.link.connected.is_set():
             self.publish(self.topic("config/applied"), ack, retain=True)
-        self.publish_status()
         return ack
 
     def on_targets(self, payload: bytes) -> None:

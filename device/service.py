@@ -15,7 +15,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from specedge.config import DeviceConfig
+from specedge.config import DeviceConfig, EnergyConfig
 from specedge.device.agent import Agent, RequestFailed, VerifierUnavailable
 from specedge.device.policy import Policy, parse_policy
 from specedge.exporter import DeviceMetrics
@@ -146,6 +146,12 @@ class Window:
         self.round_trip_s += stats.round_trip_s
 
 
+def _live_energy(current: EnergyConfig, new: EnergyConfig) -> EnergyConfig:
+    """`current` with the [energy] keys that change without a restart taken from `new`."""
+    return replace(current, mode=new.mode, budget_j_per_token=new.budget_j_per_token,
+                   min_tokens_per_s=new.min_tokens_per_s)
+
+
 class DeviceService:
     def __init__(self, cfg: DeviceConfig, engine, tokenizer, config_path: str | None = None):
         self.cfg, self.engine, self.tokenizer, self.config_path = cfg, engine, tokenizer, config_path
@@ -155,7 +161,7 @@ class DeviceService:
         self.draining = False
         self.metrics = DeviceMetrics(lambda: {"queue_depth": self.queue_depth, "draining": self.draining,
                                               "decode_errors": dict(self.agent.decode_errors)})
-        self.on_state_change = None  # called (no arguments) after drain/resume: the fleet re-publishes status
+        self.on_state_change = None  # called after drain, resume or a config change: the fleet re-publishes status
         self._waiting: deque[Job] = deque()
         self._running: Job | None = None
         self._lock = threading.Condition()
@@ -163,7 +169,6 @@ class DeviceService:
         self._window = Window()
         self._worker = threading.Thread(target=self._work, name="specedge-requests", daemon=True)
         self.started_s = time.time()
-        self.requests_done = 0
         self.last_request: tuple[float, SpecStats] | None = None  # (when it ended, its numbers)
 
     def start(self) -> "DeviceService":
@@ -187,6 +192,11 @@ class DeviceService:
     def queue_depth(self) -> int:
         """Requests waiting, not counting the one running."""
         return len(self._waiting)
+
+    @property
+    def requests_done(self) -> int:
+        """Requests the agent ran (finished, failed or cancelled mid-way) since start."""
+        return self.metrics.totals()["requests"]
 
     @property
     def in_flight(self) -> int:
@@ -264,7 +274,6 @@ class DeviceService:
         self.metrics.observe(stats)
         with self._lock:
             self._window.add(stats, ok)
-            self.requests_done += 1
             self.last_request = (time.monotonic(), stats)
         job.finish(outcome)
 
@@ -291,28 +300,34 @@ class DeviceService:
                 self._lock.wait(left)
         return True
 
+    # An operator's command (set_policy, set_energy) also changes local_cfg: it outlives later
+    # desired configs, until a restart or reload_config.
     def set_policy(self, spec: str) -> Policy:
         policy = parse_policy(spec, self.cfg.speculation.max_draft)  # ValueError names what is allowed
         self.policy = policy
-        # An operator's command outlives later desired configs (until a restart or reload_config).
-        self.cfg = replace(self.cfg, speculation=replace(self.cfg.speculation, policy=spec))
+        self._set_cfg(replace(self.cfg, speculation=replace(self.cfg.speculation, policy=spec)))
         self.local_cfg = replace(self.local_cfg, speculation=replace(self.local_cfg.speculation, policy=spec))
         self._changed()
         return policy
 
+    def set_energy(self, energy: EnergyConfig) -> None:
+        """The scheduler's objective (mode, budget, floor) from a validated [energy] section."""
+        self._set_cfg(replace(self.cfg, energy=_live_energy(self.cfg.energy, energy)))
+        self.local_cfg = replace(self.local_cfg, energy=_live_energy(self.local_cfg.energy, energy))
+        self.agent.scheduler.set_objective(self.cfg.energy.objective())
+        self._changed()
+
     def apply_config(self, cfg: DeviceConfig) -> None:
         """Take the sections that change without a restart from a validated config."""
-        self.cfg = self.agent.cfg = replace(self.cfg, speculation=cfg.speculation, generation=cfg.generation,
-                                            faults=cfg.faults, energy=replace(
-                                                self.cfg.energy, mode=cfg.energy.mode,
-                                                budget_j_per_token=cfg.energy.budget_j_per_token,
-                                                min_tokens_per_s=cfg.energy.min_tokens_per_s),
-                                            fleet=cfg.fleet)
+        self._set_cfg(replace(self.cfg, speculation=cfg.speculation, generation=cfg.generation, faults=cfg.faults,
+                              energy=_live_energy(self.cfg.energy, cfg.energy), fleet=cfg.fleet))
         self.policy = parse_policy(cfg.speculation.policy, cfg.speculation.max_draft)
         self.agent.scheduler.max_draft = cfg.speculation.max_draft
-        self.agent.set_objective(mode=cfg.energy.mode, budget_j_per_token=cfg.energy.budget_j_per_token or None,
-                                 min_tokens_per_s=cfg.energy.min_tokens_per_s or None)
+        self.agent.scheduler.set_objective(self.cfg.energy.objective())
         self._changed()
+
+    def _set_cfg(self, cfg: DeviceConfig) -> None:
+        self.cfg = self.agent.cfg = cfg  # the agent reads [faults] per request
 
     def _changed(self) -> None:
         if self.on_state_change is not None:
