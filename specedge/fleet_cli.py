@@ -141,7 +141,7 @@ def _json(payload: bytes):
 # -- ls and watch ------------------------------------------------------------------------------
 class Table:
     def __init__(self, fleet: str):
-        self.fleet, self.status, self.telemetry, self.seen, self.verifiers = fleet, {}, {}, {}, {}
+        self.fleet, self.status, self.telemetry, self.verifiers = fleet, {}, {}, {}
 
     def add(self, topic: str, payload: bytes) -> None:
         parts = topic.split("/")
@@ -152,7 +152,6 @@ class Table:
             self.verifiers[parts[3]] = data
         elif len(parts) == 5 and parts[4] in ("status", "telemetry"):
             getattr(self, parts[4])[parts[3]] = data
-            self.seen[parts[3]] = time.time()
 
     def rows(self) -> list[dict]:
         out = []
@@ -261,7 +260,7 @@ def _config_topic(op: Operator, device: str | None) -> str:
 
 
 def config_set(args, op: Operator) -> int:
-    from specedge.device.fleet import digest
+    from specedge.device.fleet import digest, merge
 
     changes = parse_pairs(args.values, dotted=True)
     topic = _config_topic(op, args.device)
@@ -272,9 +271,8 @@ def config_set(args, op: Operator) -> int:
             current = _json(payload) or {}
         elif t.endswith("/status") and t.split("/")[2] == op.fleet:  # (amqtt also sends _verifiers' statuses)
             statuses[t.split("/")[3]] = _json(payload) or {}
-    desired = {} if args.replace else {s: dict(v) for s, v in current.items() if isinstance(v, dict)}
-    for section, table in changes.items():
-        desired.setdefault(section, {}).update(table)
+    kept = {} if args.replace else {s: v for s, v in current.items() if isinstance(v, dict)}
+    desired = merge(kept, changes)
     payload = json.dumps(desired, sort_keys=True).encode()
     devices = [args.device] if args.device else sorted(
         d for d, s in statuses.items() if s.get("state") in ("online", "draining"))
