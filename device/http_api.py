@@ -119,6 +119,22 @@ def parse_request(body, chat: bool, service: DeviceService) -> dict:
             "model": body.get("model") if isinstance(body.get("model"), str) else MODEL_ID}
 
 
+def json_body(raw: bytes):
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError(400, f"the request body is not JSON: {exc}") from None
+
+
+def submit(service: DeviceService, request: dict) -> Job:
+    """Queue a parsed request; a refusal becomes the error apps get (429 queue full, 503)."""
+    try:
+        return service.submit(request["prompt"], request["params"], request["max_tokens"], request["stop"])
+    except Rejected as exc:
+        raise ApiError(exc.status, str(exc), kind="rate_limit_error" if exc.status == 429 else "service_unavailable",
+                       code=exc.kind) from None
+
+
 def usage(outcome: Outcome) -> dict:
     return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.tokens,
             "total_tokens": outcome.prompt_tokens + outcome.tokens}
@@ -182,10 +198,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(413, f"the request body has {length} bytes; the limit is {limit} ([api] max_body_kb)")
         raw = self.rfile.read(length)
         self._body_read = True
-        try:
-            return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ApiError(400, f"the request body is not JSON: {exc}") from None
+        return json_body(raw)
 
     # -- routes --------------------------------------------------------------------------------
     def do_GET(self):
@@ -219,12 +232,7 @@ class Handler(BaseHTTPRequestHandler):
             if not chat and path != "/v1/completions":
                 raise ApiError(404, f"no route POST {path}", kind="not_found_error")
             request = parse_request(self.read_json(), chat, self.server.service)
-            try:
-                job = self.server.service.submit(request["prompt"], request["params"], request["max_tokens"],
-                                                 request["stop"])
-            except Rejected as exc:
-                raise ApiError(exc.status, str(exc), kind="rate_limit_error" if exc.status == 429
-                               else "service_unavailable", code=exc.kind) from None
+            job = submit(self.server.service, request)
         except ApiError as err:
             self.send_error_json(err)
             return

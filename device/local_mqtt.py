@@ -16,8 +16,8 @@ import threading
 from dataclasses import replace
 
 from specedge.config import DeviceConfig
-from specedge.device.http_api import ApiError, outcome_error, parse_request, spec_summary, usage
-from specedge.device.service import DeviceService, Rejected
+from specedge.device.http_api import ApiError, json_body, outcome_error, parse_request, spec_summary, submit, usage
+from specedge.device.service import DeviceService
 from specedge.mqtt import Link, ReplyTo
 
 log = logging.getLogger("specedge.local")
@@ -52,17 +52,10 @@ class LocalMqttApi:
             if len(payload) > self.service.cfg.api.max_body_kb * 1024:
                 raise ApiError(413, f"the request has {len(payload)} bytes; the limit is "
                                     f"{self.service.cfg.api.max_body_kb * 1024} ([api] max_body_kb)")
-            try:
-                body = json.loads(payload.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError) as exc:
-                raise ApiError(400, f"the request is not JSON: {exc}") from None
+            body = json_body(payload)
             request_id = body.get("id") if isinstance(body, dict) else None
             request = parse_request(body, isinstance(body, dict) and "messages" in body, self.service)
-            try:
-                job = self.service.submit(request["prompt"], request["params"], request["max_tokens"],
-                                          request["stop"])
-            except Rejected as exc:
-                raise ApiError(exc.status, str(exc), kind="service_unavailable", code=exc.kind) from None
+            job = submit(self.service, request)
         except ApiError as err:
             self.answer(reply_to, body, request_id, {"done": True, "status": err.status, **err.body()})
             return
