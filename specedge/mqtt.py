@@ -114,13 +114,16 @@ class Link:
         if hasattr(sock, "setsockopt"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def _on_message(self, client, userdata, msg):
+    def _count(self, msg) -> None:
         self.bytes_received += publish_packet_bytes(msg.topic, len(msg.payload), msg.qos, self.protocol == "5")
+
+    def _on_message(self, client, userdata, msg):
+        self._count(msg)
         self.on_message(msg.topic, msg.payload)
 
     def _routed(self, handler):
         def on_message(client, userdata, msg):
-            self.bytes_received += publish_packet_bytes(msg.topic, len(msg.payload), msg.qos, self.protocol == "5")
+            self._count(msg)
             props = msg.properties
             handler(msg.topic, msg.payload, ReplyTo(getattr(props, "ResponseTopic", None),
                                                     getattr(props, "CorrelationData", None)))
