@@ -2,6 +2,7 @@
 notify protocol (READY, WATCHDOG, STOPPING) to a socket the test provides."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -97,11 +98,8 @@ def test_the_verifier_process_notifies_ready_and_stopping(tmp_path, tiny_files, 
     config = tmp_path / "cloud.toml"
     config.write_text(f'[mqtt]\nport = {mosquitto.port}\n[verifier]\nid = "v-notify"\nfleet = "notify"\n'
                       f'group = "notify"\n[target]\nmodel = "{target}"\nweights = "fp32"\n')
-    env = {**os.environ, "NOTIFY_SOCKET": sock.path, "WATCHDOG_USEC": "400000"}
-    proc = subprocess.Popen([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(config)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        env["WATCHDOG_PID"] = str(proc.pid)
+    with service_process(["cloud", "run", "--config", str(config)],
+                         {"NOTIFY_SOCKET": sock.path, "WATCHDOG_USEC": "400000"}) as proc:
         ready = sock.receive()
         assert ready.startswith("READY=1\nSTATUS=verifier v-notify serving"), ready
         seen: list[str] = []
@@ -112,6 +110,15 @@ def test_the_verifier_process_notifies_ready_and_stopping(tmp_path, tiny_files, 
         assert proc.wait(30) == 0, proc.stderr.read()
         reader.join(5)
         assert "WATCHDOG=1" in seen and seen[-1] == "STOPPING=1", seen
+
+
+@contextlib.contextmanager
+def service_process(argv: list[str], env: dict):
+    """`specedge ARGV` as a child process with `env` added, killed if the test leaves it running."""
+    proc = subprocess.Popen([sys.executable, "-m", "specedge.cli", *argv], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -163,10 +170,8 @@ def test_the_device_service_process_serves_http_and_notifies(tmp_path, tiny_file
     config = tmp_path / "device.toml"
     config.write_text(f'[device]\nid = "svc"\nfleet = "svc"\n[mqtt]\nport = {mosquitto.port}\n'
                       f'[draft]\nmodel = "{draft}"\n[energy]\nmeter = "estimated"\n[api]\nhttp_port = 0\n')
-    env = {**os.environ, "NOTIFY_SOCKET": sock.path, "SPECEDGE_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "specedge.cli", "device", "serve", "--config", str(config)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with service_process(["device", "serve", "--config", str(config)],
+                         {"NOTIFY_SOCKET": sock.path, "SPECEDGE_CACHE": str(tmp_path / "cache")}) as proc:
         ready = json.loads(proc.stdout.readline())
         assert ready["backend"] == "onnxruntime" and ready["device"] == "svc"  # auto, on this machine
         assert sock.receive() == "READY=1\nSTATUS=serving svc/svc"
@@ -175,6 +180,3 @@ def test_the_device_service_process_serves_http_and_notifies(tmp_path, tiny_file
         proc.terminate()
         assert proc.wait(30) == 0, proc.stderr.read()
         assert "STOPPING=1" in list(iter_messages(sock))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
