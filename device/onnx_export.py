@@ -138,8 +138,7 @@ def export(model: Qwen2, path: str | Path) -> Path:
         staged = Path(folder) / path.name
         onnx.save_model(onnx.load(str(raw)), str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=path.name + ".data", size_threshold=1024)
-        os.replace(staged.with_name(path.name + ".data"), path.with_name(path.name + ".data"))
-        os.replace(staged, path)
+        _move(staged, path)
     return path
 
 

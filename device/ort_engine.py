@@ -31,16 +31,13 @@ def providers(cache_folder: Path | None = None) -> list:
 class OrtDraftEngine(DraftEngine):
     backend = "onnxruntime"
 
-    def __init__(self, onnx_path: str | Path, model_cfg, q_top_k: int = 8, q_top_p: float = 0.98,
-                 threads: int = 0):
+    def __init__(self, onnx_path: str | Path, model_cfg, q_top_k: int = 8, q_top_p: float = 0.98):
         import onnxruntime as ort
 
         super().__init__(q_top_k, q_top_p)
         self.cfg = model_cfg
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(onnx_path), options, providers=providers(Path(onnx_path).parent))
         self.provider = self.session.get_providers()[0]
         self.key = self.value = None

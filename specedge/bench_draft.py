@@ -43,14 +43,15 @@ def run(args) -> int:
     results, reference = [], None
     for spec in args.backends.split(","):
         backend, _, weights = spec.partition(":")
+        weights = weights or "int8"
         reason = unavailable(backend)
         if reason:
             say(f"{spec}: skipped ({reason})")
             continue
-        engine, tok = open_engine(replace(base, backend=backend, weights=weights or "int8"), say)
+        engine, tok = open_engine(replace(base, backend=backend, weights=weights), say)
         prompts = [tok.encode_chat(p) for p in load_prompts(args.prompts, args.max_prompts)]
         say(f"{spec}: {len(prompts)} prompts, {args.tokens} drafted tokens each")
-        row = {"backend": spec, "weights": weights or "int8", **measure(engine, prompts, args.tokens)}
+        row = {"backend": spec, "weights": weights, **measure(engine, prompts, args.tokens)}
         reference = reference or row
         row["speedup_vs_first"] = reference["ms_per_token"] / row["ms_per_token"]
         results.append(row)

@@ -82,20 +82,31 @@ def render_unit(kind: str, exe: str, config: str, user: str = "specedge") -> str
     return (template.replace("@EXE@", exe).replace("@CONFIG@", config).replace("@USER@", user))
 
 
-def install_plan(kind: str, exe: str, unit_dir: Path, config_dir: Path, user: str) -> list[tuple[str, list[str] | None]]:
-    """What installing does, step by step: (description, command or None for a file write).
-    Idempotent: steps already done are left out."""
+# A step: (description, the command to run or the (file, text) to write).
+Step = tuple[str, "list[str] | tuple[Path, str]"]
+
+
+def install_plan(kind: str, exe: str, unit_dir: Path, config_dir: Path, user: str) -> list[Step]:
+    """What installing does, step by step. Idempotent: steps already done are left out."""
+    import grp
+    import pwd
+
     service = SERVICES[kind]
     example = UNITS.parent / "firmware_config" / f"{kind}.toml"
     config = config_dir / f"{kind}.toml"
-    steps: list[tuple[str, list[str] | None]] = []
-    if shutil.which("getent") and subprocess.run(["getent", "passwd", user], capture_output=True).returncode != 0:
+    steps: list[Step] = []
+    try:
+        pwd.getpwnam(user)
+        member_of = {g.gr_name for g in grp.getgrall() if user in g.gr_mem}
+    except KeyError:
         steps.append((f"create the system user {user}", ["useradd", "--system", "--home-dir", f"/var/lib/{user}",
                                                          "--shell", "/usr/sbin/nologin", user]))
+        member_of = set()
     if kind == "device":
         # The GPU (video, render) and the power rails (i2c; jtop's socket group) without root.
+        present = {g.gr_name for g in grp.getgrall()}
         for group in ("video", "render", "i2c", "jtop"):
-            if subprocess.run(["getent", "group", group], capture_output=True).returncode == 0:
+            if group in present and group not in member_of:
                 steps.append((f"add {user} to {group}", ["usermod", "--append", "--groups", group, user]))
     if not config.exists():
         steps.append((f"copy the example config to {config} (edit it: broker, identity, TLS)",
@@ -103,13 +114,13 @@ def install_plan(kind: str, exe: str, unit_dir: Path, config_dir: Path, user: st
     unit = unit_dir / f"{service}.service"
     text = render_unit(kind, exe, str(config), user)
     if not unit.exists() or unit.read_text() != text:
-        steps.append((f"write {unit}", None))
+        steps.append((f"write {unit}", (unit, text)))
     steps.append(("reload systemd", ["systemctl", "daemon-reload"]))
     steps.append((f"enable and start {service}", ["systemctl", "enable", "--now", f"{service}.service"]))
     return steps
 
 
-def uninstall_plan(kind: str, unit_dir: Path) -> list[tuple[str, list[str] | None]]:
+def uninstall_plan(kind: str, unit_dir: Path) -> list[Step]:
     service = SERVICES[kind]
     unit = unit_dir / f"{service}.service"
     if not unit.exists():
@@ -143,18 +154,18 @@ def run(args) -> int:
     if not steps:
         print(f"{SERVICES[args.kind]} is not installed in {unit_dir}: nothing to do")
         return 0
-    for what, command in steps:
-        shown = shlex.join(command) if command else f"write {unit_dir}/{SERVICES[args.kind]}.service"
+    for what, action in steps:
+        writes = isinstance(action, tuple)
+        shown = f"write {action[0]}" if writes else shlex.join(action)
         print(f"{'would ' if args.dry_run else ''}{what}:\n    {shown}", flush=True)
         if args.dry_run:
             continue
-        if command is None:
-            unit_dir.mkdir(parents=True, exist_ok=True)
-            (unit_dir / f"{SERVICES[args.kind]}.service").write_text(
-                render_unit(args.kind, exe, str(Path(args.config_dir) / f"{args.kind}.toml"), args.user))
+        if writes:
+            action[0].parent.mkdir(parents=True, exist_ok=True)
+            action[0].write_text(action[1])
         else:
-            done = subprocess.run(command)
+            done = subprocess.run(action)
             if done.returncode != 0:
-                print(f"failed ({done.returncode}): {shlex.join(command)}", file=sys.stderr)
+                print(f"failed ({done.returncode}): {shlex.join(action)}", file=sys.stderr)
                 return 1
     return 0
