@@ -134,6 +134,12 @@ def make(out: str | Path, fleet: str, devices=(), verifiers=(), operators=(), ho
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    wanted = {"devices": list(devices), "verifiers": list(verifiers), "operators": list(operators)}
+    everyone = {role: sorted({p.stem for p in (out / role).glob("*.crt")} | set(wanted[role])) for role in ROLES}
+    names = [n for role in ROLES for n in everyone[role]]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:  # refused before anything is written: a stray certificate would fail every later run
+        raise ValueError(f"{clash}: a name may hold one role only (it is the broker's user name)")
     ca_crt, ca_key_path = out / "ca.crt", out / "ca.key"
     if ca_crt.exists() and ca_key_path.exists():
         ca_key = load_pem_private_key(ca_key_path.read_bytes(), None)
@@ -149,8 +155,6 @@ def make(out: str | Path, fleet: str, devices=(), verifiers=(), operators=(), ho
         _write_key(out / "broker.key", key)
         _write_cert(out / "broker.crt", _certificate("specedge broker", key, ca_name, ca_key, days, hosts=hosts,
                                                      client=False))
-    wanted = {"devices": list(devices), "verifiers": list(verifiers), "operators": list(operators)}
-    everyone: dict[str, list[str]] = {}
     for role in ROLES:
         folder = out / role
         folder.mkdir(exist_ok=True)
@@ -159,11 +163,6 @@ def make(out: str | Path, fleet: str, devices=(), verifiers=(), operators=(), ho
                 key = _key()
                 _write_key(folder / f"{name}.key", key)
                 _write_cert(folder / f"{name}.crt", _certificate(name, key, ca_name, ca_key, days))
-        everyone[role] = sorted(p.stem for p in folder.glob("*.crt"))
-    names = [n for role in ROLES for n in everyone[role]]
-    clash = sorted({n for n in names if names.count(n) > 1})
-    if clash:
-        raise ValueError(f"{clash}: a name may hold one role only (it is the broker's user name)")
     (out / "acl").write_text(acl_text(fleet, everyone["devices"], everyone["verifiers"], everyone["operators"]))
     (out / "mosquitto.conf").write_text(mosquitto_conf(out, port))
     return everyone

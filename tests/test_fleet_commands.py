@@ -146,6 +146,7 @@ def test_certs_keep_the_ca_add_names_and_write_an_acl_for_everyone(tmp_path):
     assert "require_certificate true" in conf and f"max_packet_size {certs.MAX_PACKET}" in conf
     with pytest.raises(ValueError, match="one role"):
         certs.make(tmp_path, "f", operators=["a"])
+    assert not (tmp_path / "operators/a.crt").exists()  # refused whole: nothing written for it
 
 
 def test_new_config_sections_are_validated(tmp_path):
