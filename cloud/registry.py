@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from specedge.config import ConfigError, model_label, read_toml
+from specedge.config import WEIGHTS, ConfigError, model_label, read_toml
 from specedge.contract import Contract
 
 MAX_ANNOUNCEMENT = 64 * 1024  # bytes of JSON on the targets topic
@@ -25,7 +25,7 @@ SHIPPED_REGISTRY = Path(__file__).with_name("targets.toml")
 class TargetSpec:
     name: str
     model: str  # registry name or path
-    weights: str = "bf16"
+    weights: str = "auto"
     drop_layers: tuple[int, ...] = ()  # a layer-pruned variant of `model` (see prune-layers)
     sha256: str = ""  # of the model file; checked on load when given
 
@@ -69,7 +69,7 @@ class Target:
 
 def load_target(spec: TargetSpec, batch_invariant: bool = True) -> Target:
     from specedge.fetch import resolve, sha256_file
-    from specedge.loader import load_model
+    from specedge.loader import load_model, resolve_weights
 
     path, sha256 = resolve(spec.model)
     if spec.sha256 and path.is_file():
@@ -79,6 +79,8 @@ def load_target(spec: TargetSpec, batch_invariant: bool = True) -> Target:
         sha256 = actual
     elif sha256 is None and path.is_file():
         sha256 = sha256_file(path)
+    # What verifies is what this machine loads: "auto" is recorded as the dtype it chose.
+    spec = replace(spec, weights=resolve_weights(spec.weights))
     model, tokenizer = load_model(path, sha256, spec.weights, batch_invariant)
     if spec.drop_layers:
         model = model.layer_subset([i for i in range(model.cfg.n_layers) if i not in spec.drop_layers])
@@ -101,9 +103,9 @@ def read_registry(path: str | Path) -> dict[str, TargetSpec]:
         drop = entry.get("drop_layers", [])
         if not isinstance(drop, list) or not all(isinstance(i, int) and i >= 0 for i in drop):
             raise ConfigError(f"{where}: drop_layers must be a list of layer indices")
-        weights = entry.get("weights", "bf16")
-        if weights not in ("int8", "bf16", "fp32", "fp64"):
-            raise ConfigError(f"{where}: weights must be int8, bf16, fp32 or fp64")
+        weights = entry.get("weights", "auto")
+        if weights not in WEIGHTS:
+            raise ConfigError(f"{where}: weights must be one of {', '.join(WEIGHTS)}")
         model = entry["model"]
         if not Path(model).is_absolute() and ("/" in model or model.endswith(".gguf")):
             model = str((Path(path).parent / model).resolve())  # relative to the registry file

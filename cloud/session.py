@@ -59,6 +59,17 @@ class TargetSession:
         """Drop the KV cache (memory budget, version switch); the committed text stays."""
         self.cache = None
 
+    def adopt_cache(self, old: "TargetSession") -> None:
+        """A resync of a session this replica still holds (a device that timed out on a slow
+        round, or reconnected): keep the old cache for the committed text both agree on, so the
+        resync costs no prefill."""
+        if old.cache is None or old.target is not self.target:
+            return
+        same = next((i for i, (a, b) in enumerate(zip(old.committed, self.committed)) if a != b),
+                    min(len(old.committed), len(self.committed)))
+        old.cache.truncate(min(old.cache.length, same, len(self.committed) - 1))
+        self.cache = old.cache
+
     def switch(self, target) -> None:
         self.target = target
         self.evict()
@@ -130,19 +141,24 @@ def verify_batch(model, items: list[Item], exit_head=None) -> int:
     want hints get them mid-pass."""
     fed = [item.session.feed(item.draft) for item in items]
     keep = [len(item.draft) + 1 for item in items]
-    hook = None
-    if exit_head is not None and any(item.on_hint for item in items):
-        ends = np.cumsum([len(tokens) for tokens, _ in fed])
-
-        def hook(index, hidden):
-            if index != exit_head.layer:
-                return
-            for item, end, k in zip(items, ends, keep):
-                if item.on_hint and item.draft:
-                    top = torch.softmax(exit_head.logits(hidden[end - k:end]), dim=-1).max(dim=-1)
-                    accepted, token = greedy_verify(item.draft, top.indices.tolist())
-                    item.on_hint(accepted, token, float(top.values[: accepted + 1].min()))
-    logits = model.forward_batch(fed, on_layer=hook, keep=keep)
+    wants_hints = exit_head is not None and any(item.on_hint for item in items)
+    on_layer = _hint_hook(items, fed, keep, exit_head) if wants_hints else None
+    logits = model.forward_batch(fed, on_layer=on_layer, keep=keep)
     for item, rows in zip(items, logits):
         item.accepted, item.next_token = item.session.finish(item.draft, item.q, rows)
     return sum(len(tokens) for tokens, _ in fed)
+
+
+def _hint_hook(items: list[Item], fed, keep: list[int], exit_head):
+    """on_layer for forward_batch: at the exit head's layer, each item that wants a hint gets one."""
+    ends = np.cumsum([len(tokens) for tokens, _ in fed])
+
+    def on_layer(index, hidden):
+        if index != exit_head.layer:
+            return
+        for item, end, k in zip(items, ends, keep):
+            if item.on_hint and item.draft:
+                top = torch.softmax(exit_head.logits(hidden[end - k:end]), dim=-1).max(dim=-1)
+                accepted, token = greedy_verify(item.draft, top.indices.tolist())
+                item.on_hint(accepted, token, float(top.values[: accepted + 1].min()))
+    return on_layer

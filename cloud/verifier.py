@@ -207,7 +207,8 @@ class Verifier:
         """Handle messages until a batch is due: the oldest pending draft has waited the window,
         or max_batch sessions are pending."""
         cfg = self.cfg.verifier
-        window = cfg.batch_window_ms / 1000
+        last_compute_s = self.stats.compute_s[-1] if self.stats.compute_s else 0.0
+        window = max(cfg.batch_window_ms / 1000, cfg.batch_wait_fraction * last_compute_s)
         deferred, self.deferred = self.deferred, []
         for message in deferred:
             self.dispatch(*message)
@@ -353,6 +354,7 @@ class Verifier:
             return
         if old is not None:  # a resync keeps the round counter so replays stay recognisable
             session.last_seq, session.last_reply = old.last_seq, None
+            session.adopt_cache(old)
         session.hints = msg.hints
         self.sessions[key] = session
         self.reply(out, wire.Opened(msg.session, msg.seq, self.replica, target.name))

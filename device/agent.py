@@ -73,6 +73,30 @@ class GenerationResult:
     unverified: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of tokens the target never saw
 
 
+@dataclass
+class RoundTimer:
+    """How long a round waits for its verdict: RFC 6298's retransmission timer over this device's
+    round trips, between `faults.round_timeout_s` and 8 times that (or `max_wait_s`). A verifier that slows down
+    under load stretches the wait instead of drawing timeouts and resyncs, whose cold prefills
+    would add to the very load that made it slow."""
+
+    srtt_s: float | None = None
+    rttvar_s: float = 0.0
+
+    def observe(self, rtt_s: float) -> None:
+        """A round trip answered on its first try (Karn: a resent round's time is ambiguous)."""
+        if self.srtt_s is None:
+            self.srtt_s, self.rttvar_s = rtt_s, rtt_s / 2
+        else:
+            self.rttvar_s = 0.75 * self.rttvar_s + 0.25 * abs(self.srtt_s - rtt_s)
+            self.srtt_s = 0.875 * self.srtt_s + 0.125 * rtt_s
+
+    def timeout_s(self, floor_s: float, cap_s: float = float("inf")) -> float:
+        if self.srtt_s is None:
+            return floor_s
+        return max(floor_s, min(8 * floor_s, cap_s, self.srtt_s + 4 * self.rttvar_s))
+
+
 class Agent:
     def __init__(self, cfg: DeviceConfig, engine, tokenizer):
         self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
@@ -92,6 +116,7 @@ class Agent:
         self.radio = self.profile.radio(energy.link)
         self.meter: PowerMeter | None = None
         self.current: _Request | None = None  # the request running or last run
+        self.round_timer = RoundTimer()
         empty_draft = len(wire.encode(wire.Draft(0, 0, 0, [])))
         prior = State((0.6,), draft_s=0.05, verify_base_s=0.1, verify_per_row_s=0.0, rtt_s=0.0,
                       up_bytes_base=publish_packet_bytes(self.up_topic, empty_draft, cfg.mqtt.qos, True),
@@ -429,7 +454,8 @@ class _Request:
 
     def backoff(self, attempt: int) -> float:
         """Jitter around an exponential timeout (capped): replays stay idempotent anyway."""
-        base = self.faults.round_timeout_s * (1.5 ** min(attempt, 4))
+        base = self.agent.round_timer.timeout_s(self.faults.round_timeout_s, self.faults.max_wait_s)
+        base *= 1.5 ** min(attempt, 4)
         return base * (0.75 + 0.5 * random.random())
 
     def unanswered(self, cause: str, attempt: int, since: float, can_draft: bool = False) -> None:
@@ -461,7 +487,8 @@ class _Request:
         while True:
             self.bind(since, can_draft)
             self.send(replace(msg, seq=self.seq))
-            deadline = time.monotonic() + self.backoff(attempt)
+            sent = time.monotonic()
+            deadline = sent + self.backoff(attempt)
             while True:
                 busy = ahead is not None and ahead.wants_more()
                 if busy and inbox.empty():
@@ -484,6 +511,7 @@ class _Request:
                     self.handle_error(reply)
                     self.bind(since, can_draft)
                     self.send(replace(msg, seq=self.seq))
+                    sent = time.monotonic()
                     continue
                 if isinstance(reply, wire.Hint):
                     hint = reply
@@ -494,6 +522,8 @@ class _Request:
                     self.stats.hints += 1
                     self.stats.hints_agreed += (hint.accepted, hint.next_token) == (reply.accepted, reply.next_token)
                     self.stats.hint_layer = hint.layer
+                if attempt == 0:
+                    self.agent.round_timer.observe(time.monotonic() - sent)
                 return reply
 
     def stream(self, request: wire.Generate):

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -23,24 +24,32 @@ import torch
 from specedge.bench import _git_revision, _read_json, _stop, load_prompts, spawn_verifier
 from specedge.broker import MosquittoBroker
 from specedge.device.draft import Drafted, TorchDraftEngine
-from specedge.fetch import cache_dir
+from specedge.fetch import cache_dir, sha256_file
 from specedge.loader import CONVERSION
 
 FLEET = "bench"
 
 
-def target_decode(model, prompt: list[int], max_new: int, stop_ids) -> list[int]:
-    """The target's own greedy decoding, one position at a time."""
-    cache = model.new_cache(capacity=len(prompt) + max_new + 8)
-    logits = model.forward(prompt, cache, last_only=True)[-1]
-    out = []
-    for _ in range(max_new):
-        token = int(torch.argmax(logits))
-        if token in stop_ids:
-            break
-        out.append(token)
-        logits = model.forward([token], cache)[-1]
-    return out
+def target_decode(model, prompts: list[list[int]], max_new: int, stop_ids) -> list[list[int]]:
+    """The target's own greedy decoding of each prompt, one position at a time. The prompts share
+    each pass: a batch-invariant target gives every row the bits it gets alone."""
+    caches = [model.new_cache(capacity=len(p) + max_new + 8) for p in prompts]
+    logits = model.forward_batch(list(zip(prompts, caches)), last_only=True)
+    outputs: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts))) if max_new > 0 else []
+    while live:
+        going = []
+        for i, rows in zip(live, logits):
+            token = int(torch.argmax(rows[-1]))
+            if token in stop_ids:
+                continue
+            outputs[i].append(token)
+            if len(outputs[i]) < max_new:
+                going.append(i)
+        live = going
+        if live:
+            logits = model.forward_batch([([outputs[i][-1]], caches[i]) for i in live])
+    return outputs
 
 
 def record(target, draft_engine, prompts: list[list[int]], max_new: int, draft_length: int, stop_ids) -> list[dict]:
@@ -48,8 +57,7 @@ def record(target, draft_engine, prompts: list[list[int]], max_new: int, draft_l
     from specedge.speculative import SamplingParams
 
     recordings = []
-    for prompt in prompts:
-        output = target_decode(target, prompt, max_new, stop_ids)
+    for prompt, output in zip(prompts, target_decode(target, prompts, max_new, stop_ids)):
         drafts = []
         draft_engine.start(prompt)
         for k in range(len(output) + 1):
@@ -121,7 +129,7 @@ protocol = "5"
 
 [target]
 model = "{args.target}"
-weights = "bf16"
+weights = "{args.target_weights}"
 {registry}""")
     return path
 
@@ -141,13 +149,15 @@ def _start_verifiers(folder: Path, port: int, args, replicas: int, max_batch: in
 
 
 class StatsWatch:
-    """Follows the replicas' statistics topic: the latest per replica, and the peak cache memory."""
+    """Follows the replicas' statistics topic: the latest of each replica of the current run, and
+    their peak cache memory."""
 
     def __init__(self, port: int):
         from specedge.config import MqttConfig
         from specedge.mqtt import REPLICAS, Link
 
         self.latest: dict[str, dict] = {}
+        self.replicas: set[str] = set()
         self.peak_cache_bytes = 0
         self.lock = threading.Lock()
         self.link = Link(MqttConfig(port=port, protocol="5"), f"bench-stats-{os.getpid()}", self._on)
@@ -157,6 +167,8 @@ class StatsWatch:
     def _on(self, topic: str, payload: bytes) -> None:
         stats = json.loads(payload)
         with self.lock:
+            if stats["replica"] not in self.replicas:
+                return  # a replica of an earlier run, saying goodbye
             self.latest[stats["replica"]] = stats
             self.peak_cache_bytes = max(self.peak_cache_bytes, sum(s["cache_bytes"] for s in self.latest.values()))
 
@@ -164,8 +176,11 @@ class StatsWatch:
         with self.lock:
             return {r: dict(s) for r, s in self.latest.items()}
 
-    def reset_peak(self) -> None:
+    def follow(self, replicas: set[str]) -> None:
+        """A new run: only these replicas count, the peak starts again."""
         with self.lock:
+            self.replicas = set(replicas)
+            self.latest = {r: s for r, s in self.latest.items() if r in self.replicas}
             self.peak_cache_bytes = 0
 
 
@@ -241,7 +256,7 @@ def run(args) -> int:
     from specedge.cloud.registry import load_target, registry_for
     from specedge.config import TargetConfig, model_label
     from specedge.exit_head import load_exit_head
-    from specedge.loader import load_named
+    from specedge.loader import load_named, resolve_weights
 
     devices = [int(d) for d in args.devices.split(",")]
     replica_counts = [int(r) for r in args.replicas.split(",")]
@@ -253,13 +268,18 @@ def run(args) -> int:
         head = load_exit_head(draft_model, 1, args.small_draft_head)
         small = draft_model.layer_subset(list(range(head.layer)), (head.down, head.up))
         drafts.append((f"{model_label(args.draft)}-l{head.layer}", TorchDraftEngine(small), draft_tok))
-    tcfg = TargetConfig(model=args.target, registry=args.registry, version=args.target_version)
+    tcfg = TargetConfig(model=args.target, weights=args.target_weights, registry=args.registry,
+                        version=args.target_version)
     specs, default = registry_for(tcfg)
+    # The recording is the target's output at the precision the replicas will load.
+    specs[default] = replace(specs[default], weights=resolve_weights(specs[default].weights))
     target = None
     prompts = [draft_tok.encode_chat(p) for p in load_prompts(args.prompts, args.max_prompts)]
     recordings = {}
+    head_sha = sha256_file(Path(args.small_draft_head)) if args.small_draft_head else None
     for name, engine, tok in drafts:
-        key = hashlib.sha256(json.dumps([CONVERSION, name, args.small_draft_head, specs[default].recipe(), prompts, args.tokens,
+        trained = head_sha if engine is not drafts[0][1] else None  # only the shallow draft has a head
+        key = hashlib.sha256(json.dumps([CONVERSION, name, trained, specs[default].recipe(), prompts, args.tokens,
                                          args.draft_length]).encode()).hexdigest()[:16]
         path = cache_dir() / "bench" / f"replay-{key}.json"
         if not path.exists():
@@ -291,8 +311,8 @@ def run(args) -> int:
                             events.append((args.kill_replica_at, lambda p=procs[0]: p.kill()))
                         if args.switch_at is not None:
                             events.append((args.switch_at, lambda: _announce(broker.port, args.switch_to)))
+                        watch.follow({p.replica for p in procs})
                         before = watch.snapshot()
-                        watch.reset_peak()
                         result = _run_sessions(agents, args, events)
                         time.sleep(1.2)  # the replicas' next statistics
                         row = {"mode": mode, "replicas": replicas, "devices": n, **result,

@@ -541,6 +541,8 @@ def parser() -> argparse.ArgumentParser:
     bv.add_argument("--target", default=DEFAULT_TARGET)
     bv.add_argument("--registry", default="", help='target registry ("shipped" = cloud/targets.toml)')
     bv.add_argument("--target-version", default="")
+    bv.add_argument("--target-weights", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="without --registry (a registry names each version's weights)")
     bv.add_argument("--prompts", default=None)
     bv.add_argument("--max-prompts", type=int, default=8)
     bv.add_argument("--tokens", type=int, default=32, help="new tokens a session")

@@ -125,7 +125,9 @@ FAULT_POLICIES = ("wait", "draft", "fail")
 class FaultConfig:
     """What a request does when its verdicts stop coming (docs/faults.md)."""
 
-    round_timeout_s: float = 30.0  # resend a round with no verdict after this long (backoff with jitter)
+    # Resend a round with no verdict after this long (backoff with jitter); the wait stretches with
+    # the verifier's observed round trips, up to 8x this or max_wait_s.
+    round_timeout_s: float = 30.0
     max_retries: int = 4  # resends before the verifier counts as lost and `on_verifier_loss` applies
     # wait: keep resending until `max_wait_s`; draft: go on with the draft alone for at most
     # `unverified_max_tokens` tokens, marked unverified (not lossless!); fail: fail the request now.
@@ -236,10 +238,14 @@ class VerifierIdentity:
     session_idle_s: float = 600.0
     # Replicas with the same group share new sessions (MQTT 5 shared subscription); "" = plain.
     group: str = "verifiers"
-    # Batching: a draft waits at most batch_window_ms for others to join its target pass, which
-    # holds at most max_batch sessions (1 = no batching).
+    # Batching: a draft waits at most batch_window_ms, or batch_wait_fraction of the last pass's
+    # compute time if longer, for others to join its target pass, which holds at most max_batch
+    # sessions (1 = no batching). The fraction lets the devices just answered (a draft and a round
+    # trip away) join the next pass when passes are slow, instead of splitting into two half
+    # batches that take turns.
     max_batch: int = 16
     batch_window_ms: float = 5.0
+    batch_wait_fraction: float = 0.25
     # KV caches of all sessions together; beyond it the least recently used are dropped (their
     # committed text stays, the next round rebuilds the cache).
     kv_budget_mb: float = 4096.0
@@ -255,15 +261,19 @@ class VerifierIdentity:
         _check(not set(self.group) & set("/+#\0"), "verifier.group", "a name without / + # NUL, or \"\"")
         _check(1 <= self.max_batch <= 256, "verifier.max_batch", "1..256")
         _check(0 <= self.batch_window_ms <= 1000, "verifier.batch_window_ms", "0..1000")
+        _check(0 <= self.batch_wait_fraction <= 1, "verifier.batch_wait_fraction", "0..1")
         _check(self.kv_budget_mb > 0, "verifier.kv_budget_mb", "> 0")
         _check(self.stats_interval_s > 0, "verifier.stats_interval_s", "> 0")
         _check(-1 <= self.metrics_port < 65536, "verifier.metrics_port", "-1 (off), 0 (any free port) or 1..65535")
 
 
+WEIGHTS = ("auto", "int8", "bf16", "fp32", "fp64")  # how a model's weights are held (loader.load_model)
+
+
 @dataclass
 class TargetConfig:
     model: str = "qwen2.5-coder-1.5b"
-    weights: str = "bf16"
+    weights: str = "auto"  # bf16 where the CPU has AMX/AVX512-BF16, else fp32 (see loader.resolve_weights)
     # Bit-identical logits whether a position is verified in a block or decoded alone.
     batch_invariant: bool = True
     # Early-exit hints (sent to devices that ask): the layer they are read after, 0 = three
@@ -281,7 +291,7 @@ class TargetConfig:
     version: str = ""
 
     def validate(self):
-        _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "target.weights", "int8, bf16, fp32 or fp64")
+        _check(self.weights in WEIGHTS, "target.weights", ", ".join(WEIGHTS))
         _check(self.exit_layer >= 0, "target.exit_layer", ">= 0 (0 = three quarters of the depth)")
         _check(0.0 <= self.exit_threshold <= 1.0, "target.exit_threshold", "0..1")
 

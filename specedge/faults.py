@@ -96,7 +96,7 @@ class Rig:
             cfg = self.folder / f"{name}.toml"
             cfg.write_text(f'[verifier]\nid = "{name}-{self.trial}"\nfleet = "{FLEET}"\ngroup = "{FLEET}"\n'
                            f'stats_interval_s = 0.3\n[mqtt]\nport = {self.broker.port}\nprotocol = "5"\n'
-                           f'keepalive_s = 5\n[target]\nmodel = "{self.files[1]}"\n')
+                           f'keepalive_s = 5\n[target]\nmodel = "{self.files[1]}"\nweights = "bf16"\n')
             proc = spawn_verifier(cfg, self.folder / f"{name}.log")
             self.procs[f"{name}-{self.trial}"] = proc
             started.append(proc)
@@ -338,7 +338,7 @@ def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models) 
     rng = random.Random(f"{seed}-{fault.name}-{trial}")
     draft, tok, target = models
     prompt = tok.encode_chat(rng.choice(PROMPTS))
-    reference = target_decode(target, prompt, MAX_NEW, tok.stop_ids)
+    reference = target_decode(target, [prompt], MAX_NEW, tok.stop_ids)[0]
     at_round = rng.randint(2, 4)
     gc.collect()
     rss0, fds0 = proc_stats()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from specedge.config import WEIGHTS
 from specedge.model import ModelConfig, Qwen2
 from specedge.tokenizer import Tokenizer
 
@@ -212,13 +213,24 @@ def read_checkpoint(path: str | Path, sha256: str | None = None):
     return cfg, weights, tok
 
 
+def resolve_weights(dtype: str) -> str:
+    """"auto": bf16 where the CPU multiplies it natively (AMX, AVX512-BF16), else fp32. Elsewhere
+    bf16 products are emulated and cost the same per row at any batch size, so batching many
+    devices' drafts into one pass buys nothing; fp32 products batch well on AVX2."""
+    if dtype != "auto":
+        return dtype
+    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    return "bf16" if native else "fp32"
+
+
 def load_model(path: str | Path, sha256: str | None = None, dtype: str = "bf16",
                batch_invariant: bool = False) -> tuple[Qwen2, Tokenizer]:
-    """dtype: bf16 | int8 (weight-only, bf16 activations) | fp32 | fp64."""
+    """dtype: bf16 | int8 (weight-only, bf16 activations) | fp32 | fp64 | auto (resolve_weights)."""
+    dtype = resolve_weights(dtype)
     torch_dtype = {"bf16": torch.bfloat16, "int8": torch.bfloat16, "fp32": torch.float32,
                    "fp64": torch.float64}.get(dtype)
     if torch_dtype is None:
-        raise ValueError(f"unknown weight dtype {dtype!r} (bf16, int8, fp32, fp64)")
+        raise ValueError(f"unknown weight dtype {dtype!r} ({', '.join(WEIGHTS)})")
     # fp32/fp64 ask for the file's exact values: no bf16 conversion cache for them.
     cfg, weights, tok = read_checkpoint(path, None if dtype in ("fp32", "fp64") else sha256)
     return Qwen2(cfg, weights, torch_dtype, int8=dtype == "int8", batch_invariant=batch_invariant), tok

@@ -34,18 +34,25 @@ class ModelConfig:
         return self.dim // self.n_heads
 
 
-# Rows per forward in batch-invariant mode: oneDNN's bf16 GEMM keeps one reduction
-# order for 2..32 rows on AVX512/AMX CPUs (checked at start-up by check_batch_invariance).
+# Chunk size for long teacher-forced passes (exit-head training); any size is exact.
 INVARIANT_BLOCK = 32
+# Batch invariance: a CPU GEMM picks its kernel, and with it the reduction order, by the number of
+# rows it is given (a GEMV for one row, another micro-kernel for a ragged tail, another above some
+# size). Each weight shape is probed once for the cheapest (pad up to, split above) row counts
+# under which every row comes out bit-identical whatever the call's size and the row's place in it.
+# Seen so far: bf16 on AVX512/AMX pads to 2 and splits above 32; fp32 on AVX2 pads to 12.
+PAD_ROWS = (1, 2, 4, 8, 12, 16, 32)
+SPLIT_ROWS = (128, 32)
+PROBE_ROWS = tuple(range(1, 17)) + (17, 19, 23, 29, 32, 37, 45, 64, 80, 100)
 
 
 class Linear:
     """y = x @ W.T + b with the weight kept in a CPU-friendly form."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int8: bool,
-                 min_rows: int = 1):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int8: bool):
         self.bias = None if bias is None else bias.to(dtype)
-        self.int8, self.min_rows, self.rowwise = int8, min_rows, False
+        self.int8, self.rowwise = int8, False
+        self.pad_rows, self.split_rows = 1, 0  # set by make_invariant(); 0 = never split
         if int8:
             w = weight.float()
             scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
@@ -61,30 +68,49 @@ class Linear:
         return self.weight.float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.rowwise and x.shape[0] > 1:  # where the GEMM is not batch-invariant: exact, slower
-            return torch.cat([self._matmul(row) for row in x.split(1)])
-        return self._matmul(x)
-
-    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8:
-            y = torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
-        elif x.shape[0] < self.min_rows:
-            # oneDNN runs one row through a GEMV whose reduction order differs from its GEMM;
-            # padding keeps every row's result bit-identical whatever the batch (see Qwen2).
-            y = F.linear(x.expand(self.min_rows, -1), self.weight)[: x.shape[0]]
+        n = x.shape[0]
+        if self.rowwise and n > 1:  # no invariant blocking found: exact, slower
+            y = torch.cat([self._product(row) for row in x.split(1)])
+        elif self.split_rows and n > self.split_rows:
+            y = torch.cat([self._padded(block) for block in x.split(self.split_rows)])
         else:
-            y = F.linear(x, self.weight)
+            y = self._padded(x)
         return y if self.bias is None else y + self.bias
 
-    def batch_invariant(self) -> bool:
-        """Whether each row's output is bit-identical for every block size up to INVARIANT_BLOCK."""
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        if n >= self.pad_rows:
+            return self._product(x)
+        return self._product(torch.cat([x, x.new_zeros(self.pad_rows - n, x.shape[1])]))[:n]
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8:
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
+        return F.linear(x, self.weight)
+
+    def invariant_rows(self) -> tuple[int, int] | None:
+        """The cheapest (pad_rows, split_rows) under which this CPU computes every row of this
+        weight shape the same in any call, or None where no candidate holds."""
         gen = torch.Generator().manual_seed(0)
         dtype = torch.bfloat16 if self.int8 else self.weight.dtype
-        x = torch.randn(INVARIANT_BLOCK, self.weight.shape[1], generator=gen).to(dtype)
-        # Rows of different devices share a block in batched verification: every row must
-        # come out as it does alone, wherever it sits.
-        alone = torch.cat([self(row) for row in x.split(1)])
-        return all(torch.equal(self(x[:m]), alone[:m]) for m in (2, 3, 5, 8, 13, 21, INVARIANT_BLOCK))
+        x = torch.randn(SPLIT_ROWS[0], self.weight.shape[1], generator=gen).to(dtype)
+        for split in SPLIT_ROWS:
+            reference = self._product(x[:split])
+            # Each probe puts its rows at another offset: a row must not depend on its place either.
+            agrees = {}
+            for m in (m for m in PROBE_ROWS if m < split):
+                at = (37 * m) % (split - m + 1)
+                agrees[m] = torch.equal(self._product(x[at:at + m]), reference[at:at + m])
+            for pad in PAD_ROWS:
+                if all(ok for m, ok in agrees.items() if m >= pad):
+                    return pad, split
+        return None
+
+    def make_invariant(self, rows: tuple[int, int] | None) -> None:
+        if rows is None:
+            self.rowwise = True
+        else:
+            self.pad_rows, self.split_rows = rows
 
 
 class KVCache:
@@ -136,10 +162,9 @@ class Qwen2:
         decoding reproduces the target's own decoding exactly, not just up to rounding.
         """
         self.cfg, self.dtype, self.batch_invariant = cfg, dtype, batch_invariant
-        min_rows = 2 if batch_invariant else 1
 
         def lin(name: str) -> Linear:
-            return Linear(weights[f"{name}.weight"], None, dtype, int8, min_rows)
+            return Linear(weights[f"{name}.weight"], None, dtype, int8)
 
         def vec(name: str) -> torch.Tensor:
             return weights[name].float()
@@ -152,19 +177,20 @@ class Qwen2:
             qkv_bias = torch.cat([weights[f"{p}.attn_{n}.bias"] for n in "qkv"])
             self.layers.append(dict(
                 attn_norm=vec(f"{p}.attn_norm.weight"),
-                qkv=Linear(torch.cat([q, k, v]), qkv_bias, dtype, int8, min_rows),
+                qkv=Linear(torch.cat([q, k, v]), qkv_bias, dtype, int8),
                 out=lin(f"{p}.attn_output"),
                 ffn_norm=vec(f"{p}.ffn_norm.weight"),
                 gate_up=Linear(torch.cat([weights[f"{p}.ffn_gate.weight"], weights[f"{p}.ffn_up.weight"]]),
-                               None, dtype, int8, min_rows),
+                               None, dtype, int8),
                 down=lin(f"{p}.ffn_down"),
             ))
         self.norm = vec("output_norm.weight")
         head = weights.get("output.weight")
-        self.head = Linear(weights["token_embd.weight"] if head is None else head, None, dtype, int8, min_rows)
+        self.head = Linear(weights["token_embd.weight"] if head is None else head, None, dtype, int8)
         self._rope_len = 0
         self._grow_rope(4096)
         self.rowwise_linears = 0
+        self.invariant_rows: list[tuple[int, int]] = []  # (pad, split) pairs in use
         self.adapter = None
         if batch_invariant:
             self._ensure_invariance()
@@ -173,16 +199,16 @@ class Qwen2:
         return [self.head] + [layer[k] for layer in self.layers for k in ("qkv", "out", "gate_up", "down")]
 
     def _ensure_invariance(self) -> None:
-        """Check each weight shape once; where this CPU's GEMM changes reduction order with
-        the block size, that shape falls back to row-by-row products (exact, slower)."""
-        verdicts: dict[tuple, bool] = {}
+        """Probe each weight shape once (see PAD_ROWS); a shape with no invariant blocking falls
+        back to row-by-row products (exact, slower)."""
+        verdicts: dict[tuple, tuple[int, int] | None] = {}
         for lin in self._linears():
             shape = tuple(lin.weight.shape)
             if shape not in verdicts:
-                verdicts[shape] = lin.batch_invariant()
-            if not verdicts[shape]:
-                lin.rowwise = True
-                self.rowwise_linears += 1
+                verdicts[shape] = lin.invariant_rows()
+            lin.make_invariant(verdicts[shape])
+            self.rowwise_linears += lin.rowwise
+        self.invariant_rows = sorted({v for v in verdicts.values() if v})
 
     def _grow_rope(self, length: int) -> None:
         length = min(max(length, 2 * self._rope_len), self.cfg.max_seq_len)
@@ -258,7 +284,7 @@ class Qwen2:
             if on_layer is not None:
                 on_layer(li, x)
             h = self._rmsnorm(x, layer["attn_norm"])
-            qkv = self._rows(layer["qkv"], h)
+            qkv = layer["qkv"](h)
             attn = []
             for first, n, start, cache, cos, sin, mask in spans:
                 q, k, v = qkv[first:first + n].split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -267,10 +293,10 @@ class Qwen2:
                 cache.k[li][:, start:start + n] = k
                 cache.v[li][:, start:start + n] = v.view(n, nkv, hd).transpose(0, 1)
                 attn.append(self._attend(q, cache.k[li], cache.v[li], start, mask).transpose(0, 1).reshape(n, nh * hd))
-            x = x + self._rows(layer["out"], torch.cat(attn) if len(attn) > 1 else attn[0])
+            x = x + layer["out"](torch.cat(attn) if len(attn) > 1 else attn[0])
             h = self._rmsnorm(x, layer["ffn_norm"])
-            gate, up = self._rows(layer["gate_up"], h).chunk(2, dim=-1)
-            x = x + self._rows(layer["down"], F.silu(gate) * up)
+            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up)
         for _, n, start, cache, *_ in spans:
             cache.length = start + n
         if last_only:
@@ -279,12 +305,6 @@ class Qwen2:
             return list(self.logits(x).split([n for _, n, *_ in spans]))
         rows = [x[first + n - k:first + n] for k, (first, n, *_) in zip(keep, spans)]
         return list(self.logits(torch.cat(rows)).split(keep))
-
-    def _rows(self, linear: Linear, x: torch.Tensor) -> torch.Tensor:
-        # Larger blocks switch oneDNN to kernels with another reduction order.
-        if not self.batch_invariant or x.shape[0] <= INVARIANT_BLOCK:
-            return linear(x)
-        return torch.cat([linear(block) for block in x.split(INVARIANT_BLOCK)])
 
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor, adapter=None) -> torch.Tensor:
@@ -295,7 +315,7 @@ class Qwen2:
         if adapter is not None:
             h = hidden.float()
             hidden = (h + (h @ adapter[0].T) @ adapter[1].T).to(hidden.dtype)
-        return self._rows(self.head, self._rmsnorm(hidden, self.norm)).float()
+        return self.head(self._rmsnorm(hidden, self.norm)).float()
 
     def layer_subset(self, layers: list[int], adapter: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Qwen2":
         """A model made of some of this one's layers (sharing their weights) and its output head,

@@ -62,7 +62,7 @@ def run(seconds: float, devices: int = 4, channel: str = "wifi", interval_s: flo
     draft_model, tok = load_named(draft, "bf16" if tiny else "int8")  # int8: the device default
     target_model, _ = load_named(target, "bf16", batch_invariant=True)
     prompts = [tok.encode_chat(p) for p in PROMPTS]
-    references = [target_decode(target_model, p, max_new, tok.stop_ids) for p in prompts]
+    references = target_decode(target_model, prompts, max_new, tok.stop_ids)
     del target_model
 
     broker = MosquittoBroker().start()
@@ -75,7 +75,7 @@ def run(seconds: float, devices: int = 4, channel: str = "wifi", interval_s: flo
     try:
         cfg_path = folder / "verifier.toml"
         cfg_path.write_text(f'[verifier]\nid = "soak"\nfleet = "soak"\nstats_interval_s = 1.0\n'
-                            f'[mqtt]\nport = {broker.port}\n[target]\nmodel = "{target}"\n')
+                            f'[mqtt]\nport = {broker.port}\n[target]\nmodel = "{target}"\nweights = "bf16"\n')
         verifier = spawn_verifier(cfg_path, folder / "verifier.log")
         procs.append(verifier)
         _read_json(verifier, "the verifier", 120)

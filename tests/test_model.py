@@ -31,6 +31,24 @@ def test_block_forward_matches_one_at_a_time_bit_for_bit(tiny_models):
     assert torch.equal(torch.cat(rows), alone)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_an_invariant_linear_gives_each_row_the_same_bits_in_any_call(dtype):
+    """Whatever padding and splitting this CPU's probe chose, a row's product does not depend on
+    how many rows share its call or where it sits among them (sizes over the split included)."""
+    from specedge.model import Linear
+
+    gen = torch.Generator().manual_seed(1)
+    lin = Linear(torch.randn(96, 200, generator=gen), torch.randn(96, generator=gen), dtype, int8=False)
+    rows = lin.invariant_rows()
+    assert rows is not None
+    lin.make_invariant(rows)
+    x = torch.randn(300, 200, generator=gen).to(dtype)
+    alone = torch.cat([lin(row) for row in x.split(1)])
+    for size in (2, 3, 5, 7, 11, 12, 13, 31, 33, 64, 129, 300):
+        at = (11 * size) % (301 - size)
+        assert torch.equal(lin(x[at:at + size]), alone[at:at + size]), size
+
+
 def test_truncated_cache_gives_the_same_logits_as_a_fresh_one(tiny_models):
     draft, tok, _, _ = tiny_models
     ids = tok.encode("sensor arm wheel go")

@@ -53,6 +53,53 @@ def test_verify_batch_gives_each_session_its_own_verdict(tiny_models):
     assert [(i.accepted, i.next_token) for i in items] == reference
 
 
+def test_a_resync_on_the_same_replica_keeps_the_cache_it_can(tiny_models):
+    _, tok, target, _ = tiny_models
+    version = Target.in_memory("v", target, tok)
+    prompt = tok.encode_chat("the robot arm moves left")
+    old = TargetSession(version, prompt, SamplingParams(), 1)
+    old.verify([3, 4, 5])
+    committed = list(old.committed)
+    same = TargetSession(version, committed, SamplingParams(), 1)
+    same.adopt_cache(old)
+    assert same.cache is old.cache and same.cache.length == len(committed) - 1  # nothing to prefill
+    fresh = TargetSession(version, committed, SamplingParams(), 1)
+    assert same.verify([6, 7]) == fresh.verify([6, 7])
+    # The device knows less than the replica (a verdict it never got): the cache rolls back to it.
+    behind = TargetSession(version, committed[:-2], SamplingParams(), 1)
+    behind.adopt_cache(same)
+    assert behind.cache.length == len(committed) - 3
+    assert behind.verify([6]) == TargetSession(version, committed[:-2], SamplingParams(), 1).verify([6])
+
+
+@pytest.mark.parametrize("last_pass_s, joined", [(0.0, 1), (0.4, 2)])
+def test_after_a_slow_pass_the_window_waits_for_the_devices_just_answered(tiny_models, last_pass_s, joined):
+    """A fixed 5 ms window splits devices into half batches taking turns when passes take seconds:
+    the window stretches to a fraction of the last pass's compute time."""
+    from specedge import wire
+    from specedge.cloud.verifier import Verifier
+    from specedge.mqtt import device_topic
+
+    _, tok, target, _ = tiny_models
+    cfg = build(CloudConfig, {"verifier": {"batch_window_ms": 5, "batch_wait_fraction": 0.25}})
+    verifier = Verifier(cfg, Target.in_memory("v", target, tok))  # not started: no broker needed
+    prompt = tok.encode_chat("go")
+    for device in ("d1", "d2"):
+        verifier.sessions[("f", device, 1)] = TargetSession(verifier.targets["v"], prompt, SamplingParams(), 1)
+    if last_pass_s:
+        verifier.stats.compute_s.append(last_pass_s)
+
+    def draft_from(device):
+        payload = wire.encode(wire.Draft(1, 1, len(prompt), [3, 4]))
+        verifier.inbox.put((device_topic("f", device, "draft"), payload, time.monotonic()))
+    draft_from("d1")
+    late = threading.Timer(0.04, draft_from, ("d2",))  # a device that needed 40 ms to draft again
+    late.start()
+    verifier.gather()
+    late.join()
+    assert len(verifier.pending) == joined
+
+
 @pytest.fixture
 def fleet_verifier(tiny_models, mosquitto):
     """A verifier on its own fleet, configured by the test."""
@@ -154,7 +201,7 @@ def test_idle_sessions_expire_and_the_device_resyncs(tiny_models, mosquitto, fle
 def _replica(tmp_path, name: str, port: int, target_path) -> subprocess.Popen:
     cfg = tmp_path / f"{name}.toml"
     cfg.write_text(f'[verifier]\nid = "{name}"\nfleet = "ha"\ngroup = "ha"\n[mqtt]\nport = {port}\nprotocol = "5"\n'
-                   f'[target]\nmodel = "{target_path}"\n')
+                   f'[target]\nmodel = "{target_path}"\nweights = "bf16"\n')
     proc = spawn_verifier(cfg, tmp_path / f"{name}.log")
     assert _read_json(proc, f"replica {name}", 60)["ready"]
     return proc
