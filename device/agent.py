@@ -76,9 +76,9 @@ class GenerationResult:
 @dataclass
 class RoundTimer:
     """How long a round waits for its verdict: RFC 6298's retransmission timer over this device's
-    round trips, between `faults.round_timeout_s` and 8 times that (or `max_wait_s`). A verifier that slows down
-    under load stretches the wait instead of drawing timeouts and resyncs, whose cold prefills
-    would add to the very load that made it slow."""
+    round trips, between `faults.round_timeout_s` and 8 times that (or `max_wait_s`). A verifier
+    that slows down under load stretches the wait instead of drawing timeouts and resyncs, whose
+    cold prefills would add to the very load that made it slow."""
 
     srtt_s: float | None = None
     rttvar_s: float = 0.0

@@ -264,10 +264,13 @@ def run(args) -> int:
     print(f"loading {args.draft} and the target for the recording", file=sys.stderr)
     draft_model, draft_tok = load_named(args.draft, "int8")
     drafts = [(model_label(args.draft), TorchDraftEngine(draft_model), draft_tok)]
+    trained_heads = {}  # draft name -> sha256 of its trained head: part of its recording's key
     if args.small_draft_head:
         head = load_exit_head(draft_model, 1, args.small_draft_head)
         small = draft_model.layer_subset(list(range(head.layer)), (head.down, head.up))
-        drafts.append((f"{model_label(args.draft)}-l{head.layer}", TorchDraftEngine(small), draft_tok))
+        name = f"{model_label(args.draft)}-l{head.layer}"
+        drafts.append((name, TorchDraftEngine(small), draft_tok))
+        trained_heads[name] = sha256_file(Path(args.small_draft_head))
     tcfg = TargetConfig(model=args.target, weights=args.target_weights, registry=args.registry,
                         version=args.target_version)
     specs, default = registry_for(tcfg)
@@ -276,11 +279,9 @@ def run(args) -> int:
     target = None
     prompts = [draft_tok.encode_chat(p) for p in load_prompts(args.prompts, args.max_prompts)]
     recordings = {}
-    head_sha = sha256_file(Path(args.small_draft_head)) if args.small_draft_head else None
     for name, engine, tok in drafts:
-        trained = head_sha if engine is not drafts[0][1] else None  # only the shallow draft has a head
-        key = hashlib.sha256(json.dumps([CONVERSION, name, trained, specs[default].recipe(), prompts, args.tokens,
-                                         args.draft_length]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps([CONVERSION, name, trained_heads.get(name), specs[default].recipe(), prompts,
+                                         args.tokens, args.draft_length]).encode()).hexdigest()[:16]
         path = cache_dir() / "bench" / f"replay-{key}.json"
         if not path.exists():
             target = target or load_target(specs[default])
