@@ -1,6 +1,6 @@
 """How far to speculate: a pure decision rule over an estimated state, plus the estimators.
 
-A round that drafts g tokens (DESIGN section 4) yields E(g) = 1 + sum_{i<=g} S_i tokens,
+A round that drafts g tokens (docs/design.md section 4) yields E(g) = 1 + sum_{i<=g} S_i tokens,
 S_i the probability that the first i drafted tokens are all accepted; it takes
     T(g) = g t_draft + RTT + up_bytes(g)/R_up + down_bytes/R_down + t_verify(g + 1)
 and costs the device

@@ -21,13 +21,15 @@ import time
 from pathlib import Path
 
 from specedge.broker import MosquittoBroker
-from specedge.channel import PRESETS, ChannelEmulator, preset, shared_data
+from specedge.channel import ChannelConfig, ChannelEmulator, channel_config, split_channels
+from specedge.progress import bar as progress_bar
+from specedge.resources import resource
 
 MAX_G = 8
 
 
 def default_prompts() -> Path:
-    return shared_data("prompts", "spec_bench_dev.jsonl")
+    return resource("data", "prompts", "spec_bench_dev.jsonl")
 
 
 def load_prompts(path: str | Path, limit: int | None) -> list[str]:
@@ -45,11 +47,11 @@ def load_prompts(path: str | Path, limit: int | None) -> list[str]:
     return prompts
 
 
-# The radio model each preset's device uses for its energy figures.
+# The radio model each preset's device uses for its energy figures (a custom trace: lte).
 CHANNEL_RADIO = {"ideal": "wifi", "wifi": "wifi", "lte": "lte", "lte-driving": "lte", "umts": "3g", "evdo": "3g"}
 
 
-# -- the analytical optimum of DESIGN section 4, with per-position acceptance -------------------
+# -- the analytical optimum of docs/design.md section 4, with per-position acceptance ---------
 def acceptance_by_position(draft_lengths: list[int], accepted: list[int], positions: int = MAX_G) -> list[float]:
     """c_j = P(drafted token j accepted | tokens before it accepted), from verdicts."""
     tested, passed = [0] * positions, [0] * positions
@@ -66,7 +68,7 @@ def acceptance_by_position(draft_lengths: list[int], accepted: list[int], positi
 def optimum(accept_by_position: list[float], t_draft: float, verify_base: float, verify_per_row: float,
             rtt: float, rate_up, rate_down, v5: bool = True, max_g: int = MAX_G) -> tuple[float, int]:
     """(best tokens/s, its draft length) over fixed g in [0, max_g] for greedy rounds on this wire:
-    the scheduler's own round model (DESIGN section 4) fed with the run's measurements."""
+    the scheduler's own round model (docs/design.md section 4) fed with the run's measurements."""
     from specedge.device.scheduler import Objective, State, best_rate
     from specedge.mqtt import publish_packet_bytes
 
@@ -259,17 +261,37 @@ def aggregate(runs: list[dict]) -> dict:
     }
 
 
-def run(args) -> int:
-    from tqdm import tqdm
+DEFAULT_CHANNELS = "ideal,lte,umts"
 
+
+def bench_channels(channel: str | None, up_trace: str | None, down_trace: str | None,
+                   seed: int = 0) -> list[ChannelConfig]:
+    """--channel's presets and trace: specs, then --up-trace/--down-trace as one more channel;
+    without either, the default presets."""
+    if bool(up_trace) != bool(down_trace):
+        raise ValueError("--up-trace and --down-trace go together")
+    specs = split_channels(channel if channel is not None else "" if up_trace else DEFAULT_CHANNELS)
+    if up_trace:
+        specs.append(f"trace:{up_trace},{down_trace}")
+    configs = [channel_config(spec, seed) for spec in specs]
+    names = [cfg.name for cfg in configs]
+    if not names:
+        raise ValueError("no channel to run")
+    if len(set(names)) < len(names):  # the report is keyed by channel name
+        raise ValueError(f"a channel appears twice: {', '.join(names)}")
+    return configs
+
+
+def run(args) -> int:
     from specedge.demo import machine
     from specedge.device.policy import parse_policy
 
-    channels = [c for c in args.channel.split(",") if c]
+    try:
+        configs = bench_channels(args.channel, args.up_trace, args.down_trace, args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"specedge bench: {exc}") from None
+    channels = [cfg.name for cfg in configs]
     policies = [p for p in args.policies.split(",") if p]
-    for c in channels:
-        if c not in PRESETS:
-            raise ValueError(f"unknown channel {c!r}; presets: {', '.join(PRESETS)}")
     for p in policies:
         parse_policy(p, 64)
     prompts = load_prompts(args.prompts, args.max_prompts)
@@ -298,9 +320,9 @@ def run(args) -> int:
             logs / "verifier.log")
         procs.append(verifier)
         _read_json(verifier, "the verifier", args.start_timeout)
-        bar = tqdm(total=len(channels) * len(prompts) * len(policies), desc="bench", unit="run", file=sys.stderr)
-        for channel_name in channels:
-            cfg = preset(channel_name, seed=args.seed)
+        bar = progress_bar(len(channels) * len(prompts) * len(policies), "bench", "runs")
+        for cfg in configs:
+            channel_name = cfg.name
             with ChannelEmulator(cfg, ("127.0.0.1", broker.port)) as channel:
                 worker = _spawn([sys.executable, "-m", "specedge.bench", "--worker", "--port", str(channel.port),
                                  "--draft", args.draft, "--draft-weights", args.draft_weights,
@@ -343,7 +365,7 @@ def run(args) -> int:
         "draft": args.draft, "target": args.target, "draft_weights": args.draft_weights,
         "target_weights": args.target_weights, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "energy_profile": args.profile,
-        "channels": {name: {"doc": PRESETS[name]["doc"], **res} for name, res in results.items()},
+        "channels": results,
         # Per layer: how often an exit head there names the target's next token, teacher-forced over
         # the generated text (the early-exit policies' live rate is per channel and policy).
         "early_exit_agreement": exit_agreement,
@@ -393,7 +415,9 @@ def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
     # and verify costs and network RTT from every speculative run of this channel.
     speculative = [r for name, rs in runs.items() if name != "cloud-ar" for r in rs]
     fixed = [r for name, rs in runs.items() if name.startswith("fixed:") for r in rs] or speculative
-    out = {"link": {"up_mean_bps": rate_up, "down_mean_bps": rate_down, "one_way_delay_ms": cfg.up.delay_ms}}
+    out = {"description": cfg.description,
+           "link": {"up_mean_bps": rate_up, "down_mean_bps": rate_down, "one_way_delay_ms": cfg.up.delay_ms,
+                    "up_trace": cfg.up.trace_file, "down_trace": cfg.down.trace_file}}
     best = None
     if speculative:
         accept = acceptance_by_position([d for r in fixed for d in r["draft_lengths"]],
@@ -455,6 +479,8 @@ def _print_table(report: dict) -> None:
             print(f"{name:12}{policy:{width}}" + "".join(cells))
         if "outputs_identical" in ch:
             print(f"{'':12}outputs identical to cloud-ar: {ch['outputs_identical']}")
+    for name, ch in report["channels"].items():
+        print(f"channel {name}: {ch['description']}")
     sources = {m["energy_source"] for ch in report["channels"].values() for m in ch["policies"].values()}
     print(f"energy (J/tok) source: {', '.join(sorted(sources))}; efficiency = tok/s over the analytical optimum "
           f"(best fixed draft length, not pipelined, under the measured per-position acceptance and costs); "
@@ -491,7 +517,9 @@ def plot(report: dict, path: str) -> None:
     axes[0].legend(fontsize=8)
     fig.suptitle(f"specedge bench: {report['draft']} -> {report['target']}, {report['prompts']} prompts x "
                  f"{report['max_new_tokens']} tokens ({report['machine']['cpu']}, {report['pinning']})", fontsize=9)
-    fig.tight_layout()
+    links = "\n".join(f"{name}: {report['channels'][name]['description']}" for name in channels)
+    fig.text(0.01, 0.01, links, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.03 * len(channels) + 0.02, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -517,7 +545,7 @@ def plot_draft_lengths(report: dict, path: str) -> None:
             ys = [g for r in rs for g in r["draft_lengths"]]
             ax.scatter(xs, ys, s=10, alpha=0.45, label=f"{policy}: draft length")
         ax.set_ylabel("draft length")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(f"{name}: {report['channels'][name]['description']}", fontsize=9)
         ax.grid(alpha=0.3)
         if rates and rates[0][1] is not None:
             twin = ax.twinx()

@@ -15,27 +15,22 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import math
+import os
 import random
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specedge.resources import resource
+
 MTU = 1500
-_REPO = Path(__file__).resolve().parents[1]
-
-
-def shared_data(*parts: str) -> Path:
-    """A path under shared/data, inside the checkout (device machines) or beside it (CI)."""
-    candidates = [root / "shared" / "data" / Path(*parts) for root in (_REPO, _REPO.parent)]
-    return next((c for c in candidates if c.exists()), candidates[-1])
 
 
 def default_trace_dir() -> Path:
-    """$SPECEDGE_TRACES, else shared/data/traces."""
-    import os
-
-    return Path(os.environ["SPECEDGE_TRACES"]) if os.environ.get("SPECEDGE_TRACES") else shared_data("traces")
+    """$SPECEDGE_TRACES, else the traces shipped in the package."""
+    return Path(os.environ["SPECEDGE_TRACES"]) if os.environ.get("SPECEDGE_TRACES") else resource("data", "traces")
 
 
 def load_trace(path: str | Path) -> list[int]:
@@ -61,11 +56,29 @@ class LinkSpec:
     loss: float = 0.0  # probability that a 1500-byte packet needs a retransmission
     rto_ms: float = 200.0  # the delay a retransmission adds
     blackouts: list[tuple[float, float]] = field(default_factory=list)  # (start_s, duration_s)
+    trace_file: str | None = None  # where `trace` was read from, for reports
 
     def mean_rate_bps(self) -> float | None:
         if self.trace:
             return len(self.trace) * MTU * 8 / (self.trace[-1] / 1000)
         return self.rate_bps
+
+    def capacity_text(self) -> str:
+        rate = self.mean_rate_bps()
+        if self.trace:
+            source = Path(self.trace_file).name if self.trace_file else "trace"
+            return f"{source} ({rate / 1e6:.3g} Mbit/s mean)"
+        return f"{rate / 1e6:.3g} Mbit/s fixed" if rate else "unlimited"
+
+    def impairments_text(self) -> str:
+        parts = [f"{self.delay_ms:g} ms one-way delay"]
+        if self.jitter_ms:
+            parts.append(f"{self.jitter_ms:g} ms jitter")
+        if self.loss:
+            parts.append(f"{self.loss * 100:g}% loss")
+        if self.blackouts:
+            parts.append(f"{len(self.blackouts)} blackout(s)")
+        return ", ".join(parts)
 
     def rate_at(self, t: float, window_s: float = 1.0) -> float | None:
         """Capacity (bit/s) over [t, t + window) seconds after start: what the trace offers there."""
@@ -204,6 +217,14 @@ class ChannelConfig:
     name: str = "custom"
     seed: int = 0
 
+    @property
+    def description(self) -> str:
+        """What was loaded, not what a preset promises: trace files with their measured mean
+        rates, or fixed rates; then delay, jitter and loss."""
+        links = f"up {self.up.capacity_text()}, down {self.down.capacity_text()}"
+        up, down = self.up.impairments_text(), self.down.impairments_text()
+        return f"{links}; {up}" if up == down else f"{links}; up {up}; down {down}"
+
 
 class ChannelEmulator:
     """TCP proxy listen_port -> upstream, shaping both directions. Runs its own asyncio thread."""
@@ -335,33 +356,98 @@ class ChannelEmulator:
         self.stop()
 
 
-# Presets: real U.S. cellular traces (../shared/data/traces, Mahimahi format) plus typical
-# one-way delays; Wi-Fi has no trace here and uses a fixed home-Wi-Fi rate.
+# Presets: real U.S. cellular traces (Mahimahi format, shipped in specedge/data/traces) plus
+# typical one-way delays; Wi-Fi has no trace here and uses a fixed home-Wi-Fi rate. The rates a
+# run actually met are in ChannelConfig.description, measured from the files loaded.
 PRESETS = {
     "ideal": dict(doc="loopback: no shaping, no delay"),
     "wifi": dict(up_rate=20e6, down_rate=50e6, delay_ms=5, jitter_ms=2, loss=0.002,
                  doc="home Wi-Fi: 20/50 Mbit/s up/down, 5 ms one-way (10 ms RTT), 2 ms jitter, 0.2% loss"),
     "lte": dict(trace="Verizon-LTE-short", delay_ms=30, jitter_ms=5,
-                doc="Verizon LTE trace (5.9/5.0 Mbit/s mean up/down), 30 ms one-way (60 ms RTT)"),
+                doc="Verizon LTE trace, 30 ms one-way (60 ms RTT)"),
     "lte-driving": dict(trace="ATT-LTE-driving-2016", delay_ms=40, jitter_ms=8,
-                        doc="AT&T LTE while driving (1.9/4.6 Mbit/s mean, with outages), 40 ms one-way"),
+                        doc="AT&T LTE trace while driving (with outages), 40 ms one-way"),
     "umts": dict(trace="TMobile-UMTS-driving", delay_ms=75, jitter_ms=10,
-                 doc="T-Mobile UMTS/3G while driving (0.9/2.0 Mbit/s mean), 75 ms one-way (150 ms RTT)"),
+                 doc="T-Mobile UMTS/3G trace while driving, 75 ms one-way (150 ms RTT)"),
     "evdo": dict(trace="Verizon-EVDO-driving", delay_ms=100, jitter_ms=15,
-                 doc="Verizon EV-DO while driving (0.8/0.5 Mbit/s mean), 100 ms one-way (200 ms RTT)"),
+                 doc="Verizon EV-DO trace while driving, 100 ms one-way (200 ms RTT)"),
 }
 
 
 def preset(name: str, trace_dir: str | Path | None = None, seed: int = 0) -> ChannelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown channel {name!r}; presets: {', '.join(PRESETS)}")
+        raise ValueError(f"unknown channel {name!r}; presets: {', '.join(PRESETS)}, or {TRACE_FORM}")
     p = PRESETS[name]
     trace_dir = Path(trace_dir) if trace_dir else default_trace_dir()
     common = dict(delay_ms=p.get("delay_ms", 0.0), jitter_ms=p.get("jitter_ms", 0.0), loss=p.get("loss", 0.0))
     if "trace" in p:
-        up = LinkSpec(trace=load_trace(trace_dir / f"{p['trace']}.up"), **common)
-        down = LinkSpec(trace=load_trace(trace_dir / f"{p['trace']}.down"), **common)
+        up, down = (trace_dir / f"{p['trace']}.{side}" for side in ("up", "down"))
+        up = LinkSpec(trace=load_trace(up), trace_file=str(up), **common)
+        down = LinkSpec(trace=load_trace(down), trace_file=str(down), **common)
     else:
         up = LinkSpec(rate_bps=p.get("up_rate"), **common)
         down = LinkSpec(rate_bps=p.get("down_rate"), **common)
     return ChannelConfig(up, down, name, seed)
+
+
+TRACE_FORM = "trace:UP,DOWN[,delay_ms=MS][,jitter_ms=MS][,loss=P]"
+# option -> the interval its value must lie in
+TRACE_OPTIONS = {"delay_ms": (0.0, math.inf), "jitter_ms": (0.0, math.inf), "loss": (0.0, 1.0)}
+
+
+def parse_trace_spec(spec: str, seed: int = 0) -> ChannelConfig:
+    """A channel over any Mahimahi trace pair: `trace:UP,DOWN[,delay_ms=..][,jitter_ms=..][,loss=..]`,
+    UP and DOWN being file paths; the options apply to both directions. A ValueError names the
+    part that is wrong."""
+    if not spec.startswith("trace:"):
+        raise ValueError(f"{spec!r} is not a trace spec: expected {TRACE_FORM}")
+    parts = [p.strip() for p in spec[len("trace:"):].split(",")]
+    files, settings = parts[:2], parts[2:]
+    if len(files) != 2 or any(not f or "=" in f for f in files):
+        raise ValueError(f"{spec!r}: expected two trace files first, as in {TRACE_FORM}")
+    options: dict[str, float] = {}
+    for part in settings:
+        key, eq, value = part.partition("=")
+        if not eq:
+            raise ValueError(f"{spec!r}: {part!r} is not KEY=VALUE (only two trace files, then options)")
+        if key not in TRACE_OPTIONS:
+            raise ValueError(f"{spec!r}: unknown option {key!r}; known: {', '.join(TRACE_OPTIONS)}")
+        if key in options:
+            raise ValueError(f"{spec!r}: {key} given twice")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{spec!r}: {key}={value!r} is not a number") from None
+        low, high = TRACE_OPTIONS[key]
+        if not low <= number <= high:
+            raise ValueError(f"{spec!r}: {key}={value} is outside [{low:g}, {high:g}]")
+        options[key] = number
+    links = []
+    for direction, file in zip(("up", "down"), files):
+        path = Path(file).expanduser()
+        if not path.is_file():
+            raise ValueError(f"{spec!r}: the {direction} trace {path} does not exist")
+        links.append(LinkSpec(trace=load_trace(path), trace_file=str(path), **options))
+    up, down = (Path(f).stem for f in files)
+    name = "trace:" + ",".join([up if up == down else f"{up}+{down}", *settings])
+    return ChannelConfig(links[0], links[1], name, seed)
+
+
+def channel_config(spec: str, seed: int = 0) -> ChannelConfig:
+    """A preset name or a `trace:` spec."""
+    return parse_trace_spec(spec, seed) if spec.startswith("trace:") else preset(spec, seed=seed)
+
+
+def split_channels(text: str) -> list[str]:
+    """A comma-separated list of channels into specs; a `trace:` spec keeps its own commas
+    (its second file and its KEY=VALUE options)."""
+    specs: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        last = specs[-1] if specs else ""
+        if last.startswith("trace:") and not part.startswith("trace:") and ("," not in last or "=" in part):
+            specs[-1] = f"{last},{part}"
+        else:
+            specs.append(part)
+    return specs

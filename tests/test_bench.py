@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from specedge.bench import acceptance_by_position, fit_line, optimum
+from specedge.bench import acceptance_by_position, bench_channels, fit_line, optimum
+from specedge.channel import default_trace_dir
 from specedge.device.scheduler import State
 
 
@@ -40,6 +41,27 @@ def test_optimum_draft_length_follows_the_link():
     _, g_near = optimum([0.8], 0.02, 0.05, 0.0, rtt=0.001, rate_up=None, rate_down=None)
     _, g_bad = optimum([0.05], 0.02, 0.05, 0.0, rtt=0.3, rate_up=None, rate_down=None)
     assert g_far > g_near and g_bad <= 1
+
+
+def _trace_pair(folder, stem):
+    for side in ("up", "down"):
+        (folder / f"{stem}.{side}").write_text("1\n2\n")
+    return str(folder / f"{stem}.up"), str(folder / f"{stem}.down")
+
+
+def test_bench_channels_mix_presets_trace_specs_and_trace_flags(tmp_path):
+    up, down = _trace_pair(tmp_path, "bus")
+    assert [c.name for c in bench_channels(None, None, None)] == ["ideal", "lte", "umts"]
+    assert [c.name for c in bench_channels(f"lte,trace:{up},{down},delay_ms=10,wifi", None, None)] == [
+        "lte", "trace:bus,delay_ms=10", "wifi"]
+    assert [c.name for c in bench_channels(None, up, down)] == ["trace:bus"]
+    assert [c.name for c in bench_channels("ideal", up, down)] == ["ideal", "trace:bus"]
+    with pytest.raises(ValueError, match="go together"):
+        bench_channels(None, up, None)
+    with pytest.raises(ValueError, match="appears twice"):
+        bench_channels(f"trace:{up},{down}", up, down)
+    with pytest.raises(ValueError, match="unknown channel '5g'"):
+        bench_channels("lte,5g", None, None)
 
 
 def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
@@ -84,21 +106,28 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
     assert png.stat().st_size > 10_000
     assert (tmp_path / "bench-draft-length.png").stat().st_size > 10_000
     assert "outputs identical to cloud-ar: True" in proc.stdout
+    assert "Verizon-LTE-short.up (5.95 Mbit/s mean)" in report["channels"]["lte"]["description"]
+    assert f"channel lte: {report['channels']['lte']['description']}" in proc.stdout
 
 
-def test_tiny_sampled_bench_counts_the_naive_wire_cost(tiny_files, tmp_path, mosquitto):
+def test_tiny_sampled_bench_counts_the_naive_wire_cost_over_a_custom_trace(tiny_files, tmp_path, mosquitto):
     draft, target = tiny_files
     out = tmp_path / "bench.json"
+    # The lte preset's own traces, brought as a custom pair.
+    up, down = (default_trace_dir() / f"Verizon-LTE-short.{side}" for side in ("up", "down"))
+    channel = f"trace:{up},{down},delay_ms=30,jitter_ms=5"
     proc = subprocess.run(
         [sys.executable, "-m", "specedge.cli", "bench", "--draft", str(draft), "--target", str(target),
-         "--draft-weights", "bf16", "--channel", "lte", "--meter", "estimated", "--temperature", "0.8",
+         "--draft-weights", "bf16", "--channel", channel, "--meter", "estimated", "--temperature", "0.8",
          "--policies", "cloud-ar,fixed:3,pipelined:3", "--max-prompts", "1", "--max-new-tokens", "12",
          "--json", str(out), "--start-timeout", "120", "--run-timeout", "120"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["outputs_identical"] is None  # sampled: compared by distribution, in test_pipeline
-    policies = report["channels"]["lte"]["policies"]
+    link = report["channels"]["trace:Verizon-LTE-short,delay_ms=30,jitter_ms=5"]
+    assert link["link"]["up_trace"] == str(up) and link["description"].startswith("up Verizon-LTE-short.up (5.95")
+    policies = link["policies"]
     assert policies["cloud-ar"]["naive_wire_bytes_per_token"] is None
     for name in ("fixed:3", "pipelined:3"):
         m = policies[name]

@@ -9,10 +9,12 @@ import socket
 import socketserver
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from specedge.channel import ChannelConfig, ChannelEmulator, LinkSpec, load_trace, preset
+from specedge.channel import (ChannelConfig, ChannelEmulator, LinkSpec, default_trace_dir, load_trace,
+                              parse_trace_spec, preset, split_channels)
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -155,10 +157,13 @@ def test_proxy_closes_cleanly(server):
     assert threading.active_count() <= before
 
 
-def test_presets_load_the_real_traces():
+def test_presets_load_the_real_traces_shipped_in_the_package(monkeypatch):
+    monkeypatch.delenv("SPECEDGE_TRACES", raising=False)
+    assert default_trace_dir().parent.parent.name == "specedge"  # specedge/data/traces
     for name in ("lte", "umts", "evdo", "lte-driving"):
         cfg = preset(name)
         assert cfg.up.trace and cfg.down.trace and cfg.up.delay_ms > 0
+        assert Path(cfg.up.trace_file).parent == default_trace_dir()
     assert preset("ideal").up.trace is None
     with pytest.raises(ValueError, match="unknown channel"):
         preset("5g-dreams")
@@ -172,3 +177,71 @@ def test_bad_trace_is_a_clear_error(tmp_path):
     bad.write_text("abc\n")
     with pytest.raises(ValueError, match="not a Mahimahi trace"):
         load_trace(bad)
+
+
+def _traces(folder: Path, stem: str, up_per_ms: int, down_per_ms: int) -> tuple[Path, Path]:
+    """A 10 ms trace pair with this many 1500-byte opportunities per millisecond (12 Mbit/s each)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for side, per_ms in (("up", up_per_ms), ("down", down_per_ms)):
+        path = folder / f"{stem}.{side}"
+        path.write_text("".join(f"{ms}\n" * per_ms for ms in range(1, 11)))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def test_trace_spec_takes_two_files_then_options(tmp_path):
+    up, down = _traces(tmp_path, "mine", 1, 2)
+    cfg = parse_trace_spec(f"trace:{up},{down},delay_ms=25,jitter_ms=3,loss=0.01", seed=7)
+    assert cfg.up.trace_file == str(up) and cfg.down.trace_file == str(down)
+    assert cfg.up.mean_rate_bps() == pytest.approx(12e6) and cfg.down.mean_rate_bps() == pytest.approx(24e6)
+    for link in (cfg.up, cfg.down):
+        assert (link.delay_ms, link.jitter_ms, link.loss) == (25, 3, 0.01)
+    assert cfg.name == "trace:mine,delay_ms=25,jitter_ms=3,loss=0.01" and cfg.seed == 7
+    plain = parse_trace_spec(f"trace:{up},{down}")
+    assert plain.up.delay_ms == 0 and plain.name == "trace:mine"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("lte", "not a trace spec"),
+    ("trace:{up}", "two trace files first"),
+    ("trace:{up},delay_ms=5", "two trace files first"),
+    ("trace:,{down}", "two trace files first"),
+    ("trace:{up},{down},{down}", "'.*mine.down' is not KEY=VALUE"),
+    ("trace:{up},{down},rate=5", "unknown option 'rate'"),
+    ("trace:{up},{down},delay_ms=fast", "delay_ms='fast' is not a number"),
+    ("trace:{up},{down},loss=1.5", "loss=1.5 is outside"),
+    ("trace:{up},{down},delay_ms=-1", "delay_ms=-1 is outside"),
+    ("trace:{up},{down},loss=0.1,loss=0.2", "loss given twice"),
+    ("trace:{up},{missing}", "the down trace .*nowhere.down does not exist"),
+    ("trace:{missing},{down}", "the up trace .*nowhere.down does not exist"),
+])
+def test_bad_trace_specs_name_the_bad_part(tmp_path, spec, message):
+    up, down = _traces(tmp_path, "mine", 1, 1)
+    with pytest.raises(ValueError, match=message):
+        parse_trace_spec(spec.format(up=up, down=down, missing=tmp_path / "nowhere.down"))
+
+
+def test_a_custom_trace_pair_is_described_by_its_files_and_measured_rates(tmp_path):
+    up, down = _traces(tmp_path, "bus", 1, 2)
+    cfg = parse_trace_spec(f"trace:{up},{down},delay_ms=40,loss=0.02")
+    assert cfg.description == ("up bus.up (12 Mbit/s mean), down bus.down (24 Mbit/s mean); "
+                               "40 ms one-way delay, 2% loss")
+
+
+def test_preset_description_names_the_files_loaded_not_the_shipped_ones(tmp_path, monkeypatch):
+    _traces(tmp_path / "elsewhere", "Verizon-LTE-short", 3, 1)
+    monkeypatch.setenv("SPECEDGE_TRACES", str(tmp_path / "elsewhere"))
+    described = preset("lte").description
+    assert str(tmp_path / "elsewhere" / "Verizon-LTE-short.up") == preset("lte").up.trace_file
+    assert described.startswith("up Verizon-LTE-short.up (36 Mbit/s mean), down Verizon-LTE-short.down "
+                                "(12 Mbit/s mean); 30 ms one-way delay")
+    monkeypatch.delenv("SPECEDGE_TRACES")
+    assert "(5.95 Mbit/s mean)" in preset("lte").description  # the shipped Verizon trace
+
+
+def test_channel_lists_keep_a_trace_spec_together():
+    assert split_channels("ideal,lte") == ["ideal", "lte"]
+    assert split_channels("ideal,trace:a.up,b.down,delay_ms=5,loss=0.1,umts,trace:c,d") == [
+        "ideal", "trace:a.up,b.down,delay_ms=5,loss=0.1", "umts", "trace:c,d"]
+    assert split_channels(" lte , ,trace:a,b,") == ["lte", "trace:a,b"]
