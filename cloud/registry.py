@@ -62,9 +62,15 @@ class Target:
         text = json.dumps({"file": self.file_sha256, **self.spec.recipe()}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    @property
+    def exact(self) -> bool:
+        """Passed the bitwise self-test on this machine (False until the verifier has run it)."""
+        return bool(self.model.exactness and self.model.exactness.exact)
+
     def describe(self) -> dict:
         return {"name": self.name, "file_sha256": self.file_sha256, "version_hash": self.version_hash,
-                "layers": self.model.cfg.n_layers, "contract": self.contract.to_json(), **self.spec.recipe()}
+                "layers": self.model.cfg.n_layers, "contract": self.contract.to_json(), **self.spec.recipe(),
+                "exactness": self.model.exactness.describe() if self.model.exactness else None}
 
 
 def load_target(spec: TargetSpec, batch_invariant: bool = True) -> Target:

@@ -27,6 +27,7 @@ from specedge import wire
 from specedge.cloud.registry import Announcement, AnnouncementError, Target, TargetSpec, load_target
 from specedge.cloud.session import BadRequest, Item, OutOfSync, TargetSession, verify_batch
 from specedge.config import CloudConfig
+from specedge.exactness import establish
 from specedge.exit_head import default_exit_layer, load_exit_head
 from specedge.exporter import VerifierMetrics
 from specedge.metrics import spec_rates
@@ -131,6 +132,8 @@ class Verifier:
         return self.stats.rounds
 
     def _add_target(self, target: Target) -> None:
+        exactness = establish(target.model, self.cfg.target.block)
+        (log.info if exactness.exact else log.warning)("target %s: %s", target.name, exactness.summary())
         if target.exit_head is None:
             cfg = self.cfg.target
             trained = cfg.exit_head if target.name == self.default else ""  # a head fits one model
@@ -166,7 +169,10 @@ class Verifier:
 
     def _status(self, state: str) -> bytes:
         return json.dumps({"state": state, "replica": self.replica, "default": self.default,
-                           "versions": sorted(self.targets), "time": time.time()}).encode()
+                           "versions": sorted(self.targets), "time": time.time(),
+                           "exact": {name: t.exact for name, t in sorted(self.targets.items())},
+                           "exactness": {name: t.model.exactness.describe() for name, t in sorted(self.targets.items())},
+                           }).encode()
 
     def stop(self) -> None:
         self._stop.set()
@@ -357,7 +363,7 @@ class Verifier:
             session.adopt_cache(old)
         session.hints = msg.hints
         self.sessions[key] = session
-        self.reply(out, wire.Opened(msg.session, msg.seq, self.replica, target.name))
+        self.reply(out, wire.Opened(msg.session, msg.seq, self.replica, target.name, target.exact))
 
     def hint_sender(self, session: TargetSession, msg: wire.Draft, out: str):
         if not (session.hints and msg.tokens):
@@ -461,7 +467,9 @@ class Verifier:
         """Loads a version while the worker keeps serving; the worker switches sessions once it is in."""
         try:
             log.info("loading target version %s", spec.name)
-            self._loaded.put(load_target(spec, self.cfg.target.batch_invariant))
+            target = load_target(spec, self.cfg.target.batch_invariant)
+            establish(target.model, self.cfg.target.block)  # here, not in the worker: it takes seconds
+            self._loaded.put(target)
         except Exception:
             log.exception("could not load target version %s", spec.name)
             self.count("version_load_failed")
@@ -480,4 +488,4 @@ class Verifier:
             session.switch(target)
             self.stats.switches += 1
             self.reply(device_topic(fleet, device, "verdict"),
-                       wire.Opened(session_id, session.last_seq, self.replica, name))
+                       wire.Opened(session_id, session.last_seq, self.replica, name, target.exact))

@@ -429,8 +429,10 @@ class _Request:
             if isinstance(msg, wire.Opened) and msg.session == self.session:
                 if msg.seq == self.open_seq and self.replica is None:  # the answer to our OPEN
                     self.replica, self.target_version = msg.replica, msg.version
+                    self.stats.verified_by(msg.exact)
                 elif msg.replica == self.replica:  # our replica moved the session to another version
                     self.target_version = msg.version
+                    self.stats.verified_by(msg.exact)
                     self.stats.version_switches += 1
                 if accept(msg):
                     return msg

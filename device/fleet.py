@@ -213,6 +213,8 @@ class FleetMember:
             "queue_depth": s.queue_depth, "in_flight": s.in_flight, "policy": s.policy.name,
             "budget_j_per_token": s.cfg.energy.budget_j_per_token,
             "target_version": s.agent.current.target_version if s.agent.current else "",
+            # The running request's: every token so far verified by a self-tested exact target.
+            "exact": s.agent.current.stats.exact if s.agent.current else None,
             "connected": self.agent.link.connected.is_set(),
             "last_request": self.last_request(),
         }
@@ -229,7 +231,8 @@ class FleetMember:
                 **spec_rates(stats.drafted_tokens, stats.accepted_tokens, stats.rounds),
                 "mean_draft_length": s["mean_draft_len"] if stats.rounds else None,
                 "rtt_s_p50": s["round_trip_ms_p50"] / 1000 if stats.round_trip_s else None,
-                "j_per_token": s["energy_j_per_token"] if stats.generated_tokens else None}
+                "j_per_token": s["energy_j_per_token"] if stats.generated_tokens else None,
+                "exact": stats.exact}
 
     # -- commands ------------------------------------------------------------------------------
     def on_command(self, payload: bytes, reply_to: ReplyTo) -> None:

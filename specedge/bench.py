@@ -258,6 +258,8 @@ def aggregate(runs: list[dict]) -> dict:
         "early_exit_agreement": sum(r.get("hints_agreed", 0) for r in runs) / hints if hints else None,
         "early_exit_layer": max(r.get("hint_layer", 0) for r in runs) if hints else None,
         "early_exit_hints_per_round": hints / rounds if hints and rounds else None,
+        # Every run's tokens were all verified by a target that passed its bitwise self-test.
+        "exact": all(r["summary"].get("exact", False) for r in runs),
     }
 
 
@@ -319,7 +321,7 @@ def run(args) -> int:
             "SPECEDGE_TARGET_EXIT_LAYER": str(args.exit_layer), "SPECEDGE_TARGET_EXIT_HEAD": args.exit_head or ""},
             logs / "verifier.log")
         procs.append(verifier)
-        _read_json(verifier, "the verifier", args.start_timeout)
+        self_test = _read_json(verifier, "the verifier", args.start_timeout)["target"]["exactness"]
         bar = progress_bar(len(channels) * len(prompts) * len(policies), "bench", "runs")
         for cfg in configs:
             channel_name = cfg.name
@@ -371,6 +373,9 @@ def run(args) -> int:
         "early_exit_agreement": exit_agreement,
         "outputs_identical": all(r.get("outputs_identical") is not False for r in results.values())
         if args.temperature == 0 else None,
+        # The verifier's own claim: every run verified by a target that passed its bitwise self-test.
+        "exact": all(m["exact"] for ch in results.values() for m in ch["policies"].values()),
+        "target_self_test": self_test,
     }
     _print_table(report)
     if args.json:
@@ -479,6 +484,7 @@ def _print_table(report: dict) -> None:
             print(f"{name:12}{policy:{width}}" + "".join(cells))
         if "outputs_identical" in ch:
             print(f"{'':12}outputs identical to cloud-ar: {ch['outputs_identical']}")
+    print(f"exact (every run verified by a target that passed its bitwise self-test): {report['exact']}")
     for name, ch in report["channels"].items():
         print(f"channel {name}: {ch['description']}")
     sources = {m["energy_source"] for ch in report["channels"].values() for m in ch["policies"].values()}

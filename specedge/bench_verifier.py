@@ -32,7 +32,11 @@ FLEET = "bench"
 
 def target_decode(model, prompts: list[list[int]], max_new: int, stop_ids) -> list[list[int]]:
     """The target's own greedy decoding of each prompt, one position at a time. The prompts share
-    each pass: a batch-invariant target gives every row the bits it gets alone."""
+    each pass: a batch-invariant target gives every row the bits it gets alone. A verifier
+    compared with it must compute with the same product block: pin `[target] block = model.block`."""
+    from specedge.exactness import establish
+
+    establish(model)
     caches = [model.new_cache(capacity=len(p) + max_new + 8) for p in prompts]
     logits = model.forward_batch(list(zip(prompts, caches)), last_only=True)
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -113,7 +117,7 @@ class ReplayDraftEngine:
         return out
 
 
-def _verifier_config(folder: Path, name: str, port: int, args, max_batch: int) -> Path:
+def _verifier_config(folder: Path, name: str, port: int, args, max_batch: int, block: int) -> Path:
     path = folder / f"{name}.toml"
     registry = f'registry = "{args.registry}"\nversion = "{args.target_version}"\n' if args.registry else ""
     path.write_text(f"""[verifier]
@@ -130,16 +134,17 @@ protocol = "5"
 [target]
 model = "{args.target}"
 weights = "{args.target_weights}"
+block = {block}
 {registry}""")
     return path
 
 
-def _start_verifiers(folder: Path, port: int, args, replicas: int, max_batch: int, tag: str) -> list:
+def _start_verifiers(folder: Path, port: int, args, replicas: int, max_batch: int, tag: str, block: int) -> list:
     procs = []
     threads = max(1, (os.cpu_count() or 2) // replicas)
     for i in range(replicas):
         name = f"{tag}-r{i}"
-        cfg = _verifier_config(folder, name, port, args, max_batch)
+        cfg = _verifier_config(folder, name, port, args, max_batch, block)
         proc = spawn_verifier(cfg, folder / f"{name}.log", threads)
         proc.replica = name
         procs.append(proc)
@@ -278,19 +283,25 @@ def run(args) -> int:
     specs[default] = replace(specs[default], weights=resolve_weights(specs[default].weights))
     target = None
     prompts = [draft_tok.encode_chat(p) for p in load_prompts(args.prompts, args.max_prompts)]
-    recordings = {}
+    recordings, blocks = {}, {}
     for name, engine, tok in drafts:
-        key = hashlib.sha256(json.dumps([CONVERSION, name, trained_heads.get(name), specs[default].recipe(), prompts,
-                                         args.tokens, args.draft_length]).encode()).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps(["blocked", CONVERSION, name, trained_heads.get(name),
+                                         specs[default].recipe(), prompts, args.tokens,
+                                         args.draft_length]).encode()).hexdigest()[:16]
         path = cache_dir() / "bench" / f"replay-{key}.json"
         if not path.exists():
             target = target or load_target(specs[default])
             print(f"recording {name}'s drafts along {target.name}'s output ({len(prompts)} prompts)", file=sys.stderr)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(record(target.model, engine, prompts, args.tokens, args.draft_length,
-                                              draft_tok.stop_ids)))
-        recordings[name] = json.loads(path.read_text())
+            recorded = record(target.model, engine, prompts, args.tokens, args.draft_length, draft_tok.stop_ids)
+            # The replicas compute with the product block the recording's target decoding used.
+            path.write_text(json.dumps({"block": target.model.block, "recordings": recorded}))
+        saved = json.loads(path.read_text())
+        recordings[name], blocks[name] = saved["recordings"], saved["block"]
     del target
+    if len(set(blocks.values())) > 1:  # recordings cached by runs whose self-tests chose differently
+        raise SystemExit(f"recordings made with different product blocks {blocks}: delete {cache_dir() / 'bench'}")
+    block = next(iter(blocks.values()))
     report = {"machine": {"cpus": os.cpu_count(), "torch_threads_per_replica": "cores / replicas"},
               "git": _git_revision(), "args": {k: v for k, v in vars(args).items() if k != "func"}, "drafts": [d[0] for d in drafts], "runs": []}
     folder = Path(tempfile.mkdtemp(prefix="specedge-bench-verifier-"))
@@ -301,7 +312,7 @@ def run(args) -> int:
             for mode in modes:
                 tag = f"{mode[0]}{replicas}x{int(time.time()) % 100000}"
                 procs = _start_verifiers(folder, broker.port, args, replicas, args.max_batch if mode == "batched" else 1,
-                                         tag)
+                                         tag, block)
                 try:
                     for n in devices:
                         if mode == "unbatched" and args.baseline_devices and n not in args.baseline_devices:

@@ -60,7 +60,7 @@ def _cloud_run(args) -> int:
     verifier = Verifier(cfg, target, registry).start()
     # One JSON line on stdout tells supervisors (the bench, tests) that rounds will be served.
     print(json.dumps({"ready": True, "verifier": cfg.verifier.id, "protocol": verifier.link.protocol,
-                      "target": target.describe(), "rowwise_linears": target.model.rowwise_linears,
+                      "target": target.describe(), "exact": target.exact,
                       "metrics_port": verifier.metrics_port}), flush=True)
     logging.getLogger("specedge").info("verifier %s serving %s on %s:%d (MQTT %s)", cfg.verifier.id,
                                        target.name, cfg.mqtt.host, cfg.mqtt.port, verifier.link.protocol)
@@ -72,6 +72,17 @@ def _cloud_run(args) -> int:
         watchdog.stop()
         verifier.stop()
     return 0
+
+
+def _self_test(args) -> int:
+    from specedge.exactness import establish
+    from specedge.loader import load_named, resolve_weights
+
+    model, _ = load_named(args.target, args.weights, batch_invariant=True)
+    result = establish(model, args.block)
+    print(json.dumps({"target": args.target, "weights": resolve_weights(args.weights), **result.describe()})
+          if args.json else f"{args.target} ({resolve_weights(args.weights)}): {result.summary()}")
+    return 0 if result.exact else 1
 
 
 def _prune_layers(args) -> int:
@@ -453,6 +464,13 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--length", type=int, default=128)
     pl.add_argument("--name", default="", help="version name for the registry entry it prints")
     pl.set_defaults(func=_prune_layers)
+    st = csub.add_parser("self-test", help="is the target bitwise exact on this machine, and with which block "
+                                           "(what the verifier runs at start-up); exit 1 if not")
+    st.add_argument("--target", default=DEFAULT_TARGET)
+    st.add_argument("--weights", default="auto", choices=["auto", "bf16", "int8", "fp32", "fp64"])
+    st.add_argument("--block", type=int, default=0, help="test only this many rows per product (0: pick)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_self_test)
     ea = csub.add_parser("exit-agreement", help="per-layer early-exit agreement on token sequences")
     ea.add_argument("--target", default=DEFAULT_TARGET)
     ea.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"])

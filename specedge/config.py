@@ -276,6 +276,10 @@ class TargetConfig:
     weights: str = "auto"  # bf16 where the CPU has AMX/AVX512-BF16, else fp32 (see loader.resolve_weights)
     # Bit-identical logits whether a position is verified in a block or decoded alone.
     batch_invariant: bool = True
+    # Rows per weight-product call: 0 = the start-up self-test picks the cheapest block that keeps
+    # the target bitwise exact here; N = use N (and only report whether it passes). A harness that
+    # compares against its own decoding pins the block its reference used.
+    block: int = 0
     # Early-exit hints (sent to devices that ask): the layer they are read after, 0 = three
     # quarters of the target's depth; a trained exit head (`specedge cloud train-exit-head`),
     # "" = the target's own final norm and output head.
@@ -293,6 +297,7 @@ class TargetConfig:
     def validate(self):
         _check(self.weights in WEIGHTS, "target.weights", ", ".join(WEIGHTS))
         _check(self.exit_layer >= 0, "target.exit_layer", ">= 0 (0 = three quarters of the depth)")
+        _check(0 <= self.block <= 64, "target.block", "0 (the self-test picks) or 1..64 rows")
         _check(0.0 <= self.exit_threshold <= 1.0, "target.exit_threshold", "0..1")
 
 

@@ -119,6 +119,8 @@ def run(args) -> int:
     if args.serve:
         return serve(args, draft, draft_tok, target, target_tok)
     stack = Stack(draft, draft_tok, target, target_tok, broker=args.broker)
+    exactness = target.exactness  # the verifier self-tested the target as it started
+    print(f"target self-test: {exactness.summary()}", file=sys.stderr, flush=True)
     try:
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
         prompt = draft_tok.encode_chat(args.prompt)
@@ -158,6 +160,8 @@ def run(args) -> int:
         "speedup_vs_cloud_ar": s["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else 0.0,
         # Greedy: the speculative text must equal the target's own greedy decoding.
         "output_matches_target": (spec.tokens == base.tokens) if params.greedy else None,
+        "exact": spec.stats.exact,  # the verifier's self-test passed: what the product promises
+        "self_test": exactness.describe(),
         "text": draft_tok.decode(spec.tokens),
         "machine": machine(),
     }
@@ -173,6 +177,7 @@ def run(args) -> int:
         print(f"{name:26}{a:>14}{c:>14}")
     print(f"speedup vs cloud-ar: {report['speedup_vs_cloud_ar']:.2f}x   "
           f"output matches target: {report['output_matches_target']}")
+    print(f"exact: {report['exact']} (target self-test: {exactness.summary()})")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")

@@ -136,6 +136,12 @@ class VerifierMetrics:
         yield _gauge("specedge_verifier_sessions", "Sessions held", len(v.sessions))
         yield _gauge("specedge_verifier_cache_bytes", "KV cache bytes of all sessions",
                      sum(s.cache_bytes() for s in list(v.sessions.values())))
+        exact = GaugeMetricFamily("specedge_verifier_target_exact",
+                                  "1 if the target version passed its bitwise self-test on this machine",
+                                  labels=["target"])
+        for name, target in sorted(dict(v.targets).items()):
+            exact.add_metric([name], float(target.exact))
+        yield exact
         errors = CounterMetricFamily("specedge_verifier_errors", "Errors by kind", labels=["kind"])
         for kind, n in sorted(dict(v.errors).items()):
             errors.add_metric([kind], n)

@@ -60,11 +60,12 @@ class Fault:
 class Rig:
     """What one trial runs: broker, replicas, optional channel emulator, the agent."""
 
-    def __init__(self, folder: Path, files, models, fault: Fault, trial: int):
+    def __init__(self, folder: Path, files, models, fault: Fault, trial: int, block: int):
         from specedge.device.agent import Agent
         from specedge.device.draft import TorchDraftEngine
 
         self.folder, self.files, self.fault, self.trial = folder, files, fault, trial
+        self.block = block  # the reference decoding's product block: replicas compute with it too
         folder.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, object] = {}
         self.hung: list[str] = []
@@ -96,7 +97,8 @@ class Rig:
             cfg = self.folder / f"{name}.toml"
             cfg.write_text(f'[verifier]\nid = "{name}-{self.trial}"\nfleet = "{FLEET}"\ngroup = "{FLEET}"\n'
                            f'stats_interval_s = 0.3\n[mqtt]\nport = {self.broker.port}\nprotocol = "5"\n'
-                           f'keepalive_s = 5\n[target]\nmodel = "{self.files[1]}"\nweights = "bf16"\n')
+                           f'keepalive_s = 5\n[target]\nmodel = "{self.files[1]}"\nweights = "bf16"\n'
+                           f'block = {self.block}\n')
             proc = spawn_verifier(cfg, self.folder / f"{name}.log")
             self.procs[f"{name}-{self.trial}"] = proc
             started.append(proc)
@@ -346,7 +348,7 @@ def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models) 
     t0 = time.monotonic()
     row = {"fault": fault.name, "trial": trial, "round": at_round, "problems": []}
     problems = row["problems"]
-    rig = Rig(folder / f"{fault.name}-{trial}", files, (draft, tok), fault, trial)
+    rig = Rig(folder / f"{fault.name}-{trial}", files, (draft, tok), fault, trial, target.block)
     streamed, flags, outcome = [], [], {}
     try:
         if fault.chaos:

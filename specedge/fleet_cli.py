@@ -169,7 +169,8 @@ class Table:
                         "mean_draft_length": t.get("mean_draft_length"), "rtt_s": t.get("rtt_s_p50"),
                         "watts": t.get("watts"), "j_per_token": t.get("j_per_token"),
                         "queue_depth": t.get("queue_depth"), "in_flight": t.get("in_flight"),
-                        "requests": t.get("requests"), "from_last_request": t.get("from_last_request", False),
+                        "requests": t.get("requests"), "exact": t.get("exact"),
+                        "from_last_request": t.get("from_last_request", False),
                         "telemetry_age_s": time.time() - t["time"] if isinstance(t.get("time"), (int, float))
                         else None})
         return out
@@ -180,7 +181,7 @@ class Table:
 
         head = (f"{'DEVICE':14}{'STATE':10}{'POLICY':20}{'BUDGET':>7}  {'BACKEND':12}{'DRAFT':20}{'TARGET':20}"
                 f"{'TOK/S':>7}{'ACCEPT':>8}{'MAL':>6}{'DRAFT':>6}{'RTT ms':>8}{'W':>7}{'J/TOK':>7}{'QUEUE':>6}"
-                f"{'BUSY':>5}{'AGE s':>7}")
+                f"{'BUSY':>5}{'EXACT':>6}{'AGE s':>7}")
         lines = [f"fleet {self.fleet}: {len(self.status)} device(s), "
                  f"{sum(1 for s in self.status.values() if s.get('state') in ('online', 'draining'))} up", head]
         for r in self.rows():
@@ -191,11 +192,18 @@ class Table:
                 f"{num(r['mean_accepted_length'], '.2f'):>6}{num(r['mean_draft_length'], '.1f'):>6}"
                 f"{num(r['rtt_s'] and r['rtt_s'] * 1000, '.0f'):>8}{num(r['watts'], '.1f'):>7}"
                 f"{num(r['j_per_token'], '.2f'):>7}{num(r['queue_depth'], 'd'):>6}{num(r['in_flight'], 'd'):>5}"
+                f"{'-' if r['exact'] is None else 'yes' if r['exact'] else 'NO':>6}"
                 f"{num(r['telemetry_age_s'], '.0f'):>7}" + ("  (last request)" if r["from_last_request"] else ""))
         if self.verifiers:
             lines.append("verifiers: " + ", ".join(
-                f"{name} {v.get('state', '?')} ({v.get('default', '')})" for name, v in sorted(self.verifiers.items())))
+                f"{name} {v.get('state', '?')} ({v.get('default', '')}{_exact_note(v)})"
+                for name, v in sorted(self.verifiers.items())))
         return "\n".join(lines)
+
+
+def _exact_note(verifier_status: dict) -> str:
+    exact = (verifier_status.get("exact") or {}).get(verifier_status.get("default"))
+    return "" if exact is None else ", exact" if exact else ", NOT EXACT: self-test failed"
 
 
 def _table_topics(fleet: str) -> list[str]:

@@ -29,6 +29,8 @@ class SpecStats:
     failovers: int = 0  # resyncs with the replica group after our replica went silent or offline
     version_switches: int = 0  # the verifier moved the session to another target version mid-request
     target_version: str = ""  # the version that verified the last round
+    # Every version that held the session passed its bitwise self-test (None: none answered).
+    exact_targets: bool | None = None
     replica: str = ""  # the replica that held the session at the end
     retries: int = 0
     stale_messages: int = 0
@@ -64,6 +66,16 @@ class SpecStats:
         self.round_trip_s.append(round_trip_s)
         self.verify_round_s.append(verify_s)
 
+    def verified_by(self, exact: bool) -> None:
+        """A target version took the session; `exact` is what its OPENED said."""
+        self.exact_targets = exact if self.exact_targets is None else self.exact_targets and exact
+
+    @property
+    def exact(self) -> bool:
+        """Greedy output is bit for bit the target's own decoding: every token was verified, by
+        versions that showed on their machine that they compute it so."""
+        return bool(self.exact_targets) and self.unverified_tokens == 0
+
     def network_rtt_s(self) -> list[float]:
         """Round trips minus the verifier's compute: link, broker and queueing."""
         return [max(rt - v, 0.0) for rt, v in zip(self.round_trip_s, self.verify_round_s)]
@@ -95,6 +107,7 @@ class SpecStats:
             "retries": self.retries,
             "stale_messages": self.stale_messages,
             "unverified_tokens": self.unverified_tokens,
+            "exact": self.exact,
             "energy_j_per_token": self.energy_j / gen,
             "naive_wire_bytes_per_token": ((self.wire_bytes - self.q_wire_bytes + self.dense_q_bytes) / gen
                                            if self.dense_q_bytes else None),

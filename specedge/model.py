@@ -36,14 +36,13 @@ class ModelConfig:
 
 # Chunk size for long teacher-forced passes (exit-head training); any size is exact.
 INVARIANT_BLOCK = 32
-# Batch invariance: a CPU GEMM picks its kernel, and with it the reduction order, by the number of
-# rows it is given (a GEMV for one row, another micro-kernel for a ragged tail, another above some
-# size). Each weight shape is probed once for the cheapest (pad up to, split above) row counts
-# under which every row comes out bit-identical whatever the call's size and the row's place in it.
-# Seen so far: bf16 on AVX512/AMX pads to 2 and splits above 32; fp32 on AVX2 pads to 12.
-PAD_ROWS = (1, 2, 4, 8, 12, 16, 32)
-SPLIT_ROWS = (128, 32)
-PROBE_ROWS = tuple(range(1, 17)) + (17, 19, 23, 29, 32, 37, 45, 64, 80, 100)
+# Batch invariance: a CPU GEMM picks its kernel, and with it each row's reduction order, by the
+# number of rows it is given (a GEMV for one row, a micro-kernel with a ragged tail for five, ...),
+# and which rows flip a rounding depends on the data, so no probe on random rows can clear a
+# kernel. Calling every product with the same number of rows, zero-padded, makes the kernel choice
+# a constant: a row's bits then depend only on the row. Which block is fastest, and that the whole
+# model is invariant with it, is established on the loaded model by specedge.exactness.
+DEFAULT_BLOCK = 8
 
 
 class Linear:
@@ -51,8 +50,7 @@ class Linear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int8: bool):
         self.bias = None if bias is None else bias.to(dtype)
-        self.int8, self.rowwise = int8, False
-        self.pad_rows, self.split_rows = 1, 0  # set by make_invariant(); 0 = never split
+        self.int8 = int8
         if int8:
             w = weight.float()
             scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
@@ -67,50 +65,22 @@ class Linear:
             return self.weight.float() * self.scale.float()[:, None]
         return self.weight.float()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, block: int = 0) -> torch.Tensor:
+        """block > 0: every product call gets exactly `block` rows (see DEFAULT_BLOCK)."""
         n = x.shape[0]
-        if self.rowwise and n > 1:  # no invariant blocking found: exact, slower
+        if not block or n == block:
+            y = self._product(x)
+        elif block == 1:
             y = torch.cat([self._product(row) for row in x.split(1)])
-        elif self.split_rows and n > self.split_rows:
-            y = torch.cat([self._padded(block) for block in x.split(self.split_rows)])
         else:
-            y = self._padded(x)
+            padded = torch.cat([x, x.new_zeros(-n % block, x.shape[1])]) if n % block else x
+            y = torch.cat([self._product(b) for b in padded.split(block)])[:n]
         return y if self.bias is None else y + self.bias
-
-    def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        if n >= self.pad_rows:
-            return self._product(x)
-        return self._product(torch.cat([x, x.new_zeros(self.pad_rows - n, x.shape[1])]))[:n]
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self.int8:
             return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.scale)
         return F.linear(x, self.weight)
-
-    def invariant_rows(self) -> tuple[int, int] | None:
-        """The cheapest (pad_rows, split_rows) under which this CPU computes every row of this
-        weight shape the same in any call, or None where no candidate holds."""
-        gen = torch.Generator().manual_seed(0)
-        dtype = torch.bfloat16 if self.int8 else self.weight.dtype
-        x = torch.randn(SPLIT_ROWS[0], self.weight.shape[1], generator=gen).to(dtype)
-        for split in SPLIT_ROWS:
-            reference = self._product(x[:split])
-            # Each probe puts its rows at another offset: a row must not depend on its place either.
-            agrees = {}
-            for m in (m for m in PROBE_ROWS if m < split):
-                at = (37 * m) % (split - m + 1)
-                agrees[m] = torch.equal(self._product(x[at:at + m]), reference[at:at + m])
-            for pad in PAD_ROWS:
-                if all(ok for m, ok in agrees.items() if m >= pad):
-                    return pad, split
-        return None
-
-    def make_invariant(self, rows: tuple[int, int] | None) -> None:
-        if rows is None:
-            self.rowwise = True
-        else:
-            self.pad_rows, self.split_rows = rows
 
 
 class KVCache:
@@ -157,9 +127,10 @@ class Qwen2:
                  batch_invariant: bool = False):
         """`weights` use GGUF tensor names (token_embd.weight, blk.N.attn_q.weight, ...).
 
-        batch_invariant: every position's logits are bit-identical whether it is fed alone
-        (autoregressive decoding) or inside a block (verification), so greedy speculative
-        decoding reproduces the target's own decoding exactly, not just up to rounding.
+        batch_invariant: fixed-shape products and per-query attention, so that every position's
+        logits can be bit-identical whether it is fed alone (autoregressive decoding), inside a
+        block (verification) or beside other sequences (batching), and greedy speculative decoding
+        reproduces the target's own decoding exactly. specedge.exactness checks that it does.
         """
         self.cfg, self.dtype, self.batch_invariant = cfg, dtype, batch_invariant
 
@@ -189,26 +160,10 @@ class Qwen2:
         self.head = Linear(weights["token_embd.weight"] if head is None else head, None, dtype, int8)
         self._rope_len = 0
         self._grow_rope(4096)
-        self.rowwise_linears = 0
-        self.invariant_rows: list[tuple[int, int]] = []  # (pad, split) pairs in use
+        # Rows per product call (0: any); specedge.exactness.establish() may pick another.
+        self.block = DEFAULT_BLOCK if batch_invariant else 0
+        self.exactness = None  # what specedge.exactness found on this machine, once tested
         self.adapter = None
-        if batch_invariant:
-            self._ensure_invariance()
-
-    def _linears(self) -> list[Linear]:
-        return [self.head] + [layer[k] for layer in self.layers for k in ("qkv", "out", "gate_up", "down")]
-
-    def _ensure_invariance(self) -> None:
-        """Probe each weight shape once (see PAD_ROWS); a shape with no invariant blocking falls
-        back to row-by-row products (exact, slower)."""
-        verdicts: dict[tuple, tuple[int, int] | None] = {}
-        for lin in self._linears():
-            shape = tuple(lin.weight.shape)
-            if shape not in verdicts:
-                verdicts[shape] = lin.invariant_rows()
-            lin.make_invariant(verdicts[shape])
-            self.rowwise_linears += lin.rowwise
-        self.invariant_rows = sorted({v for v in verdicts.values() if v})
 
     def _grow_rope(self, length: int) -> None:
         length = min(max(length, 2 * self._rope_len), self.cfg.max_seq_len)
@@ -284,7 +239,7 @@ class Qwen2:
             if on_layer is not None:
                 on_layer(li, x)
             h = self._rmsnorm(x, layer["attn_norm"])
-            qkv = layer["qkv"](h)
+            qkv = layer["qkv"](h, self.block)
             attn = []
             for first, n, start, cache, cos, sin, mask in spans:
                 q, k, v = qkv[first:first + n].split([nh * hd, nkv * hd, nkv * hd], dim=-1)
@@ -293,10 +248,10 @@ class Qwen2:
                 cache.k[li][:, start:start + n] = k
                 cache.v[li][:, start:start + n] = v.view(n, nkv, hd).transpose(0, 1)
                 attn.append(self._attend(q, cache.k[li], cache.v[li], start, mask).transpose(0, 1).reshape(n, nh * hd))
-            x = x + layer["out"](torch.cat(attn) if len(attn) > 1 else attn[0])
+            x = x + layer["out"](torch.cat(attn) if len(attn) > 1 else attn[0], self.block)
             h = self._rmsnorm(x, layer["ffn_norm"])
-            gate, up = layer["gate_up"](h).chunk(2, dim=-1)
-            x = x + layer["down"](F.silu(gate) * up)
+            gate, up = layer["gate_up"](h, self.block).chunk(2, dim=-1)
+            x = x + layer["down"](F.silu(gate) * up, self.block)
         for _, n, start, cache, *_ in spans:
             cache.length = start + n
         if last_only:
@@ -315,7 +270,7 @@ class Qwen2:
         if adapter is not None:
             h = hidden.float()
             hidden = (h + (h @ adapter[0].T) @ adapter[1].T).to(hidden.dtype)
-        return self.head(self._rmsnorm(hidden, self.norm)).float()
+        return self.head(self._rmsnorm(hidden, self.norm), self.block).float()
 
     def layer_subset(self, layers: list[int], adapter: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Qwen2":
         """A model made of some of this one's layers (sharing their weights) and its output head,
@@ -327,4 +282,5 @@ class Qwen2:
         small.cfg = dataclasses.replace(self.cfg, n_layers=len(layers))
         small.layers = [self.layers[i] for i in sorted(layers)]
         small.adapter = adapter
+        small.exactness = None  # other layers compute other bits: the subset is tested on its own
         return small

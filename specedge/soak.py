@@ -63,6 +63,7 @@ def run(seconds: float, devices: int = 4, channel: str = "wifi", interval_s: flo
     target_model, _ = load_named(target, "bf16", batch_invariant=True)
     prompts = [tok.encode_chat(p) for p in PROMPTS]
     references = target_decode(target_model, prompts, max_new, tok.stop_ids)
+    block = target_model.block  # the verifier computes with the references' product block
     del target_model
 
     broker = MosquittoBroker().start()
@@ -75,7 +76,8 @@ def run(seconds: float, devices: int = 4, channel: str = "wifi", interval_s: flo
     try:
         cfg_path = folder / "verifier.toml"
         cfg_path.write_text(f'[verifier]\nid = "soak"\nfleet = "soak"\nstats_interval_s = 1.0\n'
-                            f'[mqtt]\nport = {broker.port}\n[target]\nmodel = "{target}"\nweights = "bf16"\n')
+                            f'[mqtt]\nport = {broker.port}\n[target]\nmodel = "{target}"\nweights = "bf16"\n'
+                            f'block = {block}\n')
         verifier = spawn_verifier(cfg_path, folder / "verifier.log")
         procs.append(verifier)
         _read_json(verifier, "the verifier", 120)

@@ -15,7 +15,8 @@ import numpy as np
 from specedge.contract import Contract
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
-PROTOCOL_VERSION = 3  # 3: OPEN states the draft and its contract, OPENED names replica and version
+PROTOCOL_VERSION = 4  # 3: OPEN states the draft and its contract, OPENED names replica and version;
+# 4: OPENED says whether that version passed its bitwise self-test on the verifier's machine
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_CONTEXT = 32768  # tokens in OPEN
 MAX_DRAFT = 64  # drafted tokens per DRAFT
@@ -79,12 +80,14 @@ class Open:
 class Opened:
     """Verifier -> device: the session lives on `replica`, verified by target `version`. Sent for
     every OPEN and whenever the session moves to another target version; the device addresses
-    its drafts to that replica from then on."""
+    its drafts to that replica from then on. `exact`: that version passed the bitwise self-test
+    (specedge.exactness) on the verifier's machine, so greedy output is the target's own decoding."""
 
     session: int
     seq: int
     replica: str
     version: str
+    exact: bool = False
     TYPE = 20
 
 
@@ -212,7 +215,7 @@ def encode(msg) -> bytes:
         out.append(_name(msg.draft, "draft name"))
         out.append(_tokens(msg.tokens, MAX_CONTEXT, "open"))
     elif isinstance(msg, Opened):
-        out.append(_name(msg.replica, "replica") + _name(msg.version, "version"))
+        out.append(_name(msg.replica, "replica") + _name(msg.version, "version") + bytes([int(msg.exact)]))
     elif isinstance(msg, Draft):
         has_q = msg.q is not None
         if has_q and len(msg.q) != len(msg.tokens):
@@ -314,7 +317,11 @@ def decode(data: bytes):
         if not msg.tokens:
             raise WireError("open: no tokens")
     elif mtype == Opened.TYPE:
-        msg = Opened(session, seq, r.name("opened: replica"), r.name("opened: version"))
+        replica, version = r.name("opened: replica"), r.name("opened: version")
+        (flags,) = r.take("<B")
+        if flags > 1:
+            raise WireError("opened: unknown flags")
+        msg = Opened(session, seq, replica, version, bool(flags))
     elif mtype == Draft.TYPE:
         committed, n, has_q = r.take("<IBB")
         if has_q > 1:

@@ -32,21 +32,76 @@ def test_block_forward_matches_one_at_a_time_bit_for_bit(tiny_models):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_an_invariant_linear_gives_each_row_the_same_bits_in_any_call(dtype):
-    """Whatever padding and splitting this CPU's probe chose, a row's product does not depend on
-    how many rows share its call or where it sits among them (sizes over the split included)."""
+@pytest.mark.parametrize("block", [1, 4, 8, 16])
+def test_fixed_block_products_give_each_row_the_same_bits_in_any_call(dtype, block):
+    """With every product called on exactly `block` rows (zero-padded), a row's output depends on
+    neither how many rows share its pass nor where it sits among them."""
     from specedge.model import Linear
 
     gen = torch.Generator().manual_seed(1)
     lin = Linear(torch.randn(96, 200, generator=gen), torch.randn(96, generator=gen), dtype, int8=False)
-    rows = lin.invariant_rows()
-    assert rows is not None
-    lin.make_invariant(rows)
     x = torch.randn(300, 200, generator=gen).to(dtype)
-    alone = torch.cat([lin(row) for row in x.split(1)])
+    alone = torch.cat([lin(row, block) for row in x.split(1)])
     for size in (2, 3, 5, 7, 11, 12, 13, 31, 33, 64, 129, 300):
         at = (11 * size) % (301 - size)
-        assert torch.equal(lin(x[at:at + size]), alone[at:at + size]), size
+        assert torch.equal(lin(x[at:at + size], block), alone[at:at + size]), size
+
+
+def test_the_self_test_finds_the_tiny_target_exact_and_sets_its_block(tiny_files):
+    from specedge.exactness import CANDIDATES, establish
+
+    target, _ = load_model(tiny_files[1], dtype="bf16", batch_invariant=True)
+    result = establish(target)
+    assert result.exact and result.block in CANDIDATES and target.block == result.block
+    assert [t.passed for t in result.trials].count(True) == 1  # stops at the first block that passes
+    assert establish(target) is result  # once per model object
+    assert "bitwise exact" in result.summary()
+
+
+def test_cloud_self_test_command_says_whether_a_model_file_is_exact_here(tiny_files, capsys):
+    from specedge import cli
+
+    assert cli.main(["cloud", "self-test", "--target", str(tiny_files[1]), "--weights", "bf16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["exact"] is True and report["weights"] == "bf16" and report["trials"]
+
+
+def test_a_pinned_block_is_the_only_one_tested(tiny_files):
+    """[target] block = N: a harness comparing against its own reference decoding pins the block
+    that reference used, so the verifier may not pick another."""
+    from specedge.exactness import establish
+
+    target, _ = load_model(tiny_files[1], dtype="bf16", batch_invariant=True)
+    result = establish(target, block=4)
+    assert result.exact and target.block == 4 and [t.block for t in result.trials] == [4]
+
+
+def test_the_self_test_reports_a_batch_variant_target_as_not_exact(tiny_files):
+    """A model whose logits move with the number of rows in its pass, as a GEMM that picks its
+    kernel by size does: every block fails and the verdict says so."""
+    from specedge.exactness import LAST_RESORT, establish
+    from specedge.model import Qwen2
+
+    class RowCountDependent(Qwen2):
+        def forward_batch(self, sequences, *args, **kwargs):
+            outs = super().forward_batch(sequences, *args, **kwargs)
+            rows = sum(len(tokens) for tokens, _ in sequences)
+            return [out + 1e-3 * (rows > 1) for out in outs]
+
+    target, _ = load_model(tiny_files[1], dtype="bf16", batch_invariant=True)
+    target.__class__ = RowCountDependent
+    result = establish(target)
+    assert not result.exact
+    assert all(t.passed is False for t in result.trials) and result.trials[-1].block == LAST_RESORT
+    assert all(t.rows_differing > 0 and t.max_abs_diff > 0 for t in result.trials)
+    assert "NOT bitwise exact" in result.summary()
+
+
+def test_a_target_loaded_without_batch_invariance_is_never_called_exact(tiny_files):
+    from specedge.exactness import establish
+
+    target, _ = load_model(tiny_files[1], dtype="bf16")
+    assert establish(target).exact is False
 
 
 def test_truncated_cache_gives_the_same_logits_as_a_fresh_one(tiny_models):

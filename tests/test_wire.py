@@ -27,7 +27,7 @@ MESSAGES = [
     wire.Hint(7, 3, 100, 1, 151000, 21),
     wire.Tokens(9, 1, 20, [3, 4, 5], True),
     wire.Error(7, 3, wire.ErrorCode.OUT_OF_SYNC, "resync, please ✓"),
-    wire.Opened(5, 3, "verifier-a", "coder-1.5b-pruned"),
+    wire.Opened(5, 3, "verifier-a", "coder-1.5b-pruned"), wire.Opened(5, 4, "verifier-a", "coder-1.5b", exact=True),
 ]
 
 

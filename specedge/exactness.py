@@ -1,0 +1,161 @@
+"""Bitwise exactness of a loaded target, shown on this machine instead of assumed.
+
+Terms:
+  canary     a fixed sequence of token ids (seeded, the model's own vocabulary);
+  reference  the canary's logits with every position fed alone, from the first: what the target's
+             own autoregressive decoding (cloud-ar) computes;
+  probe      the same positions fed the ways verification feeds them (SESSIONS): prefill
+             blocks, blocks of every size 1..max_draft+1, one-row steps, and several sessions in
+             one pass, cold and warm together, with more rows than a product block;
+  block      rows per weight-product call (specedge.model.DEFAULT_BLOCK says why it is fixed).
+
+A block passes when every probe row equals its reference row bit for bit. self_test() measures
+each candidate block's cost on a round's typical passes, tries them cheapest first and keeps the
+first that passes. If none passes, the model keeps the cheapest and is reported as not exact:
+greedy outputs are then the target's up to rounding, and everyone who relays an answer says so.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+# Blocks whose cost is measured and tried cheapest first; 1 (one GEMV per row, a kernel call no
+# other row can share) is the last resort, tried only when every measured block failed.
+CANDIDATES = (16, 8, 4, 2)
+LAST_RESORT = 1
+MAX_DRAFT = 8  # the device's default speculation.max_draft: blocks up to 9 rows are probed
+# Sessions fed in lockstep, one forward_batch per step, each a list of consecutive span sizes
+# over the canary (the first a cold prefill): every verify size 1..9, one-row steps, and passes
+# with cold and warm sessions together and more rows than a block.
+SESSIONS = ([16], [2, 1, 3, 4, 6], [3, 9, 2, 1, 1], [1, 7, 8], [11, 5])
+CANARY_LEN = 16
+
+
+@dataclass(frozen=True)
+class Trial:
+    block: int
+    ms: float | None  # round_cost_ms (None: not measured)
+    passed: bool | None = None  # None: not tried (a cheaper block had passed)
+    rows_differing: int = 0
+    max_abs_diff: float = 0.0
+
+
+@dataclass(frozen=True)
+class Exactness:
+    """What the self-test found: `exact` is the promise the verifier may make."""
+
+    exact: bool
+    block: int
+    seconds: float
+    trials: tuple[Trial, ...] = ()
+
+    def describe(self) -> dict:
+        return {"exact": self.exact, "block": self.block, "seconds": round(self.seconds, 2),
+                "trials": [asdict(t) for t in self.trials]}
+
+    def summary(self) -> str:
+        if self.exact:
+            return f"bitwise exact with {self.block}-row products (self-test {self.seconds:.1f}s)"
+        if not self.trials:
+            return "NOT claimed bitwise exact: loaded without batch invariance, so not self-tested"
+        worst = max((t.max_abs_diff for t in self.trials), default=0.0)
+        return (f"NOT bitwise exact on this machine: no product block kept every position's logits "
+                f"identical (max |dlogit| {worst:.3g}); outputs are the target's up to rounding")
+
+
+def canary(vocab_size: int, length: int = CANARY_LEN, seed: int = 0) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (length,), generator=gen).tolist()
+
+
+def reference(model, tokens: list[int]) -> torch.Tensor:
+    cache = model.new_cache(capacity=4)  # grows as it goes, as a long decoding's does
+    return torch.cat([model.forward([t], cache) for t in tokens])
+
+
+def check(model, tokens: list[int], expected: torch.Tensor) -> tuple[int, float]:
+    """(rows differing from the reference, their largest |dlogit|) over SESSIONS."""
+    # Caches of other capacities than the reference's: attention reads keys at other strides.
+    caches = [model.new_cache(capacity=len(tokens) + 37 * i) for i in range(len(SESSIONS))]
+    outs: list[list[torch.Tensor]] = [[] for _ in SESSIONS]
+    for step in range(max(map(len, SESSIONS))):
+        live = [i for i, spans in enumerate(SESSIONS) if step < len(spans)]
+        feeds = []
+        for i in live:
+            start = caches[i].length
+            feeds.append((tokens[start:start + SESSIONS[i][step]], caches[i]))
+        for i, out in zip(live, model.forward_batch(feeds)):
+            outs[i].append(out)
+    differing, worst = 0, 0.0
+    for rows in outs:
+        got = torch.cat(rows)
+        top = torch.finfo(torch.float32).max  # a NaN or inf row counts as the largest difference
+        diff = (got - expected[:len(got)]).abs().nan_to_num(nan=top, posinf=top)
+        differing += int((diff.amax(dim=-1) > 0).sum())
+        worst = max(worst, float(diff.max()))
+    return differing, worst
+
+
+def call_ms(model, block: int, repeats: int = 5) -> float:
+    """Best time of one `block`-row product on the largest weight of a layer (the MLP's)."""
+    lin = model.layers[0]["gate_up"]
+    x = torch.randn(block, lin.weight.shape[1], generator=torch.Generator().manual_seed(0)).to(model.dtype)
+    lin(x, block)  # warm-up: kernels are picked and JIT-compiled on first use
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        lin(x, block)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def round_cost_ms(model, block: int) -> float:
+    """Product time of a cloud-ar step, a short and a full verify, and a four-session batch:
+    every pass costs one call per started block."""
+    rows = (1, MAX_DRAFT // 2 + 1, MAX_DRAFT + 1, 4 * (MAX_DRAFT + 1))
+    return sum(-(-n // block) for n in rows) * call_ms(model, block)
+
+
+@torch.inference_mode()
+def self_test(model, candidates=CANDIDATES, last_resort: bool = True) -> Exactness:
+    """Pick the cheapest block under which `model` is bitwise batch-invariant; sets model.block."""
+    t0 = time.perf_counter()
+    costs = {block: round_cost_ms(model, block) for block in candidates}
+    order = sorted(candidates, key=costs.__getitem__)
+    if last_resort and LAST_RESORT not in order:
+        order.append(LAST_RESORT)
+        costs[LAST_RESORT] = None  # slow by construction: not worth measuring
+    tokens = canary(model.cfg.vocab_size)
+    trials, chosen = {}, None
+    for block in order:
+        model.block = block
+        differing, worst = check(model, tokens, reference(model, tokens))
+        trials[block] = Trial(block, _rounded(costs[block]), differing == 0, differing, worst)
+        if differing == 0:
+            chosen = block
+            break
+    model.block = chosen if chosen is not None else order[0]
+    result = Exactness(chosen is not None, model.block, time.perf_counter() - t0,
+                       tuple(trials.get(b, Trial(b, _rounded(costs[b]))) for b in order))
+    model.exactness = result
+    return result
+
+
+def _rounded(ms: float | None) -> float | None:
+    return None if ms is None else round(ms, 2)
+
+
+def establish(model, block: int = 0) -> Exactness:
+    """The model's exactness, self-tested on first use: every holder of the same model object
+    (verifier, reference decoding, bench) then computes with the same block. `block` > 0 pins
+    the block (TargetConfig.block): only it is tested."""
+    if model.exactness is None:
+        if not model.batch_invariant:
+            model.exactness = Exactness(False, model.block, 0.0)
+        elif block:
+            self_test(model, (block,), last_resort=False)
+        else:
+            self_test(model)
+    return model.exactness
