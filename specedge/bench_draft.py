@@ -44,7 +44,7 @@ def run(args) -> int:
     for spec in args.backends.split(","):
         backend, _, weights = spec.partition(":")
         weights = weights or "int8"
-        reason = unavailable(backend)
+        reason = unavailable(backend, replace(base, backend=backend, weights=weights))
         if reason:
             say(f"{spec}: skipped ({reason})")
             continue
@@ -57,7 +57,8 @@ def run(args) -> int:
         results.append(row)
         del engine
     # Greedy drafts are compared with torch on the same weights: the same numbers in, the same
-    # tokens out. Different quantisers (torch int8 against onnxruntime's 8-bit blocks) may part.
+    # tokens out. Different quantisers (torch int8 against onnxruntime's 8-bit blocks, llama.cpp's
+    # Q4_K dot products against torch's dequantised weights) may part.
     torch_rows = {r["weights"]: r for r in results if r["backend"].startswith("torch")}
     for r in results:
         same = torch_rows.get(r["weights"])
@@ -93,8 +94,9 @@ def run(args) -> int:
 def add_parser(sub, func) -> None:
     b = sub.add_parser("bench-draft", help="draft backends side by side: prefill, ms/token, same drafts (JSON + plot)")
     b.add_argument("--draft", default="qwen2.5-coder-0.5b")
-    b.add_argument("--backends", default="torch:int8,onnxruntime:int8,torch:fp32,onnxruntime:fp32",
-                   help="BACKEND[:WEIGHTS] list; the first is the reference")
+    b.add_argument("--backends", default="torch:int8,llama.cpp,onnxruntime:int8,torch:fp32,onnxruntime:fp32",
+                   help="BACKEND[:WEIGHTS] list; the first is the reference (llama.cpp reads the GGUF's own "
+                        "quantisation, whatever WEIGHTS says)")
     b.add_argument("--prompts", default=None)
     b.add_argument("--max-prompts", type=int, default=4)
     b.add_argument("--tokens", type=int, default=32)

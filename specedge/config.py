@@ -69,12 +69,13 @@ class DraftConfig:
     layers: int = 0
     head: str = ""
     name: str = ""  # how the verifier's per-(draft, target) statistics name it; "" = model[-lN]
-    # auto (tensorrt, then onnxruntime, then torch: the best available) | tensorrt | onnxruntime | torch
+    # auto (tensorrt, then llama.cpp, then onnxruntime, then torch: the best available)
+    # | tensorrt | llama.cpp | onnxruntime | torch
     backend: str = "auto"
 
     def validate(self):
-        _check(self.backend in ("auto", "tensorrt", "onnxruntime", "torch"), "draft.backend",
-               "auto, tensorrt, onnxruntime or torch")
+        _check(self.backend in ("auto", "tensorrt", "llama.cpp", "onnxruntime", "torch"), "draft.backend",
+               "auto, tensorrt, llama.cpp, onnxruntime or torch")
         _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "draft.weights", "int8, bf16, fp32 or fp64")
         _check(self.layers >= 0, "draft.layers", ">= 0 (0 = every layer)")
         _check(not self.head or self.layers > 0, "draft.head", "a file only together with draft.layers")

@@ -90,16 +90,32 @@ def _from_reader(reader, path) -> tuple[ModelConfig, dict[str, torch.Tensor], To
         max_seq_len=int(_field(reader, f"{ARCH}.context_length", 32768)),
         tie_embeddings="output.weight" not in weights,
     )
-    tokenizer = Tokenizer.from_gguf_fields(
-        tokens=tokens,
+    _check_shapes(cfg, weights, path)
+    return cfg, weights, _tokenizer(reader)
+
+
+def _tokenizer(reader) -> Tokenizer:
+    return Tokenizer.from_gguf_fields(
+        tokens=_field(reader, "tokenizer.ggml.tokens"),
         merges=_field(reader, "tokenizer.ggml.merges"),
         token_types=_field(reader, "tokenizer.ggml.token_type"),
         eos_id=int(_field(reader, "tokenizer.ggml.eos_token_id")),
         bos_id=int(_field(reader, "tokenizer.ggml.bos_token_id", -1)),
         chat_template=_field(reader, "tokenizer.chat_template", ""),
     )
-    _check_shapes(cfg, weights, path)
-    return cfg, weights, tokenizer
+
+
+def read_gguf_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer alone, from a GGUF file's metadata: for engines that load the weights
+    themselves (llama.cpp), without dequantising anything."""
+    import gguf
+
+    try:
+        return _tokenizer(gguf.GGUFReader(str(path)))
+    except ModelFileError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{path}: no readable tokenizer in the GGUF metadata ({exc})") from exc
 
 
 def _check_shapes(cfg: ModelConfig, weights: dict[str, torch.Tensor], path) -> None:

@@ -173,7 +173,7 @@ def test_the_device_service_process_serves_http_and_notifies(tmp_path, tiny_file
     with service_process(["device", "serve", "--config", str(config)],
                          {"NOTIFY_SOCKET": sock.path, "SPECEDGE_CACHE": str(tmp_path / "cache")}) as proc:
         ready = json.loads(proc.stdout.readline())
-        assert ready["backend"] == "onnxruntime" and ready["device"] == "svc"  # auto, on this machine
+        assert ready["backend"] == "llama.cpp" and ready["device"] == "svc"  # auto, on this machine
         assert sock.receive() == "READY=1\nSTATUS=serving svc/svc"
         with urllib.request.urlopen(f"http://127.0.0.1:{ready['http_port']}/health", timeout=10) as r:
             assert json.load(r)["status"] == "ok"
