@@ -168,11 +168,11 @@ class Verifier:
         return "" if self._thread is not None and self._thread.is_alive() else "the verifier worker is not running"
 
     def _status(self, state: str) -> bytes:
+        targets = sorted(self.targets.items())
         return json.dumps({"state": state, "replica": self.replica, "default": self.default,
                            "versions": sorted(self.targets), "time": time.time(),
-                           "exact": {name: t.exact for name, t in sorted(self.targets.items())},
-                           "exactness": {name: t.model.exactness.describe() for name, t in sorted(self.targets.items())},
-                           }).encode()
+                           "exact": {name: t.exact for name, t in targets},
+                           "exactness": {name: t.model.exactness.describe() for name, t in targets}}).encode()
 
     def stop(self) -> None:
         self._stop.set()

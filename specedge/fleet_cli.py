@@ -203,7 +203,7 @@ class Table:
 
 def _exact_note(verifier_status: dict) -> str:
     exact = (verifier_status.get("exact") or {}).get(verifier_status.get("default"))
-    return "" if exact is None else ", exact" if exact else ", NOT EXACT: self-test failed"
+    return "" if exact is None else ", exact" if exact else ", NOT EXACT (its status says why)"
 
 
 def _table_topics(fleet: str) -> list[str]:
