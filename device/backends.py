@@ -27,7 +27,7 @@ def unavailable(backend: str, draft_cfg=None) -> str:
             return "llama-cpp-python is not installed (pip install 'specedge[llama]')"
         if draft_cfg is not None and draft_cfg.layers:
             return "a shallow draft reads out through its trained head, which llama.cpp does not run"
-        if draft_cfg is not None and _gguf_file(draft_cfg.model) is None:
+        if draft_cfg is not None and not _names_gguf(draft_cfg.model):
             return "llama.cpp reads GGUF files, and the draft is not one"
         return ""
     if backend == "onnxruntime":
@@ -57,7 +57,7 @@ def open_engine(draft_cfg, report=log.info):
             continue
         if name == "llama.cpp":
             try:
-                return _llama_engine(draft_cfg), _tokenizer(draft_cfg)
+                return _llama_engine(draft_cfg)
             except Exception as exc:  # a backend that fails to start must not stop the device
                 if wanted != "auto":
                     raise
@@ -85,22 +85,18 @@ def open_engine(draft_cfg, report=log.info):
     raise AssertionError("torch is always available")
 
 
-def _gguf_file(model: str):
-    """The draft's GGUF file (a registry name is fetched and hash-checked), or None."""
-    from specedge.fetch import REGISTRY, resolve
+def _names_gguf(model: str) -> bool:
+    """A registry name (every one is a GGUF file) or a .gguf path; nothing is read or fetched."""
+    from specedge.fetch import REGISTRY
 
-    if model not in REGISTRY and not model.endswith(".gguf"):
-        return None
-    return resolve(model)[0]
+    return model in REGISTRY or model.endswith(".gguf")
 
 
 def _llama_engine(draft_cfg):
+    """(engine, tokenizer): the file resolved (fetched and hash-checked) once for both."""
     from specedge.device.llama_engine import LlamaCppDraftEngine
-
-    return LlamaCppDraftEngine(_gguf_file(draft_cfg.model), draft_cfg.q_top_k, draft_cfg.q_top_p)
-
-
-def _tokenizer(draft_cfg):
+    from specedge.fetch import resolve
     from specedge.loader import read_gguf_tokenizer
 
-    return read_gguf_tokenizer(_gguf_file(draft_cfg.model))
+    path, _ = resolve(draft_cfg.model)
+    return LlamaCppDraftEngine(path, draft_cfg.q_top_k, draft_cfg.q_top_p), read_gguf_tokenizer(path)
