@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from specedge.cloud.engine import ENGINES, Capabilities, open_engine, resolve_engine
 from specedge.config import WEIGHTS, ConfigError, model_label, read_toml
 from specedge.contract import Contract
 
@@ -28,9 +29,11 @@ class TargetSpec:
     weights: str = "auto"
     drop_layers: tuple[int, ...] = ()  # a layer-pruned variant of `model` (see prune-layers)
     sha256: str = ""  # of the model file; checked on load when given
+    engine: str = "auto"  # cloud/engine.py: torch (bitwise reference) or llama.cpp
 
     def recipe(self) -> dict:
-        return {"model": self.model, "weights": self.weights, "drop_layers": list(self.drop_layers)}
+        return {"model": self.model, "engine": self.engine, "weights": self.weights,
+                "drop_layers": list(self.drop_layers)}
 
 
 @dataclass
@@ -38,7 +41,7 @@ class Target:
     """A loaded version."""
 
     spec: TargetSpec
-    model: object  # specedge.model.Qwen2
+    model: object  # a target engine (cloud/engine.py): specedge.model.Qwen2 or LlamaCppTarget
     tokenizer: object
     file_sha256: str = ""
     exit_head: object = None
@@ -67,15 +70,20 @@ class Target:
         """Passed the bitwise self-test on this machine (False until the verifier has run it)."""
         return bool(self.model.exactness and self.model.exactness.exact)
 
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities.of(self.model)
+
     def describe(self) -> dict:
         return {"name": self.name, "file_sha256": self.file_sha256, "version_hash": self.version_hash,
                 "layers": self.model.cfg.n_layers, "contract": self.contract.to_json(), **self.spec.recipe(),
-                "exactness": self.model.exactness.describe() if self.model.exactness else None}
+                "exactness": self.model.exactness.describe() if self.model.exactness else None,
+                "capabilities": self.capabilities.to_json() if self.model.exactness else None}
 
 
 def load_target(spec: TargetSpec, batch_invariant: bool = True) -> Target:
     from specedge.fetch import resolve, sha256_file
-    from specedge.loader import load_model, resolve_weights
+    from specedge.loader import resolve_weights
 
     path, sha256 = resolve(spec.model)
     if spec.sha256 and path.is_file():
@@ -85,15 +93,18 @@ def load_target(spec: TargetSpec, batch_invariant: bool = True) -> Target:
         sha256 = actual
     elif sha256 is None and path.is_file():
         sha256 = sha256_file(path)
-    # What verifies is what this machine loads: "auto" is recorded as the dtype it chose.
-    spec = replace(spec, weights=resolve_weights(spec.weights))
-    model, tokenizer = load_model(path, sha256, spec.weights, batch_invariant)
+    # What verifies is what this machine loads: "auto" is recorded as the engine and dtype it chose.
+    engine = resolve_engine(spec.engine, path)
+    if engine != "torch" and spec.drop_layers:
+        raise ConfigError(f"target {spec.name}: drop_layers needs engine = \"torch\" ({engine} loads the file whole)")
+    spec = replace(spec, engine=engine, weights=resolve_weights(spec.weights) if engine == "torch" else "gguf")
+    model, tokenizer = open_engine(engine, path, sha256, spec.weights, batch_invariant)
     if spec.drop_layers:
         model = model.layer_subset([i for i in range(model.cfg.n_layers) if i not in spec.drop_layers])
     return Target(spec, model, tokenizer, sha256 or "")
 
 
-def read_registry(path: str | Path) -> dict[str, TargetSpec]:
+def read_registry(path: str | Path, default_engine: str = "auto") -> dict[str, TargetSpec]:
     data = read_toml(path, "target registry")
     versions = data.get("versions")
     if not isinstance(versions, dict) or not versions or set(data) != {"versions"}:
@@ -103,7 +114,7 @@ def read_registry(path: str | Path) -> dict[str, TargetSpec]:
         where = f"{path}: versions.{name}"
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise ConfigError(f"{where}: needs model = \"name or path\"")
-        unknown = set(entry) - {"model", "weights", "drop_layers", "sha256"}
+        unknown = set(entry) - {"model", "engine", "weights", "drop_layers", "sha256"}
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
         drop = entry.get("drop_layers", [])
@@ -112,10 +123,13 @@ def read_registry(path: str | Path) -> dict[str, TargetSpec]:
         weights = entry.get("weights", "auto")
         if weights not in WEIGHTS:
             raise ConfigError(f"{where}: weights must be one of {', '.join(WEIGHTS)}")
+        engine = entry.get("engine", default_engine)
+        if engine not in ENGINES:
+            raise ConfigError(f"{where}: engine must be one of {', '.join(ENGINES)}")
         model = entry["model"]
         if not Path(model).is_absolute() and ("/" in model or model.endswith(".gguf")):
             model = str((Path(path).parent / model).resolve())  # relative to the registry file
-        specs[name] = TargetSpec(name, model, weights, tuple(sorted(set(drop))), str(entry.get("sha256", "")))
+        specs[name] = TargetSpec(name, model, weights, tuple(sorted(set(drop))), str(entry.get("sha256", "")), engine)
     return specs
 
 
@@ -123,13 +137,13 @@ def registry_for(target_cfg) -> tuple[dict[str, TargetSpec], str]:
     """(versions, default version) from the [target] section: its registry file, or the one model it names."""
     if target_cfg.registry:
         path = SHIPPED_REGISTRY if target_cfg.registry == "shipped" else target_cfg.registry
-        specs = read_registry(path)
+        specs = read_registry(path, target_cfg.engine)
         default = target_cfg.version or next(iter(specs))
         if default not in specs:
             raise ConfigError(f"target.version {default!r} is not in {path} ({', '.join(specs)})")
         return specs, default
     name = target_cfg.version or model_label(target_cfg.model)
-    return {name: TargetSpec(name, target_cfg.model, target_cfg.weights)}, name
+    return {name: TargetSpec(name, target_cfg.model, target_cfg.weights, engine=target_cfg.engine)}, name
 
 
 class AnnouncementError(ValueError):

@@ -134,7 +134,7 @@ class Verifier:
     def _add_target(self, target: Target) -> None:
         exactness = establish(target.model, self.cfg.target.block)
         (log.info if exactness.exact else log.warning)("target %s: %s", target.name, exactness.summary())
-        if target.exit_head is None:
+        if target.exit_head is None and target.model.hints:
             cfg = self.cfg.target
             trained = cfg.exit_head if target.name == self.default else ""  # a head fits one model
             target.exit_head = load_exit_head(
@@ -172,6 +172,7 @@ class Verifier:
         return json.dumps({"state": state, "replica": self.replica, "default": self.default,
                            "versions": sorted(self.targets), "time": time.time(),
                            "exact": {name: t.exact for name, t in targets},
+                           "capabilities": {name: t.capabilities.to_json() for name, t in targets},
                            "exactness": {name: t.model.exactness.describe() for name, t in targets}}).encode()
 
     def stop(self) -> None:

@@ -268,12 +268,16 @@ class VerifierIdentity:
         _check(-1 <= self.metrics_port < 65536, "verifier.metrics_port", "-1 (off), 0 (any free port) or 1..65535")
 
 
+TARGET_ENGINES = ("auto", "torch", "llama.cpp")  # cloud/engine.py
 WEIGHTS = ("auto", "int8", "bf16", "fp32", "fp64")  # how a model's weights are held (loader.load_model)
 
 
 @dataclass
 class TargetConfig:
     model: str = "qwen2.5-coder-1.5b"
+    # cloud/engine.py: "torch" is the bitwise reference; "llama.cpp" runs the GGUF as stored, several
+    # times faster on a CPU but equal only up to rounding; "auto" = llama.cpp where installed.
+    engine: str = "auto"
     weights: str = "auto"  # bf16 where the CPU has AMX/AVX512-BF16, else fp32 (see loader.resolve_weights)
     # Bit-identical logits whether a position is verified in a block or decoded alone.
     batch_invariant: bool = True
@@ -297,6 +301,7 @@ class TargetConfig:
 
     def validate(self):
         _check(self.weights in WEIGHTS, "target.weights", ", ".join(WEIGHTS))
+        _check(self.engine in TARGET_ENGINES, "target.engine", ", ".join(TARGET_ENGINES))
         _check(self.exit_layer >= 0, "target.exit_layer", ">= 0 (0 = three quarters of the depth)")
         _check(0 <= self.block <= 64, "target.block", "0 (the self-test picks) or 1..64 rows")
         _check(0.0 <= self.exit_threshold <= 1.0, "target.exit_threshold", "0..1")

@@ -123,6 +123,9 @@ class KVCache:
 
 
 class Qwen2:
+    engine = "torch"  # the reference target engine (cloud/engine.py)
+    hints = True  # on_layer shows the residual stream mid-pass: early-exit hints
+
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype=torch.bfloat16, int8=False,
                  batch_invariant: bool = False):
         """`weights` use GGUF tensor names (token_embd.weight, blk.N.attn_q.weight, ...).

@@ -1,0 +1,207 @@
+"""The target on llama.cpp (llama-cpp-python's C API): the same GGUF file, its weights used as
+stored, several devices' sessions verified in one `llama_decode` through sequence ids.
+
+It offers what specedge.model.Qwen2 offers the verifier (cloud/engine.py names that interface):
+`new_cache()` hands out a sequence, `forward_batch()` feeds every sequence's new tokens in one
+batch and returns logits only for the rows asked for. Rolling back a rejected draft is
+`llama_memory_seq_rm` on the positions past the committed length.
+
+One context holds every session: `n_seq` sequences share `n_ctx` KV cells (a unified cache).
+A cache whose session is gone frees its sequence lazily; when every sequence is taken, or the
+cells run out mid-batch, the least recently used sessions outside the batch lose theirs and
+re-read their text on their next round (the same thing a memory-budget eviction does).
+
+llama.cpp is deterministic on a machine but not batch-invariant: a position verified in a
+block gets logits a few ulps away from the same position decoded alone. The self-test measures
+how far (specedge.exactness); this engine is never called bitwise exact.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_CONTEXT = 16384  # KV cells shared by every session
+DEFAULT_SEQUENCES = 64  # sessions holding a warm cache at once
+DEFAULT_BATCH = 512  # tokens per llama_decode call: a longer pass is fed in several
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the verifier reads of a target engine's model."""
+
+    vocab_size: int
+    max_seq_len: int
+    n_layers: int
+
+
+class LlamaSequence:
+    """One session's share of the context: a sequence id while warm, and how many positions it holds."""
+
+    def __init__(self, engine: "LlamaCppTarget"):
+        self.engine, self.seq, self.length, self.used = engine, None, 0, 0
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if length < self.length and self.seq is not None:
+            self.engine._remove(self.seq, length)
+        self.length = length
+
+    def nbytes(self) -> int:
+        return self.length * self.engine.bytes_per_token
+
+
+class LlamaCppTarget:
+    engine = "llama.cpp"
+    batch_invariant = False  # see the module's docstring
+    block = 0  # llama.cpp picks its own kernels per batch; nothing to pin
+    hints = False  # no residual stream to read an early exit from
+
+    def __init__(self, gguf_path: str | Path, n_ctx: int = DEFAULT_CONTEXT, n_seq: int = DEFAULT_SEQUENCES,
+                 n_batch: int = DEFAULT_BATCH, threads: int | None = None):
+        import llama_cpp as lib
+
+        self.lib, self.exactness = lib, None
+        chatter = logging.getLogger("llama-cpp-python")  # where llama.cpp's own log goes
+        if chatter.level == logging.NOTSET:  # its load report is hundreds of lines; keep warnings
+            chatter.setLevel(logging.WARNING)
+        lib.llama_backend_init()
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = -1  # every layer on the GPU where the build has one; ignored on CPU
+        model = lib.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+        if not model:
+            raise ValueError(f"llama.cpp could not load {gguf_path}")
+        n_seq = min(n_seq, lib.llama_max_parallel_sequences())
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = n_ctx, n_batch, n_batch, n_seq
+        cparams.kv_unified = True  # cells go to whichever session needs them, not n_ctx / n_seq each
+        cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count()
+        ctx = lib.llama_init_from_model(model, cparams)
+        if not ctx:
+            lib.llama_model_free(model)
+            raise ValueError(f"llama.cpp could not make a context of {n_ctx} cells for {gguf_path}")
+        self.model, self.ctx, self.n_batch = model, ctx, n_batch
+        self.memory = lib.llama_get_memory(ctx)
+        self.batch = lib.llama_batch_init(n_batch, 0, 1)
+        weakref.finalize(self, _free, lib, self.batch, ctx, model)
+        vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+        n_ctx = lib.llama_n_ctx(ctx)
+        self.cfg = Shape(vocab, min(n_ctx, lib.llama_model_n_ctx_train(model)), lib.llama_model_n_layer(model))
+        head_dim = lib.llama_model_n_embd(model) // lib.llama_model_n_head(model)
+        # f16 keys and values (llama.cpp's default cache type) of every layer
+        self.bytes_per_token = self.cfg.n_layers * 2 * lib.llama_model_n_head_kv(model) * head_dim * 2
+        self.n_ctx = n_ctx
+        self.slots: list[weakref.ref | None] = [None] * n_seq
+        self.clock = 0
+
+    def new_cache(self, capacity: int = 0) -> LlamaSequence:
+        return LlamaSequence(self)  # a sequence id is taken when it is first fed
+
+    def forward(self, tokens, cache: LlamaSequence, last_only: bool = False, on_layer=None) -> torch.Tensor:
+        return self.forward_batch([(tokens, cache)], last_only, on_layer)[0]
+
+    def forward_batch(self, sequences, last_only: bool = False, on_layer=None,
+                      keep: list[int] | None = None) -> list[torch.Tensor]:
+        """As Qwen2.forward_batch: each `(tokens, cache)` fed after its cached positions, fp32 logits
+        of the last keep[i] rows of each (all rows without keep)."""
+        if on_layer is not None:
+            raise ValueError("the llama.cpp engine has no early-exit layer to show (capabilities.hints)")
+        tokens = [[int(t) for t in toks] for toks, _ in sequences]
+        caches = [cache for _, cache in sequences]
+        if last_only:
+            keep = [1] * len(tokens)
+        keep = keep if keep is not None else [len(t) for t in tokens]
+        for toks, cache in zip(tokens, caches):
+            if not toks:
+                raise ValueError("a sequence in the batch has no tokens")
+            if cache.length + len(toks) > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {cache.length + len(toks)} positions exceeds the "
+                                 f"engine's {self.cfg.max_seq_len}")
+        self.clock += 1
+        for cache in caches:
+            cache.used = self.clock
+            if cache.seq is None:
+                self._take_slot(cache, caches)
+        starts = [cache.length for cache in caches]
+        rows = [(i, t, starts[i] + j, j >= len(toks) - keep[i])
+                for i, toks in enumerate(tokens) for j, t in enumerate(toks)]
+        out: list[list[np.ndarray]] = [[] for _ in tokens]
+        try:
+            for first in range(0, len(rows), self.n_batch):
+                self._decode(rows[first:first + self.n_batch], caches, out)
+        except BaseException:
+            for cache, start in zip(caches, starts):  # leave no half-fed sequence behind
+                self._remove(cache.seq, start)
+            raise
+        for toks, cache in zip(tokens, caches):
+            cache.length += len(toks)
+        vocab = self.cfg.vocab_size
+        return [torch.from_numpy(np.stack(o)) if o else torch.empty(0, vocab) for o in out]
+
+    # -- llama.cpp ---------------------------------------------------------------------------------
+    def _decode(self, rows, caches, out) -> None:
+        lib, batch = self.lib, self.batch
+        for j, (i, token, pos, wanted) in enumerate(rows):
+            batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, pos, 1
+            batch.seq_id[j][0] = caches[i].seq
+            batch.logits[j] = wanted
+        batch.n_tokens = len(rows)
+        rc = lib.llama_decode(self.ctx, batch)
+        if rc == 1:  # out of KV cells: sessions outside the batch give theirs up, oldest first
+            for slot in self._outside(caches):
+                self._release(slot)
+                rc = lib.llama_decode(self.ctx, batch)
+                if rc != 1:
+                    break
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc}): {len(rows)} rows, context of {self.n_ctx} cells")
+        vocab = self.cfg.vocab_size
+        for j, (i, _, _, wanted) in enumerate(rows):
+            if wanted:
+                row = lib.llama_get_logits_ith(self.ctx, j)
+                out[i].append(np.ctypeslib.as_array(row, shape=(vocab,)).copy())
+
+    def _remove(self, seq: int | None, start: int) -> None:
+        if seq is not None:
+            self.lib.llama_memory_seq_rm(self.memory, seq, start, -1)
+
+    def _release(self, slot: int) -> None:
+        ref = self.slots[slot]
+        holder = ref() if ref is not None else None
+        if holder is not None:  # a live session: cold from now on, its next round re-reads its text
+            holder.seq, holder.length = None, 0
+        self._remove(slot, 0)
+        self.slots[slot] = None
+
+    def _take_slot(self, cache: LlamaSequence, batch: list[LlamaSequence]) -> None:
+        free = [s for s, ref in enumerate(self.slots) if ref is None or ref() is None]
+        if not free:
+            free = self._outside(batch)
+            if not free:
+                raise RuntimeError(f"a batch of more than {len(self.slots)} sessions (n_seq)")
+        self._release(free[0])
+        self.slots[free[0]] = weakref.ref(cache)
+        cache.seq, cache.length = free[0], 0
+
+    def _outside(self, batch: list[LlamaSequence]) -> list[int]:
+        """Slots held outside the batch, dead sessions' first, then least recently used."""
+        held = [(-1 if ref() is None else ref().used, s) for s, ref in enumerate(self.slots)
+                if ref is not None and ref() not in batch]
+        return [slot for _, slot in sorted(held)]
+
+    def close(self) -> None:
+        for slot in range(len(self.slots)):
+            if self.slots[slot] is not None:
+                self._release(slot)
+
+
+def _free(lib, batch, ctx, model) -> None:
+    lib.llama_batch_free(batch)
+    lib.llama_free(ctx)
+    lib.llama_model_free(model)
