@@ -71,14 +71,15 @@ class Capabilities:
         return asdict(self)
 
 
-def open_engine(engine: str, path, sha256: str | None, weights: str, batch_invariant: bool):
+def open_engine(engine: str, path, sha256: str | None, weights: str, batch_invariant: bool,
+                threads: int | None = None):
     """(engine, tokenizer) for a resolved engine name; `weights` applies to torch only (llama.cpp
-    runs the file's own quantisation)."""
+    runs the file's own quantisation), `threads` to llama.cpp (torch uses torch's setting)."""
     if engine == "llama.cpp":
         from specedge.cloud.llama_target import LlamaCppTarget
         from specedge.loader import read_gguf_tokenizer
 
-        return LlamaCppTarget(path), read_gguf_tokenizer(path)
+        return LlamaCppTarget(path, threads=threads), read_gguf_tokenizer(path)
     if engine == "torch":
         from specedge.loader import load_model
 

@@ -96,15 +96,15 @@ def worker_main(argv: list[str]) -> int:
 
     from specedge.config import DeviceConfig, build
     from specedge.device.agent import Agent
-    from specedge.device.draft import TorchDraftEngine
+    from specedge.device.backends import open_engine
     from specedge.device.policy import parse_policy
-    from specedge.loader import load_named
     from specedge.speculative import SamplingParams
 
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--draft", required=True)
     p.add_argument("--draft-weights", default="int8")
+    p.add_argument("--draft-backend", default="auto")
     p.add_argument("--device-id", default="bench0")
     p.add_argument("--profile", default="orin-nano-15w")
     p.add_argument("--link", default="lte")
@@ -112,12 +112,12 @@ def worker_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     cfg = build(DeviceConfig, {"device": {"id": args.device_id, "fleet": "bench"},
                                "mqtt": {"port": args.port, "protocol": "5"},
-                               "draft": {"model": args.draft, "weights": args.draft_weights},
+                               "draft": {"model": args.draft, "weights": args.draft_weights,
+                                         "backend": args.draft_backend},
                                "speculation": {"max_draft": MAX_G},
                                "energy": {"profile": args.profile, "link": args.link, "meter": args.meter},
                                "faults": {"round_timeout_s": 60.0}})
-    model, tok = load_named(args.draft, args.draft_weights)
-    engine = TorchDraftEngine(model, cfg.draft.q_top_k, cfg.draft.q_top_p)
+    engine, tok = open_engine(cfg.draft)
     agent = Agent(cfg, engine, tok).start()
     out = sys.stdout
     out.write(json.dumps({"ready": True, "backend": engine.backend, "protocol": agent.link.protocol,
@@ -317,22 +317,26 @@ def run(args) -> int:
     try:
         verifier = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run"], verifier_cores, {
             "SPECEDGE_MQTT_PORT": str(broker.port), "SPECEDGE_TARGET_MODEL": args.target,
-            "SPECEDGE_TARGET_WEIGHTS": args.target_weights, "SPECEDGE_VERIFIER_FLEET": "bench",
+            "SPECEDGE_TARGET_WEIGHTS": args.target_weights, "SPECEDGE_TARGET_ENGINE": args.engine,
+            "SPECEDGE_VERIFIER_FLEET": "bench",
             "SPECEDGE_TARGET_EXIT_LAYER": str(args.exit_layer), "SPECEDGE_TARGET_EXIT_HEAD": args.exit_head or ""},
             logs / "verifier.log")
         procs.append(verifier)
-        self_test = _read_json(verifier, "the verifier", args.start_timeout)["target"]["exactness"]
+        served = _read_json(verifier, "the verifier", args.start_timeout)["target"]
+        self_test, target_engine = served["exactness"], served["engine"]
         bar = progress_bar(len(channels) * len(prompts) * len(policies), "bench", "runs")
         for cfg in configs:
             channel_name = cfg.name
             with ChannelEmulator(cfg, ("127.0.0.1", broker.port)) as channel:
                 worker = _spawn([sys.executable, "-m", "specedge.bench", "--worker", "--port", str(channel.port),
                                  "--draft", args.draft, "--draft-weights", args.draft_weights,
+                                 "--draft-backend", args.draft_backend,
                                  "--profile", args.profile, "--meter", args.meter,
                                  "--link", CHANNEL_RADIO.get(channel_name, "lte")],
                                 device_cores, {}, logs / f"device-{channel_name}.log")
                 procs.append(worker)
                 hello = _read_json(worker, "the device worker", args.start_timeout)
+                draft_backend = hello["backend"]
                 runs: dict[str, list] = {p: [] for p in policies}
                 for i, prompt in enumerate(prompts):
                     for policy in policies:
@@ -365,6 +369,8 @@ def run(args) -> int:
     report = {
         "machine": machine(), "git_revision": _git_revision(), "pinning": pinning,
         "draft": args.draft, "target": args.target, "draft_weights": args.draft_weights,
+        "draft_backend": draft_backend, "target_engine": target_engine,
+        "exactness_class": "exact" if self_test["exact"] else "numerical",
         "target_weights": args.target_weights, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "energy_profile": args.profile,
         "channels": results,
@@ -377,6 +383,8 @@ def run(args) -> int:
         "exact": all(m["exact"] for ch in results.values() for m in ch["policies"].values()),
         "target_self_test": self_test,
     }
+    if report["exactness_class"] == "numerical" and report["outputs_identical"] is False:
+        report["divergences"] = divergences(results, args.target, target_engine, self_test)
     _print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -386,7 +394,38 @@ def run(args) -> int:
         timeline = str(Path(args.plot).with_name(Path(args.plot).stem + "-draft-length.png"))
         plot_draft_lengths(report, timeline)
         print(f"wrote {args.plot} and {timeline}", file=sys.stderr)
-    return 0 if report["outputs_identical"] in (True, None) else 1
+    return 0 if report["outputs_identical"] in (True, None) or report.get("divergences", {}).get("near_ties") else 1
+
+
+def divergences(results: dict, target: str, engine_name: str, self_test: dict) -> dict:
+    """Where a numerical engine's speculative output parted from its own cloud-ar decoding: the
+    first differing position of each run, and the engine's top-2 logit gap there with every
+    position decoded alone. A gap within twice the self-test's largest block-vs-alone logit
+    difference is a near-tie that rounding can flip; a wider one would be a bug."""
+    import torch
+
+    from specedge.cloud.engine import open_engine
+    from specedge.fetch import resolve
+
+    path, sha256 = resolve(target)
+    engine = None
+    limit = 2 * max((t["max_abs_diff"] for t in self_test["trials"]), default=0.0)
+    gaps, runs = [], 0
+    for channel in results.values():
+        reference = [r["tokens"] for r in channel["runs"].get("cloud-ar", [])]
+        for name, rs in channel["runs"].items():
+            for run, want in zip(rs, reference):
+                runs += 1
+                at = next((i for i, (a, b) in enumerate(zip(run["tokens"], want)) if a != b), None)
+                if at is None:
+                    continue
+                engine = engine or open_engine(engine_name, path, sha256, "gguf", True)[0]
+                cache = engine.new_cache()
+                logits = torch.cat([engine.forward([t], cache) for t in run["prompt"] + want[:at]])[-1]
+                top = logits.topk(2).values
+                gaps.append({"policy": name, "position": at, "top2_gap": round(float(top[0] - top[1]), 4)})
+    return {"runs": runs, "differing_runs": len(gaps), "near_tie_limit": round(limit, 4), "first_differences": gaps,
+            "near_ties": all(g["top2_gap"] <= limit for g in gaps)}
 
 
 def _exit_agreement(results: dict, args, logs: Path) -> dict:
@@ -484,7 +523,14 @@ def _print_table(report: dict) -> None:
             print(f"{name:12}{policy:{width}}" + "".join(cells))
         if "outputs_identical" in ch:
             print(f"{'':12}outputs identical to cloud-ar: {ch['outputs_identical']}")
-    print(f"exact (every run verified by a target that passed its bitwise self-test): {report['exact']}")
+    print(f"draft backend {report['draft_backend']}, target engine {report['target_engine']} "
+          f"({report['exactness_class']}); exact (every run verified by a target that passed its bitwise "
+          f"self-test): {report['exact']}")
+    found = report.get("divergences")
+    if found:
+        print(f"numerical engine: {found['differing_runs']} of {found['runs']} runs part from cloud-ar; top-2 gaps "
+              f"there {[g['top2_gap'] for g in found['first_differences']]} (near-tie limit {found['near_tie_limit']}, "
+              f"all near-ties: {found['near_ties']})")
     for name, ch in report["channels"].items():
         print(f"channel {name}: {ch['description']}")
     sources = {m["energy_source"] for ch in report["channels"].values() for m in ch["policies"].values()}

@@ -133,6 +133,7 @@ protocol = "5"
 
 [target]
 model = "{args.target}"
+engine = "{args.engine}"
 weights = "{args.target_weights}"
 block = {block}
 {registry}""")
@@ -276,7 +277,7 @@ def run(args) -> int:
         name = f"{model_label(args.draft)}-l{head.layer}"
         drafts.append((name, TorchDraftEngine(small), draft_tok))
         trained_heads[name] = sha256_file(Path(args.small_draft_head))
-    tcfg = TargetConfig(model=args.target, weights=args.target_weights, registry=args.registry,
+    tcfg = TargetConfig(model=args.target, engine=args.engine, weights=args.target_weights, registry=args.registry,
                         version=args.target_version)
     specs, default = registry_for(tcfg)
     # The recording is the target's output at the precision the replicas will load.

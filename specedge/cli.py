@@ -75,13 +75,18 @@ def _cloud_run(args) -> int:
 
 
 def _self_test(args) -> int:
+    from specedge.cloud.engine import open_engine, resolve_engine
     from specedge.exactness import establish
-    from specedge.loader import load_named, resolve_weights
+    from specedge.fetch import resolve
+    from specedge.loader import resolve_weights
 
-    model, _ = load_named(args.target, args.weights, batch_invariant=True)
+    path, sha256 = resolve(args.target)
+    engine = resolve_engine(args.engine, path)
+    weights = resolve_weights(args.weights) if engine == "torch" else "gguf"
+    model, _ = open_engine(engine, path, sha256, weights, batch_invariant=True)
     result = establish(model, args.block)
-    print(json.dumps({"target": args.target, "weights": resolve_weights(args.weights), **result.describe()})
-          if args.json else f"{args.target} ({resolve_weights(args.weights)}): {result.summary()}")
+    print(json.dumps({"target": args.target, "weights": weights, **result.describe()})
+          if args.json else f"{args.target} ({engine}, {weights}): {result.summary()}")
     return 0 if result.exact else 1
 
 
@@ -266,6 +271,12 @@ def _device_serve(args) -> int:
     return 0
 
 
+def _bench_engines(args) -> int:
+    from specedge import bench_engines
+
+    return bench_engines.run(args)
+
+
 def _bench_draft(args) -> int:
     from specedge import bench_draft
 
@@ -402,7 +413,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft", default=DEFAULT_DRAFT, help="registry name or path (GGUF file or HF folder)")
     p.add_argument("--target", default=DEFAULT_TARGET, help="registry name or path (GGUF file or HF folder)")
     p.add_argument("--draft-weights", default="int8", choices=["int8", "bf16", "fp32"])
-    p.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"], help="the torch engine's")
+    p.add_argument("--draft-backend", default="auto", choices=["auto", "tensorrt", "llama.cpp", "onnxruntime", "torch"],
+                   help="the draft's backend (docs/device.md); auto = the best installed")
+    p.add_argument("--engine", default="auto", choices=["auto", "torch", "llama.cpp"],
+                   help="the target's engine (docs/engines.md): torch is bitwise exact, llama.cpp numerical and "
+                        "several times faster on a CPU; auto = llama.cpp where installed")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -419,6 +435,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--policy", default="fixed:4", help="fixed:G, adaptive[:budget=J], adaptive-energy or cloud-ar")
     _model_options(d)
+
     d.add_argument("--broker", default="embedded", choices=["embedded", "mosquitto"])
     d.add_argument("--json", help="write the summary as JSON here")
     d.add_argument("--serve", action="store_true",
@@ -467,7 +484,10 @@ def parser() -> argparse.ArgumentParser:
     st = csub.add_parser("self-test", help="is the target bitwise exact on this machine, and with which block "
                                            "(what the verifier runs at start-up); exit 1 if not")
     st.add_argument("--target", default=DEFAULT_TARGET)
-    st.add_argument("--weights", default="auto", choices=["auto", "bf16", "int8", "fp32", "fp64"])
+    st.add_argument("--engine", default="auto", choices=["auto", "torch", "llama.cpp"],
+                    help="as the verifier would pick it (docs/engines.md); llama.cpp is measured, never exact")
+    st.add_argument("--weights", default="auto", choices=["auto", "bf16", "int8", "fp32", "fp64"],
+                    help="the torch engine's")
     st.add_argument("--block", type=int, default=0, help="test only this many rows per product (0: pick)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=_self_test)
@@ -510,6 +530,9 @@ def parser() -> argparse.ArgumentParser:
     from specedge.bench_draft import add_parser as add_bench_draft_parser
 
     add_bench_draft_parser(sub, _bench_draft)
+    from specedge.bench_engines import add_parser as add_bench_engines_parser
+
+    add_bench_engines_parser(sub, _bench_engines)
 
     ch = sub.add_parser("channel", help="wireless channel emulator: a shaping TCP proxy")
     ch.add_argument("--listen", type=int, required=True, help="local port (0 = any)")
@@ -565,6 +588,9 @@ def parser() -> argparse.ArgumentParser:
     bv.add_argument("--target-version", default="")
     bv.add_argument("--target-weights", default="auto", choices=["auto", "bf16", "fp32"],
                     help="without --registry (a registry names each version's weights)")
+    bv.add_argument("--engine", default="torch", choices=["auto", "torch", "llama.cpp"],
+                    help="the replicas' target engine; torch (bitwise) by default, because every output is "
+                         "compared token for token with the recorded decoding")
     bv.add_argument("--prompts", default=None)
     bv.add_argument("--max-prompts", type=int, default=8)
     bv.add_argument("--tokens", type=int, default=32, help="new tokens a session")
@@ -631,7 +657,7 @@ def main(argv=None) -> int:
         from specedge.demo import DEFAULT_PROMPT
 
         args.prompt = DEFAULT_PROMPT
-    if args.command in ("bench", "bench-verifier", "bench-draft") and args.prompts is None:
+    if args.command in ("bench", "bench-verifier", "bench-draft", "bench-engines") and args.prompts is None:
         from specedge.bench import default_prompts
 
         args.prompts = str(default_prompts())

@@ -27,11 +27,12 @@ class Stack:
     def __init__(self, draft_model, draft_tok, target_model, target_tok, broker: str = "embedded",
                  device_cfg: DeviceConfig | None = None, cloud_cfg: CloudConfig | None = None, port: int | None = None,
                  serve: bool = False):
-        """`serve`: the device runs as a service (DeviceNode: local HTTP API, fleet topics) around the agent."""
+        """`draft_model`: a draft model (run on torch) or a draft engine of any backend.
+        `serve`: the device runs as a service (DeviceNode: local HTTP API, fleet topics) around the agent."""
         from specedge.cloud.registry import Target
         from specedge.cloud.verifier import Verifier
         from specedge.device.agent import Agent
-        from specedge.device.draft import TorchDraftEngine
+        from specedge.device.draft import DraftEngine, TorchDraftEngine
 
         self.broker = None
         if port is None:
@@ -46,7 +47,8 @@ class Stack:
         self.tokenizer = draft_tok
         self.verifier = Verifier(cloud_cfg, Target.in_memory(cloud_cfg.target.version or "target", target_model,
                                                              target_tok)).start()
-        engine = TorchDraftEngine(draft_model, device_cfg.draft.q_top_k, device_cfg.draft.q_top_p)
+        engine = draft_model if isinstance(draft_model, DraftEngine) else TorchDraftEngine(
+            draft_model, device_cfg.draft.q_top_k, device_cfg.draft.q_top_p)
         self.node = None
         if serve:
             from specedge.device.node import DeviceNode
@@ -107,20 +109,32 @@ def serve(args, draft, draft_tok, target, target_tok) -> int:
     return 0
 
 
+def load_target_engine(name: str, engine: str, weights: str):
+    """(engine, tokenizer, engine name) for the demo's in-process target."""
+    from specedge.cloud.engine import open_engine, resolve_engine
+    from specedge.fetch import resolve
+
+    path, sha256 = resolve(name)
+    engine = resolve_engine(engine, path)
+    return (*open_engine(engine, path, sha256, weights, batch_invariant=True), engine)
+
+
 def run(args) -> int:
-    from specedge.loader import load_named
+    from specedge.config import DraftConfig
+    from specedge.device.backends import open_engine
 
     t0 = time.perf_counter()
     print(f"loading draft {args.draft} and target {args.target} ...", file=sys.stderr, flush=True)
-    draft, draft_tok = load_named(args.draft, args.draft_weights)
-    target, target_tok = load_named(args.target, args.target_weights, batch_invariant=True)
+    draft, draft_tok = open_engine(DraftConfig(model=args.draft, weights=args.draft_weights,
+                                               backend=args.draft_backend))
+    target, target_tok, engine = load_target_engine(args.target, args.engine, args.target_weights)
     print(f"models ready in {time.perf_counter() - t0:.1f}s; starting broker ({args.broker}), verifier and agent",
           file=sys.stderr, flush=True)
     if args.serve:
         return serve(args, draft, draft_tok, target, target_tok)
     stack = Stack(draft, draft_tok, target, target_tok, broker=args.broker)
     exactness = target.exactness  # the verifier self-tested the target as it started
-    print(f"target self-test: {exactness.summary()}", file=sys.stderr, flush=True)
+    print(f"target engine {engine}; self-test: {exactness.summary()}", file=sys.stderr, flush=True)
     try:
         params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
         prompt = draft_tok.encode_chat(args.prompt)
@@ -141,7 +155,10 @@ def run(args) -> int:
         "prompt": args.prompt,
         "policy": policy.name,
         "draft": args.draft, "target": args.target,
-        "draft_weights": args.draft_weights, "target_weights": args.target_weights,
+        "draft_backend": draft.backend,
+        "draft_weights": args.draft_weights if draft.backend != "llama.cpp" else "gguf",
+        "target_engine": engine, "target_weights": args.target_weights if engine == "torch" else "gguf",
+        "exactness_class": "exact" if exactness.exact else "numerical",
         "broker": args.broker,
         "temperature": args.temperature,
         "tokens_per_s": s["tokens_per_s"],
@@ -177,7 +194,7 @@ def run(args) -> int:
         print(f"{name:26}{a:>14}{c:>14}")
     print(f"speedup vs cloud-ar: {report['speedup_vs_cloud_ar']:.2f}x   "
           f"output matches target: {report['output_matches_target']}")
-    print(f"exact: {report['exact']} (target self-test: {exactness.summary()})")
+    print(f"draft backend: {draft.backend}   target engine: {engine}   exact: {report['exact']} (self-test: {exactness.summary()})")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")

@@ -97,8 +97,8 @@ class Rig:
             cfg = self.folder / f"{name}.toml"
             cfg.write_text(f'[verifier]\nid = "{name}-{self.trial}"\nfleet = "{FLEET}"\ngroup = "{FLEET}"\n'
                            f'stats_interval_s = 0.3\n[mqtt]\nport = {self.broker.port}\nprotocol = "5"\n'
-                           f'keepalive_s = 5\n[target]\nmodel = "{self.files[1]}"\nweights = "bf16"\n'
-                           f'block = {self.block}\n')
+                           f'keepalive_s = 5\n[target]\nmodel = "{self.files[1]}"\nengine = "torch"\n'
+                           f'weights = "bf16"\nblock = {self.block}\n')
             proc = spawn_verifier(cfg, self.folder / f"{name}.log")
             self.procs[f"{name}-{self.trial}"] = proc
             started.append(proc)

@@ -76,8 +76,8 @@ def run(seconds: float, devices: int = 4, channel: str = "wifi", interval_s: flo
     try:
         cfg_path = folder / "verifier.toml"
         cfg_path.write_text(f'[verifier]\nid = "soak"\nfleet = "soak"\nstats_interval_s = 1.0\n'
-                            f'[mqtt]\nport = {broker.port}\n[target]\nmodel = "{target}"\nweights = "bf16"\n'
-                            f'block = {block}\n')
+                            f'[mqtt]\nport = {broker.port}\n[target]\nmodel = "{target}"\nengine = "torch"\n'
+                            f'weights = "bf16"\nblock = {block}\n')
         verifier = spawn_verifier(cfg_path, folder / "verifier.log")
         procs.append(verifier)
         _read_json(verifier, "the verifier", 120)

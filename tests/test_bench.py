@@ -69,8 +69,8 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = subprocess.run(
         [sys.executable, "-m", "specedge.cli", "bench", "--draft", str(draft), "--target", str(target),
-         "--draft-weights", "bf16", "--channel", "ideal,lte", "--meter", "estimated",
-         "--policies", "cloud-ar,fixed:1,fixed:3,adaptive,adaptive-energy:budget=50,pipelined:3,"
+         "--draft-weights", "bf16", "--draft-backend", "torch", "--engine", "torch", "--channel", "ideal,lte",
+         "--meter", "estimated", "--policies", "cloud-ar,fixed:1,fixed:3,adaptive,adaptive-energy:budget=50,pipelined:3,"
                        "adaptive+pipelined,early-exit:3",
          "--max-prompts", "2", "--max-new-tokens", "12", "--json", str(out), "--plot", str(png),
          "--start-timeout", "120", "--run-timeout", "120"],
@@ -133,3 +133,44 @@ def test_tiny_sampled_bench_counts_the_naive_wire_cost_over_a_custom_trace(tiny_
         m = policies[name]
         # the naive baseline ships vocabulary-sized fp16 rows per drafted token (the tiny vocabulary: 2 x 256 B)
         assert m["naive_wire_bytes_per_token"] > 2 * m["wire_bytes_per_token"]
+
+
+def test_a_numerical_engines_differences_are_shown_with_the_top2_gap_there(tiny_files, tiny_models):
+    """The bench's check on a numerical engine: a run that parts from cloud-ar is named with the
+    engine's top-2 gap at the first differing position, and passes only inside the near-tie limit."""
+    from conftest import reference_greedy
+    from specedge.bench import divergences
+    from specedge.cloud.engine import open_engine
+
+    tok = tiny_models[1]
+    engine = open_engine("llama.cpp", tiny_files[1], None, "gguf", True)[0]
+    prompt = tok.encode_chat("write a loop")
+    want = reference_greedy(engine, prompt, 8, ())
+    parted = want[:3] + [(want[3] + 1) % 200] + want[4:]
+    results = {"ideal": {"runs": {"cloud-ar": [{"tokens": want, "prompt": prompt}],
+                                  "fixed:3": [{"tokens": parted, "prompt": prompt}]}}}
+    strict = divergences(results, str(tiny_files[1]), "llama.cpp", {"trials": [{"max_abs_diff": 0.0}]})
+    assert strict["runs"] == 2 and strict["differing_runs"] == 1
+    [first] = strict["first_differences"]
+    assert first["policy"] == "fixed:3" and first["position"] == 3 and first["top2_gap"] > 0
+    assert strict["near_ties"] is False  # no rounding was seen, so no difference is excused
+    loose = divergences(results, str(tiny_files[1]), "llama.cpp", {"trials": [{"max_abs_diff": 1e9}]})
+    assert loose["near_ties"] is True and loose["first_differences"] == strict["first_differences"]
+
+
+def test_the_bench_on_llama_cpp_says_numerical_and_which_engines_ran(tiny_files, tmp_path, mosquitto):
+    draft, target = tiny_files
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "specedge.cli", "bench", "--draft", str(draft), "--target", str(target),
+         "--channel", "ideal", "--meter", "estimated", "--policies", "cloud-ar,fixed:3", "--max-prompts", "2",
+         "--max-new-tokens", "12", "--json", str(out), "--start-timeout", "120", "--run-timeout", "120"],
+        capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    assert (report["draft_backend"], report["target_engine"]) == ("llama.cpp", "llama.cpp")
+    assert report["exactness_class"] == "numerical" and report["exact"] is False
+    assert report["target_self_test"]["invariant"] is False
+    if report["outputs_identical"] is False:
+        assert "divergences" in report and "numerical engine:" in proc.stdout
+    assert proc.returncode == (0 if report["outputs_identical"] or report["divergences"]["near_ties"] else 1)
+    assert "target engine llama.cpp (numerical)" in proc.stdout

@@ -61,9 +61,13 @@ def test_the_self_test_finds_the_tiny_target_exact_and_sets_its_block(tiny_files
 def test_cloud_self_test_command_says_whether_a_model_file_is_exact_here(tiny_files, capsys):
     from specedge import cli
 
-    assert cli.main(["cloud", "self-test", "--target", str(tiny_files[1]), "--weights", "bf16", "--json"]) == 0
+    args = ["cloud", "self-test", "--target", str(tiny_files[1]), "--json"]
+    assert cli.main(args + ["--engine", "torch", "--weights", "bf16"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["exact"] is True and report["weights"] == "bf16" and report["trials"]
+    assert cli.main(args + ["--engine", "llama.cpp"]) == 1  # measured, never promised
+    report = json.loads(capsys.readouterr().out)
+    assert report["exact"] is False and report["engine"] == "llama.cpp" and report["weights"] == "gguf"
 
 
 def test_a_pinned_block_is_the_only_one_tested(tiny_files):
