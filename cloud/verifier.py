@@ -24,11 +24,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from specedge import wire
-from specedge.cloud.registry import Announcement, AnnouncementError, Target, TargetSpec, load_target
+from specedge.cloud.registry import Target, TargetSpec
 from specedge.cloud.session import BadRequest, Item, OutOfSync, TargetSession, verify_batch
+from specedge.cloud.versions import Versions
 from specedge.config import CloudConfig
-from specedge.exactness import establish
-from specedge.exit_head import default_exit_layer, load_exit_head
 from specedge.exporter import VerifierMetrics
 from specedge.metrics import spec_rates
 from specedge.mqtt import REPLICAS, TOPIC_ROOT, Link, device_topic, split_device_topic
@@ -102,20 +101,13 @@ class Verifier:
     def __init__(self, cfg: CloudConfig, default: Target, registry: dict[str, TargetSpec] | None = None):
         self.cfg = cfg
         self.replica = cfg.verifier.id
-        self.registry = dict(registry or {})
-        self.registry.setdefault(default.name, default.spec)
-        self.default = default.name
-        self.targets: dict[str, Target] = {}
-        self._add_target(default)
-        self.announcements: dict[str, Announcement] = {}  # fleet -> its retained announcement
-        self._loading: set[str] = set()
-        self._loaded: queue.Queue = queue.Queue()  # versions loaded in the background
+        self.errors: dict[str, int] = {}
+        self.versions = Versions(cfg.target, default, registry, self.count)
         self.inbox: queue.Queue = queue.Queue()
         self.sessions: dict[tuple[str, str, int], TargetSession] = {}
         self.pending: dict[tuple, Pending] = {}
         self.deferred: list = []  # messages for a session whose previous draft is still pending
         self.hints_sent = self.hints_withheld = 0
-        self.errors: dict[str, int] = {}
         self.stats = VerifierStats()
         self.metrics = VerifierMetrics(self)
         self.metrics_port: int | None = None  # where /metrics is served, once started
@@ -131,15 +123,9 @@ class Verifier:
     def rounds(self) -> int:
         return self.stats.rounds
 
-    def _add_target(self, target: Target) -> None:
-        exactness = establish(target.model, self.cfg.target.block)
-        (log.info if exactness.exact else log.warning)("target %s: %s", target.name, exactness.summary())
-        if target.exit_head is None and target.model.hints:
-            cfg = self.cfg.target
-            trained = cfg.exit_head if target.name == self.default else ""  # a head fits one model
-            target.exit_head = load_exit_head(
-                target.model, cfg.exit_layer or default_exit_layer(target.model.cfg.n_layers), trained or None)
-        self.targets[target.name] = target
+    @property
+    def targets(self) -> dict[str, Target]:
+        return self.versions.targets
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         self.inbox.put((topic, payload, time.monotonic()))
@@ -169,7 +155,7 @@ class Verifier:
 
     def _status(self, state: str) -> bytes:
         targets = sorted(self.targets.items())
-        return json.dumps({"state": state, "replica": self.replica, "default": self.default,
+        return json.dumps({"state": state, "replica": self.replica, "default": self.versions.default,
                            "versions": sorted(self.targets), "time": time.time(),
                            "exact": {name: t.exact for name, t in targets},
                            "capabilities": {name: t.capabilities.to_json() for name, t in targets},
@@ -199,8 +185,7 @@ class Verifier:
                 log.exception("internal error in a target pass")
                 self.count("internal")
                 self.pending.clear()
-            while not self._loaded.empty():
-                self._add_target(self._loaded.get_nowait())
+            if self.versions.poll():
                 self.apply_assignments()
             now = time.monotonic()
             if now - last_sweep > 1:
@@ -338,14 +323,8 @@ class Verifier:
         else:
             self.count("unexpected_type")
 
-    def version_for(self, fleet: str, device: str) -> str:
-        """The version this device should be verified by: its pin, its fleet's default, ours."""
-        announcement = self.announcements.get(fleet)
-        wanted = announcement.version_for(device) if announcement else self.default
-        return wanted if wanted in self.targets else self.default
-
     def open(self, key, msg: wire.Open, out: str) -> None:
-        target = self.targets[self.version_for(key[0], key[1])]
+        target = self.targets[self.versions.version_for(key[0], key[1])]
         reason = msg.contract.mismatch(target.contract)
         if reason:
             self.count("incompatible")
@@ -440,53 +419,16 @@ class Verifier:
             session.evict()
             self.stats.evictions += 1
 
-    # -- target versions -------------------------------------------------------------------------
+    # -- target versions (cloud/versions.py decides; this moves sessions and tells devices) -------
     def on_announcement(self, fleet: str, payload: bytes) -> None:
-        if not payload:  # the retained announcement was cleared
-            self.announcements.pop(fleet, None)
-            self.apply_assignments()
-            return
-        try:
-            announcement = Announcement.decode(payload)
-        except AnnouncementError as exc:
-            self.count("bad_announcement")
-            log.warning("ignored the targets announcement of fleet %s: %s", fleet, exc)
-            return
-        self.announcements[fleet] = announcement
-        for name in {announcement.default, *announcement.pins.values()}:
-            if name in self.targets or name in self._loading:
-                continue
-            if name not in self.registry:
-                self.count("unknown_version")
-                log.warning("fleet %s asks for target %s, which is not in this verifier's registry", fleet, name)
-                continue
-            self._loading.add(name)
-            threading.Thread(target=self._load, args=(self.registry[name],), daemon=True).start()
+        self.versions.announce(fleet, payload)
         self.apply_assignments()
-
-    def _load(self, spec: TargetSpec) -> None:
-        """Loads a version while the worker keeps serving; the worker switches sessions once it is in."""
-        try:
-            log.info("loading target version %s", spec.name)
-            target = load_target(spec, self.cfg.target.batch_invariant)
-            establish(target.model, self.cfg.target.block)  # here, not in the worker: it takes seconds
-            self._loaded.put(target)
-        except Exception:
-            log.exception("could not load target version %s", spec.name)
-            self.count("version_load_failed")
 
     def apply_assignments(self) -> None:
         """Move each session to the version its fleet's announcement gives it, if loaded and compatible.
         The session keeps its committed text; its cache is rebuilt by the new version."""
-        for (fleet, device, session_id), session in self.sessions.items():
-            name = self.version_for(fleet, device)
-            if name == session.target.name:
-                continue
-            target = self.targets[name]
-            if session.contract is not None and session.contract.mismatch(target.contract):
-                self.count("incompatible_switch")
-                continue
+        for (fleet, device, session_id), session, target in self.versions.moves(self.sessions):
             session.switch(target)
             self.stats.switches += 1
             self.reply(device_topic(fleet, device, "verdict"),
-                       wire.Opened(session_id, session.last_seq, self.replica, name, target.exact))
+                       wire.Opened(session_id, session.last_seq, self.replica, target.name, target.exact))
