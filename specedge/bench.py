@@ -149,6 +149,67 @@ def worker_main(argv: list[str]) -> int:
     return 0
 
 
+def local_target_main(argv: list[str]) -> int:
+    """The local-target baseline: the target decoding alone, one position after another, on the
+    cloud's cores and engine, no device and no network (what `llama-cli` on that machine does).
+    Prompts arrive on stdin, one JSON line each; one JSON line answers each."""
+    import argparse
+
+    import torch
+
+    from specedge.demo import load_target_engine
+    from specedge.exactness import establish
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--target", required=True)
+    p.add_argument("--engine", default="auto")
+    p.add_argument("--target-weights", default="auto")
+    p.add_argument("--block", type=int, default=0, help="the verifier's product block (torch)")
+    args = p.parse_args(argv)
+    engine, tok, name = load_target_engine(args.target, args.engine, args.target_weights)
+    establish(engine, args.block)
+    sys.stdout.write(json.dumps({"ready": True, "engine": name}) + "\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        prompt = tok.encode_chat(cmd["prompt"])
+        t0 = time.perf_counter()
+        cache = engine.new_cache(capacity=len(prompt) + cmd["max_new_tokens"] + 1)
+        row = engine.forward_batch([(prompt, cache)], keep=[1])[0][-1]  # as a cold cloud-ar session starts
+        tokens, ttft = [], None
+        while len(tokens) < cmd["max_new_tokens"]:
+            token = int(torch.argmax(row))
+            ttft = ttft if ttft is not None else time.perf_counter() - t0
+            if token in tok.stop_ids:
+                break
+            tokens.append(token)
+            row = engine.forward([token], cache)[-1]
+        total = time.perf_counter() - t0
+        sys.stdout.write(json.dumps({"tokens": tokens, "ttft_s": ttft, "total_s": total,
+                                     "tokens_per_s": len(tokens) / total if total else 0.0}) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def local_target(args, prompts: list[str], cores: list[int], block: int, logs: Path) -> dict:
+    """Runs the local-target baseline over the bench's prompts; aggregate and raw runs."""
+    proc = _spawn([sys.executable, "-m", "specedge.bench", "--local-target", "--target", args.target,
+                   "--engine", args.engine, "--target-weights", args.target_weights, "--block", str(block)],
+                  cores, {}, logs / "local-target.log")
+    try:
+        _read_json(proc, "the local-target baseline", args.start_timeout)
+        runs = []
+        for prompt in prompts:
+            proc.stdin.write(json.dumps({"prompt": prompt, "max_new_tokens": args.max_new_tokens}) + "\n")
+            proc.stdin.flush()
+            runs.append(_read_json(proc, "the local-target baseline", args.run_timeout))
+    finally:
+        _stop(proc)
+    total = sum(r["total_s"] for r in runs)
+    return {"tokens_per_s": sum(len(r["tokens"]) for r in runs) / total if total else 0.0,
+            "ttft_s": sum(r["ttft_s"] or 0.0 for r in runs) / len(runs), "runs": runs}
+
+
 def _cores() -> list[int]:
     try:
         return sorted(os.sched_getaffinity(0))
@@ -365,6 +426,16 @@ def run(args) -> int:
     exit_agreement = None
     if any(parse_policy(p, 64).early_exit for p in policies):
         exit_agreement = _exit_agreement(results, args, logs)
+    baseline = None
+    if args.local_target and args.temperature == 0:
+        print("local-target baseline: the target alone on the verifier's cores ...", file=sys.stderr, flush=True)
+        baseline = local_target(args, prompts, verifier_cores, self_test["block"], logs)
+        reference = next(iter(results.values()))["runs"].get("cloud-ar") if results else None
+        baseline["outputs_identical_to_cloud_ar"] = ([r["tokens"] for r in baseline["runs"]] ==
+                                                     [r["tokens"] for r in reference]) if reference else None
+        for ch in results.values():
+            for m in ch["policies"].values():
+                m["speedup_vs_local_target"] = m["tokens_per_s"] / baseline["tokens_per_s"]
 
     report = {
         "machine": machine(), "git_revision": _git_revision(), "pinning": pinning,
@@ -374,6 +445,8 @@ def run(args) -> int:
         "target_weights": args.target_weights, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "energy_profile": args.profile,
         "channels": results,
+        # The target alone on the cloud's cores and engine, no device, no network: what llama-cli does.
+        "local_target": baseline,
         # Per layer: how often an exit head there names the target's next token, teacher-forced over
         # the generated text (the early-exit policies' live rate is per channel and policy).
         "early_exit_agreement": exit_agreement,
@@ -526,6 +599,14 @@ def _print_table(report: dict) -> None:
     print(f"draft backend {report['draft_backend']}, target engine {report['target_engine']} "
           f"({report['exactness_class']}); exact (every run verified by a target that passed its bitwise "
           f"self-test): {report['exact']}")
+    base = report.get("local_target")
+    if base:
+        print(f"local-target (the target alone on the verifier's cores, {report['target_engine']}): "
+              f"{base['tokens_per_s']:.2f} tok/s, ttft {base['ttft_s']:.2f} s; outputs identical to cloud-ar: "
+              f"{base['outputs_identical_to_cloud_ar']}")
+        for name, ch in report["channels"].items():
+            ratios = ", ".join(f"{p} {m['speedup_vs_local_target']:.2f}x" for p, m in ch["policies"].items())
+            print(f"{'':12}{name} vs local-target: {ratios}")
     found = report.get("divergences")
     if found:
         print(f"numerical engine: {found['differing_runs']} of {found['runs']} runs part from cloud-ar; top-2 gaps "
@@ -616,4 +697,6 @@ def plot_draft_lengths(report: dict, path: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         sys.exit(worker_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "--local-target":
+        sys.exit(local_target_main(sys.argv[2:]))
     sys.exit("usage: specedge bench ... (this module's --worker mode is started by the bench)")

@@ -572,6 +572,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--exit-head", help="a trained exit head for the verifier (train-exit-head)")
     be.add_argument("--start-timeout", type=float, default=600.0, help="seconds for a process to load its model")
     be.add_argument("--run-timeout", type=float, default=900.0, help="seconds for one generation")
+    be.add_argument("--local-target", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the target decoding alone on the verifier's cores, as llama-cli would (greedy only)")
     be.set_defaults(func=_bench)
 
     bv = sub.add_parser("bench-verifier", help="one verifier or a replica group under many devices (JSON + plot)")

@@ -174,3 +174,8 @@ def test_the_bench_on_llama_cpp_says_numerical_and_which_engines_ran(tiny_files,
         assert "divergences" in report and "numerical engine:" in proc.stdout
     assert proc.returncode == (0 if report["outputs_identical"] or report["divergences"]["near_ties"] else 1)
     assert "target engine llama.cpp (numerical)" in proc.stdout
+    base = report["local_target"]  # the same engine alone decodes what cloud-ar through the verifier did
+    assert base["outputs_identical_to_cloud_ar"] is True and base["tokens_per_s"] > 0 and len(base["runs"]) == 2
+    m = report["channels"]["ideal"]["policies"]["fixed:3"]
+    assert m["speedup_vs_local_target"] == pytest.approx(m["tokens_per_s"] / base["tokens_per_s"])
+    assert "ideal vs local-target: cloud-ar" in proc.stdout
