@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-slow test-gpu models mosquitto clean
+.PHONY: demo test test-slow test-gpu gpu-check models mosquitto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ test-slow: $(VENV)/.installed mosquitto models
 test-gpu: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check pycuda
 	$(PY) -m pytest -q -m gpu tests/test_kernels.py
+
+# On a GPU machine, every GPU path in one script (under 8 minutes): kernels, TensorRT draft,
+# llama.cpp target offloaded (built with CMAKE_ARGS=-DGGML_CUDA=on, docs/engines.md).
+gpu-check: $(VENV)/.installed
+	$(PY) -m specedge.gpu_check --json gpu-check.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

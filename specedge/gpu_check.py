@@ -1,0 +1,140 @@
+"""`make gpu-check`: every GPU path in one script, under 8 minutes on one H100/H200.
+
+Checks, each with its own time limit, each PASS, FAIL or SKIP with the reason:
+  kernels     the CUDA kernels against their NumPy references (pytest -m gpu tests/test_kernels.py);
+  tensorrt    the TensorRT draft end to end: ONNX export, engine build, greedy drafts against
+              the torch draft on the same weights;
+  llama.cpp   the llama.cpp target offloaded to the GPU: its exactness self-test, decode
+              ms/token and verify-call ms by k (bench_engines.target_timings);
+  torch-cuda  not a product path (the reference engine runs on CPU); reported so the machine
+              is described.
+Models: the real Qwen pair when `specedge models fetch` has cached it, else the tiny generated
+pair (a device machine may have no network); the report says which. vLLM is not built yet
+(docs/engines.md), so it is listed as SKIP with that reason, never as passed.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BUDGET_S = 450  # of the 8 minutes: the rest is start-up and installs
+
+
+def _models() -> tuple[str, str, str]:
+    """(draft, target, which): the cached real pair, else a tiny pair written here."""
+    from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, FetchError, resolve
+
+    try:
+        draft, target = (str(resolve(name, fetch_missing=False)[0]) for name in (DEFAULT_DRAFT, DEFAULT_TARGET))
+        return draft, target, "real"
+    except FetchError:
+        from specedge.tiny import write_pair
+
+        draft, target = write_pair(tempfile.mkdtemp(prefix="gpu-check-"))
+        return str(draft), str(target), "tiny"
+
+
+def check_kernels() -> dict:
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("pycuda") is None:
+        return {"status": "SKIP", "detail": "needs a CUDA device and pycuda (pip install 'specedge[gpu]')"}
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_kernels.py"],
+                         capture_output=True, text=True, timeout=180)
+    tail = out.stdout.strip().splitlines()[-1:] or [out.stderr.strip()[-200:]]
+    status = "PASS" if out.returncode == 0 and "passed" in tail[0] and "skipped" not in tail[0] else "FAIL"
+    return {"status": status, "detail": tail[0]}
+
+
+def check_tensorrt(draft: str) -> dict:
+    from dataclasses import replace
+
+    import numpy as np
+
+    from specedge.config import DraftConfig
+    from specedge.device.backends import open_engine, unavailable
+    from specedge.speculative import SamplingParams
+
+    cfg = DraftConfig(model=draft, weights="fp32", backend="tensorrt")
+    reason = unavailable("tensorrt", cfg)
+    if reason:
+        return {"status": "SKIP", "detail": reason}
+    trt, tok = open_engine(cfg)
+    ref, _ = open_engine(replace(cfg, backend="torch"))
+    prompt = tok.encode_chat("def fibonacci(n):")
+    drafts = []
+    for engine in (trt, ref):
+        engine.start(prompt)
+        drafts.append(engine.draft(16, SamplingParams(), np.random.default_rng(0)))
+    same = sum(a == b for a, b in zip(drafts[0].tokens, drafts[1].tokens))
+    return {"status": "PASS" if same == 16 else "FAIL", "same_greedy_tokens_of_16": same,
+            "trt_ms_per_token": round(1000 * drafts[0].seconds / 16, 2),
+            "torch_ms_per_token": round(1000 * drafts[1].seconds / 16, 2)}
+
+
+def check_llama_cpp(target: str) -> dict:
+    from specedge.bench_engines import target_timings
+    from specedge.cloud.engine import llama_cpp_installed, open_engine
+    from specedge.exactness import establish
+
+    if not llama_cpp_installed():
+        return {"status": "SKIP", "detail": "llama-cpp-python is not installed"}
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return {"status": "SKIP", "detail": "llama-cpp-python was built without a GPU backend "
+                                            "(CMAKE_ARGS=-DGGML_CUDA=on, docs/engines.md)"}
+    engine, tok = open_engine("llama.cpp", target, None, "gguf", True)
+    found = establish(engine)
+    prompts = [tok.encode_chat(t) for t in ("def fibonacci(n):", "Explain a mutex.", "Sort a list in Go.")]
+    return {"status": "PASS", "exactness": found.describe(), "summary": found.summary(),
+            **target_timings(engine, prompts, 32)}
+
+
+def check_torch_cuda() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"status": "SKIP", "detail": "torch sees no CUDA device"}
+    return {"status": "PASS", "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="specedge-gpu-check")
+    p.add_argument("--json", help="write the report here")
+    args = p.parse_args(argv)
+    t0 = time.monotonic()
+    draft, target, which = _models()
+    checks = {"torch-cuda": check_torch_cuda, "kernels": check_kernels,
+              "tensorrt": lambda: check_tensorrt(draft), "llama.cpp": lambda: check_llama_cpp(target),
+              "vllm": lambda: {"status": "SKIP", "detail": "no vLLM engine in this tree yet (docs/engines.md)"}}
+    report = {"models": which, "draft": draft, "target": target, "checks": {}}
+    for name, check in checks.items():
+        if time.monotonic() - t0 > BUDGET_S:
+            report["checks"][name] = {"status": "SKIP", "detail": f"over the {BUDGET_S} s budget"}
+            continue
+        started = time.monotonic()
+        try:
+            result = check()
+        except Exception as exc:  # one broken path must not hide the others' results
+            result = {"status": "FAIL", "detail": f"{type(exc).__name__}: {exc}"}
+        result["seconds"] = round(time.monotonic() - started, 1)
+        report["checks"][name] = result
+        print(f"{name:12}{result['status']:6}{result['seconds']:>7}s  "
+              f"{result.get('detail') or result.get('summary') or ''}", flush=True)
+    report["seconds"] = round(time.monotonic() - t0, 1)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 1 if any(c["status"] == "FAIL" for c in report["checks"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
