@@ -470,13 +470,22 @@ def run(args) -> int:
     return 0 if report["outputs_identical"] in (True, None) or report.get("divergences", {}).get("near_ties") else 1
 
 
+def top2_gap(engine, prompt: list[int], prefix: list[int]) -> float:
+    """The engine's top-2 logit gap for the token after prompt + prefix, every position fed alone
+    (its own decoding): how near a tie the position where an output parted was."""
+    import torch
+
+    cache = engine.new_cache()
+    logits = torch.cat([engine.forward([t], cache) for t in prompt + prefix])[-1]
+    top = logits.topk(2).values
+    return round(float(top[0] - top[1]), 4)
+
+
 def divergences(results: dict, target: str, engine_name: str, self_test: dict) -> dict:
     """Where a numerical engine's speculative output parted from its own cloud-ar decoding: the
     first differing position of each run, and the engine's top-2 logit gap there with every
     position decoded alone. A gap within twice the self-test's largest block-vs-alone logit
     difference is a near-tie that rounding can flip; a wider one would be a bug."""
-    import torch
-
     from specedge.cloud.engine import open_engine
     from specedge.fetch import resolve
 
@@ -493,10 +502,7 @@ def divergences(results: dict, target: str, engine_name: str, self_test: dict) -
                 if at is None:
                     continue
                 engine = engine or open_engine(engine_name, path, sha256, "gguf", True)[0]
-                cache = engine.new_cache()
-                logits = torch.cat([engine.forward([t], cache) for t in run["prompt"] + want[:at]])[-1]
-                top = logits.topk(2).values
-                gaps.append({"policy": name, "position": at, "top2_gap": round(float(top[0] - top[1]), 4)})
+                gaps.append({"policy": name, "position": at, "top2_gap": top2_gap(engine, run["prompt"], want[:at])})
     return {"runs": runs, "differing_runs": len(gaps), "near_tie_limit": round(limit, 4), "first_differences": gaps,
             "near_ties": all(g["top2_gap"] <= limit for g in gaps)}
 

@@ -37,6 +37,12 @@ def target_decode(model, prompts: list[list[int]], max_new: int, stop_ids) -> li
     from specedge.exactness import establish
 
     establish(model)
+    if not model.batch_invariant:  # a numerical engine's own decoding is each prompt alone
+        return [_decode_together(model, [p], max_new, stop_ids)[0] for p in prompts]
+    return _decode_together(model, prompts, max_new, stop_ids)
+
+
+def _decode_together(model, prompts: list[list[int]], max_new: int, stop_ids) -> list[list[int]]:
     caches = [model.new_cache(capacity=len(p) + max_new + 8) for p in prompts]
     logits = model.forward_batch(list(zip(prompts, caches)), last_only=True)
     outputs: list[list[int]] = [[] for _ in prompts]
@@ -207,13 +213,13 @@ def _agents(n: int, port: int, recordings, drafts: list[tuple[str, TorchDraftEng
     return agents
 
 
-def _run_sessions(agents, args, events=()) -> dict:
+def _run_sessions(agents, args, events=(), policy_name: str = "") -> dict:
     """Every agent generates its prompt's continuation at once; `events` are (seconds, callable)."""
     from specedge.device.policy import parse_policy
     from specedge.speculative import SamplingParams
 
     results: list = [None] * len(agents)
-    policy = parse_policy(f"fixed:{args.draft_length}")
+    policy = parse_policy(policy_name or f"fixed:{args.draft_length}")
 
     def one(i, agent, recording):
         try:
@@ -230,7 +236,7 @@ def _run_sessions(agents, args, events=()) -> dict:
     for t in threads:
         t.join()
     wall = time.monotonic() - t0
-    rounds, tokens, lost, wrong, failovers, versions = [], 0, 0, 0, 0, {}
+    rounds, tokens, lost, wrong, failovers, versions, differing = [], 0, 0, 0, 0, {}, []
     for (agent, recording), result in zip(agents, results):
         if isinstance(result, Exception):
             lost += 1
@@ -239,12 +245,18 @@ def _run_sessions(agents, args, events=()) -> dict:
         rounds += result.stats.round_trip_s
         failovers += result.stats.failovers
         versions[result.stats.target_version] = versions.get(result.stats.target_version, 0) + 1
-        wrong += result.tokens != recording["output"][:args.tokens] and not result.stats.version_switches
+        want = recording["output"][:args.tokens]
+        if result.tokens != want and not result.stats.version_switches:
+            wrong += 1
+            at = next((i for i, (a, b) in enumerate(zip(result.tokens, want)) if a != b), min(len(result.tokens), len(want)))
+            differing.append({"prompt": recording["prompt"], "reference": want, "position": at})
     rounds.sort()
     pct = lambda q: rounds[min(len(rounds) - 1, int(q * len(rounds)))] if rounds else None
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "rounds": len(rounds),
             "round_s_p50": pct(0.5), "round_s_p99": pct(0.99), "round_s_max": rounds[-1] if rounds else None,
+            "per_device_tokens_per_s": tokens / wall / len(agents),
             "sessions_lost": lost, "outputs_wrong": wrong, "failovers": failovers, "final_versions": versions,
+            "differing": differing,
             "errors": [repr(r) for r in results if isinstance(r, Exception)][:5]}
 
 
@@ -266,7 +278,7 @@ def run(args) -> int:
 
     devices = [int(d) for d in args.devices.split(",")]
     replica_counts = [int(r) for r in args.replicas.split(",")]
-    modes = ["batched", "unbatched"] if args.baseline else ["batched"]
+    modes = ["batched"] + (["cloud-ar"] if args.cloud_ar else []) + (["unbatched"] if args.baseline else [])
     print(f"loading {args.draft} and the target for the recording", file=sys.stderr)
     draft_model, draft_tok = load_named(args.draft, "int8")
     drafts = [(model_label(args.draft), TorchDraftEngine(draft_model), draft_tok)]
@@ -296,9 +308,10 @@ def run(args) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             recorded = record(target.model, engine, prompts, args.tokens, args.draft_length, draft_tok.stop_ids)
             # The replicas compute with the product block the recording's target decoding used.
-            path.write_text(json.dumps({"block": target.model.block, "recordings": recorded}))
+            path.write_text(json.dumps({"block": target.model.block, "exactness": target.model.exactness.describe(),
+                                        "recordings": recorded}))
         saved = json.loads(path.read_text())
-        recordings[name], blocks[name] = saved["recordings"], saved["block"]
+        recordings[name], blocks[name], exactness = saved["recordings"], saved["block"], saved["exactness"]
     del target
     if len(set(blocks.values())) > 1:  # recordings cached by runs whose self-tests chose differently
         raise SystemExit(f"recordings made with different product blocks {blocks}: delete {cache_dir() / 'bench'}")
@@ -326,9 +339,12 @@ def run(args) -> int:
                             events.append((args.switch_at, lambda: _announce(broker.port, args.switch_to)))
                         watch.follow({p.replica for p in procs})
                         before = watch.snapshot()
-                        result = _run_sessions(agents, args, events)
+                        result = _run_sessions(agents, args, events, "cloud-ar" if mode == "cloud-ar" else "")
+                        result["near_ties"] = _near_ties(result.pop("differing"), args, exactness)
                         time.sleep(1.2)  # the replicas' next statistics
-                        row = {"mode": mode, "replicas": replicas, "devices": n, **result,
+                        row = {"mode": mode, "engine": exactness["engine"],
+                               "exactness_class": "exact" if exactness["exact"] else "numerical",
+                               "replicas": replicas, "devices": n, **result,
                                **_delta(before, watch.snapshot()), "peak_cache_mb": watch.peak_cache_bytes / 2**20,
                                "pairs": [p for s in watch.snapshot().values() for p in s["pairs"]]}
                         report["runs"].append(row)
@@ -350,12 +366,13 @@ def run(args) -> int:
         watch.link.stop()
         broker.stop()
     report["speedup"] = _speedups(report["runs"])
+    report["speedup_vs_cloud_ar"] = _speedups(report["runs"], "cloud-ar")
     text = json.dumps(report, indent=1)
     if args.json:
         Path(args.json).write_text(text)
     if args.plot:
         plot(report, args.plot)
-    print(json.dumps({"speedup": report["speedup"]}, indent=1))
+    print(json.dumps({"speedup": report["speedup"], "speedup_vs_cloud_ar": report["speedup_vs_cloud_ar"]}, indent=1))
     return 0
 
 
@@ -371,17 +388,35 @@ def _announce(port: int, version: str | None) -> None:
     link.stop()
 
 
-def _speedups(runs: list[dict]) -> dict:
-    """Batched over unbatched verified tokens/s at each device count (one replica)."""
+def _speedups(runs: list[dict], over: str = "unbatched") -> dict:
+    """Batched speculation's verified tokens/s over the `over` mode's, at each replica and device count:
+    "unbatched" (one session a pass) or "cloud-ar" (the same verifier decoding for every device)."""
     out = {}
     for row in runs:
         if row["mode"] != "batched":
             continue
-        base = next((r for r in runs if r["mode"] == "unbatched" and r["replicas"] == row["replicas"]
+        base = next((r for r in runs if r["mode"] == over and r["replicas"] == row["replicas"]
                      and r["devices"] == row["devices"]), None)
         if base:
             out[f"{row['replicas']}x{row['devices']}"] = row["tokens_per_s"] / base["tokens_per_s"]
     return out
+
+
+def _near_ties(differing: list[dict], args, exactness: dict) -> dict | None:
+    """For a numerical engine, each output that parted from the engine's own decoding: where, and
+    the top-2 logit gap there (specedge.bench.top2_gap); an exact engine has none to excuse."""
+    if not differing:
+        return None
+    from specedge.bench import top2_gap
+    from specedge.cloud.engine import open_engine
+    from specedge.fetch import resolve
+
+    path, sha256 = resolve(args.target)
+    engine = open_engine(exactness["engine"], path, sha256, "gguf", True)[0] if not exactness["exact"] else None
+    limit = 2 * max((t["max_abs_diff"] for t in exactness["trials"]), default=0.0)
+    gaps = [top2_gap(engine, d["prompt"], d["reference"][:d["position"]]) if engine else None for d in differing]
+    return {"positions": [d["position"] for d in differing], "top2_gaps": gaps, "near_tie_limit": limit,
+            "all_near_ties": engine is not None and all(g is not None and g <= limit for g in gaps)}
 
 
 def plot(report: dict, path: str) -> None:

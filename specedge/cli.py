@@ -579,6 +579,9 @@ def parser() -> argparse.ArgumentParser:
     bv = sub.add_parser("bench-verifier", help="one verifier or a replica group under many devices (JSON + plot)")
     bv.add_argument("--devices", default="1,2,4,8,16,32", help="device counts, comma-separated")
     bv.add_argument("--replicas", default="1,2", help="replica counts, comma-separated")
+    bv.add_argument("--cloud-ar", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the same verifier decoding for every device (batched cloud-ar): the capacity "
+                         "speculation has to beat")
     bv.add_argument("--no-baseline", dest="baseline", action="store_false",
                     help="skip the unbatched verifier (max_batch = 1)")
     bv.add_argument("--baseline-devices", type=lambda s: [int(x) for x in s.split(",")],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -179,3 +180,29 @@ def test_the_bench_on_llama_cpp_says_numerical_and_which_engines_ran(tiny_files,
     m = report["channels"]["ideal"]["policies"]["fixed:3"]
     assert m["speedup_vs_local_target"] == pytest.approx(m["tokens_per_s"] / base["tokens_per_s"])
     assert "ideal vs local-target: cloud-ar" in proc.stdout
+
+
+def test_bench_verifier_sets_speculation_against_batched_cloud_ar_on_the_same_engine(tiny_files, tmp_path):
+    """Two devices on a llama.cpp verifier: speculating (batched), decoding for each (cloud-ar) and one
+    session a pass (unbatched); every output checked against the engine's own decoding, a
+    difference shown with the top-2 gap where it parted."""
+    draft, target = tiny_files
+    out = tmp_path / "bv.json"
+    env = {**os.environ, "SPECEDGE_CACHE": str(tmp_path / "cache")}  # recordings of its own
+    proc = subprocess.run(
+        [sys.executable, "-m", "specedge.cli", "bench-verifier", "--draft", str(draft), "--target", str(target),
+         "--engine", "llama.cpp", "--devices", "2", "--replicas", "1", "--max-prompts", "2", "--tokens", "12",
+         "--start-timeout", "120", "--round-timeout", "30", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in report["runs"]}
+    assert set(rows) == {"batched", "cloud-ar", "unbatched"}
+    for row in rows.values():
+        assert row["engine"] == "llama.cpp" and row["exactness_class"] == "numerical"
+        assert row["sessions_lost"] == 0 and row["tokens"] > 0
+        assert row["per_device_tokens_per_s"] == pytest.approx(row["tokens_per_s"] / 2)
+        assert row["outputs_wrong"] == 0 or row["near_ties"]["all_near_ties"], row["near_ties"]
+    assert rows["batched"]["passes_per_token"] < rows["cloud-ar"]["passes_per_token"]
+    assert report["speedup_vs_cloud_ar"]["1x2"] == pytest.approx(
+        rows["batched"]["tokens_per_s"] / rows["cloud-ar"]["tokens_per_s"])
