@@ -164,9 +164,10 @@ def local_target_main(argv: list[str]) -> int:
     p.add_argument("--target", required=True)
     p.add_argument("--engine", default="auto")
     p.add_argument("--target-weights", default="auto")
-    p.add_argument("--block", type=int, default=0, help="the verifier's product block (torch)")
+    p.add_argument("--block", type=int, default=0, help="the verifier's product block")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
-    engine, tok, name = load_target_engine(args.target, args.engine, args.target_weights)
+    engine, tok, name = load_target_engine(args.target, args.engine, args.target_weights, args.batch_invariant)
     establish(engine, args.block)
     sys.stdout.write(json.dumps({"ready": True, "engine": name}) + "\n")
     sys.stdout.flush()
@@ -194,7 +195,8 @@ def local_target_main(argv: list[str]) -> int:
 def local_target(args, prompts: list[str], cores: list[int], block: int, logs: Path) -> dict:
     """Runs the local-target baseline over the bench's prompts; aggregate and raw runs."""
     proc = _spawn([sys.executable, "-m", "specedge.bench", "--local-target", "--target", args.target,
-                   "--engine", args.engine, "--target-weights", args.target_weights, "--block", str(block)],
+                   "--engine", args.engine, "--target-weights", args.target_weights, "--block", str(block),
+                   "--batch-invariant" if args.batch_invariant else "--no-batch-invariant"],
                   cores, {}, logs / "local-target.log")
     try:
         _read_json(proc, "the local-target baseline", args.start_timeout)
@@ -379,6 +381,7 @@ def run(args) -> int:
         verifier = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run"], verifier_cores, {
             "SPECEDGE_MQTT_PORT": str(broker.port), "SPECEDGE_TARGET_MODEL": args.target,
             "SPECEDGE_TARGET_WEIGHTS": args.target_weights, "SPECEDGE_TARGET_ENGINE": args.engine,
+            "SPECEDGE_TARGET_BATCH_INVARIANT": str(args.batch_invariant).lower(),
             "SPECEDGE_VERIFIER_FLEET": "bench",
             "SPECEDGE_TARGET_EXIT_LAYER": str(args.exit_layer), "SPECEDGE_TARGET_EXIT_HEAD": args.exit_head or ""},
             logs / "verifier.log")

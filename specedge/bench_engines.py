@@ -128,17 +128,18 @@ def run(args) -> int:
         del engine
 
     path, sha256 = resolve(args.target)
-    for name in args.engines.split(","):
+    for spec in args.engines.split(","):
+        name, _, mode = spec.partition(":")  # llama.cpp:batched = batch_invariant off
         if name == "llama.cpp" and not llama_cpp_installed():
-            say("target llama.cpp: skipped (llama-cpp-python is not installed)")
+            say(f"target {spec}: skipped (llama-cpp-python is not installed)")
             continue
         weights = resolve_weights(args.target_weights) if name == "torch" else "gguf"
-        say(f"target {name} ({weights}): self-test ...")
-        engine, tok = open_target(name, path, sha256, weights, batch_invariant=True, threads=threads)
+        say(f"target {spec} ({weights}): self-test ...")
+        engine, tok = open_target(name, path, sha256, weights, batch_invariant=mode != "batched", threads=threads)
         found = establish(engine)
         prompts = [tok.encode_chat(t) for t in texts]
-        say(f"target {name}: {found.summary()}; timing ...")
-        report["targets"].append({"engine": name, "weights": weights,
+        say(f"target {spec}: {found.summary()}; timing ...")
+        report["targets"].append({"engine": spec, "weights": weights,
                                   "exactness": "exact" if found.exact else "numerical",
                                   "max_abs_dlogit": max((t.max_abs_diff for t in found.trials), default=0.0),
                                   "block": found.block, **target_timings(engine, prompts, args.tokens)})
@@ -225,7 +226,8 @@ def add_parser(sub, func) -> None:
     b.add_argument("--draft", default="qwen2.5-coder-0.5b")
     b.add_argument("--target", default="qwen2.5-coder-1.5b")
     b.add_argument("--draft-backends", default="llama.cpp,onnxruntime:int8,torch:int8")
-    b.add_argument("--engines", default="llama.cpp,torch")
+    b.add_argument("--engines", default="llama.cpp,llama.cpp:batched,torch",
+                   help="target engines; llama.cpp:batched = several rows per call (numerical)")
     b.add_argument("--target-weights", default="auto", help="the torch engine's")
     b.add_argument("--threads", type=int, default=0, help="0 = every core")
     b.add_argument("--prompts", default=None)

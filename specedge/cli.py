@@ -83,7 +83,7 @@ def _self_test(args) -> int:
     path, sha256 = resolve(args.target)
     engine = resolve_engine(args.engine, path)
     weights = resolve_weights(args.weights) if engine == "torch" else "gguf"
-    model, _ = open_engine(engine, path, sha256, weights, batch_invariant=True)
+    model, _ = open_engine(engine, path, sha256, weights, args.batch_invariant)
     result = establish(model, args.block)
     print(json.dumps({"target": args.target, "weights": weights, **result.describe()})
           if args.json else f"{args.target} ({engine}, {weights}): {result.summary()}")
@@ -417,8 +417,10 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-backend", default="auto", choices=["auto", "tensorrt", "llama.cpp", "onnxruntime", "torch"],
                    help="the draft's backend (docs/device.md); auto = the best installed")
     p.add_argument("--engine", default="auto", choices=["auto", "torch", "llama.cpp"],
-                   help="the target's engine (docs/engines.md): torch is bitwise exact, llama.cpp numerical and "
-                        "several times faster on a CPU; auto = llama.cpp where installed")
+                   help="the target's engine (docs/engines.md); auto = llama.cpp where installed")
+    p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                   help="every target row computed as when decoded alone, self-tested bit for bit (default); "
+                        "--no-batch-invariant lets llama.cpp batch rows: cheaper verification, numerical")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -485,7 +487,9 @@ def parser() -> argparse.ArgumentParser:
                                            "(what the verifier runs at start-up); exit 1 if not")
     st.add_argument("--target", default=DEFAULT_TARGET)
     st.add_argument("--engine", default="auto", choices=["auto", "torch", "llama.cpp"],
-                    help="as the verifier would pick it (docs/engines.md); llama.cpp is measured, never exact")
+                    help="as the verifier would pick it (docs/engines.md)")
+    st.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                    help="--no-batch-invariant: llama.cpp batching rows freely, measured (never exact)")
     st.add_argument("--weights", default="auto", choices=["auto", "bf16", "int8", "fp32", "fp64"],
                     help="the torch engine's")
     st.add_argument("--block", type=int, default=0, help="test only this many rows per product (0: pick)")
@@ -593,9 +597,9 @@ def parser() -> argparse.ArgumentParser:
     bv.add_argument("--target-version", default="")
     bv.add_argument("--target-weights", default="auto", choices=["auto", "bf16", "fp32"],
                     help="without --registry (a registry names each version's weights)")
-    bv.add_argument("--engine", default="torch", choices=["auto", "torch", "llama.cpp"],
-                    help="the replicas' target engine; torch (bitwise) by default, because every output is "
-                         "compared token for token with the recorded decoding")
+    bv.add_argument("--engine", default="auto", choices=["auto", "torch", "llama.cpp"],
+                    help="the replicas' target engine (docs/engines.md); every output is compared token for token "
+                         "with the engine's own decoding")
     bv.add_argument("--prompts", default=None)
     bv.add_argument("--max-prompts", type=int, default=8)
     bv.add_argument("--tokens", type=int, default=32, help="new tokens a session")

@@ -109,14 +109,14 @@ def serve(args, draft, draft_tok, target, target_tok) -> int:
     return 0
 
 
-def load_target_engine(name: str, engine: str, weights: str):
+def load_target_engine(name: str, engine: str, weights: str, batch_invariant: bool = True):
     """(engine, tokenizer, engine name) for the demo's in-process target."""
     from specedge.cloud.engine import open_engine, resolve_engine
     from specedge.fetch import resolve
 
     path, sha256 = resolve(name)
     engine = resolve_engine(engine, path)
-    return (*open_engine(engine, path, sha256, weights, batch_invariant=True), engine)
+    return (*open_engine(engine, path, sha256, weights, batch_invariant), engine)
 
 
 def run(args) -> int:
@@ -127,7 +127,8 @@ def run(args) -> int:
     print(f"loading draft {args.draft} and target {args.target} ...", file=sys.stderr, flush=True)
     draft, draft_tok = open_engine(DraftConfig(model=args.draft, weights=args.draft_weights,
                                                backend=args.draft_backend))
-    target, target_tok, engine = load_target_engine(args.target, args.engine, args.target_weights)
+    target, target_tok, engine = load_target_engine(args.target, args.engine, args.target_weights,
+                                                    args.batch_invariant)
     print(f"models ready in {time.perf_counter() - t0:.1f}s; starting broker ({args.broker}), verifier and agent",
           file=sys.stderr, flush=True)
     if args.serve:

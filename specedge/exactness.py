@@ -60,7 +60,8 @@ class Exactness:
 
     def summary(self) -> str:
         if self.exact:
-            return f"bitwise exact with {self.block}-row products (self-test {self.seconds:.1f}s)"
+            unit = "products" if self.engine == "torch" else f"{self.engine} calls"
+            return f"bitwise exact with {self.block}-row {unit} (self-test {self.seconds:.1f}s)"
         worst = max((t.max_abs_diff for t in self.trials), default=0.0)
         if not self.invariant:
             rows = sum(t.rows_differing for t in self.trials)
@@ -128,7 +129,8 @@ def round_cost_ms(model, block: int) -> float:
 def self_test(model, candidates=CANDIDATES, last_resort: bool = True) -> Exactness:
     """Pick the cheapest block under which `model` is bitwise batch-invariant; sets model.block."""
     t0 = time.perf_counter()
-    costs = {block: round_cost_ms(model, block) for block in candidates}
+    # One candidate (a pinned block, or llama.cpp's one row per call) is not worth timing.
+    costs = {block: round_cost_ms(model, block) if len(candidates) > 1 else None for block in candidates}
     order = sorted(candidates, key=costs.__getitem__)
     if last_resort and LAST_RESORT not in order:
         order.append(LAST_RESORT)
@@ -144,7 +146,8 @@ def self_test(model, candidates=CANDIDATES, last_resort: bool = True) -> Exactne
             break
     model.block = chosen if chosen is not None else order[0]
     result = Exactness(chosen is not None, model.block, time.perf_counter() - t0,
-                       tuple(trials.get(b, Trial(b, _rounded(costs[b]))) for b in order))
+                       tuple(trials.get(b, Trial(b, _rounded(costs[b]))) for b in order),
+                       getattr(model, "engine", "torch"))
     model.exactness = result
     return result
 
@@ -172,10 +175,13 @@ def establish(model, block: int = 0) -> Exactness:
     (verifier, reference decoding, bench) then computes with the same block. `block` > 0 pins
     the block (TargetConfig.block): only it is tested."""
     if model.exactness is None:
+        fixed = getattr(model, "candidates", None)  # an engine with its own blocks (llama.cpp: one row)
+        if block and fixed and block not in fixed:
+            raise ValueError(f"the {model.engine} engine computes {fixed} rows per call, not {block}")
         if not model.batch_invariant:
             measure(model)
         elif block:
             self_test(model, (block,), last_resort=False)
         else:
-            self_test(model)
+            self_test(model, fixed or CANDIDATES)
     return model.exactness

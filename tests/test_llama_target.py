@@ -1,6 +1,7 @@
 """The llama.cpp target engine on the tiny GGUF models: sessions share one context through
-sequence ids, roll back by llama_memory_seq_rm, lose their sequence (never their text) when the
-context is full, and the verifier states plainly that its answers are numerical, not bitwise."""
+sequence ids, roll back by llama_memory_seq_rm and lose their sequence (never their text) when
+the context is full. Fed one row per call it passes the bitwise self-test and speculation
+reproduces its own decoding exactly; batched, it is numerical and the verifier says so."""
 from __future__ import annotations
 
 import json
@@ -25,6 +26,11 @@ def llama_target(tiny_files):
     return load_target(TargetSpec("tiny-llama", str(tiny_files[1]), engine="llama.cpp"))
 
 
+@pytest.fixture(scope="module")
+def llama_batched(tiny_files):
+    return load_target(TargetSpec("tiny-llama", str(tiny_files[1]), engine="llama.cpp"), batch_invariant=False)
+
+
 def alone(engine, tokens):
     """Every position fed on its own, from a fresh sequence: the engine's own decoding."""
     cache = engine.new_cache()
@@ -41,10 +47,11 @@ def test_its_logits_follow_the_torch_reference_on_the_same_file(llama_target, ti
     assert (got - want).abs().max() < 0.05 * want.abs().max()
 
 
-def test_sessions_verified_in_one_decode_get_their_own_logits(llama_target, tiny_models):
-    """Four sessions of different lengths and histories in one llama_decode, each asking for its
-    last few rows only, against each fed alone: close (numerical), and the argmax agrees."""
-    engine, tok = llama_target.model, tiny_models[1]
+@pytest.mark.parametrize("mode", ["invariant", "batched"])
+def test_sessions_verified_in_one_pass_get_their_own_logits(mode, llama_target, llama_batched, tiny_models):
+    """Four sessions of different lengths and histories in one pass, each asking for its last few
+    rows only, against each fed alone: bit for bit one row per call; close, same argmax, batched."""
+    engine, tok = (llama_target if mode == "invariant" else llama_batched).model, tiny_models[1]
     texts = [tok.encode_chat(t) for t in (PROMPT, "sensor arm wheel", "write a loop", "go")]
     caches = [engine.new_cache() for _ in texts]
     engine.forward_batch([(t[:5], c) for t, c in zip(texts, caches)], keep=[1] * 4)  # warm, unequal
@@ -52,12 +59,14 @@ def test_sessions_verified_in_one_decode_get_their_own_logits(llama_target, tiny
     for text, cache, out in zip(texts, caches, outs):
         want = alone(engine, text)[-3:]
         assert out.shape == want.shape and cache.length == len(text)
+        if mode == "invariant":
+            assert torch.equal(out, want)
         assert (out - want).abs().max() < 0.05 * want.abs().max()
         assert torch.equal(out.argmax(-1), want.argmax(-1))
 
 
-def test_a_rolled_back_sequence_continues_as_a_fresh_one(llama_target, tiny_models):
-    engine, tok = llama_target.model, tiny_models[1]
+def test_a_rolled_back_sequence_continues_as_a_fresh_one(llama_batched, tiny_models):
+    engine, tok = llama_batched.model, tiny_models[1]
     ids = tok.encode_chat(PROMPT)
     cache = engine.new_cache()
     engine.forward(ids + [5, 6, 7], cache)  # a draft of three, all rejected
@@ -72,7 +81,7 @@ def test_a_session_whose_sequence_was_taken_rereads_its_text(tiny_files, tiny_mo
     """Two sequences, three sessions: the least recently used loses its sequence and comes back
     cold (length 0), which the verifier's session answers by feeding its whole text."""
     tok = tiny_models[1]
-    engine = LlamaCppTarget(tiny_files[1], n_ctx=512, n_seq=2, n_batch=32, threads=1)
+    engine = LlamaCppTarget(tiny_files[1], False, n_ctx=512, n_seq=2, n_batch=32, threads=1)
     ids = tok.encode_chat(PROMPT)
     a, b, c = (engine.new_cache() for _ in range(3))
     engine.forward(ids, a)
@@ -88,7 +97,7 @@ def test_a_session_whose_sequence_was_taken_rereads_its_text(tiny_files, tiny_mo
 
 def test_a_full_context_takes_cells_from_the_oldest_sessions_outside_the_batch(tiny_files, tiny_models):
     tok = tiny_models[1]
-    engine = LlamaCppTarget(tiny_files[1], n_ctx=512, n_seq=4, n_batch=64, threads=1)
+    engine = LlamaCppTarget(tiny_files[1], False, n_ctx=512, n_seq=4, n_batch=64, threads=1)
     long = (tok.encode_chat(PROMPT) * 20)[:200]
     first, second, third = (engine.new_cache() for _ in range(3))
     engine.forward(long, first)
@@ -98,24 +107,35 @@ def test_a_full_context_takes_cells_from_the_oldest_sessions_outside_the_batch(t
     assert second.length == third.length == 200 and second.seq is not None
 
 
-def test_a_gguf_target_loads_on_llama_cpp_by_default_and_is_called_numerical(llama_target, tiny_files):
+def test_a_gguf_target_loads_on_llama_cpp_by_default_and_self_tests_bitwise(llama_target, tiny_files):
     assert resolve_engine("auto", tiny_files[1]) == "llama.cpp"
     assert resolve_engine("auto", "/models/qwen-folder") == "torch"
     found = establish(llama_target.model)
     caps = Capabilities.of(llama_target.model)
-    assert not found.exact and not found.invariant and found.engine == "llama.cpp"
-    assert caps.exactness == "numerical" and caps.engine == "llama.cpp" and not caps.hints
-    assert caps.max_abs_dlogit == found.trials[0].max_abs_diff
-    assert "numerical (llama.cpp" in found.summary()
+    assert found.exact and found.block == 1 and found.engine == "llama.cpp"
+    assert caps.exactness == "exact" and caps.engine == "llama.cpp" and not caps.hints
+    assert "bitwise exact with 1-row llama.cpp calls" in found.summary()
     assert llama_target.describe()["engine"] == "llama.cpp" and llama_target.spec.weights == "gguf"
+    with pytest.raises(ValueError, match="rows per call, not 16"):
+        establish(LlamaCppTarget(tiny_files[1], n_ctx=256, n_seq=2, threads=1), block=16)
     with pytest.raises(ConfigError, match="drop_layers needs engine"):
         load_target(TargetSpec("cut", str(tiny_files[1]), drop_layers=(1,), engine="llama.cpp"))
 
 
-def test_speculating_against_it_gives_its_own_decoding_and_says_numerical(llama_target, tiny_models, mosquitto):
-    """Greedy speculation verified on llama.cpp equals llama.cpp's own one-at-a-time decoding,
-    except where blocks and single rows round a near-tie differently: a difference is allowed
-    only where the engine's top two logits are within the self-test's measured gap."""
+def test_batched_it_is_measured_and_called_numerical(llama_batched):
+    found = establish(llama_batched.model)
+    caps = Capabilities.of(llama_batched.model)
+    assert not found.exact and not found.invariant and found.block == 0
+    assert caps.exactness == "numerical" and caps.max_abs_dlogit == found.trials[0].max_abs_diff
+    assert "numerical (llama.cpp" in found.summary()
+
+
+@pytest.mark.parametrize("mode", ["invariant", "batched"])
+def test_speculating_against_it_gives_its_own_decoding(mode, llama_target, llama_batched, tiny_models, mosquitto):
+    """Greedy speculation verified on llama.cpp one row per call equals llama.cpp's own
+    one-at-a-time decoding token for token, and says exact. Batched, blocks and single rows may
+    round a near-tie differently: a difference is allowed only where the engine's top two logits
+    are within twice the self-test's measured gap, and every answer says numerical."""
     from specedge.cloud.verifier import Verifier
     from specedge.device.agent import Agent
     from specedge.device.draft import TorchDraftEngine
@@ -123,25 +143,26 @@ def test_speculating_against_it_gives_its_own_decoding_and_says_numerical(llama_
     from specedge.mqtt import Link
 
     draft, tok, _, _ = tiny_models
+    target = llama_target if mode == "invariant" else llama_batched
     statuses = []
     seen = threading.Event()
     verifier = Verifier(build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {
-        "id": "v-llama-target", "fleet": "llama-target"}}), llama_target).start()
-    agent = Agent(build(DeviceConfig, {"device": {"fleet": "llama-target", "id": "d"}, "mqtt": {
+        "id": f"v-llama-{mode}", "fleet": f"llama-{mode}"}}), target).start()
+    agent = Agent(build(DeviceConfig, {"device": {"fleet": f"llama-{mode}", "id": "d"}, "mqtt": {
         "port": mosquitto.port}, "energy": {"meter": "estimated"}}), TorchDraftEngine(draft), tok).start()
     watcher = Link(build(CloudConfig, {"mqtt": {"port": mosquitto.port}}).mqtt, "status-watcher",
                    lambda topic, payload: (statuses.append(json.loads(payload)), seen.set()))
     watcher.subscribe(verifier.status_topic)
     watcher.start()
     try:
-        engine = llama_target.model
-        gap = max(2 * engine.exactness.trials[0].max_abs_diff, 1e-6)
+        engine = target.model
+        gap = 2 * engine.exactness.trials[0].max_abs_diff  # 0 for the invariant mode: no excuse
         for text in ("write a loop", "sensor arm wheel"):
             prompt = tok.encode_chat(text)
             got = agent.generate(prompt, SamplingParams(), 40, parse_policy("fixed:4"))
             want = reference_greedy(engine, prompt, 40, tok.stop_ids)
             assert got.stats.accepted_tokens > 0
-            assert got.stats.exact is False  # every verdict came from a numerical engine
+            assert got.stats.exact is (mode == "invariant")
             diverged = next((i for i, (x, y) in enumerate(zip(got.tokens, want)) if x != y), None)
             if diverged is None:
                 assert len(got.tokens) == len(want)
@@ -151,8 +172,9 @@ def test_speculating_against_it_gives_its_own_decoding_and_says_numerical(llama_
                 assert float(top2[0] - top2[1]) <= gap, f"position {diverged} is no near-tie"
         assert seen.wait(10)
         caps = statuses[-1]["capabilities"]["tiny-llama"]
-        assert caps["engine"] == "llama.cpp" and caps["exactness"] == "numerical"
-        assert statuses[-1]["exact"]["tiny-llama"] is False
+        assert caps["engine"] == "llama.cpp"
+        assert caps["exactness"] == ("exact" if mode == "invariant" else "numerical")
+        assert statuses[-1]["exact"]["tiny-llama"] is (mode == "invariant")
     finally:
         watcher.stop()
         agent.stop()

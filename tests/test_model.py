@@ -65,9 +65,12 @@ def test_cloud_self_test_command_says_whether_a_model_file_is_exact_here(tiny_fi
     assert cli.main(args + ["--engine", "torch", "--weights", "bf16"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["exact"] is True and report["weights"] == "bf16" and report["trials"]
-    assert cli.main(args + ["--engine", "llama.cpp"]) == 1  # measured, never promised
+    assert cli.main(args + ["--engine", "llama.cpp"]) == 0  # one row per call: bitwise
     report = json.loads(capsys.readouterr().out)
-    assert report["exact"] is False and report["engine"] == "llama.cpp" and report["weights"] == "gguf"
+    assert report["exact"] is True and report["engine"] == "llama.cpp" and report["block"] == 1
+    assert cli.main(args + ["--engine", "llama.cpp", "--no-batch-invariant"]) == 1  # measured, never promised
+    report = json.loads(capsys.readouterr().out)
+    assert report["exact"] is False and report["weights"] == "gguf" and not report["invariant"]
 
 
 def test_a_pinned_block_is_the_only_one_tested(tiny_files):
