@@ -157,7 +157,7 @@ def local_target_main(argv: list[str]) -> int:
 
     import torch
 
-    from specedge.demo import load_target_engine
+    from specedge.cloud.registry import TargetSpec, load_target
     from specedge.exactness import establish
 
     p = argparse.ArgumentParser()
@@ -167,7 +167,9 @@ def local_target_main(argv: list[str]) -> int:
     p.add_argument("--block", type=int, default=0, help="the verifier's product block")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
-    engine, tok, name = load_target_engine(args.target, args.engine, args.target_weights, args.batch_invariant)
+    loaded = load_target(TargetSpec(args.target, args.target, args.target_weights, engine=args.engine),
+                         args.batch_invariant)
+    engine, tok, name = loaded.model, loaded.tokenizer, loaded.spec.engine
     establish(engine, args.block)
     sys.stdout.write(json.dumps({"ready": True, "engine": name}) + "\n")
     sys.stdout.flush()

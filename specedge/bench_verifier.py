@@ -140,6 +140,7 @@ protocol = "5"
 [target]
 model = "{args.target}"
 engine = "{args.engine}"
+batch_invariant = {str(args.batch_invariant).lower()}
 weights = "{args.target_weights}"
 block = {block}
 {registry}""")
@@ -298,12 +299,12 @@ def run(args) -> int:
     prompts = [draft_tok.encode_chat(p) for p in load_prompts(args.prompts, args.max_prompts)]
     recordings, blocks = {}, {}
     for name, engine, tok in drafts:
-        key = hashlib.sha256(json.dumps(["blocked", CONVERSION, name, trained_heads.get(name),
+        key = hashlib.sha256(json.dumps(["blocked", CONVERSION, name, trained_heads.get(name), args.batch_invariant,
                                          specs[default].recipe(), prompts, args.tokens,
                                          args.draft_length]).encode()).hexdigest()[:16]
         path = cache_dir() / "bench" / f"replay-{key}.json"
         if not path.exists():
-            target = target or load_target(specs[default])
+            target = target or load_target(specs[default], args.batch_invariant)
             print(f"recording {name}'s drafts along {target.name}'s output ({len(prompts)} prompts)", file=sys.stderr)
             path.parent.mkdir(parents=True, exist_ok=True)
             recorded = record(target.model, engine, prompts, args.tokens, args.draft_length, draft_tok.stop_ids)

@@ -600,6 +600,8 @@ def parser() -> argparse.ArgumentParser:
     bv.add_argument("--engine", default="auto", choices=["auto", "torch", "llama.cpp"],
                     help="the replicas' target engine (docs/engines.md); every output is compared token for token "
                          "with the engine's own decoding")
+    bv.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                    help="--no-batch-invariant: llama.cpp batching rows freely (numerical)")
     bv.add_argument("--prompts", default=None)
     bv.add_argument("--max-prompts", type=int, default=8)
     bv.add_argument("--tokens", type=int, default=32, help="new tokens a session")

@@ -275,11 +275,12 @@ WEIGHTS = ("auto", "int8", "bf16", "fp32", "fp64")  # how a model's weights are 
 @dataclass
 class TargetConfig:
     model: str = "qwen2.5-coder-1.5b"
-    # cloud/engine.py: "torch" is the bitwise reference; "llama.cpp" runs the GGUF as stored, several
-    # times faster on a CPU but equal only up to rounding; "auto" = llama.cpp where installed.
+    # cloud/engine.py: "torch" is the PyTorch reference (early-exit hints); "llama.cpp" runs the GGUF
+    # as stored, ten times faster per token on a CPU; "auto" = llama.cpp where installed.
     engine: str = "auto"
-    weights: str = "auto"  # bf16 where the CPU has AMX/AVX512-BF16, else fp32 (see loader.resolve_weights)
-    # Bit-identical logits whether a position is verified in a block or decoded alone.
+    weights: str = "auto"  # torch: bf16 where the CPU has AMX/AVX512-BF16, else fp32 (loader.resolve_weights)
+    # Bit-identical logits whether a position is verified in a block or decoded alone (llama.cpp:
+    # one row per call); false lets llama.cpp batch rows, cheaper and numerical.
     batch_invariant: bool = True
     # Rows per weight-product call: 0 = the start-up self-test picks the cheapest block that keeps
     # the target bitwise exact here; N = use N (and only report whether it passes). A harness that

@@ -109,17 +109,8 @@ def serve(args, draft, draft_tok, target, target_tok) -> int:
     return 0
 
 
-def load_target_engine(name: str, engine: str, weights: str, batch_invariant: bool = True):
-    """(engine, tokenizer, engine name) for the demo's in-process target."""
-    from specedge.cloud.engine import open_engine, resolve_engine
-    from specedge.fetch import resolve
-
-    path, sha256 = resolve(name)
-    engine = resolve_engine(engine, path)
-    return (*open_engine(engine, path, sha256, weights, batch_invariant), engine)
-
-
 def run(args) -> int:
+    from specedge.cloud.registry import TargetSpec, load_target
     from specedge.config import DraftConfig
     from specedge.device.backends import open_engine
 
@@ -127,8 +118,9 @@ def run(args) -> int:
     print(f"loading draft {args.draft} and target {args.target} ...", file=sys.stderr, flush=True)
     draft, draft_tok = open_engine(DraftConfig(model=args.draft, weights=args.draft_weights,
                                                backend=args.draft_backend))
-    target, target_tok, engine = load_target_engine(args.target, args.engine, args.target_weights,
-                                                    args.batch_invariant)
+    loaded = load_target(TargetSpec(args.target, args.target, args.target_weights, engine=args.engine),
+                         args.batch_invariant)
+    target, target_tok, engine = loaded.model, loaded.tokenizer, loaded.spec.engine
     print(f"models ready in {time.perf_counter() - t0:.1f}s; starting broker ({args.broker}), verifier and agent",
           file=sys.stderr, flush=True)
     if args.serve:
@@ -158,7 +150,7 @@ def run(args) -> int:
         "draft": args.draft, "target": args.target,
         "draft_backend": draft.backend,
         "draft_weights": args.draft_weights if draft.backend != "llama.cpp" else "gguf",
-        "target_engine": engine, "target_weights": args.target_weights if engine == "torch" else "gguf",
+        "target_engine": engine, "target_weights": loaded.spec.weights,
         "exactness_class": "exact" if exactness.exact else "numerical",
         "broker": args.broker,
         "temperature": args.temperature,
