@@ -6,7 +6,8 @@ It offers what specedge.model.Qwen2 offers the verifier (cloud/engine.py names t
 batch and returns logits only for the rows asked for. Rolling back a rejected draft is
 `llama_memory_seq_rm` on the positions past the committed length.
 
-One context holds every session: `n_seq` sequences share `n_ctx` KV cells (a unified cache).
+One context holds every session: `n_seq` sequences, each with its own n_ctx / n_seq KV cells
+when batch-invariant, all sharing n_ctx cells (a unified cache) when batched.
 A cache whose session is gone frees its sequence lazily; when every sequence is taken, or the
 cells run out mid-batch, the least recently used sessions outside the batch lose theirs and
 re-read their text on their next round (the same thing a memory-budget eviction does).
@@ -34,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DEFAULT_CONTEXT = 16384  # KV cells shared by every session
-DEFAULT_SEQUENCES = 64  # sessions holding a warm cache at once
+CONTEXT = 4096  # positions per session when each session has its own cells (batch_invariant)
+SEQUENCES = {True: 16, False: 64}  # sessions holding a warm cache at once, by batch_invariant
+SHARED_CONTEXT = 16384  # KV cells shared by every session when batched
 DEFAULT_BATCH = 512  # tokens per llama_decode call: a longer pass is fed in several
 
 
@@ -70,8 +72,10 @@ class LlamaCppTarget:
     hints = False  # no residual stream to read an early exit from
     candidates = (1,)  # rows per llama_decode the self-test may keep (specedge.exactness)
 
-    def __init__(self, gguf_path: str | Path, batch_invariant: bool = True, n_ctx: int = DEFAULT_CONTEXT,
-                 n_seq: int = DEFAULT_SEQUENCES, n_batch: int = DEFAULT_BATCH, threads: int | None = None):
+    def __init__(self, gguf_path: str | Path, batch_invariant: bool = True, n_ctx: int = 0, n_seq: int = 0,
+                 n_batch: int = DEFAULT_BATCH, threads: int | None = None):
+        """n_ctx: KV cells in all (0: CONTEXT per session when batch_invariant, else SHARED_CONTEXT);
+        n_seq: sessions with a warm cache at once (0: SEQUENCES)."""
         import llama_cpp as lib
 
         self.lib, self.exactness, self.batch_invariant = lib, None, batch_invariant
@@ -83,10 +87,15 @@ class LlamaCppTarget:
         model = lib.llama_model_load_from_file(str(gguf_path).encode(), mparams)
         if not model:
             raise ValueError(f"llama.cpp could not load {gguf_path}")
-        n_seq = min(n_seq, lib.llama_max_parallel_sequences())
+        n_seq = min(n_seq or SEQUENCES[batch_invariant], lib.llama_max_parallel_sequences())
+        n_ctx = n_ctx or (n_seq * CONTEXT if batch_invariant else SHARED_CONTEXT)
         cparams = lib.llama_context_default_params()
         cparams.n_ctx, cparams.n_batch, cparams.n_ubatch, cparams.n_seq_max = n_ctx, n_batch, n_batch, n_seq
-        cparams.kv_unified = True  # cells go to whichever session needs them, not n_ctx / n_seq each
+        # Invariant: each session its own cells (n_ctx / n_seq). In one shared cache a session's
+        # attention came out other bits when other sessions' cells grew past a few hundred
+        # (the 1.5B here, 8 sessions: bench-verifier caught it; tests/test_real_models.py keeps
+        # it caught). Batched: cells go to whichever session needs them.
+        cparams.kv_unified = not batch_invariant
         cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count()
         ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:
@@ -98,7 +107,8 @@ class LlamaCppTarget:
         weakref.finalize(self, _free, lib, self.batch, ctx, model)
         vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
         n_ctx = lib.llama_n_ctx(ctx)
-        self.cfg = Shape(vocab, min(n_ctx, lib.llama_model_n_ctx_train(model)), lib.llama_model_n_layer(model))
+        per_session = n_ctx // n_seq if batch_invariant else n_ctx
+        self.cfg = Shape(vocab, min(per_session, lib.llama_model_n_ctx_train(model)), lib.llama_model_n_layer(model))
         head_dim = lib.llama_model_n_embd(model) // lib.llama_model_n_head(model)
         # f16 keys and values (llama.cpp's default cache type) of every layer
         self.bytes_per_token = self.cfg.n_layers * 2 * lib.llama_model_n_head_kv(model) * head_dim * 2

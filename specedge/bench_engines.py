@@ -211,7 +211,8 @@ def plot(report: dict, path: str) -> None:
     left.barh(names, values, color="tab:blue")
     left.set_xlabel("ms per token (median, one at a time)")
     for r in report["targets"]:
-        right.plot(list(KS), [r["verify_ms"][str(k)] for k in KS], marker="o", label=f"{r['engine']} ({r['exactness']})")
+        right.plot(list(KS), [r["verify_ms"][str(k)] for k in KS], marker="o",
+                   label=f"{r['engine']} ({r['exactness']})")
     right.set_xlabel("drafted tokens verified in one call (k)")
     right.set_ylabel("verify call ms (median)")
     right.legend()

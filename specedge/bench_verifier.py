@@ -249,7 +249,8 @@ def _run_sessions(agents, args, events=(), policy_name: str = "") -> dict:
         want = recording["output"][:args.tokens]
         if result.tokens != want and not result.stats.version_switches:
             wrong += 1
-            at = next((i for i, (a, b) in enumerate(zip(result.tokens, want)) if a != b), min(len(result.tokens), len(want)))
+            at = next((i for i, (a, b) in enumerate(zip(result.tokens, want)) if a != b),
+                      min(len(result.tokens), len(want)))
             differing.append({"prompt": recording["prompt"], "reference": want, "position": at})
     rounds.sort()
     pct = lambda q: rounds[min(len(rounds) - 1, int(q * len(rounds)))] if rounds else None
@@ -326,8 +327,8 @@ def run(args) -> int:
         for replicas in replica_counts:
             for mode in modes:
                 tag = f"{mode[0]}{replicas}x{int(time.time()) % 100000}"
-                procs = _start_verifiers(folder, broker.port, args, replicas, args.max_batch if mode == "batched" else 1,
-                                         tag, block)
+                max_batch = 1 if mode == "unbatched" else args.max_batch  # cloud-ar batches its steps too
+                procs = _start_verifiers(folder, broker.port, args, replicas, max_batch, tag, block)
                 try:
                     for n in devices:
                         if mode == "unbatched" and args.baseline_devices and n not in args.baseline_devices:

@@ -84,3 +84,48 @@ def test_every_policy_reproduces_the_target_on_many_prompts(real_stack):
         print(f"{policy}: {identical[policy]} of {len(prompts)} identical", flush=True)
     print(f"identical to the target's own decoding, of {len(prompts)} prompts x {max_new} tokens: {identical}")
     assert all(n == len(prompts) for n in identical.values()), identical
+
+
+@pytest.fixture(scope="module")
+def real_llama_stack(real_stack, mosquitto):
+    """The default engines: the draft and the target on llama.cpp, the target one row per call."""
+    from specedge.cloud.registry import TargetSpec, load_target
+    from specedge.config import CloudConfig, DeviceConfig, DraftConfig, build
+    from specedge.demo import Stack
+    from specedge.device.backends import open_engine
+    from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    draft, draft_tok = open_engine(DraftConfig(model=DEFAULT_DRAFT, backend="llama.cpp"))
+    target = load_target(TargetSpec("llama-target", DEFAULT_TARGET, engine="llama.cpp"))
+    s = Stack(draft, draft_tok, target.model, target.tokenizer, port=mosquitto.port,
+              device_cfg=build(DeviceConfig, {"device": {"fleet": "real-llama"}}),
+              cloud_cfg=build(CloudConfig, {"verifier": {"id": "v-real-llama", "fleet": "real-llama"}}))
+    print(f"llama.cpp target self-test: {target.model.exactness.summary()}")
+    yield s, target.model
+    s.close()
+
+
+def test_real_pair_on_llama_cpp_is_the_targets_own_decoding(real_llama_stack):
+    stack, target = real_llama_stack
+    assert target.exactness.exact, target.exactness.summary()
+    tok = stack.tokenizer
+    for prompt in PROMPTS:
+        ids = tok.encode_chat(prompt)
+        spec = stack.agent.generate(ids, SamplingParams(), 64, parse_policy("fixed:4"))
+        assert spec.tokens == reference_greedy(target, ids, 64, tok.stop_ids), prompt
+        assert spec.stats.summary()["exact"]
+
+
+def test_real_target_on_llama_cpp_decodes_the_same_among_many_sessions(real_llama_stack):
+    """Eight sessions decoded in lockstep, one row per call, each as it decodes alone. In one
+    shared KV cache this failed once the others held a few hundred cells (bench-verifier, 8
+    prompts); each session now has cells of its own, and this keeps it so."""
+    from specedge.bench import default_prompts, load_prompts
+    from specedge.bench_verifier import target_decode
+
+    stack, target = real_llama_stack
+    tok = stack.tokenizer
+    prompts = [tok.encode_chat(p) for p in load_prompts(default_prompts(), 8)]
+    together = target_decode(target, prompts, 32, tok.stop_ids)
+    assert together[0] == reference_greedy(target, prompts[0], 32, tok.stop_ids)
+    assert together[-1] == reference_greedy(target, prompts[-1], 32, tok.stop_ids)
