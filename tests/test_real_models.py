@@ -2,8 +2,9 @@
 Mosquitto, on whatever CPU runs the suite.
 
 The default run checks fixed:4 greedy on three prompts (the demo's among them) against the
-target's own one-position-at-a-time decoding; `make test-slow` widens it to 50 prompts x 128
-tokens under every speculative policy. Skipped, with the reason, only where the model files
+target's own one-position-at-a-time decoding, on the PyTorch reference and on llama.cpp (the
+default engines), and eight llama.cpp sessions in lockstep against each alone; `make test-slow`
+widens it to 50 prompts x 128 tokens under every speculative policy. Skipped, with the reason, only where the model files
 cannot be fetched.
 """
 from __future__ import annotations
@@ -49,8 +50,9 @@ def real_stack(mosquitto):
     s.close()
 
 
-def test_real_pair_fixed4_output_is_the_targets_own_decoding(real_stack):
-    stack, target = real_stack
+@pytest.mark.parametrize("engines", ["real_stack", "real_llama_stack"], ids=["torch", "llama.cpp"])
+def test_real_pair_fixed4_output_is_the_targets_own_decoding(engines, request):
+    stack, target = request.getfixturevalue(engines)
     assert target.exactness.exact, target.exactness.summary()
     tok = stack.tokenizer
     for prompt in PROMPTS:
@@ -103,17 +105,6 @@ def real_llama_stack(real_stack, mosquitto):
     print(f"llama.cpp target self-test: {target.model.exactness.summary()}")
     yield s, target.model
     s.close()
-
-
-def test_real_pair_on_llama_cpp_is_the_targets_own_decoding(real_llama_stack):
-    stack, target = real_llama_stack
-    assert target.exactness.exact, target.exactness.summary()
-    tok = stack.tokenizer
-    for prompt in PROMPTS:
-        ids = tok.encode_chat(prompt)
-        spec = stack.agent.generate(ids, SamplingParams(), 64, parse_policy("fixed:4"))
-        assert spec.tokens == reference_greedy(target, ids, 64, tok.stop_ids), prompt
-        assert spec.stats.summary()["exact"]
 
 
 def test_real_target_on_llama_cpp_decodes_the_same_among_many_sessions(real_llama_stack):
