@@ -64,8 +64,8 @@ class Capabilities:
         found = engine.exactness
         exact = bool(found and found.exact)
         worst = max((t.max_abs_diff for t in found.trials), default=0.0) if found else None
-        return cls(getattr(engine, "engine", "torch"), "exact" if exact else "numerical", worst, True,
-                   getattr(engine, "hints", True), engine.batch_invariant, engine.cfg.max_seq_len)
+        return cls(engine.engine, "exact" if exact else "numerical", worst, True, engine.hints,
+                   engine.batch_invariant, engine.cfg.max_seq_len)
 
     def to_json(self) -> dict:
         return asdict(self)

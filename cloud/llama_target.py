@@ -212,11 +212,6 @@ class LlamaCppTarget:
                 if ref is not None and ref() not in batch]
         return [slot for _, slot in sorted(held)]
 
-    def close(self) -> None:
-        for slot in range(len(self.slots)):
-            if self.slots[slot] is not None:
-                self._release(slot)
-
 
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level WARN, ERROR; DEBUG, INFO, CONT dropped
 _log_callback = None  # kept alive: llama.cpp holds a pointer to it

@@ -462,7 +462,7 @@ def run(args) -> int:
         "target_self_test": self_test,
     }
     if report["exactness_class"] == "numerical" and report["outputs_identical"] is False:
-        report["divergences"] = divergences(results, args.target, target_engine, self_test)
+        report["divergences"] = divergences(results, args.target, args.target_weights, self_test)
     _print_table(report)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
@@ -486,30 +486,37 @@ def top2_gap(engine, prompt: list[int], prefix: list[int]) -> float:
     return round(float(top[0] - top[1]), 4)
 
 
-def divergences(results: dict, target: str, engine_name: str, self_test: dict) -> dict:
-    """Where a numerical engine's speculative output parted from its own cloud-ar decoding: the
-    first differing position of each run, and the engine's top-2 logit gap there with every
-    position decoded alone. A gap within twice the self-test's largest block-vs-alone logit
-    difference is a near-tie that rounding can flip; a wider one would be a bug."""
-    from specedge.cloud.engine import open_engine
-    from specedge.fetch import resolve
+def near_ties(cases: list[dict], target: str, weights: str, self_test: dict) -> dict:
+    """Outputs that parted from the engine's own decoding, each a case {"prompt", "reference",
+    "position", labels...}: the engine's top-2 logit gap at the first differing position, every
+    position fed alone. A gap within twice the self-test's largest block-vs-alone logit difference
+    is a near-tie that rounding can flip; an exact engine excuses none, and a wider gap is a bug.
+    `self_test` is the verifier's Exactness.describe(); the engine is loaded as it described."""
+    from specedge.cloud.registry import TargetSpec, load_target
 
-    path, sha256 = resolve(target)
-    engine = None
-    limit = 2 * max((t["max_abs_diff"] for t in self_test["trials"]), default=0.0)
-    gaps, runs = [], 0
+    worst = max((t["max_abs_diff"] for t in self_test["trials"]), default=0.0)
+    limit = 0.0 if self_test["exact"] else 2 * worst
+    engine = load_target(TargetSpec(target, target, weights, engine=self_test["engine"]),
+                         self_test["invariant"]).model if cases else None
+    found = [{**{k: v for k, v in case.items() if k not in ("prompt", "reference")},
+              "top2_gap": top2_gap(engine, case["prompt"], case["reference"][:case["position"]])} for case in cases]
+    return {"differing_runs": len(found), "near_tie_limit": round(limit, 4), "first_differences": found,
+            "near_ties": all(g["top2_gap"] <= limit for g in found)}
+
+
+def divergences(results: dict, target: str, weights: str, self_test: dict) -> dict:
+    """Where a numerical engine's speculative output parted from its own cloud-ar decoding, with
+    the top-2 gap there (near_ties)."""
+    cases, runs = [], 0
     for channel in results.values():
         reference = [r["tokens"] for r in channel["runs"].get("cloud-ar", [])]
         for name, rs in channel["runs"].items():
             for run, want in zip(rs, reference):
                 runs += 1
                 at = next((i for i, (a, b) in enumerate(zip(run["tokens"], want)) if a != b), None)
-                if at is None:
-                    continue
-                engine = engine or open_engine(engine_name, path, sha256, "gguf", True)[0]
-                gaps.append({"policy": name, "position": at, "top2_gap": top2_gap(engine, run["prompt"], want[:at])})
-    return {"runs": runs, "differing_runs": len(gaps), "near_tie_limit": round(limit, 4), "first_differences": gaps,
-            "near_ties": all(g["top2_gap"] <= limit for g in gaps)}
+                if at is not None:
+                    cases.append({"policy": name, "position": at, "prompt": run["prompt"], "reference": want})
+    return {"runs": runs, **near_ties(cases, target, weights, self_test)}
 
 
 def _exit_agreement(results: dict, args, logs: Path) -> dict:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from specedge.bench import _git_revision, _read_json, _stop, load_prompts, spawn_verifier
+from specedge.bench import _git_revision, _read_json, _stop, load_prompts, near_ties, spawn_verifier
 from specedge.broker import MosquittoBroker
 from specedge.device.draft import Drafted, TorchDraftEngine
 from specedge.fetch import cache_dir, sha256_file
@@ -342,7 +342,9 @@ def run(args) -> int:
                         watch.follow({p.replica for p in procs})
                         before = watch.snapshot()
                         result = _run_sessions(agents, args, events, "cloud-ar" if mode == "cloud-ar" else "")
-                        result["near_ties"] = _near_ties(result.pop("differing"), args, exactness)
+                        differing = result.pop("differing")
+                        result["near_ties"] = near_ties(differing, args.target, args.target_weights,
+                                                        exactness) if differing else None
                         time.sleep(1.2)  # the replicas' next statistics
                         row = {"mode": mode, "engine": exactness["engine"],
                                "exactness_class": "exact" if exactness["exact"] else "numerical",
@@ -402,23 +404,6 @@ def _speedups(runs: list[dict], over: str = "unbatched") -> dict:
         if base:
             out[f"{row['replicas']}x{row['devices']}"] = row["tokens_per_s"] / base["tokens_per_s"]
     return out
-
-
-def _near_ties(differing: list[dict], args, exactness: dict) -> dict | None:
-    """For a numerical engine, each output that parted from the engine's own decoding: where, and
-    the top-2 logit gap there (specedge.bench.top2_gap); an exact engine has none to excuse."""
-    if not differing:
-        return None
-    from specedge.bench import top2_gap
-    from specedge.cloud.engine import open_engine
-    from specedge.fetch import resolve
-
-    path, sha256 = resolve(args.target)
-    engine = open_engine(exactness["engine"], path, sha256, "gguf", True)[0] if not exactness["exact"] else None
-    limit = 2 * max((t["max_abs_diff"] for t in exactness["trials"]), default=0.0)
-    gaps = [top2_gap(engine, d["prompt"], d["reference"][:d["position"]]) if engine else None for d in differing]
-    return {"positions": [d["position"] for d in differing], "top2_gaps": gaps, "near_tie_limit": limit,
-            "all_near_ties": engine is not None and all(g is not None and g <= limit for g in gaps)}
 
 
 def plot(report: dict, path: str) -> None:

@@ -75,18 +75,14 @@ def _cloud_run(args) -> int:
 
 
 def _self_test(args) -> int:
-    from specedge.cloud.engine import open_engine, resolve_engine
+    from specedge.cloud.registry import TargetSpec, load_target
     from specedge.exactness import establish
-    from specedge.fetch import resolve
-    from specedge.loader import resolve_weights
 
-    path, sha256 = resolve(args.target)
-    engine = resolve_engine(args.engine, path)
-    weights = resolve_weights(args.weights) if engine == "torch" else "gguf"
-    model, _ = open_engine(engine, path, sha256, weights, args.batch_invariant)
-    result = establish(model, args.block)
-    print(json.dumps({"target": args.target, "weights": weights, **result.describe()})
-          if args.json else f"{args.target} ({engine}, {weights}): {result.summary()}")
+    target = load_target(TargetSpec(args.target, args.target, args.weights, engine=args.engine), args.batch_invariant)
+    result = establish(target.model, args.block)
+    spec = target.spec
+    print(json.dumps({"target": args.target, "weights": spec.weights, **result.describe()})
+          if args.json else f"{args.target} ({spec.engine}, {spec.weights}): {result.summary()}")
     return 0 if result.exact else 1
 
 

@@ -146,8 +146,7 @@ def self_test(model, candidates=CANDIDATES, last_resort: bool = True) -> Exactne
             break
     model.block = chosen if chosen is not None else order[0]
     result = Exactness(chosen is not None, model.block, time.perf_counter() - t0,
-                       tuple(trials.get(b, Trial(b, _rounded(costs[b]))) for b in order),
-                       getattr(model, "engine", "torch"))
+                       tuple(trials.get(b, Trial(b, _rounded(costs[b]))) for b in order), model.engine)
     model.exactness = result
     return result
 
@@ -161,8 +160,8 @@ def measure(model) -> Exactness:
     tokens = canary(model.cfg.vocab_size)
     differing, worst = check(model, tokens, reference(model, tokens))
     model.exactness = Exactness(False, model.block, time.perf_counter() - t0,
-                                (Trial(model.block, None, differing == 0, differing, worst),),
-                                getattr(model, "engine", "torch"), invariant=False)
+                                (Trial(model.block, None, differing == 0, differing, worst),), model.engine,
+                                invariant=False)
     return model.exactness
 
 

@@ -150,12 +150,13 @@ def test_a_numerical_engines_differences_are_shown_with_the_top2_gap_there(tiny_
     parted = want[:3] + [(want[3] + 1) % 200] + want[4:]
     results = {"ideal": {"runs": {"cloud-ar": [{"tokens": want, "prompt": prompt}],
                                   "fixed:3": [{"tokens": parted, "prompt": prompt}]}}}
-    strict = divergences(results, str(tiny_files[1]), "llama.cpp", {"trials": [{"max_abs_diff": 0.0}]})
+    measured = {"engine": "llama.cpp", "exact": False, "invariant": False}  # as Exactness.describe() says
+    strict = divergences(results, str(tiny_files[1]), "gguf", {**measured, "trials": [{"max_abs_diff": 0.0}]})
     assert strict["runs"] == 2 and strict["differing_runs"] == 1
     [first] = strict["first_differences"]
     assert first["policy"] == "fixed:3" and first["position"] == 3 and first["top2_gap"] > 0
     assert strict["near_ties"] is False  # no rounding was seen, so no difference is excused
-    loose = divergences(results, str(tiny_files[1]), "llama.cpp", {"trials": [{"max_abs_diff": 1e9}]})
+    loose = divergences(results, str(tiny_files[1]), "gguf", {**measured, "trials": [{"max_abs_diff": 1e9}]})
     assert loose["near_ties"] is True and loose["first_differences"] == strict["first_differences"]
 
 
