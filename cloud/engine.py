@@ -19,6 +19,9 @@ Engines:
   llama.cpp  cloud/llama_target.py: the GGUF's own quantised weights, KV rollback by
              llama_memory_seq_rm; batch-invariant (one row per llama_decode, self-tested like the
              reference) or batched (every session's rows in one call: numerical).
+  vllm       cloud/vllm_target.py, for GPU servers (never picked by "auto"): a request per
+             session scored through prompt logprobs, vLLM's prefix cache in place of a KV cache;
+             batch-invariant with VLLM_BATCH_INVARIANT=1 (GPUs), else numerical.
 """
 from __future__ import annotations
 
@@ -27,9 +30,15 @@ from dataclasses import asdict, dataclass
 from specedge.config import TARGET_ENGINES as ENGINES
 
 
-def llama_cpp_installed() -> bool:
+MODULES = {"llama.cpp": "llama_cpp", "vllm": "vllm"}  # the optional extras an engine needs
+
+
+def installed(engine: str) -> bool:
+    """Whether `engine`'s package imports here (torch always does)."""
+    import importlib
+
     try:
-        import llama_cpp  # noqa: F401
+        importlib.import_module(MODULES[engine]) if engine in MODULES else None
     except Exception:  # an ImportError, or a shared library that does not load here
         return False
     return True
@@ -44,7 +53,7 @@ def resolve_engine(engine: str, model_path) -> str:
     no exactness: where the self-test fails, every answer says so."""
     if engine != "auto":
         return engine
-    return "llama.cpp" if str(model_path).endswith(".gguf") and llama_cpp_installed() else "torch"
+    return "llama.cpp" if str(model_path).endswith(".gguf") and installed("llama.cpp") else "torch"
 
 
 @dataclass(frozen=True)
@@ -71,15 +80,29 @@ class Capabilities:
         return asdict(self)
 
 
+def weights_held(engine: str, weights: str) -> str:
+    """What an engine computes with: torch the dtype `weights` resolves to, llama.cpp the file's
+    own quantised blocks, vLLM the bf16 form dequantised from them."""
+    from specedge.loader import resolve_weights
+
+    return {"torch": resolve_weights(weights), "llama.cpp": "gguf", "vllm": "bf16"}[engine]
+
+
 def open_engine(engine: str, path, sha256: str | None, weights: str, batch_invariant: bool,
                 threads: int | None = None):
     """(engine, tokenizer) for a resolved engine name; `weights` applies to torch only (llama.cpp
-    runs the file's own quantisation), `threads` to llama.cpp (torch uses torch's setting)."""
+    runs the file's own quantisation, vLLM the bf16 dequantised form), `threads` to llama.cpp
+    (torch uses torch's setting, vLLM its own binding)."""
     if engine == "llama.cpp":
         from specedge.cloud.llama_target import LlamaCppTarget
         from specedge.loader import read_gguf_tokenizer
 
         return LlamaCppTarget(path, batch_invariant, threads=threads), read_gguf_tokenizer(path)
+    if engine == "vllm":
+        from specedge.cloud.vllm_target import VllmTarget
+        from specedge.loader import read_tokenizer
+
+        return VllmTarget(path, batch_invariant, sha256=sha256), read_tokenizer(path)
     if engine == "torch":
         from specedge.loader import load_model
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from specedge.cloud.engine import ENGINES, Capabilities, open_engine, resolve_engine
+from specedge.cloud.engine import ENGINES, Capabilities, open_engine, resolve_engine, weights_held
 from specedge.config import WEIGHTS, ConfigError, model_label, read_toml
 from specedge.contract import Contract
 
@@ -83,7 +83,6 @@ class Target:
 
 def load_target(spec: TargetSpec, batch_invariant: bool = True) -> Target:
     from specedge.fetch import resolve, sha256_file
-    from specedge.loader import resolve_weights
 
     path, sha256 = resolve(spec.model)
     if spec.sha256 and path.is_file():
@@ -97,7 +96,7 @@ def load_target(spec: TargetSpec, batch_invariant: bool = True) -> Target:
     engine = resolve_engine(spec.engine, path)
     if engine != "torch" and spec.drop_layers:
         raise ConfigError(f"target {spec.name}: drop_layers needs engine = \"torch\" ({engine} loads the file whole)")
-    spec = replace(spec, engine=engine, weights=resolve_weights(spec.weights) if engine == "torch" else "gguf")
+    spec = replace(spec, engine=engine, weights=weights_held(engine, spec.weights))
     model, tokenizer = open_engine(engine, path, sha256, spec.weights, batch_invariant)
     if spec.drop_layers:
         model = model.layer_subset([i for i in range(model.cfg.n_layers) if i not in spec.drop_layers])

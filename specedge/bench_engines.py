@@ -95,14 +95,14 @@ def llama_bench(path: Path, tokens: int, threads: int) -> dict | None:
 def run(args) -> int:
     from specedge.bench_draft import measure
     from specedge.cloud.engine import open_engine as open_target
-    from specedge.cloud.engine import llama_cpp_installed
+    from specedge.cloud.engine import installed, weights_held
     from specedge.config import DraftConfig
     from specedge.demo import machine
     from specedge.device.backends import open_engine as open_draft
     from specedge.device.backends import unavailable
     from specedge.exactness import establish
     from specedge.fetch import resolve
-    from specedge.loader import read_gguf_tokenizer, resolve_weights
+    from specedge.loader import read_gguf_tokenizer
 
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     threads = args.threads or os.cpu_count()
@@ -130,10 +130,10 @@ def run(args) -> int:
     path, sha256 = resolve(args.target)
     for spec in args.engines.split(","):
         name, _, mode = spec.partition(":")  # llama.cpp:batched = batch_invariant off
-        if name == "llama.cpp" and not llama_cpp_installed():
-            say(f"target {spec}: skipped (llama-cpp-python is not installed)")
+        if not installed(name):
+            say(f"target {spec}: skipped ({name} is not installed)")
             continue
-        weights = resolve_weights(args.target_weights) if name == "torch" else "gguf"
+        weights = weights_held(name, args.target_weights)
         say(f"target {spec} ({weights}): self-test ...")
         engine, tok = open_target(name, path, sha256, weights, batch_invariant=mode != "batched", threads=threads)
         found = establish(engine)
@@ -145,7 +145,7 @@ def run(args) -> int:
                                   "block": found.block, **target_timings(engine, prompts, args.tokens)})
         del engine
 
-    if llama_cpp_installed():
+    if installed("llama.cpp"):
         for role, model in (("draft", args.draft), ("target", args.target)):
             file, _ = resolve(model)
             encode = read_gguf_tokenizer(file).encode_chat
@@ -227,8 +227,10 @@ def add_parser(sub, func) -> None:
     b.add_argument("--draft", default="qwen2.5-coder-0.5b")
     b.add_argument("--target", default="qwen2.5-coder-1.5b")
     b.add_argument("--draft-backends", default="llama.cpp,onnxruntime:int8,torch:int8")
-    b.add_argument("--engines", default="llama.cpp,llama.cpp:batched,torch",
-                   help="target engines; llama.cpp:batched = several rows per call (numerical)")
+    b.add_argument("--engines", default="llama.cpp,llama.cpp:batched,torch,vllm:batched",
+                   help="target engines (those not installed are skipped); NAME:batched = batch "
+                        "invariance off (numerical): several rows per llama.cpp call, vLLM without "
+                        "VLLM_BATCH_INVARIANT (which starts on GPUs only)")
     b.add_argument("--target-weights", default="auto", help="the torch engine's")
     b.add_argument("--threads", type=int, default=0, help="0 = every core")
     b.add_argument("--prompts", default=None)

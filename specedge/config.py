@@ -268,7 +268,7 @@ class VerifierIdentity:
         _check(-1 <= self.metrics_port < 65536, "verifier.metrics_port", "-1 (off), 0 (any free port) or 1..65535")
 
 
-TARGET_ENGINES = ("auto", "torch", "llama.cpp")  # cloud/engine.py
+TARGET_ENGINES = ("auto", "torch", "llama.cpp", "vllm")  # cloud/engine.py
 WEIGHTS = ("auto", "int8", "bf16", "fp32", "fp64")  # how a model's weights are held (loader.load_model)
 
 
@@ -276,7 +276,8 @@ WEIGHTS = ("auto", "int8", "bf16", "fp32", "fp64")  # how a model's weights are 
 class TargetConfig:
     model: str = "qwen2.5-coder-1.5b"
     # cloud/engine.py: "torch" is the PyTorch reference (early-exit hints); "llama.cpp" runs the GGUF
-    # as stored, ten times faster per token on a CPU; "auto" = llama.cpp where installed.
+    # as stored, ten times faster per token on a CPU; "vllm" for GPU servers (docs/engines.md);
+    # "auto" = llama.cpp where installed.
     engine: str = "auto"
     weights: str = "auto"  # torch: bf16 where the CPU has AMX/AVX512-BF16, else fp32 (loader.resolve_weights)
     # Bit-identical logits whether a position is verified in a block or decoded alone (llama.cpp:

@@ -61,7 +61,8 @@ class Exactness:
     def summary(self) -> str:
         if self.exact:
             unit = "products" if self.engine == "torch" else f"{self.engine} calls"
-            return f"bitwise exact with {self.block}-row {unit} (self-test {self.seconds:.1f}s)"
+            how = f"{self.block}-row {unit}" if self.block else f"{self.engine}'s own batching"
+            return f"bitwise exact with {how} (self-test {self.seconds:.1f}s)"
         worst = max((t.max_abs_diff for t in self.trials), default=0.0)
         if not self.invariant:
             rows = sum(t.rows_differing for t in self.trials)
@@ -181,6 +182,8 @@ def establish(model, block: int = 0) -> Exactness:
             measure(model)
         elif block:
             self_test(model, (block,), last_resort=False)
+        elif fixed:  # one way to compute: nothing to fall back to
+            self_test(model, fixed, last_resort=False)
         else:
-            self_test(model, fixed or CANDIDATES)
+            self_test(model, CANDIDATES)
     return model.exactness

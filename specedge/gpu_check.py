@@ -6,11 +6,13 @@ Checks, each with its own time limit, each PASS, FAIL or SKIP with the reason:
               the torch draft on the same weights;
   llama.cpp   the llama.cpp target offloaded to the GPU: its exactness self-test, decode
               ms/token and verify-call ms by k (bench_engines.target_timings);
+  vllm        the vLLM target with VLLM_BATCH_INVARIANT=1: the same self-test and timings;
   torch-cuda  not a product path (the reference engine runs on CPU); reported so the machine
               is described.
 Models: the real Qwen pair when `specedge models fetch` has cached it, else the tiny generated
-pair (a device machine may have no network); the report says which. vLLM is not built yet
-(docs/engines.md), so it is listed as SKIP with that reason, never as passed.
+pair (a device machine may have no network); the report says which. A path whose package is
+not installed on the machine (pycuda, tensorrt, a CUDA llama-cpp-python, vllm) is a SKIP with
+that reason, never a pass.
 """
 from __future__ import annotations
 
@@ -34,7 +36,9 @@ def _models() -> tuple[str, str, str]:
     except FetchError:
         from specedge.tiny import write_pair
 
-        draft, target = write_pair(tempfile.mkdtemp(prefix="gpu-check-"))
+        # 64-wide heads: GPU attention kernels (vLLM's) take no narrower ones
+        draft, target = write_pair(tempfile.mkdtemp(prefix="gpu-check-"), dim=128, n_heads=2, n_kv_heads=1,
+                                   ffn_dim=256)
         return str(draft), str(target), "tiny"
 
 
@@ -79,18 +83,38 @@ def check_tensorrt(draft: str) -> dict:
 
 
 def check_llama_cpp(target: str) -> dict:
-    from specedge.bench_engines import target_timings
-    from specedge.cloud.engine import llama_cpp_installed, open_engine
-    from specedge.exactness import establish
+    from specedge.cloud.engine import installed
 
-    if not llama_cpp_installed():
+    if not installed("llama.cpp"):
         return {"status": "SKIP", "detail": "llama-cpp-python is not installed"}
     import llama_cpp
 
     if not llama_cpp.llama_supports_gpu_offload():
         return {"status": "SKIP", "detail": "llama-cpp-python was built without a GPU backend "
                                             "(CMAKE_ARGS=-DGGML_CUDA=on, docs/engines.md)"}
-    engine, tok = open_engine("llama.cpp", target, None, "gguf", True)
+    return _target_engine("llama.cpp", target)
+
+
+def check_vllm(target: str) -> dict:
+    import torch
+
+    from specedge.cloud.engine import installed
+
+    if not installed("vllm"):
+        return {"status": "SKIP", "detail": "vLLM is not installed (pip install 'specedge[vllm]')"}
+    if not torch.cuda.is_available():
+        return {"status": "SKIP", "detail": "no CUDA device: vLLM's batch-invariant mode starts on GPUs only"}
+    return _target_engine("vllm", target)
+
+
+def _target_engine(name: str, target: str) -> dict:
+    """A target engine in its batch-invariant mode: the bitwise self-test, then ms/token and
+    verify-call ms by k (PASS means it ran; the exactness it found is in the report)."""
+    from specedge.bench_engines import target_timings
+    from specedge.cloud.engine import open_engine, weights_held
+    from specedge.exactness import establish
+
+    engine, tok = open_engine(name, target, None, weights_held(name, "auto"), True)
     found = establish(engine)
     prompts = [tok.encode_chat(t) for t in ("def fibonacci(n):", "Explain a mutex.", "Sort a list in Go.")]
     return {"status": "PASS", "exactness": found.describe(), "summary": found.summary(),
@@ -115,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     draft, target, which = _models()
     checks = {"torch-cuda": check_torch_cuda, "kernels": check_kernels,
               "tensorrt": lambda: check_tensorrt(draft), "llama.cpp": lambda: check_llama_cpp(target),
-              "vllm": lambda: {"status": "SKIP", "detail": "no vLLM engine in this tree yet (docs/engines.md)"}}
+              "vllm": lambda: check_vllm(target)}
     report = {"models": which, "draft": draft, "target": target, "checks": {}}
     for name, check in checks.items():
         if time.monotonic() - t0 > BUDGET_S:

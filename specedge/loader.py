@@ -164,7 +164,15 @@ def read_hf_dir(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor],
     if cfg.tie_embeddings:
         weights.pop("output.weight", None)
     _check_shapes(cfg, weights, path)
-    return cfg, weights, Tokenizer.from_file(path / "tokenizer.json", path / "tokenizer_config.json")
+    return cfg, weights, read_tokenizer(path)
+
+
+def read_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a GGUF file or a Hugging Face folder, without reading the weights."""
+    path = Path(path)
+    if path.is_dir():
+        return Tokenizer.from_file(path / "tokenizer.json", path / "tokenizer_config.json")
+    return read_gguf_tokenizer(path)
 
 
 def _gguf_name(hf_name: str) -> str:
@@ -227,6 +235,53 @@ def read_checkpoint(path: str | Path, sha256: str | None = None):
         shutil.rmtree(conv)
     tmp.rename(conv)
     return cfg, weights, tok
+
+
+def hf_dir(path: str | Path, sha256: str | None = None) -> Path:
+    """A Hugging Face folder for engines that read only that (vLLM): `path` itself when it is one,
+    else the GGUF's cached form (matrices bf16, vectors fp32) written once under HF names, keyed
+    by the file's sha256. vLLM's own GGUF loader needs CUDA kernels for the quantised blocks."""
+    from safetensors.torch import save_file
+
+    from specedge.fetch import sha256_file
+
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if not path.exists():
+        raise ModelFileError(f"model file {path} does not exist")
+    sha256 = sha256 or sha256_file(path)
+    out = _converted_dir(sha256).with_name(f"{CONVERSION}-hf-{sha256[:32]}")
+    if (out / "done").exists():
+        return out
+    cfg, weights, tok = read_checkpoint(path, sha256)
+    hf_names = {v: k for k, v in _HF_NAMES.items()}
+    layer_names = {v: k for k, v in _HF_LAYER_NAMES.items()}
+
+    def hf(name: str) -> str:
+        if not name.startswith("blk."):
+            return hf_names[name]
+        _, layer, rest = name.split(".", 2)
+        return f"model.layers.{layer}.{layer_names[rest]}"
+
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({hf(k): v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "intermediate_size": cfg.ffn_dim, "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps,
+        "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": "bfloat16"}))
+    tok.save(tmp / "tokenizer.json", tmp / "tokenizer_config.json")
+    (tmp / "done").write_text(sha256)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
 
 
 def resolve_weights(dtype: str) -> str:

@@ -57,3 +57,65 @@ def reference_greedy(model, prompt: list[int], max_new: int, stop_ids) -> list[i
         out.append(token)
         last = token
     return out
+
+
+def alone(engine, tokens):
+    """Every position fed on its own, from a fresh cache: the engine's own decoding."""
+    import torch
+
+    cache = engine.new_cache()
+    return torch.cat([engine.forward([t], cache) for t in tokens])
+
+
+def speculation_is_the_engines_own_decoding(target, draft_and_tok, mosquitto, fleet: str, exact: bool) -> None:
+    """Greedy fixed:4 speculation through a real verifier, device agent and broker against
+    `target` (a loaded cloud.registry.Target) equals the engine's own one-at-a-time decoding.
+    An exact engine gets no excuse; a numerical one may part only where its top two logits are
+    within twice the self-test's measured gap. The verifier's status names the engine and class."""
+    import json
+    import threading
+
+    from specedge.cloud.verifier import Verifier
+    from specedge.config import CloudConfig, DeviceConfig, build
+    from specedge.device.agent import Agent
+    from specedge.device.draft import TorchDraftEngine
+    from specedge.device.policy import parse_policy
+    from specedge.mqtt import Link
+    from specedge.speculative import SamplingParams
+
+    draft, tok = draft_and_tok
+    statuses = []
+    seen = threading.Event()
+    verifier = Verifier(build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {
+        "id": f"v-{fleet}", "fleet": fleet}}), target).start()
+    agent = Agent(build(DeviceConfig, {"device": {"fleet": fleet, "id": "d"}, "mqtt": {
+        "port": mosquitto.port}, "energy": {"meter": "estimated"}}), TorchDraftEngine(draft), tok).start()
+    watcher = Link(build(CloudConfig, {"mqtt": {"port": mosquitto.port}}).mqtt, "status-watcher",
+                   lambda topic, payload: (statuses.append(json.loads(payload)), seen.set()))
+    watcher.subscribe(verifier.status_topic)
+    watcher.start()
+    try:
+        engine = target.model
+        gap = 0.0 if exact else 2 * engine.exactness.trials[0].max_abs_diff
+        for text in ("write a loop", "sensor arm wheel"):
+            prompt = tok.encode_chat(text)
+            got = agent.generate(prompt, SamplingParams(), 40, parse_policy("fixed:4"))
+            want = reference_greedy(engine, prompt, 40, tok.stop_ids)
+            assert got.stats.accepted_tokens > 0
+            assert got.stats.exact is exact
+            diverged = next((i for i, (x, y) in enumerate(zip(got.tokens, want)) if x != y), None)
+            if diverged is None:
+                assert len(got.tokens) == len(want)
+            else:
+                logits = alone(engine, prompt + want[:diverged])[-1]
+                top2 = logits.topk(2).values
+                assert float(top2[0] - top2[1]) <= gap, f"position {diverged} is no near-tie"
+        assert seen.wait(10)
+        caps = statuses[-1]["capabilities"][target.spec.name]
+        assert caps["engine"] == engine.engine
+        assert caps["exactness"] == ("exact" if exact else "numerical")
+        assert statuses[-1]["exact"][target.spec.name] is exact
+    finally:
+        watcher.stop()
+        agent.stop()
+        verifier.stop()

@@ -4,19 +4,15 @@ the context is full. Fed one row per call it passes the bitwise self-test and sp
 reproduces its own decoding exactly; batched, it is numerical and the verifier says so."""
 from __future__ import annotations
 
-import json
-import threading
-
 import pytest
 import torch
 
-from conftest import reference_greedy
+from conftest import alone, speculation_is_the_engines_own_decoding
 from specedge.cloud.engine import Capabilities, resolve_engine
 from specedge.cloud.llama_target import LlamaCppTarget
 from specedge.cloud.registry import TargetSpec, load_target
-from specedge.config import CloudConfig, ConfigError, DeviceConfig, build
+from specedge.config import ConfigError
 from specedge.exactness import establish
-from specedge.speculative import SamplingParams
 
 PROMPT = "the robot turns left"
 
@@ -29,12 +25,6 @@ def llama_target(tiny_files):
 @pytest.fixture(scope="module")
 def llama_batched(tiny_files):
     return load_target(TargetSpec("tiny-llama", str(tiny_files[1]), engine="llama.cpp"), batch_invariant=False)
-
-
-def alone(engine, tokens):
-    """Every position fed on its own, from a fresh sequence: the engine's own decoding."""
-    cache = engine.new_cache()
-    return torch.cat([engine.forward([t], cache) for t in tokens])
 
 
 def test_its_logits_follow_the_torch_reference_on_the_same_file(llama_target, tiny_models):
@@ -136,46 +126,6 @@ def test_speculating_against_it_gives_its_own_decoding(mode, llama_target, llama
     one-at-a-time decoding token for token, and says exact. Batched, blocks and single rows may
     round a near-tie differently: a difference is allowed only where the engine's top two logits
     are within twice the self-test's measured gap, and every answer says numerical."""
-    from specedge.cloud.verifier import Verifier
-    from specedge.device.agent import Agent
-    from specedge.device.draft import TorchDraftEngine
-    from specedge.device.policy import parse_policy
-    from specedge.mqtt import Link
-
-    draft, tok, _, _ = tiny_models
     target = llama_target if mode == "invariant" else llama_batched
-    statuses = []
-    seen = threading.Event()
-    verifier = Verifier(build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {
-        "id": f"v-llama-{mode}", "fleet": f"llama-{mode}"}}), target).start()
-    agent = Agent(build(DeviceConfig, {"device": {"fleet": f"llama-{mode}", "id": "d"}, "mqtt": {
-        "port": mosquitto.port}, "energy": {"meter": "estimated"}}), TorchDraftEngine(draft), tok).start()
-    watcher = Link(build(CloudConfig, {"mqtt": {"port": mosquitto.port}}).mqtt, "status-watcher",
-                   lambda topic, payload: (statuses.append(json.loads(payload)), seen.set()))
-    watcher.subscribe(verifier.status_topic)
-    watcher.start()
-    try:
-        engine = target.model
-        gap = 2 * engine.exactness.trials[0].max_abs_diff  # 0 for the invariant mode: no excuse
-        for text in ("write a loop", "sensor arm wheel"):
-            prompt = tok.encode_chat(text)
-            got = agent.generate(prompt, SamplingParams(), 40, parse_policy("fixed:4"))
-            want = reference_greedy(engine, prompt, 40, tok.stop_ids)
-            assert got.stats.accepted_tokens > 0
-            assert got.stats.exact is (mode == "invariant")
-            diverged = next((i for i, (x, y) in enumerate(zip(got.tokens, want)) if x != y), None)
-            if diverged is None:
-                assert len(got.tokens) == len(want)
-            else:
-                logits = alone(engine, prompt + want[:diverged])[-1]
-                top2 = logits.topk(2).values
-                assert float(top2[0] - top2[1]) <= gap, f"position {diverged} is no near-tie"
-        assert seen.wait(10)
-        caps = statuses[-1]["capabilities"]["tiny-llama"]
-        assert caps["engine"] == "llama.cpp"
-        assert caps["exactness"] == ("exact" if mode == "invariant" else "numerical")
-        assert statuses[-1]["exact"]["tiny-llama"] is (mode == "invariant")
-    finally:
-        watcher.stop()
-        agent.stop()
-        verifier.stop()
+    speculation_is_the_engines_own_decoding(target, tiny_models[:2], mosquitto, f"llama-{mode}",
+                                            exact=mode == "invariant")
