@@ -7,16 +7,28 @@ device's [generation] defaults (greedy unless configured otherwise: exactly the
 target's output). A full queue answers 429, a draining device or one without a
 broker 503, a body over [api] max_body_kb 413, a bad parameter 400; errors have
 OpenAI's shape {"error": {"message", "type", "param", "code"}}.
+
+Any local process and any web page the device's browser opens can reach this port, so each
+request is checked before it is read (docs/security.md): its Host (DNS rebinding), its Origin
+(cross-site requests), the API key when [api] api_key_file sets one, then a JSON Content-Type
+and a plain Content-Length. Connections are capped ([api] max_connections) and time out
+([api] timeout_s); a request must fit the draft engine's positions.
 """
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
 import secrets
+import socket
 import threading
 import time
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
+from specedge.config import ConfigError
 from specedge.device.service import DeviceService, Job, Outcome, Rejected
 from specedge.exporter import CONTENT_TYPE, render
 from specedge.speculative import SamplingParams
@@ -25,6 +37,10 @@ log = logging.getLogger("specedge.http")
 
 MODEL_ID = "specedge"
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_STOP_CHARS = 256  # each: the device holds back text while it could still become one
+MAX_DEPTH = 32  # JSON nesting; OpenAI's request shapes need a handful of levels
+DEFAULT_POSITIONS = 32768  # for an engine that does not say how many positions it holds
+CLIENT_POLL_S = 0.25  # how often a non-streamed request looks whether its app is still there
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
                "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []),
                "best_of": (None, 1), "echo": (None, False), "suffix": (None, "")}
@@ -61,6 +77,18 @@ def _text(content, where: str) -> str:
     raise ApiError(400, f"{where} must be a string or a list of text parts", where)
 
 
+def draft_positions(engine) -> int:
+    """Positions (prompt plus completion) the draft engine holds; a request must fit them."""
+    backend = getattr(engine, "backend", "")
+    if backend == "tensorrt":  # its optimisation profile, not the model, sets the bound
+        from specedge.device.trt_engine import MAX_CONTEXT
+        return MAX_CONTEXT
+    if backend == "llama.cpp":
+        return engine.n_ctx
+    model_cfg = getattr(engine, "cfg", None) or getattr(getattr(engine, "model", None), "cfg", None)
+    return getattr(model_cfg, "max_seq_len", DEFAULT_POSITIONS)
+
+
 def parse_request(body, chat: bool, service: DeviceService) -> dict:
     """The request's prompt tokens, sampling parameters, length and stop strings; ApiError if invalid."""
     if not isinstance(body, dict):
@@ -94,16 +122,23 @@ def parse_request(body, chat: bool, service: DeviceService) -> dict:
         if not isinstance(text, str) or not text:
             raise ApiError(400, "prompt must be a non-empty string", "prompt")
         prompt = tok.encode(text)
-    limit = 32768 - len(prompt)
+    positions = draft_positions(service.engine)
+    limit = positions - len(prompt)
     if limit < 1:
-        raise ApiError(400, f"the prompt has {len(prompt)} tokens, more than the context allows", "messages")
+        raise ApiError(400, f"the prompt has {len(prompt)} tokens; the draft holds {positions} positions, "
+                            "prompt and completion together", "messages" if chat else "prompt")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    asked = body.get(key)
+    if isinstance(asked, int) and not isinstance(asked, bool) and asked > limit:
+        raise ApiError(400, f"{key} is {asked}, but the draft holds {positions} positions and the prompt takes "
+                            f"{len(prompt)}: at most {limit} are left", key)
     max_tokens = _number(body, key, 1, limit, min(gen.max_new_tokens, limit), integer=True)
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop
     if stop is not None and (not isinstance(stop, list) or len(stop) > MAX_STOP
-                             or not all(isinstance(s, str) and s for s in stop)):
-        raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings", "stop")
+                             or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise ApiError(400, f"stop must be a string or a list of at most {MAX_STOP} non-empty strings of at "
+                            f"most {MAX_STOP_CHARS} characters", "stop")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError(400, "stream must be true or false", "stream")
@@ -119,11 +154,89 @@ def parse_request(body, chat: bool, service: DeviceService) -> dict:
             "model": body.get("model") if isinstance(body.get("model"), str) else MODEL_ID}
 
 
+def nesting(value) -> int:
+    """How deep lists and objects nest in a parsed JSON value (a loop: no recursion to exhaust)."""
+    deepest, todo = 0, [(value, 1)]
+    while todo:
+        value, depth = todo.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            todo.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
 def json_body(raw: bytes):
+    """The parsed body; 400 if it is not JSON or nests deeper than MAX_DEPTH."""
     try:
-        return json.loads(raw.decode("utf-8"))
+        body = json.loads(raw.decode("utf-8"))
+        too_deep = nesting(body) > MAX_DEPTH
+    except RecursionError:  # deeper than the parser's own stack: far past MAX_DEPTH
+        too_deep = True
     except (UnicodeDecodeError, ValueError) as exc:
         raise ApiError(400, f"the request body is not JSON: {exc}") from None
+    if too_deep:
+        raise ApiError(400, f"the request body nests deeper than {MAX_DEPTH} levels of JSON lists and objects")
+    return body
+
+
+# -- who may call: pure checks on the request's headers ----------------------------------------
+def _hostname(netloc: str) -> str:
+    """The host of `host[:port]` or `[v6 address][:port]`, lower-case."""
+    netloc = netloc.strip().lower()
+    if netloc.startswith("["):
+        return netloc[1:].partition("]")[0]
+    return netloc.rpartition(":")[0] if netloc.count(":") == 1 else netloc
+
+
+def host_allowed(host: str | None, bind_host: str) -> bool:
+    """Whether a Host header names this API: a loopback name or address, or the address it is bound
+    to. A page that rebinds its own DNS name to 127.0.0.1 still sends that name here."""
+    if host is None:
+        return True  # not a browser: browsers always send Host
+    name = _hostname(host)
+    if name in ("localhost", bind_host.lower()):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    # Bound to every interface, any address of the device is its own; an address cannot be rebound.
+    return address.is_loopback or bind_host in ("", "0.0.0.0", "::")
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: set[str]) -> bool:
+    """Whether a browser's Origin may call: the API's own (same host and port) or one in [api]
+    allowed_origins. No Origin: not a cross-site browser request. "null" (sandboxed frames, files)
+    is nobody's origin."""
+    if origin is None:
+        return True
+    origin = origin.strip().lower()
+    return origin in allowed or (host is not None and origin == "http://" + host.strip().lower())
+
+
+def bearer_ok(authorization: str | None, key: bytes) -> bool:
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    # compare_digest: how long a wrong key matched must not show in the time it takes to refuse it.
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key)
+
+
+def is_json(content_type: str | None) -> bool:
+    """application/json, parameters (charset) aside. The types a page may POST across sites without
+    a CORS preflight (text/plain, forms) are not it; this server answers no preflight."""
+    return (content_type or "").partition(";")[0].strip().lower() == "application/json"
+
+
+def read_api_key(path: str) -> bytes | None:
+    """The key in [api] api_key_file (surrounding whitespace dropped); None without one."""
+    if not path:
+        return None
+    try:
+        key = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise ConfigError(f"api.api_key_file: cannot read {path}: {exc.strerror or exc}") from None
+    if not key:
+        raise ConfigError(f"api.api_key_file: {path} is empty")
+    return key
 
 
 def submit(service: DeviceService, request: dict) -> Job:
@@ -166,6 +279,12 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         log.debug("%s " + fmt, self.address_string(), *args)
 
+    def setup(self):
+        # Every socket read and write times out: an idle keep-alive connection, a stalled body or an
+        # app that stops reading a stream frees its thread.
+        self.timeout = self.server.timeout_s
+        super().setup()
+
     # -- plumbing ------------------------------------------------------------------------------
     def send_json(self, status: int, data: dict, headers: dict | None = None) -> None:
         body = json.dumps(data).encode()
@@ -179,31 +298,62 @@ class Handler(BaseHTTPRequestHandler):
 
     def send_error_json(self, err: ApiError) -> None:
         headers = {"Retry-After": "1"} if err.status in (429, 503) else {}
+        if err.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         if err.status >= 400 and self.command == "POST" and not getattr(self, "_body_read", True):
             headers["Connection"] = "close"  # the body was not read: the connection cannot be reused
             self.close_connection = True
         self.send_json(err.status, err.body(), headers)
 
+    def check_caller(self, path: str) -> None:
+        """Browsers only from this host and allowed origins, then the API key (but for /health)."""
+        server, host = self.server, self.headers.get("Host")
+        if not host_allowed(host, server.bind_host):
+            raise ApiError(403, f"Host {host!r} does not name this device's API: call it as 127.0.0.1 or localhost",
+                           kind="permission_error", code="host_not_allowed")
+        origin = self.headers.get("Origin")
+        if not origin_allowed(origin, host, server.origins):
+            raise ApiError(403, f"web pages from {origin!r} may not call this API ([api] allowed_origins)",
+                           kind="permission_error", code="origin_not_allowed")
+        if server.api_key is not None and path != "/health" \
+                and not bearer_ok(self.headers.get("Authorization"), server.api_key):
+            raise ApiError(401, "this API needs its key: Authorization: Bearer <the key in [api] api_key_file>",
+                           kind="authentication_error", code="invalid_api_key")
+
     def read_json(self):
         self._body_read = False
-        length = self.headers.get("Content-Length")
-        if length is None:
+        if not is_json(self.headers.get("Content-Type")):
+            raise ApiError(415, "Content-Type must be application/json")
+        if "Transfer-Encoding" in self.headers:  # chunked: its length is unknown until read
+            raise ApiError(411, "chunked request bodies are not accepted: send Content-Length")
+        lengths = set(self.headers.get_all("Content-Length") or ())
+        if not lengths:
             raise ApiError(411, "Content-Length is required")
-        try:
-            length = int(length)
-        except ValueError:
-            raise ApiError(400, "Content-Length is not a number") from None
+        length = lengths.pop().strip()
+        # Plain digits only: int() also takes "-1" (read to the end of the stream), "+5" and "1_0".
+        if lengths or not (length.isascii() and length.isdigit()):
+            raise ApiError(400, "Content-Length must be one number of bytes (digits only)")
         limit = self.server.service.cfg.api.max_body_kb * 1024
+        length = int(length) if len(length) < 16 else limit + 1  # int() refuses over 4,300 digits
         if length > limit:
             raise ApiError(413, f"the request body has {length} bytes; the limit is {limit} ([api] max_body_kb)")
-        raw = self.rfile.read(length)
-        self._body_read = True
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.server.timeout_s} s "
+                                "([api] timeout_s)") from None
+        self._body_read = len(raw) == length
         return json_body(raw)
 
     # -- routes --------------------------------------------------------------------------------
     def do_GET(self):
         service = self.server.service
         path = self.path.split("?")[0]
+        try:
+            self.check_caller(path)
+        except ApiError as err:
+            self.send_error_json(err)
+            return
         if path == "/metrics":
             body = render(service.metrics.registry)
             self.send_response(200)
@@ -229,6 +379,7 @@ class Handler(BaseHTTPRequestHandler):
         chat = path == "/v1/chat/completions"
         self._body_read = False
         try:
+            self.check_caller(path)
             if not chat and path != "/v1/completions":
                 raise ApiError(404, f"no route POST {path}", kind="not_found_error")
             request = parse_request(self.read_json(), chat, self.server.service)
@@ -239,7 +390,12 @@ class Handler(BaseHTTPRequestHandler):
         (self.stream if request["stream"] else self.respond)(job, request, chat)
 
     def respond(self, job: Job, request: dict, chat: bool) -> None:
-        outcome = job.wait()
+        while not job.done.wait(CLIENT_POLL_S):
+            if self.client_gone():  # nobody will read the answer: stop generating it
+                job.cancel()
+                self.close_connection = True
+                return
+        outcome = job.outcome
         if outcome.finish_reason in ("error", "cancelled"):
             self.send_error_json(outcome_error(outcome))
             return
@@ -287,12 +443,40 @@ class Handler(BaseHTTPRequestHandler):
                         self.event({**base, "choices": [], "usage": usage(outcome)})
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError):  # the app went away: stop generating for it
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the app went away or stopped reading
             job.cancel()
+            self.close_connection = True
+
+    def client_gone(self) -> bool:
+        """Whether the app closed its connection: what there is to read is its end. A peek, so
+        bytes it sent meanwhile (a pipelined request) stay for the next request."""
+        sock = self.connection
+        sock.setblocking(False)
+        try:
+            return sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:  # nothing to read: still there
+            return False
+        except OSError:  # reset
+            return True
+        finally:
+            sock.settimeout(self.server.timeout_s)
 
     def event(self, data: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
         self.wfile.flush()
+
+
+def refuse(sock: socket.socket, err: ApiError) -> None:
+    """Answer a connection that gets no handler: one non-blocking send, so a client that reads
+    nothing cannot stall the accepting thread."""
+    body = json.dumps(err.body()).encode()
+    head = (f"HTTP/1.1 {err.status} {HTTPStatus(err.status).phrase}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
+    try:
+        sock.setblocking(False)
+        sock.send(head + body)
+    except OSError:
+        pass
 
 
 class LocalHttpApi(ThreadingHTTPServer):
@@ -300,8 +484,28 @@ class LocalHttpApi(ThreadingHTTPServer):
 
     def __init__(self, service: DeviceService, host: str, port: int):
         self.service = service
+        api = service.cfg.api  # read once: [api] changes take a restart
+        self.bind_host, self.timeout_s, self.origins = host, api.timeout_s, api.origins()
+        self.api_key = read_api_key(api.api_key_file)
+        self._slots = threading.BoundedSemaphore(api.max_connections)
         super().__init__((host, port), Handler)
         self._thread = threading.Thread(target=self.serve_forever, name="specedge-http", daemon=True)
+
+    # Each open connection holds a thread: past [api] max_connections, new ones are refused at once
+    # (on the accepting thread, without reading them) rather than wait for a thread.
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            refuse(request, ApiError(503, "too many open connections to this API ([api] max_connections); "
+                                          "retry shortly", kind="service_unavailable", code="too_many_connections"))
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     @property
     def port(self) -> int:
@@ -318,3 +522,4 @@ class LocalHttpApi(ThreadingHTTPServer):
     def stop(self) -> None:
         self.shutdown()
         self.server_close()
+

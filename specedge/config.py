@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,11 +185,20 @@ class ApiConfig:
     """The local API for apps on the device (docs/fleet.md)."""
 
     # OpenAI-compatible HTTP (and /metrics for Prometheus) on this address; port 0 = any free
-    # port, -1 = off. Keep it on loopback: it has no authentication of its own.
+    # port, -1 = off. Keep it on loopback: any local process and any web page the device's
+    # browser opens can reach it (docs/security.md).
     http_host: str = "127.0.0.1"
     http_port: int = 8080
     queue_size: int = 8  # requests waiting beyond the one running; more get 429
     max_body_kb: int = 256  # larger request bodies get 413
+    timeout_s: float = 30.0  # an idle keep-alive connection or a stalled request is closed after this
+    max_connections: int = 32  # open connections at once; more are answered 503 and closed
+    # Browser origins (scheme://host[:port], comma-separated) whose pages may call the API
+    # besides its own; any other Origin gets 403.
+    allowed_origins: str = ""
+    # A file holding the API key apps send as `Authorization: Bearer <key>`; "" = no key.
+    # Read once at start; /health stays open.
+    api_key_file: str = ""
     # The MQTT topic API (specedge/local/{device}/...) on a broker local to the device; "" = off.
     local_mqtt_host: str = ""
     local_mqtt_port: int = 1883
@@ -197,7 +207,16 @@ class ApiConfig:
         _check(-1 <= self.http_port < 65536, "api.http_port", "-1 (off), 0 (any free port) or 1..65535")
         _check(0 <= self.queue_size <= 4096, "api.queue_size", "0..4096")
         _check(1 <= self.max_body_kb <= 65536, "api.max_body_kb", "1..65536")
+        _check(0.1 <= self.timeout_s <= 3600, "api.timeout_s", "0.1..3600")
+        _check(1 <= self.max_connections <= 4096, "api.max_connections", "1..4096")
+        _check(all(re.fullmatch(r"https?://[^/?#\s]+", o) for o in self.origins()), "api.allowed_origins",
+               "comma-separated origins as browsers send them: scheme://host[:port], no path")
+        _check(not self.api_key_file or Path(self.api_key_file).is_file(), "api.api_key_file",
+               f"\"\" or a readable file ({self.api_key_file} does not exist)")
         _check(0 < self.local_mqtt_port < 65536, "api.local_mqtt_port", "1..65535")
+
+    def origins(self) -> set[str]:
+        return {o.strip().lower() for o in self.allowed_origins.split(",") if o.strip()}
 
 
 @dataclass

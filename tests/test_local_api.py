@@ -36,6 +36,12 @@ def node(tiny_models, mosquitto):
     verifier.stop()
 
 
+def raw_post(body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+
+
 def chat(node, **body):
     return http(node.http.port, "/v1/chat/completions",
                 {"messages": [{"role": "user", "content": "def f():"}], **body})
@@ -59,7 +65,8 @@ def test_bad_bodies_and_routes_get_clear_errors(node):
     assert http(port, "/v1/nothing", {})[0] == 404
     assert http(port, "/nothing")[0] == 404
     with socket.create_connection(("127.0.0.1", port)) as s:  # not JSON
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{nope")
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 5\r\n\r\n{nope")
         assert b" 400 " in s.recv(4096).split(b"\r\n")[0]
 
 
@@ -113,14 +120,30 @@ def test_a_client_that_goes_away_cancels_its_request(node):
     service = node.service
     done = service.requests_done
     with socket.create_connection(("127.0.0.1", node.http.port)) as s:
-        body = json.dumps({"prompt": "def f():", "max_tokens": 4000, "stream": True}).encode()
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        s.sendall(raw_post({"prompt": "def f():", "max_tokens": 2000, "stream": True}))
         assert s.recv(100).startswith(b"HTTP/1.1 200")
     deadline = time.monotonic() + 60
     while service.requests_done == done and time.monotonic() < deadline:
         time.sleep(0.05)
     assert service.requests_done == done + 1
-    assert service.agent.current.stats.generated_tokens < 4000
+    assert service.agent.current.stats.generated_tokens < 2000
+
+
+def test_a_non_streamed_request_whose_client_goes_away_is_cancelled(node):
+    service = node.service
+    done = service.requests_done
+    with service.agent._busy:  # the request waits for the agent while its app gives up
+        with socket.create_connection(("127.0.0.1", node.http.port)) as s:
+            s.sendall(raw_post({"prompt": "def f():", "max_tokens": 2000}))
+            deadline = time.monotonic() + 10
+            while service._running is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            job = service._running
+        deadline = time.monotonic() + 10
+        while not job.cancelled.is_set() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert job.cancelled.is_set()
+    assert job.wait(30).finish_reason == "cancelled" and service.requests_done == done + 1
 
 
 def test_local_mqtt_api_streams_to_the_response_topic(node, mosquitto):
