@@ -35,6 +35,12 @@ from specedge.mqtt import REPLICAS, TOPIC_ROOT, Link, device_topic, split_device
 log = logging.getLogger("specedge.cloud")
 
 RECENT = 10_000  # rounds (and passes) the latency and batch-size statistics describe
+# Devices name their drafts: each name becomes a key of the statistics and a Prometheus label
+# value. The first MAX_DRAFTS names keep statistics of their own, later ones are pooled as OTHER.
+MAX_DRAFTS = 64
+OTHER = "(other)"
+# Well under the broker's packet limit (certs.MAX_PACKET): a larger message gets us disconnected.
+MAX_STATS_BYTES = 64 * 1024
 
 
 def replica_topic(replica: str, leaf: str) -> str:
@@ -78,8 +84,15 @@ class VerifierStats:
     compute_s: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # per round: its pass
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     pairs: dict = field(default_factory=dict)  # (draft, version) -> PairStats
+    drafts: set = field(default_factory=set)  # the names with statistics of their own
+    max_drafts: int = MAX_DRAFTS
 
     def pair(self, draft: str, version: str) -> PairStats:
+        if draft not in self.drafts:
+            if len(self.drafts) < self.max_drafts:
+                self.drafts.add(draft)
+            else:
+                draft = OTHER
         return self.pairs.setdefault((draft, version), PairStats())
 
     def summary(self) -> dict:
@@ -95,6 +108,21 @@ class VerifierStats:
                 "compute_s_p50": pct(self.compute_s, 0.5), "compute_s_p99": pct(self.compute_s, 0.99),
                 "evictions": self.evictions, "expired": self.expired, "switches": self.switches,
                 "pairs": [{"draft": d, "target": v, **s.summary()} for (d, v), s in sorted(self.pairs.items())]}
+
+
+def stats_payload(summary: dict, limit: int = MAX_STATS_BYTES) -> bytes:
+    """`summary` as JSON of at most `limit` bytes where its pairs allow: those with the fewest
+    rounds are left out first, and counted in "pairs_omitted"."""
+    pairs = summary["pairs"]
+    kept = sorted(range(len(pairs)), key=lambda i: pairs[i]["rounds"], reverse=True)
+    while True:
+        payload = json.dumps({**summary, "pairs": [pairs[i] for i in sorted(kept)],
+                              "pairs_omitted": len(pairs) - len(kept)}).encode()
+        if len(payload) <= limit or not kept:
+            return payload
+        # Drop about as many pairs as the excess is worth (at least one), then measure again.
+        excess = (len(payload) - limit) * len(kept) // len(payload) + 1
+        kept = kept[:-excess]
 
 
 class Verifier:
@@ -248,7 +276,7 @@ class Verifier:
                    "cache_bytes": sum(s.cache_bytes() for s in self.sessions.values()),
                    "hints_sent": self.hints_sent, "hints_withheld": self.hints_withheld,
                    "errors": dict(self.errors), **self.stats.summary()}
-        self.link.publish(replica_topic(self.replica, "stats"), json.dumps(summary).encode())
+        self.link.publish(replica_topic(self.replica, "stats"), stats_payload(summary))
 
     def reply(self, topic: str, msg) -> bytes:
         payload = wire.encode(msg)

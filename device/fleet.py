@@ -17,7 +17,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import queue
+import re
 import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -35,7 +37,28 @@ MAX_COMMAND = 64 * 1024  # bytes of a command or desired-config payload
 LIVE_SECTIONS = ("speculation", "generation", "faults")
 LIVE_KEYS = ("energy.mode", "energy.budget_j_per_token", "energy.min_tokens_per_s", "fleet.telemetry_interval_s")
 # Set only in the device's own file: a remote config must not widen what remote operators may do.
-LOCAL_ONLY = ("fleet.allowed_commands", "fleet.remote_config", "mqtt.tls_ca", "mqtt.tls_cert", "mqtt.tls_key")
+LOCAL_ONLY = ("fleet.allowed_commands", "fleet.remote_config", "api.allowed_origins", "mqtt.tls_ca", "mqtt.tls_cert",
+              "mqtt.tls_key")
+# Keys whose values name files: validating them opens or stats the file, so from afar they would
+# let a sender probe what exists, block the fleet thread on a FIFO or fill memory from /dev/zero.
+# Refused by name, before anything reads them. (draft.model: only a registry name from afar.)
+REMOTE_PATHS = ("energy.profiles", "draft.head", "api.api_key_file", "mqtt.tls_ca", "mqtt.tls_cert", "mqtt.tls_key")
+# What remote configs and commands may set, narrower than a local file: a value from afar must not
+# make the device storm the broker with resends, wait for ever, or go quiet.
+REMOTE_RANGES = {
+    "faults.round_timeout_s": (0.5, 600.0),
+    "faults.max_wait_s": (1.0, 3600.0),
+    "faults.max_retries": (0, 20),
+    "fleet.telemetry_interval_s": (1.0, 3600.0),
+    "energy.budget_j_per_token": (0.0, 1000.0),
+    "energy.min_tokens_per_s": (0.0, 10000.0),
+    "generation.max_new_tokens": (1, 32768),
+}
+FAULT_POLICY_KEYS = ("faults.on_verifier_loss", "faults.on_broker_loss")
+MAX_DRAIN_WAIT_S = 60.0  # the fleet thread answers nothing else meanwhile
+# The last part of a key that holds a secret; its value never leaves the device.
+SECRET = re.compile(r"(^|_)(password|secret|token|api_key)$")
+REDACTED = "<redacted>"
 
 
 def package_version() -> str:
@@ -58,6 +81,58 @@ def config_changes(current: DeviceConfig, new: DeviceConfig) -> tuple[dict, list
     return live, sorted(set(changed) - set(live))
 
 
+def redact(flat: dict) -> dict:
+    """`flat` (flatten's shape) with every set secret replaced by REDACTED; an empty one stays, as
+    "none set" is worth seeing."""
+    return {k: REDACTED if v and SECRET.search(k.rsplit(".", 1)[-1]) else v for k, v in flat.items()}
+
+
+def overlay_keys(overlay: dict) -> list[str]:
+    return [f"{section}.{key}" for section, table in overlay.items() for key in table]
+
+
+def remote_paths(overlay: dict) -> list[str]:
+    """The keys of `overlay` that name files, found without touching the file system."""
+    from specedge.fetch import REGISTRY
+
+    keys = [k for k in overlay_keys(overlay) if k in REMOTE_PATHS]
+    model = overlay.get("draft", {}).get("model")
+    if model is not None and model not in REGISTRY:  # anything else is resolved as a path
+        keys.append("draft.model")
+    return keys
+
+
+def remote_problems(new: DeviceConfig, keys: list[str], local: DeviceConfig) -> dict[str, str]:
+    """{key: why} for each of `keys`, set remotely to the value it has in `new`, that a remote
+    operator may not set so: not finite, outside REMOTE_RANGES, or fault handling that lets
+    unverified tokens through where the device's own file (`local`) does not."""
+    values, own = flatten(new), flatten(local)
+    problems = {}
+    for key in keys:
+        value = values[key]
+        if isinstance(value, float) and not math.isfinite(value):
+            problems[key] = f"{value} is not a finite number"
+        elif key in REMOTE_RANGES and not REMOTE_RANGES[key][0] <= value <= REMOTE_RANGES[key][1]:
+            low, high = REMOTE_RANGES[key]
+            problems[key] = f"{value} is outside {low}..{high}, the range remote configs and commands may set"
+        elif key in FAULT_POLICY_KEYS and value == "draft" and own[key] != "draft":
+            problems[key] = "draft (unverified tokens) only where the device's own file chose it"
+        elif key == "faults.unverified_max_tokens" and value > own[key]:
+            problems[key] = f"{value} is above the device's own file's {own[key]}"
+    return problems
+
+
+def finite_number(value, name: str) -> float:
+    """`value` as a float if it is a finite number >= 0; ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+    return float(value)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number (JSON has no Infinity or NaN)")
+
+
 def merge(base: dict, overlay: dict) -> dict:
     out = {section: dict(table) for section, table in base.items()}
     for section, table in overlay.items():
@@ -70,7 +145,7 @@ def json_object(payload: bytes, shape: str) -> dict:
     if len(payload) > MAX_COMMAND:
         raise ValueError(f"{len(payload)} bytes exceed {MAX_COMMAND}")
     try:
-        data = json.loads(payload.decode("utf-8"))
+        data = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -284,8 +359,9 @@ class FleetMember:
         return {"policy": self.service.policy.name}
 
     def cmd_drain(self, wait_s: float = 0.0) -> dict:
+        wait_s = min(finite_number(wait_s, "wait_s"), MAX_DRAIN_WAIT_S)
         in_flight = self.service.drain()
-        idle = self.service.wait_idle(min(float(wait_s), 60.0)) if wait_s else in_flight == 0
+        idle = self.service.wait_idle(wait_s) if wait_s else in_flight == 0
         return {"state": "draining", "in_flight": self.service.in_flight, "idle": idle}
 
     def cmd_resume(self) -> dict:
@@ -297,13 +373,18 @@ class FleetMember:
 
     def cmd_report(self) -> dict:
         s = self.service
-        return {"status": json.loads(self.status_payload()), "config": flatten(s.cfg),
+        return {"status": json.loads(self.status_payload()), "config": redact(flatten(s.cfg)),
                 "requests_done": s.requests_done, "uptime_s": time.time() - s.started_s,
                 "decode_errors": dict(self.agent.decode_errors), "totals": s.metrics.totals()}
 
     def live_overlay(self, overlay: dict) -> DeviceConfig:
-        """The current config with `overlay` on top, validated; ConfigError names what is wrong."""
-        return build(DeviceConfig, merge(dataclasses.asdict(self.service.cfg), overlay), "command", env={})
+        """The current config with `overlay` on top, validated as from afar; ConfigError names what
+        is wrong."""
+        new = build(DeviceConfig, merge(dataclasses.asdict(self.service.cfg), overlay), "command", env={})
+        problems = remote_problems(new, overlay_keys(overlay), self.service.local_cfg)
+        if problems:
+            raise ConfigError("; ".join(f"{key}: {why}" for key, why in sorted(problems.items())))
+        return new
 
     # -- desired config ------------------------------------------------------------------------
     def apply_desired(self, reread_file: bool = False) -> dict:
@@ -321,6 +402,10 @@ class FleetMember:
                     overlay = merge(overlay, parse_desired(payload))
                 except ConfigError as exc:
                     rejected[source] = str(exc)
+            for key in remote_paths(overlay):
+                section, name = key.split(".")
+                del overlay[section][name]
+                rejected[key] = "a file path: set only in the device's own config file"
             for key in LOCAL_ONLY:
                 section, name = key.split(".")
                 if name in overlay.get(section, {}):
@@ -335,6 +420,10 @@ class FleetMember:
             if reread_file and s.config_path:
                 s.local_cfg = load(DeviceConfig, s.config_path)
             new = build(DeviceConfig, merge(dataclasses.asdict(s.local_cfg), overlay), "desired config", env={})
+            problems = remote_problems(new, overlay_keys(overlay), s.local_cfg)
+            if problems:
+                rejected.update(problems)
+                raise ConfigError("nothing applied: " + ", ".join(sorted(problems)) + " may not be set so remotely")
         except ConfigError as exc:
             rejected.setdefault("config", str(exc))
         else:

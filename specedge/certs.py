@@ -6,6 +6,12 @@ For tests and small deployments; a larger one brings its own PKI and keeps the A
 the user name (use_identity_as_username) and the ACL grants topics per user. Running it
 again keeps the CA and the certificates already made and adds the new names; the ACL always
 covers every certificate in the folder.
+
+Client ids: Mosquitto disconnects a client when another connects with its client id, so devices
+and verifiers get their certificate's name as client id (use_username_as_clientid) whatever they
+ask for: no certificate can take over another's session. Operators run several commands at once
+with one certificate, which one bound client id would not allow: they connect to a listener of
+their own (port + 1) whose client ids are free, and which only their own CA's certificates reach.
 """
 from __future__ import annotations
 
@@ -18,6 +24,9 @@ from specedge.mqtt import REPLICAS, TOPIC_ROOT
 from specedge.wire import MAX_PAYLOAD
 
 ROLES = ("devices", "verifiers", "operators")
+# Signs operator certificates only: the operators' listener trusts it alone, so no device or
+# verifier certificate reaches the listener where client ids are not bound.
+OPERATORS_CA = "operators-ca.crt"
 # Beyond the largest message (an OPEN with the longest context): MQTT framing and topic.
 MAX_PACKET = MAX_PAYLOAD + 4096
 
@@ -31,6 +40,7 @@ def add_parser(sub, func) -> None:
     c.add_argument("--operators", default="", help="comma-separated operator names")
     c.add_argument("--hosts", default="localhost,127.0.0.1", help="names and addresses the broker is reached at")
     c.add_argument("--port", type=int, default=8883, help="the TLS listener's port in mosquitto.conf")
+    c.add_argument("--operator-port", type=int, default=0, help="the operators' TLS listener (default: port + 1)")
     c.add_argument("--days", type=int, default=825, help="validity of the leaf certificates")
     c.set_defaults(func=func)
 
@@ -116,22 +126,41 @@ def acl_text(fleet: str, devices: list[str], verifiers: list[str], operators: li
     return "\n".join(lines)
 
 
-def mosquitto_conf(folder: Path, port: int, host: str = "0.0.0.0") -> str:
-    """The TLS listener: client certificates required, their names as user names, the ACL applied,
-    anything larger than the largest specedge message dropped (its sender disconnected)."""
+def mosquitto_conf(folder: Path, port: int, host: str = "0.0.0.0", operator_port: int = 0) -> str:
+    """Two TLS listeners: devices and verifiers on `port`, their client id bound to their
+    certificate's name; operators on `operator_port` (port + 1), certificates of the operators' CA
+    only. Both: client certificates required, their names as user names, the ACL applied, anything
+    larger than the largest specedge message dropped (its sender disconnected)."""
     folder = Path(folder).resolve()
-    return (f"listener {port} {host}\n"
-            f"cafile {folder / 'ca.crt'}\ncertfile {folder / 'broker.crt'}\nkeyfile {folder / 'broker.key'}\n"
-            f"require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n"
-            f"acl_file {folder / 'acl'}\nmax_packet_size {MAX_PACKET}\n")
+
+    def listener(listen: int, ca: str, bound: bool) -> str:
+        return (f"listener {listen} {host}\n"
+                f"cafile {folder / ca}\ncertfile {folder / 'broker.crt'}\nkeyfile {folder / 'broker.key'}\n"
+                f"require_certificate true\nuse_identity_as_username true\n"
+                + ("use_username_as_clientid true\n" if bound else "")
+                + f"allow_anonymous false\nacl_file {folder / 'acl'}\n")
+    return (f"per_listener_settings true\nmax_packet_size {MAX_PACKET}\n"
+            + listener(port, "ca.crt", bound=True) + listener(operator_port or port + 1, OPERATORS_CA, bound=False))
 
 
-def make(out: str | Path, fleet: str, devices=(), verifiers=(), operators=(), hosts=("localhost", "127.0.0.1"),
-         port: int = 8883, days: int = 825) -> dict:
-    """Create what is missing under `out`; returns {role: [names]} of every certificate there."""
+def _ca(crt: Path, name: str):
+    """(subject, key) of the CA in `crt` (and its .key), made if missing."""
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+    key_path = crt.with_suffix(".key")
+    if crt.exists() and key_path.exists():
+        return x509.load_pem_x509_certificate(crt.read_bytes()).subject, load_pem_private_key(key_path.read_bytes(), None)
+    key = _key()
+    ca = _certificate(name, key, None, None, 3650, ca=True)
+    _write_key(key_path, key)
+    _write_cert(crt, ca)
+    return ca.subject, key
+
+
+def make(out: str | Path, fleet: str, devices=(), verifiers=(), operators=(), hosts=("localhost", "127.0.0.1"),
+         port: int = 8883, days: int = 825, operator_port: int = 0) -> dict:
+    """Create what is missing under `out`; returns {role: [names]} of every certificate there."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wanted = {"devices": list(devices), "verifiers": list(verifiers), "operators": list(operators)}
@@ -140,16 +169,9 @@ def make(out: str | Path, fleet: str, devices=(), verifiers=(), operators=(), ho
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:  # refused before anything is written: a stray certificate would fail every later run
         raise ValueError(f"{clash}: a name may hold one role only (it is the broker's user name)")
-    ca_crt, ca_key_path = out / "ca.crt", out / "ca.key"
-    if ca_crt.exists() and ca_key_path.exists():
-        ca_key = load_pem_private_key(ca_key_path.read_bytes(), None)
-        ca_name = x509.load_pem_x509_certificate(ca_crt.read_bytes()).subject
-    else:
-        ca_key = _key()
-        ca = _certificate(f"specedge CA {fleet}", ca_key, None, None, 3650, ca=True)
-        ca_name = ca.subject
-        _write_key(ca_key_path, ca_key)
-        _write_cert(ca_crt, ca)
+    ca_name, ca_key = _ca(out / "ca.crt", f"specedge CA {fleet}")
+    signers = {"devices": (ca_name, ca_key), "verifiers": (ca_name, ca_key),
+               "operators": _ca(out / OPERATORS_CA, f"specedge operators CA {fleet}")}
     if not (out / "broker.crt").exists():
         key = _key()
         _write_key(out / "broker.key", key)
@@ -162,9 +184,9 @@ def make(out: str | Path, fleet: str, devices=(), verifiers=(), operators=(), ho
             if not (folder / f"{name}.crt").exists():
                 key = _key()
                 _write_key(folder / f"{name}.key", key)
-                _write_cert(folder / f"{name}.crt", _certificate(name, key, ca_name, ca_key, days))
+                _write_cert(folder / f"{name}.crt", _certificate(name, key, *signers[role], days))
     (out / "acl").write_text(acl_text(fleet, everyone["devices"], everyone["verifiers"], everyone["operators"]))
-    (out / "mosquitto.conf").write_text(mosquitto_conf(out, port))
+    (out / "mosquitto.conf").write_text(mosquitto_conf(out, port, operator_port=operator_port))
     return everyone
 
 
@@ -173,7 +195,7 @@ def run(args) -> int:
 
     try:
         everyone = make(args.out, args.fleet, _names(args.devices), _names(args.verifiers), _names(args.operators),
-                        _names(args.hosts), args.port, args.days)
+                        _names(args.hosts), args.port, args.days, args.operator_port)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     out = Path(args.out)
@@ -182,4 +204,6 @@ def run(args) -> int:
         if everyone[role]:
             print(f"{role}: {', '.join(everyone[role])}  ({out}/{role}/NAME.crt and .key)")
     print("each client's [mqtt] section: tls_ca = ca.crt, tls_cert/tls_key = its own pair; see docs/fleet.md")
+    print(f"devices and verifiers connect to port {args.port}, operators (`specedge fleet --port`) to "
+          f"{args.operator_port or args.port + 1}")
     return 0

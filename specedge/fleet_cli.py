@@ -27,7 +27,8 @@ REFUSED, NO_ANSWER = 1, 3
 def add_parser(sub, func) -> None:
     f = sub.add_parser("fleet", help="operators: list, watch, command and configure a fleet's devices")
     f.add_argument("--host", default=os.environ.get("SPECEDGE_MQTT_HOST", "127.0.0.1"))
-    f.add_argument("--port", type=int, default=int(os.environ.get("SPECEDGE_MQTT_PORT", "1883")))
+    f.add_argument("--port", type=int, default=int(os.environ.get("SPECEDGE_MQTT_PORT", "1883")),
+                   help="the broker's port; with `specedge certs` TLS, the operators' listener (8884)")
     f.add_argument("--fleet", default=os.environ.get("SPECEDGE_FLEET", "default"))
     f.add_argument("--ca", default=os.environ.get("SPECEDGE_MQTT_TLS_CA", ""), help="CA certificate (TLS)")
     f.add_argument("--cert", default=os.environ.get("SPECEDGE_MQTT_TLS_CERT", ""), help="operator certificate")
@@ -61,11 +62,16 @@ def add_parser(sub, func) -> None:
 
 
 def parse_value(text: str):
-    """JSON where it parses (numbers, true/false, quoted strings), else the text itself."""
+    """JSON where it parses (numbers, true/false, quoted strings), else the text itself; NaN and
+    Infinity stay text (devices refuse them as numbers either way, this way with a clearer reason)."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_text)
     except ValueError:
         return text
+
+
+def _text(constant: str):
+    raise ValueError(constant)
 
 
 def parse_pairs(pairs: list[str], dotted: bool) -> dict:

@@ -31,13 +31,14 @@ class Secure:
     broker: MosquittoBroker
     verifier: object
     nodes: dict
+    operator_port: int
 
     def mqtt(self, role: str, name: str) -> dict:
         return {"port": self.broker.port, "host": "localhost", "tls_ca": str(self.folder / "ca.crt"),
                 "tls_cert": str(self.folder / role / f"{name}.crt"), "tls_key": str(self.folder / role / f"{name}.key")}
 
     def fleet_cli(self, capsys, *argv) -> tuple[int, str]:
-        code = cli.main(["fleet", "--host", "localhost", "--port", str(self.broker.port), "--fleet", FLEET,
+        code = cli.main(["fleet", "--host", "localhost", "--port", str(self.operator_port), "--fleet", FLEET,
                          "--ca", str(self.folder / "ca.crt"), "--cert", str(self.folder / "operators/op.crt"),
                          "--key", str(self.folder / "operators/op.key"), "--timeout", "10", *argv])
         return code, capsys.readouterr().out
@@ -49,10 +50,11 @@ def secure(tiny_models, tmp_path_factory):
 
     draft, tok, target, target_tok = tiny_models
     folder = tmp_path_factory.mktemp("pki")
-    certs.make(folder, FLEET, devices=["d1", "d2"], verifiers=["v1"], operators=["op"])
-    port = free_port()
-    broker = MosquittoBroker(port, listener=certs.mosquitto_conf(folder, port, "127.0.0.1")).start()
-    s = Secure(folder, broker, None, {})
+    # d3 has no node: a raw client with its certificate would take a running device's session.
+    certs.make(folder, FLEET, devices=["d1", "d2", "d3"], verifiers=["v1"], operators=["op"])
+    port, operator_port = free_port(), free_port()
+    broker = MosquittoBroker(port, listener=certs.mosquitto_conf(folder, port, "127.0.0.1", operator_port)).start()
+    s = Secure(folder, broker, None, {}, operator_port)
     s.verifier = Verifier(build(CloudConfig, {"mqtt": s.mqtt("verifiers", "v1"), "verifier": {
         "id": "v1", "fleet": FLEET, "group": FLEET, "metrics_port": 0}}), Target.in_memory("tiny", target, target_tok))
     s.verifier.start()
@@ -81,7 +83,7 @@ def client(secure: Secure, role: str | None, name: str | None, protocol=MQTTProt
     c.puback = queue.Queue()
     c.on_publish = lambda client, userdata, mid, code, props: c.puback.put(int(code.value))
     c.got = got
-    c.connect("localhost", secure.broker.port)
+    c.connect("localhost", secure.operator_port if role == "operators" else secure.broker.port)
     c.loop_start()
     return c
 
@@ -177,6 +179,24 @@ def test_operator_drives_two_tls_devices_through_the_fleet_cli_and_apps_through_
     assert code == 0 and "TOK/S" in out
 
 
+def test_two_operator_commands_at_once_with_one_certificate_keep_their_connections(secure, capsys):
+    """Devices' and verifiers' client ids are bound to their certificates; operators' are not
+    (their own listener), so two `specedge fleet` commands with one certificate do not take
+    each other's session."""
+    from argparse import Namespace
+
+    from specedge.fleet_cli import Operator
+
+    args = Namespace(host="localhost", port=secure.operator_port, fleet=FLEET, ca=str(secure.folder / "ca.crt"),
+                     cert=str(secure.folder / "operators/op.crt"), key=str(secure.folder / "operators/op.key"),
+                     operator="")
+    with Operator(args) as first, Operator(args) as second:
+        time.sleep(2.5)  # long enough for reconnects to have kicked each other
+        assert [op.link.connects for op in (first, second)] == [1, 1]
+    code, out = secure.fleet_cli(capsys, "cmd", "d1", "report")
+    assert code == 0, out
+
+
 def test_status_is_born_on_connect_and_the_will_says_offline_on_loss(secure):
     watcher = client(secure, "operators", "op")
     watcher.subscribe(f"specedge/v1/{FLEET}/d1/status", qos=1)
@@ -193,29 +213,29 @@ def test_status_is_born_on_connect_and_the_will_says_offline_on_loss(secure):
 
 
 def test_a_device_can_neither_read_nor_write_another_devices_topics(secure):
-    d1 = client(secure, "devices", "d1")
+    d3 = client(secure, "devices", "d3")
     op = client(secure, "operators", "op")
     try:
-        # Mosquitto grants the subscriptions but delivers nothing the ACL does not let d1 read.
+        # Mosquitto grants the subscriptions but delivers nothing the ACL does not let d3 read.
         for leaf in ("cmd", "verdict", "config", "telemetry"):
-            d1.subscribe(f"specedge/v1/{FLEET}/d2/{leaf}", qos=1)
-        d1.subscribe(f"specedge/v1/{FLEET}/targets", qos=1)  # the fleet's announcement: d1 may read it
+            d3.subscribe(f"specedge/v1/{FLEET}/d2/{leaf}", qos=1)
+        d3.subscribe(f"specedge/v1/{FLEET}/targets", qos=1)  # the fleet's announcement: d3 may read it
         op.subscribe(f"specedge/v1/{FLEET}/d2/status", qos=1)
         drain(op.got, 0.5)
-        drain(d1.got, 1.0)  # retained messages d1 may not read do not come either
-        d1.publish(f"specedge/v1/{FLEET}/d2/status", b'{"state": "forged"}', qos=1)
-        assert d1.puback.get(timeout=5) == 135  # not authorised
+        drain(d3.got, 1.0)  # retained messages d3 may not read do not come either
+        d3.publish(f"specedge/v1/{FLEET}/d2/status", b'{"state": "forged"}', qos=1)
+        assert d3.puback.get(timeout=5) == 135  # not authorised
         op.publish(f"specedge/v1/{FLEET}/d2/cmd", b'{"command": "report"}', qos=1)
         assert op.puback.get(timeout=5) == 0
-        assert drain(op.got, 0.5) == [] and drain(d1.got, 0.5) == []
+        assert drain(op.got, 0.5) == [] and drain(d3.got, 0.5) == []
         op.publish(f"specedge/v1/{FLEET}/targets", b'{"default": "tiny"}', qos=1)
         assert op.puback.get(timeout=5) == 0
-        assert [t for t, _ in drain(d1.got, 2.0)] == [f"specedge/v1/{FLEET}/targets"]
+        assert [t for t, _ in drain(d3.got, 2.0)] == [f"specedge/v1/{FLEET}/targets"]
         # An operator cannot pose as a device either.
         op.publish(f"specedge/v1/{FLEET}/d2/draft", b"x", qos=1)
         assert op.puback.get(timeout=5) == 135
     finally:
-        for c in (d1, op):
+        for c in (d3, op):
             c.loop_stop()
             c.disconnect()
 
@@ -245,23 +265,23 @@ def connects(secure: Secure, tls: bool, role: str | None = None, name: str | Non
 
 
 def test_a_client_without_a_certificate_is_refused(secure):
-    assert connects(secure, tls=True, role="devices", name="d1")  # the control: with its certificate
+    assert connects(secure, tls=True, role="devices", name="d3")  # the control: with its certificate
     assert not connects(secure, tls=True)  # TLS, but no client certificate
     assert not connects(secure, tls=False)  # plain TCP to the TLS listener
 
 
 def test_an_oversized_payload_is_dropped(secure):
     op = client(secure, "operators", "op")
-    d1 = client(secure, "devices", "d1")
+    d3 = client(secure, "devices", "d3")
     try:
-        op.subscribe(f"specedge/v1/{FLEET}/d1/reply/op", qos=1)
+        op.subscribe(f"specedge/v1/{FLEET}/d3/reply/op", qos=1)
         assert op.suback.get(timeout=5) == [1]
-        d1.publish(f"specedge/v1/{FLEET}/d1/reply/op", b"small", qos=1)  # the control
+        d3.publish(f"specedge/v1/{FLEET}/d3/reply/op", b"small", qos=1)  # the control
         assert [p for _, p in drain(op.got, 3)] == [b"small"]
-        d1.publish(f"specedge/v1/{FLEET}/d1/reply/op", b"x" * (certs.MAX_PACKET + 1), qos=1)
+        d3.publish(f"specedge/v1/{FLEET}/d3/reply/op", b"x" * (certs.MAX_PACKET + 1), qos=1)
         assert drain(op.got, 1.5) == []
     finally:
-        for c in (d1, op):
+        for c in (d3, op):
             c.loop_stop()
             c.disconnect()
 
