@@ -7,6 +7,10 @@ else to the payload's "reply_to", else to specedge/local/{device}/response/{id}:
 with "stream": true one {"id", "delta"} per text increment, and always a last
 {"id", "done": true, "text", "finish_reason", "usage", "specedge"} or
 {"id", "done": true, "error": {...}} with the HTTP API's error shape and status.
+
+A reply topic must lie under specedge/local/{device}/response/: any other is refused
+(400 reply_to_not_allowed, on the default topic). The device holds at most
+[api] queue_size + 1 requests; more are answered 503 busy at once.
 """
 from __future__ import annotations
 
@@ -32,6 +36,11 @@ class LocalMqttApi:
                        tls_key="", username="", password="")
         self.service, self.device = service, cfg.device.id
         self.prefix = f"{LOCAL_ROOT}/{self.device}"
+        self.replies = f"{self.prefix}/response/"
+        # What the service can hold: one running, queue_size waiting. More would be refused by it
+        # anyway, so they are refused here, before a thread is spent on them.
+        self.capacity = cfg.api.queue_size + 1
+        self._slots = threading.BoundedSemaphore(self.capacity)
         self.link = Link(mqtt, f"specedge-local-{self.device}", lambda topic, payload: None)
         self.link.subscribe(f"{self.prefix}/request", self._on_request)
 
@@ -43,8 +52,39 @@ class LocalMqttApi:
         self.link.stop()
 
     def _on_request(self, topic: str, payload: bytes, reply_to: ReplyTo) -> None:
-        # Thin: each request is answered from its own thread, which waits on its job.
-        threading.Thread(target=self.handle, args=(payload, reply_to), daemon=True).start()
+        # Runs on the MQTT client's thread: what needs no thread to refuse (an answer aimed
+        # elsewhere, no room) is refused here; the rest goes to a thread that waits on the job.
+        body = self._peek(payload)
+        request_id = body.get("id") if isinstance(body, dict) else None
+        asked = self.destination(reply_to, body, request_id)[1]
+        if asked is not None:
+            log.warning("local request %.100r asked for its answer on %.200r, outside %s: refused",
+                        request_id, asked, self.replies)
+            err = ApiError(400, f"reply_to must be a topic under {self.replies} (this device's own answers)",
+                           param="reply_to", code="reply_to_not_allowed")
+        elif not self._slots.acquire(blocking=False):
+            err = ApiError(503, f"the device holds {self.capacity} requests already ([api] queue_size + 1); "
+                                "retry shortly", kind="service_unavailable", code="busy")
+        else:
+            threading.Thread(target=self._serve, args=(payload, reply_to), name="specedge-local-request",
+                             daemon=True).start()
+            return
+        self.answer(reply_to, body, request_id, {"done": True, "status": err.status, **err.body()})
+
+    def _serve(self, payload: bytes, reply_to: ReplyTo) -> None:
+        try:
+            self.handle(payload, reply_to)
+        finally:
+            self._slots.release()
+
+    def _peek(self, payload: bytes):
+        """The body for its id and reply_to, or None; handle() says what is wrong with it."""
+        if len(payload) > self.service.cfg.api.max_body_kb * 1024:
+            return None
+        try:
+            return json_body(payload)
+        except ApiError:
+            return None
 
     def handle(self, payload: bytes, reply_to: ReplyTo) -> None:
         body, request_id = None, None
@@ -72,10 +112,22 @@ class LocalMqttApi:
                                                          "finish_reason": value.finish_reason,
                                                          "usage": usage(value), "specedge": spec_summary(value)})
 
+    def destination(self, reply_to: ReplyTo, body, request_id) -> tuple[str, str | None]:
+        """(the topic to answer on, the reply topic asked for if it was refused). Only topics under
+        the device's own response/ are answered on: the device publishes with its own rights on the
+        broker, so a requester must not aim it at a robot's command topics or another device's
+        answers, nor at its own request topic (the answer would come back as a request)."""
+        asked = reply_to.topic or (body.get("reply_to") if isinstance(body, dict) else None)
+        safe = isinstance(request_id, str) and request_id and not set(request_id) & set("+#/\0")
+        default = f"{self.prefix}/response/{request_id if safe else '_'}"
+        if asked is None or asked == "":
+            return default, None
+        if (isinstance(asked, str) and asked.startswith(self.replies) and len(asked) > len(self.replies)
+                and not set(asked) & set("+#\0")):
+            return asked, None
+        return default, asked
+
     def answer(self, reply_to: ReplyTo, body, request_id, data: dict) -> None:
-        topic = reply_to.topic or (body.get("reply_to") if isinstance(body, dict) else None)
-        if not isinstance(topic, str) or not topic or set(topic) & set("+#"):
-            safe = isinstance(request_id, str) and request_id and not set(request_id) & set("+#/\0")
-            topic = f"{self.prefix}/response/{request_id if safe else '_'}"
+        topic = self.destination(reply_to, body, request_id)[0]
         self.link.publish(topic, json.dumps({"id": request_id, **data}).encode(),
                           reply_to=ReplyTo(None, reply_to.correlation) if reply_to.correlation else None)

@@ -12,6 +12,11 @@ and verifiers get their certificate's name as client id (use_username_as_clienti
 ask for: no certificate can take over another's session. Operators run several commands at once
 with one certificate, which one bound client id would not allow: they connect to a listener of
 their own (port + 1) whose client ids are free, and which only their own CA's certificates reach.
+
+Revocation (--revoke NAME): NAME's serial goes into the CRL of the CA that issued it (ca.crl or
+operators-ca.crl, every earlier revocation kept), mosquitto.conf gets that CRL on the listener the
+CA's certificates reach, and the certificate moves to revoked/ (its key is deleted), so the name
+can be issued anew. Mosquitto reads CRLs when it starts.
 """
 from __future__ import annotations
 
@@ -27,6 +32,9 @@ ROLES = ("devices", "verifiers", "operators")
 # Signs operator certificates only: the operators' listener trusts it alone, so no device or
 # verifier certificate reaches the listener where client ids are not bound.
 OPERATORS_CA = "operators-ca.crt"
+# OpenSSL refuses every certificate of a CA whose CRL is past its next update: the CRL lasts as
+# long as the CA (3650 days), since nothing re-signs it on a schedule.
+CRL_DAYS = 3650
 # Beyond the largest message (an OPEN with the longest context): MQTT framing and topic.
 MAX_PACKET = MAX_PAYLOAD + 4096
 
@@ -42,6 +50,8 @@ def add_parser(sub, func) -> None:
     c.add_argument("--port", type=int, default=8883, help="the TLS listener's port in mosquitto.conf")
     c.add_argument("--operator-port", type=int, default=0, help="the operators' TLS listener (default: port + 1)")
     c.add_argument("--days", type=int, default=825, help="validity of the leaf certificates")
+    c.add_argument("--revoke", default="", help="comma-separated names whose certificates Mosquitto must refuse "
+                                                "(a CRL; restart Mosquitto to apply)")
     c.set_defaults(func=func)
 
 
@@ -62,9 +72,14 @@ def _key():
 def _write_key(path: Path, key) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    os.chmod(path, 0o600)
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    # 0600 from the start: written first and chmod'ed after, the key was readable by anyone for a
+    # moment. fchmod too, as O_CREAT leaves the mode of a file already there as it was.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)
+        f.write(data)
 
 
 def _write_cert(path: Path, cert) -> None:
@@ -130,14 +145,18 @@ def mosquitto_conf(folder: Path, port: int, host: str = "0.0.0.0", operator_port
     """Two TLS listeners: devices and verifiers on `port`, their client id bound to their
     certificate's name; operators on `operator_port` (port + 1), certificates of the operators' CA
     only. Both: client certificates required, their names as user names, the ACL applied, anything
-    larger than the largest specedge message dropped (its sender disconnected)."""
+    larger than the largest specedge message dropped (its sender disconnected), and the CA's CRL
+    checked once it has revoked something."""
     folder = Path(folder).resolve()
 
     def listener(listen: int, ca: str, bound: bool) -> str:
+        # Only where a CRL exists: with crlfile set, OpenSSL wants a CRL for every client's CA.
+        crl = _crl(folder / ca)
         return (f"listener {listen} {host}\n"
                 f"cafile {folder / ca}\ncertfile {folder / 'broker.crt'}\nkeyfile {folder / 'broker.key'}\n"
                 f"require_certificate true\nuse_identity_as_username true\n"
                 + ("use_username_as_clientid true\n" if bound else "")
+                + (f"crlfile {crl}\n" if crl.exists() else "")
                 + f"allow_anonymous false\nacl_file {folder / 'acl'}\n")
     return (f"per_listener_settings true\nmax_packet_size {MAX_PACKET}\n"
             + listener(port, "ca.crt", bound=True) + listener(operator_port or port + 1, OPERATORS_CA, bound=False))
@@ -158,13 +177,67 @@ def _ca(crt: Path, name: str):
     return ca.subject, key
 
 
+def _crl(ca_crt: Path) -> Path:
+    return ca_crt.with_suffix(".crl")
+
+
+def _issued(out: Path, name: str) -> Path:
+    """NAME's certificate in `out`, whatever its role."""
+    found = [out / role / f"{name}.crt" for role in ROLES if (out / role / f"{name}.crt").exists()]
+    if not found:
+        raise ValueError(f"{name!r}: no certificate to revoke (no {out}/{{{','.join(ROLES)}}}/{name}.crt)")
+    return found[0]
+
+
+def revoke(out: Path, crt_path: Path) -> Path:
+    """Add the certificate's serial to its issuer's CRL (made or re-signed), move the certificate
+    to revoked/ and delete its key; returns the CRL."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    cert = x509.load_pem_x509_certificate(crt_path.read_bytes())
+    for ca_file in ("ca.crt", OPERATORS_CA):  # operators made before operators-ca.crt have ca.crt's
+        ca = x509.load_pem_x509_certificate((out / ca_file).read_bytes())
+        try:
+            cert.verify_directly_issued_by(ca)
+            break
+        except (ValueError, TypeError, InvalidSignature):
+            continue
+    else:
+        raise ValueError(f"{crt_path}: not issued by {out}/ca.crt or {out}/{OPERATORS_CA}, so no CRL of ours "
+                         "can revoke it")
+    crl_path = _crl(out / ca_file)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca.subject)
+               .last_update(now - datetime.timedelta(minutes=5)).next_update(now + datetime.timedelta(days=CRL_DAYS)))
+    earlier = list(x509.load_pem_x509_crl(crl_path.read_bytes())) if crl_path.exists() else []
+    for entry in earlier:
+        builder = builder.add_revoked_certificate(entry)
+    if all(e.serial_number != cert.serial_number for e in earlier):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(cert.serial_number).revocation_date(now).build())
+    ca_key = load_pem_private_key((out / ca_file).with_suffix(".key").read_bytes(), None)
+    crl_path.write_bytes(builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    # Out of the role's folder: the ACL drops the name, and `specedge certs` may issue it anew.
+    kept = out / "revoked" / crt_path.parent.name / f"{crt_path.stem}-{cert.serial_number:x}.crt"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    crt_path.rename(kept)
+    crt_path.with_suffix(".key").unlink(missing_ok=True)
+    return crl_path
+
+
 def make(out: str | Path, fleet: str, devices=(), verifiers=(), operators=(), hosts=("localhost", "127.0.0.1"),
-         port: int = 8883, days: int = 825, operator_port: int = 0) -> dict:
-    """Create what is missing under `out`; returns {role: [names]} of every certificate there."""
+         port: int = 8883, days: int = 825, operator_port: int = 0, revoked=()) -> dict:
+    """Revoke the `revoked` names' certificates, then create what is missing under `out`; returns
+    {role: [names]} of every certificate there."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    to_revoke = {name: _issued(out, name) for name in revoked}  # refused before anything is written
     wanted = {"devices": list(devices), "verifiers": list(verifiers), "operators": list(operators)}
-    everyone = {role: sorted({p.stem for p in (out / role).glob("*.crt")} | set(wanted[role])) for role in ROLES}
+    everyone = {role: sorted({p.stem for p in (out / role).glob("*.crt")} - set(to_revoke) | set(wanted[role]))
+                for role in ROLES}
     names = [n for role in ROLES for n in everyone[role]]
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:  # refused before anything is written: a stray certificate would fail every later run
@@ -172,6 +245,8 @@ def make(out: str | Path, fleet: str, devices=(), verifiers=(), operators=(), ho
     ca_name, ca_key = _ca(out / "ca.crt", f"specedge CA {fleet}")
     signers = {"devices": (ca_name, ca_key), "verifiers": (ca_name, ca_key),
                "operators": _ca(out / OPERATORS_CA, f"specedge operators CA {fleet}")}
+    for crt in to_revoke.values():
+        revoke(out, crt)
     if not (out / "broker.crt").exists():
         key = _key()
         _write_key(out / "broker.key", key)
@@ -194,8 +269,9 @@ def run(args) -> int:
     from specedge.config import ConfigError
 
     try:
+        revoked = _names(args.revoke)
         everyone = make(args.out, args.fleet, _names(args.devices), _names(args.verifiers), _names(args.operators),
-                        _names(args.hosts), args.port, args.days, args.operator_port)
+                        _names(args.hosts), args.port, args.days, args.operator_port, revoked)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     out = Path(args.out)
@@ -203,6 +279,10 @@ def run(args) -> int:
     for role in ROLES:
         if everyone[role]:
             print(f"{role}: {', '.join(everyone[role])}  ({out}/{role}/NAME.crt and .key)")
+    if revoked:
+        crls = [str(_crl(out / ca)) for ca in ("ca.crt", OPERATORS_CA) if _crl(out / ca).exists()]
+        print(f"revoked {', '.join(revoked)} (certificates moved to {out}/revoked/, serials in {', '.join(crls)})")
+        print("restart Mosquitto: it reads CRLs when it starts (connections open now stay open until then)")
     print("each client's [mqtt] section: tls_ca = ca.crt, tls_cert/tls_key = its own pair; see docs/fleet.md")
     print(f"devices and verifiers connect to port {args.port}, operators (`specedge fleet --port`) to "
           f"{args.operator_port or args.port + 1}")

@@ -2,12 +2,15 @@
 
 GGUF files are dequantised once with the `gguf` package; the result (bf16
 safetensors plus the tokenizer) is cached next to the model, keyed by the
-GGUF file's sha256, so later starts take seconds.
+GGUF file's sha256, so later starts take seconds. The cache records its files'
+sha256 and is checked on every load: a damaged one is rebuilt, never used.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,6 +20,8 @@ import torch
 from specedge.config import WEIGHTS
 from specedge.model import ModelConfig, Qwen2
 from specedge.tokenizer import Tokenizer
+
+log = logging.getLogger("specedge.loader")
 
 ARCH = "qwen2"
 # Hugging Face parameter names -> GGUF tensor names (the loader's one naming scheme).
@@ -196,6 +201,61 @@ def _converted_dir(sha256: str) -> Path:
     return cache_dir() / "converted" / f"{CONVERSION}-{sha256[:32]}"
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a folder too: that is how its entries reach the disk
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _cache_ok(folder: Path, sha256: str) -> bool:
+    """Whether `folder` is a finished cache of the GGUF `sha256` whose files all still have the
+    hashes recorded in its `done` manifest; warns about any other cache it finds."""
+    from specedge.fetch import sha256_file
+
+    done = folder / "done"
+    if not done.exists():
+        return False
+    try:
+        manifest = json.loads(done.read_text())
+        files = manifest["files"]
+        if manifest["gguf_sha256"] != sha256 or not files:
+            raise ValueError("not this model's manifest")
+    except (OSError, ValueError, KeyError, TypeError):
+        log.warning("%s: no readable record of its files' hashes (an older specedge made it?): "
+                    "rebuilding it from the GGUF", folder)
+        return False
+    for name, want in files.items():
+        try:
+            got = sha256_file(folder / name)
+        except OSError as exc:
+            log.warning("%s: %s unreadable (%s): rebuilding the cache from the GGUF", folder, name, exc)
+            return False
+        if got != want:
+            log.warning("%s: %s does not have the sha256 recorded when it was written (damaged or "
+                        "truncated): rebuilding the cache from the GGUF", folder, name)
+            return False
+    return True
+
+
+def _seal(tmp: Path, final: Path, sha256: str) -> None:
+    """Record the hashes of the files in `tmp`, make them durable, and put `tmp` in `final`'s place.
+    Everything is fsynced before the rename: after a crash, a cache folder either is complete
+    or is not there (a rename can reach the disk before the data it names)."""
+    from specedge.fetch import sha256_file
+
+    files = {f.name: sha256_file(f) for f in sorted(tmp.iterdir()) if f.name != "done"}
+    (tmp / "done").write_text(json.dumps({"gguf_sha256": sha256, "files": files}))
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+
+
 def _cached_form(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Matrices as bf16, vectors (norms, biases) as fp32: what the conversion cache holds."""
     return {k: v.to(torch.bfloat16) if v.dim() > 1 else v.float() for k, v in weights.items()}
@@ -217,7 +277,7 @@ def read_checkpoint(path: str | Path, sha256: str | None = None):
     from safetensors.torch import load_file, save_file
 
     conv = _converted_dir(sha256)
-    if (conv / "done").exists():
+    if _cache_ok(conv, sha256):
         cfg = ModelConfig(**json.loads((conv / "config.json").read_text()))
         tok = Tokenizer.from_file(conv / "tokenizer.json", conv / "tokenizer_config.json")
         return cfg, load_file(str(conv / "weights.safetensors")), tok
@@ -228,12 +288,7 @@ def read_checkpoint(path: str | Path, sha256: str | None = None):
     save_file(weights, str(tmp / "weights.safetensors"))
     (tmp / "config.json").write_text(json.dumps(asdict(cfg)))
     tok.save(tmp / "tokenizer.json", tmp / "tokenizer_config.json")
-    (tmp / "done").write_text(sha256)
-    if conv.exists():
-        import shutil
-
-        shutil.rmtree(conv)
-    tmp.rename(conv)
+    _seal(tmp, conv, sha256)
     return cfg, weights, tok
 
 
@@ -252,7 +307,7 @@ def hf_dir(path: str | Path, sha256: str | None = None) -> Path:
         raise ModelFileError(f"model file {path} does not exist")
     sha256 = sha256 or sha256_file(path)
     out = _converted_dir(sha256).with_name(f"{CONVERSION}-hf-{sha256[:32]}")
-    if (out / "done").exists():
+    if _cache_ok(out, sha256):
         return out
     cfg, weights, tok = read_checkpoint(path, sha256)
     hf_names = {v: k for k, v in _HF_NAMES.items()}
@@ -275,12 +330,7 @@ def hf_dir(path: str | Path, sha256: str | None = None) -> Path:
         "max_position_embeddings": cfg.max_seq_len, "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": "bfloat16"}))
     tok.save(tmp / "tokenizer.json", tmp / "tokenizer_config.json")
-    (tmp / "done").write_text(sha256)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    _seal(tmp, out, sha256)
     return out
 
 

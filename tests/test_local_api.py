@@ -152,7 +152,7 @@ def test_local_mqtt_api_streams_to_the_response_topic(node, mosquitto):
         link = Link(build(DeviceConfig, {"mqtt": {"port": mosquitto.port, "protocol": protocol}}).mqtt,
                     f"app-{protocol}", lambda topic, payload: got.put((topic, json.loads(payload)))).start()
         try:
-            reply = f"app/{protocol}/answers"
+            reply = f"specedge/local/robot/response/app-{protocol}"
             link.subscribe(reply)
             time.sleep(0.2)
             request = {"id": "r1", "prompt": "def f():", "max_tokens": 5, "stream": True}
