@@ -57,6 +57,15 @@ def resolve_engine(engine: str, model_path) -> str:
 
 
 @dataclass(frozen=True)
+class Shape:
+    """What the verifier reads of a target engine's model."""
+
+    vocab_size: int
+    max_seq_len: int
+    n_layers: int
+
+
+@dataclass(frozen=True)
 class Capabilities:
     """What an engine promises; sent in the verifier's status and shown by `fleet ls`."""
 

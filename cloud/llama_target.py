@@ -29,25 +29,17 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from specedge.cloud.engine import Shape
+
 CONTEXT = 4096  # positions per session when each session has its own cells (batch_invariant)
 SEQUENCES = {True: 16, False: 64}  # sessions holding a warm cache at once, by batch_invariant
 SHARED_CONTEXT = 16384  # KV cells shared by every session when batched
 DEFAULT_BATCH = 512  # tokens per llama_decode call: a longer pass is fed in several
-
-
-@dataclass(frozen=True)
-class Shape:
-    """What the verifier reads of a target engine's model."""
-
-    vocab_size: int
-    max_seq_len: int
-    n_layers: int
 
 
 class LlamaSequence:

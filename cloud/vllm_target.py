@@ -4,18 +4,17 @@ parallel, a prefix cache, a batch-invariant mode). An optional extra: `specedge[
 
 It offers what specedge.model.Qwen2 offers the verifier (cloud/engine.py names that interface).
 vLLM keeps no cache a caller can hold, so a session's cache here is its token ids, and a pass is
-one request per session through `LLM.generate`, all in one call (vLLM batches them):
+one request per kept row, every session's in one `LLM.generate` call (vLLM batches them):
 
-  prompt        the session's tokens so far and the new ones;
-  rows kept     `prompt_logprobs=-1` gives the full distribution after every prompt position but
-                the last, `logprobs=-1` on one generated token the last one; with
-                `logprobs_mode = "raw_logits"` both are the logits themselves;
-  what it costs vLLM skips its prefix cache for prompt-logprob requests unless told otherwise
-                (`skip_reading_prefix_cache`): then every round recomputes the whole context.
-                Told to read it, a round computes only what is past the cached blocks, as a
-                decode step does; but the rows of cached positions come back as stale values, so
-                a kept row inside the cached part (the same tokens sent twice: a retried round,
-                the self-test) is asked again with the cache skipped.
+  a kept row    the distribution after position p is the one generated token's logprobs of a
+                request whose prompt ends at p (`max_tokens = 1`, `logprobs = -1`; with
+                `logprobs_mode = "raw_logits"` they are the logits themselves);
+  what it costs vLLM's prefix cache holds the session's text in full blocks, so each request
+                computes only its tail past the last cached block. `prompt_logprobs` would give
+                every row in one request, but for every uncached prompt position, each a list
+                of the whole vocabulary (7-11 s a call for the 1.5B here), and, reading the cache,
+                stale values for cached positions; vLLM never reads a prompt's last position
+                from its cache;
   rollback      nothing to free: the token list is cut, and vLLM's prefix cache matches only the
                 blocks whose tokens still agree.
 
@@ -27,18 +26,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from specedge.cloud.engine import Shape
 
-@dataclass(frozen=True)
-class Shape:
-    vocab_size: int
-    max_seq_len: int
-    n_layers: int
+PREFILL_OVER = 16  # new tokens past the kept rows (a GPU KV block) that get a prefill request first
 
 
 class VllmSession:
@@ -80,8 +75,13 @@ class VllmTarget:
         # Read when the engine starts, then frozen for the process (vllm.envs caches it): one
         # mode per process.
         os.environ["VLLM_BATCH_INVARIANT"] = "1" if batch_invariant else "0"
-        from vllm import LLM
+        from vllm import LLM, SamplingParams
+        from vllm.platforms import current_platform
 
+        if current_platform.is_cpu():
+            # Each request recomputes its tail past the last full cached block: vLLM's CPU default
+            # of 128-token blocks makes that up to 127 positions a decode step; 32 is its smallest.
+            engine_args.setdefault("block_size", 32)
         try:
             self.llm = LLM(model=str(folder), skip_tokenizer_init=True, enable_prefix_caching=True,
                            max_logprobs=-1, logprobs_mode="raw_logits", max_model_len=min(max_model_len, trained),
@@ -95,7 +95,9 @@ class VllmTarget:
         self.bytes_per_token = (self.cfg.n_layers * 2 * hf.get_total_num_kv_heads() * hf.get_head_size()
                                 * hf.dtype.itemsize)
         self.batch_invariant, self.exactness, self.block = batch_invariant, None, 0
-        self.recomputed = 0  # kept rows asked again because they fell in cached blocks
+        self.params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True,
+                                     detokenize=False)
+        self.prefill = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
     def new_cache(self, capacity: int = 0) -> VllmSession:
         return VllmSession(self)
@@ -109,53 +111,37 @@ class VllmTarget:
         of the last keep[i] rows of each (all rows without keep)."""
         if on_layer is not None:
             raise ValueError("the vLLM engine has no early-exit layer to show (capabilities.hints)")
+        from vllm.inputs import TokensPrompt
+
         tokens = [[int(t) for t in toks] for toks, _ in sequences]
         caches = [cache for _, cache in sequences]
         keep = [1] * len(tokens) if last_only else keep if keep is not None else [len(t) for t in tokens]
-        prompts = []
         for toks, cache, k in zip(tokens, caches, keep):
             if not toks or not 1 <= k <= len(toks):
                 raise ValueError(f"a sequence of {len(toks)} new tokens cannot keep {k} rows")
             if cache.length + len(toks) > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {cache.length + len(toks)} positions exceeds the "
                                  f"engine's {self.cfg.max_seq_len}")
-            prompts.append(cache.tokens + toks)
-        outs = self._score(prompts, keep, skip_cache=False)
-        # Rows of positions vLLM read from its cache are stale: ask those sessions again, uncached.
-        again = [i for i, o in enumerate(outs) if o is None]
-        if again:
-            self.recomputed += len(again)
-            for i, out in zip(again, self._score([prompts[i] for i in again], [keep[i] for i in again], True)):
-                outs[i] = out
+        texts = [cache.tokens + toks for toks, cache in zip(tokens, caches)]
+        # A long feed (a cold prompt, a re-read): its unkept part computed once first, so that the
+        # kept rows' requests below find its blocks cached instead of each computing them.
+        long = [text[:len(text) - k] for text, toks, k in zip(texts, tokens, keep) if len(toks) - k > PREFILL_OVER]
+        if long:
+            self.llm.generate([TokensPrompt(prompt_token_ids=t) for t in long], self.prefill, use_tqdm=False)
+        ends = [(i, end) for i, (text, k) in enumerate(zip(texts, keep)) for end in range(len(text) - k + 1, len(text) + 1)]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=texts[i][:end]) for i, end in ends],
+                                 self.params, use_tqdm=False)
+        rows: list[list[np.ndarray]] = [[] for _ in texts]
+        for (i, _), out in zip(ends, outs):
+            rows[i].append(_dense(out.outputs[0].logprobs, 0, self.cfg.vocab_size))
         for toks, cache in zip(tokens, caches):
             cache.tokens.extend(toks)
-        return outs
-
-    def _score(self, prompts, keep, skip_cache: bool) -> list[torch.Tensor | None]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = [SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, flat_logprobs=True,
-                                 prompt_logprobs=-1 if k > 1 else None, detokenize=False,
-                                 skip_reading_prefix_cache=skip_cache) for k in keep]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        rows = []
-        for prompt, k, out in zip(prompts, keep, outs):
-            n = len(prompt)
-            if n - k < out.num_cached_tokens:
-                rows.append(None)
-                continue
-            # The distribution after position p is prompt_logprobs[p + 1]; after the last, the
-            # generated token's.
-            kept = [_dense(out.prompt_logprobs, p + 1, self.cfg.vocab_size) for p in range(n - k, n - 1)]
-            kept.append(_dense(out.outputs[0].logprobs, 0, self.cfg.vocab_size))
-            rows.append(torch.from_numpy(np.stack(kept)))
-        return rows
+        return [torch.from_numpy(np.stack(r)) for r in rows]
 
 
 def _dense(flat, i: int, vocab: int) -> np.ndarray:
-    """Row i of vLLM's FlatLogprobs as a dense logit vector (the sampled or prompt token is listed
-    first, then every token by rank)."""
+    """Row i of vLLM's FlatLogprobs as a dense logit vector (the sampled token is listed first,
+    then every token by rank)."""
     start, end = flat.start_indices[i], flat.end_indices[i]
     ids = np.asarray(flat.token_ids[start:end], dtype=np.int64)
     row = np.full(vocab, -np.inf, dtype=np.float32)

@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from specedge import systemd
+from specedge.config import TARGET_ENGINES
 from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
@@ -412,7 +413,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-weights", default="bf16", choices=["bf16", "fp32"], help="the torch engine's")
     p.add_argument("--draft-backend", default="auto", choices=["auto", "tensorrt", "llama.cpp", "onnxruntime", "torch"],
                    help="the draft's backend (docs/device.md); auto = the best installed")
-    p.add_argument("--engine", default="auto", choices=["auto", "torch", "llama.cpp"],
+    p.add_argument("--engine", default="auto", choices=TARGET_ENGINES,
                    help="the target's engine (docs/engines.md); auto = llama.cpp where installed")
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                    help="every target row computed as when decoded alone, self-tested bit for bit (default); "
@@ -482,7 +483,7 @@ def parser() -> argparse.ArgumentParser:
     st = csub.add_parser("self-test", help="is the target bitwise exact on this machine, and with which block "
                                            "(what the verifier runs at start-up); exit 1 if not")
     st.add_argument("--target", default=DEFAULT_TARGET)
-    st.add_argument("--engine", default="auto", choices=["auto", "torch", "llama.cpp"],
+    st.add_argument("--engine", default="auto", choices=TARGET_ENGINES,
                     help="as the verifier would pick it (docs/engines.md)")
     st.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                     help="--no-batch-invariant: llama.cpp batching rows freely, measured (never exact)")
@@ -593,7 +594,7 @@ def parser() -> argparse.ArgumentParser:
     bv.add_argument("--target-version", default="")
     bv.add_argument("--target-weights", default="auto", choices=["auto", "bf16", "fp32"],
                     help="without --registry (a registry names each version's weights)")
-    bv.add_argument("--engine", default="auto", choices=["auto", "torch", "llama.cpp"],
+    bv.add_argument("--engine", default="auto", choices=TARGET_ENGINES,
                     help="the replicas' target engine (docs/engines.md); every output is compared token for token "
                          "with the engine's own decoding")
     bv.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
