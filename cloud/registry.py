@@ -172,6 +172,8 @@ class Announcement:
             data = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AnnouncementError(f"not JSON: {exc}") from None
+        except RecursionError:
+            raise AnnouncementError("not an announcement: nested too deeply") from None
         if not isinstance(data, dict) or not isinstance(data.get("default"), str) or not data["default"]:
             raise AnnouncementError('expected {"default": "VERSION", "pins": {"DEVICE": "VERSION"}}')
         pins = data.get("pins", {})

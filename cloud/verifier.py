@@ -39,7 +39,7 @@ RECENT = 10_000  # rounds (and passes) the latency and batch-size statistics des
 # value. The first MAX_DRAFTS names keep statistics of their own, later ones are pooled as OTHER.
 MAX_DRAFTS = 64
 OTHER = "(other)"
-# Well under the broker's packet limit (certs.MAX_PACKET): a larger message gets us disconnected.
+# Well under the broker's packet limit (wire.MAX_PACKET): a larger message gets us disconnected.
 MAX_STATS_BYTES = 64 * 1024
 
 

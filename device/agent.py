@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from specedge import wire
-from specedge.config import DeviceConfig
+from specedge.config import TOPIC_NAME, DeviceConfig
 from specedge.contract import Contract
 from specedge.device.draft import Drafted
 from specedge.device.pipeline import Ahead
@@ -47,6 +47,30 @@ REPLICA_LOST = "replica lost"  # the replica holding the session went offline
 BROKER_LOST = "broker lost"  # the connection to the broker is down
 RECONNECTED = "reconnected"  # the connection came back since our last send: that message may be lost
 TIMEOUT = "timeout"
+
+# Messages waiting for the request thread. A round has a few in flight (verdict, hint, OPENED, a
+# cloud-ar stream's tokens as they come); more is a flood, dropped and counted rather than held:
+# at most this many messages of at most wire.MAX_PACKET bytes each.
+MAX_INBOX = 256
+# cloud-ar: answers in a row that add no token before the verifier counts as broken. Its stream
+# sends a token per message; a few repeats (a resent GENERATE) are normal, endless ones are not.
+MAX_STALLED = 64
+
+
+def replica_name_ok(name: str) -> bool:
+    """A replica's name becomes a topic level (draft/{replica}): a verifier id as config allows it."""
+    return TOPIC_NAME.fullmatch(name) is not None
+
+
+def token_out_of_range(msg, vocab_size: int) -> int | None:
+    """A token id in a verifier's message that the vocabulary lacks, or None."""
+    if isinstance(msg, (wire.Verdict, wire.Hint)):
+        ids = [msg.next_token]
+    elif isinstance(msg, wire.Tokens):
+        ids = msg.tokens
+    else:
+        return None
+    return next((t for t in ids if not 0 <= t < vocab_size), None)
 
 
 class RequestFailed(RuntimeError):
@@ -103,12 +127,14 @@ class Agent:
         ident = cfg.device
         self.up_topic = device_topic(ident.fleet, ident.id, "draft")
         self.down_topic = device_topic(ident.fleet, ident.id, "verdict")
-        self.inbox: queue.Queue[bytes | None] = queue.Queue()  # None: a replica's or the link's state changed
+        # None: a replica's or the link's state changed
+        self.inbox: queue.Queue[bytes | None] = queue.Queue(maxsize=MAX_INBOX)
         self.offline_replicas: set[str] = set()
         self.draft_name = cfg.draft.display_name()
         self.contract = Contract.of(tokenizer, engine.vocab_size)
         self.link = Link(cfg.mqtt, f"specedge-device-{ident.fleet}-{ident.id}", self._on_message,
-                         on_connection=lambda up: self.inbox.put(None))  # wake a waiting round
+                         on_connection=lambda up: self._enqueue(None),  # wake a waiting round
+                         max_packet=wire.MAX_PACKET)
         self.decode_errors: dict[str, int] = {}
         self._busy = threading.Lock()
         energy = cfg.energy
@@ -136,30 +162,42 @@ class Agent:
         min_tokens_per_s); the next round plans with it."""
         self.scheduler.set_objective(replace(self.scheduler.objective, **changes))
 
+    def count_error(self, kind: str) -> None:
+        self.decode_errors[kind] = self.decode_errors.get(kind, 0) + 1
+
+    # paho's network thread: nothing here may block or raise, or every later message is lost.
+    def _enqueue(self, item: bytes | None) -> None:
+        try:
+            self.inbox.put_nowait(item)
+        except queue.Full:
+            self.count_error("inbox_full")  # a lost verdict is asked for again
+
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic.startswith(REPLICAS + "/"):
             self._on_replica_status(topic.split("/")[3], payload)
-            self.inbox.put(None)  # wake a waiting round: its replica may be gone
+            self._enqueue(None)  # wake a waiting round: its replica may be gone
         else:
-            self.inbox.put(payload)
+            self._enqueue(payload)
 
     def _on_replica_status(self, replica: str, payload: bytes) -> None:
         try:
             state = json.loads(payload[:4096]).get("state") if payload else "offline"
-        except (ValueError, AttributeError):
-            self.decode_errors["replica_status"] = self.decode_errors.get("replica_status", 0) + 1
+        except (ValueError, AttributeError, RecursionError):  # RecursionError: nested too deeply
+            self.count_error("replica_status")
             return
         if state == "online":
             self.offline_replicas.discard(replica)
         else:
             self.offline_replicas.add(replica)
 
-    def start(self) -> "Agent":
+    def start(self, retry: bool = False) -> "Agent":
+        """`retry`: start even if the broker is unreachable, connecting when it comes (a service);
+        else that is a BrokerUnavailable error (a one-off command wants to hear it)."""
         self.meter = open_meter(self.cfg.energy.meter, self.profile)
         log.info("power meter: %s", self.meter.source)
         self.link.subscribe(self.down_topic)
         self.link.subscribe(f"{REPLICAS}/+/status")
-        self.link.start()
+        self.link.start(retry=retry)
         return self
 
     def stop(self) -> None:
@@ -385,6 +423,7 @@ class _Request:
 
     def run_autoregressive(self) -> None:
         """cloud-ar: the verifier decodes alone and streams every token as it is made."""
+        stalled = 0  # answers in a row that added no token
         while not self.done:
             self.seq += 1
             request = wire.Generate(self.session, self.seq, len(self.committed), self.max_new - self.generated)
@@ -392,9 +431,13 @@ class _Request:
                 # `start` is the absolute position of the first token: duplicates are dropped,
                 # and after a gap (a lost message) we ask again from what we hold.
                 have = len(self.committed)
+                fresh = msg.tokens[have - msg.start:] if msg.start <= have else []
+                stalled = 0 if fresh else stalled + 1
+                if stalled >= MAX_STALLED:
+                    raise VerifierUnavailable(f"the verifier's stream added no token in {stalled} answers in a "
+                                              f"row; {self.generated} tokens committed and kept")
                 if msg.start > have:
                     break
-                fresh = msg.tokens[have - msg.start:]
                 self.stats.target_passes += len(fresh)
                 self.emit(fresh)
                 if msg.done or self.done:
@@ -423,8 +466,13 @@ class _Request:
             try:
                 msg = wire.decode(payload)
             except wire.WireError as exc:
-                self.agent.decode_errors[exc.kind] = self.agent.decode_errors.get(exc.kind, 0) + 1
+                self.agent.count_error(exc.kind)
                 log.warning("dropped a bad verifier message: %s", exc)
+                continue
+            problem = self.protocol_error(msg)
+            if problem:
+                self.agent.count_error(problem[0])
+                log.warning("dropped a verifier message: %s", problem[1])
                 continue
             if isinstance(msg, wire.Opened) and msg.session == self.session:
                 if msg.seq == self.open_seq and self.replica is None:  # the answer to our OPEN
@@ -447,6 +495,17 @@ class _Request:
             if accept(msg):
                 return msg
             self.stats.stale_messages += 1
+
+    def protocol_error(self, msg) -> tuple[str, str] | None:
+        """(kind, why) if a well-formed message says what no verifier of ours may: such a message
+        is dropped as a malformed one would be, and its round asked again."""
+        if isinstance(msg, wire.Opened) and not replica_name_ok(msg.replica):
+            return "bad_replica", f"replica name {msg.replica!r} is not 1-64 of [A-Za-z0-9_-]"
+        token = token_out_of_range(msg, self.vocab_size)
+        if token is not None:
+            return ("token_out_of_range",
+                    f"{type(msg).__name__} names token {token}, outside the vocabulary of {self.vocab_size}")
+        return None
 
     def handle_error(self, err: wire.Error) -> None:
         if err.code in (wire.ErrorCode.UNKNOWN_SESSION, wire.ErrorCode.OUT_OF_SYNC):

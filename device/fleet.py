@@ -148,6 +148,8 @@ def json_object(payload: bytes, shape: str) -> dict:
         data = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ValueError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError("not JSON this device takes: nested too deeply") from None
     if not isinstance(data, dict):
         raise ValueError(f"expected {shape}")
     return data

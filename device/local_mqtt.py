@@ -44,8 +44,9 @@ class LocalMqttApi:
         self.link = Link(mqtt, f"specedge-local-{self.device}", lambda topic, payload: None)
         self.link.subscribe(f"{self.prefix}/request", self._on_request)
 
-    def start(self) -> "LocalMqttApi":
-        self.link.start()
+    def start(self, retry: bool = False) -> "LocalMqttApi":
+        """retry: a broker that is not there yet is waited for (as the service's own link), not fatal."""
+        self.link.start(retry=retry)
         return self
 
     def stop(self) -> None:

@@ -23,7 +23,7 @@ class DeviceNode:
         if self.http:
             self.http.start()
         if self.local:
-            self.local.start()
+            self.local.start(retry=True)
         return self
 
     def describe(self) -> dict:

@@ -42,6 +42,60 @@ class _StopStringHit(Exception):
     pass
 
 
+def borders(s: str) -> list[int]:
+    """borders[i]: the length of the longest proper prefix of s[:i + 1] that also ends it (KMP)."""
+    out, k = [0] * len(s), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = out[k - 1]
+        k += s[i] == s[k]
+        out[i] = k
+    return out
+
+
+class StopScan:
+    """Cuts streamed text at the first stop string, holding back the tail that could still become
+    one. A Knuth-Morris-Pratt matcher per stop string carries how much of it the text ends with,
+    so each new character is looked at once (amortised) and held-back text is never scanned
+    again, however long the stop strings. `steps`: the matchers' moves, at most twice the
+    characters fed per stop string."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.borders = [borders(s) for s in stops]
+        self.matched = [0] * len(stops)
+        self.held = ""  # text not yet passed on: it may be the start of a stop string
+        self.steps = 0
+
+    def push(self, new: str) -> tuple[str, bool]:
+        """(the text to pass on, whether a stop string begins where it ends: nothing may follow)."""
+        text = self.held + new
+        ends = [self._feed(i, new) for i in range(len(self.stops))]
+        starts = [len(self.held) + end - len(s) for end, s in zip(ends, self.stops) if end is not None]
+        if starts:
+            self.held = ""
+            return text[:min(starts)], True
+        # The longest tail that begins a stop string: never longer than the held text plus `new`,
+        # since the held text was the longest such tail before.
+        keep = max(self.matched, default=0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def _feed(self, i: int, new: str) -> int | None:
+        """Run stop string i's matcher over `new`: where in `new` its first match ends, or None."""
+        stop, back, k = self.stops[i], self.borders[i], self.matched[i]
+        for at, char in enumerate(new):
+            while k and stop[k] != char:
+                k = back[k - 1]
+                self.steps += 1
+            k += stop[k] == char
+            self.steps += 1
+            if k == len(stop):
+                return at + 1  # the request ends here: the matcher is not needed again
+        self.matched[i] = k
+        return None
+
+
 @dataclass
 class Outcome:
     text: str
@@ -65,7 +119,7 @@ class Job:
         self.done = threading.Event()
         self._events: queue.Queue = queue.Queue()
         self._decoder = StreamDecoder(tokenizer)
-        self._held = ""  # text not yet passed on: it may be the start of a stop string
+        self._scan = StopScan(self.stop)
         self._text: list[str] = []
         self._stop_hit = False
 
@@ -76,19 +130,11 @@ class Job:
         """The agent's callback, on the worker thread: decode, cut at a stop string, pass text on."""
         if self.cancelled.is_set():
             raise _Cancelled
-        text = self._held + self._decoder.push(tokens)
-        if self.stop:
-            cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self._pass_on(text[:cut])
-                self._held, self._stop_hit = "", True
-                raise _StopStringHit
-            # Hold back what could still become a stop string with the next tokens.
-            hold = max(len(s) for s in self.stop) - 1
-            keep = next((k for k in range(min(hold, len(text)), 0, -1)
-                         if any(s.startswith(text[-k:]) for s in self.stop)), 0)
-            text, self._held = text[:len(text) - keep], text[len(text) - keep:]
+        text, stopped = self._scan.push(self._decoder.push(tokens))
         self._pass_on(text)
+        if stopped:
+            self._stop_hit = True
+            raise _StopStringHit
 
     def _pass_on(self, text: str) -> None:
         if text:
@@ -96,9 +142,9 @@ class Job:
             self._events.put(("text", text))
 
     def finish(self, outcome: Outcome) -> None:
-        if outcome.finish_reason in ("stop", "length") and self._held:
-            self._pass_on(self._held)
-        self._held = ""
+        if outcome.finish_reason in ("stop", "length"):
+            self._pass_on(self._scan.held)
+        self._scan.held = ""
         outcome.text = "".join(self._text)
         self.outcome = outcome
         self._events.put(("end", outcome))
@@ -172,7 +218,7 @@ class DeviceService:
         self.last_request: tuple[float, SpecStats] | None = None  # (when it ended, its numbers)
 
     def start(self) -> "DeviceService":
-        self.agent.start()
+        self.agent.start(retry=True)  # without a broker it answers 503 broker_unreachable until one comes
         self._worker.start()
         return self
 

@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from specedge.mqtt import REPLICAS, TOPIC_ROOT
-from specedge.wire import MAX_PAYLOAD
+from specedge.wire import MAX_PACKET
 
 ROLES = ("devices", "verifiers", "operators")
 # Signs operator certificates only: the operators' listener trusts it alone, so no device or
@@ -35,8 +35,6 @@ OPERATORS_CA = "operators-ca.crt"
 # OpenSSL refuses every certificate of a CA whose CRL is past its next update: the CRL lasts as
 # long as the CA (3650 days), since nothing re-signs it on a schedule.
 CRL_DAYS = 3650
-# Beyond the largest message (an OPEN with the longest context): MQTT framing and topic.
-MAX_PACKET = MAX_PAYLOAD + 4096
 
 
 def add_parser(sub, func) -> None:

@@ -274,8 +274,7 @@ class VerifierIdentity:
     metrics_host: str = "127.0.0.1"
 
     def validate(self):
-        _check(bool(self.id) and not set(self.id) & set("/+#\0"), "verifier.id", "a name without / + # NUL")
-        _check(len(self.id.encode()) <= 64, "verifier.id", "at most 64 bytes")
+        _check(TOPIC_NAME.fullmatch(self.id) is not None, "verifier.id", "1 to 64 of A-Z a-z 0-9 _ -")
         _check(self.fleet == "+" or not set(self.fleet) & set("/+#\0"), "verifier.fleet", "+ or a fleet name")
         _check(self.session_idle_s > 0, "verifier.session_idle_s", "> 0")
         _check(not set(self.group) & set("/+#\0"), "verifier.group", "a name without / + # NUL, or \"\"")
@@ -287,6 +286,9 @@ class VerifierIdentity:
         _check(-1 <= self.metrics_port < 65536, "verifier.metrics_port", "-1 (off), 0 (any free port) or 1..65535")
 
 
+# A name that becomes a topic level (a verifier's id, which devices read as its replica's name):
+# no wildcard, separator or anything else a broker or its ACL could read another way.
+TOPIC_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 TARGET_ENGINES = ("auto", "torch", "llama.cpp", "vllm")  # cloud/engine.py
 WEIGHTS = ("auto", "int8", "bf16", "fp32", "fp64")  # how a model's weights are held (loader.load_model)
 
@@ -415,7 +417,18 @@ def read_toml(path: str | Path, what: str = "config file") -> dict:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
 
 
+# Files a config file names, read relative to that file's folder: a service starts in / (systemd),
+# not where its config is.
+FILE_KEYS = {"mqtt": ("tls_ca", "tls_cert", "tls_key"), "api": ("api_key_file",)}
+
+
 def load(cls, path: str | Path | None):
     if path is None:
         return build(cls, {}, "defaults")
-    return build(cls, read_toml(path), str(path))
+    data, folder = read_toml(path), Path(path).absolute().parent
+    for section, keys in FILE_KEYS.items():
+        values = data.get(section)
+        for key in keys if isinstance(values, dict) else ():
+            if isinstance(values.get(key), str) and values[key]:
+                values[key] = str(folder / values[key])  # an absolute path stays as it is
+    return build(cls, data, str(path))

@@ -9,6 +9,7 @@ broker speaks it, 3.1.1 otherwise ("auto").
 """
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 import threading
@@ -20,6 +21,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from specedge.config import MqttConfig
+
+log = logging.getLogger("specedge.mqtt")
 
 TOPIC_ROOT = "specedge/v1"
 
@@ -72,8 +75,11 @@ class Link:
 
     def __init__(self, cfg: MqttConfig, client_id: str, on_message,
                  will: tuple[str, bytes, bool] | None = None, birth: tuple | None = None,
-                 on_connection=None):
+                 on_connection=None, max_packet: int = 0):
+        """`max_packet`: the largest packet we take (MQTT 5 asks the broker to drop larger ones
+        for us; 3.1.1 has no way to say it: only the broker's own max_packet_size bounds it)."""
         self.cfg, self.client_id, self.on_message, self.will = cfg, client_id, on_message, will
+        self.max_packet = max_packet
         self.birth, self.on_connection = birth, on_connection
         self.subscriptions: set[str] = set()
         self.handlers: dict[str, object] = {}  # topic filter -> handler(topic, payload, ReplyTo)
@@ -85,13 +91,15 @@ class Link:
         self._refused = None
         self._client = None
         self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._retrying: threading.Thread | None = None
 
     # paho callbacks: record state, hand messages on, nothing else.
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             self._refused = str(reason_code)
         else:
-            for topic in self.subscriptions:
+            for topic in list(self.subscriptions):  # subscribe() may add one meanwhile
                 client.subscribe(topic, qos=self.cfg.qos)
             if self.birth:
                 topic, payload, retain = self.birth
@@ -150,7 +158,34 @@ class Link:
             client.will_set(topic, payload, qos=1, retain=retain)
         return client
 
-    def start(self, timeout: float = 10.0) -> "Link":
+    def start(self, timeout: float = 10.0, retry: bool = False) -> "Link":
+        """Connect, or raise BrokerUnavailable. `retry`: if the broker cannot be had now, return
+        at once and keep trying in the background (`connected` says when it worked): a service
+        that exits instead is restarted by its supervisor in a loop, reloading its model each time."""
+        self._stopping.clear()
+        try:
+            return self._connect(timeout)
+        except BrokerUnavailable as exc:
+            if not retry:
+                raise
+            log.warning("%s; trying again in the background", exc)
+        self._retrying = threading.Thread(target=self._retry, args=(timeout,), name="mqtt-connect", daemon=True)
+        self._retrying.start()
+        return self
+
+    def _retry(self, timeout: float) -> None:
+        delay = 1.0
+        while not self._stopping.wait(delay):
+            try:
+                self._connect(timeout)
+            except BrokerUnavailable as exc:
+                log.debug("%s", exc)
+                delay = min(2 * delay, 8.0)  # paho's own reconnect backoff, once connected
+            else:
+                log.info("connected to MQTT broker %s:%s", self.cfg.host, self.cfg.port)
+                return
+
+    def _connect(self, timeout: float) -> "Link":
         protocols = ["5", "3.1.1"] if self.cfg.protocol == "auto" else [self.cfg.protocol]
         errors = []
         for protocol in protocols:
@@ -158,16 +193,23 @@ class Link:
             self._refused = None
             client = self._make_client(protocol)
             self.protocol = protocol
+            props = None
+            if protocol == "5" and self.max_packet:
+                props = Properties(PacketTypes.CONNECT)
+                props.MaximumPacketSize = self.max_packet
+            # Set before connecting: whoever sees `connected` (set by the CONNACK) may publish at once.
+            self._client = client
             try:
-                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+                client.connect(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s, properties=props)
             except OSError as exc:
+                self._client = None
                 raise BrokerUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port} unreachable: {exc}") from exc
             client.loop_start()
             if self._connack.wait(timeout) and self.connected.is_set():
-                self._client = client
                 return self
             client.loop_stop()
             client.disconnect()
+            self._client = None
             errors.append(f"MQTT {protocol}: {self._refused or 'no CONNACK'}")
         raise BrokerUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port} refused us ({'; '.join(errors)})")
 
@@ -197,6 +239,10 @@ class Link:
         self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
 
     def stop(self) -> None:
+        self._stopping.set()
+        if self._retrying is not None:
+            self._retrying.join(timeout=30)  # a connect under way finishes first: then it is closed below
+            self._retrying = None
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()

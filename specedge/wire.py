@@ -18,6 +18,7 @@ from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 PROTOCOL_VERSION = 4  # 3: OPEN states the draft and its contract, OPENED names replica and version;
 # 4: OPENED says whether that version passed its bitwise self-test on the verifier's machine
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
+MAX_PACKET = MAX_PAYLOAD + 4096  # an MQTT packet carrying it: framing and topic besides
 MAX_CONTEXT = 32768  # tokens in OPEN
 MAX_DRAFT = 64  # drafted tokens per DRAFT
 MAX_Q_ENTRIES = 255  # (id, count) pairs per drafted token
