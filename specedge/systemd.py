@@ -9,6 +9,7 @@ healthy ping thread.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
@@ -101,8 +102,9 @@ def install_plan(kind: str, exe: str, unit_dir: Path, config_dir: Path, user: st
         pwd.getpwnam(user)
         member_of = {g.gr_name for g in grp.getgrall() if user in g.gr_mem}
     except KeyError:
-        steps.append((f"create the system user {user}", ["useradd", "--system", "--home-dir", f"/var/lib/{user}",
-                                                         "--shell", "/usr/sbin/nologin", user]))
+        # --user-group: the unit runs as Group=<user>, and that group is what may read the config.
+        steps.append((f"create the system user {user}", ["useradd", "--system", "--user-group", "--home-dir",
+                                                         f"/var/lib/{user}", "--shell", "/usr/sbin/nologin", user]))
         member_of = set()
     if kind == "device":
         # The GPU (video, render) and the power rails (i2c; jtop's socket group) without root.
@@ -110,9 +112,13 @@ def install_plan(kind: str, exe: str, unit_dir: Path, config_dir: Path, user: st
         for group in ("video", "render", "i2c", "jtop"):
             if group in present and group not in member_of:
                 steps.append((f"add {user} to {group}", ["usermod", "--append", "--groups", group, user]))
+    # The config holds broker credentials: root owns it, the service's group (Group=<user>) reads it.
     if not config.exists():
         steps.append((f"copy the example config to {config} (edit it: broker, identity, TLS)",
-                       ["install", "-D", "-m", "0640", str(example), str(config)]))
+                       ["install", "-D", "-o", "root", "-g", user, "-m", "0640", str(example), str(config)]))
+    elif not readable_by_group(config, user):
+        steps.append((f"let the group {user} read {config}", ["chgrp", user, str(config)]))
+        steps.append((f"make {config} group-readable", ["chmod", "g+r", str(config)]))
     unit = unit_dir / f"{service}.service"
     text = render_unit(kind, exe, str(config), user)
     if not unit.exists() or unit.read_text() != text:
@@ -120,6 +126,35 @@ def install_plan(kind: str, exe: str, unit_dir: Path, config_dir: Path, user: st
     steps.append(("reload systemd", ["systemctl", "daemon-reload"]))
     steps.append((f"enable and start {service}", ["systemctl", "enable", "--now", f"{service}.service"]))
     return steps
+
+
+def readable_by_group(path: Path, group: str) -> bool:
+    import grp
+
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return False  # the group comes with the user the plan creates
+    st = path.stat()
+    return st.st_gid == gid and bool(st.st_mode & 0o040)
+
+
+# ProtectHome= empties /home, /root and /run/user for the service, PrivateTmp= gives it its own
+# empty /tmp and /var/tmp: an executable (or its interpreter) there is "not found" at start.
+HIDDEN = ("/home", "/root", "/run/user", "/tmp", "/var/tmp")
+
+
+def hidden_from_service(exe: str) -> list[str]:
+    """The paths among `exe` and its #! interpreter that the units hide from the service."""
+    paths = [exe]
+    with contextlib.suppress(OSError):
+        with open(exe, "rb") as f:
+            first = f.readline(256)
+        if first.startswith(b"#!") and first[2:].split():
+            interpreter = first[2:].split()[0].decode(errors="replace")
+            # A venv's python is a link to the Python it was made from (pyenv's lives under ~).
+            paths += [interpreter, str(Path(interpreter).resolve())]
+    return [p for p in paths if any(p == h or p.startswith(h + "/") for h in HIDDEN)]
 
 
 def uninstall_plan(kind: str, unit_dir: Path) -> list[Step]:
@@ -150,6 +185,14 @@ def run(args) -> int:
     unit_dir = Path(args.unit_dir)
     if args.command == "install-service":
         exe = str(Path(args.exe).resolve())
+        hidden = hidden_from_service(exe)
+        if hidden:
+            print(f"specedge: error: the service could not run {exe}: {', '.join(hidden)} is hidden from it "
+                  "(ProtectHome= hides /home, /root and /run/user; PrivateTmp= hides /tmp and /var/tmp). "
+                  "Install specedge into a virtual environment under /opt or /usr/local, made from "
+                  "a system Python (/usr/bin/python3 -m venv /opt/specedge; /opt/specedge/bin/pip "
+                  "install <this project>), and pass --exe /opt/specedge/bin/specedge", file=sys.stderr)
+            return 2
         steps = install_plan(args.kind, exe, unit_dir, Path(args.config_dir), args.user)
     else:
         steps = uninstall_plan(args.kind, unit_dir)

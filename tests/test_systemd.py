@@ -41,7 +41,7 @@ def test_install_is_a_dry_run_then_idempotent(tmp_path, capsys):
 
     units, configs = tmp_path / "units", tmp_path / "etc"
     argv = ["install-service", "device", "--unit-dir", str(units), "--config-dir", str(configs),
-            "--user", "root", "--exe", sys.executable]
+            "--user", "root", "--exe", "/opt/specedge/bin/specedge"]
     assert cli.main([*argv, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "would write" in out and "systemctl enable --now specedge-device.service" in out
@@ -180,3 +180,116 @@ def test_the_device_service_process_serves_http_and_notifies(tmp_path, tiny_file
         proc.terminate()
         assert proc.wait(30) == 0, proc.stderr.read()
         assert "STOPPING=1" in list(iter_messages(sock))
+
+
+# -- issue 20, point 19: the installer and the units -----------------------------------------------
+def config_step(steps):
+    return next(action for what, action in steps if "copy the example config" in what)
+
+
+def test_the_installed_config_is_group_readable_by_the_service_user(tmp_path):
+    import grp
+
+    # daemon:daemon exists on every Debian system: a service user that is neither root nor us.
+    steps = systemd.install_plan("cloud", sys.executable, tmp_path / "units", tmp_path / "etc", "daemon")
+    command = config_step(steps)
+    assert command[:2] == ["install", "-D"] and ["-g", "daemon"] == command[command.index("-g"):][:2]
+    assert "0640" in command
+    fresh = systemd.install_plan("cloud", sys.executable, tmp_path / "units", tmp_path / "etc", "no-such-user-0")
+    useradd = next(action for what, action in fresh if "create the system user" in what)
+    assert "--user-group" in useradd and ["-g", "no-such-user-0"] == (c := config_step(fresh))[c.index("-g"):][:2]
+    if os.geteuid() != 0:
+        return  # the group can only be set by root (which the installer runs as)
+    subprocess.run(command, check=True)
+    written = (tmp_path / "etc" / "cloud.toml").stat()
+    assert written.st_mode & 0o777 == 0o640 and written.st_gid == grp.getgrnam("daemon").gr_gid
+
+
+def test_an_existing_config_the_service_cannot_read_is_given_to_its_group(tmp_path):
+    configs = tmp_path / "etc"
+    configs.mkdir()
+    (configs / "cloud.toml").write_text("")
+    (configs / "cloud.toml").chmod(0o600)
+    steps = systemd.install_plan("cloud", sys.executable, tmp_path / "units", configs, "daemon")
+    commands = [action for _, action in steps if isinstance(action, list)]
+    assert ["chgrp", "daemon", str(configs / "cloud.toml")] in commands
+    assert ["chmod", "g+r", str(configs / "cloud.toml")] in commands
+
+
+@pytest.mark.parametrize("exe", ["/home/ana/.venv/bin/specedge", "/root/venv/bin/specedge",
+                                 "/tmp/venv/bin/specedge", "/var/tmp/venv/bin/specedge",
+                                 "/run/user/1000/specedge"])
+def test_install_refuses_an_executable_the_units_hide(exe, tmp_path, capsys):
+    from specedge import cli
+
+    argv = ["install-service", "device", "--unit-dir", str(tmp_path / "units"), "--config-dir",
+            str(tmp_path / "etc"), "--user", "root", "--exe", exe, "--dry-run"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert exe in err and "ProtectHome" in err and "/opt" in err
+
+
+def test_install_refuses_a_script_whose_interpreter_the_units_hide(tmp_path):
+    script = tmp_path / "specedge"
+    script.write_text("#!/home/ana/.venv/bin/python3\nimport specedge.cli\n")
+    assert "/home/ana/.venv/bin/python3" in systemd.hidden_from_service(str(script))
+    assert systemd.hidden_from_service("/opt/specedge/bin/specedge") == []
+    (tmp_path / "python3").symlink_to("/home/ana/.pyenv/versions/3.11/bin/python3.11")
+    script.write_text(f"#!{tmp_path / 'python3'}\n")  # a venv made from pyenv's Python
+    assert "/home/ana/.pyenv/versions/3.11/bin/python3.11" in systemd.hidden_from_service(str(script))
+
+
+@pytest.mark.parametrize("kind", ["device", "cloud"])
+def test_relative_tls_paths_are_relative_to_the_config_file(kind, tmp_path, monkeypatch):
+    from specedge import config
+
+    folder = tmp_path / "etc"
+    (folder / "pki").mkdir(parents=True)
+    for name in ("ca.crt", "me.crt", "me.key"):
+        (folder / "pki" / name).write_text("")
+    path = folder / f"{kind}.toml"
+    path.write_text('[mqtt]\ntls_ca = "pki/ca.crt"\ntls_cert = "pki/me.crt"\ntls_key = "pki/me.key"\n')
+    monkeypatch.chdir(tmp_path)  # systemd starts services in /, not in the config's folder
+    cls = config.DeviceConfig if kind == "device" else config.CloudConfig
+    cfg = config.load(cls, path)
+    assert cfg.mqtt.tls_ca == str(folder / "pki" / "ca.crt") and cfg.mqtt.tls_key == str(folder / "pki" / "me.key")
+
+
+def test_a_relative_api_key_file_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    from specedge import config
+
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc" / "api.key").write_text("secret\n")
+    path = tmp_path / "etc" / "device.toml"
+    path.write_text('[api]\napi_key_file = "api.key"\n')
+    monkeypatch.chdir(tmp_path)
+    assert config.load(config.DeviceConfig, path).api.api_key_file == str(tmp_path / "etc" / "api.key")
+
+
+def unit_text(kind: str) -> str:
+    return systemd.render_unit(kind, "/opt/specedge/bin/specedge", f"/etc/specedge/{kind}.toml")
+
+
+@pytest.mark.parametrize("kind", ["device", "cloud"])
+def test_units_filter_syscalls_hide_proc_and_close_devices(kind):
+    lines = set(unit_text(kind).splitlines())
+    for line in ("SystemCallFilter=@system-service", "ProtectProc=invisible", "DevicePolicy=closed",
+                 "DeviceAllow=char-nvidia* rw"):
+        assert line in lines, line
+    assert ("ProcSubset=pid" in lines) == (kind == "device")  # vLLM, a target engine, reads /proc/meminfo
+    assert any(line.startswith(("MemoryMax=", "TasksMax=", "LimitNOFILE=")) for line in lines)
+    assert ("DeviceAllow=char-i2c rw" in lines) == (kind == "device")  # the power rails are the device's
+    assert any(line.startswith("DeviceAllow=/dev/nvmap") for line in lines) == (kind == "device")
+
+
+@pytest.mark.parametrize("kind", ["device", "cloud"])
+def test_units_security_exposure_is_at_most_2_5(kind, tmp_path):
+    import re
+
+    unit = tmp_path / f"{systemd.SERVICES[kind]}.service"
+    unit.write_text(unit_text(kind))
+    done = subprocess.run([systemd_analyze(), "security", "--offline=true", "--no-pager", str(unit)],
+                          capture_output=True, text=True, cwd=tmp_path)
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    assert float(found.group(1)) <= 2.5, done.stdout
