@@ -65,6 +65,23 @@ class Shape:
     n_layers: int
 
 
+def feeds(engine, sequences, last_only: bool, on_layer, keep: list[int] | None):
+    """(token lists, caches, rows kept per sequence) of a forward_batch call on an engine that
+    shows no layers (not torch), checked against what it holds."""
+    if on_layer is not None:
+        raise ValueError(f"the {engine.engine} engine has no early-exit layer to show (capabilities.hints)")
+    tokens = [[int(t) for t in toks] for toks, _ in sequences]
+    caches = [cache for _, cache in sequences]
+    keep = [1] * len(tokens) if last_only else keep if keep is not None else [len(t) for t in tokens]
+    for toks, cache, k in zip(tokens, caches, keep):
+        if not toks or not 1 <= k <= len(toks):
+            raise ValueError(f"a sequence of {len(toks)} new tokens cannot keep {k} rows")
+        if cache.length + len(toks) > engine.cfg.max_seq_len:
+            raise ValueError(f"sequence of {cache.length + len(toks)} positions exceeds the "
+                             f"engine's {engine.cfg.max_seq_len}")
+    return tokens, caches, keep
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What an engine promises; sent in the verifier's status and shown by `fleet ls`."""

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specedge.cloud.engine import Shape
+from specedge.cloud.engine import Shape, feeds
 
 CONTEXT = 4096  # positions per session when each session has its own cells (batch_invariant)
 SEQUENCES = {True: 16, False: 64}  # sessions holding a warm cache at once, by batch_invariant
@@ -118,19 +118,7 @@ class LlamaCppTarget:
                       keep: list[int] | None = None) -> list[torch.Tensor]:
         """As Qwen2.forward_batch: each `(tokens, cache)` fed after its cached positions, fp32 logits
         of the last keep[i] rows of each (all rows without keep)."""
-        if on_layer is not None:
-            raise ValueError("the llama.cpp engine has no early-exit layer to show (capabilities.hints)")
-        tokens = [[int(t) for t in toks] for toks, _ in sequences]
-        caches = [cache for _, cache in sequences]
-        if last_only:
-            keep = [1] * len(tokens)
-        keep = keep if keep is not None else [len(t) for t in tokens]
-        for toks, cache in zip(tokens, caches):
-            if not toks:
-                raise ValueError("a sequence in the batch has no tokens")
-            if cache.length + len(toks) > self.cfg.max_seq_len:
-                raise ValueError(f"sequence of {cache.length + len(toks)} positions exceeds the "
-                                 f"engine's {self.cfg.max_seq_len}")
+        tokens, caches, keep = feeds(self, sequences, last_only, on_layer, keep)
         self.clock += 1
         for cache in caches:
             cache.used = self.clock

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specedge.cloud.engine import Shape
+from specedge.cloud.engine import Shape, feeds
 
 PREFILL_OVER = 16  # new tokens past the kept rows (a GPU KV block) that get a prefill request first
 
@@ -109,19 +109,9 @@ class VllmTarget:
                       keep: list[int] | None = None) -> list[torch.Tensor]:
         """As Qwen2.forward_batch: each `(tokens, cache)` fed after its cached tokens, fp32 logits
         of the last keep[i] rows of each (all rows without keep)."""
-        if on_layer is not None:
-            raise ValueError("the vLLM engine has no early-exit layer to show (capabilities.hints)")
         from vllm.inputs import TokensPrompt
 
-        tokens = [[int(t) for t in toks] for toks, _ in sequences]
-        caches = [cache for _, cache in sequences]
-        keep = [1] * len(tokens) if last_only else keep if keep is not None else [len(t) for t in tokens]
-        for toks, cache, k in zip(tokens, caches, keep):
-            if not toks or not 1 <= k <= len(toks):
-                raise ValueError(f"a sequence of {len(toks)} new tokens cannot keep {k} rows")
-            if cache.length + len(toks) > self.cfg.max_seq_len:
-                raise ValueError(f"sequence of {cache.length + len(toks)} positions exceeds the "
-                                 f"engine's {self.cfg.max_seq_len}")
+        tokens, caches, keep = feeds(self, sequences, last_only, on_layer, keep)
         texts = [cache.tokens + toks for toks, cache in zip(tokens, caches)]
         # A long feed (a cold prompt, a re-read): its unkept part computed once first, so that the
         # kept rows' requests below find its blocks cached instead of each computing them.

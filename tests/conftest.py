@@ -119,3 +119,32 @@ def speculation_is_the_engines_own_decoding(target, draft_and_tok, mosquitto, fl
         watcher.stop()
         agent.stop()
         verifier.stop()
+
+
+def mqtt_connects(port: int, ca=None, cert=None, key=None, wait: float = 3) -> bool:
+    """Whether an MQTT 5 client (TLS with these files where `ca` is given) gets a successful
+    CONNACK from the broker on `port` within `wait` seconds."""
+    import ssl
+    import threading
+    import time
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{time.monotonic_ns()}",
+                    protocol=MQTTProtocolVersion.MQTTv5)
+    if ca is not None:
+        c.tls_set(ca_certs=str(ca), certfile=str(cert) if cert else None, keyfile=str(key) if key else None,
+                  cert_reqs=ssl.CERT_REQUIRED)
+    ok = threading.Event()
+    c.on_connect = lambda client, userdata, flags, code, props: None if code.is_failure else ok.set()
+    try:
+        c.connect("localhost", port)
+    except (ssl.SSLError, OSError):  # TLS 1.2 refuses in the handshake, TLS 1.3 on the first read
+        return False
+    c.loop_start()
+    try:
+        return ok.wait(wait)
+    finally:
+        c.loop_stop()
+        c.disconnect()

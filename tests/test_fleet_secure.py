@@ -20,7 +20,7 @@ from specedge.cloud.registry import Target
 from specedge.config import CloudConfig, DeviceConfig, build
 from specedge.device.draft import TorchDraftEngine
 from specedge.device.node import DeviceNode
-from conftest import reference_greedy
+from conftest import mqtt_connects, reference_greedy
 
 FLEET = "plant"
 
@@ -242,26 +242,10 @@ def test_a_device_can_neither_read_nor_write_another_devices_topics(secure):
 
 def connects(secure: Secure, tls: bool, role: str | None = None, name: str | None = None) -> bool:
     """Whether a client gets a successful CONNACK within 2 s."""
-    import threading
-
-    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{time.monotonic_ns()}",
-                    protocol=MQTTProtocolVersion.MQTTv5)
-    if tls:
-        c.tls_set(ca_certs=str(secure.folder / "ca.crt"),
-                  certfile=str(secure.folder / role / f"{name}.crt") if role else None,
-                  keyfile=str(secure.folder / role / f"{name}.key") if role else None, cert_reqs=ssl.CERT_REQUIRED)
-    ok = threading.Event()
-    c.on_connect = lambda client, userdata, flags, code, props: None if code.is_failure else ok.set()
-    try:
-        c.connect("localhost", secure.broker.port)
-    except (ssl.SSLError, OSError):  # TLS 1.2 refuses in the handshake, TLS 1.3 on the first read
-        return False
-    c.loop_start()
-    try:
-        return ok.wait(2)
-    finally:
-        c.loop_stop()
-        c.disconnect()
+    files = (secure.folder / "ca.crt",) if tls else ()
+    if tls and role:
+        files += (secure.folder / role / f"{name}.crt", secure.folder / role / f"{name}.key")
+    return mqtt_connects(secure.broker.port, *files, wait=2)
 
 
 def test_a_client_without_a_certificate_is_refused(secure):
