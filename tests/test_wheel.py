@@ -86,7 +86,8 @@ def test_the_installed_wheel_loads_its_configs_traces_and_prompts(venv):
 def test_the_installed_commands_run(venv):
     bin_dir, env, work = venv
     assert "--up-trace" in _run([bin_dir / "specedge", "bench", "--help"], work, env).stdout
+    # This venv lies under /tmp, which the units' PrivateTmp hides: plan for one under /opt.
     plan = _run([bin_dir / "specedge", "install-service", "device", "--dry-run", "--unit-dir", work / "units",
-                 "--config-dir", work / "etc"], work, env).stdout
+                 "--config-dir", work / "etc", "--exe", "/opt/specedge/bin/specedge"], work, env).stdout
     assert "would write" in plan and "firmware_config/device.toml" in plan
     assert str(REPO) not in plan
