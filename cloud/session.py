@@ -4,8 +4,11 @@ No I/O here: the verifier service feeds it decoded messages.
 Invariant: a warm cache holds every committed token but the last, which is fed
 together with the next draft so one pass yields len(draft) + 1 rows. A cold
 session (new, evicted under the memory budget, or moved to another target
-version) has no cache; its next pass feeds the whole committed text, inside
-the same batch as everyone else's drafts.
+version) has no cache; its next passes feed its committed text, inside the same
+batch as everyone else's drafts, at most `chunk` positions per pass: a long
+context then holds nobody's round back for more than a chunk. Every row is
+computed the same whatever the pass's shape (batch-invariant engines), so the
+chunks change no bit of any verified logit.
 """
 from __future__ import annotations
 
@@ -17,6 +20,18 @@ import torch
 
 from specedge.contract import Contract
 from specedge.speculative import SamplingParams, SparseDist, greedy_verify, speculative_verify, target_distribution
+
+
+HEADROOM = 128  # positions a new reference cache holds beyond the committed text: a few rounds' drafts
+
+
+def position_bytes(model) -> int:
+    """KV bytes per position: what an engine states, else the reference's keys and values."""
+    stated = getattr(model, "bytes_per_token", None)
+    if stated is not None:
+        return stated
+    cfg = model.cfg
+    return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * model.dtype.itemsize
 
 
 class OutOfSync(Exception):
@@ -92,11 +107,38 @@ class TargetSession:
         if len(self.committed) + len(draft) + 1 > self.model.cfg.max_seq_len:
             raise BadRequest("draft runs past the target's context")
 
-    def feed(self, draft: list[int]):
-        """(tokens, cache) for the next pass: what the cache lacks of the committed text, then the draft."""
+    def next_feed(self, draft: list[int], chunk: int = 0) -> int:
+        """Positions the next pass feeds: what the cache lacks of the committed text, then the
+        draft; or, when that is more than `chunk` (0: no limit), only the next `chunk` positions of
+        the text before the last committed token, which stays to be fed with the draft."""
+        held = 0 if self.cache is None else self.cache.length
+        prefill = len(self.committed) - 1 - held
+        if chunk and prefill > 0 and prefill + 1 + len(draft) > chunk:
+            return min(chunk, prefill)
+        return prefill + 1 + len(draft)
+
+    def cache_bytes_after(self, fed: int) -> int:
+        """What the cache will hold in memory with `fed` more positions: the verifier admits a pass
+        against its KV budget before the pass allocates anything."""
+        length = fed + (0 if self.cache is None else self.cache.length)
         if self.cache is None:
-            self.cache = self.model.new_cache(capacity=len(self.committed) + 128)
-        return self.committed[self.cache.length:] + draft, self.cache
+            # Only the reference's KVCache holds capacity ahead of its length (see feed()).
+            capacity = len(self.committed) + HEADROOM if self.model.engine == "torch" else None
+        else:
+            capacity = getattr(self.cache, "capacity", None)
+        if capacity is not None and length > capacity:  # KVCache.reserve: doubles, up to the context
+            capacity = min(self.model.cfg.max_seq_len, max(length, 2 * capacity))
+        return position_bytes(self.model) * (length if capacity is None else capacity)
+
+    def feed(self, draft: list[int], chunk: int = 0):
+        """(tokens, cache, whether the draft is in) for the next pass (see next_feed)."""
+        n = self.next_feed(draft, chunk)
+        if self.cache is None:
+            self.cache = self.model.new_cache(capacity=len(self.committed) + HEADROOM)
+        start = self.cache.length
+        if n == len(self.committed) - start + len(draft):
+            return self.committed[start:] + draft, self.cache, True
+        return self.committed[start:start + n], self.cache, False
 
     def verify(self, draft: list[int], q: list[SparseDist] | None = None, exit_head=None,
                on_hint=None) -> tuple[int, int]:
@@ -128,6 +170,7 @@ class Item:
     on_hint: object = None  # on_hint(accepted, token, confidence), mid-pass, from the exit head
     accepted: int = 0
     next_token: int = -1
+    done: bool = False  # verified; False after a pass that fed only a chunk of the committed text
 
     @classmethod
     def step(cls, session: TargetSession) -> "Item":
@@ -135,17 +178,23 @@ class Item:
         return cls(session, [], None if session.params.greedy else [])
 
 
-def verify_batch(model, items: list[Item], exit_head=None) -> int:
+def verify_batch(model, items: list[Item], exit_head=None, chunk: int = 0) -> int:
     """One target pass over every item's draft (ragged: each session its own length and cache);
-    fills in each item's verdict and returns the positions it ran. With an exit head, items that
-    want hints get them mid-pass."""
-    fed = [item.session.feed(item.draft) for item in items]
-    keep = [len(item.draft) + 1 for item in items]
-    wants_hints = exit_head is not None and any(item.on_hint for item in items)
+    fills in each item's verdict and returns the positions it ran. A cold session whose text is
+    longer than `chunk` gets only a chunk of it and no verdict (item.done stays False): the same
+    item goes again in a later pass. With an exit head, items that want hints get them mid-pass."""
+    fed, verified = [], []
+    for item in items:
+        tokens, cache, item.done = item.session.feed(item.draft, chunk)
+        fed.append((tokens, cache))
+        verified.append(item.done)
+    keep = [len(item.draft) + 1 if done else 1 for item, done in zip(items, verified)]
+    wants_hints = exit_head is not None and any(item.on_hint and item.done for item in items)
     on_layer = _hint_hook(items, fed, keep, exit_head) if wants_hints else None
     logits = model.forward_batch(fed, on_layer=on_layer, keep=keep)
     for item, rows in zip(items, logits):
-        item.accepted, item.next_token = item.session.finish(item.draft, item.q, rows)
+        if item.done:
+            item.accepted, item.next_token = item.session.finish(item.draft, item.q, rows)
     return sum(len(tokens) for tokens, _ in fed)
 
 
@@ -157,7 +206,7 @@ def _hint_hook(items: list[Item], fed, keep: list[int], exit_head):
         if index != exit_head.layer:
             return
         for item, end, k in zip(items, ends, keep):
-            if item.on_hint and item.draft:
+            if item.on_hint and item.draft and item.done:
                 top = torch.softmax(exit_head.logits(hidden[end - k:end]), dim=-1).max(dim=-1)
                 accepted, token = greedy_verify(item.draft, top.indices.tolist())
                 item.on_hint(accepted, token, float(top.values[: accepted + 1].min()))

@@ -78,6 +78,9 @@ class VerifierStats:
     evictions: int = 0
     expired: int = 0
     switches: int = 0
+    dropped: int = 0  # sessions a device's new OPEN pushed out (max_sessions_per_device, max_context_per_device)
+    prefill_chunks: int = 0  # a cold session's share of a pass that fed only part of its text
+    kv_peak_bytes: int = 0  # the most all caches held together, right after a pass
     # The most recent rounds and passes only: a service runs for months, its percentiles should
     # neither grow its memory nor describe last week.
     queue_s: deque = field(default_factory=lambda: deque(maxlen=RECENT))  # per round: arrival to its pass
@@ -107,6 +110,7 @@ class VerifierStats:
                 "queue_s_p50": pct(self.queue_s, 0.5), "queue_s_p99": pct(self.queue_s, 0.99),
                 "compute_s_p50": pct(self.compute_s, 0.5), "compute_s_p99": pct(self.compute_s, 0.99),
                 "evictions": self.evictions, "expired": self.expired, "switches": self.switches,
+                "dropped": self.dropped, "prefill_chunks": self.prefill_chunks, "kv_peak_bytes": self.kv_peak_bytes,
                 "pairs": [{"draft": d, "target": v, **s.summary()} for (d, v), s in sorted(self.pairs.items())]}
 
 
@@ -229,15 +233,18 @@ class Verifier:
         cfg = self.cfg.verifier
         last_compute_s = self.stats.compute_s[-1] if self.stats.compute_s else 0.0
         window = max(cfg.batch_window_ms / 1000, cfg.batch_wait_fraction * last_compute_s)
+        # Work carried over from the last pass (cloud-ar steps, prefill chunks) must not keep new
+        # rounds out: they would wait for a whole long prefill, chunks or not.
+        limit = cfg.max_batch + len(self.pending)
         deferred, self.deferred = self.deferred, []
         for message in deferred:
             self.dispatch(*message)
         # What queued up during the last pass joins this one whatever its age; the window only
         # bounds how long we wait for more.
         opened = time.monotonic()
-        while len(self.pending) < cfg.max_batch and not self.inbox.empty():
+        while len(self.pending) < limit and not self.inbox.empty():
             self.dispatch(*self.inbox.get_nowait())
-        while len(self.pending) < cfg.max_batch and not self._stop.is_set():
+        while len(self.pending) < limit and not self._stop.is_set():
             if self.pending and len(self.pending) >= self.active_sessions():
                 return  # everyone who could join already has: waiting would only add latency
             if self.pending:
@@ -312,6 +319,7 @@ class Verifier:
             self.open(key, msg, out)
         elif isinstance(msg, wire.Close):
             self.sessions.pop(key, None)
+            self.pending.pop(key, None)  # a cloud-ar generation or a prefill still under way
         elif isinstance(msg, (wire.Draft, wire.Generate)):
             session = self.sessions.get(key)
             if session is None:
@@ -332,14 +340,12 @@ class Verifier:
                 if isinstance(msg, wire.Draft):
                     session.sync(msg.committed)
                     session.check_draft(msg.tokens, msg.q)
-                    item = Item(session, msg.tokens, msg.q, self.hint_sender(session, msg, out))
+                    holds = len(session.committed) + len(msg.tokens) + 1
                 else:
                     session.sync(msg.committed, allow_rollback=True)
                     if len(session.committed) + msg.max_new_tokens > session.model.cfg.max_seq_len:
                         raise BadRequest("generation runs past the target's context")
-                    session.last_seq, session.last_reply = msg.seq, None
-                    session.generating = msg.max_new_tokens
-                    item = Item.step(session)
+                    holds = len(session.committed) + msg.max_new_tokens
             except OutOfSync as exc:
                 self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.OUT_OF_SYNC, str(exc)))
                 return
@@ -347,6 +353,16 @@ class Verifier:
                 self.count("bad_request")
                 self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.BAD_REQUEST, str(exc)))
                 return
+            refusal = self.make_room(key, holds)
+            if refusal:
+                self.refuse(out, msg, refusal)
+                return
+            if isinstance(msg, wire.Draft):
+                item = Item(session, msg.tokens, msg.q, self.hint_sender(session, msg, out))
+            else:
+                session.last_seq, session.last_reply = msg.seq, None
+                session.generating = msg.max_new_tokens
+                item = Item.step(session)
             self.pending[key] = Pending(key, item, msg, out, arrived)
         else:
             self.count("unexpected_type")
@@ -360,6 +376,7 @@ class Verifier:
                                        f"draft {msg.draft or '?'} cannot speculate for target {target.name}: {reason}"))
             return
         old = self.sessions.pop(key, None)
+        self.pending.pop(key, None)  # a round of the session this OPEN replaces gets no verdict
         try:
             session = TargetSession(target, msg.tokens, msg.params, msg.session, msg.draft, msg.contract)
         except BadRequest as exc:
@@ -369,9 +386,48 @@ class Verifier:
         if old is not None:  # a resync keeps the round counter so replays stay recognisable
             session.last_seq, session.last_reply = old.last_seq, None
             session.adopt_cache(old)
+        need = session.cache_bytes_after(session.next_feed([]))
+        if need > self.budget_bytes:
+            self.refuse(out, msg, f"its KV cache of {need / 2**20:.2f} MB would exceed the verifier's "
+                                  f"kv_budget_mb of {self.cfg.verifier.kv_budget_mb:g}")
+            return
+        refusal = self.make_room(key, len(session.committed), opening=True)
+        if refusal:
+            self.refuse(out, msg, refusal)
+            return
         session.hints = msg.hints
         self.sessions[key] = session
         self.reply(out, wire.Opened(msg.session, msg.seq, self.replica, target.name, target.exact))
+
+    def refuse(self, out: str, msg, reason: str) -> None:
+        self.count("overloaded")
+        self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.OVERLOADED, reason))
+
+    def make_room(self, key, tokens: int, opening: bool = False) -> str:
+        """Let session `key` hold `tokens` tokens: drop its device's other sessions, least recently
+        used and idle first, while the device holds more than max_sessions_per_device sessions
+        (with an OPEN's) or max_context_per_device tokens. Returns why it cannot, or ""."""
+        cfg = self.cfg.verifier
+        if tokens > cfg.max_context_per_device:
+            return (f"this session would hold {tokens} tokens, over the verifier's "
+                    f"max_context_per_device of {cfg.max_context_per_device}")
+        # Dropping rather than refusing: a device that restarted or lost its sessions' CLOSEs would
+        # otherwise be locked out until session_idle_s; a dropped session that was still in use
+        # gets UNKNOWN_SESSION and resyncs.
+        others = sorted((k in self.pending, s.last_used, k) for k, s in self.sessions.items()
+                        if k[:2] == key[:2] and k != key)
+        held = sum(len(self.sessions[k].committed) for *_, k in others)
+        while others and (len(others) + opening > cfg.max_sessions_per_device
+                          or held + tokens > cfg.max_context_per_device):
+            *_, k = others.pop(0)
+            held -= len(self.sessions.pop(k).committed)
+            self.pending.pop(k, None)
+            self.stats.dropped += 1
+        return ""
+
+    @property
+    def budget_bytes(self) -> float:
+        return self.cfg.verifier.kv_budget_mb * 2**20
 
     def hint_sender(self, session: TargetSession, msg: wire.Draft, out: str):
         if not (session.hints and msg.tokens):
@@ -392,9 +448,9 @@ class Verifier:
         target pass per version and per max_batch sessions."""
         if not self.pending:
             return
-        pending, self.pending = list(self.pending.values()), {}
+        pending, self.pending = sorted(self.pending.values(), key=lambda p: p.arrived), {}
         by_target: dict[str, list[Pending]] = {}
-        for p in sorted(pending, key=lambda p: p.arrived):
+        for p in self.admit(pending):
             by_target.setdefault(p.item.session.target.name, []).append(p)
         size = self.cfg.verifier.max_batch
         for name, group in by_target.items():
@@ -402,22 +458,68 @@ class Verifier:
                 self.run_batch(self.targets[name], group[first:first + size])
         self.enforce_budget()
 
+    def admit(self, pending: list[Pending]) -> list[Pending]:
+        """The rounds (oldest first) whose caches fit the KV budget once their pass has run,
+        reckoned before it allocates: idle sessions lose their caches first. A round that does not
+        fit waits for the next pass, when the rounds before it are done and their caches may go;
+        the oldest round may also take the caches of sessions with work pending (so someone always
+        goes on), and is refused when its cache alone cannot fit."""
+        budget, chunk = self.budget_bytes, self.cfg.verifier.prefill_chunk
+        busy = {id(p.item.session) for p in pending}
+        held = sum(s.cache_bytes() for s in self.sessions.values())
+        admitted: list[Pending] = []
+        for p in pending:
+            session = p.item.session
+            grows = session.cache_bytes_after(session.next_feed(p.item.draft, chunk)) - session.cache_bytes()
+            if held + grows > budget:
+                spare = {id(a.item.session) for a in admitted} | {id(session)} | (busy if admitted else set())
+                held -= self.evict(held + grows - budget, spare, busy)
+            if held + grows <= budget:
+                admitted.append(p)
+                held += grows
+            elif admitted:
+                self.pending[p.key] = p
+            else:
+                self.sessions.pop(p.key, None)
+                self.refuse(p.out, p.msg, f"its KV cache of {(session.cache_bytes() + grows) / 2**20:.2f} MB "
+                                          f"would exceed the verifier's kv_budget_mb of {self.cfg.verifier.kv_budget_mb:g}")
+        return admitted
+
+    def evict(self, wanted: float, spare: set, busy: set) -> int:
+        """Drop caches, least recently used first, until `wanted` bytes are freed: never those of
+        `spare`, those of `busy` (work pending) after every idle one. Returns the bytes freed."""
+        warm = sorted((id(s) in busy, s.last_used, id(s), s) for s in self.sessions.values()
+                      if s.cache is not None and id(s) not in spare)
+        freed = 0
+        for *_, session in warm:
+            if freed >= wanted:
+                break
+            freed += session.cache_bytes()
+            session.evict()
+            self.stats.evictions += 1
+        return freed
+
     def run_batch(self, target: Target, batch: list[Pending]) -> None:
         t0 = time.monotonic()
-        rows = verify_batch(target.model, [p.item for p in batch], target.exit_head)
+        rows = verify_batch(target.model, [p.item for p in batch], target.exit_head, self.cfg.verifier.prefill_chunk)
         compute_s = time.monotonic() - t0
         stats = self.stats
         stats.passes += 1
         stats.rows += rows
         stats.batch_sizes.append(len(batch))
+        stats.kv_peak_bytes = max(stats.kv_peak_bytes, sum(s.cache_bytes() for s in self.sessions.values()))
         self.metrics.observe_pass(len(batch), compute_s, [t0 - p.arrived for p in batch])
         for p in batch:
             item, session, msg = p.item, p.item.session, p.msg
+            session.last_used = time.monotonic()
+            if not item.done:  # a chunk of a long prefill: the rest goes in the next passes
+                stats.prefill_chunks += 1
+                self.pending[p.key] = p
+                continue
             stats.rounds += 1
             stats.tokens += item.accepted + 1
             stats.queue_s.append(t0 - p.arrived)
             stats.compute_s.append(compute_s)
-            session.last_used = time.monotonic()
             if isinstance(msg, wire.Draft):
                 pair = stats.pair(session.draft, target.name)
                 pair.rounds += 1

@@ -77,6 +77,15 @@ class RequestFailed(RuntimeError):
     """The verifier refused the request (the reason is in the message)."""
 
 
+class Refused(RequestFailed):
+    """The verifier answered the request with an error: `code` (wire.ErrorCode) and its `reason`,
+    e.g. one of its limits (OVERLOADED: sessions or context per device, KV budget)."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(f"verifier refused the request (code {code}): {reason}")
+        self.code, self.reason = code, reason
+
+
 class VerifierUnavailable(RequestFailed):
     """No verdict within the fault policy's bounds: the request fails cleanly, committed text intact."""
 
@@ -511,7 +520,7 @@ class _Request:
         if err.code in (wire.ErrorCode.UNKNOWN_SESSION, wire.ErrorCode.OUT_OF_SYNC):
             self.resync()
             return
-        raise RequestFailed(f"verifier refused the request (code {err.code}): {err.text}")
+        raise Refused(err.code, err.text)
 
     def backoff(self, attempt: int) -> float:
         """Jitter around an exponential timeout (capped): replays stay idempotent anyway."""

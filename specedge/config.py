@@ -269,6 +269,13 @@ class VerifierIdentity:
     # KV caches of all sessions together; beyond it the least recently used are dropped (their
     # committed text stays, the next round rebuilds the cache).
     kv_budget_mb: float = 4096.0
+    # What one device may hold (docs/verifier.md, "Limits"): an OPEN beyond the session count
+    # drops that device's least recently used session; a context beyond the token count is
+    # refused with OVERLOADED. A cold session's committed text is fed at most prefill_chunk
+    # positions per pass, so a long prompt does not hold every other device's round back.
+    max_sessions_per_device: int = 4
+    max_context_per_device: int = 32768
+    prefill_chunk: int = 512
     stats_interval_s: float = 5.0  # statistics on specedge/v1/_verifiers/{id}/stats
     metrics_port: int = -1  # Prometheus /metrics on this port (0 = any free port, -1 = off)
     metrics_host: str = "127.0.0.1"
@@ -282,6 +289,9 @@ class VerifierIdentity:
         _check(0 <= self.batch_window_ms <= 1000, "verifier.batch_window_ms", "0..1000")
         _check(0 <= self.batch_wait_fraction <= 1, "verifier.batch_wait_fraction", "0..1")
         _check(self.kv_budget_mb > 0, "verifier.kv_budget_mb", "> 0")
+        _check(self.max_sessions_per_device >= 1, "verifier.max_sessions_per_device", ">= 1")
+        _check(self.max_context_per_device >= 1, "verifier.max_context_per_device", ">= 1")
+        _check(self.prefill_chunk >= 1, "verifier.prefill_chunk", ">= 1")
         _check(self.stats_interval_s > 0, "verifier.stats_interval_s", "> 0")
         _check(-1 <= self.metrics_port < 65536, "verifier.metrics_port", "-1 (off), 0 (any free port) or 1..65535")
 

@@ -1,0 +1,231 @@
+"""The verifier's limits (issue 20, point 2): sessions and context per device, the KV budget
+admitted before a pass allocates, and long prefills fed in chunks between other sessions' rounds."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import pytest
+
+from conftest import reference_greedy
+from specedge import wire
+from specedge.cloud.registry import Target
+from specedge.config import CloudConfig, ConfigError, DeviceConfig, build
+from specedge.device.agent import Agent, Refused
+from specedge.device.draft import TorchDraftEngine
+from specedge.device.policy import parse_policy
+from specedge.mqtt import TOPIC_ROOT, Link, device_topic
+from specedge.speculative import SamplingParams
+
+
+@pytest.fixture
+def verifier_on(tiny_models, mosquitto):
+    """start(fleet, **verifier keys): a verifier on its own fleet."""
+    from specedge.cloud.verifier import Verifier
+
+    started = []
+
+    def start(fleet: str, **verifier):
+        _, tok, target, _ = tiny_models
+        cfg = build(CloudConfig, {"mqtt": {"port": mosquitto.port},
+                                  "verifier": {"fleet": fleet, "id": f"v-{fleet}", "group": fleet, **verifier}})
+        v = Verifier(cfg, Target.in_memory("tiny", target, tok)).start()
+        started.append(v)
+        return v
+    yield start
+    for v in started:
+        v.stop()
+
+
+class Wire:
+    """A bare MQTT client that speaks the wire to a verifier as devices of `fleet` would."""
+
+    def __init__(self, port: int, fleet: str):
+        self.fleet = fleet
+        self.replies: queue.Queue = queue.Queue()
+        self.link = Link(build(CloudConfig, {"mqtt": {"port": port}}).mqtt, f"wire-{fleet}", self._on)
+        self.link.subscribe(f"{TOPIC_ROOT}/{fleet}/+/verdict")
+        self.link.start()
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        self.replies.put((topic.split("/")[3], wire.decode(payload)))
+
+    def send(self, device: str, msg) -> None:
+        self.link.publish(device_topic(self.fleet, device, "draft"), wire.encode(msg))
+
+    def ask(self, device: str, msg, timeout: float = 60):
+        """Send `msg` and return the reply to it (skipping others' replies and hints)."""
+        self.send(device, msg)
+        while True:
+            who, reply = self.replies.get(timeout=timeout)
+            if who == device and reply.session == msg.session and not isinstance(reply, wire.Hint):
+                return reply
+
+    def stop(self) -> None:
+        self.link.stop()
+
+
+@pytest.fixture
+def wire_client(mosquitto):
+    made = []
+
+    def make(fleet: str) -> Wire:
+        made.append(Wire(mosquitto.port, fleet))
+        return made[-1]
+    yield make
+    for w in made:
+        w.stop()
+
+
+def _agent(tiny_models, port: int, fleet: str, device: str = "d") -> Agent:
+    draft, tok, _, _ = tiny_models
+    cfg = build(DeviceConfig, {"device": {"fleet": fleet, "id": device}, "mqtt": {"port": port},
+                               "energy": {"meter": "estimated"}})
+    return Agent(cfg, TorchDraftEngine(draft), tok).start()
+
+
+def _long_prompt(tok, words: int) -> list[int]:
+    text = " ".join(f"robot {i % 7} moves arm to bin {i % 5}" for i in range(words))
+    return tok.encode_chat(text)
+
+
+def test_new_limits_are_validated():
+    for key, value in (("max_sessions_per_device", 0), ("max_context_per_device", 0), ("prefill_chunk", 0)):
+        with pytest.raises(ConfigError, match=key):
+            build(CloudConfig, {"verifier": {key: value}})
+
+
+# -- (a) sessions per device ----------------------------------------------------------------------
+def test_a_device_holds_at_most_max_sessions_per_device_and_loses_its_oldest(
+        tiny_models, verifier_on, wire_client):
+    _, tok, _, _ = tiny_models
+    verifier = verifier_on("cap", max_sessions_per_device=2)
+    client = wire_client("cap")
+    prompt = tok.encode_chat("go")
+    for session in (1, 2, 3):
+        assert isinstance(client.ask("d", wire.Open(session, 1, prompt)), wire.Opened)
+    assert isinstance(client.ask("e", wire.Open(1, 1, prompt)), wire.Opened)  # another device: its own cap
+    held = sorted(k for k in verifier.sessions if k[1] == "d")
+    assert held == [("cap", "d", 2), ("cap", "d", 3)]
+    gone = client.ask("d", wire.Draft(1, 2, len(prompt), [3]))
+    assert isinstance(gone, wire.Error) and gone.code == wire.ErrorCode.UNKNOWN_SESSION  # it resyncs
+    for device, session in (("d", 2), ("d", 3), ("e", 1)):
+        assert isinstance(client.ask(device, wire.Draft(session, 2, len(prompt), [3])), wire.Verdict)
+    assert verifier.stats.dropped == 1
+
+
+# -- (b) the KV budget, admitted before a pass allocates --------------------------------------------
+def test_an_open_whose_cache_cannot_fit_the_kv_budget_is_refused_before_any_pass(
+        tiny_models, verifier_on, wire_client):
+    _, tok, _, _ = tiny_models
+    verifier = verifier_on("kvopen", kv_budget_mb=0.02)  # about 80 positions of the tiny target
+    client = wire_client("kvopen")
+    prompt = _long_prompt(tok, 20)
+    reply = client.ask("d", wire.Open(1, 1, prompt))
+    assert isinstance(reply, wire.Error) and reply.code == wire.ErrorCode.OVERLOADED
+    assert "kv_budget_mb" in reply.text
+    assert verifier.stats.passes == 0 and not verifier.sessions
+
+
+def test_rounds_that_fit_the_kv_budget_only_one_at_a_time_take_turns_and_caches_never_exceed_it(
+        tiny_models, mosquitto, verifier_on):
+    _, tok, target, _ = tiny_models
+    verifier = verifier_on("kvturns", kv_budget_mb=0.05, batch_window_ms=20)  # room for one cache
+    agents = [_agent(tiny_models, mosquitto.port, "kvturns", f"d{i}") for i in range(3)]
+    prompts = [tok.encode_chat(f"count to {i}") for i in range(3)]
+    results = [None] * 3
+
+    def one(i):
+        results[i] = agents[i].generate(prompts[i], SamplingParams(), 16, parse_policy("fixed:3"))
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        for a in agents:
+            a.stop()
+    for prompt, result in zip(prompts, results):
+        assert result.tokens == reference_greedy(target, prompt, 16, tok.stop_ids)
+        assert result.stats.resyncs == 0
+    budget = 0.05 * 2**20
+    assert 0 < verifier.stats.kv_peak_bytes <= budget  # measured right after every pass
+
+
+# -- (c) context per device ------------------------------------------------------------------------
+def test_a_context_over_max_context_per_device_is_refused_with_its_reason(
+        tiny_models, verifier_on, wire_client):
+    _, tok, _, _ = tiny_models
+    verifier = verifier_on("ctx", max_context_per_device=64)
+    client = wire_client("ctx")
+    long = _long_prompt(tok, 10)
+    assert len(long) > 64
+    reply = client.ask("d", wire.Open(1, 1, long))
+    assert isinstance(reply, wire.Error) and reply.code == wire.ErrorCode.OVERLOADED
+    assert "max_context_per_device" in reply.text and str(len(long)) in reply.text
+    # Two sessions of 40 tokens: the second pushes the first (idle) out rather than being refused.
+    short = long[:40]
+    assert isinstance(client.ask("d", wire.Open(2, 1, short)), wire.Opened)
+    assert isinstance(client.ask("d", wire.Open(3, 1, short)), wire.Opened)
+    assert sorted(k[2] for k in verifier.sessions if k[1] == "d") == [3]
+    # A draft that would carry the session itself past the cap is refused, the session kept.
+    reply = client.ask("d", wire.Draft(3, 2, 40, list(range(3, 3 + 30))))
+    assert isinstance(reply, wire.Error) and reply.code == wire.ErrorCode.OVERLOADED
+    assert "max_context_per_device" in reply.text
+    assert isinstance(client.ask("d", wire.Draft(3, 3, 40, [3, 4])), wire.Verdict)
+
+
+def test_the_device_surfaces_the_refusal_reason(tiny_models, mosquitto, verifier_on):
+    _, tok, _, _ = tiny_models
+    verifier_on("ctxdev", max_context_per_device=64)
+    agent = _agent(tiny_models, mosquitto.port, "ctxdev")
+    try:
+        with pytest.raises(Refused, match="max_context_per_device") as refused:
+            agent.generate(_long_prompt(tok, 10), SamplingParams(), 8, parse_policy("fixed:3"))
+    finally:
+        agent.stop()
+    assert refused.value.code == wire.ErrorCode.OVERLOADED
+    assert "max_context_per_device" in refused.value.reason
+
+
+# -- (d) chunked prefill ----------------------------------------------------------------------------
+def test_a_long_prompt_prefilled_in_chunks_is_still_the_targets_own_decoding(
+        tiny_models, mosquitto, verifier_on):
+    _, tok, target, _ = tiny_models
+    verifier = verifier_on("chunks", prefill_chunk=32)
+    agent = _agent(tiny_models, mosquitto.port, "chunks")
+    prompt = _long_prompt(tok, 30)
+    assert len(prompt) > 8 * 32
+    try:
+        result = agent.generate(prompt, SamplingParams(), 24, parse_policy("fixed:3"))
+    finally:
+        agent.stop()
+    assert result.stats.exact is True
+    assert result.tokens == reference_greedy(target, prompt, 24, tok.stop_ids)
+    assert verifier.stats.prefill_chunks >= len(prompt) // 32
+
+
+@pytest.mark.parametrize("max_batch", [16, 1])
+def test_a_short_sessions_round_is_verified_between_the_chunks_of_a_long_prefill(
+        tiny_models, verifier_on, wire_client, max_batch):
+    """Without chunks a cold session's whole context runs in one pass and everyone waits for it.
+    No clock here: the order of the verdicts says which round was verified first."""
+    from specedge.cloud.session import TargetSession
+
+    _, tok, target, _ = tiny_models
+    fleet = f"interleave{max_batch}"
+    verifier = verifier_on(fleet, prefill_chunk=16, max_batch=max_batch)
+    client = wire_client(fleet)
+    long, short = _long_prompt(tok, 30), tok.encode_chat("stop")
+    assert isinstance(client.ask("long", wire.Open(1, 1, long)), wire.Opened)
+    assert isinstance(client.ask("short", wire.Open(2, 1, short)), wire.Opened)
+    client.send("long", wire.Draft(1, 2, len(long), [3, 4]))
+    client.send("short", wire.Draft(2, 2, len(short), [5]))
+    order = [client.replies.get(timeout=120) for _ in range(2)]
+    assert [who for who, _ in order] == ["short", "long"]
+    assert all(isinstance(msg, wire.Verdict) for _, msg in order)
+    version = Target.in_memory("alone", target, tok)
+    want = TargetSession(version, long, SamplingParams(), 1).verify([3, 4])  # one unchunked pass
+    assert (order[1][1].accepted, order[1][1].next_token) == want
+    assert verifier.stats.prefill_chunks >= len(long) // 16 - 1
