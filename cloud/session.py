@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from specedge.contract import Contract
+from specedge.wire import TextHasher
 from specedge.speculative import SamplingParams, SparseDist, greedy_verify, speculative_verify, target_distribution
 
 
@@ -50,6 +51,7 @@ class TargetSession:
         if len(tokens) + 1 > target.model.cfg.max_seq_len:
             raise BadRequest(f"{len(tokens)} tokens exceed the target's context of {target.model.cfg.max_seq_len}")
         self.committed = list(tokens)
+        self.hasher = TextHasher(self.committed)  # follows `committed`: see text_hash()
         self.cache = None  # cold: built by the next pass
         self.rng = np.random.default_rng([params.seed, session_id])
         self.last_seq = 0
@@ -89,16 +91,29 @@ class TargetSession:
         self.target = target
         self.evict()
 
-    def sync(self, committed: int, allow_rollback: bool = False) -> None:
-        """Make the session's committed length equal the device's."""
-        if committed == len(self.committed):
-            return
-        if allow_rollback and 1 <= committed < len(self.committed):
+    def text_hash(self) -> bytes:
+        """The committed text's hash (wire.TextHasher): O(new tokens) as the text grows; rebuilt
+        when the text was cut back behind the hasher's back."""
+        if self.hasher.length > len(self.committed):
+            self.hasher = TextHasher(self.committed)
+        elif self.hasher.length < len(self.committed):
+            self.hasher.update(self.committed[self.hasher.length:])
+        return self.hasher.digest()
+
+    def sync(self, committed: int, text_hash: bytes | None = None, allow_rollback: bool = False) -> None:
+        """Make the session's committed text the device's: the same length, and (given the hash
+        the device states) the same tokens. Two texts of one length are out of sync too: a
+        verdict over one applied to the other would be marked verified on a text never verified."""
+        if committed != len(self.committed):
+            if not (allow_rollback and 1 <= committed < len(self.committed)):
+                raise OutOfSync(f"device has {committed} committed tokens, verifier {len(self.committed)}")
             del self.committed[committed:]
+            self.hasher = TextHasher(self.committed)  # O(n), on a rare rollback only
             if self.cache is not None:
                 self.cache.truncate(min(self.cache.length, committed - 1))
-            return
-        raise OutOfSync(f"device has {committed} committed tokens, verifier {len(self.committed)}")
+        if text_hash is not None and text_hash != self.text_hash():
+            raise OutOfSync(f"the device's committed text of {committed} tokens has another hash than the "
+                            "verifier's: the texts differ")
 
     def check_draft(self, draft: list[int], q: list[SparseDist] | None) -> None:
         self._check_ids(draft)

@@ -338,11 +338,11 @@ class Verifier:
                 return
             try:
                 if isinstance(msg, wire.Draft):
-                    session.sync(msg.committed)
+                    session.sync(msg.committed, msg.text_hash)
                     session.check_draft(msg.tokens, msg.q)
                     holds = len(session.committed) + len(msg.tokens) + 1
                 else:
-                    session.sync(msg.committed, allow_rollback=True)
+                    session.sync(msg.committed, msg.text_hash, allow_rollback=True)
                     if len(session.committed) + msg.max_new_tokens > session.model.cfg.max_seq_len:
                         raise BadRequest("generation runs past the target's context")
                     holds = len(session.committed) + msg.max_new_tokens
@@ -439,7 +439,7 @@ class Verifier:
                 return
             self.hints_sent += 1
             layer = session.target.exit_head.layer
-            self.reply(out, wire.Hint(msg.session, msg.seq, msg.committed, accepted, token, layer))
+            self.reply(out, wire.Hint(msg.session, msg.seq, msg.committed, accepted, token, layer, msg.text_hash))
         return on_hint
 
     # -- batched passes --------------------------------------------------------------------------
@@ -527,7 +527,8 @@ class Verifier:
                 pair.accepted += item.accepted
                 session.last_seq = msg.seq
                 session.last_reply = self.reply(p.out, wire.Verdict(
-                    msg.session, msg.seq, msg.committed, item.accepted, item.next_token, int(compute_s * 1e6)))
+                    msg.session, msg.seq, msg.committed, item.accepted, item.next_token, int(compute_s * 1e6),
+                    msg.text_hash))  # checked against the session's text when the draft came in
             else:  # a cloud-ar step: stream the token, queue the next step
                 session.generating -= 1
                 done = item.next_token in session.target.tokenizer.stop_ids or session.generating <= 0

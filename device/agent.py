@@ -27,13 +27,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from specedge import wire
-from specedge.config import TOPIC_NAME, DeviceConfig
+from specedge.config import DeviceConfig
 from specedge.contract import Contract
 from specedge.device.draft import Drafted
 from specedge.device.pipeline import Ahead
 from specedge.device.policy import Policy
 from specedge.device.power import PowerMeter, open_meter
 from specedge.device.profiles import get_profile
+from specedge.device.rounds import BOUND, CURRENT, DRAFT_ALONE, FAIL, MOVED, OTHER_OPENED, RESYNC, STALE, Rounds
 from specedge.device.scheduler import Scheduler, State
 from specedge.metrics import SpecStats
 from specedge.mqtt import REPLICAS, Link, device_topic, publish_packet_bytes
@@ -55,22 +56,6 @@ MAX_INBOX = 256
 # cloud-ar: answers in a row that add no token before the verifier counts as broken. Its stream
 # sends a token per message; a few repeats (a resent GENERATE) are normal, endless ones are not.
 MAX_STALLED = 64
-
-
-def replica_name_ok(name: str) -> bool:
-    """A replica's name becomes a topic level (draft/{replica}): a verifier id as config allows it."""
-    return TOPIC_NAME.fullmatch(name) is not None
-
-
-def token_out_of_range(msg, vocab_size: int) -> int | None:
-    """A token id in a verifier's message that the vocabulary lacks, or None."""
-    if isinstance(msg, (wire.Verdict, wire.Hint)):
-        ids = [msg.next_token]
-    elif isinstance(msg, wire.Tokens):
-        ids = msg.tokens
-    else:
-        return None
-    return next((t for t in ids if not 0 <= t < vocab_size), None)
 
 
 class RequestFailed(RuntimeError):
@@ -228,11 +213,8 @@ class _Request:
     def __init__(self, agent: Agent, prompt, params, max_new_tokens, policy, on_tokens):
         self.agent, self.params, self.policy = agent, params, policy
         self.max_new, self.on_tokens = max_new_tokens, on_tokens or (lambda tokens, verified: None)
-        self.session = secrets.randbits(64)
-        self.seq = 0
-        self.replica: str | None = None  # the verifier replica holding this session
-        self.open_seq = 0  # the round number of our latest OPEN
-        self.target_version = ""
+        # The session's round state, no I/O (device/rounds.py): seq, OPEN, replica, version, text hash.
+        self.rounds = Rounds(secrets.randbits(64), prompt)
         self.prompt_len = len(prompt)
         self.committed = list(prompt)
         self.stats = SpecStats(policy=policy.name)
@@ -247,6 +229,13 @@ class _Request:
         self.alone = False  # the last round went on without the target: next failure needs no retries
         self.unverified: list[tuple[int, int]] = []
 
+    # The round state, read and set where the agent did before it moved to Rounds.
+    session = property(lambda self: self.rounds.session)
+    replica = property(lambda self: self.rounds.replica)
+    target_version = property(lambda self: self.rounds.target_version)
+    seq = property(lambda self: self.rounds.seq)
+    open_seq = property(lambda self: self.rounds.open_seq)
+
     @property
     def generated(self) -> int:
         return len(self.committed) - self.prompt_len
@@ -260,21 +249,20 @@ class _Request:
         self.agent.link.publish(topic, wire.encode(msg))
 
     def open_message(self, resync: bool) -> wire.Open:
-        self.open_seq = self.seq
-        return wire.Open(self.session, self.seq, list(self.committed), self.params, self.agent.contract, resync,
-                         self.policy.early_exit, self.agent.draft_name)
+        return wire.Open(self.session, self.rounds.opening(), list(self.committed), self.params, self.agent.contract,
+                         resync, self.policy.early_exit, self.agent.draft_name)
 
     def resync(self, failover: bool = False) -> None:
         """Rebuild the session from the committed text on whichever replica of the group answers.
         A new round number: nothing the previous replica still sends can be taken for the new one's."""
         self.stats.failovers += failover
         self.stats.resyncs += 1
-        self.replica = None
+        self.rounds.unbind()
         self.reopen()
 
     def reopen(self) -> None:
         """OPEN again with the committed text, under the next round number."""
-        self.seq += 1
+        self.rounds.next_round()
         self.send(self.open_message(resync=True))
 
     def bind(self, since: float, can_draft: bool = False) -> None:
@@ -305,8 +293,7 @@ class _Request:
             else:
                 self.run_speculative()
         finally:
-            self.seq += 1
-            self.send(wire.Close(self.session, self.seq))
+            self.send(wire.Close(self.session, self.rounds.next_round()))
             self.stats.total_s = time.perf_counter() - self.start_s
             self.stats.generated_tokens = self.generated
             sent, received = agent.link.bytes_sent - sent0, agent.link.bytes_received - recv0
@@ -332,6 +319,7 @@ class _Request:
         if out and self.generated == 0:
             self.stats.ttft_s = time.perf_counter() - self.start_s
         self.committed += out
+        self.rounds.commit(out)
         if out and not verified:
             self.unverified.append((self.generated - len(out), self.generated))
             self.stats.unverified_tokens += len(out)
@@ -364,14 +352,15 @@ class _Request:
             meter.note_busy(t1 - t0)
             e1 = meter.energy_j()
             self.stats.draft_s += t1 - t0
-            self.seq += 1
+            self.rounds.next_round()
             draft = drafted.tokens
             ahead = None
             if policy.pipelined:
                 room = lambda accepted: policy.next_draft_length(self.max_new - self.generated - accepted - 1)
                 ahead = Ahead(engine, list(self.committed), list(draft), self.params, self.rng, self.stop_ids,
                               room, keep_going)
-            message = wire.Draft(self.session, self.seq, len(self.committed), draft, drafted.q)
+            message = wire.Draft(self.session, self.seq, len(self.committed), draft, drafted.q,
+                                 self.rounds.text_hash())
             if drafted.q is not None and draft:
                 # The naive baseline ships each drafted token's full distribution (fp16 over the
                 # vocabulary) instead of its sparse q: counted, never sent.
@@ -434,8 +423,9 @@ class _Request:
         """cloud-ar: the verifier decodes alone and streams every token as it is made."""
         stalled = 0  # answers in a row that added no token
         while not self.done:
-            self.seq += 1
-            request = wire.Generate(self.session, self.seq, len(self.committed), self.max_new - self.generated)
+            self.rounds.next_round()
+            request = wire.Generate(self.session, self.seq, len(self.committed), self.max_new - self.generated,
+                                    self.rounds.text_hash())
             for msg in self.stream(request):
                 # `start` is the absolute position of the first token: duplicates are dropped,
                 # and after a gap (a lost message) we ask again from what we hold.
@@ -478,46 +468,25 @@ class _Request:
                 self.agent.count_error(exc.kind)
                 log.warning("dropped a bad verifier message: %s", exc)
                 continue
-            problem = self.protocol_error(msg)
+            problem = Rounds.check(msg, self.vocab_size)
             if problem:
                 self.agent.count_error(problem[0])
                 log.warning("dropped a verifier message: %s", problem[1])
                 continue
-            if isinstance(msg, wire.Opened) and msg.session == self.session:
-                if msg.seq == self.open_seq and self.replica is None:  # the answer to our OPEN
-                    self.replica, self.target_version = msg.replica, msg.version
-                    self.stats.verified_by(msg.exact)
-                elif msg.replica == self.replica:  # our replica moved the session to another version
-                    self.target_version = msg.version
-                    self.stats.verified_by(msg.exact)
-                    self.stats.version_switches += 1
+            seen = self.rounds.classify(msg)
+            if seen.kind in (BOUND, MOVED):
+                self.stats.verified_by(msg.exact)
+                self.stats.version_switches += seen.kind == MOVED
+            if seen.kind in (BOUND, MOVED, OTHER_OPENED):
                 if accept(msg):
                     return msg
                 continue
-            # A refusal of our OPEN carries the OPEN's round number.
-            answers_open = isinstance(msg, wire.Error) and self.replica is None and msg.seq == self.open_seq
-            if msg.session != self.session or (msg.seq != self.seq and not answers_open):
-                self.stats.stale_messages += 1
-                continue
-            if isinstance(msg, wire.Error):
-                return msg
-            if accept(msg):
-                return msg
+            if seen.kind != STALE and (seen.kind != CURRENT or accept(msg)):
+                return msg  # an ERROR of this round, or the message the caller waits for
             self.stats.stale_messages += 1
 
-    def protocol_error(self, msg) -> tuple[str, str] | None:
-        """(kind, why) if a well-formed message says what no verifier of ours may: such a message
-        is dropped as a malformed one would be, and its round asked again."""
-        if isinstance(msg, wire.Opened) and not replica_name_ok(msg.replica):
-            return "bad_replica", f"replica name {msg.replica!r} is not 1-64 of [A-Za-z0-9_-]"
-        token = token_out_of_range(msg, self.vocab_size)
-        if token is not None:
-            return ("token_out_of_range",
-                    f"{type(msg).__name__} names token {token}, outside the vocabulary of {self.vocab_size}")
-        return None
-
     def handle_error(self, err: wire.Error) -> None:
-        if err.code in (wire.ErrorCode.UNKNOWN_SESSION, wire.ErrorCode.OUT_OF_SYNC):
+        if Rounds.error_action(err) == RESYNC:
             self.resync()
             return
         raise Refused(err.code, err.text)
@@ -538,12 +507,13 @@ class _Request:
         waited = time.monotonic() - since
         failure = BrokerUnreachable if broker else VerifierUnavailable
         what = "the MQTT broker is unreachable" if broker else f"no verdict ({cause}, {attempt + 1} tries)"
-        if broker or self.alone or attempt >= faults.max_retries:  # lost, not a hiccup
-            if policy == "fail" or waited >= faults.max_wait_s:
-                raise failure(f"{what}: request failed after {waited:.1f}s under the '{policy}' policy; "
-                              f"{self.generated} tokens committed and kept")
-            if policy == "draft" and can_draft and self.stats.unverified_tokens < faults.unverified_max_tokens:
-                raise _DraftAlone(cause)
+        action = Rounds.fault_action(faults, broker, attempt, waited, self.alone, can_draft,
+                                     self.stats.unverified_tokens)
+        if action == FAIL:
+            raise failure(f"{what}: request failed after {waited:.1f}s under the '{policy}' policy; "
+                          f"{self.generated} tokens committed and kept")
+        if action == DRAFT_ALONE:
+            raise _DraftAlone(cause)
         if broker and not link.connected.wait(max(0.0, since + faults.max_wait_s - time.monotonic())):
             raise failure(f"{what}: request failed after {faults.max_wait_s:.0f}s (max_wait_s); "
                           f"{self.generated} tokens committed and kept")
@@ -579,6 +549,19 @@ class _Request:
                     break
                 if isinstance(reply, wire.Error):
                     self.handle_error(reply)
+                    self.bind(since, can_draft)
+                    self.send(replace(msg, seq=self.seq))
+                    sent = time.monotonic()
+                    continue
+                if not Rounds.text_matches(reply, msg):
+                    # The replica answers for another text of the same length (a late verdict of a
+                    # stale draft moved it, say): never taken as verified. A verdict resyncs it.
+                    self.agent.count_error("text_mismatch")
+                    log.warning("dropped a %s over another committed text of %d tokens", type(reply).__name__,
+                                msg.committed)
+                    if isinstance(reply, wire.Hint):
+                        continue
+                    self.resync()
                     self.bind(since, can_draft)
                     self.send(replace(msg, seq=self.seq))
                     sent = time.monotonic()

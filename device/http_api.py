@@ -434,6 +434,9 @@ class Handler(BaseHTTPRequestHandler):
                 if kind == "text":
                     self.event(chunk(value, None))
                     continue
+                if kind == "unverified":  # text of tokens the target never saw: said so in the chunk
+                    self.event({**chunk(value, None), "specedge": {"unverified": True}})
+                    continue
                 outcome: Outcome = value
                 if outcome.finish_reason in ("error", "cancelled"):
                     self.event(outcome_error(outcome).body())

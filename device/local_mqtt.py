@@ -4,7 +4,8 @@ Requests go to specedge/local/{device}/request as JSON, with the body of an
 OpenAI /v1/chat/completions ("messages") or /v1/completions ("prompt") call
 plus an "id". Answers go to the MQTT 5 response topic (correlation data echoed),
 else to the payload's "reply_to", else to specedge/local/{device}/response/{id}:
-with "stream": true one {"id", "delta"} per text increment, and always a last
+with "stream": true one {"id", "delta"} per text increment ("unverified": true added where it
+holds text of tokens the target never saw, under the `draft` fault policy), and always a last
 {"id", "done": true, "text", "finish_reason", "usage", "specedge"} or
 {"id", "done": true, "error": {...}} with the HTTP API's error shape and status.
 
@@ -101,9 +102,10 @@ class LocalMqttApi:
             self.answer(reply_to, body, request_id, {"done": True, "status": err.status, **err.body()})
             return
         for kind, value in job.events():
-            if kind == "text":
+            if kind in ("text", "unverified"):
                 if request["stream"]:
-                    self.answer(reply_to, body, request_id, {"delta": value})
+                    delta = {"delta": value, **({"unverified": True} if kind == "unverified" else {})}
+                    self.answer(reply_to, body, request_id, delta)
                 continue
             if value.finish_reason in ("error", "cancelled"):
                 err = outcome_error(value)

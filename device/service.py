@@ -122,6 +122,9 @@ class Job:
         self._scan = StopScan(self.stop)
         self._text: list[str] = []
         self._stop_hit = False
+        # Text decoded from tokens the target never saw (the `draft` fault policy) and not passed
+        # on yet: the text that carries it is marked unverified, however the decoder splits it.
+        self._unverified_held = False
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -130,6 +133,7 @@ class Job:
         """The agent's callback, on the worker thread: decode, cut at a stop string, pass text on."""
         if self.cancelled.is_set():
             raise _Cancelled
+        self._unverified_held |= not verified
         text, stopped = self._scan.push(self._decoder.push(tokens))
         self._pass_on(text)
         if stopped:
@@ -139,7 +143,11 @@ class Job:
     def _pass_on(self, text: str) -> None:
         if text:
             self._text.append(text)
-            self._events.put(("text", text))
+            self._events.put(("unverified" if self._unverified_held else "text", text))
+            # Cleared once nothing is held back: the decoder passes on all it holds whenever it passes
+            # on text (it holds only a split UTF-8 character), the stop scan may hold a prefix.
+            if not self._scan.held:
+                self._unverified_held = False
 
     def finish(self, outcome: Outcome) -> None:
         if outcome.finish_reason in ("stop", "length"):
@@ -151,7 +159,8 @@ class Job:
         self.done.set()
 
     def events(self, timeout: float | None = None):
-        """("text", str) increments, then ("end", Outcome)."""
+        """("text", str) increments, ("unverified", str) where they hold text of tokens the target never
+        saw (the `draft` fault policy), then ("end", Outcome)."""
         while True:
             kind, value = self._events.get(timeout=timeout)
             yield kind, value

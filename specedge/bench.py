@@ -70,13 +70,16 @@ def optimum(accept_by_position: list[float], t_draft: float, verify_base: float,
     """(best tokens/s, its draft length) over fixed g in [0, max_g] for greedy rounds on this wire:
     the scheduler's own round model (docs/design.md section 4) fed with the run's measurements."""
     from specedge.device.scheduler import Objective, State, best_rate
+    from specedge import wire
     from specedge.mqtt import publish_packet_bytes
 
     topic = "specedge/v1/bench/device0/draft"
     state = State(tuple(accept_by_position), t_draft, verify_base, verify_per_row, rtt,
                   up_bps=rate_up or math.inf, down_bps=rate_down or math.inf,
-                  up_bytes_base=publish_packet_bytes(topic, 14 + 6, 1, v5), up_bytes_per_token=4,
-                  down_bytes=publish_packet_bytes(topic.replace("draft", "verdict"), 14 + 13, 1, v5))
+                  up_bytes_base=publish_packet_bytes(topic, len(wire.encode(wire.Draft(0, 0, 0, []))), 1, v5),
+                  up_bytes_per_token=4,
+                  down_bytes=publish_packet_bytes(topic.replace("draft", "verdict"),
+                                                  len(wire.encode(wire.Verdict(0, 0, 0, 0, 0))), 1, v5))
     return best_rate(state, Objective(), max_g)
 
 

@@ -7,6 +7,7 @@ Decoding never trusts a length: sizes are checked before anything is allocated.
 """
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass, field
 
@@ -15,8 +16,9 @@ import numpy as np
 from specedge.contract import Contract
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
-PROTOCOL_VERSION = 4  # 3: OPEN states the draft and its contract, OPENED names replica and version;
-# 4: OPENED says whether that version passed its bitwise self-test on the verifier's machine
+PROTOCOL_VERSION = 5  # 3: OPEN states the draft and its contract, OPENED names replica and version;
+# 4: OPENED says whether that version passed its bitwise self-test on the verifier's machine;
+# 5: DRAFT, GENERATE, VERDICT and HINT carry a hash of the committed text beside its length
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_PACKET = MAX_PAYLOAD + 4096  # an MQTT packet carrying it: framing and topic besides
 MAX_CONTEXT = 32768  # tokens in OPEN
@@ -28,6 +30,34 @@ MAX_ERROR_TEXT = 255
 MAX_NAME = 64  # bytes of a draft, replica or target-version name
 
 _HEADER = struct.Struct("<BBQI")
+HASH_BYTES = 8
+NO_HASH = bytes(HASH_BYTES)  # what a message built without one states: it matches no text
+
+
+class TextHasher:
+    """The committed text's hash, kept up to date as tokens are committed: 8 bytes of BLAKE2b over
+    the token ids as little-endian u32, streamed, so it costs O(new tokens) per round and does
+    not depend on how the text was split into rounds. Both ends keep one per session; a message
+    that states a committed length states this hash of those tokens beside it, and a mismatch is
+    OUT_OF_SYNC: two texts of one length never pass for each other."""
+
+    def __init__(self, tokens=()):
+        self._h = hashlib.blake2b(digest_size=HASH_BYTES, person=b"specedge-text")
+        self.length = 0
+        self.update(tokens)
+
+    def update(self, tokens) -> None:
+        if len(tokens):
+            self._h.update(np.asarray(tokens, dtype="<u4").tobytes())
+            self.length += len(tokens)
+
+    def digest(self) -> bytes:
+        return self._h.digest()
+
+
+def text_hash(tokens) -> bytes:
+    """The hash of a whole text at once (what TextHasher holds after the same tokens)."""
+    return TextHasher(tokens).digest()
 
 
 class WireError(ValueError):
@@ -101,6 +131,7 @@ class Draft:
     committed: int
     tokens: list[int]
     q: list[SparseDist] | None = None  # sampled mode: the exact draft distribution per token
+    text_hash: bytes = NO_HASH  # TextHasher of those `committed` tokens
     TYPE = 2
 
 
@@ -112,6 +143,7 @@ class Generate:
     seq: int
     committed: int
     max_new_tokens: int
+    text_hash: bytes = NO_HASH  # TextHasher of those `committed` tokens
     TYPE = 3
 
 
@@ -132,6 +164,7 @@ class Verdict:
     accepted: int
     next_token: int
     verify_us: int = 0  # target compute time for this round
+    text_hash: bytes = NO_HASH  # the hash of the text it extends: the DRAFT's, checked by the verifier
     TYPE = 16
 
 
@@ -146,6 +179,7 @@ class Hint:
     accepted: int
     next_token: int
     layer: int
+    text_hash: bytes = NO_HASH  # as VERDICT's
     TYPE = 19
 
 
@@ -204,6 +238,12 @@ def encode_q(q: SparseDist, token: int) -> bytes:
             + (np.asarray(q.counts, dtype=np.int64) - 1).astype("<u2").tobytes())
 
 
+def _hash(msg) -> bytes:
+    if not isinstance(msg.text_hash, bytes) or len(msg.text_hash) != HASH_BYTES:
+        raise WireError(f"{type(msg).__name__.lower()}: text_hash must be {HASH_BYTES} bytes")
+    return msg.text_hash
+
+
 def encode(msg) -> bytes:
     out = [_HEADER.pack(PROTOCOL_VERSION, msg.TYPE, msg.session, msg.seq)]
     if isinstance(msg, Open):
@@ -221,18 +261,18 @@ def encode(msg) -> bytes:
         has_q = msg.q is not None
         if has_q and len(msg.q) != len(msg.tokens):
             raise WireError("draft: one q per drafted token")
-        out.append(struct.pack("<IBB", msg.committed, len(msg.tokens), int(has_q)))
+        out.append(struct.pack("<I8sBB", msg.committed, _hash(msg), len(msg.tokens), int(has_q)))
         if len(msg.tokens) > MAX_DRAFT:
             raise Oversized(f"draft: {len(msg.tokens)} tokens exceed the limit of {MAX_DRAFT}")
         if not has_q:
             out.append(_tokens(msg.tokens, MAX_DRAFT, "draft"))
         out += [encode_q(q, token) for token, q in zip(msg.tokens, msg.q or ())]
     elif isinstance(msg, Generate):
-        out.append(struct.pack("<II", msg.committed, msg.max_new_tokens))
+        out.append(struct.pack("<I8sI", msg.committed, _hash(msg), msg.max_new_tokens))
     elif isinstance(msg, Verdict):
-        out.append(struct.pack("<IBII", msg.committed, msg.accepted, msg.next_token, msg.verify_us))
+        out.append(struct.pack("<I8sBII", msg.committed, _hash(msg), msg.accepted, msg.next_token, msg.verify_us))
     elif isinstance(msg, Hint):
-        out.append(struct.pack("<IBIB", msg.committed, msg.accepted, msg.next_token, msg.layer))
+        out.append(struct.pack("<I8sBIB", msg.committed, _hash(msg), msg.accepted, msg.next_token, msg.layer))
     elif isinstance(msg, Tokens):
         out.append(struct.pack("<IBH", msg.start, int(msg.done), len(msg.tokens)))
         out.append(_tokens(msg.tokens, MAX_STREAM, "tokens"))
@@ -324,7 +364,7 @@ def decode(data: bytes):
             raise WireError("opened: unknown flags")
         msg = Opened(session, seq, replica, version, bool(flags))
     elif mtype == Draft.TYPE:
-        committed, n, has_q = r.take("<IBB")
+        committed, digest, n, has_q = r.take("<I8sBB")
         if has_q > 1:
             raise WireError("draft: bad q flag")
         _bounded(n, MAX_DRAFT, "draft")
@@ -347,22 +387,22 @@ def decode(data: bytes):
                     raise WireError("draft: q ids repeat")
                 tokens.append(int(ids[index]))
                 q.append(SparseDist(ids, counts))
-        msg = Draft(session, seq, committed, tokens, q)
+        msg = Draft(session, seq, committed, tokens, q, digest)
     elif mtype == Generate.TYPE:
-        committed, max_new = r.take("<II")
-        msg = Generate(session, seq, committed, max_new)
+        committed, digest, max_new = r.take("<I8sI")
+        msg = Generate(session, seq, committed, max_new, digest)
     elif mtype == Close.TYPE:
         msg = Close(session, seq)
     elif mtype == Verdict.TYPE:
-        committed, accepted, next_token, verify_us = r.take("<IBII")
+        committed, digest, accepted, next_token, verify_us = r.take("<I8sBII")
         if next_token > MAX_TOKEN_ID:
             raise WireError("verdict: token id out of range")
-        msg = Verdict(session, seq, committed, accepted, next_token, verify_us)
+        msg = Verdict(session, seq, committed, accepted, next_token, verify_us, digest)
     elif mtype == Hint.TYPE:
-        committed, accepted, next_token, layer = r.take("<IBIB")
+        committed, digest, accepted, next_token, layer = r.take("<I8sBIB")
         if next_token > MAX_TOKEN_ID:
             raise WireError("hint: token id out of range")
-        msg = Hint(session, seq, committed, accepted, next_token, layer)
+        msg = Hint(session, seq, committed, accepted, next_token, layer, digest)
     elif mtype == Tokens.TYPE:
         start, done, n = r.take("<IBH")
         if done > 1:

@@ -59,7 +59,7 @@ def accept_all(msg, token: int = TOKEN) -> list:
     if isinstance(msg, wire.Open):
         return opened(msg)
     if isinstance(msg, wire.Draft):
-        return [wire.Verdict(msg.session, msg.seq, msg.committed, len(msg.tokens), token)]
+        return [wire.Verdict(msg.session, msg.seq, msg.committed, len(msg.tokens), token, text_hash=msg.text_hash)]
     return []
 
 

@@ -78,7 +78,7 @@ def test_replayed_round_gets_the_same_verdict_and_no_new_work(stack, probe, tiny
     prompt = tok.encode_chat("hello")
     opened = ask(wire.encode(wire.Open(99, 0, prompt, SamplingParams())))
     assert isinstance(opened, wire.Opened)
-    draft = wire.encode(wire.Draft(99, 1, len(prompt), [5, 6]))
+    draft = wire.encode(wire.Draft(99, 1, len(prompt), [5, 6], text_hash=wire.text_hash(prompt)))
     first = ask(draft)
     rounds = stack.verifier.rounds
     again = ask(draft)

@@ -90,7 +90,7 @@ def test_after_a_slow_pass_the_window_waits_for_the_devices_just_answered(tiny_m
         verifier.stats.compute_s.append(last_pass_s)
 
     def draft_from(device):
-        payload = wire.encode(wire.Draft(1, 1, len(prompt), [3, 4]))
+        payload = wire.encode(wire.Draft(1, 1, len(prompt), [3, 4], text_hash=wire.text_hash(prompt)))
         verifier.inbox.put((device_topic("f", device, "draft"), payload, time.monotonic()))
     draft_from("d1")
     late = threading.Timer(0.04, draft_from, ("d2",))  # a device that needed 40 ms to draft again

@@ -107,10 +107,10 @@ def test_a_device_holds_at_most_max_sessions_per_device_and_loses_its_oldest(
     assert isinstance(client.ask("e", wire.Open(1, 1, prompt)), wire.Opened)  # another device: its own cap
     held = sorted(k for k in verifier.sessions if k[1] == "d")
     assert held == [("cap", "d", 2), ("cap", "d", 3)]
-    gone = client.ask("d", wire.Draft(1, 2, len(prompt), [3]))
+    gone = client.ask("d", wire.Draft(1, 2, len(prompt), [3], text_hash=wire.text_hash(prompt)))
     assert isinstance(gone, wire.Error) and gone.code == wire.ErrorCode.UNKNOWN_SESSION  # it resyncs
     for device, session in (("d", 2), ("d", 3), ("e", 1)):
-        assert isinstance(client.ask(device, wire.Draft(session, 2, len(prompt), [3])), wire.Verdict)
+        assert isinstance(client.ask(device, wire.Draft(session, 2, len(prompt), [3], text_hash=wire.text_hash(prompt))), wire.Verdict)
     assert verifier.stats.dropped == 1
 
 
@@ -170,10 +170,10 @@ def test_a_context_over_max_context_per_device_is_refused_with_its_reason(
     assert isinstance(client.ask("d", wire.Open(3, 1, short)), wire.Opened)
     assert sorted(k[2] for k in verifier.sessions if k[1] == "d") == [3]
     # A draft that would carry the session itself past the cap is refused, the session kept.
-    reply = client.ask("d", wire.Draft(3, 2, 40, list(range(3, 3 + 30))))
+    reply = client.ask("d", wire.Draft(3, 2, 40, list(range(3, 3 + 30)), text_hash=wire.text_hash(short)))
     assert isinstance(reply, wire.Error) and reply.code == wire.ErrorCode.OVERLOADED
     assert "max_context_per_device" in reply.text
-    assert isinstance(client.ask("d", wire.Draft(3, 3, 40, [3, 4])), wire.Verdict)
+    assert isinstance(client.ask("d", wire.Draft(3, 3, 40, [3, 4], text_hash=wire.text_hash(short))), wire.Verdict)
 
 
 def test_the_device_surfaces_the_refusal_reason(tiny_models, mosquitto, verifier_on):
@@ -220,8 +220,8 @@ def test_a_short_sessions_round_is_verified_between_the_chunks_of_a_long_prefill
     long, short = _long_prompt(tok, 30), tok.encode_chat("stop")
     assert isinstance(client.ask("long", wire.Open(1, 1, long)), wire.Opened)
     assert isinstance(client.ask("short", wire.Open(2, 1, short)), wire.Opened)
-    client.send("long", wire.Draft(1, 2, len(long), [3, 4]))
-    client.send("short", wire.Draft(2, 2, len(short), [5]))
+    client.send("long", wire.Draft(1, 2, len(long), [3, 4], text_hash=wire.text_hash(long)))
+    client.send("short", wire.Draft(2, 2, len(short), [5], text_hash=wire.text_hash(short)))
     order = [client.replies.get(timeout=120) for _ in range(2)]
     assert [who for who, _ in order] == ["short", "long"]
     assert all(isinstance(msg, wire.Verdict) for _, msg in order)

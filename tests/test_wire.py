@@ -25,6 +25,8 @@ MESSAGES = [
     wire.Close(9, 2),
     wire.Verdict(7, 3, 100, 2, 151000, 12345),
     wire.Hint(7, 3, 100, 1, 151000, 21),
+    wire.Draft(7, 6, 3, [4], text_hash=wire.text_hash([1, 2, 3])),
+    wire.Verdict(7, 6, 3, 1, 5, 10, text_hash=wire.text_hash([1, 2, 3])),
     wire.Tokens(9, 1, 20, [3, 4, 5], True),
     wire.Error(7, 3, wire.ErrorCode.OUT_OF_SYNC, "resync, please ✓"),
     wire.Opened(5, 3, "verifier-a", "coder-1.5b-pruned"), wire.Opened(5, 4, "verifier-a", "coder-1.5b", exact=True),
@@ -48,12 +50,12 @@ def test_round_trip(msg):
 
 
 def test_drafts_are_compact():
-    # 14-byte header + 6 bytes + 3 per token id
-    assert len(wire.encode(wire.Draft(1, 1, 10, [1, 2, 3, 4]))) == 14 + 6 + 12
-    assert len(wire.encode(wire.Verdict(1, 1, 10, 2, 3))) == 14 + 13
+    # 14-byte header + 6 bytes + the committed text's 8-byte hash + 3 per token id
+    assert len(wire.encode(wire.Draft(1, 1, 10, [1, 2, 3, 4]))) == 14 + 6 + 8 + 12
+    assert len(wire.encode(wire.Verdict(1, 1, 10, 2, 3))) == 14 + 13 + 8
     # sampled: per drafted token its q (k entries of 3 + 2 bytes) plus 2 bytes, the token named by its place
     sampled = wire.Draft(1, 1, 10, [int(Q[0].ids[0])] * 2, Q * 2)
-    assert len(wire.encode(sampled)) == 14 + 6 + 2 * (2 + 5 * len(Q[0].ids))
+    assert len(wire.encode(sampled)) == 14 + 6 + 8 + 2 * (2 + 5 * len(Q[0].ids))
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
@@ -105,7 +107,7 @@ def test_token_outside_its_own_q_is_rejected():
     with pytest.raises(wire.WireError, match="outside"):
         wire.encode(wire.Draft(1, 1, 1, [outside], Q))
     payload = bytearray(wire.encode(MESSAGES[3]))
-    payload[21] = len(q.ids)  # the drafted token's place in q, one past its end
+    payload[29] = len(q.ids)  # the drafted token's place in q (after the 8-byte text hash), one past its end
     with pytest.raises(wire.WireError, match="place"):
         wire.decode(bytes(payload))
 
