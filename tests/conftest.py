@@ -43,6 +43,28 @@ def stack(tiny_models, mosquitto):
     s.close()
 
 
+@pytest.fixture
+def fleet_verifier(tiny_models, mosquitto):
+    """start(fleet, **verifier keys): a verifier on its own fleet (other tests' verifiers share the
+    broker), stopped after the test."""
+    from specedge.cloud.registry import Target
+    from specedge.cloud.verifier import Verifier
+    from specedge.config import CloudConfig, build
+
+    started = []
+
+    def start(fleet: str, **verifier):
+        _, tok, target, _ = tiny_models
+        cfg = build(CloudConfig, {"mqtt": {"port": mosquitto.port},
+                                  "verifier": {"fleet": fleet, "id": f"v-{fleet}", "group": fleet, **verifier}})
+        v = Verifier(cfg, Target.in_memory("tiny", target, tok)).start()
+        started.append(v)
+        return v
+    yield start
+    for v in started:
+        v.stop()
+
+
 def reference_greedy(model, prompt: list[int], max_new: int, stop_ids) -> list[int]:
     """The target's own greedy decoding, one position at a time, outside every service."""
     import torch

@@ -100,25 +100,6 @@ def test_after_a_slow_pass_the_window_waits_for_the_devices_just_answered(tiny_m
     assert len(verifier.pending) == joined
 
 
-@pytest.fixture
-def fleet_verifier(tiny_models, mosquitto):
-    """A verifier on its own fleet, configured by the test."""
-    started = []
-
-    def start(fleet: str, **verifier):
-        _, tok, target, _ = tiny_models
-        cfg = build(CloudConfig, {"mqtt": {"port": mosquitto.port},
-                                  "verifier": {"fleet": fleet, "id": f"v-{fleet}", "group": fleet, **verifier}})
-        from specedge.cloud.verifier import Verifier
-
-        v = Verifier(cfg, Target.in_memory("tiny", target, tok)).start()
-        started.append(v)
-        return v
-    yield start
-    for v in started:
-        v.stop()
-
-
 def _agents(tiny_models, port: int, fleet: str, n: int, drafts=None):
     from specedge.device.agent import Agent
 

@@ -18,25 +18,6 @@ from specedge.mqtt import TOPIC_ROOT, Link, device_topic
 from specedge.speculative import SamplingParams
 
 
-@pytest.fixture
-def verifier_on(tiny_models, mosquitto):
-    """start(fleet, **verifier keys): a verifier on its own fleet."""
-    from specedge.cloud.verifier import Verifier
-
-    started = []
-
-    def start(fleet: str, **verifier):
-        _, tok, target, _ = tiny_models
-        cfg = build(CloudConfig, {"mqtt": {"port": mosquitto.port},
-                                  "verifier": {"fleet": fleet, "id": f"v-{fleet}", "group": fleet, **verifier}})
-        v = Verifier(cfg, Target.in_memory("tiny", target, tok)).start()
-        started.append(v)
-        return v
-    yield start
-    for v in started:
-        v.stop()
-
-
 class Wire:
     """A bare MQTT client that speaks the wire to a verifier as devices of `fleet` would."""
 
@@ -97,9 +78,9 @@ def test_new_limits_are_validated():
 
 # -- (a) sessions per device ----------------------------------------------------------------------
 def test_a_device_holds_at_most_max_sessions_per_device_and_loses_its_oldest(
-        tiny_models, verifier_on, wire_client):
+        tiny_models, fleet_verifier, wire_client):
     _, tok, _, _ = tiny_models
-    verifier = verifier_on("cap", max_sessions_per_device=2)
+    verifier = fleet_verifier("cap", max_sessions_per_device=2)
     client = wire_client("cap")
     prompt = tok.encode_chat("go")
     for session in (1, 2, 3):
@@ -116,9 +97,9 @@ def test_a_device_holds_at_most_max_sessions_per_device_and_loses_its_oldest(
 
 # -- (b) the KV budget, admitted before a pass allocates --------------------------------------------
 def test_an_open_whose_cache_cannot_fit_the_kv_budget_is_refused_before_any_pass(
-        tiny_models, verifier_on, wire_client):
+        tiny_models, fleet_verifier, wire_client):
     _, tok, _, _ = tiny_models
-    verifier = verifier_on("kvopen", kv_budget_mb=0.02)  # about 80 positions of the tiny target
+    verifier = fleet_verifier("kvopen", kv_budget_mb=0.02)  # about 80 positions of the tiny target
     client = wire_client("kvopen")
     prompt = _long_prompt(tok, 20)
     reply = client.ask("d", wire.Open(1, 1, prompt))
@@ -128,9 +109,9 @@ def test_an_open_whose_cache_cannot_fit_the_kv_budget_is_refused_before_any_pass
 
 
 def test_rounds_that_fit_the_kv_budget_only_one_at_a_time_take_turns_and_caches_never_exceed_it(
-        tiny_models, mosquitto, verifier_on):
+        tiny_models, mosquitto, fleet_verifier):
     _, tok, target, _ = tiny_models
-    verifier = verifier_on("kvturns", kv_budget_mb=0.05, batch_window_ms=20)  # room for one cache
+    verifier = fleet_verifier("kvturns", kv_budget_mb=0.05, batch_window_ms=20)  # room for one cache
     agents = [_agent(tiny_models, mosquitto.port, "kvturns", f"d{i}") for i in range(3)]
     prompts = [tok.encode_chat(f"count to {i}") for i in range(3)]
     results = [None] * 3
@@ -155,9 +136,9 @@ def test_rounds_that_fit_the_kv_budget_only_one_at_a_time_take_turns_and_caches_
 
 # -- (c) context per device ------------------------------------------------------------------------
 def test_a_context_over_max_context_per_device_is_refused_with_its_reason(
-        tiny_models, verifier_on, wire_client):
+        tiny_models, fleet_verifier, wire_client):
     _, tok, _, _ = tiny_models
-    verifier = verifier_on("ctx", max_context_per_device=64)
+    verifier = fleet_verifier("ctx", max_context_per_device=64)
     client = wire_client("ctx")
     long = _long_prompt(tok, 10)
     assert len(long) > 64
@@ -176,9 +157,9 @@ def test_a_context_over_max_context_per_device_is_refused_with_its_reason(
     assert isinstance(client.ask("d", wire.Draft(3, 3, 40, [3, 4], text_hash=wire.text_hash(short))), wire.Verdict)
 
 
-def test_the_device_surfaces_the_refusal_reason(tiny_models, mosquitto, verifier_on):
+def test_the_device_surfaces_the_refusal_reason(tiny_models, mosquitto, fleet_verifier):
     _, tok, _, _ = tiny_models
-    verifier_on("ctxdev", max_context_per_device=64)
+    fleet_verifier("ctxdev", max_context_per_device=64)
     agent = _agent(tiny_models, mosquitto.port, "ctxdev")
     try:
         with pytest.raises(Refused, match="max_context_per_device") as refused:
@@ -191,9 +172,9 @@ def test_the_device_surfaces_the_refusal_reason(tiny_models, mosquitto, verifier
 
 # -- (d) chunked prefill ----------------------------------------------------------------------------
 def test_a_long_prompt_prefilled_in_chunks_is_still_the_targets_own_decoding(
-        tiny_models, mosquitto, verifier_on):
+        tiny_models, mosquitto, fleet_verifier):
     _, tok, target, _ = tiny_models
-    verifier = verifier_on("chunks", prefill_chunk=32)
+    verifier = fleet_verifier("chunks", prefill_chunk=32)
     agent = _agent(tiny_models, mosquitto.port, "chunks")
     prompt = _long_prompt(tok, 30)
     assert len(prompt) > 8 * 32
@@ -208,14 +189,14 @@ def test_a_long_prompt_prefilled_in_chunks_is_still_the_targets_own_decoding(
 
 @pytest.mark.parametrize("max_batch", [16, 1])
 def test_a_short_sessions_round_is_verified_between_the_chunks_of_a_long_prefill(
-        tiny_models, verifier_on, wire_client, max_batch):
+        tiny_models, fleet_verifier, wire_client, max_batch):
     """Without chunks a cold session's whole context runs in one pass and everyone waits for it.
     No clock here: the order of the verdicts says which round was verified first."""
     from specedge.cloud.session import TargetSession
 
     _, tok, target, _ = tiny_models
     fleet = f"interleave{max_batch}"
-    verifier = verifier_on(fleet, prefill_chunk=16, max_batch=max_batch)
+    verifier = fleet_verifier(fleet, prefill_chunk=16, max_batch=max_batch)
     client = wire_client(fleet)
     long, short = _long_prompt(tok, 30), tok.encode_chat("stop")
     assert isinstance(client.ask("long", wire.Open(1, 1, long)), wire.Opened)
