@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from specedge.contract import Contract
+from specedge.model import grown_capacity
 from specedge.wire import TextHasher
 from specedge.speculative import SamplingParams, SparseDist, greedy_verify, speculative_verify, target_distribution
 
@@ -141,8 +142,8 @@ class TargetSession:
             capacity = len(self.committed) + HEADROOM if self.model.engine == "torch" else None
         else:
             capacity = getattr(self.cache, "capacity", None)
-        if capacity is not None and length > capacity:  # KVCache.reserve: doubles, up to the context
-            capacity = min(self.model.cfg.max_seq_len, max(length, 2 * capacity))
+        if capacity is not None:
+            capacity = grown_capacity(capacity, length, self.model.cfg.max_seq_len)
         return position_bytes(self.model) * (length if capacity is None else capacity)
 
     def feed(self, draft: list[int], chunk: int = 0):

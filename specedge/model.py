@@ -83,6 +83,12 @@ class Linear:
         return F.linear(x, self.weight)
 
 
+def grown_capacity(capacity: int, length: int, max_seq_len: int) -> int:
+    """What a KVCache of `capacity` positions holds once it takes `length`: doubled when it must
+    grow, at least `length`, at most the context (the verifier admits passes by it)."""
+    return capacity if length <= capacity else min(max_seq_len, max(length, 2 * capacity))
+
+
 class KVCache:
     """Keys and values of one sequence, per layer: [n_kv_heads, capacity, head_dim].
 
@@ -106,7 +112,7 @@ class KVCache:
             raise ValueError(f"sequence of {length} positions exceeds the model's {self.cfg.max_seq_len}")
         if length <= self.capacity:
             return
-        capacity = min(self.cfg.max_seq_len, max(length, 2 * self.capacity))
+        capacity = grown_capacity(self.capacity, length, self.cfg.max_seq_len)
         for cache in (self.k, self.v):
             for i, old in enumerate(cache):
                 new = self._empty(capacity)
