@@ -9,6 +9,8 @@ Checks, each with its own time limit, each PASS, FAIL or SKIP with the reason:
   vllm        the vLLM target with VLLM_BATCH_INVARIANT=1: the same self-test and timings;
   torch-cuda  not a product path (the reference engine runs on CPU); reported so the machine
               is described.
+Each check runs in a process of its own, so a crash in a native library (llama.cpp's CUDA build
+segfaulted on the first H200 run) is that check's FAIL, not the end of the report.
 Models: the real Qwen pair when `specedge models fetch` has cached it, else the tiny generated
 pair (a device machine may have no network); the report says which. A path whose package is
 not installed on the machine (pycuda, tensorrt, a CUDA llama-cpp-python, vllm) is a SKIP with
@@ -17,6 +19,7 @@ that reason, never a pass.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -129,27 +132,61 @@ def check_torch_cuda() -> dict:
     return {"status": "PASS", "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
 
 
+CHECKS = {"torch-cuda": lambda draft, target: check_torch_cuda(),
+          "kernels": lambda draft, target: check_kernels(),
+          "tensorrt": lambda draft, target: check_tensorrt(draft),
+          "llama.cpp": lambda draft, target: check_llama_cpp(target),
+          "vllm": lambda draft, target: check_vllm(target)}
+
+
+def isolated(command: list[str], timeout_s: float) -> dict:
+    """Run one check in a process of its own: a native crash (a segfault in a CUDA library) or a
+    hang becomes that check's FAIL, with faulthandler's traceback, and the other checks still run.
+    The child prints its result as the last line of stdout."""
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"status": "FAIL", "detail": f"no answer in {timeout_s:.0f} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode == 0 and lines:
+        try:
+            return json.loads(lines[-1])
+        except ValueError:
+            pass
+    how = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    return {"status": "FAIL", "detail": f"{how}: {proc.stderr.strip()[-1500:]}"}
+
+
+def run_one(name: str, draft: str, target: str) -> dict:
+    try:
+        return CHECKS[name](draft, target)
+    except Exception as exc:
+        return {"status": "FAIL", "detail": f"{type(exc).__name__}: {exc}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="specedge-gpu-check")
     p.add_argument("--json", help="write the report here")
+    p.add_argument("--only", choices=sorted(CHECKS), help=argparse.SUPPRESS)  # one check, in a child
+    p.add_argument("--draft", help=argparse.SUPPRESS)
+    p.add_argument("--target", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.only:
+        print(json.dumps(run_one(args.only, args.draft, args.target)), flush=True)
+        return 0
     t0 = time.monotonic()
     draft, target, which = _models()
-    checks = {"torch-cuda": check_torch_cuda, "kernels": check_kernels,
-              "tensorrt": lambda: check_tensorrt(draft), "llama.cpp": lambda: check_llama_cpp(target),
-              "vllm": lambda: check_vllm(target)}
     report = {"models": which, "draft": draft, "target": target, "checks": {}}
-    for name, check in checks.items():
-        if time.monotonic() - t0 > BUDGET_S:
+    for name in CHECKS:
+        left = BUDGET_S - (time.monotonic() - t0)
+        if left <= 0:
             report["checks"][name] = {"status": "SKIP", "detail": f"over the {BUDGET_S} s budget"}
             continue
         started = time.monotonic()
-        try:
-            result = check()
-        except Exception as exc:  # one broken path must not hide the others' results
-            result = {"status": "FAIL", "detail": f"{type(exc).__name__}: {exc}"}
+        result = isolated([sys.executable, "-X", "faulthandler", "-m", "specedge.gpu_check", "--only", name,
+                           "--draft", draft, "--target", target], left)
         result["seconds"] = round(time.monotonic() - started, 1)
         report["checks"][name] = result
         print(f"{name:12}{result['status']:6}{result['seconds']:>7}s  "

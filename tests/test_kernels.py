@@ -108,3 +108,18 @@ def test_the_gpu_check_runs_here_and_says_why_each_gpu_path_did_not(tmp_path):
     checks = json.loads(out.read_text())["checks"]
     assert set(checks) == {"torch-cuda", "kernels", "tensorrt", "llama.cpp", "vllm"}
     assert all(c["status"] == "SKIP" and c["detail"] for c in checks.values()), checks
+
+
+def test_a_check_that_crashes_natively_is_its_own_fail_with_the_traceback():
+    """A segfault in one GPU library (llama.cpp's CUDA build did this on the H200) must not end the
+    whole gpu-check: it becomes that check's FAIL, naming the signal and where it happened."""
+    import sys
+
+    from specedge.gpu_check import isolated
+
+    crash = isolated([sys.executable, "-X", "faulthandler", "-c", "import ctypes; ctypes.string_at(0)"], 60)
+    assert crash["status"] == "FAIL" and "SIGSEGV" in crash["detail"] and "Fatal Python error" in crash["detail"]
+    ok = isolated([sys.executable, "-c", 'print("noise"); print(\'{"status": "PASS"}\')'], 60)
+    assert ok == {"status": "PASS"}
+    hang = isolated([sys.executable, "-c", "import time; time.sleep(30)"], 1)
+    assert hang["status"] == "FAIL" and "no answer" in hang["detail"]
