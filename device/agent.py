@@ -12,16 +12,19 @@ When verdicts stop coming (no verifier answers, the broker is gone) the
 configured fault policy decides (docs/faults.md): wait and resume, go on with
 the draft alone for a bounded number of tokens marked unverified, or fail the
 request with a clear error. Either way the committed text is never rewritten.
+
+Those rules live in device/rounds.py, with no I/O (Rounds, Exchange); this module drafts, sends,
+waits and performs the actions an Exchange returns.
 """
 from __future__ import annotations
 
 import json
 import logging
 import queue
-import random
 import secrets
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -34,7 +37,9 @@ from specedge.device.pipeline import Ahead
 from specedge.device.policy import Policy
 from specedge.device.power import PowerMeter, open_meter
 from specedge.device.profiles import get_profile
-from specedge.device.rounds import BOUND, CURRENT, DRAFT_ALONE, FAIL, MOVED, OTHER_OPENED, RESYNC, STALE, Rounds
+from specedge.device.rounds import (ASK_AGAIN, AWAIT_BROKER, BROKER_LOST, DELIVER, DRAFT_ALONE, DROPPED, FAIL,
+                                    HINT, OPEN, REFUSE, REPLICA_LOST, SEND, TIMEOUT, Exchange, Failure,
+                                    RoundTimer, Rounds)
 from specedge.device.scheduler import Scheduler, State
 from specedge.metrics import SpecStats
 from specedge.mqtt import REPLICAS, Link, device_topic, publish_packet_bytes
@@ -42,12 +47,6 @@ from specedge.speculative import SamplingParams
 
 log = logging.getLogger("specedge.device")
 
-
-# What receive() returns besides messages and None (its deadline passed):
-REPLICA_LOST = "replica lost"  # the replica holding the session went offline
-BROKER_LOST = "broker lost"  # the connection to the broker is down
-RECONNECTED = "reconnected"  # the connection came back since our last send: that message may be lost
-TIMEOUT = "timeout"
 
 # Messages waiting for the request thread. A round has a few in flight (verdict, hint, OPENED, a
 # cloud-ar stream's tokens as they come); more is a flood, dropped and counted rather than held:
@@ -89,30 +88,6 @@ class GenerationResult:
     stats: SpecStats
     stopped: bool  # ended on a stop token rather than the length limit
     unverified: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of tokens the target never saw
-
-
-@dataclass
-class RoundTimer:
-    """How long a round waits for its verdict: RFC 6298's retransmission timer over this device's
-    round trips, between `faults.round_timeout_s` and 8 times that (or `max_wait_s`). A verifier
-    that slows down under load stretches the wait instead of drawing timeouts and resyncs, whose
-    cold prefills would add to the very load that made it slow."""
-
-    srtt_s: float | None = None
-    rttvar_s: float = 0.0
-
-    def observe(self, rtt_s: float) -> None:
-        """A round trip answered on its first try (Karn: a resent round's time is ambiguous)."""
-        if self.srtt_s is None:
-            self.srtt_s, self.rttvar_s = rtt_s, rtt_s / 2
-        else:
-            self.rttvar_s = 0.75 * self.rttvar_s + 0.25 * abs(self.srtt_s - rtt_s)
-            self.srtt_s = 0.875 * self.srtt_s + 0.125 * rtt_s
-
-    def timeout_s(self, floor_s: float, cap_s: float = float("inf")) -> float:
-        if self.srtt_s is None:
-            return floor_s
-        return max(floor_s, min(8 * floor_s, cap_s, self.srtt_s + 4 * self.rttvar_s))
 
 
 class Agent:
@@ -249,36 +224,9 @@ class _Request:
         self.agent.link.publish(topic, wire.encode(msg))
 
     def open_message(self, resync: bool) -> wire.Open:
-        return wire.Open(self.session, self.rounds.opening(), list(self.committed), self.params, self.agent.contract,
+        """An OPEN with the committed text, under the round number Rounds.opening() gave it."""
+        return wire.Open(self.session, self.open_seq, list(self.committed), self.params, self.agent.contract,
                          resync, self.policy.early_exit, self.agent.draft_name)
-
-    def resync(self, failover: bool = False) -> None:
-        """Rebuild the session from the committed text on whichever replica of the group answers.
-        A new round number: nothing the previous replica still sends can be taken for the new one's."""
-        self.stats.failovers += failover
-        self.stats.resyncs += 1
-        self.rounds.unbind()
-        self.reopen()
-
-    def reopen(self) -> None:
-        """OPEN again with the committed text, under the next round number."""
-        self.rounds.next_round()
-        self.send(self.open_message(resync=True))
-
-    def bind(self, since: float, can_draft: bool = False) -> None:
-        """Wait for OPENED: from then on the session's messages go to the replica it names."""
-        attempt = 0
-        while self.replica is None:
-            reply = self.receive(time.monotonic() + self.backoff(attempt), lambda m: self.replica is not None)
-            if isinstance(reply, wire.Error):
-                self.handle_error(reply)  # a refusal raises; a lost session resyncs
-            elif reply is RECONNECTED:
-                self.reopen()
-            elif reply in (None, BROKER_LOST) and self.replica is None:
-                self.unanswered(reply or TIMEOUT, attempt, since, can_draft)
-                attempt += 1
-                self.stats.retries += 1
-                self.reopen()
 
     def run(self) -> GenerationResult:
         agent = self.agent
@@ -286,6 +234,7 @@ class _Request:
         energy0 = agent.meter.energy_j()
         while not agent.inbox.empty():  # leftovers of an earlier request
             agent.inbox.get_nowait()
+        self.rounds.opening()
         self.send(self.open_message(resync=False))
         try:
             if self.policy.autoregressive:
@@ -442,164 +391,87 @@ class _Request:
                 if msg.done or self.done:
                     break
 
-    # -- waiting for the verifier, with retries and resync ------------------------------------
-    def receive(self, deadline: float, accept):
-        """The next message for this session and round that `accept` wants, or None at the deadline."""
-        link = self.agent.link
+    # -- the exchanges: device/rounds.py decides, this performs --------------------------------
+    def exchange(self, ex: Exchange, ahead: Ahead | None = None):
+        """Perform `ex`'s actions and feed it what happens: yields each answer it delivers (a
+        VERDICT ends it; a stream's TOKENS go on), returns when it says to ask again."""
+        todo = deque(ex.start(time.monotonic()))
         while True:
+            while todo:
+                act = todo.popleft()
+                if act.kind == SEND:
+                    self.send(act.arg)
+                elif act.kind == OPEN:
+                    self.send(self.open_message(resync=True))
+                elif act.kind == DROPPED:
+                    self.agent.count_error(act.arg[0])
+                    log.warning("%s", act.arg[1])
+                elif act.kind == HINT:
+                    if ahead is not None:
+                        ahead.redirect(act.arg.accepted, act.arg.next_token)
+                elif act.kind == DELIVER:
+                    yield act.arg
+                elif act.kind == ASK_AGAIN:
+                    return
+                elif act.kind == AWAIT_BROKER:
+                    back = self.agent.link.connected.wait(max(0.0, act.arg - time.monotonic()))
+                    now = time.monotonic()
+                    todo.extend(ex.on_broker_back(now) if back else ex.on_silence(BROKER_LOST, now))
+                elif act.kind == REFUSE:
+                    raise Refused(act.arg.code, act.arg.text)
+                elif act.kind == DRAFT_ALONE:
+                    raise _DraftAlone(act.arg)
+                elif act.kind == FAIL:
+                    raise self.failure(act.arg)
+            todo.extend(self.next_event(ex, ahead))
+
+    def next_event(self, ex: Exchange, ahead: Ahead | None):
+        """Wait for what happens next (drafting ahead meanwhile, between messages) and hand it to `ex`."""
+        agent, link = self.agent, self.agent.link
+        while True:
+            now = time.monotonic()
             if not link.connected.is_set():
-                return BROKER_LOST
+                return ex.on_silence(BROKER_LOST, now)
             if link.connects != self.sent_connects:
-                return RECONNECTED
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                return None
+                return ex.on_reconnected(now)
+            busy = ahead is not None and ahead.wants_more()
+            if busy and agent.inbox.empty():
+                ahead.step()
+                continue
+            if now >= ex.deadline:
+                return ex.on_silence(TIMEOUT, now)
             try:
-                payload = self.agent.inbox.get(timeout=timeout)
+                payload = agent.inbox.get(timeout=min(ex.deadline - now, 0.001) if busy else ex.deadline - now)
             except queue.Empty:
-                return None
-            if payload is None:
-                if self.replica is not None and self.replica in self.agent.offline_replicas:
-                    return REPLICA_LOST
                 continue
-            try:
-                msg = wire.decode(payload)
-            except wire.WireError as exc:
-                self.agent.count_error(exc.kind)
-                log.warning("dropped a bad verifier message: %s", exc)
+            if payload is None:  # a replica's or the link's state changed
+                if self.replica is not None and self.replica in agent.offline_replicas:
+                    return ex.on_silence(REPLICA_LOST, time.monotonic())
                 continue
-            problem = Rounds.check(msg, self.vocab_size)
-            if problem:
-                self.agent.count_error(problem[0])
-                log.warning("dropped a verifier message: %s", problem[1])
-                continue
-            seen = self.rounds.classify(msg)
-            if seen.kind in (BOUND, MOVED):
-                self.stats.verified_by(msg.exact)
-                self.stats.version_switches += seen.kind == MOVED
-            if seen.kind in (BOUND, MOVED, OTHER_OPENED):
-                if accept(msg):
-                    return msg
-                continue
-            if seen.kind != STALE and (seen.kind != CURRENT or accept(msg)):
-                return msg  # an ERROR of this round, or the message the caller waits for
-            self.stats.stale_messages += 1
+            actions = ex.on_payload(payload, time.monotonic())
+            if actions:
+                return actions
 
-    def handle_error(self, err: wire.Error) -> None:
-        if Rounds.error_action(err) == RESYNC:
-            self.resync()
-            return
-        raise Refused(err.code, err.text)
+    def failure(self, why: Failure) -> VerifierUnavailable:
+        what = ("the MQTT broker is unreachable" if why.broker
+                else f"no verdict ({why.cause}, {why.tries} tries)")
+        failure = BrokerUnreachable if why.broker else VerifierUnavailable
+        return failure(f"{what}: request failed after {why.waited_s:.1f}s under the '{why.policy}' policy; "
+                       f"{self.generated} tokens committed and kept")
 
-    def backoff(self, attempt: int) -> float:
-        """Jitter around an exponential timeout (capped): replays stay idempotent anyway."""
-        base = self.agent.round_timer.timeout_s(self.faults.round_timeout_s, self.faults.max_wait_s)
-        base *= 1.5 ** min(attempt, 4)
-        return base * (0.75 + 0.5 * random.random())
-
-    def unanswered(self, cause: str, attempt: int, since: float, can_draft: bool = False) -> None:
-        """A message went unanswered (`cause`: TIMEOUT, REPLICA_LOST or BROKER_LOST) on its
-        `attempt`-th try, the wait having begun at `since`. Applies the fault policy: returns when
-        it is worth trying again, raises _DraftAlone to go on unverified, or fails the request."""
-        faults, link = self.faults, self.agent.link
-        broker = cause == BROKER_LOST
-        policy = faults.on_broker_loss if broker else faults.on_verifier_loss
-        waited = time.monotonic() - since
-        failure = BrokerUnreachable if broker else VerifierUnavailable
-        what = "the MQTT broker is unreachable" if broker else f"no verdict ({cause}, {attempt + 1} tries)"
-        action = Rounds.fault_action(faults, broker, attempt, waited, self.alone, can_draft,
-                                     self.stats.unverified_tokens)
-        if action == FAIL:
-            raise failure(f"{what}: request failed after {waited:.1f}s under the '{policy}' policy; "
-                          f"{self.generated} tokens committed and kept")
-        if action == DRAFT_ALONE:
-            raise _DraftAlone(cause)
-        if broker and not link.connected.wait(max(0.0, since + faults.max_wait_s - time.monotonic())):
-            raise failure(f"{what}: request failed after {faults.max_wait_s:.0f}s (max_wait_s); "
-                          f"{self.generated} tokens committed and kept")
+    def new_exchange(self, pending, can_draft: bool = False, attempt: int = 0) -> Exchange:
+        return Exchange(self.rounds, pending, self.faults, self.stats, self.agent.round_timer, self.vocab_size,
+                        time.monotonic(), can_draft=can_draft, alone=self.alone, attempt=attempt)
 
     def round_trip(self, msg: wire.Draft, ahead: Ahead | None = None) -> wire.Verdict:
         """Send a draft and wait for its verdict; `ahead` drafts during the wait, between messages."""
-        inbox = self.agent.inbox
-        wanted = lambda m: isinstance(m, (wire.Verdict, wire.Hint)) and m.committed == msg.committed
-        hint, since, attempt = None, time.monotonic(), 0
         can_draft = bool(msg.tokens) and not self.policy.autoregressive
-        while True:
-            self.bind(since, can_draft)
-            self.send(replace(msg, seq=self.seq))
-            sent = time.monotonic()
-            deadline = sent + self.backoff(attempt)
-            while True:
-                busy = ahead is not None and ahead.wants_more()
-                if busy and inbox.empty():
-                    ahead.step()
-                    continue
-                reply = self.receive(min(deadline, time.monotonic() + 0.001) if busy else deadline, wanted)
-                if reply is None and time.monotonic() < deadline:
-                    continue
-                if reply is RECONNECTED:  # what we sent may have died with the old connection
-                    self.send(replace(msg, seq=self.seq))
-                    continue
-                if reply is None or isinstance(reply, str):
-                    self.unanswered(reply or TIMEOUT, attempt, since, can_draft)
-                    attempt += 1
-                    self.stats.retries += 1
-                    if reply is not BROKER_LOST:
-                        self.resync(failover=True)  # this replica may be gone: ask the group
-                    break
-                if isinstance(reply, wire.Error):
-                    self.handle_error(reply)
-                    self.bind(since, can_draft)
-                    self.send(replace(msg, seq=self.seq))
-                    sent = time.monotonic()
-                    continue
-                if not Rounds.text_matches(reply, msg):
-                    # The replica answers for another text of the same length (a late verdict of a
-                    # stale draft moved it, say): never taken as verified. A verdict resyncs it.
-                    self.agent.count_error("text_mismatch")
-                    log.warning("dropped a %s over another committed text of %d tokens", type(reply).__name__,
-                                msg.committed)
-                    if isinstance(reply, wire.Hint):
-                        continue
-                    self.resync()
-                    self.bind(since, can_draft)
-                    self.send(replace(msg, seq=self.seq))
-                    sent = time.monotonic()
-                    continue
-                if isinstance(reply, wire.Hint):
-                    hint = reply
-                    if ahead is not None:
-                        ahead.redirect(reply.accepted, reply.next_token)
-                    continue
-                if hint is not None:
-                    self.stats.hints += 1
-                    self.stats.hints_agreed += (hint.accepted, hint.next_token) == (reply.accepted, reply.next_token)
-                    self.stats.hint_layer = hint.layer
-                if attempt == 0:
-                    self.agent.round_timer.observe(time.monotonic() - sent)
-                return reply
+        return next(self.exchange(self.new_exchange(msg, can_draft), ahead))
 
     def stream(self, request: wire.Generate):
         """Tokens messages answering `request`; returns early (to be re-asked) on a timeout."""
-        since = time.monotonic()
-        self.bind(since)
-        self.send(replace(request, seq=self.seq))
-        while True:
-            reply = self.receive(time.monotonic() + self.backoff(self.stream_failures),
-                                 lambda m: isinstance(m, wire.Tokens))
-            if reply is RECONNECTED:
-                self.send(replace(request, seq=self.seq))
-                continue
-            if reply is None or isinstance(reply, str):
-                self.unanswered(reply or TIMEOUT, self.stream_failures, since)
-                self.stream_failures += 1
-                self.stats.retries += 1
-                if reply is not BROKER_LOST:
-                    self.resync(failover=True)
-                return  # the caller asks again from the committed length it has
-            if isinstance(reply, wire.Error):
-                self.handle_error(reply)
-                return
-            self.stream_failures = 0
-            since = time.monotonic()
-            yield reply
+        ex = self.new_exchange(request, attempt=self.stream_failures)
+        try:
+            yield from self.exchange(ex)
+        finally:
+            self.stream_failures = ex.attempt

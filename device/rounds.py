@@ -1,17 +1,24 @@
-"""The device's side of one session's rounds, with no I/O: messages in, decisions out.
+"""The device's side of one session's rounds, with no I/O: messages in, actions out.
 
 Like cloud/session.py on the verifier, this holds the state both ends must agree on and decides
-what an incoming message means; device/agent.py does the waiting, sending and drafting around it.
-Held here: the session id, the round number (seq) and that of the latest OPEN, the replica that
-holds the session and its target version, and the committed text's hash (wire.TextHasher). Decided
-here: whether a verifier's message is malformed in meaning (`check`), what it is for this
-session (`classify`), whether a verdict was computed over the device's own text
-(`text_matches`), what an ERROR asks for (`error_action`) and what the fault policy says when a
-round goes unanswered (`fault_action`).
+what every event means; device/agent.py only sends, waits and drafts as the actions say.
+
+`Rounds` holds a session's state: its id, the round number (seq) and that of the latest OPEN, the
+replica that holds the session and its target version, and the committed text's hash
+(wire.TextHasher). It decides whether a verifier's message is malformed in meaning (`check`),
+what it is for this session (`classify`), whether a verdict was computed over the device's own
+text (`text_matches`), what an ERROR asks for (`error_action`) and what the fault policy says
+when a message goes unanswered (`fault_action`).
+
+`Exchange` is one message (a DRAFT, or a GENERATE and its stream) until its answer: every try,
+OPEN, resync, failover, retry count and deadline. Its events are `on_payload` (bytes from the
+session's inbox), `on_silence` (the deadline passed, the replica went offline, the broker is
+down), `on_broker_back` and `on_reconnected`; each returns the actions to perform, in order.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 
 from specedge import wire
 from specedge.config import TOPIC_NAME
@@ -44,6 +51,11 @@ CURRENT = "current"  # a message of this round: the caller decides if it is the 
 # What error_action() says:
 RESYNC = "resync"  # OPEN again with the committed text (UNKNOWN_SESSION, OUT_OF_SYNC)
 REFUSED = "refused"  # the request fails with the verifier's reason
+
+# What an Exchange is told when nothing came (on_silence's cause):
+TIMEOUT = "timeout"  # the deadline passed
+REPLICA_LOST = "replica lost"  # the replica holding the session went offline
+BROKER_LOST = "broker lost"  # the connection to the broker is down
 
 # What fault_action() says when a message went unanswered:
 RETRY = "retry"  # worth another try (after the broker is back, for a broker loss)
@@ -143,3 +155,205 @@ class Rounds:
             if policy == "draft" and can_draft and unverified < faults.unverified_max_tokens:
                 return DRAFT_ALONE
         return RETRY
+
+
+@dataclass
+class RoundTimer:
+    """How long a round waits for its verdict: RFC 6298's retransmission timer over this device's
+    round trips, between `faults.round_timeout_s` and 8 times that (or `max_wait_s`). A verifier
+    that slows down under load stretches the wait instead of drawing timeouts and resyncs, whose
+    cold prefills would add to the very load that made it slow."""
+
+    srtt_s: float | None = None
+    rttvar_s: float = 0.0
+
+    def observe(self, rtt_s: float) -> None:
+        """A round trip answered on its first try (Karn: a resent round's time is ambiguous)."""
+        if self.srtt_s is None:
+            self.srtt_s, self.rttvar_s = rtt_s, rtt_s / 2
+        else:
+            self.rttvar_s = 0.75 * self.rttvar_s + 0.25 * abs(self.srtt_s - rtt_s)
+            self.srtt_s = 0.875 * self.srtt_s + 0.125 * rtt_s
+
+    def timeout_s(self, floor_s: float, cap_s: float = float("inf")) -> float:
+        if self.srtt_s is None:
+            return floor_s
+        return max(floor_s, min(8 * floor_s, cap_s, self.srtt_s + 4 * self.rttvar_s))
+
+
+# What an Exchange asks of the glue (Action.kind; Action.arg as noted):
+SEND = "send"  # publish arg (the pending message under the current round) to the session's replica
+OPEN = "open"  # publish an OPEN with the committed text under the current round, to the group
+DROPPED = "dropped"  # count and log a dropped message: arg = (kind, why)
+HINT = "hint"  # arg: a HINT over our text; drafting ahead may follow it
+DELIVER = "deliver"  # arg: the answer (the VERDICT; or one TOKENS of a stream, which goes on)
+ASK_AGAIN = "ask again"  # the stream ends here: the caller asks again from what it holds
+AWAIT_BROKER = "await broker"  # wait for the broker until arg (monotonic s), then on_broker_back or on_silence
+REFUSE = "refuse"  # arg: the verifier's ERROR: the request fails with its reason
+# and DRAFT_ALONE (arg: the cause) and FAIL (arg: Failure) of fault_action's vocabulary
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    arg: object = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why the fault policy failed the request: the glue words it with what was committed."""
+    broker: bool
+    cause: str
+    tries: int
+    waited_s: float
+    policy: str
+
+
+class Exchange:
+    """One message until its answer, with no I/O (see the module docstring).
+
+    pending: the DRAFT or GENERATE to deliver (its seq is set at each send). stats: the request's
+    SpecStats, whose fault counters (retries, resyncs, failovers, stale messages, hints) are kept
+    here. A session with no replica is bound first: the OPEN is out, and the pending message goes
+    to the replica that answers. `attempt`: tries already spent (a stream's, across its re-asks)."""
+
+    def __init__(self, rounds: Rounds, pending, faults, stats, timer: RoundTimer, vocab_size: int, now: float,
+                 *, can_draft: bool = False, alone: bool = False, attempt: int = 0,
+                 rng: random.Random | None = None):
+        self.rounds, self.pending, self.faults, self.stats = rounds, pending, faults, stats
+        self.timer, self.vocab_size, self.rng = timer, vocab_size, rng or random.Random()
+        self.stream = isinstance(pending, wire.Generate)
+        self.can_draft, self.alone = can_draft, alone
+        self.since = now  # when the wait began: the fault policy's max_wait_s counts from here
+        self.attempt = attempt  # tries of the pending message that went unanswered
+        self.open_attempt = 0  # tries of the current OPEN
+        self.sent_at: float | None = None
+        self.hint: wire.Hint | None = None
+        self.deadline = now
+
+    @property
+    def binding(self) -> bool:
+        return self.rounds.replica is None
+
+    def backoff(self, attempt: int) -> float:
+        """Jitter around an exponential timeout (capped): replays stay idempotent anyway."""
+        base = self.timer.timeout_s(self.faults.round_timeout_s, self.faults.max_wait_s)
+        return base * 1.5 ** min(attempt, 4) * (0.75 + 0.5 * self.rng.random())
+
+    # -- events -------------------------------------------------------------------------------
+    def start(self, now: float) -> list[Action]:
+        if self.binding:  # an OPEN is out: wait for its OPENED
+            self.deadline = now + self.backoff(self.open_attempt)
+            return []
+        return self._send(now)
+
+    def on_payload(self, payload: bytes, now: float) -> list[Action]:
+        try:
+            msg = wire.decode(payload)
+        except wire.WireError as exc:
+            return [Action(DROPPED, (exc.kind, f"dropped a bad verifier message: {exc}"))]
+        problem = Rounds.check(msg, self.vocab_size)
+        if problem:
+            return [Action(DROPPED, (problem[0], f"dropped a verifier message: {problem[1]}"))]
+        seen = self.rounds.classify(msg)
+        if seen.kind in (BOUND, MOVED):
+            self.stats.verified_by(msg.exact)
+            self.stats.version_switches += seen.kind == MOVED
+        if seen.kind == BOUND:
+            return self._send(now)
+        if seen.kind in (MOVED, OTHER_OPENED):
+            return []
+        if seen.kind == ERROR:
+            if Rounds.error_action(msg) == REFUSED:
+                return [Action(REFUSE, msg)]
+            return self._resync(now) + ([Action(ASK_AGAIN)] if self.stream else [])
+        if seen.kind == STALE or self.binding or not self._wanted(msg):
+            self.stats.stale_messages += 1
+            return []
+        return self._answer(msg, now)
+
+    def on_silence(self, cause: str, now: float) -> list[Action]:
+        """Nothing came by the deadline (TIMEOUT), the replica went offline (REPLICA_LOST) or the
+        broker connection is down (BROKER_LOST)."""
+        broker = cause == BROKER_LOST
+        tries = self.open_attempt if self.binding else self.attempt
+        waited = now - self.since
+        action = Rounds.fault_action(self.faults, broker, tries, waited, self.alone, self.can_draft,
+                                     self.stats.unverified_tokens)
+        if action == FAIL:
+            policy = self.faults.on_broker_loss if broker else self.faults.on_verifier_loss
+            return [Action(FAIL, Failure(broker, cause, tries + 1, waited, policy))]
+        if action == DRAFT_ALONE:
+            return [Action(DRAFT_ALONE, cause)]
+        self.stats.retries += 1
+        if self.binding:
+            self.open_attempt += 1
+        else:
+            self.attempt += 1
+        if broker:
+            return [Action(AWAIT_BROKER, self.since + self.faults.max_wait_s)]
+        if self.binding:
+            return self._reopen(now)
+        # this replica may be gone: ask the group
+        return self._resync(now, failover=True) + ([Action(ASK_AGAIN)] if self.stream else [])
+
+    def on_broker_back(self, now: float) -> list[Action]:
+        if self.binding:
+            return self._reopen(now)
+        return [Action(ASK_AGAIN)] if self.stream else self._send(now)
+
+    def on_reconnected(self, now: float) -> list[Action]:
+        """The connection came back since the last send: what was sent may have died with it."""
+        if self.binding:
+            return self._reopen(now, wait=False)
+        return [Action(SEND, replace(self.pending, seq=self.rounds.seq))]
+
+    # -- the rules ----------------------------------------------------------------------------
+    def _wanted(self, msg) -> bool:
+        if self.stream:
+            return isinstance(msg, wire.Tokens)
+        return isinstance(msg, (wire.Verdict, wire.Hint)) and msg.committed == self.pending.committed
+
+    def _answer(self, msg, now: float) -> list[Action]:
+        if self.stream:  # each TOKENS restarts the wait
+            self.attempt, self.since = 0, now
+            self.deadline = now + self.backoff(0)
+            return [Action(DELIVER, msg)]
+        if not Rounds.text_matches(msg, self.pending):
+            # The replica answers for another text of the same length (a late verdict of a stale
+            # draft moved it, say): never taken as verified. A verdict resyncs it.
+            dropped = Action(DROPPED, ("text_mismatch", f"dropped a {type(msg).__name__} over another "
+                                                        f"committed text of {msg.committed} tokens"))
+            return [dropped] if isinstance(msg, wire.Hint) else [dropped] + self._resync(now)
+        if isinstance(msg, wire.Hint):
+            self.hint = msg
+            return [Action(HINT, msg)]
+        if self.hint is not None:
+            self.stats.hints += 1
+            self.stats.hints_agreed += (self.hint.accepted, self.hint.next_token) == (msg.accepted, msg.next_token)
+            self.stats.hint_layer = self.hint.layer
+        if self.attempt == 0 and self.sent_at is not None:
+            self.timer.observe(now - self.sent_at)
+        return [Action(DELIVER, msg)]
+
+    def _send(self, now: float) -> list[Action]:
+        self.sent_at = now
+        self.deadline = now + self.backoff(self.attempt)
+        return [Action(SEND, replace(self.pending, seq=self.rounds.seq))]
+
+    def _reopen(self, now: float, wait: bool = True) -> list[Action]:
+        """OPEN again with the committed text, under the next round number."""
+        self.rounds.next_round()
+        self.rounds.opening()
+        if wait:
+            self.deadline = now + self.backoff(self.open_attempt)
+        return [Action(OPEN)]
+
+    def _resync(self, now: float, failover: bool = False) -> list[Action]:
+        """Rebuild the session from the committed text on whichever replica of the group answers.
+        A new round number: nothing the previous replica still sends can be taken for the new one's."""
+        self.stats.failovers += failover
+        self.stats.resyncs += 1
+        self.rounds.unbind()
+        self.open_attempt = 0
+        return self._reopen(now)

@@ -12,7 +12,7 @@ def test_every_fault_is_survived_or_fails_cleanly_with_nothing_lost():
 
 
 def test_the_round_timer_follows_a_slowing_verifier_between_its_bounds():
-    from specedge.device.agent import RoundTimer
+    from specedge.device.rounds import RoundTimer
 
     timer = RoundTimer()
     assert timer.timeout_s(floor_s=2.0) == 2.0  # nothing seen yet

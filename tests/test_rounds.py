@@ -481,3 +481,185 @@ def test_the_fault_policy_decides_without_io(policy, broker, attempt, waited, al
     faults = FaultConfig(max_retries=2, max_wait_s=10.0, unverified_max_tokens=4, on_verifier_loss=policy,
                          on_broker_loss=policy)
     assert Rounds.fault_action(faults, broker, attempt, waited, alone, can_draft, unverified) == want
+
+
+# -- 4. one exchange (a DRAFT until its verdict), no I/O: events in, actions out ---------------------
+def _exchange(prompt=(1, 2, 3), draft=(4, 5), bound=True, **faults):
+    import random
+
+    from specedge.config import FaultConfig
+    from specedge.device.rounds import Exchange, RoundTimer, Rounds
+    from specedge.metrics import SpecStats
+
+    rounds = Rounds(7, list(prompt))
+    rounds.opening()
+    if bound:
+        rounds.classify(wire.Opened(7, rounds.open_seq, "r1", "v1", True))
+    rounds.next_round()
+    pending = wire.Draft(7, rounds.seq, len(prompt), list(draft), text_hash=rounds.text_hash())
+    cfg = FaultConfig(**{"round_timeout_s": 1.0, "max_retries": 2, "max_wait_s": 30.0, **faults})
+    ex = Exchange(rounds, pending, cfg, SpecStats(), RoundTimer(), 100, 0.0, can_draft=True,
+                  rng=random.Random(0))
+    return ex, rounds, pending
+
+
+def _kinds(actions):
+    return [a.kind for a in actions]
+
+
+def test_a_late_verdict_over_another_text_of_the_same_length_resyncs_and_is_never_delivered():
+    """The exact case of issue 20 point 13, without I/O: after the device drafted alone, a slow
+    verifier's session holds another text of the same length; its verdict for the current round
+    states that text's hash. The exchange drops it, resyncs (OPEN under a new round), sends the
+    draft again once bound, and delivers only the verdict over the device's own text."""
+    from specedge.device.rounds import DELIVER, DROPPED, OPEN, SEND
+
+    ex, rounds, pending = _exchange()
+    assert _kinds(ex.start(0.0)) == [SEND]
+    other = wire.text_hash([1, 2, 9])  # same length, last token differs
+    acts = ex.on_payload(wire.encode(wire.Verdict(7, rounds.seq, 3, 2, 6, text_hash=other)), 0.1)
+    assert _kinds(acts) == [DROPPED, OPEN] and acts[0].arg[0] == "text_mismatch"
+    assert rounds.replica is None and ex.stats.resyncs == 1
+    acts = ex.on_payload(wire.encode(wire.Opened(7, rounds.open_seq, "r2", "v1", True)), 0.2)
+    assert _kinds(acts) == [SEND] and acts[0].arg.seq == rounds.seq and acts[0].arg.tokens == [4, 5]
+    good = wire.Verdict(7, rounds.seq, 3, 2, 6, text_hash=pending.text_hash)
+    assert ex.on_payload(wire.encode(good), 0.3) == [type(acts[0])(DELIVER, good)]
+
+
+def test_silence_retries_with_failover_then_the_policy_decides():
+    from specedge.device.rounds import DRAFT_ALONE, FAIL, OPEN, SEND, TIMEOUT
+
+    ex, rounds, _ = _exchange(on_verifier_loss="draft")
+    ex.start(0.0)
+    assert _kinds(ex.on_silence(TIMEOUT, 1.5)) == [OPEN] and rounds.replica is None  # failover to the group
+    assert ex.stats.failovers == 1 and ex.attempt == 1
+    assert _kinds(ex.on_payload(wire.encode(wire.Opened(7, rounds.open_seq, "r2", "v1")), 1.6)) == [SEND]
+    ex.on_silence(TIMEOUT, 4.0)
+    ex.on_payload(wire.encode(wire.Opened(7, rounds.open_seq, "r3", "v1")), 4.1)
+    assert _kinds(ex.on_silence(TIMEOUT, 8.0)) == [DRAFT_ALONE]  # max_retries spent: the policy
+    failing, _, _ = _exchange(on_verifier_loss="fail", max_retries=0)
+    failing.start(0.0)
+    acts = failing.on_silence(TIMEOUT, 1.5)
+    assert _kinds(acts) == [FAIL] and acts[0].arg.tries == 1 and acts[0].arg.policy == "fail"
+
+
+def test_a_broker_loss_waits_for_the_broker_then_resends_to_the_same_replica():
+    from specedge.device.rounds import AWAIT_BROKER, BROKER_LOST, FAIL, SEND
+
+    ex, rounds, _ = _exchange()
+    ex.start(0.0)
+    acts = ex.on_silence(BROKER_LOST, 0.5)
+    assert _kinds(acts) == [AWAIT_BROKER] and acts[0].arg == 30.0  # since + max_wait_s
+    assert _kinds(ex.on_broker_back(5.0)) == [SEND] and rounds.replica == "r1"
+    assert _kinds(ex.on_silence(BROKER_LOST, 31.0)) == [FAIL]  # still down past max_wait_s
+
+
+def test_an_error_refuses_or_resyncs_and_a_reconnect_resends_the_same_round():
+    from specedge.device.rounds import OPEN, REFUSE, SEND
+
+    ex, rounds, _ = _exchange()
+    ex.start(0.0)
+    seq = rounds.seq
+    acts = ex.on_reconnected(0.1)
+    assert _kinds(acts) == [SEND] and acts[0].arg.seq == seq
+    lost = wire.Error(7, seq, wire.ErrorCode.UNKNOWN_SESSION)
+    assert _kinds(ex.on_payload(wire.encode(lost), 0.2)) == [OPEN] and rounds.seq > seq
+    busy = wire.Error(7, rounds.open_seq, wire.ErrorCode.OVERLOADED, "sessions per device")
+    acts = ex.on_payload(wire.encode(busy), 0.3)
+    assert _kinds(acts) == [REFUSE] and acts[0].arg.text == "sessions per device"
+
+
+def _noise():
+    """What a slow, stale, duplicating, reordering, confused or hostile verifier may send, as
+    (kind, session offset, seq offset, committed offset, text is ours) plus silences."""
+    # weighted towards this session's current round, where a wrong answer could do harm
+    message = st.tuples(st.sampled_from(["verdict", "verdict", "verdict", "hint", "opened", "opened", "error",
+                                         "tokens", "garbage"]),
+                        st.sampled_from([0, 0, 0, 1]), st.sampled_from([0, 0, 0, 0, -1, -2, 1]),
+                        st.sampled_from([0, 0, 0, -1, 1]), st.booleans())
+    event = st.one_of(message, st.sampled_from([("silence", "timeout"), ("silence", "replica lost"),
+                                                ("silence", "broker lost"), ("broker back",), ("reconnected",)]))
+    return st.lists(event, max_size=40)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_noise(), st.booleans(), st.sampled_from(["wait", "draft", "fail"]))
+def test_whatever_the_verifier_does_only_a_verdict_over_our_text_for_this_round_is_delivered(events, bound,
+                                                                                            policy):
+    """Slow (silences), stale and reordered (older rounds), duplicated, other sessions', other
+    versions' (OPENED of another replica), hostile (garbage, out-of-range tokens) messages in any
+    order: the exchange delivers at most one answer, and it is a VERDICT of this session and its
+    current round, over the draft's committed text (length and hash); it sends the draft only
+    while bound, each OPEN under a new round number; and it ends only by delivering, the fault
+    policy or a refusal."""
+    from dataclasses import replace
+
+    from specedge.device.rounds import (ASK_AGAIN, AWAIT_BROKER, DELIVER, DRAFT_ALONE, FAIL, OPEN, REFUSE, SEND,
+                                        Action)
+
+    ex, rounds, pending = _exchange(bound=bound, on_verifier_loss=policy, on_broker_loss=policy)
+    seqs = [rounds.seq]
+
+    def ended(acts) -> bool:
+        for act in acts:
+            assert isinstance(act, Action) and act.kind != ASK_AGAIN  # a DRAFT's never hands back
+            if act.kind == SEND:
+                assert rounds.replica is not None and act.arg == replace(pending, seq=rounds.seq)
+            if act.kind == OPEN:
+                assert rounds.open_seq == rounds.seq > seqs[-1]
+                seqs.append(rounds.seq)
+            if act.kind == AWAIT_BROKER:
+                assert act.arg <= ex.since + ex.faults.max_wait_s
+            if act.kind == DELIVER:
+                v = act.arg
+                assert isinstance(v, wire.Verdict) and (v.session, v.seq) == (7, rounds.seq) and rounds.replica
+                assert (v.committed, v.text_hash) == (pending.committed, pending.text_hash)
+            if act.kind in (DELIVER, DRAFT_ALONE, FAIL, REFUSE):
+                return True
+        return False
+
+    now = 0.0
+    if ended(ex.start(now)):
+        return
+    for event in events:
+        now += 0.7
+        if event[0] == "silence":
+            acts = ex.on_silence(event[1], now)
+        elif event[0] == "broker back":
+            acts = ex.on_broker_back(now)
+        elif event[0] == "reconnected":
+            acts = ex.on_reconnected(now)
+        else:
+            kind, session, seq_off, committed_off, ours = event
+            session, seq = 7 + session, max(0, rounds.seq + seq_off)
+            committed = pending.committed + committed_off
+            text_hash = pending.text_hash if ours else wire.text_hash([1, 2, 9])
+            msg = {"verdict": wire.Verdict(session, seq, committed, 1, 42, text_hash=text_hash),
+                   "hint": wire.Hint(session, seq, committed, 1, 42, 3, text_hash=text_hash),
+                   "opened": wire.Opened(session, rounds.open_seq if ours else seq, f"r{seq_off + 2}", "v2"),
+                   "error": wire.Error(session, seq, wire.ErrorCode.OUT_OF_SYNC),
+                   "tokens": wire.Tokens(session, seq, 0, [5])}.get(kind)
+            acts = ex.on_payload(wire.encode(msg) if msg else bytes([0x53, 0x45, 99, 1, 2]), now)
+        if ended(acts):
+            return
+
+
+def test_a_stream_delivers_every_tokens_message_and_hands_back_after_a_failover():
+    import random
+
+    from specedge.config import FaultConfig
+    from specedge.device.rounds import ASK_AGAIN, DELIVER, OPEN, TIMEOUT, Exchange, RoundTimer, Rounds
+    from specedge.metrics import SpecStats
+
+    rounds = Rounds(7, [1, 2, 3])
+    rounds.opening()
+    rounds.classify(wire.Opened(7, rounds.open_seq, "r1", "v1"))
+    rounds.next_round()
+    request = wire.Generate(7, rounds.seq, 3, 8, rounds.text_hash())
+    ex = Exchange(rounds, request, FaultConfig(round_timeout_s=1.0), SpecStats(), RoundTimer(), 100, 0.0,
+                  attempt=1, rng=random.Random(0))
+    ex.start(0.0)
+    for start in (0, 1):
+        acts = ex.on_payload(wire.encode(wire.Tokens(7, rounds.seq, start, [5])), 0.5 + start)
+        assert _kinds(acts) == [DELIVER] and ex.attempt == 0 and ex.since == 0.5 + start
+    assert _kinds(ex.on_silence(TIMEOUT, 9.0)) == [OPEN, ASK_AGAIN] and ex.attempt == 1 and ex.stats.failovers == 1
