@@ -56,6 +56,9 @@ REMOTE_RANGES = {
 }
 FAULT_POLICY_KEYS = ("faults.on_verifier_loss", "faults.on_broker_loss")
 MAX_DRAIN_WAIT_S = 60.0  # the fleet thread answers nothing else meanwhile
+# Operator messages waiting for the fleet thread (which may sit in a drain for MAX_DRAIN_WAIT_S):
+# more is a flood, dropped and counted (`fleet_inbox_full`), never held without bound.
+MAX_FLEET_INBOX = 64
 # The last part of a key that holds a secret; its value never leaves the device.
 SECRET = re.compile(r"(^|_)(password|secret|token|api_key)$")
 REDACTED = "<redacted>"
@@ -179,7 +182,7 @@ class FleetMember:
         self.topic = lambda leaf: device_topic(self.fleet, self.device, leaf)
         self.reply_prefix = self.topic("reply") + "/"
         self.http_port = http_port
-        self.inbox: queue.Queue = queue.Queue()
+        self.inbox: queue.Queue = queue.Queue(maxsize=MAX_FLEET_INBOX)
         self.desired: dict[str, bytes] = {}  # "fleet" / "device" -> retained desired config payload
         self.announced_target = ""
         self.commands_handled = 0
@@ -191,12 +194,19 @@ class FleetMember:
         link.will = (self.topic("status"), json.dumps({"state": "offline", "device": self.device,
                                                        "fleet": self.fleet}).encode(), True)
         link.birth = (self.topic("status"), self.status_payload, True)
-        queued = lambda kind: lambda topic, payload, reply_to: self.inbox.put((kind, topic, payload, reply_to))
+        queued = lambda kind: lambda topic, payload, reply_to: self._offer((kind, topic, payload, reply_to))
         link.subscribe(self.topic("cmd"), queued("cmd"))
         link.subscribe(self.topic("config"), queued("config"))
         link.subscribe(f"{TOPIC_ROOT}/{self.fleet}/config", queued("config"))
         link.subscribe(f"{TOPIC_ROOT}/{self.fleet}/targets", queued("targets"))
-        service.on_state_change = lambda: self.inbox.put(("status", None, None, None))
+        service.on_state_change = lambda: self._offer(("status", None, None, None))
+
+    # paho's network thread and the service's: nothing here may block.
+    def _offer(self, item) -> None:
+        try:
+            self.inbox.put_nowait(item)
+        except queue.Full:
+            self.agent.count_error("fleet_inbox_full")
 
     def start(self) -> "FleetMember":
         self._last_energy = (time.monotonic(), self.agent.meter.energy_j() if self.agent.meter else 0.0)
@@ -205,7 +215,7 @@ class FleetMember:
 
     def stop(self) -> None:
         self._stop.set()
-        self.inbox.put(None)
+        self._offer(None)  # wake the thread (if the inbox is full, it sees _stop after its next item)
         self._thread.join(timeout=10)
         if self.agent.link.connected.is_set():  # a clean goodbye does not fire the will
             self.agent.link.publish(self.topic("status"), self.status_payload("offline"), retain=True, qos=1)

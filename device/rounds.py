@@ -227,6 +227,7 @@ class Exchange:
         self.since = now  # when the wait began: the fault policy's max_wait_s counts from here
         self.attempt = attempt  # tries of the pending message that went unanswered
         self.open_attempt = 0  # tries of the current OPEN
+        self.resyncs_asked = 0  # resyncs the verifier asked for (ERROR, a verdict over another text)
         self.sent_at: float | None = None
         self.hint: wire.Hint | None = None
         self.deadline = now
@@ -266,7 +267,7 @@ class Exchange:
         if seen.kind == ERROR:
             if Rounds.error_action(msg) == REFUSED:
                 return [Action(REFUSE, msg)]
-            return self._resync(now) + ([Action(ASK_AGAIN)] if self.stream else [])
+            return self._asked_to_resync(now) + ([Action(ASK_AGAIN)] if self.stream else [])
         if seen.kind == STALE or self.binding or not self._wanted(msg):
             self.stats.stale_messages += 1
             return []
@@ -324,7 +325,7 @@ class Exchange:
             # draft moved it, say): never taken as verified. A verdict resyncs it.
             dropped = Action(DROPPED, ("text_mismatch", f"dropped a {type(msg).__name__} over another "
                                                         f"committed text of {msg.committed} tokens"))
-            return [dropped] if isinstance(msg, wire.Hint) else [dropped] + self._resync(now)
+            return [dropped] if isinstance(msg, wire.Hint) else [dropped] + self._asked_to_resync(now)
         if isinstance(msg, wire.Hint):
             self.hint = msg
             return [Action(HINT, msg)]
@@ -348,6 +349,22 @@ class Exchange:
         if wait:
             self.deadline = now + self.backoff(self.open_attempt)
         return [Action(OPEN)]
+
+    def _asked_to_resync(self, now: float) -> list[Action]:
+        """An ERROR or a verdict over another text asks for a resync. A verifier that keeps asking
+        (a resync loop) counts as lost after max_retries of them in one exchange: the fault policy
+        decides, and under `wait` it fails the request once max_wait_s has passed."""
+        self.resyncs_asked += 1
+        if self.resyncs_asked > self.faults.max_retries:
+            waited = now - self.since
+            action = Rounds.fault_action(self.faults, False, self.resyncs_asked, waited, self.alone,
+                                         self.can_draft, self.stats.unverified_tokens)
+            if action == FAIL:
+                return [Action(FAIL, Failure(False, "resync loop", self.resyncs_asked, waited,
+                                             self.faults.on_verifier_loss))]
+            if action == DRAFT_ALONE:
+                return [Action(DRAFT_ALONE, "resync loop")]
+        return self._resync(now)
 
     def _resync(self, now: float, failover: bool = False) -> list[Action]:
         """Rebuild the session from the committed text on whichever replica of the group answers.

@@ -116,15 +116,47 @@ def install_plan(kind: str, exe: str, unit_dir: Path, config_dir: Path, user: st
     if not config.exists():
         steps.append((f"copy the example config to {config} (edit it: broker, identity, TLS)",
                        ["install", "-D", "-o", "root", "-g", user, "-m", "0640", str(example), str(config)]))
-    elif not readable_by_group(config, user):
-        steps.append((f"let the group {user} read {config}", ["chgrp", user, str(config)]))
-        steps.append((f"make {config} group-readable", ["chmod", "g+r", str(config)]))
+    else:
+        steps += file_steps(config, user, secret=True)
+        for path, secret in named_files(config):
+            steps += file_steps(path, user, secret)
     unit = unit_dir / f"{service}.service"
     text = render_unit(kind, exe, str(config), user)
     if not unit.exists() or unit.read_text() != text:
         steps.append((f"write {unit}", (unit, text)))
     steps.append(("reload systemd", ["systemctl", "daemon-reload"]))
     steps.append((f"enable and start {service}", ["systemctl", "enable", "--now", f"{service}.service"]))
+    return steps
+
+
+def named_files(config: Path) -> list[tuple[Path, bool]]:
+    """The files an existing config names (TLS, the API key), resolved as the service resolves
+    them, each with whether it is a secret (a private key, an API key)."""
+    from specedge.config import FILE_KEYS, ConfigError, read_toml
+
+    try:
+        data = read_toml(config)
+    except ConfigError:
+        return []  # the service's own start-up says what is wrong with it
+    found = []
+    for section, keys in FILE_KEYS.items():
+        values = data.get(section)
+        for key in keys if isinstance(values, dict) else ():
+            if isinstance(values.get(key), str) and values[key]:
+                found.append((config.absolute().parent / values[key], key in ("tls_key", "api_key_file")))
+    return found
+
+
+def file_steps(path: Path, group: str, secret: bool) -> list[Step]:
+    """The service (Group=<group>) must read `path`; a secret must not be readable by others."""
+    if not path.is_file():
+        return []  # a missing file is the config check's error, at start-up
+    steps: list[Step] = []
+    if not readable_by_group(path, group):
+        steps.append((f"let the group {group} read {path}", ["chgrp", group, str(path)]))
+        steps.append((f"make {path} group-readable", ["chmod", "g+r", str(path)]))
+    if secret and path.stat().st_mode & 0o007:
+        steps.append((f"make {path} unreadable to other users (a secret)", ["chmod", "o-rwx", str(path)]))
     return steps
 
 

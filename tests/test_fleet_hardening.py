@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import threading
 import time
 
 import pytest
@@ -357,3 +358,30 @@ def test_only_operator_certificates_reach_the_operators_listener(bound):
     for role, name in (("devices", "d1"), ("verifiers", "v1")):
         with pytest.raises((BrokerUnavailable, OSError)):  # the TLS handshake fails: not their CA
             tls_link(bound, role, name, "specedge-verifier-v1", bound.operator_port).start(timeout=3)
+
+
+def test_a_flood_of_commands_while_the_fleet_thread_is_busy_is_bounded_and_counted(device, operator):
+    """The fleet thread can sit in a drain for a minute; commands that arrive meanwhile queue up
+    to MAX_FLEET_INBOX and the rest are dropped and counted, and the device answers afterwards."""
+    from specedge.device.fleet import MAX_FLEET_INBOX
+
+    member, release = device.fleet, threading.Event()
+    handle = member.on_command
+    member.on_command = lambda payload, reply_to: release.wait(30) and None
+    try:
+        before = device.service.agent.decode_errors.get("fleet_inbox_full", 0)
+        body = json.dumps({"command": "report", "args": {}, "id": "x"}).encode()
+        for _ in range(3 * MAX_FLEET_INBOX):
+            operator.publish(f"specedge/v1/{FLEET}/h1/cmd", body)
+        deadline = time.monotonic() + 10
+        while device.service.agent.decode_errors.get("fleet_inbox_full", 0) == before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert member.inbox.qsize() <= MAX_FLEET_INBOX
+        assert device.service.agent.decode_errors.get("fleet_inbox_full", 0) > before
+    finally:
+        member.on_command = handle
+        release.set()
+    while member.inbox.qsize():
+        time.sleep(0.05)
+    answer, _ = ask(operator, "report")
+    assert answer["ok"]

@@ -663,3 +663,22 @@ def test_a_stream_delivers_every_tokens_message_and_hands_back_after_a_failover(
         acts = ex.on_payload(wire.encode(wire.Tokens(7, rounds.seq, start, [5])), 0.5 + start)
         assert _kinds(acts) == [DELIVER] and ex.attempt == 0 and ex.since == 0.5 + start
     assert _kinds(ex.on_silence(TIMEOUT, 9.0)) == [OPEN, ASK_AGAIN] and ex.attempt == 1 and ex.stats.failovers == 1
+
+
+@pytest.mark.parametrize("policy, ends", [("fail", "fail"), ("draft", "draft alone"), ("wait", "fail")])
+def test_a_verifier_that_keeps_asking_for_resyncs_is_treated_as_lost(policy, ends):
+    """Every verdict over another text (or every OUT_OF_SYNC) asks for a resync, and no silence
+    ever comes: past max_retries resyncs in one exchange the fault policy decides; under `wait`
+    the request fails once max_wait_s has passed instead of resyncing for ever."""
+    ex, rounds, pending = _exchange(on_verifier_loss=policy)
+    ex.start(0.0)
+    now, kinds = 0.0, []
+    for _ in range(200):
+        now += 1.0
+        wrong = wire.Verdict(7, rounds.seq, 3, 1, 42, text_hash=wire.text_hash([1, 2, 9]))
+        kinds = _kinds(ex.on_payload(wire.encode(wrong), now))
+        if ends in kinds:
+            break
+        ex.on_payload(wire.encode(wire.Opened(7, rounds.open_seq, "r1", "v1")), now)
+    assert ends in kinds
+    assert ex.stats.resyncs <= ex.faults.max_retries + (30 if policy == "wait" else 0)

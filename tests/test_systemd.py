@@ -293,3 +293,23 @@ def test_units_security_exposure_is_at_most_2_5(kind, tmp_path):
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
     assert found, done.stdout + done.stderr
     assert float(found.group(1)) <= 2.5, done.stdout
+
+
+def test_the_files_a_config_names_are_given_to_the_service_group_and_secrets_closed_to_others(tmp_path):
+    """TLS files and the API key the config names (relative to it, as the service reads them):
+    the service's group must read them, and the private key and API key must not be readable by
+    every user, as `certs` and a careless `cp` can leave them."""
+    configs = tmp_path / "etc"
+    (configs / "tls").mkdir(parents=True)
+    for name, mode in (("ca.crt", 0o644), ("device.crt", 0o600), ("device.key", 0o644), ("api.key", 0o604)):
+        (configs / "tls" / name).write_text("x")
+        (configs / "tls" / name).chmod(mode)
+    (configs / "device.toml").write_text('[mqtt]\ntls_ca = "tls/ca.crt"\ntls_cert = "tls/device.crt"\n'
+                                         'tls_key = "tls/device.key"\n[api]\napi_key_file = "tls/api.key"\n')
+    steps = systemd.install_plan("device", sys.executable, tmp_path / "units", configs, "daemon")
+    commands = [action for _, action in steps if isinstance(action, list)]
+    for name in ("ca.crt", "device.crt", "device.key", "api.key"):
+        assert ["chgrp", "daemon", str(configs / "tls" / name)] in commands
+    assert ["chmod", "o-rwx", str(configs / "tls" / "device.key")] in commands
+    assert ["chmod", "o-rwx", str(configs / "tls" / "api.key")] in commands
+    assert ["chmod", "o-rwx", str(configs / "tls" / "ca.crt")] not in commands  # public: may stay readable
