@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import struct
 import threading
 import time
 from collections import deque
@@ -30,7 +29,8 @@ from specedge.cloud.versions import Versions
 from specedge.config import CloudConfig
 from specedge.exporter import VerifierMetrics
 from specedge.metrics import spec_rates
-from specedge.mqtt import REPLICAS, TOPIC_ROOT, Link, device_topic, split_device_topic
+from specedge.mqtt import Link
+from specedge.protocol import topics
 
 log = logging.getLogger("specedge.cloud")
 
@@ -41,10 +41,6 @@ MAX_DRAFTS = 64
 OTHER = "(other)"
 # Well under the broker's packet limit (wire.MAX_PACKET): a larger message gets us disconnected.
 MAX_STATS_BYTES = 64 * 1024
-
-
-def replica_topic(replica: str, leaf: str) -> str:
-    return f"{REPLICAS}/{replica}/{leaf}"
 
 
 @dataclass
@@ -143,7 +139,7 @@ class Verifier:
         self.stats = VerifierStats()
         self.metrics = VerifierMetrics(self)
         self.metrics_port: int | None = None  # where /metrics is served, once started
-        self.status_topic = replica_topic(self.replica, "status")
+        self.status_topic = topics.replica(self.replica, "status")
         offline = json.dumps({"state": "offline", "replica": self.replica}).encode()
         self.link = Link(cfg.mqtt, f"specedge-verifier-{self.replica}", self._on_message,
                          will=(self.status_topic, offline, True),
@@ -164,16 +160,16 @@ class Verifier:
 
     def start(self) -> "Verifier":
         fleet = self.cfg.verifier.fleet
-        self.link.subscribe(f"{TOPIC_ROOT}/{fleet}/+/draft/{self.replica}")
-        self.link.subscribe(f"{TOPIC_ROOT}/{fleet}/targets")
+        self.link.subscribe(topics.draft(fleet, topics.ANY, self.replica))
+        self.link.subscribe(topics.fleet(fleet, "targets"))
         self.link.start()
         group = self.cfg.verifier.group
         if group and self.link.protocol == "5":
-            self.link.subscribe(f"$share/{group}/{TOPIC_ROOT}/{fleet}/+/draft")
+            self.link.subscribe(topics.shared(group, topics.draft(fleet, topics.ANY)))
         else:
             if group:
                 log.warning("broker speaks MQTT %s: no shared subscriptions, run one replica only", self.link.protocol)
-            self.link.subscribe(f"{TOPIC_ROOT}/{fleet}/+/draft")
+            self.link.subscribe(topics.draft(fleet, topics.ANY))
         ident = self.cfg.verifier
         if ident.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(ident.metrics_host, ident.metrics_port)
@@ -283,7 +279,7 @@ class Verifier:
                    "cache_bytes": sum(s.cache_bytes() for s in self.sessions.values()),
                    "hints_sent": self.hints_sent, "hints_withheld": self.hints_withheld,
                    "errors": dict(self.errors), **self.stats.summary()}
-        self.link.publish(replica_topic(self.replica, "stats"), stats_payload(summary))
+        self.link.publish(topics.replica(self.replica, "stats"), stats_payload(summary))
 
     def reply(self, topic: str, msg) -> bytes:
         payload = wire.encode(msg)
@@ -292,22 +288,23 @@ class Verifier:
 
     # -- messages ------------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes, arrived: float) -> None:
-        parts = split_device_topic(topic)
-        if parts is None:
-            if topic.startswith(f"{TOPIC_ROOT}/") and topic.endswith("/targets") and topic.count("/") == 3:
-                self.on_announcement(topic.split("/")[2], payload)
+        parts = topics.parse_device(topic)
+        if parts is None or parts[2] != "draft":
+            announced = topics.parse_fleet(topic)
+            if announced is not None and announced[1] == "targets":
+                self.on_announcement(announced[0], payload)
             else:
                 self.count("bad_topic")
             return
         fleet, device, _ = parts
-        out = device_topic(fleet, device, "verdict")
+        out = topics.device(fleet, device, "verdict")
         try:
             msg = wire.decode(payload)
         except wire.WireError as exc:
             self.count(exc.kind)
             log.warning("rejected a payload from %s/%s: %s", fleet, device, exc)
-            if len(payload) >= 14:  # answer the sender if it can be named
-                _, _, session, seq = struct.unpack_from("<BBQI", payload)
+            if len(payload) >= wire.HEADER.size:  # answer the sender if it can be named
+                _, _, session, seq = wire.peek_header(payload)
                 code = (wire.ErrorCode.UNSUPPORTED_VERSION if isinstance(exc, wire.UnsupportedVersion)
                         else wire.ErrorCode.BAD_REQUEST)
                 self.reply(out, wire.Error(session, seq, code, str(exc)))
@@ -561,5 +558,5 @@ class Verifier:
         for (fleet, device, session_id), session, target in self.versions.moves(self.sessions):
             session.switch(target)
             self.stats.switches += 1
-            self.reply(device_topic(fleet, device, "verdict"),
+            self.reply(topics.device(fleet, device, "verdict"),
                        wire.Opened(session_id, session.last_seq, self.replica, target.name, target.exact))

@@ -32,6 +32,7 @@ import numpy as np
 from specedge import wire
 from specedge.config import DeviceConfig
 from specedge.contract import Contract
+from specedge.device import checks
 from specedge.device.draft import Drafted
 from specedge.device.pipeline import Ahead
 from specedge.device.policy import Policy
@@ -40,9 +41,10 @@ from specedge.device.profiles import get_profile
 from specedge.device.rounds import (ASK_AGAIN, AWAIT_BROKER, BROKER_LOST, DELIVER, DRAFT_ALONE, DROPPED, FAIL,
                                     HINT, OPEN, REFUSE, REPLICA_LOST, SEND, TIMEOUT, Exchange, Failure,
                                     RoundTimer, Rounds)
-from specedge.device.scheduler import Scheduler, State
+from specedge.device.scheduler import Scheduler, State, objective
 from specedge.metrics import SpecStats
-from specedge.mqtt import REPLICAS, Link, device_topic, publish_packet_bytes
+from specedge.mqtt import Link, publish_packet_bytes
+from specedge.protocol import topics
 from specedge.speculative import SamplingParams
 
 log = logging.getLogger("specedge.device")
@@ -92,10 +94,11 @@ class GenerationResult:
 
 class Agent:
     def __init__(self, cfg: DeviceConfig, engine, tokenizer):
+        checks.validate(cfg)  # the device's half of the config checks, however `cfg` was built
         self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
         ident = cfg.device
-        self.up_topic = device_topic(ident.fleet, ident.id, "draft")
-        self.down_topic = device_topic(ident.fleet, ident.id, "verdict")
+        self.up_topic = topics.draft(ident.fleet, ident.id)
+        self.down_topic = topics.device(ident.fleet, ident.id, "verdict")
         # None: a replica's or the link's state changed
         self.inbox: queue.Queue[bytes | None] = queue.Queue(maxsize=MAX_INBOX)
         self.offline_replicas: set[str] = set()
@@ -118,7 +121,7 @@ class Agent:
                       active_w=self.profile.active_w, idle_w=self.profile.idle_w, radio_w=self.radio.active_w,
                       radio_j_per_byte_up=self.radio.j_per_byte_up,
                       radio_j_per_byte_down=self.radio.j_per_byte_down)
-        self.scheduler = Scheduler(energy.objective(), cfg.speculation.max_draft, prior)
+        self.scheduler = Scheduler(objective(energy), cfg.speculation.max_draft, prior)
 
     @property
     def energy_source(self) -> str:
@@ -142,8 +145,9 @@ class Agent:
             self.count_error("inbox_full")  # a lost verdict is asked for again
 
     def _on_message(self, topic: str, payload: bytes) -> None:
-        if topic.startswith(REPLICAS + "/"):
-            self._on_replica_status(topic.split("/")[3], payload)
+        replica = topics.parse_replica(topic)
+        if replica is not None:
+            self._on_replica_status(replica[0], payload)
             self._enqueue(None)  # wake a waiting round: its replica may be gone
         else:
             self._enqueue(payload)
@@ -165,7 +169,7 @@ class Agent:
         self.meter = open_meter(self.cfg.energy.meter, self.profile)
         log.info("power meter: %s", self.meter.source)
         self.link.subscribe(self.down_topic)
-        self.link.subscribe(f"{REPLICAS}/+/status")
+        self.link.subscribe(topics.replica(topics.ANY, "status"))
         self.link.start(retry=retry)
         return self
 
@@ -217,9 +221,8 @@ class _Request:
 
     def send(self, msg) -> None:
         """To the replica holding the session; OPEN (and anything before one answers) to the group."""
-        topic = self.agent.up_topic
-        if self.replica is not None and not isinstance(msg, wire.Open):
-            topic = f"{topic}/{self.replica}"
+        ident = self.agent.cfg.device
+        topic = topics.draft(ident.fleet, ident.id, None if isinstance(msg, wire.Open) else self.replica)
         self.sent_connects = self.agent.link.connects
         self.agent.link.publish(topic, wire.encode(msg))
 

@@ -25,10 +25,12 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from specedge import wire
-from specedge.config import COMMANDS, ConfigError, DeviceConfig, build, load
+from specedge.config import COMMANDS, ConfigError, DeviceConfig
+from specedge.device import checks
 from specedge.device.service import DeviceService
 from specedge.metrics import spec_rates
-from specedge.mqtt import TOPIC_ROOT, ReplyTo, device_topic
+from specedge.mqtt import ReplyTo
+from specedge.protocol import topics
 
 log = logging.getLogger("specedge.fleet")
 
@@ -179,7 +181,7 @@ class FleetMember:
         self.service, self.agent = service, service.agent
         ident = service.cfg.device
         self.fleet, self.device = ident.fleet, ident.id
-        self.topic = lambda leaf: device_topic(self.fleet, self.device, leaf)
+        self.topic = lambda leaf: topics.device(self.fleet, self.device, leaf)
         self.reply_prefix = self.topic("reply") + "/"
         self.http_port = http_port
         self.inbox: queue.Queue = queue.Queue(maxsize=MAX_FLEET_INBOX)
@@ -197,8 +199,8 @@ class FleetMember:
         queued = lambda kind: lambda topic, payload, reply_to: self._offer((kind, topic, payload, reply_to))
         link.subscribe(self.topic("cmd"), queued("cmd"))
         link.subscribe(self.topic("config"), queued("config"))
-        link.subscribe(f"{TOPIC_ROOT}/{self.fleet}/config", queued("config"))
-        link.subscribe(f"{TOPIC_ROOT}/{self.fleet}/targets", queued("targets"))
+        link.subscribe(topics.fleet(self.fleet, "config"), queued("config"))
+        link.subscribe(topics.fleet(self.fleet, "targets"), queued("targets"))
         service.on_state_change = lambda: self._offer(("status", None, None, None))
 
     # paho's network thread and the service's: nothing here may block.
@@ -235,7 +237,7 @@ class FleetMember:
                 if kind == "cmd":
                     self.on_command(payload, reply_to)
                 elif kind == "config":
-                    self.desired["fleet" if topic.count("/") == 3 else "device"] = payload
+                    self.desired["fleet" if topics.parse_fleet(topic) else "device"] = payload
                     self.apply_desired()
                 elif kind == "targets":
                     self.on_targets(payload)
@@ -392,7 +394,7 @@ class FleetMember:
     def live_overlay(self, overlay: dict) -> DeviceConfig:
         """The current config with `overlay` on top, validated as from afar; ConfigError names what
         is wrong."""
-        new = build(DeviceConfig, merge(dataclasses.asdict(self.service.cfg), overlay), "command", env={})
+        new = checks.build(merge(dataclasses.asdict(self.service.cfg), overlay), "command", env={})
         problems = remote_problems(new, overlay_keys(overlay), self.service.local_cfg)
         if problems:
             raise ConfigError("; ".join(f"{key}: {why}" for key, why in sorted(problems.items())))
@@ -430,8 +432,8 @@ class FleetMember:
             if set(rejected) & {"fleet", "device", "config"}:
                 raise ConfigError("nothing applied: the desired config is not valid")
             if reread_file and s.config_path:
-                s.local_cfg = load(DeviceConfig, s.config_path)
-            new = build(DeviceConfig, merge(dataclasses.asdict(s.local_cfg), overlay), "desired config", env={})
+                s.local_cfg = checks.load(s.config_path)
+            new = checks.build(merge(dataclasses.asdict(s.local_cfg), overlay), "desired config", env={})
             problems = remote_problems(new, overlay_keys(overlay), s.local_cfg)
             if problems:
                 rejected.update(problems)

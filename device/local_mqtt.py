@@ -24,11 +24,9 @@ from specedge.config import DeviceConfig
 from specedge.device.http_api import ApiError, json_body, outcome_error, parse_request, spec_summary, submit, usage
 from specedge.device.service import DeviceService
 from specedge.mqtt import Link, ReplyTo
+from specedge.protocol import topics
 
 log = logging.getLogger("specedge.local")
-
-LOCAL_ROOT = "specedge/local"
-
 
 class LocalMqttApi:
     def __init__(self, service: DeviceService, cfg: DeviceConfig):
@@ -36,7 +34,7 @@ class LocalMqttApi:
         mqtt = replace(cfg.mqtt, host=api.local_mqtt_host, port=api.local_mqtt_port, tls_ca="", tls_cert="",
                        tls_key="", username="", password="")
         self.service, self.device = service, cfg.device.id
-        self.prefix = f"{LOCAL_ROOT}/{self.device}"
+        self.prefix = topics.local(self.device)
         self.replies = f"{self.prefix}/response/"
         # What the service can hold: one running, queue_size waiting. More would be refused by it
         # anyway, so they are refused here, before a thread is spent on them.

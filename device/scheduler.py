@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from specedge.config import EnergyConfig
 
 MODES = ("throughput", "energy")
 
@@ -42,6 +45,11 @@ class Objective:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ValueError(f"{name} must be > 0 (or unset), got {value}")
+
+
+def objective(energy: EnergyConfig) -> Objective:
+    """The objective an [energy] section sets (its mode checked by device/checks.py); 0 = unset."""
+    return Objective(energy.mode, energy.budget_j_per_token or None, energy.min_tokens_per_s or None)
 
 
 @dataclass(frozen=True)

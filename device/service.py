@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from specedge.config import DeviceConfig, EnergyConfig
 from specedge.device.agent import Agent, RequestFailed, VerifierUnavailable
 from specedge.device.policy import Policy, parse_policy
+from specedge.device.scheduler import objective
 from specedge.exporter import DeviceMetrics
 from specedge.metrics import SpecStats
 from specedge.speculative import SamplingParams
@@ -369,7 +370,7 @@ class DeviceService:
         """The scheduler's objective (mode, budget, floor) from a validated [energy] section."""
         self._set_cfg(replace(self.cfg, energy=_live_energy(self.cfg.energy, energy)))
         self.local_cfg = replace(self.local_cfg, energy=_live_energy(self.local_cfg.energy, energy))
-        self.agent.scheduler.set_objective(self.cfg.energy.objective())
+        self.agent.scheduler.set_objective(objective(self.cfg.energy))
         self._changed()
 
     def apply_config(self, cfg: DeviceConfig) -> None:
@@ -378,7 +379,7 @@ class DeviceService:
                               energy=_live_energy(self.cfg.energy, cfg.energy), fleet=cfg.fleet))
         self.policy = parse_policy(cfg.speculation.policy, cfg.speculation.max_draft)
         self.agent.scheduler.max_draft = cfg.speculation.max_draft
-        self.agent.scheduler.set_objective(self.cfg.energy.objective())
+        self.agent.scheduler.set_objective(objective(self.cfg.energy))
         self._changed()
 
     def _set_cfg(self, cfg: DeviceConfig) -> None:

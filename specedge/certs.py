@@ -25,7 +25,7 @@ import ipaddress
 import os
 from pathlib import Path
 
-from specedge.mqtt import REPLICAS, TOPIC_ROOT
+from specedge.protocol import topics
 from specedge.wire import MAX_PACKET
 
 ROLES = ("devices", "verifiers", "operators")
@@ -117,25 +117,28 @@ def _certificate(name: str, key, issuer_name, issuer_key, days: int, ca: bool = 
 def acl_text(fleet: str, devices: list[str], verifiers: list[str], operators: list[str]) -> str:
     """Mosquitto ACL: each device its own topics (and the fleet's targets and config), each
     verifier drafts in and verdicts out, operators commands and config out, status in."""
-    root = f"{TOPIC_ROOT}/{fleet}"
+    own = lambda d, leaf: topics.device(fleet, d, leaf)
+    every = lambda leaf: topics.device(fleet, topics.ANY, leaf)
     lines = ["# specedge ACL (specedge certs). One block per client certificate (its common name).", ""]
     for d in devices:
-        me = f"{root}/{d}"
         lines += [f"user {d}",
-                  f"topic write {me}/draft/#", f"topic write {me}/status", f"topic write {me}/telemetry",
-                  f"topic write {me}/reply/#", f"topic write {me}/config/applied",
-                  f"topic read {me}/verdict", f"topic read {me}/cmd", f"topic read {me}/config",
-                  f"topic read {root}/config", f"topic read {root}/targets", f"topic read {REPLICAS}/+/status", ""]
+                  f"topic write {own(d, 'draft/#')}", f"topic write {own(d, 'status')}",
+                  f"topic write {own(d, 'telemetry')}", f"topic write {own(d, 'reply/#')}",
+                  f"topic write {own(d, 'config/applied')}", f"topic read {own(d, 'verdict')}",
+                  f"topic read {own(d, 'cmd')}", f"topic read {own(d, 'config')}",
+                  f"topic read {topics.fleet(fleet, 'config')}", f"topic read {topics.fleet(fleet, 'targets')}",
+                  f"topic read {topics.replica(topics.ANY, 'status')}", ""]
     for v in verifiers:
         lines += [f"user {v}",
-                  f"topic read {root}/+/draft/#", f"topic write {root}/+/verdict", f"topic read {root}/targets",
-                  f"topic readwrite {REPLICAS}/{v}/#", ""]
+                  f"topic read {every('draft/#')}", f"topic write {every('verdict')}",
+                  f"topic read {topics.fleet(fleet, 'targets')}", f"topic readwrite {topics.replica(v, '#')}", ""]
     for o in operators:
         lines += [f"user {o}",
-                  f"topic write {root}/+/cmd", f"topic readwrite {root}/+/config", f"topic readwrite {root}/config",
-                  f"topic readwrite {root}/targets", f"topic read {root}/+/reply/{o}",
-                  f"topic read {root}/+/status", f"topic read {root}/+/telemetry", f"topic read {root}/+/config/applied",
-                  f"topic read {REPLICAS}/#", ""]
+                  f"topic write {every('cmd')}", f"topic readwrite {every('config')}",
+                  f"topic readwrite {topics.fleet(fleet, 'config')}", f"topic readwrite {topics.fleet(fleet, 'targets')}",
+                  f"topic read {topics.reply(fleet, topics.ANY, o)}", f"topic read {every('status')}",
+                  f"topic read {every('telemetry')}", f"topic read {every('config/applied')}",
+                  f"topic read {topics.REPLICAS}/#", ""]
     return "\n".join(lines)
 
 

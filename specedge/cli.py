@@ -16,7 +16,7 @@ from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
 def _demo(args) -> int:
-    from specedge import demo
+    from specedge.tools import demo
 
     return demo.run(args)
 
@@ -143,14 +143,14 @@ def _exit_agreement(args) -> int:
 
 
 def _device_run(args) -> int:
-    from specedge.config import DeviceConfig, load
+    from specedge.device import checks
     from specedge.device.agent import Agent, RequestFailed
     from specedge.device.backends import open_engine
     from specedge.device.policy import parse_policy
     from specedge.speculative import SamplingParams
     from specedge.tokenizer import StreamDecoder
 
-    cfg = load(DeviceConfig, args.config)
+    cfg = checks.load(args.config)
     engine, tok = open_engine(cfg.draft, _say)
     agent = Agent(cfg, engine, tok).start()
     gen = cfg.generation
@@ -193,12 +193,12 @@ def _build_engine(args) -> int:
     """The draft's ONNX export (checked against PyTorch) and, with a GPU, its TensorRT engine."""
     from dataclasses import replace
 
-    from specedge.config import DeviceConfig, load
+    from specedge.device import checks
     from specedge.device.backends import unavailable
     from specedge.device.draft import load_draft
     from specedge.device.onnx_export import cached_export
 
-    cfg = load(DeviceConfig, args.config)
+    cfg = checks.load(args.config)
     onnx_path = cached_export(cfg.draft, _say)
     print(json.dumps({"onnx": str(onnx_path)}), flush=True)
     reason = unavailable("tensorrt")
@@ -219,10 +219,11 @@ def _apply_power_profile(args) -> int:
     import shutil
     import subprocess
 
-    from specedge.config import ConfigError, DeviceConfig, load
+    from specedge.config import ConfigError
+    from specedge.device import checks
     from specedge.device.profiles import get_profile, power_commands
 
-    cfg = load(DeviceConfig, args.config)
+    cfg = checks.load(args.config)
     profile = get_profile(args.profile or cfg.energy.profile, cfg.energy.profiles or None)
     commands = power_commands(profile)
     if not commands:
@@ -249,11 +250,11 @@ def _apply_power_profile(args) -> int:
 
 
 def _device_serve(args) -> int:
-    from specedge.config import DeviceConfig, load
+    from specedge.device import checks
     from specedge.device.backends import open_engine
     from specedge.device.node import DeviceNode
 
-    cfg = load(DeviceConfig, args.config)
+    cfg = checks.load(args.config)
     engine, tok = open_engine(cfg.draft, _say)
     node = DeviceNode(cfg, engine, tok, args.config).start()
     # One JSON line on stdout tells supervisors (tests, scripts) where the local API listens.
@@ -269,13 +270,13 @@ def _device_serve(args) -> int:
 
 
 def _bench_engines(args) -> int:
-    from specedge import bench_engines
+    from specedge.tools import bench_engines
 
     return bench_engines.run(args)
 
 
 def _bench_draft(args) -> int:
-    from specedge import bench_draft
+    from specedge.tools import bench_draft
 
     return bench_draft.run(args)
 
@@ -293,7 +294,7 @@ def _certs(args) -> int:
 
 
 def _channel(args) -> int:
-    from specedge.channel import ChannelConfig, ChannelEmulator, LinkSpec, load_trace, preset
+    from specedge.tools.channel import ChannelConfig, ChannelEmulator, LinkSpec, load_trace, preset
 
     host, _, port = args.upstream.rpartition(":")
     if not port.isdigit():
@@ -325,31 +326,31 @@ def _channel(args) -> int:
 
 
 def _soak(args) -> int:
-    from specedge import soak
+    from specedge.tools import soak
 
     return soak.main(args)
 
 
 def _fuzz(args) -> int:
-    from specedge import fuzz
+    from specedge.tools import fuzz
 
     return fuzz.main(args)
 
 
 def _faults(args) -> int:
-    from specedge import faults
+    from specedge.tools import faults
 
     return faults.main(args)
 
 
 def _bench_verifier(args) -> int:
-    from specedge import bench_verifier
+    from specedge.tools import bench_verifier
 
     return bench_verifier.run(args)
 
 
 def _bench(args) -> int:
-    from specedge import bench
+    from specedge.tools import bench
 
     return bench.run(args)
 
@@ -528,10 +529,10 @@ def parser() -> argparse.ArgumentParser:
     add_fleet_parser(sub, _fleet)
     add_certs_parser(sub, _certs)
     systemd.add_parser(sub, systemd.run)
-    from specedge.bench_draft import add_parser as add_bench_draft_parser
+    from specedge.tools.bench_draft import add_parser as add_bench_draft_parser
 
     add_bench_draft_parser(sub, _bench_draft)
-    from specedge.bench_engines import add_parser as add_bench_engines_parser
+    from specedge.tools.bench_engines import add_parser as add_bench_engines_parser
 
     add_bench_engines_parser(sub, _bench_engines)
 
@@ -662,11 +663,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if getattr(args, "prompt", "") is None and args.command == "demo":
-        from specedge.demo import DEFAULT_PROMPT
+        from specedge.tools.demo import DEFAULT_PROMPT
 
         args.prompt = DEFAULT_PROMPT
     if args.command in ("bench", "bench-verifier", "bench-draft", "bench-engines") and args.prompts is None:
-        from specedge.bench import default_prompts
+        from specedge.tools.bench import default_prompts
 
         args.prompts = str(default_prompts())
     from specedge.config import ConfigError

@@ -94,14 +94,20 @@ class SpeculationConfig:
     policy: str = "adaptive"  # adaptive[:budget=J] | adaptive-energy[:floor=R] | fixed:G | cloud-ar
     max_draft: int = 8
 
+    # The shape only: which policies, options and counts exist is the device's to say
+    # (device/checks.py, at start-up, as parse_policy words it).
     def validate(self):
-        from specedge.device.policy import parse_policy
-
-        try:
-            parse_policy(self.policy, self.max_draft)
-        except ValueError as exc:
-            raise ConfigError(f"speculation.policy: {exc}") from None
+        _check(policy_shape(self.policy), "speculation.policy",
+               "NAME, NAME:COUNT or NAME:KEY=VALUE[,KEY=VALUE...], each optionally +MODIFIER")
         _check(0 <= self.max_draft <= 64, "speculation.max_draft", "0..64")
+
+
+def policy_shape(spec: str) -> bool:
+    """Whether `spec` has a policy's shape, NAME[:ARGUMENT][+MODIFIER...], its argument a count or
+    KEY=VALUE pairs; the names and what they accept are checked by the device (device/policy.py)."""
+    argument = spec.split("+")[0].partition(":")[2]
+    items = [item for item in argument.split(",") if item]
+    return argument.isdigit() or all(re.fullmatch(r"[A-Za-z_][\w-]*=.*", item) for item in items)
 
 
 @dataclass
@@ -157,24 +163,11 @@ class EnergyConfig:
     min_tokens_per_s: float = 0.0  # 0 = no floor
     profiles: str = ""  # the profile table; "" = firmware_config/profiles.toml
 
+    # Ranges only: the meter, the mode, the profile and its link are checked by the device
+    # (device/checks.py, at start-up), and the scheduler's objective is device/scheduler.objective.
     def validate(self):
-        from specedge.device.power import METERS
-        from specedge.device.profiles import get_profile
-        from specedge.device.scheduler import MODES
-
-        _check(self.meter in METERS, "energy.meter", ", ".join(METERS))
-        _check(self.mode in MODES, "energy.mode", ", ".join(MODES))
         _check(self.budget_j_per_token >= 0, "energy.budget_j_per_token", ">= 0 (0 = none)")
         _check(self.min_tokens_per_s >= 0, "energy.min_tokens_per_s", ">= 0 (0 = none)")
-        try:
-            get_profile(self.profile, self.profiles or None).radio(self.link)
-        except ConfigError as exc:
-            raise ConfigError(f"energy: {exc}") from None
-
-    def objective(self):
-        from specedge.device.scheduler import Objective
-
-        return Objective(self.mode, self.budget_j_per_token or None, self.min_tokens_per_s or None)
 
 
 COMMANDS = ("set_budget", "set_policy", "drain", "resume", "reload_config", "report")

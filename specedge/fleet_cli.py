@@ -19,7 +19,8 @@ import sys
 import time
 
 from specedge.config import ConfigError, MqttConfig
-from specedge.mqtt import REPLICAS, TOPIC_ROOT, Link, ReplyTo, device_topic
+from specedge.mqtt import Link, ReplyTo
+from specedge.protocol import topics
 
 REFUSED, NO_ANSWER = 1, 3
 
@@ -34,7 +35,7 @@ def add_parser(sub, func) -> None:
     f.add_argument("--cert", default=os.environ.get("SPECEDGE_MQTT_TLS_CERT", ""), help="operator certificate")
     f.add_argument("--key", default=os.environ.get("SPECEDGE_MQTT_TLS_KEY", ""), help="operator key")
     f.add_argument("--operator", default="", help="who asks (the certificate's name by default): answers "
-                                                  "come on specedge/v1/{fleet}/{device}/reply/{operator}")
+                                                  f"come on {topics.reply('{fleet}', '{device}', '{operator}')}")
     f.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for answers")
     f.add_argument("--json", action="store_true", help="machine-readable output")
     fsub = f.add_subparsers(dest="fleet_command", required=True)
@@ -126,7 +127,7 @@ class Operator:
         return got
 
     def topic(self, device: str, leaf: str) -> str:
-        return device_topic(self.fleet, device, leaf)
+        return topics.device(self.fleet, device, leaf)
 
 
 def certificate_name(path: str) -> str:
@@ -150,14 +151,14 @@ class Table:
         self.fleet, self.status, self.telemetry, self.verifiers = fleet, {}, {}, {}
 
     def add(self, topic: str, payload: bytes) -> None:
-        parts = topic.split("/")
         data = _json(payload)
         if not isinstance(data, dict):
             return
-        if topic.startswith(REPLICAS + "/") and parts[-1] == "status":
-            self.verifiers[parts[3]] = data
-        elif len(parts) == 5 and parts[4] in ("status", "telemetry"):
-            getattr(self, parts[4])[parts[3]] = data
+        replica, device = topics.parse_replica(topic), topics.parse_device(topic)
+        if replica is not None and replica[1] == "status":
+            self.verifiers[replica[0]] = data
+        elif device is not None and device[2] in ("status", "telemetry"):
+            getattr(self, device[2])[device[1]] = data
 
     def rows(self) -> list[dict]:
         out = []
@@ -213,7 +214,8 @@ def _exact_note(verifier_status: dict) -> str:
 
 
 def _table_topics(fleet: str) -> list[str]:
-    return [f"{TOPIC_ROOT}/{fleet}/+/status", f"{TOPIC_ROOT}/{fleet}/+/telemetry", f"{REPLICAS}/+/status"]
+    return [topics.device(fleet, topics.ANY, "status"), topics.device(fleet, topics.ANY, "telemetry"),
+            topics.replica(topics.ANY, "status")]
 
 
 def ls(args, op: Operator) -> int:
@@ -244,7 +246,7 @@ def watch(args, op: Operator) -> int:
 # -- commands ----------------------------------------------------------------------------------
 def command(args, op: Operator) -> int:
     request_id = secrets.token_hex(8)
-    reply = op.topic(args.device, f"reply/{op.name}")
+    reply = topics.reply(op.fleet, args.device, op.name)
     op.subscribe(reply)
     time.sleep(0.1)  # the SUBACK before the answer can come
     request = {"command": args.name, "args": parse_pairs(args.args, dotted=False), "id": request_id,
@@ -270,7 +272,7 @@ def command(args, op: Operator) -> int:
 
 # -- desired config ----------------------------------------------------------------------------
 def _config_topic(op: Operator, device: str | None) -> str:
-    return op.topic(device, "config") if device else f"{TOPIC_ROOT}/{op.fleet}/config"
+    return op.topic(device, "config") if device else topics.fleet(op.fleet, "config")
 
 
 def config_set(args, op: Operator) -> int:
@@ -278,13 +280,13 @@ def config_set(args, op: Operator) -> int:
 
     changes = parse_pairs(args.values, dotted=True)
     topic = _config_topic(op, args.device)
-    op.subscribe(topic, f"{TOPIC_ROOT}/{op.fleet}/+/status")
+    op.subscribe(topic, topics.device(op.fleet, topics.ANY, "status"))
     current, statuses = {}, {}
     for t, payload in op.collect(min(args.timeout, 1.0)):
         if t == topic:
             current = _json(payload) or {}
-        elif t.endswith("/status") and t.split("/")[2] == op.fleet:  # (amqtt also sends _verifiers' statuses)
-            statuses[t.split("/")[3]] = _json(payload) or {}
+        elif (status := topics.parse_device(t)) and status[0] == op.fleet and status[2] == "status":
+            statuses[status[1]] = _json(payload) or {}
     kept = {} if args.replace else {s: v for s, v in current.items() if isinstance(v, dict)}
     desired = merge(kept, changes)
     payload = json.dumps(desired, sort_keys=True).encode()
@@ -307,7 +309,7 @@ def config_set(args, op: Operator) -> int:
         for t, p in got:
             ack = _json(p)
             if isinstance(ack, dict) and (ack.get("sources") or {}).get(source) == want:
-                acks[t.split("/")[3]] = ack
+                acks[topics.parse_device(t)[1]] = ack
         return set(acks) >= set(devices)
 
     op.collect(args.timeout, complete)

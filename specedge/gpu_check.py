@@ -113,7 +113,7 @@ def check_vllm(target: str) -> dict:
 def _target_engine(name: str, target: str) -> dict:
     """A target engine in its batch-invariant mode: the bitwise self-test, then ms/token and
     verify-call ms by k (PASS means it ran; the exactness it found is in the report)."""
-    from specedge.bench_engines import target_timings
+    from specedge.tools.bench_engines import target_timings
     from specedge.cloud.engine import open_engine, weights_held
     from specedge.exactness import establish
 

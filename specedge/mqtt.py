@@ -24,28 +24,6 @@ from specedge.config import MqttConfig
 
 log = logging.getLogger("specedge.mqtt")
 
-TOPIC_ROOT = "specedge/v1"
-
-
-def device_topic(fleet: str, device: str, leaf: str) -> str:
-    """specedge/v1/{fleet}/{device}/{leaf}: leaf is draft (device -> verifier), verdict, status..."""
-    return f"{TOPIC_ROOT}/{fleet}/{device}/{leaf}"
-
-
-REPLICAS = f"{TOPIC_ROOT}/_verifiers"  # {replica}/status (retained, last will), {replica}/stats
-
-
-def split_device_topic(topic: str) -> tuple[str, str, str] | None:
-    """(fleet, device, leaf) of specedge/v1/{fleet}/{device}/{leaf}, where a draft addressed to one
-    replica (draft/{replica}) counts as a draft."""
-    parts = topic.split("/")
-    if len(parts) == 6 and parts[4] == "draft":
-        parts = parts[:5]
-    if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_ROOT or parts[2].startswith("_"):
-        return None
-    return parts[2], parts[3], parts[4]
-
-
 def _varint_len(n: int) -> int:
     size = 1
     while n >= 128:

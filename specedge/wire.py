@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,7 +31,7 @@ MAX_TOKEN_ID = (1 << 24) - 1
 MAX_ERROR_TEXT = 255
 MAX_NAME = 64  # bytes of a draft, replica or target-version name
 
-_HEADER = struct.Struct("<BBQI")
+HEADER = struct.Struct("<BBQI")  # version, type, session, seq
 HASH_BYTES = 8
 NO_HASH = bytes(HASH_BYTES)  # what a message built without one states: it matches no text
 
@@ -105,6 +107,10 @@ class Open:
     hints: bool = False  # ask for early-exit hints (when the verifier has an exit head)
     draft: str = ""  # the draft model's name: acceptance is tracked per (draft, target version)
     TYPE = 1
+    # flags (resync | hints << 1), temperature, top_k, top_p, seed, the contract (tokenizer hash,
+    # vocabulary size, special tokens' hash, chat template's hash), token count; then the draft's
+    # name and the tokens
+    BODY = struct.Struct("<BfIfQ8sI8s8sI")
 
 
 @dataclass
@@ -120,6 +126,7 @@ class Opened:
     version: str
     exact: bool = False
     TYPE = 20
+    BODY = struct.Struct("<B")  # after the two names: exact
 
 
 @dataclass
@@ -133,6 +140,7 @@ class Draft:
     q: list[SparseDist] | None = None  # sampled mode: the exact draft distribution per token
     text_hash: bytes = NO_HASH  # TextHasher of those `committed` tokens
     TYPE = 2
+    BODY = struct.Struct("<I8sBB")  # committed, text_hash, token count, has q; then tokens or q's
 
 
 @dataclass
@@ -145,6 +153,7 @@ class Generate:
     max_new_tokens: int
     text_hash: bytes = NO_HASH  # TextHasher of those `committed` tokens
     TYPE = 3
+    BODY = struct.Struct("<I8sI")  # committed, text_hash, max_new_tokens
 
 
 @dataclass
@@ -152,6 +161,7 @@ class Close:
     session: int
     seq: int
     TYPE = 4
+    BODY = struct.Struct("<")
 
 
 @dataclass
@@ -166,6 +176,7 @@ class Verdict:
     verify_us: int = 0  # target compute time for this round
     text_hash: bytes = NO_HASH  # the hash of the text it extends: the DRAFT's, checked by the verifier
     TYPE = 16
+    BODY = struct.Struct("<I8sBII")  # committed, text_hash, accepted, next_token, verify_us
 
 
 @dataclass
@@ -181,6 +192,7 @@ class Hint:
     layer: int
     text_hash: bytes = NO_HASH  # as VERDICT's
     TYPE = 19
+    BODY = struct.Struct("<I8sBIB")  # committed, text_hash, accepted, next_token, layer
 
 
 @dataclass
@@ -193,6 +205,7 @@ class Tokens:
     tokens: list[int]
     done: bool = False
     TYPE = 17
+    BODY = struct.Struct("<IBH")  # start, done, token count; then the tokens
 
 
 @dataclass
@@ -202,9 +215,7 @@ class Error:
     code: int
     text: str = ""
     TYPE = 18
-
-
-MESSAGES = {m.TYPE: m for m in (Open, Draft, Generate, Close, Verdict, Hint, Tokens, Error, Opened)}
+    BODY = struct.Struct("<HB")  # code, text length; then the text (UTF-8)
 
 
 def _tokens(values, limit: int, what: str) -> bytes:
@@ -234,8 +245,11 @@ def encode_q(q: SparseDist, token: int) -> bytes:
         raise WireError(f"draft: token {token} lies outside its own q")
     # The drafted token is named by its place in q: one byte instead of three; counts are
     # 1..65536, minus one they fit 16 bits.
-    return (struct.pack("<BB", len(q.ids), int(where[0])) + _tokens(q.ids, MAX_Q_ENTRIES, "q")
+    return (_Q.pack(len(q.ids), int(where[0])) + _tokens(q.ids, MAX_Q_ENTRIES, "q")
             + (np.asarray(q.counts, dtype=np.int64) - 1).astype("<u2").tobytes())
+
+
+_Q = struct.Struct("<BB")  # a q's entry count and the drafted token's place in it
 
 
 def _hash(msg) -> bytes:
@@ -244,60 +258,15 @@ def _hash(msg) -> bytes:
     return msg.text_hash
 
 
-def encode(msg) -> bytes:
-    out = [_HEADER.pack(PROTOCOL_VERSION, msg.TYPE, msg.session, msg.seq)]
-    if isinstance(msg, Open):
-        p, c = msg.params, msg.contract
-        if not all(len(h) == 8 for h in (c.tokenizer, c.special_tokens, c.chat_template)):
-            raise WireError("contract hashes must be 8 bytes")
-        out.append(struct.pack("<BfIfQ8sI8s8sI", int(msg.resync) | int(msg.hints) << 1, p.temperature, p.top_k,
-                               p.top_p, p.seed, c.tokenizer, c.vocab_size, c.special_tokens, c.chat_template,
-                               len(msg.tokens)))
-        out.append(_name(msg.draft, "draft name"))
-        out.append(_tokens(msg.tokens, MAX_CONTEXT, "open"))
-    elif isinstance(msg, Opened):
-        out.append(_name(msg.replica, "replica") + _name(msg.version, "version") + bytes([int(msg.exact)]))
-    elif isinstance(msg, Draft):
-        has_q = msg.q is not None
-        if has_q and len(msg.q) != len(msg.tokens):
-            raise WireError("draft: one q per drafted token")
-        out.append(struct.pack("<I8sBB", msg.committed, _hash(msg), len(msg.tokens), int(has_q)))
-        if len(msg.tokens) > MAX_DRAFT:
-            raise Oversized(f"draft: {len(msg.tokens)} tokens exceed the limit of {MAX_DRAFT}")
-        if not has_q:
-            out.append(_tokens(msg.tokens, MAX_DRAFT, "draft"))
-        out += [encode_q(q, token) for token, q in zip(msg.tokens, msg.q or ())]
-    elif isinstance(msg, Generate):
-        out.append(struct.pack("<I8sI", msg.committed, _hash(msg), msg.max_new_tokens))
-    elif isinstance(msg, Verdict):
-        out.append(struct.pack("<I8sBII", msg.committed, _hash(msg), msg.accepted, msg.next_token, msg.verify_us))
-    elif isinstance(msg, Hint):
-        out.append(struct.pack("<I8sBIB", msg.committed, _hash(msg), msg.accepted, msg.next_token, msg.layer))
-    elif isinstance(msg, Tokens):
-        out.append(struct.pack("<IBH", msg.start, int(msg.done), len(msg.tokens)))
-        out.append(_tokens(msg.tokens, MAX_STREAM, "tokens"))
-    elif isinstance(msg, Error):
-        # Cut at a character boundary: the text stays valid UTF-8.
-        text = msg.text.encode("utf-8")[:MAX_ERROR_TEXT].decode("utf-8", "ignore").encode("utf-8")
-        out.append(struct.pack("<HB", msg.code, len(text)) + text)
-    elif not isinstance(msg, Close):
-        raise TypeError(f"not a wire message: {msg!r}")
-    payload = b"".join(out)
-    if len(payload) > MAX_PAYLOAD:
-        raise Oversized(f"{len(payload)} bytes exceed {MAX_PAYLOAD}")
-    return payload
-
-
 class _Reader:
     def __init__(self, data: bytes, offset: int):
         self.data, self.pos = data, offset
 
-    def take(self, fmt: str):
-        size = struct.calcsize(fmt)
-        if self.pos + size > len(self.data):
-            raise Truncated(f"payload ends at byte {len(self.data)}, needed {self.pos + size}")
-        values = struct.unpack_from(fmt, self.data, self.pos)
-        self.pos += size
+    def take(self, layout: struct.Struct):
+        if self.pos + layout.size > len(self.data):
+            raise Truncated(f"payload ends at byte {len(self.data)}, needed {self.pos + layout.size}")
+        values = layout.unpack_from(self.data, self.pos)
+        self.pos += layout.size
         return values
 
     def array(self, dtype: str, count: int) -> np.ndarray:
@@ -313,8 +282,8 @@ class _Reader:
         return packed[:, 0] | packed[:, 1] << 8 | packed[:, 2] << 16
 
     def name(self, what: str) -> str:
-        (n,) = self.take("<B")
-        raw = bytes(self.array("u1", _bounded(n, MAX_NAME, what)))
+        n = self.array("u1", 1)[0]
+        raw = bytes(self.array("u1", _bounded(int(n), MAX_NAME, what)))
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -330,6 +299,179 @@ def _bounded(count: int, limit: int, what: str) -> int:
     return count
 
 
+# -- one codec per message type: body bytes out, a message back (header fields given) ----------
+def _encode_open(m: Open) -> bytes:
+    p, c = m.params, m.contract
+    if not all(len(h) == 8 for h in (c.tokenizer, c.special_tokens, c.chat_template)):
+        raise WireError("contract hashes must be 8 bytes")
+    return (Open.BODY.pack(int(m.resync) | int(m.hints) << 1, p.temperature, p.top_k, p.top_p, p.seed,
+                           c.tokenizer, c.vocab_size, c.special_tokens, c.chat_template, len(m.tokens))
+            + _name(m.draft, "draft name") + _tokens(m.tokens, MAX_CONTEXT, "open"))
+
+
+def _decode_open(session: int, seq: int, r: _Reader) -> Open:
+    flags, temperature, top_k, top_p, seed, tok, vocab, specials, template, n = r.take(Open.BODY)
+    try:
+        params = SamplingParams(float(temperature), int(top_k), float(top_p), int(seed))
+    except ValueError as exc:
+        raise WireError(f"open: {exc}") from exc
+    if flags > 3:
+        raise WireError("open: unknown flags")
+    _bounded(n, MAX_CONTEXT, "open")
+    draft = r.name("open: draft name")
+    msg = Open(session, seq, r.tokens(n), params, Contract(tok, vocab, specials, template), bool(flags & 1),
+               bool(flags & 2), draft)
+    if not msg.tokens:
+        raise WireError("open: no tokens")
+    return msg
+
+
+def _encode_opened(m: Opened) -> bytes:
+    return _name(m.replica, "replica") + _name(m.version, "version") + Opened.BODY.pack(int(m.exact))
+
+
+def _decode_opened(session: int, seq: int, r: _Reader) -> Opened:
+    replica, version = r.name("opened: replica"), r.name("opened: version")
+    (flags,) = r.take(Opened.BODY)
+    if flags > 1:
+        raise WireError("opened: unknown flags")
+    return Opened(session, seq, replica, version, bool(flags))
+
+
+def _encode_draft(m: Draft) -> bytes:
+    has_q = m.q is not None
+    if has_q and len(m.q) != len(m.tokens):
+        raise WireError("draft: one q per drafted token")
+    if len(m.tokens) > MAX_DRAFT:
+        raise Oversized(f"draft: {len(m.tokens)} tokens exceed the limit of {MAX_DRAFT}")
+    head = Draft.BODY.pack(m.committed, _hash(m), len(m.tokens), int(has_q))
+    if not has_q:
+        return head + _tokens(m.tokens, MAX_DRAFT, "draft")
+    return head + b"".join(encode_q(q, token) for token, q in zip(m.tokens, m.q))
+
+
+def _decode_draft(session: int, seq: int, r: _Reader) -> Draft:
+    committed, digest, n, has_q = r.take(Draft.BODY)
+    if has_q > 1:
+        raise WireError("draft: bad q flag")
+    _bounded(n, MAX_DRAFT, "draft")
+    if not has_q:
+        return Draft(session, seq, committed, r.tokens(n), None, digest)
+    tokens, q = [], []
+    for _ in range(n):
+        k, index = r.take(_Q)
+        if k == 0:
+            raise WireError("draft: empty q")
+        if index >= k:
+            raise WireError(f"draft: drafted token at place {index} of a q with {k} entries")
+        ids = r.token_array(k)
+        counts = r.array("<u2", k).astype(np.int64) + 1
+        if int(counts.sum()) != Q_ONE:
+            raise WireError(f"draft: q counts sum to {int(counts.sum())}, not {Q_ONE}")
+        if len(np.unique(ids)) != k:
+            raise WireError("draft: q ids repeat")
+        tokens.append(int(ids[index]))
+        q.append(SparseDist(ids, counts))
+    return Draft(session, seq, committed, tokens, q, digest)
+
+
+def _encode_generate(m: Generate) -> bytes:
+    return Generate.BODY.pack(m.committed, _hash(m), m.max_new_tokens)
+
+
+def _decode_generate(session: int, seq: int, r: _Reader) -> Generate:
+    committed, digest, max_new = r.take(Generate.BODY)
+    return Generate(session, seq, committed, max_new, digest)
+
+
+def _encode_verdict(m: Verdict) -> bytes:
+    return Verdict.BODY.pack(m.committed, _hash(m), m.accepted, m.next_token, m.verify_us)
+
+
+def _decode_verdict(session: int, seq: int, r: _Reader) -> Verdict:
+    committed, digest, accepted, next_token, verify_us = r.take(Verdict.BODY)
+    if next_token > MAX_TOKEN_ID:
+        raise WireError("verdict: token id out of range")
+    return Verdict(session, seq, committed, accepted, next_token, verify_us, digest)
+
+
+def _encode_hint(m: Hint) -> bytes:
+    return Hint.BODY.pack(m.committed, _hash(m), m.accepted, m.next_token, m.layer)
+
+
+def _decode_hint(session: int, seq: int, r: _Reader) -> Hint:
+    committed, digest, accepted, next_token, layer = r.take(Hint.BODY)
+    if next_token > MAX_TOKEN_ID:
+        raise WireError("hint: token id out of range")
+    return Hint(session, seq, committed, accepted, next_token, layer, digest)
+
+
+def _encode_tokens(m: Tokens) -> bytes:
+    return Tokens.BODY.pack(m.start, int(m.done), len(m.tokens)) + _tokens(m.tokens, MAX_STREAM, "tokens")
+
+
+def _decode_tokens(session: int, seq: int, r: _Reader) -> Tokens:
+    start, done, n = r.take(Tokens.BODY)
+    if done > 1:
+        raise WireError("tokens: bad done flag")
+    return Tokens(session, seq, start, r.tokens(_bounded(n, MAX_STREAM, "tokens")), bool(done))
+
+
+def _encode_error(m: Error) -> bytes:
+    # Cut at a character boundary: the text stays valid UTF-8.
+    text = m.text.encode("utf-8")[:MAX_ERROR_TEXT].decode("utf-8", "ignore").encode("utf-8")
+    return Error.BODY.pack(m.code, len(text)) + text
+
+
+def _decode_error(session: int, seq: int, r: _Reader) -> Error:
+    code, n = r.take(Error.BODY)
+    raw = bytes(r.array("u1", n))
+    try:
+        return Error(session, seq, code, raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise WireError("error text: not UTF-8") from None
+
+
+class Codec(NamedTuple):
+    message: type
+    encode: Callable  # message -> body bytes
+    decode: Callable  # (session, seq, _Reader) -> message
+
+
+CODECS = {c.message.TYPE: c for c in (
+    Codec(Open, _encode_open, _decode_open), Codec(Opened, _encode_opened, _decode_opened),
+    Codec(Draft, _encode_draft, _decode_draft), Codec(Generate, _encode_generate, _decode_generate),
+    Codec(Close, lambda m: b"", lambda session, seq, r: Close(session, seq)),
+    Codec(Verdict, _encode_verdict, _decode_verdict), Codec(Hint, _encode_hint, _decode_hint),
+    Codec(Tokens, _encode_tokens, _decode_tokens), Codec(Error, _encode_error, _decode_error),
+)}
+MESSAGES = {t: c.message for t, c in CODECS.items()}
+
+
+class Header(NamedTuple):
+    version: int
+    type: int
+    session: int
+    seq: int
+
+
+def peek_header(data: bytes) -> Header:
+    """The header alone, of any version: who to answer about a payload that does not decode."""
+    if len(data) < HEADER.size:
+        raise Truncated(f"{len(data)} bytes is shorter than the {HEADER.size}-byte header")
+    return Header(*HEADER.unpack_from(data))
+
+
+def encode(msg) -> bytes:
+    codec = CODECS.get(getattr(msg, "TYPE", None))
+    if codec is None or not isinstance(msg, codec.message):
+        raise TypeError(f"not a wire message: {msg!r}")
+    payload = HEADER.pack(PROTOCOL_VERSION, msg.TYPE, msg.session, msg.seq) + codec.encode(msg)
+    if len(payload) > MAX_PAYLOAD:
+        raise Oversized(f"{len(payload)} bytes exceed {MAX_PAYLOAD}")
+    return payload
+
+
 def decode(data: bytes):
     """bytes -> message; raises a WireError subclass on anything but a valid message."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -337,86 +479,14 @@ def decode(data: bytes):
     data = bytes(data)
     if len(data) > MAX_PAYLOAD:
         raise Oversized(f"{len(data)} bytes exceed {MAX_PAYLOAD}")
-    if len(data) < _HEADER.size:
-        raise Truncated(f"{len(data)} bytes is shorter than the {_HEADER.size}-byte header")
-    version, mtype, session, seq = _HEADER.unpack_from(data)
-    if version != PROTOCOL_VERSION:
-        raise UnsupportedVersion(f"protocol version {version}; this build speaks {PROTOCOL_VERSION}")
-    r = _Reader(data, _HEADER.size)
-    if mtype == Open.TYPE:
-        flags, temperature, top_k, top_p, seed, tok, vocab, specials, template, n = r.take("<BfIfQ8sI8s8sI")
-        try:
-            params = SamplingParams(float(temperature), int(top_k), float(top_p), int(seed))
-        except ValueError as exc:
-            raise WireError(f"open: {exc}") from exc
-        if flags > 3:
-            raise WireError("open: unknown flags")
-        _bounded(n, MAX_CONTEXT, "open")
-        draft = r.name("open: draft name")
-        msg = Open(session, seq, r.tokens(n), params,
-                   Contract(tok, vocab, specials, template), bool(flags & 1), bool(flags & 2), draft)
-        if not msg.tokens:
-            raise WireError("open: no tokens")
-    elif mtype == Opened.TYPE:
-        replica, version = r.name("opened: replica"), r.name("opened: version")
-        (flags,) = r.take("<B")
-        if flags > 1:
-            raise WireError("opened: unknown flags")
-        msg = Opened(session, seq, replica, version, bool(flags))
-    elif mtype == Draft.TYPE:
-        committed, digest, n, has_q = r.take("<I8sBB")
-        if has_q > 1:
-            raise WireError("draft: bad q flag")
-        _bounded(n, MAX_DRAFT, "draft")
-        q = None
-        if not has_q:
-            tokens = r.tokens(n)
-        else:
-            tokens, q = [], []
-            for _ in range(n):
-                k, index = r.take("<BB")
-                if k == 0:
-                    raise WireError("draft: empty q")
-                if index >= k:
-                    raise WireError(f"draft: drafted token at place {index} of a q with {k} entries")
-                ids = r.token_array(k)
-                counts = r.array("<u2", k).astype(np.int64) + 1
-                if int(counts.sum()) != Q_ONE:
-                    raise WireError(f"draft: q counts sum to {int(counts.sum())}, not {Q_ONE}")
-                if len(np.unique(ids)) != k:
-                    raise WireError("draft: q ids repeat")
-                tokens.append(int(ids[index]))
-                q.append(SparseDist(ids, counts))
-        msg = Draft(session, seq, committed, tokens, q, digest)
-    elif mtype == Generate.TYPE:
-        committed, digest, max_new = r.take("<I8sI")
-        msg = Generate(session, seq, committed, max_new, digest)
-    elif mtype == Close.TYPE:
-        msg = Close(session, seq)
-    elif mtype == Verdict.TYPE:
-        committed, digest, accepted, next_token, verify_us = r.take("<I8sBII")
-        if next_token > MAX_TOKEN_ID:
-            raise WireError("verdict: token id out of range")
-        msg = Verdict(session, seq, committed, accepted, next_token, verify_us, digest)
-    elif mtype == Hint.TYPE:
-        committed, digest, accepted, next_token, layer = r.take("<I8sBIB")
-        if next_token > MAX_TOKEN_ID:
-            raise WireError("hint: token id out of range")
-        msg = Hint(session, seq, committed, accepted, next_token, layer, digest)
-    elif mtype == Tokens.TYPE:
-        start, done, n = r.take("<IBH")
-        if done > 1:
-            raise WireError("tokens: bad done flag")
-        msg = Tokens(session, seq, start, r.tokens(_bounded(n, MAX_STREAM, "tokens")), bool(done))
-    elif mtype == Error.TYPE:
-        code, n = r.take("<HB")
-        raw = bytes(r.array("u1", n))
-        try:
-            msg = Error(session, seq, code, raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise WireError("error text: not UTF-8") from None
-    else:
-        raise UnknownType(f"message type {mtype}")
+    header = peek_header(data)
+    if header.version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"protocol version {header.version}; this build speaks {PROTOCOL_VERSION}")
+    codec = CODECS.get(header.type)
+    if codec is None:
+        raise UnknownType(f"message type {header.type}")
+    r = _Reader(data, HEADER.size)
+    msg = codec.decode(header.session, header.seq, r)
     if r.pos != len(data):
         raise WireError(f"{len(data) - r.pos} trailing bytes after a {type(msg).__name__}")
     return msg

@@ -33,7 +33,7 @@ def tiny_models(tiny_files):
 
 @pytest.fixture(scope="session")
 def stack(tiny_models, mosquitto):
-    from specedge.demo import Stack
+    from specedge.tools.demo import Stack
 
     from specedge.config import CloudConfig, build
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from specedge.bench import acceptance_by_position, bench_channels, fit_line, optimum
-from specedge.channel import default_trace_dir
+from specedge.tools.bench import acceptance_by_position, bench_channels, fit_line, optimum
+from specedge.tools.channel import default_trace_dir
 from specedge.device.scheduler import State
 
 
@@ -140,7 +140,7 @@ def test_a_numerical_engines_differences_are_shown_with_the_top2_gap_there(tiny_
     """The bench's check on a numerical engine: a run that parts from cloud-ar is named with the
     engine's top-2 gap at the first differing position, and passes only inside the near-tie limit."""
     from conftest import reference_greedy
-    from specedge.bench import divergences
+    from specedge.tools.bench import divergences
     from specedge.cloud.engine import open_engine
 
     tok = tiny_models[1]

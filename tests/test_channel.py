@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from specedge.channel import (ChannelConfig, ChannelEmulator, LinkSpec, default_trace_dir, load_trace,
+from specedge.tools.channel import (ChannelConfig, ChannelEmulator, LinkSpec, default_trace_dir, load_trace,
                               parse_trace_spec, preset, split_channels)
 
 

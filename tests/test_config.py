@@ -69,3 +69,31 @@ def test_the_shipped_device_and_cloud_configs_and_examples_load():
         robot = load(DeviceConfig, root / "examples" / "robot.toml")
         voice = load(DeviceConfig, root / "examples" / "voice-assistant.toml")
     assert robot.faults.on_verifier_loss == "fail" and voice.energy.mode == "energy"
+
+
+def test_config_imports_nothing_from_device_or_cloud():
+    """Config checks shapes and ranges only; the device and the cloud check their own domain
+    (device/checks.py), so config.py imports neither, not even inside a function."""
+    import ast
+    from pathlib import Path
+
+    import specedge.config
+
+    def forbidden(name: str) -> bool:
+        parts = name.split(".")
+        return parts[:2] in (["specedge", "device"], ["specedge", "cloud"]) or parts[0] in ("device", "cloud")
+
+    found = []
+    for node in ast.walk(ast.parse(Path(specedge.config.__file__).read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):  # `from specedge import device` and relative imports too
+            module = ".".join(filter(None, ["specedge" if node.level else "", node.module or ""]))
+            names = [module, *(f"{module}.{alias.name}" for alias in node.names)]
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in
+              ("import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant)):
+            names = [str(node.args[0].value)]
+        else:
+            continue
+        found += [f"line {node.lineno}: {name}" for name in names if forbidden(name)]
+    assert not found, f"specedge/config.py imports from device/ or cloud/: {found}"

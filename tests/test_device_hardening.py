@@ -19,7 +19,8 @@ from specedge.config import CloudConfig, DeviceConfig, MqttConfig, build
 from specedge.device.agent import MAX_INBOX, MAX_STALLED, Agent, RequestFailed
 from specedge.device.draft import TorchDraftEngine
 from specedge.device.policy import parse_policy
-from specedge.mqtt import REPLICAS, Link, ReplyTo, device_topic
+from specedge.mqtt import Link, ReplyTo
+from specedge.protocol import topics
 from specedge.speculative import SamplingParams
 
 NESTED = b"[" * 5000 + b"]" * 5000
@@ -33,7 +34,7 @@ class FakeVerifier:
 
     def __init__(self, port: int, fleet: str, device: str, answer):
         self.answer, self.topics = answer, []
-        self.down = device_topic(fleet, device, "verdict")
+        self.down = topics.device(fleet, device, "verdict")
         self.link = Link(MqttConfig(port=port), f"fake-verifier-{fleet}", self.on)
         self.link.subscribe(f"specedge/v1/{fleet}/{device}/#")
         self.link.start()
@@ -216,8 +217,8 @@ def test_nested_json_on_a_replica_status_topic_is_counted_and_the_link_lives_on(
     agent, _ = device(accept_all)
     sender = Link(MqttConfig(port=mosquitto.port), "nested-status", lambda *_: None).start()
     try:
-        sender.publish(f"{REPLICAS}/nested-test/status", NESTED)
-        sender.publish(f"{REPLICAS}/nested-test-2/status", b'{"state": "offline"}')
+        sender.publish(topics.replica("nested-test", "status"), NESTED)
+        sender.publish(topics.replica("nested-test-2", "status"), b'{"state": "offline"}')
         wait_for(lambda: "nested-test-2" in agent.offline_replicas)
         assert agent.decode_errors.get("replica_status", 0) >= 1
     finally:

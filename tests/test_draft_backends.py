@@ -121,7 +121,7 @@ def test_bench_draft_reports_both_backends_and_their_agreement(tiny_files, tmp_p
     import argparse
     import json
 
-    from specedge import bench_draft
+    from specedge.tools import bench_draft
 
     monkeypatch.setenv("SPECEDGE_CACHE", str(tmp_path / "cache"))
     prompts = tmp_path / "prompts.jsonl"

@@ -16,7 +16,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 @pytest.fixture(scope="module")
 def demo(tiny_models, mosquitto):
-    from specedge.demo import Stack
+    from specedge.tools.demo import Stack
 
     s = Stack(*tiny_models, port=mosquitto.port, serve=True,
               device_cfg=build(DeviceConfig, {"device": {"fleet": "demo", "id": "speaker"}, "api": {"http_port": 0},

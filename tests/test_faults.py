@@ -1,7 +1,7 @@
 """The fault-injection suite, CI-sized: one trial of every fault against real services."""
 from __future__ import annotations
 
-from specedge import faults
+from specedge.tools import faults
 
 
 def test_every_fault_is_survived_or_fails_cleanly_with_nothing_lost():

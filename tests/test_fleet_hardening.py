@@ -231,7 +231,8 @@ def test_verifier_stays_connected_and_publishes_stats_after_thousands_of_draft_n
     from specedge import certs
     from specedge.broker import MosquittoBroker
     from specedge.cloud.registry import Target
-    from specedge.cloud.verifier import Verifier, replica_topic
+    from specedge.cloud.verifier import Verifier
+    from specedge.protocol import topics
     from specedge.config import CloudConfig
 
     _, _, target, tok = tiny_models
@@ -246,7 +247,7 @@ def test_verifier_stays_connected_and_publishes_stats_after_thousands_of_draft_n
         for i in range(2000):  # what 2,000 devices naming their drafts at will leave behind
             verifier.stats.pair(f"device-{i:04d}-own-draft-name", "tiny").rounds += 1
         watcher.start()
-        watcher.subscribe(replica_topic("vstats", "stats"))
+        watcher.subscribe(topics.replica("vstats", "stats"))
         verifier.start()
         messages = [got.get(timeout=5) for _ in range(3)]
         assert verifier.link.connects == 1 and verifier.link.connected.is_set()

@@ -8,10 +8,12 @@ import time
 import pytest
 
 from specedge.config import ConfigError, DeviceConfig, build
+from specedge.device import checks
 from specedge.device.power import (EstimatedMeter, Ina3221Meter, JtopMeter, MeterUnavailable, RaplMeter,
                                    board_total, find_ina3221_channels, find_rapl_zones, open_meter,
                                    parse_jtop_power, read_ina3221)
 from specedge.device.profiles import get_profile, load_profiles
+from specedge.device.scheduler import objective
 
 
 def write(root, rel: str, text: str) -> None:
@@ -194,10 +196,18 @@ def test_bad_profile_tables_name_the_entry_and_key(tmp_path, bad, message):
 
 
 def test_device_config_checks_profile_link_meter_and_mode():
-    cfg = build(DeviceConfig, {"energy": {"profile": "agx-orin-30w", "link": "5g", "budget_j_per_token": 1.5}})
-    assert cfg.energy.objective().budget_j_per_token == 1.5
+    cfg = checks.build({"energy": {"profile": "agx-orin-30w", "link": "5g", "budget_j_per_token": 1.5}})
+    assert objective(cfg.energy).budget_j_per_token == 1.5
     for energy, message in (({"profile": "pi-zero"}, "unknown device profile"), ({"link": "carrier-pigeon"}, "link"),
                             ({"meter": "multimeter"}, "energy.meter"), ({"mode": "fastest"}, "energy.mode"),
                             ({"budget_j_per_token": -1.0}, "budget")):
         with pytest.raises(ConfigError, match=message):
-            build(DeviceConfig, {"energy": energy})
+            checks.build({"energy": energy})
+    # config.py checks the range; the meter, the mode and the profile are the device's (device/checks.py),
+    # worded as config words its own errors.
+    cfg = build(DeviceConfig, {"energy": {"meter": "multimeter"}}, "dev.toml")
+    with pytest.raises(ConfigError) as err:
+        checks.validate(cfg, "dev.toml")
+    assert str(err.value) == "dev.toml: energy.meter: allowed values are auto, jtop, ina3221, rapl, estimated"
+    with pytest.raises(ConfigError, match="^dev.toml: speculation.policy: unknown policy 'fastest'"):
+        checks.build({"speculation": {"policy": "fastest"}}, "dev.toml")

@@ -14,7 +14,7 @@ import os
 import pytest
 
 from conftest import reference_greedy
-from specedge.demo import DEFAULT_PROMPT
+from specedge.tools.demo import DEFAULT_PROMPT
 from specedge.device.policy import parse_policy
 from specedge.speculative import SamplingParams
 
@@ -29,7 +29,7 @@ SLOW_POLICIES = ("fixed:2", "fixed:4", "fixed:8", "adaptive", "adaptive+pipeline
 @pytest.fixture(scope="module")
 def real_stack(mosquitto):
     from specedge.config import CloudConfig, DeviceConfig, build
-    from specedge.demo import Stack
+    from specedge.tools.demo import Stack
     from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, FetchError, resolve
     from specedge.loader import load_named
 
@@ -69,8 +69,8 @@ def test_every_policy_reproduces_the_target_on_many_prompts(real_stack):
     """50 prompts x 128 tokens (SPECEDGE_SLOW_PROMPTS / _TOKENS shrink it) under every speculative
     policy: each output equals the target's own decoding, one position at a time per prompt (the
     prompts share each pass, bit-identical by the invariance the self-test showed)."""
-    from specedge.bench import default_prompts, load_prompts
-    from specedge.bench_verifier import target_decode
+    from specedge.tools.bench import default_prompts, load_prompts
+    from specedge.tools.bench_verifier import target_decode
 
     stack, target = real_stack
     tok = stack.tokenizer
@@ -93,7 +93,7 @@ def real_llama_stack(real_stack, mosquitto):
     """The default engines: the draft and the target on llama.cpp, the target one row per call."""
     from specedge.cloud.registry import TargetSpec, load_target
     from specedge.config import CloudConfig, DeviceConfig, DraftConfig, build
-    from specedge.demo import Stack
+    from specedge.tools.demo import Stack
     from specedge.device.backends import open_engine
     from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
 
@@ -111,8 +111,8 @@ def test_real_target_on_llama_cpp_decodes_the_same_among_many_sessions(real_llam
     """Eight sessions decoded in lockstep, one row per call, each as it decodes alone. In one
     shared KV cache this failed once the others held a few hundred cells (bench-verifier, 8
     prompts); each session now has cells of its own, and this keeps it so."""
-    from specedge.bench import default_prompts, load_prompts
-    from specedge.bench_verifier import target_decode
+    from specedge.tools.bench import default_prompts, load_prompts
+    from specedge.tools.bench_verifier import target_decode
 
     stack, target = real_llama_stack
     tok = stack.tokenizer

@@ -27,7 +27,8 @@ from specedge.config import DeviceConfig, MqttConfig, build
 from specedge.device.agent import Agent
 from specedge.device.draft import TorchDraftEngine
 from specedge.device.policy import parse_policy
-from specedge.mqtt import Link, ReplyTo, device_topic
+from specedge.mqtt import Link, ReplyTo
+from specedge.protocol import topics
 from specedge.speculative import SamplingParams
 
 FLEETS = itertools.count()
@@ -49,7 +50,7 @@ class ScriptedVerifier:
     def __init__(self, port: int, fleet: str, device: str, target: Target, noise=None):
         self.target, self.noise = target, noise
         self.sessions: dict[int, TargetSession] = {}
-        self.down = device_topic(fleet, device, "verdict")
+        self.down = topics.device(fleet, device, "verdict")
         self.lock = threading.Lock()
         self.timers: list[threading.Timer] = []
         self.last_verdict: dict[int, wire.Verdict] = {}

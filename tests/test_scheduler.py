@@ -185,7 +185,7 @@ def test_scheduler_learns_costs_from_rounds_and_takes_objectives_at_run_time():
 
 # -- the agent over the emulated channel ---------------------------------------------------------
 def test_agent_drafts_further_when_the_channel_slows_down_mid_run(tiny_models, mosquitto):
-    from specedge.channel import ChannelConfig, ChannelEmulator, LinkSpec
+    from specedge.tools.channel import ChannelConfig, ChannelEmulator, LinkSpec
     from specedge.cloud.registry import Target
     from specedge.cloud.verifier import Verifier
     from specedge.config import CloudConfig, DeviceConfig, build

@@ -9,11 +9,12 @@ import pytest
 
 from conftest import reference_greedy
 from specedge import wire
-from specedge.faults import on_draft_call
+from specedge.tools.faults import on_draft_call
 from specedge.config import MqttConfig
 from specedge.contract import Contract
 from specedge.device.policy import parse_policy
-from specedge.mqtt import BrokerUnavailable, Link, device_topic
+from specedge.mqtt import BrokerUnavailable, Link
+from specedge.protocol import topics
 from specedge.speculative import SamplingParams
 
 
@@ -22,10 +23,10 @@ def probe(mosquitto):
     """A raw MQTT client posing as device 'probe' of fleet 'default'."""
     inbox: queue.Queue = queue.Queue()
     link = Link(MqttConfig(port=mosquitto.port), "probe", lambda t, p: inbox.put(p))
-    link.subscribe(device_topic("default", "probe", "verdict"))
+    link.subscribe(topics.device("default", "probe", "verdict"))
     link.start()
     time.sleep(0.2)  # let the subscription land
-    up = device_topic("default", "probe", "draft")
+    up = topics.device("default", "probe", "draft")
 
     def ask(payload: bytes, timeout=5.0):
         link.publish(up, payload)
@@ -45,7 +46,7 @@ def test_malformed_payloads_get_an_error_reply_and_are_counted(stack, probe):
     newer[0] = 9
     reply = ask(bytes(newer))
     assert reply.code == wire.ErrorCode.UNSUPPORTED_VERSION and "version 9" in reply.text
-    link.publish(device_topic("default", "probe", "draft"), b"\x00")  # too short to answer: only counted
+    link.publish(topics.device("default", "probe", "draft"), b"\x00")  # too short to answer: only counted
     deadline = time.monotonic() + 5
     while stack.verifier.errors.get("truncated", 0) < before.get("truncated", 0) + 2:
         assert time.monotonic() < deadline
@@ -128,7 +129,7 @@ def test_dead_broker_is_a_clear_error():
 
 def test_embedded_broker_speaks_mqtt_311(tiny_models):
     """The zero-setup demo path: amqtt, with the client falling back from MQTT 5."""
-    from specedge.demo import Stack
+    from specedge.tools.demo import Stack
 
     s = Stack(*tiny_models, broker="embedded")
     try:

@@ -1,7 +1,7 @@
 """The soak, CI-sized: devices generate without pause over the emulated Wi-Fi for 20 s."""
 from __future__ import annotations
 
-from specedge import soak
+from specedge.tools import soak
 
 
 def test_a_short_soak_loses_nothing_and_leaks_no_descriptors():

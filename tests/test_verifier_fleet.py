@@ -10,16 +10,17 @@ import torch
 
 from conftest import reference_greedy
 from specedge import tiny
-from specedge.bench import _read_json, spawn_verifier
+from specedge.tools.bench import _read_json, spawn_verifier
 from specedge.cloud.registry import Announcement, AnnouncementError, Target, read_registry
 from specedge.cloud.session import Item, TargetSession, verify_batch
 from specedge.config import CloudConfig, ConfigError, DeviceConfig, build
 from specedge.device.draft import TorchDraftEngine
 from specedge.device.policy import parse_policy
 from specedge.exit_head import ExitHead
-from specedge.faults import on_draft_call
+from specedge.tools.faults import on_draft_call
 from specedge.loader import load_model
-from specedge.mqtt import TOPIC_ROOT, Link
+from specedge.mqtt import Link
+from specedge.protocol import topics
 from specedge.speculative import SamplingParams
 
 
@@ -78,7 +79,7 @@ def test_after_a_slow_pass_the_window_waits_for_the_devices_just_answered(tiny_m
     the window stretches to a fraction of the last pass's compute time."""
     from specedge import wire
     from specedge.cloud.verifier import Verifier
-    from specedge.mqtt import device_topic
+    from specedge.protocol import topics
 
     _, tok, target, _ = tiny_models
     cfg = build(CloudConfig, {"verifier": {"batch_window_ms": 5, "batch_wait_fraction": 0.25}})
@@ -91,7 +92,7 @@ def test_after_a_slow_pass_the_window_waits_for_the_devices_just_answered(tiny_m
 
     def draft_from(device):
         payload = wire.encode(wire.Draft(1, 1, len(prompt), [3, 4], text_hash=wire.text_hash(prompt)))
-        verifier.inbox.put((device_topic("f", device, "draft"), payload, time.monotonic()))
+        verifier.inbox.put((topics.device("f", device, "draft"), payload, time.monotonic()))
     draft_from("d1")
     late = threading.Timer(0.04, draft_from, ("d2",))  # a device that needed 40 ms to draft again
     late.start()
@@ -238,7 +239,7 @@ def test_target_versions_switch_by_announcement_with_pins_and_per_version_accept
         first = agents[0].generate(prompt, SamplingParams(), 16, parse_policy("fixed:3"))
         assert first.stats.target_version == "v1"
         # Canary: only d1 moves to v2; the fleet stays on v1.
-        operator.publish(f"{TOPIC_ROOT}/canary/targets", Announcement("v1", {"d1": "v2"}).encode(), retain=True)
+        operator.publish(topics.fleet("canary", "targets"), Announcement("v1", {"d1": "v2"}).encode(), retain=True)
         deadline = time.monotonic() + 60
         while "v2" not in verifier.targets:
             assert time.monotonic() < deadline
@@ -249,7 +250,7 @@ def test_target_versions_switch_by_announcement_with_pins_and_per_version_accept
         assert results[1].tokens == reference_greedy(v2, prompt, 16, tok.stop_ids)
         # A switch in the middle of a generation: the session moves, the device is told.
         def switch_fleet():
-            operator.publish(f"{TOPIC_ROOT}/canary/targets", Announcement("v2").encode(), retain=True)
+            operator.publish(topics.fleet("canary", "targets"), Announcement("v2").encode(), retain=True)
             time.sleep(0.3)
         with on_draft_call(agents[0].engine, {2}, switch_fleet):
             switched = agents[0].generate(prompt, SamplingParams(), 16, parse_policy("fixed:3"))
@@ -258,7 +259,7 @@ def test_target_versions_switch_by_announcement_with_pins_and_per_version_accept
         assert set(pairs) == {"v1", "v2"} and all(p["rounds"] > 0 for p in pairs.values())
         assert verifier.stats.switches >= 1
     finally:
-        operator.publish(f"{TOPIC_ROOT}/canary/targets", b"", retain=True)
+        operator.publish(topics.fleet("canary", "targets"), b"", retain=True)
         operator.stop()
         for a in agents:
             a.stop()

@@ -14,7 +14,8 @@ from specedge.config import CloudConfig, ConfigError, DeviceConfig, build
 from specedge.device.agent import Agent, Refused
 from specedge.device.draft import TorchDraftEngine
 from specedge.device.policy import parse_policy
-from specedge.mqtt import TOPIC_ROOT, Link, device_topic
+from specedge.mqtt import Link
+from specedge.protocol import topics
 from specedge.speculative import SamplingParams
 
 
@@ -25,14 +26,14 @@ class Wire:
         self.fleet = fleet
         self.replies: queue.Queue = queue.Queue()
         self.link = Link(build(CloudConfig, {"mqtt": {"port": port}}).mqtt, f"wire-{fleet}", self._on)
-        self.link.subscribe(f"{TOPIC_ROOT}/{fleet}/+/verdict")
+        self.link.subscribe(topics.device(fleet, topics.ANY, "verdict"))
         self.link.start()
 
     def _on(self, topic: str, payload: bytes) -> None:
         self.replies.put((topic.split("/")[3], wire.decode(payload)))
 
     def send(self, device: str, msg) -> None:
-        self.link.publish(device_topic(self.fleet, device, "draft"), wire.encode(msg))
+        self.link.publish(topics.device(self.fleet, device, "draft"), wire.encode(msg))
 
     def ask(self, device: str, msg, timeout: float = 60):
         """Send `msg` and return the reply to it (skipping others' replies and hints)."""

@@ -57,13 +57,14 @@ def venv(tmp_path_factory) -> tuple[Path, dict, Path]:
 
 CHECK = """
 import json, specedge
-from specedge.channel import preset
-from specedge.config import CloudConfig, DeviceConfig, load
+from specedge.tools.channel import preset
+from specedge.config import CloudConfig, load
+from specedge.device import checks
 from specedge.resources import resource
-from specedge.bench import default_prompts, load_prompts
-device = load(DeviceConfig, resource("firmware_config", "device.toml"))
+from specedge.tools.bench import default_prompts, load_prompts
+device = checks.load(resource("firmware_config", "device.toml"))
 cloud = load(CloudConfig, resource("firmware_config", "cloud.toml"))
-load(DeviceConfig, None)  # the built-in defaults read the shipped profile table
+checks.load(None)  # the built-in defaults read the shipped profile table
 lte = preset("lte")
 print(json.dumps({"package": specedge.__file__, "device": device.device.id, "cloud": cloud.verifier.id,
                   "lte": lte.description, "trace": lte.up.trace_file, "prompts": len(load_prompts(default_prompts(), 3)),

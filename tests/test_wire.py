@@ -140,3 +140,18 @@ def test_mutated_payloads_decode_or_fail_cleanly(msg, data):
         wire.decode(bytes(payload))
     except wire.WireError:
         pass
+
+
+def test_each_message_layout_is_written_once_and_every_type_has_one_codec():
+    """One Struct per body, next to its dataclass: encode and decode read the same object, so the
+    two directions cannot drift apart (issue 21)."""
+    import inspect
+    import re
+
+    source = inspect.getsource(wire)
+    layouts = re.findall(r'struct\.Struct\("([^"]*)"\)', source)
+    assert len(layouts) == len(set(layouts)), layouts
+    assert not re.search(r"struct\.(pack|unpack|unpack_from|calcsize)\(", source)  # only through the Structs
+    assert set(wire.CODECS) == {m.TYPE for m in wire.MESSAGES.values()} and len(wire.CODECS) == 9
+    for codec in wire.CODECS.values():
+        assert isinstance(codec.message.BODY, struct.Struct)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specedge.bench import load_prompts
+from specedge.tools.bench import load_prompts
 from specedge.config import DraftConfig
 from specedge.speculative import SamplingParams
 
@@ -35,7 +35,7 @@ def measure(engine, prompts: list[list[int]], tokens: int) -> dict:
 
 
 def run(args) -> int:
-    from specedge.demo import machine
+    from specedge.tools.demo import machine
     from specedge.device.backends import open_engine, unavailable
 
     say = lambda line: print(line, file=sys.stderr, flush=True)

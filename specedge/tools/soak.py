@@ -14,12 +14,13 @@ import threading
 import time
 from pathlib import Path
 
-from specedge.bench import _read_json, _stop, spawn_verifier
-from specedge.bench_verifier import target_decode
+from specedge.tools.bench import _read_json, _stop, spawn_verifier
+from specedge.tools.bench_verifier import target_decode
 from specedge.broker import MosquittoBroker
-from specedge.channel import ChannelEmulator, preset
+from specedge.tools.channel import ChannelEmulator, preset
 from specedge.config import DeviceConfig, MqttConfig, build
-from specedge.mqtt import REPLICAS, Link
+from specedge.mqtt import Link
+from specedge.protocol import topics
 
 PROMPTS = ["robot go to the mat", "hello", "say hi to the user", "turn on the light", "go home"]
 
@@ -82,7 +83,7 @@ def run(seconds: float, devices: int = 4, channel: str = "wifi", interval_s: flo
         procs.append(verifier)
         _read_json(verifier, "the verifier", 120)
         watch = Link(MqttConfig(port=broker.port), "soak-watch", lambda t, p: verifier_stats.update(json.loads(p)))
-        watch.subscribe(f"{REPLICAS}/soak/stats")
+        watch.subscribe(topics.replica("soak", "stats"))
         watch.start()
         emulator = ChannelEmulator(preset(channel), ("127.0.0.1", broker.port)).start()
         for i in range(devices):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from specedge.bench import _git_revision, _read_json, _stop, load_prompts, near_ties, spawn_verifier
+from specedge.tools.bench import _git_revision, _read_json, _stop, load_prompts, near_ties, spawn_verifier
 from specedge.broker import MosquittoBroker
 from specedge.device.draft import Drafted, TorchDraftEngine
 from specedge.fetch import cache_dir, sha256_file
@@ -167,14 +167,15 @@ class StatsWatch:
 
     def __init__(self, port: int):
         from specedge.config import MqttConfig
-        from specedge.mqtt import REPLICAS, Link
+        from specedge.mqtt import Link
+        from specedge.protocol import topics
 
         self.latest: dict[str, dict] = {}
         self.replicas: set[str] = set()
         self.peak_cache_bytes = 0
         self.lock = threading.Lock()
         self.link = Link(MqttConfig(port=port, protocol="5"), f"bench-stats-{os.getpid()}", self._on)
-        self.link.subscribe(f"{REPLICAS}/+/stats")
+        self.link.subscribe(topics.replica(topics.ANY, "stats"))
         self.link.start()
 
     def _on(self, topic: str, payload: bytes) -> None:
@@ -383,11 +384,12 @@ def run(args) -> int:
 def _announce(port: int, version: str | None) -> None:
     from specedge.cloud.registry import Announcement
     from specedge.config import MqttConfig
-    from specedge.mqtt import TOPIC_ROOT, Link
+    from specedge.mqtt import Link
+    from specedge.protocol import topics
 
     link = Link(MqttConfig(port=port, protocol="5"), f"bench-operator-{os.getpid()}", lambda *_: None).start()
     payload = Announcement(version).encode() if version else b""
-    link.publish(f"{TOPIC_ROOT}/{FLEET}/targets", payload, retain=True)
+    link.publish(topics.fleet(FLEET, "targets"), payload, retain=True)
     time.sleep(0.2)
     link.stop()
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specedge.bench import load_prompts
+from specedge.tools.bench import load_prompts
 
 KS = (1, 2, 4, 8, 16)
 
@@ -93,11 +93,11 @@ def llama_bench(path: Path, tokens: int, threads: int) -> dict | None:
 
 
 def run(args) -> int:
-    from specedge.bench_draft import measure
+    from specedge.tools.bench_draft import measure
     from specedge.cloud.engine import open_engine as open_target
     from specedge.cloud.engine import installed, weights_held
     from specedge.config import DraftConfig
-    from specedge.demo import machine
+    from specedge.tools.demo import machine
     from specedge.device.backends import open_engine as open_draft
     from specedge.device.backends import unavailable
     from specedge.exactness import establish

@@ -29,13 +29,14 @@ from pathlib import Path
 from typing import Callable
 
 from specedge import wire
-from specedge.bench import _read_json, _stop, spawn_verifier
-from specedge.bench_verifier import target_decode
+from specedge.tools.bench import _read_json, _stop, spawn_verifier
+from specedge.tools.bench_verifier import target_decode
 from specedge.broker import MosquittoBroker
-from specedge.channel import ChannelConfig, ChannelEmulator, LinkSpec
+from specedge.tools.channel import ChannelConfig, ChannelEmulator, LinkSpec
 from specedge.config import DeviceConfig, MqttConfig, build
-from specedge.mqtt import REPLICAS, Link, device_topic
-from specedge.soak import proc_stats
+from specedge.mqtt import Link
+from specedge.protocol import topics
+from specedge.tools.soak import proc_stats
 
 FLEET = "faults"
 # Prompts the tiny target answers at length (30-40 tokens), so every fault lands mid-generation.
@@ -127,7 +128,7 @@ class Rig:
             except (ValueError, KeyError, TypeError):
                 pass
         link = Link(self.mqtt(), f"faults-watch-{self.trial}", on)
-        link.subscribe(f"{REPLICAS}/+/stats")
+        link.subscribe(topics.replica(topics.ANY, "stats"))
         link.start()
         try:
             deadline = time.monotonic() + timeout
@@ -221,7 +222,7 @@ class Rogue:
         self.down = rig.agent.down_topic
         self.forged = 0
         self.link = Link(rig.mqtt(), f"faults-rogue-{rig.trial}", self.on)
-        self.link.subscribe(device_topic(FLEET, rig.agent.cfg.device.id, "draft/#"))
+        self.link.subscribe(topics.device(FLEET, rig.agent.cfg.device.id, "draft/#"))
         self.link.start()
 
     def on(self, topic, payload):

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from specedge.broker import MosquittoBroker
-from specedge.channel import ChannelConfig, ChannelEmulator, channel_config, split_channels
+from specedge.tools.channel import ChannelConfig, ChannelEmulator, channel_config, split_channels
 from specedge.progress import bar as progress_bar
 from specedge.resources import resource
 
@@ -72,13 +72,14 @@ def optimum(accept_by_position: list[float], t_draft: float, verify_base: float,
     from specedge.device.scheduler import Objective, State, best_rate
     from specedge import wire
     from specedge.mqtt import publish_packet_bytes
+    from specedge.protocol import topics
 
-    topic = "specedge/v1/bench/device0/draft"
     state = State(tuple(accept_by_position), t_draft, verify_base, verify_per_row, rtt,
                   up_bps=rate_up or math.inf, down_bps=rate_down or math.inf,
-                  up_bytes_base=publish_packet_bytes(topic, len(wire.encode(wire.Draft(0, 0, 0, []))), 1, v5),
+                  up_bytes_base=publish_packet_bytes(topics.draft("bench", "device0"),
+                                                     len(wire.encode(wire.Draft(0, 0, 0, []))), 1, v5),
                   up_bytes_per_token=4,
-                  down_bytes=publish_packet_bytes(topic.replace("draft", "verdict"),
+                  down_bytes=publish_packet_bytes(topics.device("bench", "device0", "verdict"),
                                                   len(wire.encode(wire.Verdict(0, 0, 0, 0, 0))), 1, v5))
     return best_rate(state, Objective(), max_g)
 
@@ -199,7 +200,7 @@ def local_target_main(argv: list[str]) -> int:
 
 def local_target(args, prompts: list[str], cores: list[int], block: int, logs: Path) -> dict:
     """Runs the local-target baseline over the bench's prompts; aggregate and raw runs."""
-    proc = _spawn([sys.executable, "-m", "specedge.bench", "--local-target", "--target", args.target,
+    proc = _spawn([sys.executable, "-m", "specedge.tools.bench", "--local-target", "--target", args.target,
                    "--engine", args.engine, "--target-weights", args.target_weights, "--block", str(block),
                    "--batch-invariant" if args.batch_invariant else "--no-batch-invariant"],
                   cores, {}, logs / "local-target.log")
@@ -281,7 +282,7 @@ def _stop(proc: subprocess.Popen) -> None:
 def _git_revision() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+                              cwd=Path(__file__).resolve().parents[2]).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -353,7 +354,7 @@ def bench_channels(channel: str | None, up_trace: str | None, down_trace: str | 
 
 
 def run(args) -> int:
-    from specedge.demo import machine
+    from specedge.tools.demo import machine
     from specedge.device.policy import parse_policy
 
     try:
@@ -397,7 +398,7 @@ def run(args) -> int:
         for cfg in configs:
             channel_name = cfg.name
             with ChannelEmulator(cfg, ("127.0.0.1", broker.port)) as channel:
-                worker = _spawn([sys.executable, "-m", "specedge.bench", "--worker", "--port", str(channel.port),
+                worker = _spawn([sys.executable, "-m", "specedge.tools.bench", "--worker", "--port", str(channel.port),
                                  "--draft", args.draft, "--draft-weights", args.draft_weights,
                                  "--draft-backend", args.draft_backend,
                                  "--profile", args.profile, "--meter", args.meter,

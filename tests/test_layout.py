@@ -1,0 +1,78 @@
+"""The package's layout rules, checked on the source tree."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# The harness (specedge/tools/): what each module was called before it moved there, too.
+HARNESS = {"bench", "bench_draft", "bench_verifier", "bench_engines", "faults", "soak", "fuzz", "channel", "demo"}
+# The only modules outside the harness allowed to import it: the CLI's command table, the GPU check.
+ALLOWED = {ROOT / "specedge" / "cli.py", ROOT / "specedge" / "gpu_check.py"}
+
+
+def _product_files() -> list[Path]:
+    files = []
+    for folder in ("specedge", "device", "cloud", "kernels"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path in ALLOWED or (ROOT / "specedge" / "tools") in path.parents:
+                continue
+            files.append(path)
+    return files
+
+
+def _harness_name(module: str) -> bool:
+    """`specedge.tools[...]`, or a harness module by its old place (`specedge.bench`)."""
+    parts = module.split(".")
+    return parts[:2] == ["specedge", "tools"] or (parts[0] == "specedge" and len(parts) > 1 and parts[1] in HARNESS)
+
+
+def harness_imports(path: Path) -> list[str]:
+    """Every import of the harness in one file, as `path:line: statement`."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names if _harness_name(alias.name)]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # a relative import: resolve it against the file's package
+                package = path.relative_to(ROOT).parent.parts
+                package = ("specedge",) + package[1:] if package[:1] == ("specedge",) else ("specedge",) + package
+                base = list(package[:len(package) - node.level + 1])
+                module = ".".join(base + ([module] if module else []))
+            if _harness_name(module):
+                names = [module]
+            elif module in ("specedge", "specedge.tools"):  # `from specedge import bench`
+                names = [f"{module}.{alias.name}" for alias in node.names if alias.name in HARNESS | {"tools"}]
+        found += [f"{path.relative_to(ROOT)}:{node.lineno}: imports {name}" for name in names]
+    return found
+
+
+def test_no_product_module_imports_the_harness():
+    files = _product_files()
+    assert len(files) > 20  # the walk found the product
+    found = [hit for path in files for hit in harness_imports(path)]
+    assert not found, "product modules import the harness (specedge/tools/):\n" + "\n".join(found)
+
+
+def _code_strings(path: Path) -> list[tuple[int, str]]:
+    """String constants of a module's code (docstrings left out: they may name a topic)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_only_the_topics_module_spells_a_topic():
+    """Every topic is built and parsed by specedge/protocol/topics.py (issue 21): no other module,
+    the harness included, writes the topic root."""
+    topics_module = ROOT / "specedge" / "protocol" / "topics.py"
+    found = []
+    for folder in ("specedge", "device", "cloud"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path != topics_module:
+                found += [f"{path.relative_to(ROOT)}:{line}" for line, text in _code_strings(path)
+                          if "specedge/v1" in text or "specedge/local" in text or "_verifiers" in text]
+    assert not found, found
