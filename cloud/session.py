@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from specedge.contract import Contract
+from specedge.protocol.contract import Contract
 from specedge.model import grown_capacity
-from specedge.wire import TextHasher
+from specedge.protocol.wire import TextHasher
 from specedge.speculative import SamplingParams, SparseDist, greedy_verify, speculative_verify, target_distribution
 
 

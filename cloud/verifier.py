@@ -22,7 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from specedge import wire
+from specedge.protocol import wire
 from specedge.cloud.registry import Target, TargetSpec
 from specedge.cloud.session import BadRequest, Item, OutOfSync, TargetSession, verify_batch
 from specedge.cloud.versions import Versions

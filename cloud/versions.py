@@ -11,7 +11,8 @@ import logging
 import queue
 import threading
 
-from specedge.cloud.registry import Announcement, AnnouncementError, Target, TargetSpec, load_target
+from specedge.cloud.registry import Target, TargetSpec, load_target
+from specedge.protocol.announce import Announcement, AnnouncementError
 from specedge.config import TargetConfig
 from specedge.exactness import establish
 from specedge.exit_head import default_exit_layer, load_exit_head

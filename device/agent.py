@@ -29,9 +29,9 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from specedge import wire
+from specedge.protocol import wire
 from specedge.config import DeviceConfig
-from specedge.contract import Contract
+from specedge.protocol.contract import Contract
 from specedge.device import checks
 from specedge.device.draft import Drafted
 from specedge.device.pipeline import Ahead

@@ -14,7 +14,6 @@ MQTT callbacks only queue what arrived; one thread handles it and publishes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -24,20 +23,17 @@ import threading
 import time
 from importlib.metadata import PackageNotFoundError, version
 
-from specedge import wire
+from specedge.protocol import wire
 from specedge.config import COMMANDS, ConfigError, DeviceConfig
 from specedge.device import checks
 from specedge.device.service import DeviceService
 from specedge.metrics import spec_rates
 from specedge.mqtt import ReplyTo
 from specedge.protocol import topics
+from specedge.protocol.desired import digest, is_live, json_object, merge, overlay_keys, parse_desired
 
 log = logging.getLogger("specedge.fleet")
 
-MAX_COMMAND = 64 * 1024  # bytes of a command or desired-config payload
-# What a desired config may change without a restart; everything else is reported as needing one.
-LIVE_SECTIONS = ("speculation", "generation", "faults")
-LIVE_KEYS = ("energy.mode", "energy.budget_j_per_token", "energy.min_tokens_per_s", "fleet.telemetry_interval_s")
 # Set only in the device's own file: a remote config must not widen what remote operators may do.
 LOCAL_ONLY = ("fleet.allowed_commands", "fleet.remote_config", "api.allowed_origins", "mqtt.tls_ca", "mqtt.tls_cert",
               "mqtt.tls_key")
@@ -82,7 +78,7 @@ def config_changes(current: DeviceConfig, new: DeviceConfig) -> tuple[dict, list
     """({key: value} that changes live, [keys] that change only with a restart)."""
     old, fresh = flatten(current), flatten(new)
     changed = {k: v for k, v in fresh.items() if old[k] != v}
-    live = {k: v for k, v in changed.items() if k.split(".")[0] in LIVE_SECTIONS or k in LIVE_KEYS}
+    live = {k: v for k, v in changed.items() if is_live(k)}
     return live, sorted(set(changed) - set(live))
 
 
@@ -90,10 +86,6 @@ def redact(flat: dict) -> dict:
     """`flat` (flatten's shape) with every set secret replaced by REDACTED; an empty one stays, as
     "none set" is worth seeing."""
     return {k: REDACTED if v and SECRET.search(k.rsplit(".", 1)[-1]) else v for k, v in flat.items()}
-
-
-def overlay_keys(overlay: dict) -> list[str]:
-    return [f"{section}.{key}" for section, table in overlay.items() for key in table]
 
 
 def remote_paths(overlay: dict) -> list[str]:
@@ -132,48 +124,6 @@ def finite_number(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
     return float(value)
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a number (JSON has no Infinity or NaN)")
-
-
-def merge(base: dict, overlay: dict) -> dict:
-    out = {section: dict(table) for section, table in base.items()}
-    for section, table in overlay.items():
-        out.setdefault(section, {}).update(table)
-    return out
-
-
-def json_object(payload: bytes, shape: str) -> dict:
-    """A JSON object of at most MAX_COMMAND bytes; ValueError says what is wrong."""
-    if len(payload) > MAX_COMMAND:
-        raise ValueError(f"{len(payload)} bytes exceed {MAX_COMMAND}")
-    try:
-        data = json.loads(payload.decode("utf-8"), parse_constant=_no_constant)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"not JSON: {exc}") from None
-    except RecursionError:
-        raise ValueError("not JSON this device takes: nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"expected {shape}")
-    return data
-
-
-def parse_desired(payload: bytes) -> dict:
-    """A desired config: {"section": {"key": value}}, as in the TOML file."""
-    shape = '{"section": {"key": value, ...}, ...}'
-    try:
-        data = json_object(payload, shape)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if not all(isinstance(t, dict) for t in data.values()):
-        raise ConfigError(f"expected {shape}")
-    return data
-
-
-def digest(payload: bytes) -> str:
-    return hashlib.sha256(payload).hexdigest()[:16]
 
 
 class FleetMember:
@@ -452,7 +402,7 @@ class FleetMember:
         return ack
 
     def on_targets(self, payload: bytes) -> None:
-        from specedge.cloud.registry import Announcement, AnnouncementError
+        from specedge.protocol.announce import Announcement, AnnouncementError
 
         if not payload:
             self.announced_target = ""

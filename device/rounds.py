@@ -20,7 +20,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, replace
 
-from specedge import wire
+from specedge.protocol import wire
 from specedge.config import TOPIC_NAME
 
 

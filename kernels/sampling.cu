@@ -1,6 +1,6 @@
 // Drafting kernels: one thread block per call works on one row of logits (the draft decodes
 // one sequence at a time). References: specedge/speculative.py (softmax, truncate, quantize,
-// sample_sparse) and specedge/wire.py (encode_q); tests/test_kernels.py compares them.
+// sample_sparse) and specedge/protocol/wire.py (encode_q); tests/test_kernels.py compares them.
 //
 //   greedy_argmax   the argmax and its softmax probability (the draft's confidence)
 //   draft_sample    temperature, softmax, top-k, top-p, fixed-point quantisation to counts

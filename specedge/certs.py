@@ -26,7 +26,7 @@ import os
 from pathlib import Path
 
 from specedge.protocol import topics
-from specedge.wire import MAX_PACKET
+from specedge.protocol.wire import MAX_PACKET
 
 ROLES = ("devices", "verifiers", "operators")
 # Signs operator certificates only: the operators' listener trusts it alone, so no device or

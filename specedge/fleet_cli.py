@@ -276,7 +276,7 @@ def _config_topic(op: Operator, device: str | None) -> str:
 
 
 def config_set(args, op: Operator) -> int:
-    from specedge.device.fleet import digest, merge
+    from specedge.protocol.desired import digest, merge
 
     changes = parse_pairs(args.values, dotted=True)
     topic = _config_topic(op, args.device)

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from specedge import wire
+from specedge.protocol import wire
 from specedge.config import CloudConfig, DeviceConfig, MqttConfig, build
 from specedge.device.agent import MAX_INBOX, MAX_STALLED, Agent, RequestFailed
 from specedge.device.draft import TorchDraftEngine

@@ -84,7 +84,7 @@ def test_target_announcements_decode_or_are_refused(payload):
 def test_oversized_announcement_is_refused_before_parsing():
     import pytest
 
-    from specedge.cloud.registry import Announcement, AnnouncementError
+    from specedge.protocol.announce import Announcement, AnnouncementError
 
     with pytest.raises(AnnouncementError, match="exceed"):
         Announcement.decode(b'{"default": "v1", "pins": {' + b'"d": "v",' * 20000 + b'}}')

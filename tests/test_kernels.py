@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from specedge import wire
+from specedge.protocol import wire
 from specedge.kernels.build import build, nvcc
 from specedge.speculative import Q_ONE, quantize, sample_sparse, softmax
 

@@ -76,3 +76,15 @@ def test_only_the_topics_module_spells_a_topic():
                 found += [f"{path.relative_to(ROOT)}:{line}" for line, text in _code_strings(path)
                           if "specedge/v1" in text or "specedge/local" in text or "_verifiers" in text]
     assert not found, found
+
+
+def test_the_protocol_is_a_leaf():
+    """specedge/protocol/ imports nothing from device/, cloud/ or the harness: both sides use it."""
+    found = []
+    for path in sorted((ROOT / "specedge" / "protocol").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [module or ""]
+            found += [f"{path.name}: {n}" for n in names
+                      if n.startswith(("specedge.device", "specedge.cloud", "specedge.tools"))]
+    assert not found, found

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import alone, reference_greedy
-from specedge import wire
+from specedge.protocol import wire
 from specedge.cloud.registry import Target
 from specedge.cloud.session import TargetSession
 from specedge.config import DeviceConfig, MqttConfig, build

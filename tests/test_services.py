@@ -8,10 +8,10 @@ from dataclasses import replace
 import pytest
 
 from conftest import reference_greedy
-from specedge import wire
+from specedge.protocol import wire
 from specedge.tools.faults import on_draft_call
 from specedge.config import MqttConfig
-from specedge.contract import Contract
+from specedge.protocol.contract import Contract
 from specedge.device.policy import parse_policy
 from specedge.mqtt import BrokerUnavailable, Link
 from specedge.protocol import topics

@@ -11,7 +11,8 @@ import torch
 from conftest import reference_greedy
 from specedge import tiny
 from specedge.tools.bench import _read_json, spawn_verifier
-from specedge.cloud.registry import Announcement, AnnouncementError, Target, read_registry
+from specedge.cloud.registry import Target, read_registry
+from specedge.protocol.announce import Announcement, AnnouncementError
 from specedge.cloud.session import Item, TargetSession, verify_batch
 from specedge.config import CloudConfig, ConfigError, DeviceConfig, build
 from specedge.device.draft import TorchDraftEngine
@@ -77,7 +78,7 @@ def test_a_resync_on_the_same_replica_keeps_the_cache_it_can(tiny_models):
 def test_after_a_slow_pass_the_window_waits_for_the_devices_just_answered(tiny_models, last_pass_s, joined):
     """A fixed 5 ms window splits devices into half batches taking turns when passes take seconds:
     the window stretches to a fraction of the last pass's compute time."""
-    from specedge import wire
+    from specedge.protocol import wire
     from specedge.cloud.verifier import Verifier
     from specedge.protocol import topics
 

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from conftest import reference_greedy
-from specedge import wire
+from specedge.protocol import wire
 from specedge.cloud.registry import Target
 from specedge.config import CloudConfig, ConfigError, DeviceConfig, build
 from specedge.device.agent import Agent, Refused

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specedge import wire
-from specedge.contract import Contract
+from specedge.protocol import wire
+from specedge.protocol.contract import Contract
 from specedge.speculative import SamplingParams, quantize, softmax
 
 Q = [quantize(softmax(np.array([3.0, 1.0, 0.5, 0.0, -2.0])), 3, 1.0)]

@@ -70,7 +70,7 @@ def optimum(accept_by_position: list[float], t_draft: float, verify_base: float,
     """(best tokens/s, its draft length) over fixed g in [0, max_g] for greedy rounds on this wire:
     the scheduler's own round model (docs/design.md section 4) fed with the run's measurements."""
     from specedge.device.scheduler import Objective, State, best_rate
-    from specedge import wire
+    from specedge.protocol import wire
     from specedge.mqtt import publish_packet_bytes
     from specedge.protocol import topics
 

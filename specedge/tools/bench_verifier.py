@@ -382,7 +382,7 @@ def run(args) -> int:
 
 
 def _announce(port: int, version: str | None) -> None:
-    from specedge.cloud.registry import Announcement
+    from specedge.protocol.announce import Announcement
     from specedge.config import MqttConfig
     from specedge.mqtt import Link
     from specedge.protocol import topics

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from specedge import wire
+from specedge.protocol import wire
 from specedge.tools.bench import _read_json, _stop, spawn_verifier
 from specedge.tools.bench_verifier import target_decode
 from specedge.broker import MosquittoBroker

@@ -13,7 +13,7 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-from specedge import wire
+from specedge.protocol import wire
 from specedge.config import CloudConfig, ConfigError, DeviceConfig, build
 
 MAX_INPUT = 64 * 1024
@@ -46,7 +46,7 @@ def config_target(data: bytes) -> None:
 
 def announcement_target(data: bytes) -> None:
     """The retained targets announcement, the command the verifiers follow."""
-    from specedge.cloud.registry import Announcement, AnnouncementError
+    from specedge.protocol.announce import Announcement, AnnouncementError
 
     try:
         Announcement.decode(data).encode()
@@ -83,7 +83,7 @@ TARGETS = {"wire": wire_target, "config": config_target, "announcement": announc
 def seeds(name: str) -> list[bytes]:
     """Valid inputs for a target, for the fuzzer to start from."""
     if name == "wire":
-        from specedge.contract import Contract
+        from specedge.protocol.contract import Contract
         from specedge.speculative import SamplingParams, SparseDist
 
         import numpy as np

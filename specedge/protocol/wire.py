@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from specedge.contract import Contract
+from specedge.protocol.contract import Contract
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
 PROTOCOL_VERSION = 5  # 3: OPEN states the draft and its contract, OPENED names replica and version;
