@@ -283,7 +283,7 @@ class Verifier:
 
     def reply(self, topic: str, msg) -> bytes:
         payload = wire.encode(msg)
-        self.link.publish(topic, payload)
+        self.link.publish(topic, payload, qos=wire.ROUND_QOS)
         return payload
 
     # -- messages ------------------------------------------------------------------------------
@@ -328,7 +328,7 @@ class Verifier:
                 return  # a duplicate of a draft already waiting
             session.last_used = time.monotonic()
             if msg.seq == session.last_seq and session.last_reply is not None:
-                self.link.publish(out, session.last_reply)  # a replay: same answer, no new work
+                self.link.publish(out, session.last_reply, qos=wire.ROUND_QOS)  # a replay: same answer, no new work
                 return
             if msg.seq <= session.last_seq:
                 self.count("stale")

@@ -117,7 +117,7 @@ class Agent:
         self.round_timer = RoundTimer()
         empty_draft = len(wire.encode(wire.Draft(0, 0, 0, [])))
         prior = State((0.6,), draft_s=0.05, verify_base_s=0.1, verify_per_row_s=0.0, rtt_s=0.0,
-                      up_bytes_base=publish_packet_bytes(self.up_topic, empty_draft, cfg.mqtt.qos, True),
+                      up_bytes_base=publish_packet_bytes("", empty_draft, wire.ROUND_QOS, True, alias=True),
                       active_w=self.profile.active_w, idle_w=self.profile.idle_w, radio_w=self.radio.active_w,
                       radio_j_per_byte_up=self.radio.j_per_byte_up,
                       radio_j_per_byte_down=self.radio.j_per_byte_down)
@@ -193,7 +193,7 @@ class _Request:
         self.agent, self.params, self.policy = agent, params, policy
         self.max_new, self.on_tokens = max_new_tokens, on_tokens or (lambda tokens, verified: None)
         # The session's round state, no I/O (device/rounds.py): seq, OPEN, replica, version, text hash.
-        self.rounds = Rounds(secrets.randbits(64), prompt)
+        self.rounds = Rounds(secrets.randbits(32), prompt)
         self.prompt_len = len(prompt)
         self.committed = list(prompt)
         self.stats = SpecStats(policy=policy.name)
@@ -224,7 +224,7 @@ class _Request:
         ident = self.agent.cfg.device
         topic = topics.draft(ident.fleet, ident.id, None if isinstance(msg, wire.Open) else self.replica)
         self.sent_connects = self.agent.link.connects
-        self.agent.link.publish(topic, wire.encode(msg))
+        self.agent.link.publish(topic, wire.encode(msg), qos=wire.ROUND_QOS)
 
     def open_message(self, resync: bool) -> wire.Open:
         """An OPEN with the committed text, under the round number Rounds.opening() gave it."""

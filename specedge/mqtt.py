@@ -32,9 +32,10 @@ def _varint_len(n: int) -> int:
     return size
 
 
-def publish_packet_bytes(topic: str, payload_len: int, qos: int, v5: bool) -> int:
-    """Bytes of the PUBLISH packet on the wire, plus its PUBACK (QoS 1): MQTT framing included."""
-    body = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + payload_len
+def publish_packet_bytes(topic: str, payload_len: int, qos: int, v5: bool, alias: bool = False) -> int:
+    """Bytes of the PUBLISH packet on the wire, plus its PUBACK (QoS 1): MQTT framing included.
+    `alias`: the topic travels as an MQTT 5 topic alias (pass "" once the alias is set up)."""
+    body = 2 + len(topic.encode()) + (2 if qos else 0) + (1 if v5 else 0) + (3 if alias else 0) + payload_len
     return 1 + _varint_len(body) + body + (4 if qos else 0)
 
 
@@ -62,6 +63,12 @@ class Link:
         self.subscriptions: set[str] = set()
         self.handlers: dict[str, object] = {}  # topic filter -> handler(topic, payload, ReplyTo)
         self.bytes_sent = self.bytes_received = 0
+        # MQTT 5 topic aliases towards the broker, this connection's (CONNACK says how many):
+        # topic -> alias. Only QoS 0 messages use them: paho drops a QoS 0 publish while
+        # disconnected instead of queueing it, so no aliased message can outlive its connection.
+        self._aliases: dict[str, int] = {}
+        self._alias_max = 0
+        self._alias_lock = threading.Lock()
         self.protocol = None  # "5" or "3.1.1" once connected
         self.connected = threading.Event()
         self.connects = 0  # successful connections so far: a change means messages in flight may be lost
@@ -77,6 +84,9 @@ class Link:
         if reason_code.is_failure:
             self._refused = str(reason_code)
         else:
+            with self._alias_lock:  # aliases live and die with their connection
+                self._aliases = {}
+                self._alias_max = getattr(properties, "TopicAliasMaximum", 0) if self.protocol == "5" else 0
             for topic in list(self.subscriptions):  # subscribe() may add one meanwhile
                 client.subscribe(topic, qos=self.cfg.qos)
             if self.birth:
@@ -206,15 +216,26 @@ class Link:
                 reply_to: ReplyTo | None = None) -> None:
         """`reply_to` asks for an answer there (MQTT 5 properties; on 3.1.1 it must travel in the payload)."""
         qos = self.cfg.qos if qos is None else qos
-        props = None
-        if reply_to is not None and self.protocol == "5":
-            props = Properties(PacketTypes.PUBLISH)
+        v5 = self.protocol == "5"
+        props = Properties(PacketTypes.PUBLISH) if v5 else None
+        if reply_to is not None and v5:
             if reply_to.topic:
                 props.ResponseTopic = reply_to.topic
             if reply_to.correlation:
                 props.CorrelationData = reply_to.correlation
-        self.bytes_sent += publish_packet_bytes(topic, len(payload), qos, self.protocol == "5")
-        self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        # Held across the send: a reconnect (which forgets the aliases) cannot slip in between.
+        with self._alias_lock:
+            sent_topic, alias = topic, None
+            if v5 and qos == 0 and not retain:
+                alias = self._aliases.get(topic)
+                if alias is not None:
+                    sent_topic = ""  # the broker knows it by its alias on this connection
+                elif len(self._aliases) < self._alias_max:
+                    alias = self._aliases[topic] = len(self._aliases) + 1  # set up by this message
+            if alias is not None:
+                props.TopicAlias = alias
+            self.bytes_sent += publish_packet_bytes(sent_topic, len(payload), qos, v5, alias is not None)
+            self._client.publish(sent_topic, payload, qos=qos, retain=retain, properties=props)
 
     def stop(self) -> None:
         self._stopping.set()

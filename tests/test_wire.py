@@ -14,7 +14,7 @@ from specedge.speculative import SamplingParams, quantize, softmax
 
 Q = [quantize(softmax(np.array([3.0, 1.0, 0.5, 0.0, -2.0])), 3, 1.0)]
 MESSAGES = [
-    wire.Open(2**63 + 5, 0, [1, 2, 151935], SamplingParams(0.7, 20, 0.9, 42),
+    wire.Open(2**32 - 5, 0, [1, 2, 151935], SamplingParams(0.7, 20, 0.9, 42),
               Contract(b"abcdefgh", 151936, b"ijklmnop", b"qrstuvwx"), True, draft="qwen2.5-coder-0.5b-l12"),
     wire.Open(5, 0, [7], SamplingParams(), Contract.unchecked(), False, hints=True),
     wire.Draft(7, 3, 100, [4, 5, 6]),
@@ -23,10 +23,10 @@ MESSAGES = [
     wire.Draft(7, 5, 100, []),
     wire.Generate(9, 1, 20, 64),
     wire.Close(9, 2),
-    wire.Verdict(7, 3, 100, 2, 151000, 12345),
+    wire.Verdict(7, 3, 100, 2, 151000, 12300),  # verify time travels in 100 µs units
     wire.Hint(7, 3, 100, 1, 151000, 21),
     wire.Draft(7, 6, 3, [4], text_hash=wire.text_hash([1, 2, 3])),
-    wire.Verdict(7, 6, 3, 1, 5, 10, text_hash=wire.text_hash([1, 2, 3])),
+    wire.Verdict(7, 6, 3, 1, 5, 1000, text_hash=wire.text_hash([1, 2, 3])),
     wire.Tokens(9, 1, 20, [3, 4, 5], True),
     wire.Error(7, 3, wire.ErrorCode.OUT_OF_SYNC, "resync, please ✓"),
     wire.Opened(5, 3, "verifier-a", "coder-1.5b-pruned"), wire.Opened(5, 4, "verifier-a", "coder-1.5b", exact=True),
@@ -50,12 +50,14 @@ def test_round_trip(msg):
 
 
 def test_drafts_are_compact():
-    # 14-byte header + 6 bytes + the committed text's 8-byte hash + 3 per token id
-    assert len(wire.encode(wire.Draft(1, 1, 10, [1, 2, 3, 4]))) == 14 + 6 + 8 + 12
-    assert len(wire.encode(wire.Verdict(1, 1, 10, 2, 3))) == 14 + 13 + 8
+    # 10-byte header + committed (4) + the committed text's 8-byte hash + count and q flag (1) + 3 per token id
+    assert len(wire.encode(wire.Draft(1, 1, 10, [1, 2, 3, 4]))) == 10 + 13 + 12
+    # committed, hash, accepted (1), next token (4), verify time (2)
+    assert len(wire.encode(wire.Verdict(1, 1, 10, 2, 3))) == 10 + 19
     # sampled: per drafted token its q (k entries of 3 + 2 bytes) plus 2 bytes, the token named by its place
     sampled = wire.Draft(1, 1, 10, [int(Q[0].ids[0])] * 2, Q * 2)
-    assert len(wire.encode(sampled)) == 14 + 6 + 8 + 2 * (2 + 5 * len(Q[0].ids))
+    assert len(wire.encode(sampled)) == 10 + 13 + 2 * (2 + 5 * len(Q[0].ids))
+    assert wire.decode(wire.encode(wire.Verdict(1, 1, 10, 2, 3, verify_us=10**9))).verify_us == 0xFFFF * 100
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
@@ -80,14 +82,14 @@ def test_newer_protocol_version_is_rejected_clearly():
 
 def test_unknown_type_is_rejected():
     with pytest.raises(wire.UnknownType):
-        wire.decode(struct.pack("<BBQI", wire.PROTOCOL_VERSION, 99, 1, 1))
+        wire.decode(wire.HEADER.pack(wire.PROTOCOL_VERSION, 99, 1, 1))
 
 
 def test_oversized_payloads_and_counts_are_rejected_before_allocation():
     with pytest.raises(wire.Oversized):
         wire.decode(b"\x01" * (wire.MAX_PAYLOAD + 1))
-    huge_open = struct.pack("<BBQI", wire.PROTOCOL_VERSION, wire.Open.TYPE, 1, 0) + struct.pack("<BfIfQ8sI8s8sI", 0, 0, 0, 1, 0, bytes(8), 0, bytes(8), bytes(8),
-                                                                              10**9)
+    huge_open = (wire.HEADER.pack(wire.PROTOCOL_VERSION, wire.Open.TYPE, 1, 0)
+                 + wire.Open.BODY.pack(0, 0, 0, 1, 0, bytes(8), 0, bytes(8), bytes(8), 10**9))
     with pytest.raises(wire.Oversized):
         wire.decode(huge_open)
     with pytest.raises(wire.Oversized):
@@ -107,14 +109,14 @@ def test_token_outside_its_own_q_is_rejected():
     with pytest.raises(wire.WireError, match="outside"):
         wire.encode(wire.Draft(1, 1, 1, [outside], Q))
     payload = bytearray(wire.encode(MESSAGES[3]))
-    payload[29] = len(q.ids)  # the drafted token's place in q (after the 8-byte text hash), one past its end
+    payload[wire.HEADER.size + wire.Draft.BODY.size + 1] = len(q.ids)  # the drafted token's place in q, one past its end
     with pytest.raises(wire.WireError, match="place"):
         wire.decode(bytes(payload))
 
 
 def test_bad_sampling_params_in_open_are_rejected():
     payload = wire.encode(wire.Open(1, 0, [1], SamplingParams()))
-    bad = (payload[:14] + struct.pack("<BfIfQ8sI8s8sI", 0, -1.0, 0, 1.0, 0, bytes(8), 0, bytes(8), bytes(8), 1)
+    bad = (payload[:wire.HEADER.size] + wire.Open.BODY.pack(0, -1.0, 0, 1.0, 0, bytes(8), 0, bytes(8), bytes(8), 1)
            + payload[-4:])
     with pytest.raises(wire.WireError, match="temperature"):
         wire.decode(bad)

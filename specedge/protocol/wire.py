@@ -1,7 +1,7 @@
 """The wire: a versioned, compact, bounded binary encoding of every message.
 
 Layout (little-endian), documented in docs/protocol.md:
-    header  = version u8 | type u8 | session u64 | seq u32      (14 bytes)
+    header  = version u8 | type u8 | session u32 | seq u32      (10 bytes)
     body    = per type, every length field bounded, no trailing bytes.
 Decoding never trusts a length: sizes are checked before anything is allocated.
 """
@@ -18,9 +18,11 @@ import numpy as np
 from specedge.protocol.contract import Contract
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
-PROTOCOL_VERSION = 5  # 3: OPEN states the draft and its contract, OPENED names replica and version;
+PROTOCOL_VERSION = 6  # 3: OPEN states the draft and its contract, OPENED names replica and version;
 # 4: OPENED says whether that version passed its bitwise self-test on the verifier's machine;
-# 5: DRAFT, GENERATE, VERDICT and HINT carry a hash of the committed text beside its length
+# 5: DRAFT, GENERATE, VERDICT and HINT carry a hash of the committed text beside its length;
+# 6: a tighter round: 4-byte session ids (a session is named per device), DRAFT's token count
+#    and q flag in one byte, VERDICT's verify time in 100 µs units (u16); rounds at QoS 0
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_PACKET = MAX_PAYLOAD + 4096  # an MQTT packet carrying it: framing and topic besides
 MAX_CONTEXT = 32768  # tokens in OPEN
@@ -30,8 +32,13 @@ MAX_STREAM = 1024  # tokens per TOKENS message
 MAX_TOKEN_ID = (1 << 24) - 1
 MAX_ERROR_TEXT = 255
 MAX_NAME = 64  # bytes of a draft, replica or target-version name
+# Round messages (everything here) travel at MQTT QoS 0: a round is its own acknowledgement (every
+# DRAFT, GENERATE and OPEN is answered, and re-sent when its answer does not come), so QoS 1's
+# packet ids and PUBACKs would only repeat it. QoS 0 also lets the device send them by topic alias.
+ROUND_QOS = 0
 
-HEADER = struct.Struct("<BBQI")  # version, type, session, seq
+HEADER = struct.Struct("<BBII")  # version, type, session, seq
+MAX_SESSION = (1 << 32) - 1  # session ids are random per request, and sessions are named per device
 HASH_BYTES = 8
 NO_HASH = bytes(HASH_BYTES)  # what a message built without one states: it matches no text
 
@@ -140,7 +147,7 @@ class Draft:
     q: list[SparseDist] | None = None  # sampled mode: the exact draft distribution per token
     text_hash: bytes = NO_HASH  # TextHasher of those `committed` tokens
     TYPE = 2
-    BODY = struct.Struct("<I8sBB")  # committed, text_hash, token count, has q; then tokens or q's
+    BODY = struct.Struct("<I8sB")  # committed, text_hash, token count | has q << 7; then tokens or q's
 
 
 @dataclass
@@ -173,10 +180,10 @@ class Verdict:
     committed: int
     accepted: int
     next_token: int
-    verify_us: int = 0  # target compute time for this round
+    verify_us: int = 0  # target compute time for this round (sent in 100 µs units, up to 6.5 s)
     text_hash: bytes = NO_HASH  # the hash of the text it extends: the DRAFT's, checked by the verifier
     TYPE = 16
-    BODY = struct.Struct("<I8sBII")  # committed, text_hash, accepted, next_token, verify_us
+    BODY = struct.Struct("<I8sBIH")  # committed, text_hash, accepted, next_token, verify time (100 µs units)
 
 
 @dataclass
@@ -344,16 +351,15 @@ def _encode_draft(m: Draft) -> bytes:
         raise WireError("draft: one q per drafted token")
     if len(m.tokens) > MAX_DRAFT:
         raise Oversized(f"draft: {len(m.tokens)} tokens exceed the limit of {MAX_DRAFT}")
-    head = Draft.BODY.pack(m.committed, _hash(m), len(m.tokens), int(has_q))
+    head = Draft.BODY.pack(m.committed, _hash(m), len(m.tokens) | int(has_q) << 7)
     if not has_q:
         return head + _tokens(m.tokens, MAX_DRAFT, "draft")
     return head + b"".join(encode_q(q, token) for token, q in zip(m.tokens, m.q))
 
 
 def _decode_draft(session: int, seq: int, r: _Reader) -> Draft:
-    committed, digest, n, has_q = r.take(Draft.BODY)
-    if has_q > 1:
-        raise WireError("draft: bad q flag")
+    committed, digest, packed = r.take(Draft.BODY)
+    n, has_q = packed & 0x7F, packed >> 7
     _bounded(n, MAX_DRAFT, "draft")
     if not has_q:
         return Draft(session, seq, committed, r.tokens(n), None, digest)
@@ -385,14 +391,14 @@ def _decode_generate(session: int, seq: int, r: _Reader) -> Generate:
 
 
 def _encode_verdict(m: Verdict) -> bytes:
-    return Verdict.BODY.pack(m.committed, _hash(m), m.accepted, m.next_token, m.verify_us)
+    return Verdict.BODY.pack(m.committed, _hash(m), m.accepted, m.next_token, min(m.verify_us // 100, 0xFFFF))
 
 
 def _decode_verdict(session: int, seq: int, r: _Reader) -> Verdict:
-    committed, digest, accepted, next_token, verify_us = r.take(Verdict.BODY)
+    committed, digest, accepted, next_token, verify = r.take(Verdict.BODY)
     if next_token > MAX_TOKEN_ID:
         raise WireError("verdict: token id out of range")
-    return Verdict(session, seq, committed, accepted, next_token, verify_us, digest)
+    return Verdict(session, seq, committed, accepted, next_token, verify * 100, digest)
 
 
 def _encode_hint(m: Hint) -> bytes:
@@ -466,6 +472,8 @@ def encode(msg) -> bytes:
     codec = CODECS.get(getattr(msg, "TYPE", None))
     if codec is None or not isinstance(msg, codec.message):
         raise TypeError(f"not a wire message: {msg!r}")
+    if not 0 <= msg.session <= MAX_SESSION:
+        raise WireError(f"session id {msg.session} is not a u32")
     payload = HEADER.pack(PROTOCOL_VERSION, msg.TYPE, msg.session, msg.seq) + codec.encode(msg)
     if len(payload) > MAX_PAYLOAD:
         raise Oversized(f"{len(payload)} bytes exceed {MAX_PAYLOAD}")
