@@ -100,3 +100,29 @@ def _llama_engine(draft_cfg):
 
     path, _ = resolve(draft_cfg.model)
     return LlamaCppDraftEngine(path, draft_cfg.q_top_k, draft_cfg.q_top_p), read_gguf_tokenizer(path)
+
+
+def build_engine_command(args) -> int:
+    """`specedge device build-engine`: the draft's ONNX export (checked against PyTorch) and, with a
+    GPU, its TensorRT engine, built into the cache ahead of the first start. Exit 1 when --tensorrt
+    asks for the engine and none can be built here."""
+    import json
+    from dataclasses import replace
+
+    from specedge.device import checks
+    from specedge.device.draft import load_draft
+    from specedge.device.onnx_export import cached_export
+    from specedge.progress import say
+
+    cfg = checks.load(args.config)
+    onnx_path = cached_export(cfg.draft, say)
+    print(json.dumps({"onnx": str(onnx_path)}), flush=True)
+    reason = unavailable("tensorrt")
+    if reason:
+        say(f"no TensorRT engine built: {reason}")
+        return 0 if not args.tensorrt else 1
+    from specedge.device.trt_engine import cached_engine
+
+    model, _ = load_draft(replace(cfg.draft, weights="int8"))
+    print(json.dumps({"engine": str(cached_engine(onnx_path, model.cfg, say))}), flush=True)
+    return 0

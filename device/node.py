@@ -47,3 +47,21 @@ class DeviceNode:
             self.local.stop()
         self.fleet.stop()
         self.service.stop()
+
+
+def serve_command(args) -> int:
+    """`specedge device serve`: the node from its config file, until SIGINT or SIGTERM."""
+    import json
+
+    from specedge import systemd
+    from specedge.device import checks
+    from specedge.device.backends import open_engine
+    from specedge.progress import say
+
+    cfg = checks.load(args.config)
+    engine, tok = open_engine(cfg.draft, say)
+    node = DeviceNode(cfg, engine, tok, args.config).start()
+    # One JSON line on stdout tells supervisors (tests, scripts) where the local API listens.
+    print(json.dumps(node.describe()), flush=True)
+    systemd.serve_until_signal(f"serving {cfg.device.fleet}/{cfg.device.id}", node.problem, node.stop)
+    return 0

@@ -125,3 +125,60 @@ def power_commands(profile: DeviceProfile) -> list[list[str]]:
                      ["rm", "-f", "/var/lib/nvfancontrol/status"],  # else it restores the old profile
                      ["systemctl", "start", "nvfancontrol"]]
     return commands
+
+
+# -- `specedge device apply-power-profile` (argument table: device/commands.py) ----------------------
+def apply_power_profile_command(args) -> int:
+    """The profile --profile names, or the device config's [energy] profile, applied."""
+    from specedge.device import checks
+
+    cfg = checks.load(args.config)
+    profile = get_profile(args.profile or cfg.energy.profile, cfg.energy.profiles or None)
+    return apply_power_profile(profile, args.dry_run)
+
+
+def apply_power_profile(profile: DeviceProfile, dry_run: bool = False) -> int:
+    """Put the board into its profile's power mode: nvpmodel, jetson_clocks, fan. With `dry_run`,
+    print the exact commands instead. 1 when a command fails."""
+    import shlex
+
+    commands = power_commands(profile)
+    if not commands:
+        print(f"profile {profile.name} ({profile.board}) has no nvpmodel mode: nothing to apply")
+        return 0
+    print(f"profile {profile.name}: {profile.board}, nvpmodel {profile.nvpmodel_id} ({profile.nvpmodel_name}), "
+          f"jetson_clocks {'on' if profile.jetson_clocks else 'off'}, fan {profile.fan or 'unchanged'}")
+    if dry_run:
+        for command in commands:
+            print(shlex.join(command))
+        return 0
+    _check_can_run(commands)
+    return _run_all(commands)
+
+
+def _check_can_run(commands: list[list[str]]) -> None:
+    """Refuse (ConfigError) before the first command when root or a Jetson tool is missing, so a
+    profile is never left half applied for a reason known in advance."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        raise ConfigError("applying a power profile needs root: run it with sudo (or --dry-run to see the commands)")
+    missing = sorted({c[0] for c in commands if shutil.which(c[0]) is None})
+    if missing:
+        raise ConfigError(f"{', '.join(missing)} not found: this is not a Jetson (or JetPack is incomplete)")
+
+
+def _run_all(commands: list[list[str]]) -> int:
+    """Each command echoed and run in order; the first failure stops the rest (exit 1)."""
+    import shlex
+    import subprocess
+    import sys
+
+    for command in commands:
+        print(f"$ {shlex.join(command)}", flush=True)
+        done = subprocess.run(command)
+        if done.returncode != 0:
+            print(f"failed ({done.returncode})", file=sys.stderr)
+            return 1
+    return 0

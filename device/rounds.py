@@ -18,6 +18,7 @@ down), `on_broker_back` and `on_reconnected`; each returns the actions to perfor
 from __future__ import annotations
 
 import random
+import secrets
 from dataclasses import dataclass, replace
 
 from specedge.protocol import wire
@@ -87,6 +88,14 @@ class Rounds:
         """An OPEN goes out under the current round number; its OPENED will name it."""
         self.open_seq = self.seq
         return self.seq
+
+    def reopening(self) -> int:
+        """A resync's OPEN: the round number jumps by a secret random step, so no one who saw
+        the session's earlier rounds can name this OPEN in advance. A broken replica that
+        answers every message with forged refusals and claims "for the next rounds" (the fault
+        suite's wrong-answers) could otherwise hit it, and a refusal of an OPEN is final."""
+        self.seq += 1 + secrets.randbelow(1 << 16)
+        return self.opening()
 
     def unbind(self) -> None:
         """The replica is lost or out of sync: the next OPEN goes to the whole group."""
@@ -344,8 +353,7 @@ class Exchange:
 
     def _reopen(self, now: float, wait: bool = True) -> list[Action]:
         """OPEN again with the committed text, under the next round number."""
-        self.rounds.next_round()
-        self.rounds.opening()
+        self.rounds.reopening()
         if wait:
             self.deadline = now + self.backoff(self.open_attempt)
         return [Action(OPEN)]

@@ -132,3 +132,26 @@ class MosquittoBroker:
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+
+# -- `specedge broker` ------------------------------------------------------------------------------
+def add_parser(sub) -> None:
+    b = sub.add_parser("broker", help="a zero-setup MQTT 3.1.1 broker (amqtt)")
+    b.add_argument("--host", default="127.0.0.1")
+    b.add_argument("--port", type=int, default=1883)
+    b.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """The embedded broker until SIGINT or SIGTERM."""
+    import sys
+
+    from specedge.systemd import wait_for_signal
+
+    broker = EmbeddedBroker(args.port, args.host).start()
+    print(f"MQTT 3.1.1 broker (amqtt) on {broker.host}:{broker.port}", file=sys.stderr)
+    try:
+        wait_for_signal()
+    finally:
+        broker.stop()
+    return 0

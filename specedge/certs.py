@@ -37,7 +37,7 @@ OPERATORS_CA = "operators-ca.crt"
 CRL_DAYS = 3650
 
 
-def add_parser(sub, func) -> None:
+def add_parser(sub) -> None:
     c = sub.add_parser("certs", help="CA, broker and client certificates, Mosquitto ACL and config (TLS)")
     c.add_argument("--out", required=True, help="folder for the files (created; existing ones are kept)")
     c.add_argument("--fleet", default="default")
@@ -50,7 +50,7 @@ def add_parser(sub, func) -> None:
     c.add_argument("--days", type=int, default=825, help="validity of the leaf certificates")
     c.add_argument("--revoke", default="", help="comma-separated names whose certificates Mosquitto must refuse "
                                                 "(a CRL; restart Mosquitto to apply)")
-    c.set_defaults(func=func)
+    c.set_defaults(func=run)
 
 
 def _names(text: str) -> list[str]:

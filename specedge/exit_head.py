@@ -10,6 +10,7 @@ frozen and shared, so a trained head is a few hundred kilobytes.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,3 +188,70 @@ def train_exit_head(model: Qwen2, sequences: list[list[int]], layer: int, rank: 
                                                    heads={layer: head})[layer]}
     return head, report
 
+
+
+# -- the `specedge cloud` commands about exits and layers (argument tables: cloud/serve.py) -------
+def least_influential(influence: list[float], drop: int) -> list[int]:
+    """The `drop` layers whose removal changes the residual stream least, in layer order. The first
+    and last layers are never candidates: every model needs them most."""
+    return sorted(sorted(range(1, len(influence) - 1), key=lambda i: influence[i])[:drop])
+
+
+def prune_layers_command(args) -> int:
+    """Print each layer's block influence, then the registry entry of a version without the
+    --drop least influential ones."""
+    from specedge.loader import load_named
+
+    model, tok = load_named(args.target, "bf16", batch_invariant=True)
+    influence = block_influence(model, corpus_passages(tok, args.corpus, args.passages, args.length))
+    drop = least_influential(influence, args.drop)
+    name = args.name or f"{args.target}-pruned{len(influence) - len(drop)}"
+    print(json.dumps({"influence": [round(v, 5) for v in influence], "drop_layers": drop}), flush=True)
+    print(f'\n[versions."{name}"]\nmodel = "{args.target}"\nweights = "bf16"\ndrop_layers = {drop}')
+    return 0
+
+
+def train_exit_head_command(args) -> int:
+    from specedge.loader import load_named
+
+    model, tok = load_named(args.target, args.target_weights)
+    layer = args.layer or default_exit_layer(model.cfg.n_layers)
+    sequences = corpus_passages(tok, args.corpus, args.passages, args.length)
+    print(f"training an exit head after layer {layer}/{model.cfg.n_layers} of {args.target} on "
+          f"{len(sequences)} passages of {args.length} tokens", file=sys.stderr, flush=True)
+    head, report = train_exit_head(model, sequences, layer, args.rank, args.steps, seed=args.seed,
+                                   log=lambda line: print(line, file=sys.stderr, flush=True))
+    head.save(args.out, {"target": args.target, "weights": args.target_weights, **report})
+    print(json.dumps({"out": args.out, **report}), flush=True)
+    return 0
+
+
+def agreement_layers(n_layers: int, layers: str | None) -> list[int]:
+    """--layers as given (comma-separated), else every 4th layer, the default exit layer and n - 2."""
+    if layers:
+        return sorted({int(x) for x in layers.split(",")})
+    n = n_layers
+    return sorted(x for x in set(range(4, n, 4)) | {default_exit_layer(n), n - 2} if 1 <= x < n)
+
+
+def exit_agreement_command(args) -> int:
+    """Per layer: how often the exit head there names the full model's next token (teacher forcing)."""
+    from specedge.loader import load_named
+
+    model, _ = load_named(args.target, args.target_weights)
+    runs = json.loads(Path(args.sequences).read_text())
+    n = model.cfg.n_layers
+    layers = agreement_layers(n, args.layers)
+    heads = {}
+    if args.exit_head:
+        head = load_exit_head(model, 1, args.exit_head)
+        heads[head.layer] = head
+    rates = layer_agreement(model, [(r["tokens"], r["skip"]) for r in runs], layers)
+    out = {"layers": n, "positions": sum(len(r["tokens"]) - r["skip"] for r in runs),
+           "agreement": {str(k): v for k, v in rates.items()}}
+    if heads:
+        layer = next(iter(heads))
+        out["trained"] = {str(layer): layer_agreement(model, [(r["tokens"], r["skip"]) for r in runs], [layer],
+                                                      heads=heads)[layer]}
+    print(json.dumps(out), flush=True)
+    return 0

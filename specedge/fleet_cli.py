@@ -25,7 +25,7 @@ from specedge.protocol import topics
 REFUSED, NO_ANSWER = 1, 3
 
 
-def add_parser(sub, func) -> None:
+def add_parser(sub) -> None:
     f = sub.add_parser("fleet", help="operators: list, watch, command and configure a fleet's devices")
     f.add_argument("--host", default=os.environ.get("SPECEDGE_MQTT_HOST", "127.0.0.1"))
     f.add_argument("--port", type=int, default=int(os.environ.get("SPECEDGE_MQTT_PORT", "1883")),
@@ -59,7 +59,7 @@ def add_parser(sub, func) -> None:
     cs.add_argument("values", nargs="*", metavar="SECTION.KEY=VALUE")
     sh = cfs.add_parser("show", help="the desired config and each device's acknowledgement")
     sh.add_argument("--device")
-    f.set_defaults(func=func)
+    f.set_defaults(func=run)
 
 
 def parse_value(text: str):

@@ -64,3 +64,8 @@ class LineProgress:
     def _write(self) -> None:
         print(self.text(), file=self.stream, flush=True)
         self._last_line, self._shown = self.clock(), self.n
+
+
+def say(line: str) -> None:
+    """One line on stderr, flushed: what commands report while they load, build and serve."""
+    print(line, file=sys.stderr, flush=True)

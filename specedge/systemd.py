@@ -13,6 +13,7 @@ import contextlib
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -77,6 +78,26 @@ def ready(status: str, healthy, env: dict | None = None) -> Watchdog:
     """READY=1 with a status line, and the watchdog started."""
     notify(f"READY=1\nSTATUS={status}", env)
     return Watchdog(healthy, env).start()
+
+
+def wait_for_signal() -> None:
+    """Block until SIGINT or SIGTERM: how every long-running command (services, broker, channel) waits."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+
+
+def serve_until_signal(status: str, healthy, stop) -> None:
+    """A started service's life under systemd: READY=1 and the watchdog, then block until SIGINT or
+    SIGTERM; on the way out STOPPING=1, the watchdog stopped, then `stop()`."""
+    watchdog = ready(status, healthy)
+    try:
+        wait_for_signal()
+    finally:
+        notify("STOPPING=1")
+        watchdog.stop()
+        stop()
 
 
 # -- unit files and the installer ------------------------------------------------------------------
@@ -199,7 +220,7 @@ def uninstall_plan(kind: str, unit_dir: Path) -> list[Step]:
             ("reload systemd", ["systemctl", "daemon-reload"])]
 
 
-def add_parser(sub, func) -> None:
+def add_parser(sub) -> None:
     for name, what in (("install-service", "install, enable and start"), ("uninstall-service", "stop and remove")):
         p = sub.add_parser(name, help=f"{what} the systemd unit of the device agent or the verifier")
         p.add_argument("kind", choices=sorted(SERVICES))
@@ -210,7 +231,7 @@ def add_parser(sub, func) -> None:
             p.add_argument("--user", default="specedge")
             p.add_argument("--exe", default=shutil.which("specedge") or sys.argv[0],
                            help="the specedge executable the unit runs")
-        p.set_defaults(func=func)
+        p.set_defaults(func=run)
 
 
 def run(args) -> int:

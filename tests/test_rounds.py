@@ -683,3 +683,17 @@ def test_a_verifier_that_keeps_asking_for_resyncs_is_treated_as_lost(policy, end
         ex.on_payload(wire.encode(wire.Opened(7, rounds.open_seq, "r1", "v1")), now)
     assert ends in kinds
     assert ex.stats.resyncs <= ex.faults.max_retries + (30 if policy == "wait" else 0)
+
+
+def test_a_resyncs_open_cannot_be_named_in_advance():
+    """A resync's OPEN jumps the round number by a secret random step: a broken replica that
+    forges refusals "for the round after next" (the fault suite's wrong-answers) cannot hit it."""
+    from specedge.device.rounds import Rounds
+
+    rounds = Rounds(1, [5])
+    gaps = []
+    for _ in range(50):
+        before = rounds.seq
+        assert rounds.reopening() == rounds.open_seq == rounds.seq > before
+        gaps.append(rounds.seq - before)
+    assert len(set(gaps)) > 40 and max(gaps) > 2

@@ -10,6 +10,7 @@ channel's clock restarts, so every policy meets the same stretch of the trace.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -30,6 +31,11 @@ MAX_G = 8
 
 def default_prompts() -> Path:
     return resource("data", "prompts", "spec_bench_dev.jsonl")
+
+
+def prompts_file(path: str | None) -> str:
+    """--prompts as given, or (None) the Spec-Bench prompts shipped with the package."""
+    return str(default_prompts()) if path is None else path
 
 
 def load_prompts(path: str | Path, limit: int | None) -> list[str]:
@@ -76,11 +82,13 @@ def optimum(accept_by_position: list[float], t_draft: float, verify_base: float,
 
     state = State(tuple(accept_by_position), t_draft, verify_base, verify_per_row, rtt,
                   up_bps=rate_up or math.inf, down_bps=rate_down or math.inf,
-                  up_bytes_base=publish_packet_bytes(topics.draft("bench", "device0"),
-                                                     len(wire.encode(wire.Draft(0, 0, 0, []))), 1, v5),
-                  up_bytes_per_token=4,
+                  # drafts by topic alias on MQTT 5 (the broker sends verdicts with their topic)
+                  up_bytes_base=publish_packet_bytes("" if v5 else topics.draft("bench", "device0"),
+                                                     len(wire.encode(wire.Draft(0, 0, 0, []))), wire.ROUND_QOS,
+                                                     v5, alias=v5),
+                  up_bytes_per_token=3,
                   down_bytes=publish_packet_bytes(topics.device("bench", "device0", "verdict"),
-                                                  len(wire.encode(wire.Verdict(0, 0, 0, 0, 0))), 1, v5))
+                                                  len(wire.encode(wire.Verdict(0, 0, 0, 0, 0))), wire.ROUND_QOS, v5))
     return best_rate(state, Objective(), max_g)
 
 
@@ -353,103 +361,72 @@ def bench_channels(channel: str | None, up_trace: str | None, down_trace: str | 
     return configs
 
 
+def add_parser(sub) -> None:
+    from specedge.options import model_options
+
+    be = sub.add_parser("bench", help="policies vs baselines over emulated channels (JSON + plot)")
+    be.add_argument("--channel", default=None,
+                    help="comma-separated presets (ideal, wifi, lte, lte-driving, umts, evdo) and custom "
+                         "Mahimahi trace pairs, trace:UP,DOWN[,delay_ms=MS][,jitter_ms=MS][,loss=P]; "
+                         "default ideal,lte,umts (none with --up-trace)")
+    be.add_argument("--up-trace", help="Mahimahi trace for device -> broker: one more channel, with --down-trace")
+    be.add_argument("--down-trace", help="Mahimahi trace for broker -> device")
+    be.add_argument("--policies", default="cloud-ar,fixed:1,fixed:2,fixed:4,fixed:8,adaptive,adaptive-energy")
+    be.add_argument("--prompts", default=None, help="JSONL (Spec-Bench format: first turn is used)")
+    be.add_argument("--max-prompts", type=int, default=8)
+    be.add_argument("--max-new-tokens", type=int, default=64)
+    be.add_argument("--temperature", type=float, default=0.0)
+    model_options(be)
+    be.add_argument("--json", help="write the report here")
+    be.add_argument("--plot", help="write a PNG here")
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--profile", default="orin-nano-15w", help="device profile for energy (profiles.toml)")
+    be.add_argument("--meter", default="auto", help="power meter of the device worker (auto, estimated, ...)")
+    be.add_argument("--exit-layer", type=int, default=0, help="early-exit hints after this layer (0 = 3/4)")
+    be.add_argument("--exit-head", help="a trained exit head for the verifier (train-exit-head)")
+    be.add_argument("--start-timeout", type=float, default=600.0, help="seconds for a process to load its model")
+    be.add_argument("--run-timeout", type=float, default=900.0, help="seconds for one generation")
+    be.add_argument("--local-target", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the target decoding alone on the verifier's cores, as llama-cli would (greedy only)")
+    be.set_defaults(func=run)
+
+
 def run(args) -> int:
+    """The whole bench: every prompt under every policy on every channel against one verifier
+    process, the baselines, the report (table, JSON, plots). Exit 1 when greedy outputs differ
+    from cloud-ar's and no near tie explains it."""
     from specedge.tools.demo import machine
     from specedge.device.policy import parse_policy
 
+    args.prompts = prompts_file(args.prompts)
     try:
         configs = bench_channels(args.channel, args.up_trace, args.down_trace, args.seed)
     except ValueError as exc:
         raise SystemExit(f"specedge bench: {exc}") from None
-    channels = [cfg.name for cfg in configs]
     policies = [p for p in args.policies.split(",") if p]
     for p in policies:
         parse_policy(p, 64)
     prompts = load_prompts(args.prompts, args.max_prompts)
-    cores = _cores()
-    if len(cores) >= 2:
-        half = len(cores) // 2
-        device_cores, verifier_cores = cores[:half], cores[half:]
-        pinning = f"device on cores {device_cores}, verifier on cores {verifier_cores}"
-    else:
-        device_cores = verifier_cores = []
-        pinning = "one core: device and verifier share it (not pinned)"
-    print(f"specedge bench: {len(prompts)} prompts x {len(policies)} policies x {len(channels)} channels, "
+    device_cores, verifier_cores, pinning = _split_cores()
+    print(f"specedge bench: {len(prompts)} prompts x {len(policies)} policies x {len(configs)} channels, "
           f"{args.max_new_tokens} new tokens each; {pinning}", file=sys.stderr, flush=True)
 
-    # A terminated bench still stops its broker and children (the finally below).
+    # A terminated bench still stops its broker and children (the finally in _run_channels).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logs = Path(tempfile.mkdtemp(prefix="specedge-bench-"))
-    broker = MosquittoBroker().start()
-    procs = []
-    results: dict = {}
-    try:
-        verifier = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run"], verifier_cores, {
-            "SPECEDGE_MQTT_PORT": str(broker.port), "SPECEDGE_TARGET_MODEL": args.target,
-            "SPECEDGE_TARGET_WEIGHTS": args.target_weights, "SPECEDGE_TARGET_ENGINE": args.engine,
-            "SPECEDGE_TARGET_BATCH_INVARIANT": str(args.batch_invariant).lower(),
-            "SPECEDGE_VERIFIER_FLEET": "bench",
-            "SPECEDGE_TARGET_EXIT_LAYER": str(args.exit_layer), "SPECEDGE_TARGET_EXIT_HEAD": args.exit_head or ""},
-            logs / "verifier.log")
-        procs.append(verifier)
-        served = _read_json(verifier, "the verifier", args.start_timeout)["target"]
-        self_test, target_engine = served["exactness"], served["engine"]
-        bar = progress_bar(len(channels) * len(prompts) * len(policies), "bench", "runs")
-        for cfg in configs:
-            channel_name = cfg.name
-            with ChannelEmulator(cfg, ("127.0.0.1", broker.port)) as channel:
-                worker = _spawn([sys.executable, "-m", "specedge.tools.bench", "--worker", "--port", str(channel.port),
-                                 "--draft", args.draft, "--draft-weights", args.draft_weights,
-                                 "--draft-backend", args.draft_backend,
-                                 "--profile", args.profile, "--meter", args.meter,
-                                 "--link", CHANNEL_RADIO.get(channel_name, "lte")],
-                                device_cores, {}, logs / f"device-{channel_name}.log")
-                procs.append(worker)
-                hello = _read_json(worker, "the device worker", args.start_timeout)
-                draft_backend = hello["backend"]
-                runs: dict[str, list] = {p: [] for p in policies}
-                for i, prompt in enumerate(prompts):
-                    for policy in policies:
-                        bar.set_postfix_str(f"{channel_name} {policy} prompt {i + 1}")
-                        channel.restart_clock()
-                        before = channel.bytes_up + channel.bytes_down
-                        worker.stdin.write(json.dumps({"prompt": prompt, "policy": policy,
-                                                       "max_new_tokens": args.max_new_tokens,
-                                                       "temperature": args.temperature}) + "\n")
-                        worker.stdin.flush()
-                        r = _read_json(worker, f"{policy} on {channel_name}", args.run_timeout)
-                        r["proxy_bytes"] = channel.bytes_up + channel.bytes_down - before
-                        # What the trace offered when each round started (the clock restarted above).
-                        r["link_up_bps"] = [cfg.up.rate_at(t) for t in r["round_start_s"]]
-                        r["link_down_bps"] = [cfg.down.rate_at(t) for t in r["round_start_s"]]
-                        runs[policy].append(r)
-                        bar.update()
-                worker.stdin.close()
-                _stop(worker)
-            results[channel_name] = _channel_report(runs, cfg, hello.get("protocol") == "5", args)
-        bar.close()
-    finally:
-        for proc in procs:
-            _stop(proc)
-        broker.stop()
+    served, draft_backend, results = _run_channels(args, configs, policies, prompts, (device_cores, verifier_cores),
+                                                   logs)
+    self_test = served["exactness"]
     exit_agreement = None
     if any(parse_policy(p, 64).early_exit for p in policies):
         exit_agreement = _exit_agreement(results, args, logs)
     baseline = None
     if args.local_target and args.temperature == 0:
-        print("local-target baseline: the target alone on the verifier's cores ...", file=sys.stderr, flush=True)
-        baseline = local_target(args, prompts, verifier_cores, self_test["block"], logs)
-        reference = next(iter(results.values()))["runs"].get("cloud-ar") if results else None
-        baseline["outputs_identical_to_cloud_ar"] = ([r["tokens"] for r in baseline["runs"]] ==
-                                                     [r["tokens"] for r in reference]) if reference else None
-        for ch in results.values():
-            for m in ch["policies"].values():
-                m["speedup_vs_local_target"] = m["tokens_per_s"] / baseline["tokens_per_s"]
-
+        baseline = _local_target_baseline(args, prompts, verifier_cores, self_test["block"], logs, results)
     report = {
         "machine": machine(), "git_revision": _git_revision(), "pinning": pinning,
         "draft": args.draft, "target": args.target, "draft_weights": args.draft_weights,
-        "draft_backend": draft_backend, "target_engine": target_engine,
+        "draft_backend": draft_backend, "target_engine": served["engine"],
         "exactness_class": "exact" if self_test["exact"] else "numerical",
         "target_weights": args.target_weights, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
         "temperature": args.temperature, "energy_profile": args.profile,
@@ -468,6 +445,109 @@ def run(args) -> int:
     if report["exactness_class"] == "numerical" and report["outputs_identical"] is False:
         report["divergences"] = divergences(results, args.target, args.target_weights, self_test)
     _print_table(report)
+    _write_outputs(report, args)
+    return 0 if report["outputs_identical"] in (True, None) or report.get("divergences", {}).get("near_ties") else 1
+
+
+def _split_cores() -> tuple[list[int], list[int], str]:
+    """(device cores, verifier cores, how they were pinned): half the cores each, so the device's
+    drafting and the verifier's passes do not slow each other; one core: shared, not pinned."""
+    cores = _cores()
+    if len(cores) >= 2:
+        half = len(cores) // 2
+        device_cores, verifier_cores = cores[:half], cores[half:]
+        return device_cores, verifier_cores, f"device on cores {device_cores}, verifier on cores {verifier_cores}"
+    return [], [], "one core: device and verifier share it (not pinned)"
+
+
+def _run_channels(args, configs: list[ChannelConfig], policies: list[str], prompts: list[str],
+                  cores: tuple[list[int], list[int]], logs: Path) -> tuple[dict, str, dict]:
+    """(what the verifier serves, the device's draft backend, per channel its report): a broker and
+    the verifier for the whole run, then each channel in turn; everything stopped on the way out."""
+    device_cores, verifier_cores = cores
+    broker = MosquittoBroker().start()
+    procs = []
+    results: dict = {}
+    try:
+        verifier = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run"], verifier_cores, {
+            "SPECEDGE_MQTT_PORT": str(broker.port), "SPECEDGE_TARGET_MODEL": args.target,
+            "SPECEDGE_TARGET_WEIGHTS": args.target_weights, "SPECEDGE_TARGET_ENGINE": args.engine,
+            "SPECEDGE_TARGET_BATCH_INVARIANT": str(args.batch_invariant).lower(),
+            "SPECEDGE_VERIFIER_FLEET": "bench",
+            "SPECEDGE_TARGET_EXIT_LAYER": str(args.exit_layer), "SPECEDGE_TARGET_EXIT_HEAD": args.exit_head or ""},
+            logs / "verifier.log")
+        procs.append(verifier)
+        served = _read_json(verifier, "the verifier", args.start_timeout)["target"]
+        bar = progress_bar(len(configs) * len(prompts) * len(policies), "bench", "runs")
+        for cfg in configs:
+            with ChannelEmulator(cfg, ("127.0.0.1", broker.port)) as channel:
+                hello, runs = _run_channel(args, cfg, channel, policies, prompts, device_cores, logs, procs, bar)
+            draft_backend = hello["backend"]
+            results[cfg.name] = _channel_report(runs, cfg, hello.get("protocol") == "5", args)
+        bar.close()
+    finally:
+        for proc in procs:
+            _stop(proc)
+        broker.stop()
+    return served, draft_backend, results
+
+
+def _run_channel(args, cfg: ChannelConfig, channel: ChannelEmulator, policies: list[str], prompts: list[str],
+                 device_cores: list[int], logs: Path, procs: list, bar) -> tuple[dict, dict[str, list]]:
+    """(the device worker's hello, per policy its runs): a worker process behind `channel`, every
+    prompt under every policy, each run on the trace from its start (the clock restarted)."""
+    worker = _spawn([sys.executable, "-m", "specedge.tools.bench", "--worker", "--port", str(channel.port),
+                     "--draft", args.draft, "--draft-weights", args.draft_weights,
+                     "--draft-backend", args.draft_backend,
+                     "--profile", args.profile, "--meter", args.meter,
+                     "--link", CHANNEL_RADIO.get(cfg.name, "lte")],
+                    device_cores, {}, logs / f"device-{cfg.name}.log")
+    procs.append(worker)
+    hello = _read_json(worker, "the device worker", args.start_timeout)
+    runs: dict[str, list] = {p: [] for p in policies}
+    for i, prompt in enumerate(prompts):
+        for policy in policies:
+            bar.set_postfix_str(f"{cfg.name} {policy} prompt {i + 1}")
+            runs[policy].append(_one_run(args, cfg, channel, worker, prompt, policy))
+            bar.update()
+    worker.stdin.close()
+    _stop(worker)
+    return hello, runs
+
+
+def _one_run(args, cfg: ChannelConfig, channel: ChannelEmulator, worker, prompt: str, policy: str) -> dict:
+    """One generation by the worker, with the bytes that crossed the emulated link and the rates the
+    trace offered when each round started."""
+    channel.restart_clock()
+    before = channel.bytes_up + channel.bytes_down
+    worker.stdin.write(json.dumps({"prompt": prompt, "policy": policy, "max_new_tokens": args.max_new_tokens,
+                                   "temperature": args.temperature}) + "\n")
+    worker.stdin.flush()
+    r = _read_json(worker, f"{policy} on {cfg.name}", args.run_timeout)
+    r["proxy_bytes"] = channel.bytes_up + channel.bytes_down - before
+    # What the trace offered when each round started (the clock restarted above).
+    r["link_up_bps"] = [cfg.up.rate_at(t) for t in r["round_start_s"]]
+    r["link_down_bps"] = [cfg.down.rate_at(t) for t in r["round_start_s"]]
+    return r
+
+
+def _local_target_baseline(args, prompts: list[str], cores: list[int], block: int, logs: Path,
+                           results: dict) -> dict:
+    """The local-target baseline, whether its outputs equal cloud-ar's, and every policy's speedup
+    over it (written into `results`)."""
+    print("local-target baseline: the target alone on the verifier's cores ...", file=sys.stderr, flush=True)
+    baseline = local_target(args, prompts, cores, block, logs)
+    reference = next(iter(results.values()))["runs"].get("cloud-ar") if results else None
+    baseline["outputs_identical_to_cloud_ar"] = ([r["tokens"] for r in baseline["runs"]] ==
+                                                 [r["tokens"] for r in reference]) if reference else None
+    for ch in results.values():
+        for m in ch["policies"].values():
+            m["speedup_vs_local_target"] = m["tokens_per_s"] / baseline["tokens_per_s"]
+    return baseline
+
+
+def _write_outputs(report: dict, args) -> None:
+    """--json, and --plot with its draft-length timeline next to it."""
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}", file=sys.stderr)
@@ -476,7 +556,6 @@ def run(args) -> int:
         timeline = str(Path(args.plot).with_name(Path(args.plot).stem + "-draft-length.png"))
         plot_draft_lengths(report, timeline)
         print(f"wrote {args.plot} and {timeline}", file=sys.stderr)
-    return 0 if report["outputs_identical"] in (True, None) or report.get("divergences", {}).get("near_ties") else 1
 
 
 def top2_gap(engine, prompt: list[int], prefix: list[int]) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from specedge.tools.bench import load_prompts
+from specedge.tools.bench import load_prompts, prompts_file
 from specedge.config import DraftConfig
 from specedge.speculative import SamplingParams
 
@@ -38,6 +38,7 @@ def run(args) -> int:
     from specedge.tools.demo import machine
     from specedge.device.backends import open_engine, unavailable
 
+    args.prompts = prompts_file(args.prompts)
     say = lambda line: print(line, file=sys.stderr, flush=True)
     base = DraftConfig(model=args.draft)
     results, reference = [], None
@@ -91,7 +92,7 @@ def run(args) -> int:
     return 0
 
 
-def add_parser(sub, func) -> None:
+def add_parser(sub) -> None:
     b = sub.add_parser("bench-draft", help="draft backends side by side: prefill, ms/token, same drafts (JSON + plot)")
     b.add_argument("--draft", default="qwen2.5-coder-0.5b")
     b.add_argument("--backends", default="torch:int8,llama.cpp,onnxruntime:int8,torch:fp32,onnxruntime:fp32",
@@ -102,4 +103,4 @@ def add_parser(sub, func) -> None:
     b.add_argument("--tokens", type=int, default=32)
     b.add_argument("--json")
     b.add_argument("--plot")
-    b.set_defaults(func=func)
+    b.set_defaults(func=run)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specedge.tools.bench import load_prompts
+from specedge.tools.bench import load_prompts, prompts_file
 
 KS = (1, 2, 4, 8, 16)
 
@@ -104,6 +104,7 @@ def run(args) -> int:
     from specedge.fetch import resolve
     from specedge.loader import read_gguf_tokenizer
 
+    args.prompts = prompts_file(args.prompts)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
@@ -221,7 +222,7 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def add_parser(sub, func) -> None:
+def add_parser(sub) -> None:
     b = sub.add_parser("bench-engines", help="every installed draft backend and target engine side by side, "
                                              "with llama.cpp's own decode loop on the same files (JSON + plot)")
     b.add_argument("--draft", default="qwen2.5-coder-0.5b")
@@ -238,4 +239,4 @@ def add_parser(sub, func) -> None:
     b.add_argument("--tokens", type=int, default=32)
     b.add_argument("--json")
     b.add_argument("--plot")
-    b.set_defaults(func=func)
+    b.set_defaults(func=run)

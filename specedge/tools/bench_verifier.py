@@ -9,6 +9,7 @@ output is checked against the target's own greedy decoding.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -16,12 +17,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from specedge.tools.bench import _git_revision, _read_json, _stop, load_prompts, near_ties, spawn_verifier
+from specedge.tools.bench import (_git_revision, _read_json, _stop, load_prompts, near_ties, prompts_file,
+                                  spawn_verifier)
 from specedge.broker import MosquittoBroker
 from specedge.device.draft import Drafted, TorchDraftEngine
 from specedge.fetch import cache_dir, sha256_file
@@ -273,16 +275,91 @@ def _delta(before: dict, after: dict) -> dict:
             "compute_s_p99": max((s["compute_s_p99"] or 0) for s in after.values())}
 
 
-def run(args) -> int:
-    from specedge.cloud.registry import load_target, registry_for
-    from specedge.config import TargetConfig, model_label
-    from specedge.exit_head import load_exit_head
-    from specedge.loader import load_named, resolve_weights
+def add_parser(sub) -> None:
+    from specedge.config import TARGET_ENGINES
+    from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
 
+    bv = sub.add_parser("bench-verifier", help="one verifier or a replica group under many devices (JSON + plot)")
+    bv.add_argument("--devices", default="1,2,4,8,16,32", help="device counts, comma-separated")
+    bv.add_argument("--replicas", default="1,2", help="replica counts, comma-separated")
+    bv.add_argument("--cloud-ar", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the same verifier decoding for every device (batched cloud-ar): the capacity "
+                         "speculation has to beat")
+    bv.add_argument("--no-baseline", dest="baseline", action="store_false",
+                    help="skip the unbatched verifier (max_batch = 1)")
+    bv.add_argument("--baseline-devices", type=lambda s: [int(x) for x in s.split(",")],
+                    help="device counts for the unbatched baseline (default: all)")
+    bv.add_argument("--draft", default=DEFAULT_DRAFT)
+    bv.add_argument("--small-draft-head", help="also devices with the draft's first N layers and this trained head")
+    bv.add_argument("--target", default=DEFAULT_TARGET)
+    bv.add_argument("--registry", default="", help='target registry ("shipped" = cloud/targets.toml)')
+    bv.add_argument("--target-version", default="")
+    bv.add_argument("--target-weights", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="without --registry (a registry names each version's weights)")
+    bv.add_argument("--engine", default="auto", choices=TARGET_ENGINES,
+                    help="the replicas' target engine (docs/engines.md); every output is compared token for token "
+                         "with the engine's own decoding")
+    bv.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
+                    help="--no-batch-invariant: llama.cpp batching rows freely (numerical)")
+    bv.add_argument("--prompts", default=None)
+    bv.add_argument("--max-prompts", type=int, default=8)
+    bv.add_argument("--tokens", type=int, default=32, help="new tokens a session")
+    bv.add_argument("--draft-length", type=int, default=4)
+    bv.add_argument("--max-batch", type=int, default=16)
+    bv.add_argument("--window-ms", type=float, default=5.0)
+    bv.add_argument("--kv-budget-mb", type=float, default=4096.0)
+    bv.add_argument("--round-timeout", type=float, default=60.0)
+    bv.add_argument("--start-timeout", type=float, default=600.0)
+    bv.add_argument("--kill-replica-at", type=float, help="seconds into a run: kill -9 one replica (2+ replicas)")
+    bv.add_argument("--switch-at", type=float, help="seconds into a run: announce --switch-to for the fleet")
+    bv.add_argument("--switch-to", default="", help="the target version to announce")
+    bv.add_argument("--json")
+    bv.add_argument("--plot")
+    bv.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Every replica count x mode (batched, cloud-ar, unbatched) x device count, the devices replaying
+    recorded drafts against real verifier processes; the rows, the speedups, JSON and plot."""
+    args.prompts = prompts_file(args.prompts)
     devices = [int(d) for d in args.devices.split(",")]
     replica_counts = [int(r) for r in args.replicas.split(",")]
     modes = ["batched"] + (["cloud-ar"] if args.cloud_ar else []) + (["unbatched"] if args.baseline else [])
     print(f"loading {args.draft} and the target for the recording", file=sys.stderr)
+    drafts, trained_heads, draft_tok = _load_drafts(args)
+    recordings, block, exactness = _recordings(args, drafts, trained_heads, draft_tok)
+    report = {"machine": {"cpus": os.cpu_count(), "torch_threads_per_replica": "cores / replicas"},
+              "git": _git_revision(), "args": {k: v for k, v in vars(args).items() if k != "func"},
+              "drafts": [d[0] for d in drafts], "runs": []}
+    folder = Path(tempfile.mkdtemp(prefix="specedge-bench-verifier-"))
+    broker = MosquittoBroker().start()
+    watch = StatsWatch(broker.port)
+    setup = _Setup(args, folder, broker.port, watch, recordings, drafts, block, exactness)
+    try:
+        for replicas in replica_counts:
+            for mode in modes:
+                _measure_configuration(setup, replicas, mode, devices, report["runs"])
+    finally:
+        watch.link.stop()
+        broker.stop()
+    report["speedup"] = _speedups(report["runs"])
+    report["speedup_vs_cloud_ar"] = _speedups(report["runs"], "cloud-ar")
+    text = json.dumps(report, indent=1)
+    if args.json:
+        Path(args.json).write_text(text)
+    if args.plot:
+        plot(report, args.plot)
+    print(json.dumps({"speedup": report["speedup"], "speedup_vs_cloud_ar": report["speedup_vs_cloud_ar"]}, indent=1))
+    return 0
+
+
+def _load_drafts(args) -> tuple[list, dict, object]:
+    """(drafts as (name, engine, tokenizer), sha256 of each trained head by draft name, the draft's
+    tokenizer): the draft, and with --small-draft-head its first layers reading out through that head."""
+    from specedge.config import model_label
+    from specedge.exit_head import load_exit_head
+    from specedge.loader import load_named
+
     draft_model, draft_tok = load_named(args.draft, "int8")
     drafts = [(model_label(args.draft), TorchDraftEngine(draft_model), draft_tok)]
     trained_heads = {}  # draft name -> sha256 of its trained head: part of its recording's key
@@ -292,6 +369,17 @@ def run(args) -> int:
         name = f"{model_label(args.draft)}-l{head.layer}"
         drafts.append((name, TorchDraftEngine(small), draft_tok))
         trained_heads[name] = sha256_file(Path(args.small_draft_head))
+    return drafts, trained_heads, draft_tok
+
+
+def _recordings(args, drafts: list, trained_heads: dict, draft_tok) -> tuple[dict, int, dict]:
+    """(recordings by draft name, the product block they were made with, the target's exactness):
+    each draft's drafts along the target's output, from the cache when this exact setup was
+    recorded before (the target is loaded only when one is missing)."""
+    from specedge.cloud.registry import load_target, registry_for
+    from specedge.config import TargetConfig
+    from specedge.loader import resolve_weights
+
     tcfg = TargetConfig(model=args.target, engine=args.engine, weights=args.target_weights, registry=args.registry,
                         version=args.target_version)
     specs, default = registry_for(tcfg)
@@ -315,70 +403,78 @@ def run(args) -> int:
                                         "recordings": recorded}))
         saved = json.loads(path.read_text())
         recordings[name], blocks[name], exactness = saved["recordings"], saved["block"], saved["exactness"]
-    del target
     if len(set(blocks.values())) > 1:  # recordings cached by runs whose self-tests chose differently
         raise SystemExit(f"recordings made with different product blocks {blocks}: delete {cache_dir() / 'bench'}")
-    block = next(iter(blocks.values()))
-    report = {"machine": {"cpus": os.cpu_count(), "torch_threads_per_replica": "cores / replicas"},
-              "git": _git_revision(), "args": {k: v for k, v in vars(args).items() if k != "func"}, "drafts": [d[0] for d in drafts], "runs": []}
-    folder = Path(tempfile.mkdtemp(prefix="specedge-bench-verifier-"))
-    broker = MosquittoBroker().start()
-    watch = StatsWatch(broker.port)
+    return recordings, next(iter(blocks.values())), exactness
+
+
+@dataclass
+class _Setup:
+    """What every measurement of one bench run shares."""
+    args: object
+    folder: Path
+    port: int  # the broker's
+    watch: "StatsWatch"
+    recordings: dict
+    drafts: list
+    block: int
+    exactness: dict
+
+
+def _measure_configuration(setup: _Setup, replicas: int, mode: str, devices: list[int], rows: list) -> None:
+    """One replica count in one mode: its verifier processes, then each device count against them
+    (a fault run: only the first), a row each appended to `rows`."""
+    args = setup.args
+    tag = f"{mode[0]}{replicas}x{int(time.time()) % 100000}"
+    max_batch = 1 if mode == "unbatched" else args.max_batch  # cloud-ar batches its steps too
+    procs = _start_verifiers(setup.folder, setup.port, args, replicas, max_batch, tag, setup.block)
     try:
-        for replicas in replica_counts:
-            for mode in modes:
-                tag = f"{mode[0]}{replicas}x{int(time.time()) % 100000}"
-                max_batch = 1 if mode == "unbatched" else args.max_batch  # cloud-ar batches its steps too
-                procs = _start_verifiers(folder, broker.port, args, replicas, max_batch, tag, block)
-                try:
-                    for n in devices:
-                        if mode == "unbatched" and args.baseline_devices and n not in args.baseline_devices:
-                            continue
-                        agents = _agents(n, broker.port, recordings, drafts, args)
-                        events = []
-                        if args.kill_replica_at is not None and replicas > 1:
-                            events.append((args.kill_replica_at, lambda p=procs[0]: p.kill()))
-                        if args.switch_at is not None:
-                            events.append((args.switch_at, lambda: _announce(broker.port, args.switch_to)))
-                        watch.follow({p.replica for p in procs})
-                        before = watch.snapshot()
-                        result = _run_sessions(agents, args, events, "cloud-ar" if mode == "cloud-ar" else "")
-                        differing = result.pop("differing")
-                        result["near_ties"] = near_ties(differing, args.target, args.target_weights,
-                                                        exactness) if differing else None
-                        time.sleep(1.2)  # the replicas' next statistics
-                        row = {"mode": mode, "engine": exactness["engine"],
-                               "exactness_class": "exact" if exactness["exact"] else "numerical",
-                               "replicas": replicas, "devices": n, **result,
-                               **_delta(before, watch.snapshot()), "peak_cache_mb": watch.peak_cache_bytes / 2**20,
-                               "pairs": [p for s in watch.snapshot().values() for p in s["pairs"]]}
-                        report["runs"].append(row)
-                        f = lambda v, spec: "-" if v is None else format(v, spec)
-                        print(f"{mode:9s} replicas={replicas} devices={n:3d}: {f(row['tokens_per_s'], '7.2f')} tok/s, "
-                              f"{f(row['passes_per_token'], '.3f')} passes/token, round p50 "
-                              f"{f(row['round_s_p50'], '.2f')}s p99 {f(row['round_s_p99'], '.2f')}s, cache peak "
-                              f"{row['peak_cache_mb']:.0f} MB, lost {row['sessions_lost']}, wrong {row['outputs_wrong']}, "
-                              f"failovers {row['failovers']} {' '.join(row['errors'])}", file=sys.stderr)
-                        for agent, _ in agents:
-                            agent.stop()
-                        if args.kill_replica_at is not None or args.switch_at is not None:
-                            _announce(broker.port, None)
-                            break  # one fault run per configuration
-                finally:
-                    for proc in procs:
-                        _stop(proc)
+        for n in devices:
+            if mode == "unbatched" and args.baseline_devices and n not in args.baseline_devices:
+                continue
+            rows.append(_measure_devices(setup, procs, replicas, mode, n))
+            if args.kill_replica_at is not None or args.switch_at is not None:
+                _announce(setup.port, None)
+                break  # one fault run per configuration
     finally:
-        watch.link.stop()
-        broker.stop()
-    report["speedup"] = _speedups(report["runs"])
-    report["speedup_vs_cloud_ar"] = _speedups(report["runs"], "cloud-ar")
-    text = json.dumps(report, indent=1)
-    if args.json:
-        Path(args.json).write_text(text)
-    if args.plot:
-        plot(report, args.plot)
-    print(json.dumps({"speedup": report["speedup"], "speedup_vs_cloud_ar": report["speedup_vs_cloud_ar"]}, indent=1))
-    return 0
+        for proc in procs:
+            _stop(proc)
+
+
+def _measure_devices(setup: _Setup, procs: list, replicas: int, mode: str, n: int) -> dict:
+    """`n` devices generating at once against `procs` (with the fault events asked for): one row."""
+    args, watch = setup.args, setup.watch
+    agents = _agents(n, setup.port, setup.recordings, setup.drafts, args)
+    events = []
+    if args.kill_replica_at is not None and replicas > 1:
+        events.append((args.kill_replica_at, lambda p=procs[0]: p.kill()))
+    if args.switch_at is not None:
+        events.append((args.switch_at, lambda: _announce(setup.port, args.switch_to)))
+    watch.follow({p.replica for p in procs})
+    before = watch.snapshot()
+    result = _run_sessions(agents, args, events, "cloud-ar" if mode == "cloud-ar" else "")
+    differing = result.pop("differing")
+    result["near_ties"] = near_ties(differing, args.target, args.target_weights,
+                                    setup.exactness) if differing else None
+    time.sleep(1.2)  # the replicas' next statistics
+    row = {"mode": mode, "engine": setup.exactness["engine"],
+           "exactness_class": "exact" if setup.exactness["exact"] else "numerical",
+           "replicas": replicas, "devices": n, **result,
+           **_delta(before, watch.snapshot()), "peak_cache_mb": watch.peak_cache_bytes / 2**20,
+           "pairs": [p for s in watch.snapshot().values() for p in s["pairs"]]}
+    _print_row(row, mode, replicas, n)
+    for agent, _ in agents:
+        agent.stop()
+    return row
+
+
+def _print_row(row: dict, mode: str, replicas: int, n: int) -> None:
+    f = lambda v, spec: "-" if v is None else format(v, spec)
+    print(f"{mode:9s} replicas={replicas} devices={n:3d}: {f(row['tokens_per_s'], '7.2f')} tok/s, "
+          f"{f(row['passes_per_token'], '.3f')} passes/token, round p50 "
+          f"{f(row['round_s_p50'], '.2f')}s p99 {f(row['round_s_p99'], '.2f')}s, cache peak "
+          f"{row['peak_cache_mb']:.0f} MB, lost {row['sessions_lost']}, wrong {row['outputs_wrong']}, "
+          f"failovers {row['failovers']} {' '.join(row['errors'])}", file=sys.stderr)
 
 
 def _announce(port: int, version: str | None) -> None:

@@ -451,3 +451,59 @@ def split_channels(text: str) -> list[str]:
         else:
             specs.append(part)
     return specs
+
+
+# -- `specedge channel` -----------------------------------------------------------------------------
+def add_parser(sub) -> None:
+    ch = sub.add_parser("channel", help="wireless channel emulator: a shaping TCP proxy")
+    ch.add_argument("--listen", type=int, required=True, help="local port (0 = any)")
+    ch.add_argument("--upstream", required=True, help="HOST:PORT of the broker")
+    ch.add_argument("--preset", help="ideal, wifi, lte, lte-driving, umts or evdo (overrides the rest)")
+    ch.add_argument("--up-trace", help="Mahimahi trace for device -> broker")
+    ch.add_argument("--down-trace", help="Mahimahi trace for broker -> device")
+    ch.add_argument("--up-mbps", type=float, help="fixed uplink rate without a trace")
+    ch.add_argument("--down-mbps", type=float, help="fixed downlink rate without a trace")
+    ch.add_argument("--delay-ms", type=float, default=0.0, help="one-way propagation delay")
+    ch.add_argument("--jitter-ms", type=float, default=0.0)
+    ch.add_argument("--loss", type=float, default=0.0, help="packet loss probability (adds an RTO each)")
+    ch.add_argument("--rto-ms", type=float, default=200.0)
+    ch.add_argument("--blackout", action="append", metavar="START_S:DURATION_S")
+    ch.add_argument("--seed", type=int, default=0)
+    ch.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """The emulator between --listen and --upstream until SIGINT or SIGTERM."""
+    import sys
+
+    from specedge.systemd import wait_for_signal
+
+    host, _, port = args.upstream.rpartition(":")
+    if not port.isdigit():
+        raise SystemExit("specedge channel: --upstream must be HOST:PORT")
+    cfg = preset(args.preset, seed=args.seed) if args.preset else config_from_args(args)
+    channel = ChannelEmulator(cfg, (host or "127.0.0.1", int(port)), args.listen).start()
+    print(f"channel {cfg.name}: 127.0.0.1:{channel.port} -> {args.upstream} ({cfg.description})", file=sys.stderr)
+    try:
+        wait_for_signal()
+    finally:
+        channel.stop()
+        print(f"bytes up {channel.bytes_up}, down {channel.bytes_down}", file=sys.stderr)
+    return 0
+
+
+def config_from_args(args) -> ChannelConfig:
+    """A custom channel from the command line's traces or fixed rates, with the same delay, jitter,
+    loss and blackouts both ways."""
+    blackouts = []
+    for b in args.blackout or []:
+        start, _, duration = b.partition(":")
+        blackouts.append((float(start), float(duration)))
+
+    def side(trace, rate):
+        return LinkSpec(trace=load_trace(trace) if trace else None, trace_file=trace,
+                        rate_bps=rate * 1e6 if rate else None,
+                        delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, loss=args.loss,
+                        rto_ms=args.rto_ms, blackouts=blackouts)
+
+    return ChannelConfig(side(args.up_trace, args.up_mbps), side(args.down_trace, args.down_mbps), seed=args.seed)

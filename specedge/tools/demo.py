@@ -109,7 +109,55 @@ def serve(args, draft, draft_tok, target, target_tok) -> int:
     return 0
 
 
+def add_parser(sub) -> None:
+    from specedge.options import model_options
+
+    d = sub.add_parser("demo", help="broker + verifier + agent in one process on the real Qwen pair")
+    d.add_argument("--prompt", default=None)
+    d.add_argument("--max-new-tokens", type=int, default=128)
+    d.add_argument("--temperature", type=float, default=0.0)
+    d.add_argument("--top-k", type=int, default=0)
+    d.add_argument("--top-p", type=float, default=1.0)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--policy", default="fixed:4", help="fixed:G, adaptive[:budget=J], adaptive-energy or cloud-ar")
+    model_options(d)
+
+    d.add_argument("--broker", default="embedded", choices=["embedded", "mosquitto"])
+    d.add_argument("--json", help="write the summary as JSON here")
+    d.add_argument("--serve", action="store_true",
+                   help="instead of one prompt: keep broker, verifier and device running, with the device's "
+                        "local HTTP API (for examples/) until Ctrl-C")
+    d.add_argument("--http-port", type=int, default=8080, help="--serve: the local HTTP API's port (0 = any)")
+    d.set_defaults(func=run)
+
+
 def run(args) -> int:
+    """One prompt speculatively, then by the cloud alone, on one broker; the two side by side (and
+    with --json written). Exit 1 when a greedy speculative output differs from the target's own."""
+    if args.prompt is None:
+        args.prompt = DEFAULT_PROMPT
+    draft, draft_tok, loaded = load_models(args)
+    target, target_tok = loaded.model, loaded.tokenizer
+    if args.serve:
+        return serve(args, draft, draft_tok, target, target_tok)
+    stack = Stack(draft, draft_tok, target, target_tok, broker=args.broker)
+    exactness = target.exactness  # the verifier self-tested the target as it started
+    print(f"target engine {loaded.spec.engine}; self-test: {exactness.summary()}", file=sys.stderr, flush=True)
+    try:
+        spec, base, policy, greedy = generate_both(args, stack, draft_tok)
+    finally:
+        stack.close()
+    report = summary(args, spec, base, policy, greedy, (draft, draft_tok), loaded, exactness)
+    print_comparison(report, spec.stats.summary(), base.stats.summary(), policy.name, exactness)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        print(f"wrote {args.json}")
+    return 0 if report["output_matches_target"] in (True, None) else 1
+
+
+def load_models(args):
+    """(draft engine, its tokenizer, the loaded target): the draft on its backend, the target on
+    its engine, as --draft*, --target*, --engine and --batch-invariant say."""
     from specedge.cloud.registry import TargetSpec, load_target
     from specedge.config import DraftConfig
     from specedge.device.backends import open_engine
@@ -120,37 +168,40 @@ def run(args) -> int:
                                                backend=args.draft_backend))
     loaded = load_target(TargetSpec(args.target, args.target, args.target_weights, engine=args.engine),
                          args.batch_invariant)
-    target, target_tok, engine = loaded.model, loaded.tokenizer, loaded.spec.engine
     print(f"models ready in {time.perf_counter() - t0:.1f}s; starting broker ({args.broker}), verifier and agent",
           file=sys.stderr, flush=True)
-    if args.serve:
-        return serve(args, draft, draft_tok, target, target_tok)
-    stack = Stack(draft, draft_tok, target, target_tok, broker=args.broker)
-    exactness = target.exactness  # the verifier self-tested the target as it started
-    print(f"target engine {engine}; self-test: {exactness.summary()}", file=sys.stderr, flush=True)
-    try:
-        params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-        prompt = draft_tok.encode_chat(args.prompt)
-        policy = parse_policy(args.policy)
+    return draft, draft_tok, loaded
 
-        print(f"\n>>> {args.prompt}\n", flush=True)
-        stream = StreamDecoder(draft_tok)
-        spec = stack.agent.generate(prompt, params, args.max_new_tokens, policy,
-                                    on_tokens=lambda toks, verified: print(stream.push(toks), end="", flush=True))
-        print("\n", flush=True)
-        print("running the cloud-only autoregressive baseline on the same prompt ...", file=sys.stderr, flush=True)
-        base = stack.agent.generate(prompt, params, args.max_new_tokens, parse_policy("cloud-ar"))
-    finally:
-        stack.close()
 
+def generate_both(args, stack: Stack, draft_tok):
+    """(speculative result, cloud-only result, the policy, greedy?): the prompt under --policy,
+    streamed to stdout, then under cloud-ar with the same sampling parameters."""
+    params = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    prompt = draft_tok.encode_chat(args.prompt)
+    policy = parse_policy(args.policy)
+
+    print(f"\n>>> {args.prompt}\n", flush=True)
+    stream = StreamDecoder(draft_tok)
+    spec = stack.agent.generate(prompt, params, args.max_new_tokens, policy,
+                                on_tokens=lambda toks, verified: print(stream.push(toks), end="", flush=True))
+    print("\n", flush=True)
+    print("running the cloud-only autoregressive baseline on the same prompt ...", file=sys.stderr, flush=True)
+    base = stack.agent.generate(prompt, params, args.max_new_tokens, parse_policy("cloud-ar"))
+    return spec, base, policy, params.greedy
+
+
+def summary(args, spec, base, policy, greedy: bool, drafter, loaded, exactness) -> dict:
+    """The demo's JSON report: both runs' figures, what ran where, and whether the output is exact.
+    `drafter`: (draft engine, its tokenizer)."""
+    draft, draft_tok = drafter
     s, b = spec.stats.summary(), base.stats.summary()
-    report = {
+    return {
         "prompt": args.prompt,
         "policy": policy.name,
         "draft": args.draft, "target": args.target,
         "draft_backend": draft.backend,
         "draft_weights": args.draft_weights if draft.backend != "llama.cpp" else "gguf",
-        "target_engine": engine, "target_weights": loaded.spec.weights,
+        "target_engine": loaded.spec.engine, "target_weights": loaded.spec.weights,
         "exactness_class": "exact" if exactness.exact else "numerical",
         "broker": args.broker,
         "temperature": args.temperature,
@@ -169,12 +220,16 @@ def run(args) -> int:
         "baseline_wire_bytes_per_token": b["wire_bytes_per_token"],
         "speedup_vs_cloud_ar": s["tokens_per_s"] / b["tokens_per_s"] if b["tokens_per_s"] else 0.0,
         # Greedy: the speculative text must equal the target's own greedy decoding.
-        "output_matches_target": (spec.tokens == base.tokens) if params.greedy else None,
+        "output_matches_target": (spec.tokens == base.tokens) if greedy else None,
         "exact": spec.stats.exact,  # the verifier's self-test passed: what the product promises
         "self_test": exactness.describe(),
         "text": draft_tok.decode(spec.tokens),
         "machine": machine(),
     }
+
+
+def print_comparison(report: dict, s: dict, b: dict, policy_name: str, exactness) -> None:
+    """The speculative run (`s`) and the cloud-only one (`b`) as a table on stdout."""
     rows = [("tokens/s", f"{s['tokens_per_s']:.2f}", f"{b['tokens_per_s']:.2f}"),
             ("time to first token (s)", f"{s['ttft_s']:.2f}", f"{b['ttft_s']:.2f}"),
             ("acceptance rate", f"{s['acceptance_rate']:.3f}", "-"),
@@ -182,13 +237,10 @@ def run(args) -> int:
             ("target passes / token", f"{s['target_passes_per_token']:.3f}", f"{b['target_passes_per_token']:.3f}"),
             ("wire bytes / token", f"{s['wire_bytes_per_token']:.1f}", f"{b['wire_bytes_per_token']:.1f}"),
             ("generated tokens", str(s["generated_tokens"]), str(b["generated_tokens"]))]
-    print(f"{'':26}{policy.name:>14}{'cloud-ar':>14}")
+    print(f"{'':26}{policy_name:>14}{'cloud-ar':>14}")
     for name, a, c in rows:
         print(f"{name:26}{a:>14}{c:>14}")
     print(f"speedup vs cloud-ar: {report['speedup_vs_cloud_ar']:.2f}x   "
           f"output matches target: {report['output_matches_target']}")
-    print(f"draft backend: {draft.backend}   target engine: {engine}   exact: {report['exact']} (self-test: {exactness.summary()})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
-    return 0 if report["output_matches_target"] in (True, None) else 1
+    print(f"draft backend: {report['draft_backend']}   target engine: {report['target_engine']}   "
+          f"exact: {report['exact']} (self-test: {exactness.summary()})")

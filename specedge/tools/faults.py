@@ -334,99 +334,141 @@ def _diverges(a: list[int], b: list[int]) -> int:
 
 
 def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models) -> dict:
-    from specedge.device.agent import RequestFailed, VerifierUnavailable
-    from specedge.device.policy import parse_policy
-    from specedge.speculative import SamplingParams
-
+    """One trial: a fresh rig, one greedy generation with `fault` injected at a random round, then
+    the output, the stream, the verifier's sessions and this process's resources checked."""
     rng = random.Random(f"{seed}-{fault.name}-{trial}")
     draft, tok, target = models
     prompt = tok.encode_chat(rng.choice(PROMPTS))
     reference = target_decode(target, [prompt], MAX_NEW, tok.stop_ids)[0]
     at_round = rng.randint(2, 4)
     gc.collect()
-    rss0, fds0 = proc_stats()
-    threads0 = threading.active_count()
-    t0 = time.monotonic()
+    before = (proc_stats(), threading.active_count(), time.monotonic())
     row = {"fault": fault.name, "trial": trial, "round": at_round, "problems": []}
-    problems = row["problems"]
     rig = Rig(folder / f"{fault.name}-{trial}", files, (draft, tok), fault, trial, target.block)
-    streamed, flags, outcome = [], [], {}
     try:
         if fault.chaos:
             rig.clients.append(fault.chaos(rig, rng))
-        def on_tokens(tokens, verified):
-            streamed.extend(tokens)
-            flags.extend([verified] * len(tokens))
-
-        def generate():
-            try:
-                outcome["result"] = rig.agent.generate(prompt, SamplingParams(), MAX_NEW, parse_policy("fixed:3"),
-                                                       on_tokens)
-            except RequestFailed as exc:
-                outcome["error"] = exc
-            except Exception as exc:  # anything else is a defect the trial reports
-                outcome["crash"] = exc
-        worker = threading.Thread(target=generate, daemon=True)
-        bound = DEVICE_FAULTS["max_wait_s"] + 60
-        with on_draft_call(rig.agent.engine, {at_round}, lambda: fault.inject(rig, rng)):
-            worker.start()
-            worker.join(timeout=bound)
-        if worker.is_alive():
-            problems.append(f"request still running after {bound:.0f}s (hung)")
-        result, error = outcome.get("result"), outcome.get("error")
-        if "crash" in outcome:
-            problems.append(f"crashed: {outcome['crash']!r}")
-        got = result.tokens if result else streamed
-        if result and streamed != result.tokens:
-            problems.append("streamed tokens differ from the returned ones (lost or duplicated)")
-        if fault.expect == "exact":
-            if error:
-                problems.append(f"failed: {error}")
-            elif result and result.tokens != reference:
-                problems.append(f"output differs from the target's decoding from token {_diverges(got, reference)}")
-            if not all(flags):
-                problems.append("tokens marked unverified under a lossless policy")
-        elif fault.expect == "failed":
-            if not isinstance(error, VerifierUnavailable):
-                problems.append(f"expected VerifierUnavailable, got {error or 'success'!r}")
-            if streamed != reference[:len(streamed)]:
-                problems.append("committed text before the failure is not the target's")
-        elif fault.expect == "unverified" and result:
-            spans = result.unverified
-            first = spans[0][0] if spans else len(got)
-            if not spans and got != reference:  # no spans: the new replica answered before the loss
-                problems.append("output differs from the target's decoding with no token marked unverified")
-            if got[:first] != reference[:first]:
-                problems.append("verified text before the outage is not the target's")
-            marked = [i for i, f in enumerate(flags) if not f]
-            if marked != [i for a, b in spans for i in range(a, b)]:
-                problems.append("stream marks differ from the result's unverified spans")
-            if result.stats.unverified_tokens > rig.agent.cfg.faults.unverified_max_tokens:
-                problems.append("more unverified tokens than the policy allows")
-        if result:
-            row.update(tokens=len(result.tokens), unverified=result.stats.unverified_tokens,
-                       retries=result.stats.retries, resyncs=result.stats.resyncs,
-                       failovers=result.stats.failovers, stale=result.stats.stale_messages)
-        row["outcome"] = "error: " + type(error).__name__ if error else "exact" if got == reference else "unverified"
-        if not worker.is_alive() and rig.broker.proc.poll() is None:
-            held = rig.replica_sessions()
-            if any(held.values()):
-                problems.append(f"sessions left on the verifier: {held}")
+        generation = _generate_under_fault(rig, fault, rng, prompt, at_round)
+        _check_generation(generation, fault, reference, rig, row)
     finally:
         rig.close()
     if rig.hung:
-        problems.append(f"processes hung on the way out: {rig.hung}")
+        row["problems"].append(f"processes hung on the way out: {rig.hung}")
+    _check_leftovers(row, *before)
+    row["passed"] = not row["problems"]
+    return row
+
+
+@dataclass
+class Generation:
+    """One request under a fault, as the app that asked for it saw it."""
+    worker: threading.Thread
+    bound_s: float  # how long the request was given
+    hung: bool = False  # still running after bound_s
+    streamed: list = field(default_factory=list)  # tokens as on_tokens delivered them
+    flags: list = field(default_factory=list)  # per streamed token: verified or not
+    result: object = None
+    error: Exception | None = None  # RequestFailed: a documented failure
+    crash: Exception | None = None  # anything else: a defect
+
+
+def _generate_under_fault(rig: Rig, fault: Fault, rng: random.Random, prompt: list[int], at_round: int) -> Generation:
+    """The agent generates on a worker thread (so a hung request is seen, not waited for) while
+    `fault` is injected just before the draft of round `at_round`."""
+    from specedge.device.agent import RequestFailed
+    from specedge.device.policy import parse_policy
+    from specedge.speculative import SamplingParams
+
+    def on_tokens(tokens, verified):
+        gen.streamed.extend(tokens)
+        gen.flags.extend([verified] * len(tokens))
+
+    def generate():
+        try:
+            gen.result = rig.agent.generate(prompt, SamplingParams(), MAX_NEW, parse_policy("fixed:3"), on_tokens)
+        except RequestFailed as exc:
+            gen.error = exc
+        except Exception as exc:  # anything else is a defect the trial reports
+            gen.crash = exc
+    gen = Generation(threading.Thread(target=generate, daemon=True), DEVICE_FAULTS["max_wait_s"] + 60)
+    with on_draft_call(rig.agent.engine, {at_round}, lambda: fault.inject(rig, rng)):
+        gen.worker.start()
+        gen.worker.join(timeout=gen.bound_s)
+    gen.hung = gen.worker.is_alive()
+    return gen
+
+
+def _check_generation(gen: Generation, fault: Fault, reference: list[int], rig: Rig, row: dict) -> None:
+    """The trial's row: its outcome and statistics, and its problems with the request (hung,
+    crashed, stream against result, the fault's expectation, sessions left on the verifier)."""
+    problems = row["problems"]
+    if gen.hung:
+        problems.append(f"request still running after {gen.bound_s:.0f}s (hung)")
+    result, error = gen.result, gen.error
+    if gen.crash is not None:
+        problems.append(f"crashed: {gen.crash!r}")
+    got = result.tokens if result else gen.streamed
+    if result and gen.streamed != result.tokens:
+        problems.append("streamed tokens differ from the returned ones (lost or duplicated)")
+    problems += _expectation_problems(fault, gen, got, reference, rig)
+    if result:
+        row.update(tokens=len(result.tokens), unverified=result.stats.unverified_tokens,
+                   retries=result.stats.retries, resyncs=result.stats.resyncs,
+                   failovers=result.stats.failovers, stale=result.stats.stale_messages)
+    row["outcome"] = "error: " + type(error).__name__ if error else "exact" if got == reference else "unverified"
+    if not gen.worker.is_alive() and rig.broker.proc.poll() is None:
+        held = rig.replica_sessions()
+        if any(held.values()):
+            problems.append(f"sessions left on the verifier: {held}")
+
+
+def _expectation_problems(fault: Fault, gen: Generation, got: list[int], reference: list[int], rig: Rig) -> list[str]:
+    """What breaks the fault's promise: `exact` (the target's own decoding, all verified), `failed`
+    (VerifierUnavailable, and only the target's text committed before it) or `unverified` (the
+    target's text up to the first unverified span, the spans marked and within the policy)."""
+    from specedge.device.agent import VerifierUnavailable
+
+    problems = []
+    result, error, streamed, flags = gen.result, gen.error, gen.streamed, gen.flags
+    if fault.expect == "exact":
+        if error:
+            problems.append(f"failed: {error}")
+        elif result and result.tokens != reference:
+            problems.append(f"output differs from the target's decoding from token {_diverges(got, reference)}")
+        if not all(flags):
+            problems.append("tokens marked unverified under a lossless policy")
+    elif fault.expect == "failed":
+        if not isinstance(error, VerifierUnavailable):
+            problems.append(f"expected VerifierUnavailable, got {error or 'success'!r}")
+        if streamed != reference[:len(streamed)]:
+            problems.append("committed text before the failure is not the target's")
+    elif fault.expect == "unverified" and result:
+        spans = result.unverified
+        first = spans[0][0] if spans else len(got)
+        if not spans and got != reference:  # no spans: the new replica answered before the loss
+            problems.append("output differs from the target's decoding with no token marked unverified")
+        if got[:first] != reference[:first]:
+            problems.append("verified text before the outage is not the target's")
+        marked = [i for i, f in enumerate(flags) if not f]
+        if marked != [i for a, b in spans for i in range(a, b)]:
+            problems.append("stream marks differ from the result's unverified spans")
+        if result.stats.unverified_tokens > rig.agent.cfg.faults.unverified_max_tokens:
+            problems.append("more unverified tokens than the policy allows")
+    return problems
+
+
+def _check_leftovers(row: dict, stats0: tuple[float, int], threads0: int, t0: float) -> None:
+    """The trial's time, and the threads, file descriptors and memory it left in this process."""
+    rss0, fds0 = stats0
     time.sleep(0.3)  # paho's and the emulator's threads wind down
     gc.collect()
     rss, fds = proc_stats()
     row.update(seconds=round(time.monotonic() - t0, 2), threads=threading.active_count() - threads0,
                fds=fds - fds0, rss_mb=round(rss - rss0, 1))
     if row["threads"] > 0:
-        problems.append(f"{row['threads']} threads left behind")
+        row["problems"].append(f"{row['threads']} threads left behind")
     if row["fds"] > 0:
-        problems.append(f"{row['fds']} file descriptors left open")
-    row["passed"] = not problems
-    return row
+        row["problems"].append(f"{row['fds']} file descriptors left open")
 
 
 def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, blackout_s: float = 10.0,
@@ -471,7 +513,17 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args) -> int:
+def add_parser(sub) -> None:
+    fa = sub.add_parser("faults", help="inject real faults into real services; per fault: trials passed / run")
+    fa.add_argument("--trials", type=int, default=20, help="trials per fault (each with its own timing)")
+    fa.add_argument("--only", default="", help="comma-separated fault names (default: all)")
+    fa.add_argument("--seed", type=int, default=0)
+    fa.add_argument("--blackout-s", type=float, default=10.0, help="length of the link blackout")
+    fa.add_argument("--json", default="", help="write the table and every trial here")
+    fa.set_defaults(func=run)
+
+
+def run(args) -> int:
     def progress(row):
         state = "ok  " if row["passed"] else "FAIL"
         print(f"{state} {row['fault']:32} trial {row['trial']:>2}  round {row['round']}  {row['outcome']:24} "

@@ -138,7 +138,15 @@ def run_atheris(name: str, runs: int, corpus: str | None = None) -> int:
     return 0
 
 
-def main(args) -> int:
+def add_parser(sub) -> None:
+    fz = sub.add_parser("fuzz", help="coverage-guided fuzzing of a decoder under atheris (pip install atheris)")
+    fz.add_argument("target", help="wire | config | announcement | gguf")
+    fz.add_argument("--runs", type=int, default=100_000, help="inputs to run")
+    fz.add_argument("--corpus", default="", help="corpus folder (kept between runs)")
+    fz.set_defaults(func=run)
+
+
+def run(args) -> int:
     if args.target not in TARGETS:
         print(f"unknown fuzz target {args.target!r}; targets: {', '.join(TARGETS)}", file=sys.stderr)
         return 2
