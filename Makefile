@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-slow test-gpu test-vllm gpu-check models mosquitto clean
+.PHONY: demo test test-unit test-slow test-gpu test-vllm gpu-check models mosquitto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ demo: models
 
 test: $(VENV)/.installed mosquitto
 	$(PY) -m pytest -q
+
+# The unit layer alone (under 30 s): no broker, no socket, no subprocess, no model file
+# (tests/conftest.py marks every test `unit` or `integration`).
+test-unit: $(VENV)/.installed
+	$(PY) -m pytest -q -m unit
 
 test-slow: $(VENV)/.installed mosquitto models
 	$(PY) -m pytest -q -m slow

@@ -28,7 +28,7 @@ from specedge.cloud.session import BadRequest, Item, OutOfSync, TargetSession, v
 from specedge.cloud.versions import Versions
 from specedge.config import CloudConfig
 from specedge.exporter import VerifierMetrics
-from specedge.metrics import spec_rates
+from specedge.metrics import percentile, spec_rates
 from specedge.mqtt import Link
 from specedge.protocol import topics
 
@@ -95,16 +95,12 @@ class VerifierStats:
         return self.pairs.setdefault((draft, version), PairStats())
 
     def summary(self) -> dict:
-        def pct(values, q):
-            values = sorted(values)
-            return values[min(len(values) - 1, int(q * len(values)))] if values else None
-
         return {"passes": self.passes, "rounds": self.rounds, "tokens": self.tokens, "rows": self.rows,
                 "passes_per_token": self.passes / self.tokens if self.tokens else None,
                 "mean_batch": sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else None,
                 "recent_rounds": len(self.queue_s),
-                "queue_s_p50": pct(self.queue_s, 0.5), "queue_s_p99": pct(self.queue_s, 0.99),
-                "compute_s_p50": pct(self.compute_s, 0.5), "compute_s_p99": pct(self.compute_s, 0.99),
+                "queue_s_p50": percentile(self.queue_s, 0.5), "queue_s_p99": percentile(self.queue_s, 0.99),
+                "compute_s_p50": percentile(self.compute_s, 0.5), "compute_s_p99": percentile(self.compute_s, 0.99),
                 "evictions": self.evictions, "expired": self.expired, "switches": self.switches,
                 "dropped": self.dropped, "prefill_chunks": self.prefill_chunks, "kv_peak_bytes": self.kv_peak_bytes,
                 "pairs": [{"draft": d, "target": v, **s.summary()} for (d, v), s in sorted(self.pairs.items())]}

@@ -293,13 +293,13 @@ class _Request:
         first_round = True
         carried: Drafted | None = None  # drafted ahead during the last round, its bet held
         while not self.done:
-            limit = policy.next_draft_length(self.max_new - self.generated)
+            draft_len = policy.next_draft_len(self.max_new - self.generated)
             keep_going = None
             if policy.adaptive:
-                keep_going = scheduler.planner(limit, replace(scheduler.objective, **policy.overrides),
+                keep_going = scheduler.planner(draft_len, replace(scheduler.objective, **policy.overrides),
                                                policy.pipelined)
             t0, e0, sent0, recv0 = time.perf_counter(), meter.energy_j(), link.bytes_sent, link.bytes_received
-            drafted = self.draft(limit, keep_going, carried)
+            drafted = self.draft(draft_len, keep_going, carried)
             t1 = time.perf_counter()
             meter.note_busy(t1 - t0)
             e1 = meter.energy_j()
@@ -308,9 +308,9 @@ class _Request:
             draft = drafted.tokens
             ahead = None
             if policy.pipelined:
-                room = lambda accepted: policy.next_draft_length(self.max_new - self.generated - accepted - 1)
+                next_draft_len = lambda accepted: policy.next_draft_len(self.max_new - self.generated - accepted - 1)
                 ahead = Ahead(engine, list(self.committed), list(draft), self.params, self.rng, self.stop_ids,
-                              room, keep_going)
+                              next_draft_len, keep_going)
             message = wire.Draft(self.session, self.seq, len(self.committed), draft, drafted.q,
                                  self.rounds.text_hash())
             if drafted.q is not None and draft:
@@ -356,18 +356,18 @@ class _Request:
                     self.stats.ahead_kept += len(carried.tokens)
             first_round = False
 
-    def draft(self, limit: int, keep_going, carried: Drafted | None) -> Drafted:
-        """This round's draft: what was drafted ahead (if its bet held), extended up to `limit`."""
+    def draft(self, draft_len: int, keep_going, carried: Drafted | None) -> Drafted:
+        """This round's draft: what was drafted ahead (if its bet held), extended up to `draft_len`."""
         engine = self.agent.engine
         if carried is None:
-            return engine.draft(limit, self.params, self.rng, self.stop_ids, keep_going)
-        if len(carried.tokens) > limit:  # the request is nearly done: drop the tail
-            carried = carried.cut(limit)
+            return engine.draft(draft_len, self.params, self.rng, self.stop_ids, keep_going)
+        if len(carried.tokens) > draft_len:  # the request is nearly done: drop the tail
+            carried = carried.cut(draft_len)
             engine.commit(self.committed + carried.tokens)
-        if (carried.tokens and carried.tokens[-1] in self.stop_ids) or len(carried.tokens) >= limit:
+        if (carried.tokens and carried.tokens[-1] in self.stop_ids) or len(carried.tokens) >= draft_len:
             return carried
         drafted_before = carried.confidences
-        more = engine.draft(limit - len(carried.tokens), self.params, self.rng, self.stop_ids,
+        more = engine.draft(draft_len - len(carried.tokens), self.params, self.rng, self.stop_ids,
                             keep_going and (lambda confidences: keep_going(drafted_before + confidences)))
         return carried.extend(more)
 

@@ -71,13 +71,13 @@ class DraftEngine:
         del fed[common:]
         self.pending = list(committed[common:])
 
-    def draft(self, n: int, params: SamplingParams, rng: np.random.Generator, stop_ids=frozenset(),
+    def draft(self, draft_len: int, params: SamplingParams, rng: np.random.Generator, stop_ids=frozenset(),
               keep_going=None) -> Drafted:
-        """Draft up to n tokens after the committed text. `keep_going(confidences so far)` may
+        """Draft up to draft_len tokens after the committed text. `keep_going(confidences so far)` may
         stop the draft early (it is asked before each token, the first included)."""
         out = Drafted.empty(params)
         t0 = time.perf_counter()
-        for _ in range(n):
+        for _ in range(draft_len):
             if keep_going is not None and not keep_going(out.confidences):
                 break
             logits = self._feed(self.pending)

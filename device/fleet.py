@@ -27,7 +27,7 @@ from specedge.protocol import wire
 from specedge.config import COMMANDS, ConfigError, DeviceConfig
 from specedge.device import checks
 from specedge.device.service import DeviceService
-from specedge.metrics import spec_rates
+from specedge.metrics import percentile, spec_rates
 from specedge.mqtt import ReplyTo
 from specedge.protocol import topics
 from specedge.protocol.desired import digest, is_live, json_object, merge, overlay_keys, parse_desired
@@ -235,15 +235,14 @@ class FleetMember:
         now = time.monotonic()
         energy = self.agent.meter.energy_j() if self.agent.meter else 0.0
         (then, energy0), self._last_energy = self._last_energy, (now, energy)
-        rtts = sorted(w.round_trip_s)
         state = self.agent.scheduler.state()
         return {
             "device": self.device, "time": time.time(), "window_s": now - then, "state": s.state,
             "requests": w.requests, "failed": w.failed, "tokens": w.tokens,
             "tokens_per_s": w.tokens / w.busy_s if w.busy_s else None,
             **spec_rates(w.drafted, w.accepted, w.rounds),
-            "mean_draft_length": w.drafted / w.rounds if w.rounds else None,
-            "rtt_s_p50": rtts[len(rtts) // 2] if rtts else None,
+            "mean_draft_len": w.drafted / w.rounds if w.rounds else None,
+            "rtt_s_p50": percentile(w.round_trip_s, 0.5),
             "rtt_s_estimate": state.rtt_s,
             "uplink_bps_estimate": state.up_bps if state.up_bps != float("inf") else None,
             "watts": (energy - energy0) / (now - then) if now > then else 0.0,
@@ -268,8 +267,8 @@ class FleetMember:
         return {"ended_s_ago": time.monotonic() - ended, "tokens": s["generated_tokens"],
                 "tokens_per_s": s["tokens_per_s"],
                 **spec_rates(stats.drafted_tokens, stats.accepted_tokens, stats.rounds),
-                "mean_draft_length": s["mean_draft_len"] if stats.rounds else None,
-                "rtt_s_p50": s["round_trip_ms_p50"] / 1000 if stats.round_trip_s else None,
+                "mean_draft_len": s["mean_draft_len"] if stats.rounds else None,
+                "rtt_s_p50": percentile(stats.round_trip_s, 0.5),
                 "j_per_token": s["energy_j_per_token"] if stats.generated_tokens else None,
                 "exact": stats.exact}
 

@@ -18,13 +18,13 @@ _GREEDY = SamplingParams()
 
 class Ahead:
     def __init__(self, engine, committed: list[int], draft: list[int], params: SamplingParams, rng,
-                 stop_ids, room, keep_going=None):
-        """`committed`: the text the draft in flight extends; `room(accepted)`: the most tokens
-        the next round may draft when the verdict accepts that many; `keep_going(confidences)`:
+                 stop_ids, next_draft_len, keep_going=None):
+        """`committed`: the text the draft in flight extends; `next_draft_len(accepted)`: the most
+        tokens the next round may draft when the verdict accepts that many; `keep_going(confidences)`:
         the scheduler's test, as for any draft."""
         self.engine, self.committed, self.draft = engine, committed, draft
         self.params, self.rng, self.stop_ids = params, rng, stop_ids
-        self.room, self.keep_going = room, keep_going
+        self.next_draft_len, self.keep_going = next_draft_len, keep_going
         self.branch: tuple[int, int] | None = None
         self.block = Drafted.empty(params)
         self.seconds = 0.0  # all drafting ahead, kept or not
@@ -41,7 +41,7 @@ class Ahead:
         block = self.block.tokens
         if token in self.stop_ids or (block and block[-1] in self.stop_ids):
             return False
-        if len(block) >= self.room(accepted):
+        if len(block) >= self.next_draft_len(accepted):
             return False
         return self.keep_going is None or self.keep_going(self.block.confidences)
 

@@ -16,20 +16,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from specedge.protocol.wire import MAX_DRAFT
+
 
 @dataclass(frozen=True)
 class Policy:
     name: str
-    draft_length: int  # fixed policies: tokens drafted per round; adaptive: the most per round
+    draft_len: int  # fixed policies: tokens drafted per round; adaptive: the most per round
     autoregressive: bool = False  # cloud-ar: the cloud generates alone and streams tokens
     adaptive: bool = False
     overrides: dict = field(default_factory=dict)  # Objective fields an adaptive spec sets
     pipelined: bool = False  # draft ahead while the verdict is in flight
     early_exit: bool = False  # ask the verifier for early-exit hints and draft ahead from them
 
-    def next_draft_length(self, remaining: int) -> int:
-        """Never draft past the request's end: the verdict always adds one target token."""
-        return max(0, min(self.draft_length, remaining - 1))
+    def next_draft_len(self, remaining: int) -> int:
+        """This round's draft length: never past the request's end (the verdict always adds one
+        target token)."""
+        return max(0, min(self.draft_len, remaining - 1))
 
 
 _OPTION_FIELDS = {"budget": "budget_j_per_token", "floor": "min_tokens_per_s"}
@@ -55,11 +58,22 @@ DEFAULT_PIPELINED_DRAFT = 4
 _MODIFIERS = ("pipelined", "early-exit")
 
 
-def parse_policy(spec: str, max_draft: int = 64) -> Policy:
+def fixed_policy(draft_len: int, pipelined: bool = False, early_exit: bool = False) -> Policy:
+    """fixed:G (+pipelined, +early-exit) built directly from its draft length."""
+    if not 0 <= draft_len <= MAX_DRAFT:
+        raise ValueError(f"fixed policy: draft length {draft_len} is not in 0..{MAX_DRAFT}")
+    name = f"fixed:{draft_len}" + ("+early-exit" if early_exit else "+pipelined" if pipelined else "")
+    return Policy(name, draft_len, pipelined=pipelined or early_exit, early_exit=early_exit)
+
+
+def parse_policy(spec: str, max_draft: int = MAX_DRAFT) -> Policy:
+    """`max_draft`: the device's speculation.max_draft; never above the wire's MAX_DRAFT."""
+    max_draft = min(max_draft, MAX_DRAFT)
     base, *modifiers = spec.split("+")
     kind, _, arg = base.partition(":")
     if kind in _MODIFIERS and not modifiers:  # shorthand: a fixed draft length, pipelined
-        base, modifiers = f"fixed:{arg or DEFAULT_PIPELINED_DRAFT}", [kind]
+        policy = _fixed(spec, arg or str(DEFAULT_PIPELINED_DRAFT), max_draft)
+        return Policy(spec, policy.draft_len, pipelined=True, early_exit=kind == "early-exit")
     for m in modifiers:
         if m not in _MODIFIERS:
             raise ValueError(f"policy {spec!r}: unknown modifier {m!r}; use +pipelined or +early-exit")
@@ -68,21 +82,32 @@ def parse_policy(spec: str, max_draft: int = 64) -> Policy:
         if policy.autoregressive:
             raise ValueError(f"policy {spec!r}: cloud-ar drafts nothing to pipeline")
         early = "early-exit" in modifiers
-        policy = Policy(spec, policy.draft_length, adaptive=policy.adaptive, overrides=policy.overrides,
+        policy = Policy(spec, policy.draft_len, adaptive=policy.adaptive, overrides=policy.overrides,
                         pipelined=True, early_exit=early)
     return policy
+
+
+def _fixed(spec: str, arg: str, max_draft: int) -> Policy:
+    if arg.isdigit() and int(arg) <= max_draft:
+        return Policy(spec, int(arg))
+    raise _unknown(spec, max_draft)
 
 
 def _parse_base(spec: str, max_draft: int) -> Policy:
     if spec == "cloud-ar":
         return Policy(spec, 0, autoregressive=True)
     kind, _, arg = spec.partition(":")
-    if kind == "fixed" and arg.isdigit() and int(arg) <= max_draft:
-        return Policy(spec, int(arg))
+    if kind == "fixed":
+        return _fixed(spec, arg, max_draft)
     if kind == "adaptive":
         return _adaptive(spec, "throughput", arg, max_draft)
     if kind == "adaptive-energy":
         return _adaptive(spec, "energy", arg, max_draft)
-    raise ValueError(f"unknown policy {spec!r}: use cloud-ar, fixed:G with 0 <= G <= {max_draft}, "
-                     f"adaptive[:budget=J] or adaptive-energy[:floor=R,budget=J], each optionally "
-                     f"+pipelined or +early-exit; or pipelined[:G], early-exit[:G]")
+    raise _unknown(spec, max_draft)
+
+
+def _unknown(spec: str, max_draft: int) -> ValueError:
+    return ValueError(f"unknown policy {spec!r}: use cloud-ar, fixed:G with 0 <= G <= {max_draft}, "
+                      f"adaptive[:budget=J] or adaptive-energy[:floor=R,budget=J], each optionally "
+                      f"+pipelined or +early-exit; or pipelined[:G], early-exit[:G]")
+

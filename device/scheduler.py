@@ -26,6 +26,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Sequence
 
+from specedge.protocol.wire import MAX_DRAFT
+
 if TYPE_CHECKING:
     from specedge.config import EnergyConfig
 
@@ -318,12 +320,13 @@ class Scheduler:
             up_bps=8 / s_per_byte if s_per_byte > 0 else prior.up_bps,
             down_bytes=self.down_bytes, active_w=self.power_active.value, idle_w=self.power_idle.value)
 
-    def planner(self, limit: int, objective: Objective | None = None, pipelined: bool = False):
-        """A pure keep-drafting test for one round: confidences of the tokens drafted so far -> bool.
-        The state and objective are frozen for the round; the draft loop calls it between tokens."""
+    def planner(self, draft_len: int, objective: Objective | None = None, pipelined: bool = False):
+        """A pure keep-drafting test for one round of at most `draft_len` tokens: confidences of the
+        tokens drafted so far -> bool. The state and objective are frozen for the round; the draft
+        loop calls it between tokens."""
         state, objective, acceptance = self.state(), objective or self.objective, self.acceptance
         state = replace(state, pipelined=pipelined)
-        max_draft = min(limit, self.max_draft)
+        max_draft = min(draft_len, self.max_draft, MAX_DRAFT)
         probe = max_draft > 0 and self.rounds_without_draft >= self.probe_every
 
         def keep_going(confidences: Sequence[float]) -> bool:

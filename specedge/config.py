@@ -13,6 +13,8 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specedge.protocol.wire import MAX_DRAFT
+
 
 class ConfigError(ValueError):
     pass
@@ -99,7 +101,7 @@ class SpeculationConfig:
     def validate(self):
         _check(policy_shape(self.policy), "speculation.policy",
                "NAME, NAME:COUNT or NAME:KEY=VALUE[,KEY=VALUE...], each optionally +MODIFIER")
-        _check(0 <= self.max_draft <= 64, "speculation.max_draft", "0..64")
+        _check(0 <= self.max_draft <= MAX_DRAFT, "speculation.max_draft", f"0..{MAX_DRAFT}")
 
 
 def policy_shape(spec: str) -> bool:

@@ -12,6 +12,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, dis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from specedge.metrics import SpecStats, spec_rates
+from specedge.protocol.wire import MAX_DRAFT
 
 disable_created_metrics()  # *_created series double every counter and say nothing a service needs
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -36,6 +37,14 @@ class DeviceMetrics:
         self.generated = Counter("specedge_generated_tokens", "Tokens committed", registry=r)
         self.drafted = Counter("specedge_drafted_tokens", "Tokens drafted and sent for verification", registry=r)
         self.accepted = Counter("specedge_accepted_tokens", "Drafted tokens the target accepted", registry=r)
+        # vLLM's num_accepted_tokens_per_pos, with the drafted count beside it for the rate; the
+        # position label is bounded by the wire (a DRAFT holds at most MAX_DRAFT tokens).
+        self.drafted_per_pos = Counter("specedge_drafted_tokens_per_position",
+                                       "Rounds that drafted a token at this draft position (0-based)",
+                                       ["position"], registry=r)
+        self.accepted_per_pos = Counter("specedge_accepted_tokens_per_position",
+                                        "Rounds whose verdict accepted the token at this draft position (0-based)",
+                                        ["position"], registry=r)
         self.rounds = Counter("specedge_rounds", "Verification rounds", registry=r)
         self.wire_bytes = Counter("specedge_wire_bytes", "MQTT bytes both ways, framing included", registry=r)
         self.energy = Counter("specedge_energy_joules", "Device energy over requests", registry=r)
@@ -59,6 +68,10 @@ class DeviceMetrics:
         self.drafted.inc(stats.drafted_tokens)
         self.accepted.inc(stats.accepted_tokens)
         self.rounds.inc(stats.rounds)
+        for position, (drafted, accepted) in enumerate(zip(stats.drafted_per_pos[:MAX_DRAFT],
+                                                           stats.accepted_per_pos)):
+            self.drafted_per_pos.labels(str(position)).inc(drafted)
+            self.accepted_per_pos.labels(str(position)).inc(accepted)
         self.wire_bytes.inc(stats.wire_bytes)
         self.energy.inc(max(stats.energy_j, 0.0))
         for seconds in stats.round_trip_s:
@@ -77,8 +90,8 @@ class DeviceMetrics:
         totals = self.totals()
         if totals["acceptance_rate"] is not None:
             self.acceptance.set(totals["acceptance_rate"])
-        if totals["mean_accepted_length"] is not None:
-            self.mean_accepted.set(totals["mean_accepted_length"])
+        if totals["mean_accepted_len"] is not None:
+            self.mean_accepted.set(totals["mean_accepted_len"])
 
     def totals(self) -> dict:
         """Since start: requests, generated, drafted and accepted tokens, rounds, and the rates."""
@@ -154,8 +167,8 @@ class VerifierMetrics:
             s = pair.summary()
             if s["acceptance_rate"] is not None:
                 acceptance.add_metric([draft, version], s["acceptance_rate"])
-            if s["mean_accepted_length"] is not None:
-                mean.add_metric([draft, version], s["mean_accepted_length"])
+            if s["mean_accepted_len"] is not None:
+                mean.add_metric([draft, version], s["mean_accepted_len"])
         yield acceptance
         yield mean
 

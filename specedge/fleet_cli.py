@@ -172,8 +172,8 @@ class Table:
                         "target": t.get("target_version") or (s.get("target") or {}).get("announced", ""),
                         "power_mode": (s.get("power_mode") or {}).get("profile", ""),
                         "tokens_per_s": t.get("tokens_per_s"), "acceptance_rate": t.get("acceptance_rate"),
-                        "mean_accepted_length": t.get("mean_accepted_length"),
-                        "mean_draft_length": t.get("mean_draft_length"), "rtt_s": t.get("rtt_s_p50"),
+                        "mean_accepted_len": t.get("mean_accepted_len"),
+                        "mean_draft_len": t.get("mean_draft_len"), "rtt_s": t.get("rtt_s_p50"),
                         "watts": t.get("watts"), "j_per_token": t.get("j_per_token"),
                         "queue_depth": t.get("queue_depth"), "in_flight": t.get("in_flight"),
                         "requests": t.get("requests"), "exact": t.get("exact"),
@@ -196,7 +196,7 @@ class Table:
                 f"{r['device'][:13]:14}{r['state'][:9]:10}{r['policy'][:19]:20}"
                 f"{num(r['budget_j_per_token'] or None, '.2f'):>7}  {r['backend'][:11]:12}{r['draft'][:19]:20}"
                 f"{r['target'][:19]:20}{num(r['tokens_per_s'], '.1f'):>7}{num(r['acceptance_rate'], '.2f'):>8}"
-                f"{num(r['mean_accepted_length'], '.2f'):>6}{num(r['mean_draft_length'], '.1f'):>6}"
+                f"{num(r['mean_accepted_len'], '.2f'):>6}{num(r['mean_draft_len'], '.1f'):>6}"
                 f"{num(r['rtt_s'] and r['rtt_s'] * 1000, '.0f'):>8}{num(r['watts'], '.1f'):>7}"
                 f"{num(r['j_per_token'], '.2f'):>7}{num(r['queue_depth'], 'd'):>6}{num(r['in_flight'], 'd'):>5}"
                 f"{'-' if r['exact'] is None else 'yes' if r['exact'] else 'NO':>6}"

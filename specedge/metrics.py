@@ -2,13 +2,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterable
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The q-quantile (0 <= q <= 1) of `values`, None when there are none: the sorted value at
+    index floor(q * n), the last for q = 1 (no interpolation: always a value that occurred)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else None
 
 
 def spec_rates(drafted: int, accepted: int, rounds: int) -> dict:
     """Acceptance rate and mean accepted length (tokens a round commits: the accepted ones and
     the target's own) of some rounds; None where nothing was drafted or no round ran."""
     return {"acceptance_rate": accepted / drafted if drafted else None,
-            "mean_accepted_length": (accepted + rounds) / rounds if rounds else None}
+            "mean_accepted_len": (accepted + rounds) / rounds if rounds else None}
 
 
 @dataclass
@@ -52,6 +60,10 @@ class SpecStats:
     round_start_s: list[float] = field(default_factory=list)  # offsets from the request's start
     round_trip_s: list[float] = field(default_factory=list)
     verify_round_s: list[float] = field(default_factory=list)
+    # vLLM's num_accepted_tokens_per_pos: per draft position i (0-based), the rounds that drafted
+    # a token there and those whose verdict accepted it (positions < wire.MAX_DRAFT).
+    drafted_per_pos: list[int] = field(default_factory=list)
+    accepted_per_pos: list[int] = field(default_factory=list)
 
     def record_round(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float,
                      start_s: float = 0.0) -> None:
@@ -65,6 +77,18 @@ class SpecStats:
         self.round_start_s.append(start_s)
         self.round_trip_s.append(round_trip_s)
         self.verify_round_s.append(verify_s)
+        if drafted > len(self.drafted_per_pos):
+            grow = drafted - len(self.drafted_per_pos)
+            self.drafted_per_pos += [0] * grow
+            self.accepted_per_pos += [0] * grow
+        for i in range(drafted):
+            self.drafted_per_pos[i] += 1
+        for i in range(min(accepted, drafted)):
+            self.accepted_per_pos[i] += 1
+
+    def acceptance_by_position(self) -> list[float]:
+        """Accepted over drafted at each draft position that some round reached."""
+        return [a / d for a, d in zip(self.accepted_per_pos, self.drafted_per_pos) if d]
 
     def verified_by(self, exact: bool) -> None:
         """A target version took the session; `exact` is what its OPENED said."""
@@ -83,9 +107,9 @@ class SpecStats:
     def summary(self) -> dict:
         gen = max(self.generated_tokens, 1)
         rounds = max(self.rounds, 1)
-        mean_draft = self.drafted_tokens / rounds
+        mean_draft_len = self.drafted_tokens / rounds
         mean_accepted_len = (self.accepted_tokens + self.rounds) / rounds if self.rounds else 0.0
-        rtts = sorted(self.round_trip_s)
+        rtt_p50 = percentile(self.round_trip_s, 0.5)
         return {
             "policy": self.policy,
             "generated_tokens": self.generated_tokens,
@@ -95,14 +119,15 @@ class SpecStats:
             "rounds": self.rounds,
             "acceptance_rate": self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0,
             "mean_accepted_len": mean_accepted_len,
-            "mean_draft_len": mean_draft,
+            "mean_draft_len": mean_draft_len,
+            "acceptance_by_position": self.acceptance_by_position(),
             # vLLM's system efficiency: tokens produced per round over the most a round could give.
-            "draft_efficiency": mean_accepted_len / (mean_draft + 1) if self.rounds else 0.0,
+            "draft_efficiency": mean_accepted_len / (mean_draft_len + 1) if self.rounds else 0.0,
             "target_passes_per_token": self.target_passes / gen,
             "wire_bytes_per_token": self.wire_bytes / gen,
             "draft_ms_per_token": 1000 * self.draft_s / self.drafted_tokens if self.drafted_tokens else 0.0,
             "verify_ms_per_pass": 1000 * self.verify_s / self.target_passes if self.target_passes else 0.0,
-            "round_trip_ms_p50": 1000 * rtts[len(rtts) // 2] if rtts else 0.0,
+            "round_trip_ms_p50": 1000 * rtt_p50 if rtt_p50 is not None else 0.0,
             "resyncs": self.resyncs,
             "retries": self.retries,
             "stale_messages": self.stale_messages,

@@ -1,11 +1,135 @@
-"""Shared fixtures: a real Mosquitto on a free port and tiny Qwen2 models written to GGUF."""
+"""Shared fixtures: a real Mosquitto on a free port and tiny Qwen2 models written to GGUF; and the
+two test layers (`unit`, `integration`), marked here so that a new test is classified without thought."""
 from __future__ import annotations
+
+import functools
+import inspect
+import re
+import socket
+import threading
+import traceback
+from pathlib import Path
 
 import pytest
 
 from specedge.broker import MosquittoBroker
 from specedge.loader import load_model
 from specedge.tiny import write_pair
+
+# The two layers. A test is `integration` when its own source, a fixture it uses (directly or
+# through other fixtures: item.fixturenames, plus fixture names given as parameters for
+# request.getfixturevalue), or a function or class of this folder that any of those names, says one
+# of the words below: it starts a broker or an MQTT link, a service (device node, verifier, agent,
+# demo stack, local HTTP API), a socket or a server, a subprocess, or writes and loads model files
+# (tiny_files, tiny_models: seconds each). Every other test is `unit`: no broker, no socket, under
+# 30 s for all (`make test-unit`). I/O that only the product code does, out of sight of these
+# sources, needs `@pytest.mark.integration` on the test; the guard below fails such a test loudly
+# when it opens a socket. Tests marked `slow` or `gpu`, or already `unit`/`integration`, keep theirs.
+_IO = re.compile("|".join((
+    r"MosquittoBroker|mqtt_connects|\bLink\(",                                     # a broker, MQTT
+    r"DeviceNode|\bVerifier\(|\bAgent\(|\bStack\(|LocalHttpApi|spawn_verifier",  # services
+    r"\bsocket|HTTPServer|serve_forever|\.serve\(|free_port|urlopen",              # sockets, servers
+    r"\bsubprocess\b|\bPopen\b",                                                  # subprocesses
+    r"\bwrite_pair\b|\bwrite_gguf\b|\bload_model\b|\bload_named\b",             # model files
+)))
+_NAME = re.compile(r"\b[A-Za-z_]\w*\b")
+_HERE = Path(__file__).resolve().parent
+
+
+def _ours(obj) -> bool:
+    try:
+        return Path(inspect.getsourcefile(inspect.unwrap(obj))).resolve().is_relative_to(_HERE)
+    except (OSError, TypeError):
+        return False
+
+
+@functools.cache
+def _does_io(func, _seen=frozenset()) -> bool:
+    """Whether func (a test, fixture or helper of this folder) or a helper of this folder it names does I/O."""
+    func = inspect.unwrap(func)
+    if not _ours(func):
+        return False  # pytest's own fixtures (tmp_path, capsys, monkeypatch...) and the product's code
+    try:
+        source = inspect.getsource(func)
+    except (OSError, TypeError):
+        return False
+    if _IO.search(source):
+        return True
+    names = getattr(func, "__globals__", None) or vars(inspect.getmodule(func) or object)
+    helpers = [names[n] for n in set(_NAME.findall(source)) if n in names]
+    return any((inspect.isfunction(h) or inspect.isclass(h)) and h not in _seen and _ours(h)
+               and _does_io(h, _seen | {func}) for h in helpers)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(m) for m in ("slow", "gpu", "unit", "integration")):
+            continue
+        defs = item._fixtureinfo.name2fixturedefs
+        names = set(item.fixturenames)
+        names |= {v for v in getattr(getattr(item, "callspec", None), "params", {}).values() if isinstance(v, str)}
+        funcs = [getattr(item, "function", None)]
+        for name in names:
+            funcs += [d.func for d in defs.get(name) or item.session._fixturemanager.getfixturedefs(name, item) or ()]
+        io = any(f is not None and _does_io(f) for f in funcs)
+        item.add_marker(pytest.mark.integration if io else pytest.mark.unit)
+
+
+_BEFORE = pytest.StashKey[set]()
+
+
+class _NoIO:
+    """While a unit test sets up and runs, socket connect and bind raise, and the test fails even
+    where the code under test swallows the error. Threads that were running before (an integration
+    fixture's MQTT loop, kept for the session) are left alone. Subprocesses are not refused: the
+    standard library starts some of its own (platform.processor, ctypes.util.find_library)."""
+
+    def __init__(self, item):
+        self.item, self.seen, self.saved = item, [], {}
+        if _BEFORE not in item.stash:  # at setup: the threads of this test's fixtures are no excuse later
+            item.stash[_BEFORE] = set(threading.enumerate()) - {threading.current_thread()}
+        self.before = item.stash[_BEFORE]
+
+    def _refuse(self, what, original):
+        def refused(*args, **kwargs):
+            if threading.current_thread() in self.before:
+                return original(*args, **kwargs)
+            self.seen.append(f"{what}, from\n{''.join(traceback.format_stack(limit=16)[:-1])}")
+            raise OSError(f"{what} in a unit test: its I/O belongs to an integration test (tests/conftest.py)")
+        return refused
+
+    def __enter__(self):
+        for owner, name in ((socket.socket, "connect"), (socket.socket, "connect_ex"), (socket.socket, "bind")):
+            self.saved[owner, name] = owner.__dict__.get(name)
+            setattr(owner, name, self._refuse(f"{owner.__module__}.{owner.__name__}.{name}", getattr(owner, name)))
+        return self
+
+    def __exit__(self, *exc):
+        for (owner, name), original in self.saved.items():
+            if original is None:
+                delattr(owner, name)  # inherited (socket.socket's from _socket.socket)
+            else:
+                setattr(owner, name, original)
+        if self.seen:
+            pytest.fail(f"{self.item.nodeid} is marked unit (tests/conftest.py) but its I/O belongs in a fixture, "
+                        f"or it needs @pytest.mark.integration: it called {self.seen[0]}", pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("unit") is None:
+        return (yield)
+    with _NoIO(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    if item.get_closest_marker("unit") is None:
+        return (yield)
+    with _NoIO(item):
+        return (yield)
 
 
 @pytest.fixture(scope="session")

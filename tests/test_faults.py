@@ -1,9 +1,12 @@
 """The fault-injection suite, CI-sized: one trial of every fault against real services."""
 from __future__ import annotations
 
+import pytest
+
 from specedge.tools import faults
 
 
+@pytest.mark.integration  # the suite starts its own brokers and services (tests/conftest.py)
 def test_every_fault_is_survived_or_fails_cleanly_with_nothing_lost():
     report = faults.run_suite(trials=1, seed=1)
     failed = {r["fault"]: r["problems"] for r in report["rows"] if not r["passed"]}

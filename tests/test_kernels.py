@@ -15,6 +15,7 @@ from specedge.speculative import Q_ONE, quantize, sample_sparse, softmax
 VOCAB = 151936  # Qwen2.5's
 
 
+@pytest.mark.integration  # nvcc runs in a subprocess of the build (tests/conftest.py)
 def test_cuda_sources_compile_with_nvcc(tmp_path):
     if nvcc() is None:
         pytest.skip("nvcc is not installed on this machine (the CUDA toolkit); CI has it")
@@ -110,6 +111,7 @@ def test_the_gpu_check_runs_here_and_says_why_each_gpu_path_did_not(tmp_path):
     assert all(c["status"] == "SKIP" and c["detail"] for c in checks.values()), checks
 
 
+@pytest.mark.integration  # gpu_check.isolated runs subprocesses (tests/conftest.py)
 def test_a_check_that_crashes_natively_is_its_own_fail_with_the_traceback():
     """A segfault in one GPU library (llama.cpp's CUDA build did this on the H200) must not end the
     whole gpu-check: it becomes that check's FAIL, naming the signal and where it happened."""

@@ -15,16 +15,16 @@ WORDS = ["the", "cat", "robot", "turn", "left", "stop", "on", "mat", "in", "at",
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=12),
-       draft_length=st.integers(0, 8), max_new=st.integers(1, 40),
+       draft_len=st.integers(0, 8), max_new=st.integers(1, 40),
        mode=st.sampled_from(["", "+pipelined", "+early-exit"]))
-def test_output_equals_target_greedy(stack, tiny_models, words, draft_length, max_new, mode):
+def test_output_equals_target_greedy(stack, tiny_models, words, draft_len, max_new, mode):
     _, tok, target, _ = tiny_models
     prompt = tok.encode_chat(" ".join(words))
-    result = stack.agent.generate(prompt, SamplingParams(), max_new, parse_policy(f"fixed:{draft_length}{mode}"))
+    result = stack.agent.generate(prompt, SamplingParams(), max_new, parse_policy(f"fixed:{draft_len}{mode}"))
     assert result.tokens == reference_greedy(target, prompt, max_new, tok.stop_ids)
     stats = result.stats.summary()
     assert stats["generated_tokens"] == len(result.tokens)
-    if draft_length == 0:
+    if draft_len == 0:
         assert stats["acceptance_rate"] == 0.0
 
 
@@ -45,16 +45,16 @@ class RejectAt:
     def commit(self, committed):
         self.engine.commit(committed)
 
-    def draft(self, n, params, rng, stop_ids=frozenset(), keep_going=None):
-        drafted = self.engine.draft(n, params, rng, frozenset(), keep_going)
+    def draft(self, draft_len, params, rng, stop_ids=frozenset(), keep_going=None):
+        drafted = self.engine.draft(draft_len, params, rng, frozenset(), keep_going)
         if self.position < len(drafted.tokens):
             drafted.tokens[self.position] = (drafted.tokens[self.position] + 1) % self.vocab
         self.rounds.append(len(drafted.tokens))
         return drafted
 
 
-@pytest.mark.parametrize("draft_length", [1, 2, 4, 8])
-def test_forced_rejection_at_every_position(stack, tiny_models, draft_length):
+@pytest.mark.parametrize("draft_len", [1, 2, 4, 8])
+def test_forced_rejection_at_every_position(stack, tiny_models, draft_len):
     from specedge.device.draft import TorchDraftEngine
 
     _, tok, target, _ = tiny_models
@@ -62,10 +62,10 @@ def test_forced_rejection_at_every_position(stack, tiny_models, draft_length):
     expected = reference_greedy(target, prompt, 24, tok.stop_ids)
     real_engine = stack.agent.engine
     try:
-        for position in range(draft_length):
+        for position in range(draft_len):
             instrument = RejectAt(TorchDraftEngine(target), position, target.cfg.vocab_size)
             stack.agent.engine = instrument
-            result = stack.agent.generate(prompt, SamplingParams(), 24, parse_policy(f"fixed:{draft_length}"))
+            result = stack.agent.generate(prompt, SamplingParams(), 24, parse_policy(f"fixed:{draft_len}"))
             assert result.tokens == expected
             # A round accepts exactly the tokens before the corrupted one (all, if it is shorter).
             assert result.stats.accepted_tokens == sum(min(n, position) for n in instrument.rounds)

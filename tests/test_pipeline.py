@@ -23,9 +23,9 @@ class TableDraftEngine:
     def commit(self, committed):
         self.text = list(committed)
 
-    def draft(self, n, params, rng, stop_ids=frozenset(), keep_going=None):
+    def draft(self, draft_len, params, rng, stop_ids=frozenset(), keep_going=None):
         out = Drafted.empty(params)
-        for _ in range(n):
+        for _ in range(draft_len):
             q = self.q_table[self.text[-1]]
             token = int(q.ids[np.argmax(q.counts)]) if params.greedy else sample_sparse(q, int(rng.integers(Q_ONE)))
             out.tokens.append(token)
@@ -36,7 +36,7 @@ class TableDraftEngine:
         return out
 
 
-def generate(engine, p_table, draft_length, params, device_rng, cloud_rng, redirect_rate, n_tokens):
+def generate(engine, p_table, draft_len, params, device_rng, cloud_rng, redirect_rate, n_tokens):
     """The agent's pipelined round loop without the network: the verdict arrives after a random
     amount of drafting ahead, sometimes after a (random) early-exit hint redirected the bet."""
     committed = [0]
@@ -45,16 +45,16 @@ def generate(engine, p_table, draft_length, params, device_rng, cloud_rng, redir
     kept = 0
     while len(committed) - 1 < n_tokens:
         drafted = carried if carried is not None else Drafted([], [], [])
-        if len(drafted.tokens) < draft_length:
-            drafted.extend(engine.draft(draft_length - len(drafted.tokens), params, device_rng))
+        if len(drafted.tokens) < draft_len:
+            drafted.extend(engine.draft(draft_len - len(drafted.tokens), params, device_rng))
         ahead = Ahead(engine, list(committed), list(drafted.tokens), params, device_rng, frozenset(),
-                      lambda accepted: draft_length)
-        for _ in range(int(device_rng.integers(0, draft_length + 3))):
+                      lambda accepted: draft_len)
+        for _ in range(int(device_rng.integers(0, draft_len + 3))):
             if ahead.wants_more():
                 ahead.step()
         if device_rng.random() < redirect_rate:
             ahead.redirect(int(device_rng.integers(0, len(drafted.tokens) + 1)), int(device_rng.integers(VOCAB)))
-            for _ in range(int(device_rng.integers(0, draft_length + 2))):
+            for _ in range(int(device_rng.integers(0, draft_len + 2))):
                 if ahead.wants_more():
                     ahead.step()
         contexts = [committed[-1]] + drafted.tokens
@@ -66,18 +66,18 @@ def generate(engine, p_table, draft_length, params, device_rng, cloud_rng, redir
     return committed[1:], kept
 
 
-@pytest.mark.parametrize("draft_length,redirect_rate", [(1, 0.0), (2, 0.3), (3, 0.5)])
-def test_pipelined_sampling_reproduces_the_target_distribution(draft_length, redirect_rate):
+@pytest.mark.parametrize("draft_len,redirect_rate", [(1, 0.0), (2, 0.3), (3, 0.5)])
+def test_pipelined_sampling_reproduces_the_target_distribution(draft_len, redirect_rate):
     """Chi-square over generated tokens 3 and 4 (36 cells): by then most rounds start from a kept block."""
     params = SamplingParams(1.0)
-    p_logits, q_logits = _tables(draft_length + 10)
+    p_logits, q_logits = _tables(draft_len + 10)
     p_table = np.stack([softmax(row) for row in p_logits])
     q_table = [quantize(softmax(row), 4, 1.0) for row in q_logits]
     engine = TableDraftEngine(q_table)
-    device_rng, cloud_rng = np.random.default_rng(7 + draft_length), np.random.default_rng(99 + draft_length)
+    device_rng, cloud_rng = np.random.default_rng(7 + draft_len), np.random.default_rng(99 + draft_len)
     trials, counts, kept = 12000, np.zeros((VOCAB, VOCAB)), 0
     for _ in range(trials):
-        out, k = generate(engine, p_table, draft_length, params, device_rng, cloud_rng, redirect_rate, 4)
+        out, k = generate(engine, p_table, draft_len, params, device_rng, cloud_rng, redirect_rate, 4)
         counts[out[2], out[3]] += 1
         kept += k
     assert kept > trials // 10  # the pipelined path really ran: thousands of kept blocks

@@ -60,25 +60,25 @@ def _tables(seed):
     return p_logits, q_logits
 
 
-@pytest.mark.parametrize("draft_length,q_top_k,params", [
+@pytest.mark.parametrize("draft_len,q_top_k,params", [
     (1, 6, SamplingParams(1.0)),
     (3, 3, SamplingParams(1.0)),  # sparse q: the draft never proposes half the vocabulary
     (4, 2, SamplingParams(0.7, top_k=4)),
     (2, 6, SamplingParams(1.3, top_p=0.8)),
 ])
-def test_speculative_sampling_reproduces_the_target_distribution(draft_length, q_top_k, params):
+def test_speculative_sampling_reproduces_the_target_distribution(draft_len, q_top_k, params):
     """Chi-square over the first two generated tokens (36 cells) after many rounds."""
-    p_logits, q_logits = _tables(draft_length)
+    p_logits, q_logits = _tables(draft_len)
     p_table = np.stack([target_distribution(row, params) for row in p_logits])
     q_table = [quantize(softmax(row / params.temperature), q_top_k, 1.0) for row in q_logits]
-    rng = np.random.default_rng(1234 + draft_length)
+    rng = np.random.default_rng(1234 + draft_len)
     trials, start = 30000, 0
     counts = np.zeros((VOCAB, VOCAB))
     for _ in range(trials):
         out, prev = [], start
         while len(out) < 2:
             draft, qs, ctx = [], [], prev
-            for _ in range(draft_length):
+            for _ in range(draft_len):
                 q = q_table[ctx]
                 ctx = sample_sparse(q, int(rng.integers(Q_ONE)))
                 draft.append(ctx)

@@ -25,6 +25,7 @@ from specedge.broker import MosquittoBroker
 from specedge.tools.channel import ChannelConfig, ChannelEmulator, channel_config, split_channels
 from specedge.progress import bar as progress_bar
 from specedge.resources import resource
+from specedge.metrics import percentile
 
 MAX_G = 8
 
@@ -140,7 +141,7 @@ def worker_main(argv: list[str]) -> int:
         params = SamplingParams(cmd.get("temperature", 0.0), cmd.get("top_k", 0), cmd.get("top_p", 1.0),
                                 cmd.get("seed", 0))
         prompt = tok.encode_chat(cmd["prompt"])
-        result = agent.generate(prompt, params, cmd["max_new_tokens"], parse_policy(cmd["policy"], 64))
+        result = agent.generate(prompt, params, cmd["max_new_tokens"], parse_policy(cmd["policy"]))
         stats = result.stats
         out.write(json.dumps({"tokens": result.tokens, "summary": stats.summary(), "draft_s": stats.draft_s,
                               "wait_s": stats.wait_s, "verify_s": stats.verify_s, "rounds": stats.rounds,
@@ -305,7 +306,7 @@ def aggregate(runs: list[dict]) -> dict:
     passes = sum(r["target_passes"] for r in runs)
     wire = sum(r["proxy_bytes"] for r in runs)
     verify_s = sum(r["verify_s"] for r in runs)
-    rtts = sorted(rtt for r in runs for rtt in r["network_rtt_s"])
+    rtt_p50 = percentile([rtt for r in runs for rtt in r["network_rtt_s"]], 0.5)
     energy = sum(r["energy_j"] for r in runs)
     gen = max(tokens, 1)
     dense = sum(r.get("dense_q_bytes", 0) for r in runs)
@@ -323,7 +324,7 @@ def aggregate(runs: list[dict]) -> dict:
         "drafted_tokens": drafted,
         "draft_ms_per_token": 1000 * sum(r["draft_s"] for r in runs) / drafted if drafted else 0.0,
         "verify_ms_per_pass": 1000 * verify_s / rounds if rounds else 0.0,
-        "rtt_ms": 1000 * rtts[len(rtts) // 2] if rtts else None,
+        "rtt_ms": 1000 * rtt_p50 if rtt_p50 is not None else None,
         "energy_j_per_token": energy / gen,
         "energy_source": runs[0]["energy_source"],
         "mean_draft_len": drafted / rounds if rounds else 0.0,
@@ -405,7 +406,7 @@ def run(args) -> int:
         raise SystemExit(f"specedge bench: {exc}") from None
     policies = [p for p in args.policies.split(",") if p]
     for p in policies:
-        parse_policy(p, 64)
+        parse_policy(p)
     prompts = load_prompts(args.prompts, args.max_prompts)
     device_cores, verifier_cores, pinning = _split_cores()
     print(f"specedge bench: {len(prompts)} prompts x {len(policies)} policies x {len(configs)} channels, "
@@ -418,7 +419,7 @@ def run(args) -> int:
                                                    logs)
     self_test = served["exactness"]
     exit_agreement = None
-    if any(parse_policy(p, 64).early_exit for p in policies):
+    if any(parse_policy(p).early_exit for p in policies):
         exit_agreement = _exit_agreement(results, args, logs)
     baseline = None
     if args.local_target and args.temperature == 0:
@@ -644,8 +645,7 @@ def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
         t_draft = sum(r["draft_s"] for r in speculative) / drafted if drafted else 0.0
         verify_base, verify_row = fit_line([d + 1 for r in speculative for d in r["draft_lengths"]],
                                            [v for r in speculative for v in r["verify_round_s"]])
-        rtts = sorted(x for r in speculative for x in r["network_rtt_s"])
-        rtt = rtts[len(rtts) // 2] if rtts else 0.0
+        rtt = percentile([x for r in speculative for x in r["network_rtt_s"]], 0.5) or 0.0
         best, best_g = optimum(accept, t_draft, verify_base, verify_row, rtt, rate_up, rate_down, v5)
         out["optimum"] = {"tokens_per_s": best, "draft_length": best_g, "acceptance_by_position": accept,
                           "draft_ms_per_token": 1000 * t_draft, "verify_ms_base": 1000 * verify_base,
@@ -676,7 +676,7 @@ def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
 def _budget(policy: str) -> float | None:
     from specedge.device.policy import parse_policy
 
-    return parse_policy(policy, 64).overrides.get("budget_j_per_token")
+    return parse_policy(policy).overrides.get("budget_j_per_token")
 
 
 def _print_table(report: dict) -> None:

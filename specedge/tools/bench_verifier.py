@@ -28,6 +28,7 @@ from specedge.broker import MosquittoBroker
 from specedge.device.draft import Drafted, TorchDraftEngine
 from specedge.fetch import cache_dir, sha256_file
 from specedge.loader import CONVERSION
+from specedge.metrics import percentile
 
 FLEET = "bench"
 
@@ -64,7 +65,7 @@ def _decode_together(model, prompts: list[list[int]], max_new: int, stop_ids) ->
     return outputs
 
 
-def record(target, draft_engine, prompts: list[list[int]], max_new: int, draft_length: int, stop_ids) -> list[dict]:
+def record(target, draft_engine, prompts: list[list[int]], max_new: int, draft_len: int, stop_ids) -> list[dict]:
     """Per prompt: the target's output and the draft the engine makes after each prefix of it."""
     from specedge.speculative import SamplingParams
 
@@ -74,7 +75,7 @@ def record(target, draft_engine, prompts: list[list[int]], max_new: int, draft_l
         draft_engine.start(prompt)
         for k in range(len(output) + 1):
             draft_engine.commit(prompt + output[:k])  # keeps the cache's valid prefix: no re-prefill
-            drafts.append(draft_engine.draft(draft_length, SamplingParams(), None, stop_ids).tokens)
+            drafts.append(draft_engine.draft(draft_len, SamplingParams(), None, stop_ids).tokens)
         recordings.append({"prompt": prompt, "output": output, "drafts": drafts})
     return recordings
 
@@ -108,11 +109,11 @@ class ReplayDraftEngine:
             return self.drafts[k]
         return None
 
-    def draft(self, n, params, rng, stop_ids=frozenset(), keep_going=None) -> Drafted:
+    def draft(self, draft_len, params, rng, stop_ids=frozenset(), keep_going=None) -> Drafted:
         recorded = self._recorded()
         if recorded is not None:
             self.replayed += 1
-            tokens = recorded[:n]
+            tokens = recorded[:draft_len]
             self.committed += tokens
             return Drafted(tokens, None, [1.0] * len(tokens))
         self.drafted_live += 1
@@ -120,7 +121,7 @@ class ReplayDraftEngine:
             self.fallback.start(self.committed)
         else:
             self.fallback.commit(self.committed)
-        out = self.fallback.draft(n, params, rng, stop_ids, keep_going)
+        out = self.fallback.draft(draft_len, params, rng, stop_ids, keep_going)
         self.committed += out.tokens
         return out
 
@@ -219,11 +220,11 @@ def _agents(n: int, port: int, recordings, drafts: list[tuple[str, TorchDraftEng
 
 def _run_sessions(agents, args, events=(), policy_name: str = "") -> dict:
     """Every agent generates its prompt's continuation at once; `events` are (seconds, callable)."""
-    from specedge.device.policy import parse_policy
+    from specedge.device.policy import fixed_policy, parse_policy
     from specedge.speculative import SamplingParams
 
     results: list = [None] * len(agents)
-    policy = parse_policy(policy_name or f"fixed:{args.draft_length}")
+    policy = parse_policy(policy_name) if policy_name else fixed_policy(args.draft_length)
 
     def one(i, agent, recording):
         try:
@@ -255,10 +256,9 @@ def _run_sessions(agents, args, events=(), policy_name: str = "") -> dict:
             at = next((i for i, (a, b) in enumerate(zip(result.tokens, want)) if a != b),
                       min(len(result.tokens), len(want)))
             differing.append({"prompt": recording["prompt"], "reference": want, "position": at})
-    rounds.sort()
-    pct = lambda q: rounds[min(len(rounds) - 1, int(q * len(rounds)))] if rounds else None
     return {"wall_s": wall, "tokens": tokens, "tokens_per_s": tokens / wall, "rounds": len(rounds),
-            "round_s_p50": pct(0.5), "round_s_p99": pct(0.99), "round_s_max": rounds[-1] if rounds else None,
+            "round_s_p50": percentile(rounds, 0.5), "round_s_p99": percentile(rounds, 0.99),
+            "round_s_max": max(rounds) if rounds else None,
             "per_device_tokens_per_s": tokens / wall / len(agents),
             "sessions_lost": lost, "outputs_wrong": wrong, "failovers": failovers, "final_versions": versions,
             "differing": differing,
