@@ -286,15 +286,9 @@ class Exchange:
         """Nothing came by the deadline (TIMEOUT), the replica went offline (REPLICA_LOST) or the
         broker connection is down (BROKER_LOST)."""
         broker = cause == BROKER_LOST
-        tries = self.open_attempt if self.binding else self.attempt
-        waited = now - self.since
-        action = Rounds.fault_action(self.faults, broker, tries, waited, self.alone, self.can_draft,
-                                     self.stats.unverified_tokens)
-        if action == FAIL:
-            policy = self.faults.on_broker_loss if broker else self.faults.on_verifier_loss
-            return [Action(FAIL, Failure(broker, cause, tries + 1, waited, policy))]
-        if action == DRAFT_ALONE:
-            return [Action(DRAFT_ALONE, cause)]
+        given_up = self._policy(cause, self.open_attempt if self.binding else self.attempt, now)
+        if given_up:
+            return given_up
         self.stats.retries += 1
         if self.binding:
             self.open_attempt += 1
@@ -364,15 +358,24 @@ class Exchange:
         decides, and under `wait` it fails the request once max_wait_s has passed."""
         self.resyncs_asked += 1
         if self.resyncs_asked > self.faults.max_retries:
-            waited = now - self.since
-            action = Rounds.fault_action(self.faults, False, self.resyncs_asked, waited, self.alone,
-                                         self.can_draft, self.stats.unverified_tokens)
-            if action == FAIL:
-                return [Action(FAIL, Failure(False, "resync loop", self.resyncs_asked, waited,
-                                             self.faults.on_verifier_loss))]
-            if action == DRAFT_ALONE:
-                return [Action(DRAFT_ALONE, "resync loop")]
+            given_up = self._policy("resync loop", self.resyncs_asked - 1, now)
+            if given_up:
+                return given_up
         return self._resync(now)
+
+    def _policy(self, cause: str, attempt: int, now: float) -> list[Action]:
+        """The fault policy's FAIL or DRAFT_ALONE for a message lost on its `attempt`-th try
+        (0-based) by `cause`; [] when it is worth trying again."""
+        broker = cause == BROKER_LOST
+        waited = now - self.since
+        action = Rounds.fault_action(self.faults, broker, attempt, waited, self.alone, self.can_draft,
+                                     self.stats.unverified_tokens)
+        if action == FAIL:
+            policy = self.faults.on_broker_loss if broker else self.faults.on_verifier_loss
+            return [Action(FAIL, Failure(broker, cause, attempt + 1, waited, policy))]
+        if action == DRAFT_ALONE:
+            return [Action(DRAFT_ALONE, cause)]
+        return []
 
     def _resync(self, now: float, failover: bool = False) -> list[Action]:
         """Rebuild the session from the committed text on whichever replica of the group answers.
