@@ -293,7 +293,7 @@ class Verifier:
                 self.count("bad_topic")
             return
         fleet, device, _ = parts
-        out = topics.device(fleet, device, "verdict")
+        out = topics.answers(fleet, device)
         try:
             msg = wire.decode(payload)
         except wire.WireError as exc:
@@ -554,5 +554,5 @@ class Verifier:
         for (fleet, device, session_id), session, target in self.versions.moves(self.sessions):
             session.switch(target)
             self.stats.switches += 1
-            self.reply(topics.device(fleet, device, "verdict"),
+            self.reply(topics.answers(fleet, device),
                        wire.Opened(session_id, session.last_seq, self.replica, target.name, target.exact))

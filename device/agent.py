@@ -98,7 +98,7 @@ class Agent:
         self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
         ident = cfg.device
         self.up_topic = topics.draft(ident.fleet, ident.id)
-        self.down_topic = topics.device(ident.fleet, ident.id, "verdict")
+        self.down_topic = topics.answers(ident.fleet, ident.id)
         # None: a replica's or the link's state changed
         self.inbox: queue.Queue[bytes | None] = queue.Queue(maxsize=MAX_INBOX)
         self.offline_replicas: set[str] = set()

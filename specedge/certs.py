@@ -124,13 +124,13 @@ def acl_text(fleet: str, devices: list[str], verifiers: list[str], operators: li
         lines += [f"user {d}",
                   f"topic write {own(d, 'draft/#')}", f"topic write {own(d, 'status')}",
                   f"topic write {own(d, 'telemetry')}", f"topic write {own(d, 'reply/#')}",
-                  f"topic write {own(d, 'config/applied')}", f"topic read {own(d, 'verdict')}",
+                  f"topic write {own(d, 'config/applied')}", f"topic read {topics.answers(fleet, d)}",
                   f"topic read {own(d, 'cmd')}", f"topic read {own(d, 'config')}",
                   f"topic read {topics.fleet(fleet, 'config')}", f"topic read {topics.fleet(fleet, 'targets')}",
                   f"topic read {topics.replica(topics.ANY, 'status')}", ""]
     for v in verifiers:
         lines += [f"user {v}",
-                  f"topic read {every('draft/#')}", f"topic write {every('verdict')}",
+                  f"topic read {every('draft/#')}", f"topic write {topics.answers(fleet, topics.ANY)}",
                   f"topic read {topics.fleet(fleet, 'targets')}", f"topic readwrite {topics.replica(v, '#')}", ""]
     for o in operators:
         lines += [f"user {o}",

@@ -34,7 +34,7 @@ class FakeVerifier:
 
     def __init__(self, port: int, fleet: str, device: str, answer):
         self.answer, self.topics = answer, []
-        self.down = topics.device(fleet, device, "verdict")
+        self.down = topics.answers(fleet, device)
         self.link = Link(MqttConfig(port=port), f"fake-verifier-{fleet}", self.on)
         self.link.subscribe(f"specedge/v1/{fleet}/{device}/#")
         self.link.start()

@@ -86,7 +86,7 @@ def test_commands_answer_on_both_mqtt_versions_and_refuse_what_is_not_allowed(de
     assert "malformed" in ask(link, "x", raw=b"[1, 2]")["error"]
     assert "malformed" in ask(link, "x", raw=b"{" + b" " * 70000 + b"}")["error"]
     # An answer goes only under the device's own reply topics: it cannot be turned into a forger.
-    assert ask(link, "report", reply_to=f"specedge/v1/{FLEET}/arm/verdict") is None
+    assert ask(link, "report", reply_to=f"sv/{FLEET}/arm") is None
     assert ask(link, "set_policy", {"policy": "fixed:3"})["result"] == {"policy": "fixed:3"}
     assert device.service.policy.name == "fixed:3"
 

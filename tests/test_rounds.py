@@ -50,7 +50,7 @@ class ScriptedVerifier:
     def __init__(self, port: int, fleet: str, device: str, target: Target, noise=None):
         self.target, self.noise = target, noise
         self.sessions: dict[int, TargetSession] = {}
-        self.down = topics.device(fleet, device, "verdict")
+        self.down = topics.answers(fleet, device)
         self.lock = threading.Lock()
         self.timers: list[threading.Timer] = []
         self.last_verdict: dict[int, wire.Verdict] = {}

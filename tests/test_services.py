@@ -23,7 +23,7 @@ def probe(mosquitto):
     """A raw MQTT client posing as device 'probe' of fleet 'default'."""
     inbox: queue.Queue = queue.Queue()
     link = Link(MqttConfig(port=mosquitto.port), "probe", lambda t, p: inbox.put(p))
-    link.subscribe(topics.device("default", "probe", "verdict"))
+    link.subscribe(topics.answers("default", "probe"))
     link.start()
     time.sleep(0.2)  # let the subscription land
     up = topics.device("default", "probe", "draft")

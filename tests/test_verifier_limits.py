@@ -26,11 +26,11 @@ class Wire:
         self.fleet = fleet
         self.replies: queue.Queue = queue.Queue()
         self.link = Link(build(CloudConfig, {"mqtt": {"port": port}}).mqtt, f"wire-{fleet}", self._on)
-        self.link.subscribe(topics.device(fleet, topics.ANY, "verdict"))
+        self.link.subscribe(topics.answers(fleet, topics.ANY))
         self.link.start()
 
     def _on(self, topic: str, payload: bytes) -> None:
-        self.replies.put((topic.split("/")[3], wire.decode(payload)))
+        self.replies.put((topics.parse_answers(topic)[1], wire.decode(payload)))
 
     def send(self, device: str, msg) -> None:
         self.link.publish(topics.device(self.fleet, device, "draft"), wire.encode(msg))

@@ -1,8 +1,9 @@
 """Every MQTT topic specedge uses, built and parsed here and nowhere else.
 
     specedge/v1/{fleet}/{device}/{leaf}   a device's topics: draft (up; draft/{replica} once a
-                                          replica holds the session), verdict (down), status,
-                                          telemetry, cmd, config, config/applied, reply/{who}
+                                          replica holds the session), status, telemetry, cmd,
+                                          config, config/applied, reply/{who}
+    sv/{fleet}/{device}                   a device's answers: OPENED, VERDICT, HINT, TOKENS, ERROR
     specedge/v1/{fleet}/{leaf}            the fleet's retained config and targets
     specedge/v1/_verifiers/{replica}/{leaf}   a verifier replica's status (retained, its will) and stats
     specedge/local/{device}/...           the device's local API (device/local_mqtt.py)
@@ -13,6 +14,9 @@ level), and no name holds `/`, `+` or `#` (config's TOPIC_NAME).
 from __future__ import annotations
 
 ROOT = "specedge/v1"
+# Every answer the device receives carries this topic: Mosquitto 2.0 sends subscribers no topic
+# aliases, so its length is paid on every round (drafts go up by alias). Version: the payload's.
+ANSWERS = "sv"
 REPLICAS = f"{ROOT}/_verifiers"
 LOCAL_ROOT = "specedge/local"
 ANY = "+"  # one level, in a subscription
@@ -25,6 +29,11 @@ def device(fleet: str, device: str, leaf: str) -> str:
 def draft(fleet: str, device_id: str, replica: str | None = None) -> str:
     """Drafts go to the group until a replica holds the session, then to that replica."""
     return device(fleet, device_id, "draft" if replica is None else f"draft/{replica}")
+
+
+def answers(fleet: str, device_id: str) -> str:
+    """Where the verifier answers a device's OPEN, DRAFT and GENERATE."""
+    return f"{ANSWERS}/{fleet}/{device_id}"
 
 
 def reply(fleet: str, device_id: str, who: str) -> str:
@@ -57,6 +66,14 @@ def parse_device(topic: str) -> tuple[str, str, str] | None:
     if len(parts) != 5 or "/".join(parts[:2]) != ROOT or parts[2].startswith("_"):
         return None
     return parts[2], parts[3], parts[4]
+
+
+def parse_answers(topic: str) -> tuple[str, str] | None:
+    """(fleet, device) of a device's answers topic; None for any other topic."""
+    parts = topic.split("/")
+    if len(parts) != 3 or parts[0] != ANSWERS:
+        return None
+    return parts[1], parts[2]
 
 
 def parse_fleet(topic: str) -> tuple[str, str] | None:

@@ -18,11 +18,12 @@ import numpy as np
 from specedge.protocol.contract import Contract
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
-PROTOCOL_VERSION = 6  # 3: OPEN states the draft and its contract, OPENED names replica and version;
+PROTOCOL_VERSION = 7  # 3: OPEN states the draft and its contract, OPENED names replica and version;
 # 4: OPENED says whether that version passed its bitwise self-test on the verifier's machine;
 # 5: DRAFT, GENERATE, VERDICT and HINT carry a hash of the committed text beside its length;
 # 6: a tighter round: 4-byte session ids (a session is named per device), DRAFT's token count
-#    and q flag in one byte, VERDICT's verify time in 100 µs units (u16); rounds at QoS 0
+#    and q flag in one byte, VERDICT's verify time in 100 µs units (u16); rounds at QoS 0;
+# 7: answers on a short topic of their own (topics.answers), not under the device's topics
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_PACKET = MAX_PAYLOAD + 4096  # an MQTT packet carrying it: framing and topic besides
 MAX_CONTEXT = 32768  # tokens in OPEN

@@ -88,7 +88,7 @@ def optimum(accept_by_position: list[float], t_draft: float, verify_base: float,
                                                      len(wire.encode(wire.Draft(0, 0, 0, []))), wire.ROUND_QOS,
                                                      v5, alias=v5),
                   up_bytes_per_token=3,
-                  down_bytes=publish_packet_bytes(topics.device("bench", "device0", "verdict"),
+                  down_bytes=publish_packet_bytes(topics.answers("bench", "device0"),
                                                   len(wire.encode(wire.Verdict(0, 0, 0, 0, 0))), wire.ROUND_QOS, v5))
     return best_rate(state, Objective(), max_g)
 
