@@ -41,7 +41,7 @@ from specedge.device.profiles import get_profile
 from specedge.device.rounds import (ASK_AGAIN, AWAIT_BROKER, BROKER_LOST, DELIVER, DRAFT_ALONE, DROPPED, FAIL,
                                     HINT, OPEN, REFUSE, REPLICA_LOST, SEND, TIMEOUT, Exchange, Failure,
                                     RoundTimer, Rounds)
-from specedge.device.scheduler import Scheduler, State, objective
+from specedge.device.scheduler import Objective, Scheduler, State, objective
 from specedge.metrics import SpecStats
 from specedge.mqtt import Link, publish_packet_bytes
 from specedge.protocol import topics
@@ -92,8 +92,30 @@ class GenerationResult:
     unverified: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of tokens the target never saw
 
 
+@dataclass(frozen=True)
+class AgentStatus:
+    """What the agent's connection, meter and scheduler say now, for whoever reports on it."""
+    protocol: str | None  # "5" or "3.1.1" once connected
+    connected: bool
+    bytes_sent: int  # on the link since it was made, MQTT framing included
+    bytes_received: int
+    energy_j: float  # since the meter opened; 0 before start()
+    rtt_s: float  # the scheduler's estimates
+    up_bps: float  # inf until measured
+    objective: Objective
+    max_draft: int
+
+
+def device_link(cfg: DeviceConfig) -> Link:
+    """The device's MQTT connection; the Agent it is handed to takes its messages."""
+    ident = cfg.device
+    return Link(cfg.mqtt, f"specedge-device-{ident.fleet}-{ident.id}", None, max_packet=wire.MAX_PACKET)
+
+
 class Agent:
-    def __init__(self, cfg: DeviceConfig, engine, tokenizer):
+    def __init__(self, cfg: DeviceConfig, engine, tokenizer, link: Link | None = None):
+        """`link`: the device's connection (device_link), started and stopped by whoever made it
+        and shares it (device/node.py); without one the agent makes, starts and stops its own."""
         checks.validate(cfg)  # the device's half of the config checks, however `cfg` was built
         self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
         ident = cfg.device
@@ -104,9 +126,11 @@ class Agent:
         self.offline_replicas: set[str] = set()
         self.draft_name = cfg.draft.display_name()
         self.contract = Contract.of(tokenizer, engine.vocab_size)
-        self.link = Link(cfg.mqtt, f"specedge-device-{ident.fleet}-{ident.id}", self._on_message,
-                         on_connection=lambda up: self._enqueue(None),  # wake a waiting round
-                         max_packet=wire.MAX_PACKET)
+        self._own_link = link is None
+        self.link = device_link(cfg) if link is None else link
+        # A link made before the agent (device_link) has nowhere to send messages until now.
+        self.link.on_message = self._on_message
+        self.link.on_connection = lambda up: self._enqueue(None)  # wake a waiting round
         self.decode_errors: dict[str, int] = {}
         self._busy = threading.Lock()
         energy = cfg.energy
@@ -133,6 +157,20 @@ class Agent:
         """Change the adaptive policies' objective at run time (mode, budget_j_per_token,
         min_tokens_per_s); the next round plans with it."""
         self.scheduler.set_objective(replace(self.scheduler.objective, **changes))
+
+    def configure(self, objective: Objective, max_draft: int | None = None) -> None:
+        """The adaptive policies' objective (and longest draft) from a config change; the next
+        round plans with them."""
+        if max_draft is not None:
+            self.scheduler.max_draft = max_draft
+        self.scheduler.set_objective(objective)
+
+    def status(self) -> AgentStatus:
+        """A snapshot of the link, meter and scheduler: what others read instead of reaching in."""
+        link, state = self.link, self.scheduler.state()
+        return AgentStatus(link.protocol, link.connected.is_set(), link.bytes_sent, link.bytes_received,
+                           self.meter.energy_j() if self.meter else 0.0, state.rtt_s, state.up_bps,
+                           self.scheduler.objective, self.scheduler.max_draft)
 
     def count_error(self, kind: str) -> None:
         self.decode_errors[kind] = self.decode_errors.get(kind, 0) + 1
@@ -170,11 +208,13 @@ class Agent:
         log.info("power meter: %s", self.meter.source)
         self.link.subscribe(self.down_topic)
         self.link.subscribe(topics.replica(topics.ANY, "status"))
-        self.link.start(retry=retry)
+        if self._own_link:
+            self.link.start(retry=retry)
         return self
 
     def stop(self) -> None:
-        self.link.stop()
+        if self._own_link:
+            self.link.stop()
         if self.meter:
             self.meter.close()
 
@@ -191,6 +231,7 @@ class Agent:
 class _Request:
     def __init__(self, agent: Agent, prompt, params, max_new_tokens, policy, on_tokens):
         self.agent, self.params, self.policy = agent, params, policy
+        self.link = agent.link
         self.max_new, self.on_tokens = max_new_tokens, on_tokens or (lambda tokens, verified: None)
         # The session's round state, no I/O (device/rounds.py): seq, OPEN, replica, version, text hash.
         self.rounds = Rounds(secrets.randbits(32), prompt)
@@ -223,8 +264,8 @@ class _Request:
         """To the replica holding the session; OPEN (and anything before one answers) to the group."""
         ident = self.agent.cfg.device
         topic = topics.draft(ident.fleet, ident.id, None if isinstance(msg, wire.Open) else self.replica)
-        self.sent_connects = self.agent.link.connects
-        self.agent.link.publish(topic, wire.encode(msg), qos=wire.ROUND_QOS)
+        self.sent_connects = self.link.connects
+        self.link.publish(topic, wire.encode(msg), qos=wire.ROUND_QOS)
 
     def open_message(self, resync: bool) -> wire.Open:
         """An OPEN with the committed text, under the round number Rounds.opening() gave it."""
@@ -233,7 +274,7 @@ class _Request:
 
     def run(self) -> GenerationResult:
         agent = self.agent
-        sent0, recv0 = agent.link.bytes_sent, agent.link.bytes_received
+        sent0, recv0 = self.link.bytes_sent, self.link.bytes_received
         energy0 = agent.meter.energy_j()
         while not agent.inbox.empty():  # leftovers of an earlier request
             agent.inbox.get_nowait()
@@ -248,7 +289,7 @@ class _Request:
             self.send(wire.Close(self.session, self.rounds.next_round()))
             self.stats.total_s = time.perf_counter() - self.start_s
             self.stats.generated_tokens = self.generated
-            sent, received = agent.link.bytes_sent - sent0, agent.link.bytes_received - recv0
+            sent, received = self.link.bytes_sent - sent0, self.link.bytes_received - recv0
             self.stats.wire_bytes = sent + received
             # The radio is modelled (its connected-state power over the request, plus per byte);
             # its tail after the request is reported apart: it follows the last request of a burst.
@@ -284,7 +325,7 @@ class _Request:
 
     def run_speculative(self) -> None:
         agent, engine, policy = self.agent, self.agent.engine, self.policy
-        scheduler, meter, link = agent.scheduler, agent.meter, agent.link
+        scheduler, meter, link = agent.scheduler, agent.meter, self.link
         t0 = time.perf_counter()
         engine.start(self.committed)
         prefill_s = time.perf_counter() - t0
@@ -417,7 +458,7 @@ class _Request:
                 elif act.kind == ASK_AGAIN:
                     return
                 elif act.kind == AWAIT_BROKER:
-                    back = self.agent.link.connected.wait(max(0.0, act.arg - time.monotonic()))
+                    back = self.link.connected.wait(max(0.0, act.arg - time.monotonic()))
                     now = time.monotonic()
                     todo.extend(ex.on_broker_back(now) if back else ex.on_silence(BROKER_LOST, now))
                 elif act.kind == REFUSE:
@@ -430,7 +471,7 @@ class _Request:
 
     def next_event(self, ex: Exchange, ahead: Ahead | None):
         """Wait for what happens next (drafting ahead meanwhile, between messages) and hand it to `ex`."""
-        agent, link = self.agent, self.agent.link
+        agent, link = self.agent, self.link
         while True:
             now = time.monotonic()
             if not link.connected.is_set():

@@ -59,7 +59,7 @@ def generate_command(args) -> int:
     params = SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.seed)
     policy = parse_policy(cfg.speculation.policy, cfg.speculation.max_draft)
     print(f"device {cfg.device.fleet}/{cfg.device.id}: draft backend {engine.backend}, policy {policy.name}, "
-          f"MQTT {agent.link.protocol}", file=sys.stderr)
+          f"MQTT {agent.status().protocol}", file=sys.stderr)
     prompts = args.prompt or (line.strip() for line in sys.stdin)
     failed = 0
     try:

@@ -28,7 +28,7 @@ from specedge.config import COMMANDS, ConfigError, DeviceConfig
 from specedge.device import checks
 from specedge.device.service import DeviceService
 from specedge.metrics import percentile, spec_rates
-from specedge.mqtt import ReplyTo
+from specedge.mqtt import Link, ReplyTo
 from specedge.protocol import topics
 from specedge.protocol.desired import digest, is_live, json_object, merge, overlay_keys, parse_desired
 
@@ -127,8 +127,9 @@ def finite_number(value, name: str) -> float:
 
 
 class FleetMember:
-    def __init__(self, service: DeviceService, http_port: int | None = None):
-        self.service, self.agent = service, service.agent
+    def __init__(self, service: DeviceService, link: Link, http_port: int | None = None):
+        """`link`: the device's connection, the one its agent uses (device/node.py makes and runs it)."""
+        self.service, self.agent, self.link = service, service.agent, link
         ident = service.cfg.device
         self.fleet, self.device = ident.fleet, ident.id
         self.topic = lambda leaf: topics.device(self.fleet, self.device, leaf)
@@ -141,8 +142,7 @@ class FleetMember:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="specedge-fleet", daemon=True)
         self._last_energy = (time.monotonic(), 0.0)
-        link = self.agent.link
-        # The will and birth ride on the agent's own connection: its loss is the device's loss.
+        # The will and birth ride on the agent's connection: its loss is the device's loss.
         link.will = (self.topic("status"), json.dumps({"state": "offline", "device": self.device,
                                                        "fleet": self.fleet}).encode(), True)
         link.birth = (self.topic("status"), self.status_payload, True)
@@ -161,7 +161,7 @@ class FleetMember:
             self.agent.count_error("fleet_inbox_full")
 
     def start(self) -> "FleetMember":
-        self._last_energy = (time.monotonic(), self.agent.meter.energy_j() if self.agent.meter else 0.0)
+        self._last_energy = (time.monotonic(), self.agent.status().energy_j)
         self._thread.start()
         return self
 
@@ -169,8 +169,8 @@ class FleetMember:
         self._stop.set()
         self._offer(None)  # wake the thread (if the inbox is full, it sees _stop after its next item)
         self._thread.join(timeout=10)
-        if self.agent.link.connected.is_set():  # a clean goodbye does not fire the will
-            self.agent.link.publish(self.topic("status"), self.status_payload("offline"), retain=True, qos=1)
+        if self.link.connected.is_set():  # a clean goodbye does not fire the will
+            self.link.publish(self.topic("status"), self.status_payload("offline"), retain=True, qos=1)
 
     # -- the one thread ------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -196,13 +196,13 @@ class FleetMember:
             except Exception:  # a bad message must not stop the fleet thread
                 log.exception("fleet: handling %s failed", kind)
             if kind == "telemetry" or time.monotonic() >= next_telemetry:
-                if self.agent.link.connected.is_set():
+                if self.link.connected.is_set():
                     self.publish(self.topic("telemetry"), self.telemetry(), retain=True)
                 next_telemetry = time.monotonic() + self.service.cfg.fleet.telemetry_interval_s
 
     def publish(self, topic: str, data: dict, retain: bool = False, reply_to: ReplyTo | None = None) -> None:
-        self.agent.link.publish(topic, json.dumps(data, sort_keys=True).encode(), retain=retain, qos=1,
-                                reply_to=reply_to)
+        self.link.publish(topic, json.dumps(data, sort_keys=True).encode(), retain=retain, qos=1,
+                          reply_to=reply_to)
 
     # -- status and telemetry ------------------------------------------------------------------
     def status_payload(self, state: str | None = None) -> bytes:
@@ -221,21 +221,20 @@ class FleetMember:
             "target": {"announced": self.announced_target,
                        "serving": s.agent.current.target_version if s.agent.current else ""},
             "http_port": self.http_port,
-            "protocol": self.agent.link.protocol,
+            "protocol": self.link.protocol,
         }
         return json.dumps(data, sort_keys=True).encode()
 
     def publish_status(self) -> None:
-        if self.agent.link.connected.is_set():
-            self.agent.link.publish(self.topic("status"), self.status_payload(), retain=True, qos=1)
+        if self.link.connected.is_set():
+            self.link.publish(self.topic("status"), self.status_payload(), retain=True, qos=1)
 
     def telemetry(self) -> dict:
         s = self.service
         w = s.take_window()
         now = time.monotonic()
-        energy = self.agent.meter.energy_j() if self.agent.meter else 0.0
-        (then, energy0), self._last_energy = self._last_energy, (now, energy)
-        state = self.agent.scheduler.state()
+        snapshot = self.agent.status()
+        (then, energy0), self._last_energy = self._last_energy, (now, snapshot.energy_j)
         return {
             "device": self.device, "time": time.time(), "window_s": now - then, "state": s.state,
             "requests": w.requests, "failed": w.failed, "tokens": w.tokens,
@@ -243,9 +242,9 @@ class FleetMember:
             **spec_rates(w.drafted, w.accepted, w.rounds),
             "mean_draft_len": w.drafted / w.rounds if w.rounds else None,
             "rtt_s_p50": percentile(w.round_trip_s, 0.5),
-            "rtt_s_estimate": state.rtt_s,
-            "uplink_bps_estimate": state.up_bps if state.up_bps != float("inf") else None,
-            "watts": (energy - energy0) / (now - then) if now > then else 0.0,
+            "rtt_s_estimate": snapshot.rtt_s,
+            "uplink_bps_estimate": snapshot.up_bps if snapshot.up_bps != float("inf") else None,
+            "watts": (snapshot.energy_j - energy0) / (now - then) if now > then else 0.0,
             "j_per_token": w.energy_j / w.tokens if w.tokens else None,
             "wire_bytes_per_token": w.wire_bytes / w.tokens if w.tokens else None,
             "queue_depth": s.queue_depth, "in_flight": s.in_flight, "policy": s.policy.name,
@@ -253,7 +252,7 @@ class FleetMember:
             "target_version": s.agent.current.target_version if s.agent.current else "",
             # The running request's: every token so far verified by a self-tested exact target.
             "exact": s.agent.current.stats.exact if s.agent.current else None,
-            "connected": self.agent.link.connected.is_set(),
+            "connected": snapshot.connected,
             "last_request": self.last_request(),
         }
 
@@ -396,7 +395,7 @@ class FleetMember:
         ack = {"device": self.device, "time": time.time(), "applied": applied, "rejected": rejected,
                "needs_restart": restart, "reread_file": reread_file,
                "sources": {k: digest(v) for k, v in self.desired.items() if v}}
-        if self.agent.link.connected.is_set():
+        if self.link.connected.is_set():
             self.publish(self.topic("config/applied"), ack, retain=True)
         return ack
 

@@ -362,7 +362,7 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(body)
         elif path == "/health":
-            connected = service.agent.link.connected.is_set()
+            connected = service.agent.status().connected
             ok = connected and not service.draining
             self.send_json(200 if ok else 503, {"status": "ok" if ok else service.state if connected else
                                                 "broker_unreachable", "queue_depth": service.queue_depth,

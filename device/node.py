@@ -3,6 +3,7 @@ the local HTTP API and (optionally) the local MQTT API. `specedge device serve` 
 from __future__ import annotations
 
 from specedge.config import DeviceConfig
+from specedge.device.agent import device_link
 from specedge.device.fleet import FleetMember
 from specedge.device.http_api import LocalHttpApi
 from specedge.device.local_mqtt import LocalMqttApi
@@ -11,14 +12,19 @@ from specedge.device.service import DeviceService
 
 class DeviceNode:
     def __init__(self, cfg: DeviceConfig, engine, tokenizer, config_path: str | None = None):
-        self.service = DeviceService(cfg, engine, tokenizer, config_path)
+        # The node owns the device's one MQTT connection: the agent and the fleet member share it.
+        self.link = device_link(cfg)
+        self.service = DeviceService(cfg, engine, tokenizer, config_path, self.link)
         api = cfg.api
         self.http = LocalHttpApi(self.service, api.http_host, api.http_port) if api.http_port >= 0 else None
-        self.fleet = FleetMember(self.service, self.http.port if self.http else None)  # before the link starts
+        # Before the link starts: the fleet member sets its will and birth.
+        self.fleet = FleetMember(self.service, self.link, self.http.port if self.http else None)
         self.local = LocalMqttApi(self.service, cfg) if api.local_mqtt_host else None
 
     def start(self) -> "DeviceNode":
         self.service.start()
+        # Without a broker, keep trying: requests are answered 503 broker_unreachable until one comes.
+        self.link.start(retry=True)
         self.fleet.start()
         if self.http:
             self.http.start()
@@ -30,7 +36,7 @@ class DeviceNode:
         s = self.service
         return {"ready": True, "device": s.cfg.device.id, "fleet": s.cfg.device.fleet,
                 "http_port": self.http.port if self.http else None, "backend": s.engine.backend,
-                "policy": s.policy.name, "protocol": s.agent.link.protocol,
+                "policy": s.policy.name, "protocol": self.link.protocol,
                 "local_mqtt": f"{s.cfg.api.local_mqtt_host}:{s.cfg.api.local_mqtt_port}" if self.local else None}
 
     def problem(self) -> str:
@@ -47,6 +53,7 @@ class DeviceNode:
             self.local.stop()
         self.fleet.stop()
         self.service.stop()
+        self.link.stop()
 
 
 def serve_command(args) -> int:

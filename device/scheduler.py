@@ -1,7 +1,8 @@
 """How far to speculate: a pure decision rule over an estimated state, plus the estimators.
 
-A round that drafts g tokens (docs/design.md section 4) yields E(g) = 1 + sum_{i<=g} S_i tokens,
-S_i the probability that the first i drafted tokens are all accepted; it takes
+A round that drafts g tokens (g = draft_len, docs/design.md section 4) yields
+E(g) = 1 + sum_{i<=g} S_i tokens, S_i the probability that the first i drafted tokens are
+all accepted; it takes
     T(g) = g t_draft + RTT + up_bytes(g)/R_up + down_bytes/R_down + t_verify(g + 1)
 and costs the device
     J(g) = g t_draft P_active + (T - g t_draft) P_idle + radio(T, bytes).
@@ -79,20 +80,20 @@ class State:
         table = self.accept_by_position
         return table[min(position, len(table)) - 1] if table else 0.0
 
-    def expected_tokens(self, g: int) -> float:
-        """E(g) = 1 + sum_{i<=g} prod_{j<=i} c_j: tokens a round drafting g yields."""
-        return _outcomes(self, (), g)[-1][1]
+    def expected_tokens(self, draft_len: int) -> float:
+        """E(g) = 1 + sum_{i<=g} prod_{j<=i} c_j: tokens a round drafting g = draft_len yields."""
+        return _outcomes(self, (), draft_len)[-1][1]
 
-    def round_cost(self, g: int, survival_next: float = 0.0) -> tuple[float, float]:
-        """(seconds, device joules) of a round drafting g tokens; `survival_next` = S_{g+1},
-        the chance a pipelined device's bet on this round's outcome pays."""
-        up = self.up_bytes_base + self.up_bytes_per_token * g
-        draft = g * self.draft_s
+    def round_cost(self, draft_len: int, survival_next: float = 0.0) -> tuple[float, float]:
+        """(seconds, device joules) of a round drafting `draft_len` tokens; `survival_next` =
+        S_{draft_len+1}, the chance a pipelined device's bet on this round's outcome pays."""
+        up = self.up_bytes_base + self.up_bytes_per_token * draft_len
+        draft = draft_len * self.draft_s
         wait = (self.rtt_s + up * 8 / self.up_bps + self.down_bytes * 8 / self.down_bps
-                + self.verify_base_s + self.verify_per_row_s * (g + 1))
+                + self.verify_base_s + self.verify_per_row_s * (draft_len + 1))
         ahead = 0.0  # seconds spent drafting ahead during the wait
         if self.pipelined and self.draft_s > 0:
-            ahead = min(wait, (g + 1) * self.draft_s)  # the bonus guess, then the next block
+            ahead = min(wait, (draft_len + 1) * self.draft_s)  # the bonus guess, then the next block
             room = max(ahead - self.draft_s, 0.0)  # of the next block, what was drafted in time
             draft -= survival_next * min(draft, room)
         seconds = draft + wait
@@ -102,17 +103,18 @@ class State:
 
 
 def _outcomes(state: State, survival: Sequence[float], max_draft: int):
-    """(g, expected tokens, seconds, joules) for every total draft length g >= len(survival)."""
+    """(draft_len, expected tokens, seconds, joules) for every total draft length
+    len(survival) <= draft_len <= max_draft."""
     drafted = len(survival)
     tokens = 1.0 + sum(survival)
     s = survival[-1] if survival else 1.0
     out = []
-    for g in range(drafted, max_draft + 1):
-        if g > drafted:
-            s *= state.accept(g)
+    for draft_len in range(drafted, max_draft + 1):
+        if draft_len > drafted:
+            s *= state.accept(draft_len)
             tokens += s
-        seconds, joules = state.round_cost(g, s * state.accept(g + 1))
-        out.append((g, tokens, seconds, joules))
+        seconds, joules = state.round_cost(draft_len, s * state.accept(draft_len + 1))
+        out.append((draft_len, tokens, seconds, joules))
     return out
 
 
@@ -130,12 +132,12 @@ def best_rate(state: State, objective: Objective, max_draft: int) -> tuple[float
     feasible = [o for o in outcomes if _feasible(objective, *o[1:])] or None
     if objective.mode == "throughput":
         if feasible:
-            return max((t / s, g) for g, t, s, _ in feasible)
-        g, t, s, _ = min(outcomes, key=lambda o: o[3] / o[1])
-        return t / s, g
+            return max((t / s, draft_len) for draft_len, t, s, _ in feasible)
+        draft_len, t, s, _ = min(outcomes, key=lambda o: o[3] / o[1])
+        return t / s, draft_len
     if feasible:
-        return min((j / t, g) for g, t, s, j in feasible)
-    return max((t / s, g) for g, t, s, _ in outcomes)
+        return min((j / t, draft_len) for draft_len, t, s, j in feasible)
+    return max((t / s, draft_len) for draft_len, t, s, _ in outcomes)
 
 
 def plan(state: State, objective: Objective, survival: Sequence[float], max_draft: int) -> int:

@@ -21,6 +21,7 @@ from specedge.device.policy import Policy, parse_policy
 from specedge.device.scheduler import objective
 from specedge.exporter import DeviceMetrics
 from specedge.metrics import SpecStats
+from specedge.mqtt import Link
 from specedge.speculative import SamplingParams
 from specedge.tokenizer import StreamDecoder
 
@@ -209,10 +210,12 @@ def _live_energy(current: EnergyConfig, new: EnergyConfig) -> EnergyConfig:
 
 
 class DeviceService:
-    def __init__(self, cfg: DeviceConfig, engine, tokenizer, config_path: str | None = None):
+    def __init__(self, cfg: DeviceConfig, engine, tokenizer, config_path: str | None = None,
+                 link: Link | None = None):
+        """`link`: the device's connection, run by whoever made it (device/node.py); else the agent's own."""
         self.cfg, self.engine, self.tokenizer, self.config_path = cfg, engine, tokenizer, config_path
         self.local_cfg = cfg  # the device's own config (file and environment): desired configs go on top
-        self.agent = Agent(cfg, engine, tokenizer)
+        self.agent = Agent(cfg, engine, tokenizer, link)
         self.policy: Policy = parse_policy(cfg.speculation.policy, cfg.speculation.max_draft)
         self.draining = False
         self.metrics = DeviceMetrics(lambda: {"queue_depth": self.queue_depth, "draining": self.draining,
@@ -272,7 +275,7 @@ class DeviceService:
                 self.metrics.requests.labels("rejected").inc()
                 raise Rejected("the device is draining: it finishes what it holds and takes no new requests",
                                503, "draining")
-            if not self.agent.link.connected.is_set():
+            if not self.agent.status().connected:
                 self.metrics.requests.labels("rejected").inc()
                 raise Rejected("the device has no connection to its MQTT broker, so no verifier", 503,
                                "broker_unreachable")
@@ -370,7 +373,7 @@ class DeviceService:
         """The scheduler's objective (mode, budget, floor) from a validated [energy] section."""
         self._set_cfg(replace(self.cfg, energy=_live_energy(self.cfg.energy, energy)))
         self.local_cfg = replace(self.local_cfg, energy=_live_energy(self.local_cfg.energy, energy))
-        self.agent.scheduler.set_objective(objective(self.cfg.energy))
+        self.agent.configure(objective(self.cfg.energy))
         self._changed()
 
     def apply_config(self, cfg: DeviceConfig) -> None:
@@ -378,8 +381,7 @@ class DeviceService:
         self._set_cfg(replace(self.cfg, speculation=cfg.speculation, generation=cfg.generation, faults=cfg.faults,
                               energy=_live_energy(self.cfg.energy, cfg.energy), fleet=cfg.fleet))
         self.policy = parse_policy(cfg.speculation.policy, cfg.speculation.max_draft)
-        self.agent.scheduler.max_draft = cfg.speculation.max_draft
-        self.agent.scheduler.set_objective(objective(self.cfg.energy))
+        self.agent.configure(objective(self.cfg.energy), cfg.speculation.max_draft)
         self._changed()
 
     def _set_cfg(self, cfg: DeviceConfig) -> None:

@@ -50,13 +50,13 @@ class DeviceMetrics:
         self.energy = Counter("specedge_energy_joules", "Device energy over requests", registry=r)
         self.round_latency = Histogram("specedge_round_latency_seconds", "Draft sent to verdict back",
                                        buckets=ROUND_BUCKETS, registry=r)
-        self.draft_length = Histogram("specedge_draft_length", "Tokens drafted per round",
-                                      buckets=DRAFT_BUCKETS, registry=r)
+        self.draft_len = Histogram("specedge_draft_len", "Tokens drafted per round",
+                                   buckets=DRAFT_BUCKETS, registry=r)
         self.tokens_per_s = Gauge("specedge_tokens_per_second", "Tokens/s of the last request", registry=r)
         self.j_per_token = Gauge("specedge_joules_per_token", "Energy per token of the last request", registry=r)
         self.acceptance = Gauge("specedge_acceptance_rate", "Accepted over drafted tokens, all requests",
                                 registry=r)
-        self.mean_accepted = Gauge("specedge_mean_accepted_length",
+        self.mean_accepted = Gauge("specedge_mean_accepted_len",
                                    "Tokens committed per round (accepted + the target's own), all requests",
                                    registry=r)
         self._state = state
@@ -76,8 +76,8 @@ class DeviceMetrics:
         self.energy.inc(max(stats.energy_j, 0.0))
         for seconds in stats.round_trip_s:
             self.round_latency.observe(seconds)
-        for length in stats.draft_lengths:
-            self.draft_length.observe(length)
+        for draft_len in stats.draft_lens:
+            self.draft_len.observe(draft_len)
         summary = stats.summary()
         self.tokens_per_s.set(summary["tokens_per_s"])
         self.j_per_token.set(summary["energy_j_per_token"])
@@ -161,7 +161,7 @@ class VerifierMetrics:
         yield errors
         acceptance = GaugeMetricFamily("specedge_acceptance_rate", "Accepted over drafted tokens",
                                        labels=["draft", "target"])
-        mean = GaugeMetricFamily("specedge_mean_accepted_length", "Tokens committed per round",
+        mean = GaugeMetricFamily("specedge_mean_accepted_len", "Tokens committed per round",
                                  labels=["draft", "target"])
         for (draft, version), pair in sorted(dict(stats.pairs).items()):
             s = pair.summary()

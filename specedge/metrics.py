@@ -55,8 +55,8 @@ class SpecStats:
     hint_layer: int = 0
     q_wire_bytes: int = 0  # sampled mode: what the sparse q added to the drafts, over plain token ids
     dense_q_bytes: int = 0  # what full fp16 draft distributions would have added instead (not sent)
-    draft_lengths: list[int] = field(default_factory=list)
-    accepted_lengths: list[int] = field(default_factory=list)
+    draft_lens: list[int] = field(default_factory=list)
+    accepted_lens: list[int] = field(default_factory=list)
     round_start_s: list[float] = field(default_factory=list)  # offsets from the request's start
     round_trip_s: list[float] = field(default_factory=list)
     verify_round_s: list[float] = field(default_factory=list)
@@ -72,8 +72,8 @@ class SpecStats:
         self.drafted_tokens += drafted
         self.accepted_tokens += accepted
         self.verify_s += verify_s
-        self.draft_lengths.append(drafted)
-        self.accepted_lengths.append(accepted)
+        self.draft_lens.append(drafted)
+        self.accepted_lens.append(accepted)
         self.round_start_s.append(start_s)
         self.round_trip_s.append(round_trip_s)
         self.verify_round_s.append(verify_s)

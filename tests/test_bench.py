@@ -13,8 +13,8 @@ from specedge.tools.channel import default_trace_dir
 from specedge.device.scheduler import State
 
 
-def expected_tokens(accept_by_position, g):
-    return State(tuple(accept_by_position), 0.0, 0.0, 0.0, 0.0).expected_tokens(g)
+def expected_tokens(accept_by_position, draft_len):
+    return State(tuple(accept_by_position), 0.0, 0.0, 0.0, 0.0).expected_tokens(draft_len)
 
 
 def test_expected_tokens_from_per_position_acceptance():
@@ -36,12 +36,12 @@ def test_fit_line_recovers_verify_cost():
     assert fit_line([3, 3], [0.2, 0.4]) == pytest.approx((0.3, 0.0))
 
 
-def test_optimum_draft_length_follows_the_link():
+def test_optimum_draft_len_follows_the_link():
     # A slow round trip makes long drafts pay; a poor acceptance makes them useless.
-    _, g_far = optimum([0.8], 0.02, 0.05, 0.0, rtt=0.3, rate_up=None, rate_down=None)
-    _, g_near = optimum([0.8], 0.02, 0.05, 0.0, rtt=0.001, rate_up=None, rate_down=None)
-    _, g_bad = optimum([0.05], 0.02, 0.05, 0.0, rtt=0.3, rate_up=None, rate_down=None)
-    assert g_far > g_near and g_bad <= 1
+    _, draft_len_far = optimum([0.8], 0.02, 0.05, 0.0, rtt=0.3, rate_up=None, rate_down=None)
+    _, draft_len_near = optimum([0.8], 0.02, 0.05, 0.0, rtt=0.001, rate_up=None, rate_down=None)
+    _, draft_len_bad = optimum([0.05], 0.02, 0.05, 0.0, rtt=0.3, rate_up=None, rate_down=None)
+    assert draft_len_far > draft_len_near and draft_len_bad <= 1
 
 
 def _trace_pair(folder, stem):
@@ -100,7 +100,7 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
         assert 0.0 <= ch["policies"]["early-exit:3"]["early_exit_agreement"] <= 1.0
         assert ch["policies"]["early-exit:3"]["early_exit_layer"] == 1  # 3/4 of the tiny target's 2 layers
         run = ch["runs"]["adaptive"][0]
-        assert len(run["draft_lengths"]) == len(run["round_start_s"]) == len(run["link_down_bps"]) > 0
+        assert len(run["draft_lens"]) == len(run["round_start_s"]) == len(run["link_down_bps"]) > 0
     assert report["channels"]["lte"]["policies"]["fixed:1"]["rtt_ms"] >= 50  # 2 x 30 ms one-way
     layers = report["early_exit_agreement"]
     assert layers["layers"] == 2 and set(layers["agreement"]) == {"1"} and layers["positions"] > 0

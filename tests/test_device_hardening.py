@@ -6,6 +6,7 @@ A scripted fake verifier stands in where the real one would never misbehave: it 
 device's messages through the broker with whatever a test tells it to."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import queue
@@ -199,7 +200,7 @@ def test_the_verdict_inbox_is_bounded_under_a_flood(device, tiny_models, mosquit
 def test_the_broker_never_sends_the_device_a_packet_larger_than_a_legal_message(device, mosquitto):
     """MQTT 5 Maximum-Packet-Size on CONNECT: Mosquitto drops what the device could not take."""
     agent, _ = device(accept_all, protocol="5")
-    assert agent.link.protocol == "5"
+    assert agent.status().protocol == "5"
     sender = Link(MqttConfig(port=mosquitto.port, protocol="5"), "big-sender", lambda *_: None).start()
     try:
         sender.publish(agent.down_topic, b"x" * (wire.MAX_PAYLOAD + 8192))
@@ -242,6 +243,25 @@ def node(tiny_models, mosquitto):
     yield n, verifier
     n.stop()
     verifier.stop()
+
+
+def test_status_reports_the_nodes_link_and_its_byte_counters(node, tiny_models):
+    """The node makes the one MQTT link and hands it to the agent and the fleet member; the agent's
+    status() snapshot reads that link: its protocol, its connection, every byte of a request."""
+    n, _ = node
+    assert n.fleet.link is n.link and n.link.connected.wait(10)
+    before = n.service.agent.status()
+    assert before.connected and before.protocol == n.link.protocol and before.protocol in ("5", "3.1.1")
+    result = n.service.agent.generate(tiny_models[1].encode_chat("hello"), SamplingParams(), 6,
+                                      parse_policy("fixed:2"))
+    after = n.service.agent.status()
+    assert after.bytes_sent > before.bytes_sent and after.bytes_received > before.bytes_received
+    # The request's own bytes, counted on the link; the fleet member may publish on it meanwhile.
+    grown = after.bytes_sent + after.bytes_received - before.bytes_sent - before.bytes_received
+    assert 0 < result.stats.wire_bytes <= grown
+    assert n.link.bytes_sent >= after.bytes_sent and after.energy_j > before.energy_j
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        after.connected = False
 
 
 @pytest.fixture

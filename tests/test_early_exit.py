@@ -42,7 +42,7 @@ def test_agent_gets_a_hint_before_every_verdict_and_output_is_unchanged(stack, t
     result = stack.agent.generate(prompt, SamplingParams(), 24, parse_policy("early-exit:3"))
     assert result.tokens == reference_greedy(target, prompt, 24, tok.stop_ids)
     stats = result.stats
-    drafted_rounds = sum(1 for d in stats.draft_lengths if d)
+    drafted_rounds = sum(1 for d in stats.draft_lens if d)
     assert stats.hints == drafted_rounds > 0  # hints that came after their verdict would not count
     assert stats.hint_layer == 1 and 0 <= stats.hints_agreed <= stats.hints
     monkeypatch.setattr(verifier.cfg.target, "exit_threshold", 1.0)  # none is that sure

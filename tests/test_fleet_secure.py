@@ -129,7 +129,7 @@ def test_operator_drives_two_tls_devices_through_the_fleet_cli_and_apps_through_
     code, out = secure.fleet_cli(capsys, "cmd", "d1", "set_budget", "budget_j_per_token=2.5")
     assert code == 0, out
     assert secure.nodes["d1"].service.cfg.energy.budget_j_per_token == 2.5
-    assert secure.nodes["d1"].service.agent.scheduler.objective.budget_j_per_token == 2.5
+    assert secure.nodes["d1"].service.agent.status().objective.budget_j_per_token == 2.5
     assert retained(secure, f"specedge/v1/{FLEET}/d1/status")["energy"]["budget_j_per_token"] == 2.5
 
     code, out = secure.fleet_cli(capsys, "cmd", "d2", "drain")
@@ -201,7 +201,7 @@ def test_status_is_born_on_connect_and_the_will_says_offline_on_loss(secure):
     watcher = client(secure, "operators", "op")
     watcher.subscribe(f"specedge/v1/{FLEET}/d1/status", qos=1)
     drain(watcher.got, 0.5)  # the retained one
-    link = secure.nodes["d1"].service.agent.link
+    link = secure.nodes["d1"].link
     link._client.socket().close()  # the connection dies without a DISCONNECT: the broker sends the will
     states, deadline = [], time.monotonic() + 15
     while not ("offline" in states and states[-1] == "online") and time.monotonic() < deadline:
@@ -278,7 +278,7 @@ def test_verifier_serves_prometheus_metrics(secure):
     assert 'specedge_acceptance_rate{draft=' in text and "specedge_verifier_passes_total" in text
     status, body = http(secure.nodes["d2"].http.port, "/metrics")
     text = body.decode()
-    for name in ("specedge_round_latency_seconds_bucket", "specedge_draft_length_bucket", "specedge_wire_bytes_total",
-                 "specedge_joules_per_token", "specedge_acceptance_rate", "specedge_mean_accepted_length",
+    for name in ("specedge_round_latency_seconds_bucket", "specedge_draft_len_bucket", "specedge_wire_bytes_total",
+                 "specedge_joules_per_token", "specedge_acceptance_rate", "specedge_mean_accepted_len",
                  "specedge_tokens_per_second", "specedge_queue_depth"):
         assert name in text, name

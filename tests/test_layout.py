@@ -115,3 +115,30 @@ def test_no_function_is_over_80_lines():
     assert len(files) > 20  # the walk found the product
     found = [hit for path in files for hit in long_functions(path)]
     assert not found, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(found)
+
+
+AGENT_INSIDES = {"link", "scheduler", "meter"}
+
+
+def agent_reach_throughs(path: Path) -> list[str]:
+    """Every `agent.link`, `agent.scheduler` or `agent.meter` in one file (`x.agent.link` too), as
+    `path:line: expression`."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in AGENT_INSIDES:
+            owner = node.value  # `agent` or `<anything>.agent`
+            if getattr(owner, "id", None) == "agent" or getattr(owner, "attr", None) == "agent":
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_nothing_reaches_through_the_agent():
+    """The device node owns the Link and the agent offers a status() snapshot (issue 21): no
+    module but device/agent.py, the harness and the tests included, reads the agent's link,
+    scheduler or meter."""
+    files = [path for folder in ("specedge", "device", "cloud", "kernels", "tests")
+             for path in sorted((ROOT / folder).rglob("*.py")) if path != ROOT / "device" / "agent.py"]
+    assert len(files) > 20  # the walk found the product
+    found = [hit for path in files for hit in agent_reach_throughs(path)]
+    assert not found, "reaches through the agent (use Agent.status() or the node's link):\n" + "\n".join(found)

@@ -18,27 +18,27 @@ THROUGHPUT = Objective()
 MAX = 8
 
 
-def g(state: State, objective: Objective = THROUGHPUT, survival=()) -> int:
+def draft_len(state: State, objective: Objective = THROUGHPUT, survival=()) -> int:
     return plan(state, objective, survival, MAX)
 
 
 def test_high_rtt_pushes_the_draft_longer():
-    assert g(replace(BASE, rtt_s=0.4)) > g(BASE)
+    assert draft_len(replace(BASE, rtt_s=0.4)) > draft_len(BASE)
 
 
 def test_slow_link_pushes_the_draft_longer():
     # Every round pays the message sizes at the link rate: a slow link makes rounds dear.
-    assert g(replace(BASE, up_bps=3000, down_bps=3000)) > g(BASE)
+    assert draft_len(replace(BASE, up_bps=3000, down_bps=3000)) > draft_len(BASE)
 
 
 def test_low_acceptance_shortens_the_draft():
-    assert g(replace(BASE, accept_by_position=(0.25,))) < g(BASE)
-    assert g(replace(BASE, accept_by_position=(0.02,))) == 0  # a plain target step
+    assert draft_len(replace(BASE, accept_by_position=(0.25,))) < draft_len(BASE)
+    assert draft_len(replace(BASE, accept_by_position=(0.02,))) == 0  # a plain target step
 
 
 def test_high_acceptance_and_cheap_drafts_lengthen_it():
-    assert g(replace(BASE, accept_by_position=(0.95,))) > g(BASE)
-    assert g(replace(BASE, draft_s=0.005)) > g(BASE)
+    assert draft_len(replace(BASE, accept_by_position=(0.95,))) > draft_len(BASE)
+    assert draft_len(replace(BASE, draft_s=0.005)) > draft_len(BASE)
 
 
 def test_pipelining_hides_the_draft_time_the_bet_pays_for():
@@ -50,27 +50,27 @@ def test_pipelining_hides_the_draft_time_the_bet_pays_for():
     # drafting ahead draws active power during the wait, whether the bet pays or not
     assert pipelined.round_cost(2, survival_next=0.0)[1] > plain_j
     # only what the wait has room for is hidden: a block longer than the wait costs the rest
-    long_g = int(wait / BASE.draft_s) + 4
-    hidden = plain_long = BASE.round_cost(long_g)[0]
-    hidden = plain_long - pipelined.round_cost(long_g, survival_next=1.0)[0]
-    assert 0 < hidden < long_g * BASE.draft_s
+    long_draft_len = int(wait / BASE.draft_s) + 4
+    hidden = plain_long = BASE.round_cost(long_draft_len)[0]
+    hidden = plain_long - pipelined.round_cost(long_draft_len, survival_next=1.0)[0]
+    assert 0 < hidden < long_draft_len * BASE.draft_s
     # cheaper drafting per round: the scheduler drafts at least as far, and a round earns more
-    assert g(pipelined) >= g(BASE)
+    assert draft_len(pipelined) >= draft_len(BASE)
     assert best_rate(pipelined, THROUGHPUT, MAX)[0] > best_rate(BASE, THROUGHPUT, MAX)[0]
 
 
 def test_tight_energy_budget_shortens_the_draft_or_zeroes_it():
     # Drafting draws 12 W against 4 W waiting: each drafted token costs energy.
     state = replace(BASE, active_w=12.0, idle_w=4.0)
-    free = g(state)
+    free = draft_len(state)
     per_token = {n: state.round_cost(n)[1] / tokens(state, n) for n in range(MAX + 1)}
     budget = (per_token[free] + min(per_token.values())) / 2
     assert per_token[free] > min(per_token.values())
-    shorter = g(state, Objective(budget_j_per_token=budget))
+    shorter = draft_len(state, Objective(budget_j_per_token=budget))
     assert shorter < free and per_token[shorter] <= budget
     # When drafting is expensive and useless, the budget leaves only the plain step.
     costly = replace(state, active_w=60.0, accept_by_position=(0.3,))
-    assert g(costly, Objective(budget_j_per_token=min(
+    assert draft_len(costly, Objective(budget_j_per_token=min(
         costly.round_cost(n)[1] / tokens(costly, n) for n in range(MAX + 1)) * 1.01)) == 0
 
 
@@ -84,19 +84,19 @@ def tokens(state: State, n: int) -> float:
 
 def test_energy_mode_spends_less_per_token_and_honours_the_floor():
     state = replace(BASE, active_w=12.0, idle_w=4.0)
-    fast, frugal = g(state), g(state, Objective("energy"))
+    fast, frugal = draft_len(state), draft_len(state, Objective("energy"))
     joules = lambda n: state.round_cost(n)[1] / tokens(state, n)  # noqa: E731
     rate = lambda n: tokens(state, n) / state.round_cost(n)[0]  # noqa: E731
     assert joules(frugal) <= joules(fast) and frugal <= fast
     floor = (rate(frugal) + rate(fast)) / 2
-    floored = g(state, Objective("energy", min_tokens_per_s=floor))
+    floored = draft_len(state, Objective("energy", min_tokens_per_s=floor))
     assert rate(floored) >= floor
 
 
 def test_draft_confidence_stops_a_draft_early_or_extends_it():
-    assert g(BASE, survival=(0.1,)) == 0  # the first token will likely be rejected: send now
-    assert g(BASE, survival=(0.97,)) >= 1
-    assert g(BASE, survival=(0.97, 0.95, 0.93)) >= 1 > g(BASE, survival=(0.97, 0.95, 0.2))
+    assert draft_len(BASE, survival=(0.1,)) == 0  # the first token will likely be rejected: send now
+    assert draft_len(BASE, survival=(0.97,)) >= 1
+    assert draft_len(BASE, survival=(0.97, 0.95, 0.93)) >= 1 > draft_len(BASE, survival=(0.97, 0.95, 0.2))
 
 
 def test_plan_never_exceeds_the_limit_and_best_rate_is_a_rate():
@@ -221,8 +221,8 @@ def test_agent_drafts_further_when_the_channel_slows_down_mid_run(tiny_models, m
             verifier.stop()
     stats = result.stats
     assert switched_at, "the generation ended before the channel changed"
-    before = [g for g, t in zip(stats.draft_lengths, stats.round_start_s) if t < switched_at[0]]
-    after = [g for g, t in zip(stats.draft_lengths, stats.round_start_s) if t > switched_at[0]][10:]
+    before = [draft_len for draft_len, t in zip(stats.draft_lens, stats.round_start_s) if t < switched_at[0]]
+    after = [draft_len for draft_len, t in zip(stats.draft_lens, stats.round_start_s) if t > switched_at[0]][10:]
     assert len(before) >= 5 and len(after) >= 5
     assert sum(after) / len(after) > sum(before) / len(before) + 0.5, (before, after)
     assert stats.energy_source == "estimated:orin-nano-15w+radio-model:lte" and stats.energy_j > 0

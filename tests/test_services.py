@@ -137,7 +137,7 @@ def test_embedded_broker_speaks_mqtt_311(tiny_models):
         prompt = tok.encode_chat("hello")
         result = s.agent.generate(prompt, SamplingParams(), 12, parse_policy("fixed:3"))
         assert result.tokens == reference_greedy(target, prompt, 12, tok.stop_ids)
-        assert s.agent.link.protocol == "3.1.1"
+        assert s.agent.status().protocol == "3.1.1"
     finally:
         s.close()
 

@@ -27,7 +27,7 @@ from specedge.progress import bar as progress_bar
 from specedge.resources import resource
 from specedge.metrics import percentile
 
-MAX_G = 8
+MAX_DRAFT = 8  # the bench device's [speculation] max_draft
 
 
 def default_prompts() -> Path:
@@ -59,10 +59,10 @@ CHANNEL_RADIO = {"ideal": "wifi", "wifi": "wifi", "lte": "lte", "lte-driving": "
 
 
 # -- the analytical optimum of docs/design.md section 4, with per-position acceptance ---------
-def acceptance_by_position(draft_lengths: list[int], accepted: list[int], positions: int = MAX_G) -> list[float]:
+def acceptance_by_position(draft_lens: list[int], accepted: list[int], positions: int = MAX_DRAFT) -> list[float]:
     """c_j = P(drafted token j accepted | tokens before it accepted), from verdicts."""
     tested, passed = [0] * positions, [0] * positions
-    for d, k in zip(draft_lengths, accepted):
+    for d, k in zip(draft_lens, accepted):
         for j in range(min(k + 1, d, positions)):
             tested[j] += 1
             passed[j] += j < k
@@ -73,8 +73,8 @@ def acceptance_by_position(draft_lengths: list[int], accepted: list[int], positi
 
 
 def optimum(accept_by_position: list[float], t_draft: float, verify_base: float, verify_per_row: float,
-            rtt: float, rate_up, rate_down, v5: bool = True, max_g: int = MAX_G) -> tuple[float, int]:
-    """(best tokens/s, its draft length) over fixed g in [0, max_g] for greedy rounds on this wire:
+            rtt: float, rate_up, rate_down, v5: bool = True, max_draft: int = MAX_DRAFT) -> tuple[float, int]:
+    """(best tokens/s, its draft_len) over fixed draft_len in [0, max_draft] for greedy rounds on this wire:
     the scheduler's own round model (docs/design.md section 4) fed with the run's measurements."""
     from specedge.device.scheduler import Objective, State, best_rate
     from specedge.protocol import wire
@@ -90,7 +90,7 @@ def optimum(accept_by_position: list[float], t_draft: float, verify_base: float,
                   up_bytes_per_token=3,
                   down_bytes=publish_packet_bytes(topics.answers("bench", "device0"),
                                                   len(wire.encode(wire.Verdict(0, 0, 0, 0, 0))), wire.ROUND_QOS, v5))
-    return best_rate(state, Objective(), max_g)
+    return best_rate(state, Objective(), max_draft)
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -127,13 +127,13 @@ def worker_main(argv: list[str]) -> int:
                                "mqtt": {"port": args.port, "protocol": "5"},
                                "draft": {"model": args.draft, "weights": args.draft_weights,
                                          "backend": args.draft_backend},
-                               "speculation": {"max_draft": MAX_G},
+                               "speculation": {"max_draft": MAX_DRAFT},
                                "energy": {"profile": args.profile, "link": args.link, "meter": args.meter},
                                "faults": {"round_timeout_s": 60.0}})
     engine, tok = open_engine(cfg.draft)
     agent = Agent(cfg, engine, tok).start()
     out = sys.stdout
-    out.write(json.dumps({"ready": True, "backend": engine.backend, "protocol": agent.link.protocol,
+    out.write(json.dumps({"ready": True, "backend": engine.backend, "protocol": agent.status().protocol,
                           "energy_source": agent.energy_source}) + "\n")
     out.flush()
     for line in sys.stdin:
@@ -147,8 +147,8 @@ def worker_main(argv: list[str]) -> int:
                               "wait_s": stats.wait_s, "verify_s": stats.verify_s, "rounds": stats.rounds,
                               "target_passes": stats.target_passes,
                               "drafted": stats.drafted_tokens, "accepted": stats.accepted_tokens,
-                              "network_rtt_s": stats.network_rtt_s(), "draft_lengths": stats.draft_lengths,
-                              "accepted_lengths": stats.accepted_lengths, "round_start_s": stats.round_start_s,
+                              "network_rtt_s": stats.network_rtt_s(), "draft_lens": stats.draft_lens,
+                              "accepted_lens": stats.accepted_lens, "round_start_s": stats.round_start_s,
                               "verify_round_s": stats.verify_round_s, "energy_j": stats.energy_j,
                               "energy_source": stats.energy_source, "prompt_tokens": len(prompt),
                               "prompt": prompt, "q_wire_bytes": stats.q_wire_bytes,
@@ -555,7 +555,7 @@ def _write_outputs(report: dict, args) -> None:
     if args.plot:
         plot(report, args.plot)
         timeline = str(Path(args.plot).with_name(Path(args.plot).stem + "-draft-length.png"))
-        plot_draft_lengths(report, timeline)
+        plot_draft_lens(report, timeline)
         print(f"wrote {args.plot} and {timeline}", file=sys.stderr)
 
 
@@ -639,15 +639,15 @@ def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
                     "up_trace": cfg.up.trace_file, "down_trace": cfg.down.trace_file}}
     best = None
     if speculative:
-        accept = acceptance_by_position([d for r in fixed for d in r["draft_lengths"]],
-                                        [k for r in fixed for k in r["accepted_lengths"]])
+        accept = acceptance_by_position([d for r in fixed for d in r["draft_lens"]],
+                                        [k for r in fixed for k in r["accepted_lens"]])
         drafted = sum(r["drafted"] for r in speculative)
         t_draft = sum(r["draft_s"] for r in speculative) / drafted if drafted else 0.0
-        verify_base, verify_row = fit_line([d + 1 for r in speculative for d in r["draft_lengths"]],
+        verify_base, verify_row = fit_line([d + 1 for r in speculative for d in r["draft_lens"]],
                                            [v for r in speculative for v in r["verify_round_s"]])
         rtt = percentile([x for r in speculative for x in r["network_rtt_s"]], 0.5) or 0.0
-        best, best_g = optimum(accept, t_draft, verify_base, verify_row, rtt, rate_up, rate_down, v5)
-        out["optimum"] = {"tokens_per_s": best, "draft_length": best_g, "acceptance_by_position": accept,
+        best, best_draft_len = optimum(accept, t_draft, verify_base, verify_row, rtt, rate_up, rate_down, v5)
+        out["optimum"] = {"tokens_per_s": best, "draft_len": best_draft_len, "acceptance_by_position": accept,
                           "draft_ms_per_token": 1000 * t_draft, "verify_ms_base": 1000 * verify_base,
                           "verify_ms_per_row": 1000 * verify_row, "rtt_ms": 1000 * rtt}
     base = policies.get("cloud-ar")
@@ -758,7 +758,7 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-def plot_draft_lengths(report: dict, path: str) -> None:
+def plot_draft_lens(report: dict, path: str) -> None:
     """Per channel: the draft length each adaptive round chose against the time since the request
     started, over the link rate the trace offered at that moment."""
     import matplotlib
@@ -776,7 +776,7 @@ def plot_draft_lengths(report: dict, path: str) -> None:
             if not policy.startswith("adaptive"):
                 continue
             xs = [t for r in rs for t in r["round_start_s"]]
-            ys = [g for r in rs for g in r["draft_lengths"]]
+            ys = [draft_len for r in rs for draft_len in r["draft_lens"]]
             ax.scatter(xs, ys, s=10, alpha=0.45, label=f"{policy}: draft length")
         ax.set_ylabel("draft length")
         ax.set_title(f"{name}: {report['channels'][name]['description']}", fontsize=9)

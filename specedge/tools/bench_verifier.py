@@ -224,7 +224,7 @@ def _run_sessions(agents, args, events=(), policy_name: str = "") -> dict:
     from specedge.speculative import SamplingParams
 
     results: list = [None] * len(agents)
-    policy = parse_policy(policy_name) if policy_name else fixed_policy(args.draft_length)
+    policy = parse_policy(policy_name) if policy_name else fixed_policy(args.draft_len)
 
     def one(i, agent, recording):
         try:
@@ -304,7 +304,7 @@ def add_parser(sub) -> None:
     bv.add_argument("--prompts", default=None)
     bv.add_argument("--max-prompts", type=int, default=8)
     bv.add_argument("--tokens", type=int, default=32, help="new tokens a session")
-    bv.add_argument("--draft-length", type=int, default=4)
+    bv.add_argument("--draft-len", type=int, default=4)
     bv.add_argument("--max-batch", type=int, default=16)
     bv.add_argument("--window-ms", type=float, default=5.0)
     bv.add_argument("--kv-budget-mb", type=float, default=4096.0)
@@ -391,13 +391,13 @@ def _recordings(args, drafts: list, trained_heads: dict, draft_tok) -> tuple[dic
     for name, engine, tok in drafts:
         key = hashlib.sha256(json.dumps(["blocked", CONVERSION, name, trained_heads.get(name), args.batch_invariant,
                                          specs[default].recipe(), prompts, args.tokens,
-                                         args.draft_length]).encode()).hexdigest()[:16]
+                                         args.draft_len]).encode()).hexdigest()[:16]
         path = cache_dir() / "bench" / f"replay-{key}.json"
         if not path.exists():
             target = target or load_target(specs[default], args.batch_invariant)
             print(f"recording {name}'s drafts along {target.name}'s output ({len(prompts)} prompts)", file=sys.stderr)
             path.parent.mkdir(parents=True, exist_ok=True)
-            recorded = record(target.model, engine, prompts, args.tokens, args.draft_length, draft_tok.stop_ids)
+            recorded = record(target.model, engine, prompts, args.tokens, args.draft_len, draft_tok.stop_ids)
             # The replicas compute with the product block the recording's target decoding used.
             path.write_text(json.dumps({"block": target.model.block, "exactness": target.model.exactness.describe(),
                                         "recordings": recorded}))
