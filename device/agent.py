@@ -32,7 +32,7 @@ import numpy as np
 from specedge.protocol import wire
 from specedge.config import DeviceConfig
 from specedge.protocol.contract import Contract
-from specedge.device import checks
+from specedge.device import checks, lookup
 from specedge.device.draft import Drafted
 from specedge.device.pipeline import Ahead
 from specedge.device.policy import Policy
@@ -239,6 +239,7 @@ class _Request:
         self.committed = list(prompt)
         self.stats = SpecStats(policy=policy.name)
         self.stop_ids = agent.tokenizer.stop_ids
+        self.sources = agent.cfg.draft.source_list()  # model, lookup, or lookup then model
         self.rng = np.random.default_rng([params.seed, self.session])
         self.faults = agent.cfg.faults
         self.start_s = time.perf_counter()
@@ -373,7 +374,7 @@ class _Request:
                 raise RequestFailed(f"verdict accepts {verdict.accepted} of {len(draft)} drafted tokens")
             self.stats.wait_s += t2 - t1
             self.stats.record_round(len(draft), verdict.accepted, t2 - t1, verdict.verify_us / 1e6,
-                                    t0 - self.start_s)
+                                    t0 - self.start_s, drafted.source)
             if ahead is not None:
                 meter.note_busy(ahead.seconds)
                 self.stats.ahead_s += ahead.seconds
@@ -383,8 +384,9 @@ class _Request:
                 busy_s = drafted.seconds or (t1 - t0)
                 scheduler.observe_round(drafted.confidences, verdict.accepted, busy_s, verdict.verify_us / 1e6,
                                         t2 - t1, link.bytes_sent - sent0, link.bytes_received - recv0,
-                                        network=not first_round)
-                scheduler.observe_power((e1 - e0) / (t1 - t0) if draft and t1 > t0 else None,
+                                        network=not first_round, source=drafted.source)
+                modelled = draft and drafted.source == "model" and t1 > t0  # a lookup burns no drafting power
+                scheduler.observe_power((e1 - e0) / (t1 - t0) if modelled else None,
                                         None if ahead and ahead.seconds else (meter.energy_j() - e1) / (t2 - t1))
             self.emit(draft[: verdict.accepted] + [verdict.next_token])
             carried = None
@@ -398,8 +400,16 @@ class _Request:
             first_round = False
 
     def draft(self, draft_len: int, keep_going, carried: Drafted | None) -> Drafted:
-        """This round's draft: what was drafted ahead (if its bet held), extended up to `draft_len`."""
+        """This round's draft: what was drafted ahead (if its bet held), extended up to `draft_len`;
+        else a prompt lookup's proposal where [draft] sources puts one first; else the model's."""
         engine = self.agent.engine
+        if carried is None and self.sources[0] == "lookup":
+            if self.policy.adaptive:
+                draft_len = self.agent.scheduler.lookup_len(
+                    draft_len, replace(self.agent.scheduler.objective, **self.policy.overrides))
+            looked_up = lookup.drafted(self.committed, draft_len, self.params, self.stop_ids)
+            if looked_up is not None or "model" not in self.sources:
+                return looked_up or Drafted.empty(self.params)
         if carried is None:
             return engine.draft(draft_len, self.params, self.rng, self.stop_ids, keep_going)
         if len(carried.tokens) > draft_len:  # the request is nearly done: drop the tail

@@ -21,6 +21,7 @@ class Drafted:
     q: list[SparseDist] | None  # sampled mode: each token's draft distribution
     confidences: list[float]  # the draft's probability of each token it chose
     seconds: float = 0.0  # drafting time
+    source: str = "model"  # model | lookup (device/lookup.py): each has its own acceptance
 
     @classmethod
     def empty(cls, params: SamplingParams) -> "Drafted":
@@ -35,7 +36,8 @@ class Drafted:
         return self
 
     def cut(self, n: int) -> "Drafted":
-        return Drafted(self.tokens[:n], None if self.q is None else self.q[:n], self.confidences[:n], self.seconds)
+        return Drafted(self.tokens[:n], None if self.q is None else self.q[:n], self.confidences[:n], self.seconds,
+                       self.source)
 
 
 class DraftEngine:

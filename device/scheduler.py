@@ -14,6 +14,9 @@ state allows (Dinkelbach); the energy mode minimises J - mu E the same way. The 
 budget (J/E <= budget) and the throughput floor (E/T >= floor) are constraints.
 Draft length 0 (a plain target step) is always a candidate.
 
+A prompt-lookup proposal (device/lookup.py) is planned with the same rule on its own
+acceptance, with t_draft = 0: the scheduler keeps one estimator per draft source.
+
 Pipelined drafting (device/pipeline.py) drafts the next block during the wait, betting
 that all g tokens and the draft's guess of the bonus token hold: with probability
 S_{g+1} the next round's drafting is already done, as far as the wait had room for it.
@@ -275,6 +278,8 @@ class Scheduler:
 
     def __post_init__(self):
         self.acceptance = AcceptanceEstimator(initial_rate=self.prior.accept(1))
+        self.lookup = AcceptanceEstimator(initial_rate=self.prior.accept(1))  # prompt-lookup drafts
+        self.rounds_without_lookup = 0
         self.draft_s = Ewma(0.2)
         self.verify = LinearFit(0.95, min_spread=0.5)  # seconds against rows verified
         # Network seconds against uplink bytes: RTT + 1/R_up. Greedy drafts differ by 4 bytes a
@@ -291,10 +296,18 @@ class Scheduler:
         self.objective = objective
 
     def observe_round(self, confidences: Sequence[float], accepted: int, draft_s: float, verify_s: float,
-                      round_trip_s: float, up_bytes: int, down_bytes: int, network: bool = True) -> None:
+                      round_trip_s: float, up_bytes: int, down_bytes: int, network: bool = True,
+                      source: str = "model") -> None:
+        """One verdict. `source`: where the draft came from, model or lookup (whose tokens take no
+        drafting time and whose acceptance is estimated apart)."""
         drafted = len(confidences)
-        self.acceptance.observe(confidences, accepted)
-        if drafted:
+        if source == "lookup":
+            self.lookup.observe(confidences, accepted)
+            self.rounds_without_lookup = 0
+        else:
+            self.acceptance.observe(confidences, accepted)
+            self.rounds_without_lookup += 1
+        if drafted and source != "lookup":
             self.draft_s.update(draft_s / drafted)
         self.verify.update(drafted + 1, verify_s)
         if network:
@@ -321,6 +334,25 @@ class Scheduler:
             rtt_s=rtt if self.network.ready else prior.rtt_s,
             up_bps=8 / s_per_byte if s_per_byte > 0 else prior.up_bps,
             down_bytes=self.down_bytes, active_w=self.power_active.value, idle_w=self.power_idle.value)
+
+    def lookup_len(self, available: int, objective: Objective | None = None) -> int:
+        """How many tokens of a prompt-lookup proposal of `available` to send; 0: draft with the
+        model instead. The best length for the lookup's own acceptance at no drafting cost, taken
+        where its rate beats the model's (throughput mode; in energy mode a lookup, which spends
+        nothing on drafting, is taken whenever a length pays). After probe_every rounds without
+        one it is tried anyway, as plain steps are: its acceptance is only learnt by trying."""
+        objective = objective or self.objective
+        cap = min(available, self.max_draft, MAX_DRAFT)
+        if cap <= 0:
+            return 0
+        if self.rounds_without_lookup >= self.probe_every:
+            return cap
+        state = self.state()
+        looked = replace(state, accept_by_position=self.lookup.by_position(), draft_s=0.0)
+        rate, draft_len = best_rate(looked, objective, cap)
+        if objective.mode == "throughput" and rate < best_rate(state, objective, min(self.max_draft, MAX_DRAFT))[0]:
+            return 0
+        return draft_len
 
     def planner(self, draft_len: int, objective: Objective | None = None, pipelined: bool = False):
         """A pure keep-drafting test for one round of at most `draft_len` tokens: confidences of the

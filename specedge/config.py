@@ -75,10 +75,16 @@ class DraftConfig:
     # auto (tensorrt, then llama.cpp, then onnxruntime, then torch: the best available)
     # | tensorrt | llama.cpp | onnxruntime | torch
     backend: str = "auto"
+    # Where drafts come from: model (the draft model) | lookup (prompt lookup, device/lookup.py:
+    # the tokens that followed an earlier occurrence of the text's ending; no model pass)
+    # | lookup,model (the lookup's proposal where there is one, the model otherwise)
+    sources: str = "model"
 
     def validate(self):
         _check(self.backend in ("auto", "tensorrt", "llama.cpp", "onnxruntime", "torch"), "draft.backend",
                "auto, tensorrt, llama.cpp, onnxruntime or torch")
+        _check(self.source_list() in (["model"], ["lookup"], ["lookup", "model"]), "draft.sources",
+               "model, lookup or lookup,model")
         _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "draft.weights", "int8, bf16, fp32 or fp64")
         _check(self.layers >= 0, "draft.layers", ">= 0 (0 = every layer)")
         _check(not self.head or self.layers > 0, "draft.head", "a file only together with draft.layers")
@@ -86,6 +92,9 @@ class DraftConfig:
 
         _check(1 <= self.q_top_k <= 255, "draft.q_top_k", "1..255")
         _check(0 < self.q_top_p <= 1, "draft.q_top_p", "(0, 1]")
+
+    def source_list(self) -> list[str]:
+        return [s.strip() for s in self.sources.split(",") if s.strip()]
 
     def display_name(self) -> str:
         return self.name or (model_label(self.model) + (f"-l{self.layers}" if self.layers else ""))

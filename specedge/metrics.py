@@ -64,9 +64,18 @@ class SpecStats:
     # a token there and those whose verdict accepted it (positions < wire.MAX_DRAFT).
     drafted_per_pos: list[int] = field(default_factory=list)
     accepted_per_pos: list[int] = field(default_factory=list)
+    # Rounds whose draft came from prompt lookup (device/lookup.py), its tokens and the accepted
+    # ones: included in the totals above, and apart here because their acceptance is their own.
+    lookup_rounds: int = 0
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
 
     def record_round(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float,
-                     start_s: float = 0.0) -> None:
+                     start_s: float = 0.0, source: str = "model") -> None:
+        if source == "lookup":
+            self.lookup_rounds += 1
+            self.lookup_drafted += drafted
+            self.lookup_accepted += accepted
         self.rounds += 1
         self.target_passes += 1
         self.drafted_tokens += drafted
@@ -125,7 +134,11 @@ class SpecStats:
             "draft_efficiency": mean_accepted_len / (mean_draft_len + 1) if self.rounds else 0.0,
             "target_passes_per_token": self.target_passes / gen,
             "wire_bytes_per_token": self.wire_bytes / gen,
-            "draft_ms_per_token": 1000 * self.draft_s / self.drafted_tokens if self.drafted_tokens else 0.0,
+            # Drafting time over the tokens the draft model made (a lookup takes none).
+            "draft_ms_per_token": (1000 * self.draft_s / (self.drafted_tokens - self.lookup_drafted)
+                                   if self.drafted_tokens > self.lookup_drafted else 0.0),
+            "lookup_rounds": self.lookup_rounds,
+            "lookup_acceptance": self.lookup_accepted / self.lookup_drafted if self.lookup_drafted else None,
             "verify_ms_per_pass": 1000 * self.verify_s / self.target_passes if self.target_passes else 0.0,
             "round_trip_ms_p50": 1000 * rtt_p50 if rtt_p50 is not None else 0.0,
             "resyncs": self.resyncs,

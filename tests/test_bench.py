@@ -136,6 +136,29 @@ def test_tiny_sampled_bench_counts_the_naive_wire_cost_over_a_custom_trace(tiny_
         assert m["naive_wire_bytes_per_token"] > 2 * m["wire_bytes_per_token"]
 
 
+def test_a_bench_with_prompt_lookup_reports_each_sources_acceptance_and_stays_exact(tiny_files, tmp_path, mosquitto):
+    draft, target = tiny_files
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "specedge.cli", "bench", "--draft", str(draft), "--target", str(target),
+         "--draft-weights", "bf16", "--draft-backend", "torch", "--engine", "torch", "--channel", "ideal",
+         "--meter", "estimated", "--draft-sources", "lookup,model", "--prompts", "code_edits",
+         "--policies", "cloud-ar,fixed:3,adaptive", "--max-prompts", "2", "--max-new-tokens", "24",
+         "--no-local-target", "--json", str(out), "--start-timeout", "120", "--run-timeout", "120"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["draft_sources"] == "lookup,model" and report["outputs_identical"] is True
+    policies = report["channels"]["ideal"]["policies"]
+    assert policies["cloud-ar"]["lookup_rounds"] == 0 and policies["cloud-ar"]["lookup_acceptance"] is None
+    m = policies["fixed:3"]
+    assert m["lookup_rounds"] > 0 and 0 <= m["lookup_acceptance"] <= 1
+    assert "draft sources lookup,model" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "specedge.cli", "bench", "--draft-sources", "model,lookup"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "draft.sources: allowed values are model, lookup or lookup,model" in bad.stderr
+
+
 def test_a_numerical_engines_differences_are_shown_with_the_top2_gap_there(tiny_files, tiny_models):
     """The bench's check on a numerical engine: a run that parts from cloud-ar is named with the
     engine's top-2 gap at the first differing position, and passes only inside the near-tie limit."""

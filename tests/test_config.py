@@ -29,6 +29,8 @@ def test_example_files_load():
     ({"device": {"id": "a/b"}}, "device.id"),
     ({"generation": {"top_p": 0}}, "generation.top_p"),
     ({"mqtt": 3}, "must be a table"),
+    ({"draft": {"sources": "model,lookup"}}, "draft.sources: allowed values are model, lookup or lookup,model"),
+    ({"draft": {"sources": ""}}, "draft.sources"),
 ])
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message):

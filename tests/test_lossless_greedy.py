@@ -97,3 +97,28 @@ def test_cloud_ar_baseline_streams_target_decoding(stack, tiny_models):
     result = stack.agent.generate(prompt, SamplingParams(), 30, parse_policy("cloud-ar"), on_tokens=lambda tokens, verified: seen.extend(tokens))
     assert result.tokens == seen == reference_greedy(target, prompt, 30, tok.stop_ids)
     assert result.stats.summary()["target_passes_per_token"] >= 1.0 or result.stopped
+
+
+@pytest.mark.parametrize("sources", ["lookup", "lookup,model"])
+def test_prompt_lookup_drafts_keep_the_output_the_targets(stack, tiny_models, sources):
+    """Drafts copied from the text (device/lookup.py), alone or before the model's, under a fixed
+    and the adaptive policy: greedy output is the target's own decoding, and lookups did draft."""
+    _, tok, target, _ = tiny_models
+    draft_cfg, before = stack.agent.cfg.draft, stack.agent.cfg.draft.sources
+    draft_cfg.sources = sources
+    try:
+        for words in ("the cat is on the mat the cat is on the mat", "robot arm go left stop"):
+            prompt = tok.encode_chat(words)
+            for policy in ("fixed:4", "adaptive"):
+                result = stack.agent.generate(prompt, SamplingParams(), 48, parse_policy(policy))
+                assert result.tokens == reference_greedy(target, prompt, 48, tok.stop_ids)
+                assert result.stats.lookup_rounds > 0, (words, policy)
+                summary = result.stats.summary()
+                assert summary["lookup_rounds"] == result.stats.lookup_rounds
+                assert 0 <= summary["lookup_acceptance"] <= 1
+        # Sampled, a lookup's q is a point mass on the wire (its chi-square: test_speculative_rules.py).
+        prompt = tok.encode_chat("the cat is on the mat the cat is on the mat")
+        sampled = stack.agent.generate(prompt, SamplingParams(0.3, seed=3), 48, parse_policy("fixed:4"))
+        assert sampled.tokens and (sampled.stats.lookup_rounds > 0 or "model" in sources)
+    finally:
+        draft_cfg.sources = before

@@ -183,6 +183,23 @@ def test_scheduler_learns_costs_from_rounds_and_takes_objectives_at_run_time():
     assert keep([]) is (plan(s.state(), s.objective, (), 8) > 0)
 
 
+def test_a_lookup_is_planned_on_its_own_acceptance_and_taken_only_where_it_beats_the_model():
+    s = Scheduler(max_draft=8)
+    for _ in range(40):  # the model's drafts: 0.6 a token, 20 ms each
+        s.observe_round([0.9] * 4, 2, 0.08, 0.15, 0.4, 90, 60)
+    for _ in range(40):  # lookups that copy the answer: nearly all accepted, no drafting time
+        s.observe_round([1.0] * 6, 6, 0.0, 0.16, 0.4, 90, 60, source="lookup")
+    assert s.state().draft_s == pytest.approx(0.02)  # lookups taught the draft cost nothing
+    assert s.acceptance.rate < 0.7 < 0.9 < s.lookup.rate  # nor the model's acceptance
+    assert s.lookup_len(8) == 8 and s.lookup_len(3) == 3  # free, near-certain tokens: all of them
+    for _ in range(60):  # the text stopped repeating itself: lookups are rejected at once
+        s.observe_round([1.0] * 4, 0, 0.0, 0.15, 0.4, 90, 60, source="lookup")
+    assert s.lookup_len(8) == 0  # the model's draft serves better
+    for _ in range(s.probe_every):
+        s.observe_round([0.9] * 4, 2, 0.08, 0.15, 0.4, 90, 60)
+    assert s.lookup_len(8) == 8  # but after probe_every model rounds it is tried again
+
+
 # -- the agent over the emulated channel ---------------------------------------------------------
 def test_agent_drafts_further_when_the_channel_slows_down_mid_run(tiny_models, mosquitto):
     from specedge.tools.channel import ChannelConfig, ChannelEmulator, LinkSpec

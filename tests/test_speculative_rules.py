@@ -97,6 +97,39 @@ def test_speculative_sampling_reproduces_the_target_distribution(draft_len, q_to
     assert pvalue > 1e-3, f"chi-square {stat:.1f}, p = {pvalue:.2e}"
 
 
+def test_a_lookup_draft_with_a_point_mass_q_keeps_the_target_distribution():
+    """Prompt lookup (device/lookup.py) proposes copied tokens with q a point mass on each: the
+    same rule accepts with p(x) and otherwise draws from p without x, so the output is still
+    the target's distribution (chi-square over the first two tokens)."""
+    from specedge.device.lookup import drafted
+
+    params = SamplingParams(0.8, top_k=5)
+    p_logits, _ = _tables(7)
+    p_table = np.stack([target_distribution(row, params) for row in p_logits])
+    rng = np.random.default_rng(77)
+    trials, start = 30000, 0
+    counts = np.zeros((VOCAB, VOCAB))
+    history = [1, 2, 3, 0, 1, 2, 4, 5, 3, 0]  # ends in "3 0", which came before "1 2 4": proposed
+    looked_up = 0
+    for _ in range(trials):
+        out = []
+        while len(out) < 2:
+            proposal = drafted(history + out, 3, params)
+            draft, qs = (proposal.tokens, proposal.q) if proposal else ([], [])  # none: a plain step
+            assert all(len(q.ids) == 1 and q.counts[0] == Q_ONE for q in qs)
+            looked_up += bool(draft)
+            contexts = [(history + out)[-1]] + draft
+            accepted, token = speculative_verify(draft, qs, np.stack([p_table[c] for c in contexts]), rng)
+            out += draft[:accepted] + [token]
+        counts[out[0], out[1]] += 1
+    assert looked_up >= trials  # every first round, at least, verified a lookup
+    expected = p_table[start][:, None] * p_table
+    mask = expected.ravel() > 0
+    assert counts.ravel()[~mask].sum() == 0
+    stat, pvalue = chisquare(counts.ravel()[mask], expected.ravel()[mask] / expected.ravel()[mask].sum() * trials)
+    assert pvalue > 1e-3, f"chi-square {stat:.1f}, p = {pvalue:.2e}"
+
+
 def test_sampling_params_are_validated():
     for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):

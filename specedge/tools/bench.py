@@ -34,8 +34,14 @@ def default_prompts() -> Path:
     return resource("data", "prompts", "spec_bench_dev.jsonl")
 
 
+SHIPPED_PROMPTS = ("spec_bench_dev", "code_edits")  # data/prompts/{name}.jsonl
+
+
 def prompts_file(path: str | None) -> str:
-    """--prompts as given, or (None) the Spec-Bench prompts shipped with the package."""
+    """--prompts as given, or a shipped set by name (code_edits: ten code edits that copy their
+    input, for prompt lookup), or (None) the Spec-Bench prompts shipped with the package."""
+    if path in SHIPPED_PROMPTS:
+        return str(resource("data", "prompts", f"{path}.jsonl"))
     return str(default_prompts()) if path is None else path
 
 
@@ -118,6 +124,7 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--draft", required=True)
     p.add_argument("--draft-weights", default="int8")
     p.add_argument("--draft-backend", default="auto")
+    p.add_argument("--draft-sources", default="model")
     p.add_argument("--device-id", default="bench0")
     p.add_argument("--profile", default="orin-nano-15w")
     p.add_argument("--link", default="lte")
@@ -126,7 +133,7 @@ def worker_main(argv: list[str]) -> int:
     cfg = build(DeviceConfig, {"device": {"id": args.device_id, "fleet": "bench"},
                                "mqtt": {"port": args.port, "protocol": "5"},
                                "draft": {"model": args.draft, "weights": args.draft_weights,
-                                         "backend": args.draft_backend},
+                                         "backend": args.draft_backend, "sources": args.draft_sources},
                                "speculation": {"max_draft": MAX_DRAFT},
                                "energy": {"profile": args.profile, "link": args.link, "meter": args.meter},
                                "faults": {"round_timeout_s": 60.0}})
@@ -156,6 +163,8 @@ def worker_main(argv: list[str]) -> int:
                               "ahead_tokens": stats.ahead_tokens, "ahead_kept": stats.ahead_kept,
                               "ahead_hits": stats.ahead_hits, "hints": stats.hints,
                               "hints_agreed": stats.hints_agreed, "hint_layer": stats.hint_layer,
+                              "lookup_rounds": stats.lookup_rounds, "lookup_drafted": stats.lookup_drafted,
+                              "lookup_accepted": stats.lookup_accepted,
                               "text": tok.decode(result.tokens)}) + "\n")
         out.flush()
     agent.stop()
@@ -312,6 +321,7 @@ def aggregate(runs: list[dict]) -> dict:
     dense = sum(r.get("dense_q_bytes", 0) for r in runs)
     hints = sum(r.get("hints", 0) for r in runs)
     ahead = sum(r.get("ahead_tokens", 0) + r.get("ahead_hits", 0) for r in runs)
+    looked_up = sum(r.get("lookup_drafted", 0) for r in runs)  # drafted by prompt lookup, not the model
     return {
         "tokens_per_s": tokens / total_s if total_s else 0.0,
         "ttft_s": sum(r["summary"]["ttft_s"] for r in runs) / len(runs),
@@ -322,7 +332,12 @@ def aggregate(runs: list[dict]) -> dict:
         "rounds": rounds,
         "generated_tokens": tokens,
         "drafted_tokens": drafted,
-        "draft_ms_per_token": 1000 * sum(r["draft_s"] for r in runs) / drafted if drafted else 0.0,
+        "draft_ms_per_token": (1000 * sum(r["draft_s"] for r in runs) / (drafted - looked_up)
+                               if drafted > looked_up else 0.0),
+        "lookup_rounds": sum(r.get("lookup_rounds", 0) for r in runs),
+        "lookup_acceptance": sum(r.get("lookup_accepted", 0) for r in runs) / looked_up if looked_up else None,
+        "model_acceptance": ((accepted - sum(r.get("lookup_accepted", 0) for r in runs)) / (drafted - looked_up)
+                             if drafted > looked_up else None),
         "verify_ms_per_pass": 1000 * verify_s / rounds if rounds else 0.0,
         "rtt_ms": 1000 * rtt_p50 if rtt_p50 is not None else None,
         "energy_j_per_token": energy / gen,
@@ -373,7 +388,10 @@ def add_parser(sub) -> None:
     be.add_argument("--up-trace", help="Mahimahi trace for device -> broker: one more channel, with --down-trace")
     be.add_argument("--down-trace", help="Mahimahi trace for broker -> device")
     be.add_argument("--policies", default="cloud-ar,fixed:1,fixed:2,fixed:4,fixed:8,adaptive,adaptive-energy")
-    be.add_argument("--prompts", default=None, help="JSONL (Spec-Bench format: first turn is used)")
+    be.add_argument("--prompts", default=None, help="JSONL (Spec-Bench format: first turn is used), or a "
+                    "shipped set: " + ", ".join(SHIPPED_PROMPTS))
+    be.add_argument("--draft-sources", default="model",
+                    help="the device's [draft] sources: model, lookup (prompt lookup) or lookup,model")
     be.add_argument("--max-prompts", type=int, default=8)
     be.add_argument("--max-new-tokens", type=int, default=64)
     be.add_argument("--temperature", type=float, default=0.0)
@@ -396,8 +414,9 @@ def run(args) -> int:
     """The whole bench: every prompt under every policy on every channel against one verifier
     process, the baselines, the report (table, JSON, plots). Exit 1 when greedy outputs differ
     from cloud-ar's and no near tie explains it."""
-    from specedge.tools.demo import machine
+    from specedge.config import ConfigError, DraftConfig
     from specedge.device.policy import parse_policy
+    from specedge.tools.demo import machine
 
     args.prompts = prompts_file(args.prompts)
     try:
@@ -407,6 +426,10 @@ def run(args) -> int:
     policies = [p for p in args.policies.split(",") if p]
     for p in policies:
         parse_policy(p)
+    try:
+        DraftConfig(sources=args.draft_sources).validate()
+    except ConfigError as exc:
+        raise SystemExit(f"specedge bench: --draft-sources: {exc}") from None
     prompts = load_prompts(args.prompts, args.max_prompts)
     device_cores, verifier_cores, pinning = _split_cores()
     print(f"specedge bench: {len(prompts)} prompts x {len(policies)} policies x {len(configs)} channels, "
@@ -427,6 +450,7 @@ def run(args) -> int:
     report = {
         "machine": machine(), "git_revision": _git_revision(), "pinning": pinning,
         "draft": args.draft, "target": args.target, "draft_weights": args.draft_weights,
+        "draft_sources": args.draft_sources,
         "draft_backend": draft_backend, "target_engine": served["engine"],
         "exactness_class": "exact" if self_test["exact"] else "numerical",
         "target_weights": args.target_weights, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
@@ -499,7 +523,7 @@ def _run_channel(args, cfg: ChannelConfig, channel: ChannelEmulator, policies: l
     prompt under every policy, each run on the trace from its start (the clock restarted)."""
     worker = _spawn([sys.executable, "-m", "specedge.tools.bench", "--worker", "--port", str(channel.port),
                      "--draft", args.draft, "--draft-weights", args.draft_weights,
-                     "--draft-backend", args.draft_backend,
+                     "--draft-backend", args.draft_backend, "--draft-sources", args.draft_sources,
                      "--profile", args.profile, "--meter", args.meter,
                      "--link", CHANNEL_RADIO.get(cfg.name, "lte")],
                     device_cores, {}, logs / f"device-{cfg.name}.log")
@@ -682,9 +706,10 @@ def _budget(policy: str) -> float | None:
 def _print_table(report: dict) -> None:
     cols = ["tokens_per_s", "speedup_vs_cloud_ar", "vs_best_fixed", "mean_draft_len", "acceptance_rate",
             "mean_accepted_len", "target_passes_per_token", "wire_bytes_per_token", "rtt_ms", "energy_j_per_token",
-            "efficiency", "ahead_hit_rate", "early_exit_agreement", "naive_wire_bytes_per_token"]
+            "efficiency", "ahead_hit_rate", "early_exit_agreement", "naive_wire_bytes_per_token",
+            "lookup_rounds", "lookup_acceptance"]
     heads = ["tok/s", "vs AR", "vs best", "draft", "accept", "acc.len", "passes/t", "bytes/t", "RTT ms", "J/tok",
-             "eff.", "ahead", "exit agr", "naive B/t"]
+             "eff.", "ahead", "exit agr", "naive B/t", "lookups", "lk.acc"]
     width = max([12] + [len(p) + 2 for ch in report["channels"].values() for p in ch["policies"]])
     print(f"\n{'channel':12}{'policy':{width}}" + "".join(f"{h:>9}" for h in heads))
     for name, ch in report["channels"].items():
@@ -697,7 +722,7 @@ def _print_table(report: dict) -> None:
             print(f"{name:12}{policy:{width}}" + "".join(cells))
         if "outputs_identical" in ch:
             print(f"{'':12}outputs identical to cloud-ar: {ch['outputs_identical']}")
-    print(f"draft backend {report['draft_backend']}, target engine {report['target_engine']} "
+    print(f"draft sources {report['draft_sources']}; draft backend {report['draft_backend']}, target engine {report['target_engine']} "
           f"({report['exactness_class']}); exact (every run verified by a target that passed its bitwise "
           f"self-test): {report['exact']}")
     base = report.get("local_target")
