@@ -327,11 +327,13 @@ class _Request:
     def run_speculative(self) -> None:
         agent, engine, policy = self.agent, self.agent.engine, self.policy
         scheduler, meter, link = agent.scheduler, agent.meter, self.link
-        t0 = time.perf_counter()
-        engine.start(self.committed)
-        prefill_s = time.perf_counter() - t0
-        self.stats.draft_s += prefill_s
-        meter.note_busy(prefill_s)
+        uses_model = "model" in self.sources  # prompt lookup alone never runs the draft model
+        if uses_model:
+            t0 = time.perf_counter()
+            engine.start(self.committed)
+            prefill_s = time.perf_counter() - t0
+            self.stats.draft_s += prefill_s
+            meter.note_busy(prefill_s)
         first_round = True
         carried: Drafted | None = None  # drafted ahead during the last round, its bet held
         while not self.done:
@@ -349,7 +351,7 @@ class _Request:
             self.rounds.next_round()
             draft = drafted.tokens
             ahead = None
-            if policy.pipelined:
+            if policy.pipelined and uses_model:
                 next_draft_len = lambda accepted: policy.next_draft_len(self.max_new - self.generated - accepted - 1)
                 ahead = Ahead(engine, list(self.committed), list(draft), self.params, self.rng, self.stop_ids,
                               next_draft_len, keep_going)
@@ -366,7 +368,8 @@ class _Request:
                 self.emit(draft[: self.faults.unverified_max_tokens - self.stats.unverified_tokens], verified=False)
                 self.alone = True
                 carried = None
-                engine.commit(self.committed)
+                if uses_model:
+                    engine.commit(self.committed)
                 continue
             self.alone = False
             t2 = time.perf_counter()
@@ -391,7 +394,8 @@ class _Request:
             self.emit(draft[: verdict.accepted] + [verdict.next_token])
             carried = None
             if ahead is None:
-                engine.commit(self.committed)
+                if uses_model:
+                    engine.commit(self.committed)
             elif not self.done:
                 carried = ahead.resolve(verdict.accepted, verdict.next_token, self.committed)
                 if carried is not None:

@@ -259,7 +259,8 @@ def spec_summary(outcome: Outcome) -> dict:
         return {}
     s = outcome.stats.summary()
     keys = ("acceptance_rate", "mean_accepted_len", "mean_draft_len", "tokens_per_s", "ttft_s",
-            "energy_j_per_token", "wire_bytes_per_token", "unverified_tokens", "exact")
+            "energy_j_per_token", "wire_bytes_per_token", "unverified_tokens", "exact", "lookup_rounds",
+            "lookup_acceptance")
     return {**{k: s[k] for k in keys}, "target_version": outcome.stats.target_version}
 
 

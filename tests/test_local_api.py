@@ -78,6 +78,20 @@ def test_non_streamed_completion_has_openai_shape_and_spec_numbers(node):
     assert body["specedge"]["target_version"] == "tiny" and 0 <= body["specedge"]["acceptance_rate"] <= 1
     status, raw = http(node.http.port, "/v1/models")
     assert status == 200 and json.loads(raw)["data"][0]["id"] == "specedge"
+
+
+def test_prompt_lookup_drafts_are_reported_in_the_answer(node):
+    """[draft] sources = lookup,model: the answer's specedge object counts the lookup's rounds and
+    their acceptance (docs/apps.md)."""
+    draft_cfg = node.service.agent.cfg.draft
+    draft_cfg.sources = "lookup,model"
+    try:
+        status, raw = http(node.http.port, "/v1/completions",
+                           {"prompt": "the cat is on the mat the cat is on the mat the cat", "max_tokens": 24})
+    finally:
+        draft_cfg.sources = "model"
+    numbers = json.loads(raw)["specedge"]
+    assert status == 200 and numbers["lookup_rounds"] > 0 and 0 <= numbers["lookup_acceptance"] <= 1
     status, raw = http(node.http.port, "/health")
     assert status == 200 and json.loads(raw)["status"] == "ok"
 

@@ -107,7 +107,7 @@ def test_a_lookup_draft_with_a_point_mass_q_keeps_the_target_distribution():
     p_logits, _ = _tables(7)
     p_table = np.stack([target_distribution(row, params) for row in p_logits])
     rng = np.random.default_rng(77)
-    trials, start = 30000, 0
+    trials, start = 12000, 0
     counts = np.zeros((VOCAB, VOCAB))
     history = [1, 2, 3, 0, 1, 2, 4, 5, 3, 0]  # ends in "3 0", which came before "1 2 4": proposed
     looked_up = 0
