@@ -331,6 +331,7 @@ class _Request:
         if uses_model:
             t0 = time.perf_counter()
             engine.start(self.committed)
+            self.stats.draft_reused_tokens = getattr(engine, "reused", 0)  # a test wrapper may not say
             prefill_s = time.perf_counter() - t0
             self.stats.draft_s += prefill_s
             meter.note_busy(prefill_s)

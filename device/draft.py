@@ -52,14 +52,28 @@ class DraftEngine:
         self.q_top_k, self.q_top_p = q_top_k, q_top_p
         self.fed: list[int] = []  # tokens whose keys/values are in the cache
         self.pending: list[int] = []  # committed tokens not fed yet
+        self.reused = 0  # prompt tokens the last start() found in the cache and did not feed again
 
     def start(self, committed: list[int]) -> None:
         """Prefill the prompt (all but its last token, whose logits start the first draft), so a
-        draft step costs the same in the first round as in any other."""
-        self._reset(len(committed) + 128)
-        if len(committed) > 1:
-            self._feed(committed[:-1])
-        self.fed, self.pending = list(committed[:-1]), list(committed[-1:])
+        draft step costs the same in the first round as in any other. A prompt that begins like
+        the text the cache holds (the next turn of a conversation, a shared system prompt) keeps
+        the cache's common prefix: only the rest is fed (`reused` says how much was kept)."""
+        if self.fed and self.fed[0] == committed[0] and self._room(len(committed) + 128):
+            self.commit(committed)
+        else:
+            self._reset(len(committed) + 128)
+            self.fed, self.pending = [], list(committed)
+        self.reused = len(self.fed)
+        if len(self.pending) > 1:
+            self._feed(self.pending[:-1])
+            self.fed += self.pending[:-1]
+            self.pending = self.pending[-1:]
+
+    def _room(self, capacity: int) -> bool:
+        """Whether the cache can hold `capacity` positions without a reset (a backend with a fixed
+        context says so; the others grow)."""
+        return True
 
     def commit(self, committed: list[int]) -> None:
         """The device's committed text changed (a verdict): keep the cache's valid prefix."""

@@ -41,6 +41,9 @@ class LlamaCppDraftEngine(DraftEngine):
             raise ValueError(f"{capacity} positions exceed the llama.cpp draft's context of {self.n_ctx}")
         self.llm.reset()
 
+    def _room(self, capacity: int) -> bool:
+        return capacity <= self.n_ctx
+
     def _feed(self, tokens: list[int]) -> np.ndarray:
         if self.llm.n_tokens + len(tokens) > self.n_ctx:
             raise ValueError(f"the draft's context of {self.n_ctx} positions is full")

@@ -140,6 +140,9 @@ class TrtDraftEngine(DraftEngine):
     def _reset(self, capacity: int) -> None:
         self.length = 0
 
+    def _room(self, capacity: int) -> bool:
+        return capacity <= MAX_CONTEXT
+
     def _feed(self, tokens: list[int]) -> np.ndarray:
         for first in range(0, len(tokens), MAX_TOKENS):
             self._step(tokens[first:first + MAX_TOKENS])

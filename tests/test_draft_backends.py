@@ -53,6 +53,26 @@ def test_onnxruntime_drafts_what_torch_drafts_through_commits_and_rollbacks(expo
                for a, b in zip(x.q, y.q))
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_the_next_turn_of_a_conversation_feeds_only_its_new_tokens_and_drafts_as_a_fresh_start(exported, backend):
+    model, tok, path = exported
+    make = (lambda: TorchDraftEngine(model)) if backend == "torch" else (lambda: OrtDraftEngine(path, model.cfg))
+    kept, fresh = make(), make()
+    turn1 = tok.encode_chat("turn the arm left")
+    kept.start(turn1)
+    answer = kept.draft(6, SamplingParams(), np.random.default_rng(0)).tokens
+    kept.commit(turn1 + answer)
+    turn2 = turn1 + answer + tok.encode_chat("now right")[1:]  # the history, then the new turn
+    kept.start(turn2)
+    assert kept.reused == len(turn1 + answer) - 1  # all the history's keys and values stayed
+    fresh.start(turn2)
+    assert fresh.reused == 0
+    a, b = (e.draft(5, SamplingParams(), np.random.default_rng(1)) for e in (kept, fresh))
+    assert a.tokens == b.tokens and np.allclose(a.confidences, b.confidences, atol=1e-5)
+    kept.start(tok.encode("something else entirely"))  # another text: nothing kept
+    assert kept.reused == 0
+
+
 def test_the_agent_on_onnxruntime_gives_the_targets_exact_output(exported, tiny_models, mosquitto):
     from conftest import reference_greedy
 

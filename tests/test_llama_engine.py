@@ -44,6 +44,19 @@ def test_a_rolled_back_cache_drafts_what_a_fresh_one_does(llama_draft, tiny_file
     assert after == fresh.draft(4, SamplingParams(), RNG).tokens
 
 
+def test_the_next_turn_of_a_conversation_keeps_the_history_in_the_cache(llama_draft, tiny_files, tiny_models):
+    _, tok, _, _ = tiny_models
+    turn1 = tok.encode_chat("wheel sensor")
+    llama_draft.start(turn1)
+    answer = llama_draft.draft(5, SamplingParams(), RNG).tokens
+    turn2 = turn1 + answer + tok.encode_chat("arm")[1:]
+    llama_draft.start(turn2)
+    assert llama_draft.reused == len(turn1 + answer) - 1
+    fresh = LlamaCppDraftEngine(tiny_files[0], n_ctx=512, threads=1)
+    fresh.start(turn2)
+    assert llama_draft.draft(4, SamplingParams(), RNG).tokens == fresh.draft(4, SamplingParams(), RNG).tokens
+
+
 def test_a_prompt_past_its_context_is_refused_clearly(tiny_files):
     small = LlamaCppDraftEngine(tiny_files[0], n_ctx=256, threads=1)
     with pytest.raises(ValueError, match="context of 256"):

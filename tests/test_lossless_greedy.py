@@ -122,3 +122,13 @@ def test_prompt_lookup_drafts_keep_the_output_the_targets(stack, tiny_models, so
         assert sampled.tokens and (sampled.stats.lookup_rounds > 0 or "model" in sources)
     finally:
         draft_cfg.sources = before
+
+
+def test_the_next_turn_of_a_conversation_reuses_the_drafts_cache_and_stays_exact(stack, tiny_models):
+    _, tok, target, _ = tiny_models
+    turn1 = tok.encode_chat("robot arm go left")
+    first = stack.agent.generate(turn1, SamplingParams(), 16, parse_policy("fixed:3"))
+    turn2 = turn1 + first.tokens + tok.encode_chat("stop")[1:]
+    second = stack.agent.generate(turn2, SamplingParams(), 16, parse_policy("fixed:3"))
+    assert second.stats.draft_reused_tokens >= len(turn1)  # the history stayed in the draft's cache
+    assert second.tokens == reference_greedy(target, turn2, 16, tok.stop_ids)
