@@ -116,6 +116,15 @@ class TargetSession:
             raise OutOfSync(f"the device's committed text of {committed} tokens has another hash than the "
                             "verifier's: the texts differ")
 
+    def extend(self, tokens: list[int]) -> None:
+        """The next turn of the conversation: its tokens join the committed text; the cache keeps
+        what it holds, so only they are fed (with the next draft, in chunks if long)."""
+        self._check_ids(tokens)
+        if len(self.committed) + len(tokens) + 1 > self.model.cfg.max_seq_len:
+            raise BadRequest(f"{len(self.committed) + len(tokens)} tokens exceed the target's context of "
+                             f"{self.model.cfg.max_seq_len}")
+        self.committed += tokens
+
     def check_draft(self, draft: list[int], q: list[SparseDist] | None) -> None:
         self._check_ids(draft)
         if (q is None) != self.params.greedy:

@@ -76,6 +76,8 @@ class VerifierStats:
     switches: int = 0
     dropped: int = 0  # sessions a device's new OPEN pushed out (max_sessions_per_device, max_context_per_device)
     prefill_chunks: int = 0  # a cold session's share of a pass that fed only part of its text
+    extended: int = 0  # conversations' next turns appended to a kept session (EXTEND)
+    extended_cached_tokens: int = 0  # the history those turns did not send again
     kv_peak_bytes: int = 0  # the most all caches held together, right after a pass
     # The most recent rounds and passes only: a service runs for months, its percentiles should
     # neither grow its memory nor describe last week.
@@ -103,6 +105,7 @@ class VerifierStats:
                 "compute_s_p50": percentile(self.compute_s, 0.5), "compute_s_p99": percentile(self.compute_s, 0.99),
                 "evictions": self.evictions, "expired": self.expired, "switches": self.switches,
                 "dropped": self.dropped, "prefill_chunks": self.prefill_chunks, "kv_peak_bytes": self.kv_peak_bytes,
+                "extended": self.extended, "extended_cached_tokens": self.extended_cached_tokens,
                 "pairs": [{"draft": d, "target": v, **s.summary()} for (d, v), s in sorted(self.pairs.items())]}
 
 
@@ -313,6 +316,8 @@ class Verifier:
         elif isinstance(msg, wire.Close):
             self.sessions.pop(key, None)
             self.pending.pop(key, None)  # a cloud-ar generation or a prefill still under way
+        elif isinstance(msg, wire.Extend):
+            self.extend(key, msg, out)
         elif isinstance(msg, (wire.Draft, wire.Generate)):
             session = self.sessions.get(key)
             if session is None:
@@ -391,6 +396,35 @@ class Verifier:
         session.hints = msg.hints
         self.sessions[key] = session
         self.reply(out, wire.Opened(msg.session, msg.seq, self.replica, target.name, target.exact))
+
+    def extend(self, key, msg: wire.Extend, out: str) -> None:
+        """The next turn of a kept session: its new tokens join the text, whose cache stays. Not
+        answered when it works; the device's next round states the whole text and finds out."""
+        session = self.sessions.get(key)
+        if session is None:
+            self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.UNKNOWN_SESSION, "open the session"))
+            return
+        if msg.seq <= session.last_seq:
+            self.count("stale")
+            return
+        try:
+            # The session may hold a token or two past the device's text: a stop token, or the last
+            # verdict's tokens past max_tokens, which the device did not commit.
+            session.sync(msg.committed, msg.text_hash, allow_rollback=True)
+            session.extend(msg.tokens)
+        except OutOfSync as exc:
+            self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.OUT_OF_SYNC, str(exc)))
+            return
+        except BadRequest as exc:
+            self.count("bad_request")
+            self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.BAD_REQUEST, str(exc)))
+            return
+        session.last_seq, session.last_reply, session.last_used = msg.seq, None, time.monotonic()
+        self.stats.extended += 1
+        self.stats.extended_cached_tokens += msg.committed
+        refusal = self.make_room(key, len(session.committed))
+        if refusal:
+            self.refuse(out, msg, refusal)
 
     def refuse(self, out: str, msg, reason: str) -> None:
         self.count("overloaded")

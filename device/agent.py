@@ -39,7 +39,7 @@ from specedge.device.policy import Policy
 from specedge.device.power import PowerMeter, open_meter
 from specedge.device.profiles import get_profile
 from specedge.device.rounds import (ASK_AGAIN, AWAIT_BROKER, BROKER_LOST, DELIVER, DRAFT_ALONE, DROPPED, FAIL,
-                                    HINT, OPEN, REFUSE, REPLICA_LOST, SEND, TIMEOUT, Exchange, Failure,
+                                    HINT, OPEN, REFUSE, REPLICA_LOST, SEND, TIMEOUT, Exchange, Failure, Kept,
                                     RoundTimer, Rounds)
 from specedge.device.scheduler import Objective, Scheduler, State, objective
 from specedge.metrics import SpecStats
@@ -138,6 +138,7 @@ class Agent:
         self.radio = self.profile.radio(energy.link)
         self.meter: PowerMeter | None = None
         self.current: _Request | None = None  # the request running or last run
+        self.kept: Kept | None = None  # the last request's session, left open for a next turn
         self.round_timer = RoundTimer()
         empty_draft = len(wire.encode(wire.Draft(0, 0, 0, [])))
         prior = State((0.6,), draft_s=0.05, verify_base_s=0.1, verify_per_row_s=0.0, rtt_s=0.0,
@@ -213,6 +214,11 @@ class Agent:
         return self
 
     def stop(self) -> None:
+        kept, self.kept = self.kept, None
+        if kept is not None and self.link.connected.is_set():  # free the replica's cache now
+            self.link.publish(topics.draft(self.cfg.device.fleet, self.cfg.device.id, kept.rounds.replica),
+                              wire.encode(wire.Close(kept.rounds.session, kept.rounds.next_round())),
+                              qos=wire.ROUND_QOS)
         if self._own_link:
             self.link.stop()
         if self.meter:
@@ -233,11 +239,21 @@ class _Request:
         self.agent, self.params, self.policy = agent, params, policy
         self.link = agent.link
         self.max_new, self.on_tokens = max_new_tokens, on_tokens or (lambda tokens, verified: None)
-        # The session's round state, no I/O (device/rounds.py): seq, OPEN, replica, version, text hash.
-        self.rounds = Rounds(secrets.randbits(32), prompt)
+        self.stats = SpecStats(policy=policy.name)
+        # The session's round state, no I/O (device/rounds.py): seq, OPEN, replica, version, text
+        # hash. The next turn of a conversation goes on in the last request's session (EXTEND).
+        self.kept, agent.kept = agent.kept, None
+        shared = self.kept.shared(prompt, params, policy.early_exit) if self.kept is not None else 0
+        self.extends = shared > 0
+        if self.extends:
+            self.rounds = self.kept.rounds
+            self.extend_base = (shared, wire.text_hash(prompt[:shared]))
+            self.rounds.rebase(prompt)
+            self.stats.verified_by(self.kept.exact)
+        else:
+            self.rounds = Rounds(secrets.randbits(32), prompt)
         self.prompt_len = len(prompt)
         self.committed = list(prompt)
-        self.stats = SpecStats(policy=policy.name)
         self.stop_ids = agent.tokenizer.stop_ids
         self.sources = agent.cfg.draft.source_list()  # model, lookup, or lookup then model
         self.rng = np.random.default_rng([params.seed, self.session])
@@ -261,10 +277,11 @@ class _Request:
     def generated(self) -> int:
         return len(self.committed) - self.prompt_len
 
-    def send(self, msg) -> None:
-        """To the replica holding the session; OPEN (and anything before one answers) to the group."""
+    def send(self, msg, replica: str | None = None) -> None:
+        """To the replica holding the session (or `replica`); OPEN (and anything before one
+        answers) to the group."""
         ident = self.agent.cfg.device
-        topic = topics.draft(ident.fleet, ident.id, None if isinstance(msg, wire.Open) else self.replica)
+        topic = topics.draft(ident.fleet, ident.id, None if isinstance(msg, wire.Open) else replica or self.replica)
         self.sent_connects = self.link.connects
         self.link.publish(topic, wire.encode(msg), qos=wire.ROUND_QOS)
 
@@ -279,15 +296,20 @@ class _Request:
         energy0 = agent.meter.energy_j()
         while not agent.inbox.empty():  # leftovers of an earlier request
             agent.inbox.get_nowait()
-        self.rounds.opening()
-        self.send(self.open_message(resync=False))
+        self.begin()
         try:
             if self.policy.autoregressive:
                 self.run_autoregressive()
             else:
                 self.run_speculative()
-        finally:
+        except BaseException:
             self.send(wire.Close(self.session, self.rounds.next_round()))
+            raise
+        else:
+            self.keep_or_close()
+        finally:
+            if self.stats.resyncs:  # the kept session did not take the new turn as it stood
+                self.stats.cached_prompt_tokens = 0
             self.stats.total_s = time.perf_counter() - self.start_s
             self.stats.generated_tokens = self.generated
             sent, received = self.link.bytes_sent - sent0, self.link.bytes_received - recv0
@@ -301,6 +323,30 @@ class _Request:
             self.stats.target_version = self.target_version
             self.stats.replica = self.replica or ""
         return GenerationResult(self.committed[self.prompt_len:], self.stats, self.stopped, self.unverified)
+
+    def begin(self) -> None:
+        """OPEN the session; or, for a conversation's next turn, send the replica that kept it
+        only the new tokens (its next round finds out whether they took, and resyncs if not).
+        A kept session this request does not continue is closed."""
+        if self.extends:
+            base, base_hash = self.extend_base
+            self.send(wire.Extend(self.session, self.rounds.next_round(), base, self.committed[base:], base_hash))
+            self.stats.cached_prompt_tokens = base
+            return
+        if self.kept is not None:
+            kept = self.kept.rounds
+            self.send(wire.Close(kept.session, kept.next_round()), replica=kept.replica)
+        self.rounds.opening()
+        self.send(self.open_message(resync=False))
+
+    def keep_or_close(self) -> None:
+        """A request that ended well leaves its session open on its replica for a next turn; one
+        that committed unverified tokens (the target lacks them) or never bound is closed."""
+        if self.replica is not None and not self.unverified and self.stats.exact_targets is not None:
+            self.agent.kept = Kept(self.rounds, list(self.committed), self.params, self.policy.early_exit,
+                                   self.stats.exact_targets)
+        else:
+            self.send(wire.Close(self.session, self.rounds.next_round()))
 
     def emit(self, tokens: list[int], verified: bool = True) -> None:
         """Commit tokens (the verifier's, or the draft's alone), cut at a stop token or the length limit."""

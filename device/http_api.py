@@ -249,8 +249,12 @@ def submit(service: DeviceService, request: dict) -> Job:
 
 
 def usage(outcome: Outcome) -> dict:
+    """OpenAI's usage; cached_tokens: the conversation's history a kept session held on the
+    verifier, not sent or prefilled again (docs/apps.md)."""
+    cached = outcome.stats.cached_prompt_tokens if outcome.stats is not None else 0
     return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.tokens,
-            "total_tokens": outcome.prompt_tokens + outcome.tokens}
+            "total_tokens": outcome.prompt_tokens + outcome.tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def spec_summary(outcome: Outcome) -> dict:
@@ -260,7 +264,7 @@ def spec_summary(outcome: Outcome) -> dict:
     s = outcome.stats.summary()
     keys = ("acceptance_rate", "mean_accepted_len", "mean_draft_len", "tokens_per_s", "ttft_s",
             "energy_j_per_token", "wire_bytes_per_token", "unverified_tokens", "exact", "lookup_rounds",
-            "lookup_acceptance")
+            "lookup_acceptance", "cached_prompt_tokens")
     return {**{k: s[k] for k in keys}, "target_version": outcome.stats.target_version}
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 
 from specedge.protocol import wire
 from specedge.config import TOPIC_NAME
+from specedge.speculative import SamplingParams
 
 
 def replica_name_ok(name: str) -> bool:
@@ -104,6 +105,10 @@ class Rounds:
     def commit(self, tokens: list[int]) -> None:
         self.hasher.update(tokens)
 
+    def rebase(self, text: list[int]) -> None:
+        """The committed text is now `text`: a conversation's next turn in this session."""
+        self.hasher = wire.TextHasher(text)
+
     def text_hash(self) -> bytes:
         return self.hasher.digest()
 
@@ -164,6 +169,30 @@ class Rounds:
             if policy == "draft" and can_draft and unverified < faults.unverified_max_tokens:
                 return DRAFT_ALONE
         return RETRY
+
+
+@dataclass
+class Kept:
+    """A session left open on its replica after its request, for the conversation's next turn:
+    that request sends only its new tokens (EXTEND) and the replica keeps its cache."""
+
+    rounds: Rounds
+    text: list[int]  # the committed text the request ended with
+    params: SamplingParams
+    hints: bool
+    exact: bool
+
+    def shared(self, prompt: list[int], params: SamplingParams, hints: bool) -> int:
+        """How many leading tokens of the kept text a request's prompt repeats, when the request can
+        go on in this session (the same sampling and hints, a bound session); 0 when it cannot.
+        A next turn repeats the history, though often not to its last token: the chat template
+        re-tokenizes the answer after its role header, and BPE may split the seam differently."""
+        if params != self.params or hints != self.hints or self.rounds.replica is None:
+            return 0
+        n, limit = 0, min(len(self.text), len(prompt) - 1)  # at least one new token to send
+        while n < limit and self.text[n] == prompt[n]:
+            n += 1
+        return n
 
 
 @dataclass

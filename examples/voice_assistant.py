@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""A voice-assistant loop on the device: each question is streamed from specedge's local API and
-spoken sentence by sentence as the tokens arrive (espeak-ng), so speech starts long before the
-answer is complete. Without espeak-ng the sentences are printed as they would be spoken.
+"""A voice assistant on the device: a conversation whose answers are streamed from specedge's
+local API and spoken sentence by sentence as the tokens arrive (espeak-ng), so speech starts
+long before the answer is complete. Without espeak-ng the sentences are printed as they would be
+spoken. Each question is a turn of one conversation: the history goes with it, and the device
+sends the verifier only the new turn (its session is kept: `cached_tokens` in each report).
 
     specedge demo --serve            # or: specedge device serve --config firmware_config/device.toml
-    python examples/voice_assistant.py "What is a mutex?"
-    python examples/voice_assistant.py < questions.txt
+    python examples/voice_assistant.py "What is a mutex?" "And a semaphore?"
+    python examples/voice_assistant.py --turns 5 < questions.txt    # remember the last 5 turns
 
 Any OpenAI client works the same way (base_url="http://127.0.0.1:8080/v1"); this one uses only
 the standard library so it runs on a bare device image.
@@ -25,11 +27,11 @@ SENTENCE_END = re.compile(r"(?<=[.!?:;])\s+|\n+")
 SYSTEM = "You are a voice assistant. Answer in two or three short spoken sentences, no code, no lists."
 
 
-def stream_chat(base_url: str, question: str, max_tokens: int, timeout_s: float):
-    """Text increments of one streamed chat completion (server-sent events)."""
+def stream_chat(base_url: str, messages: list[dict], max_tokens: int, timeout_s: float, numbers: dict):
+    """Text increments of one streamed chat completion (server-sent events); `numbers` gets the
+    last event's specedge object."""
     body = json.dumps({"model": "specedge", "stream": True, "max_tokens": max_tokens,
-                       "messages": [{"role": "system", "content": SYSTEM},
-                                    {"role": "user", "content": question}]}).encode()
+                       "messages": [{"role": "system", "content": SYSTEM}, *messages]}).encode()
     request = urllib.request.Request(f"{base_url}/chat/completions", body, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         for line in response:
@@ -42,6 +44,7 @@ def stream_chat(base_url: str, question: str, max_tokens: int, timeout_s: float)
             event = json.loads(data)
             if "error" in event:
                 raise RuntimeError(event["error"]["message"])
+            numbers.update(event.get("specedge", {}))
             for choice in event.get("choices", []):
                 text = choice.get("delta", {}).get("content")
                 if text:
@@ -68,11 +71,15 @@ class Speaker:
             print(f"[speak] {sentence}", flush=True)
 
 
-def answer(base_url: str, question: str, speaker: Speaker, max_tokens: int, timeout_s: float) -> dict:
-    start, first_token_s, first_speech_s, pending = time.perf_counter(), None, None, ""
-    for text in stream_chat(base_url, question, max_tokens, timeout_s):
+def answer(base_url: str, history: list[dict], question: str, speaker: Speaker, max_tokens: int,
+           timeout_s: float) -> dict:
+    """Ask `question` after `history` (earlier turns, which it then joins) and speak the answer."""
+    start, first_token_s, first_speech_s, pending, said, numbers = time.perf_counter(), None, None, "", "", {}
+    asked = history + [{"role": "user", "content": question}]
+    for text in stream_chat(base_url, asked, max_tokens, timeout_s, numbers):
         first_token_s = first_token_s or time.perf_counter() - start
         pending += text
+        said += text
         *sentences, pending = SENTENCE_END.split(pending)  # speak each sentence as soon as it ends
         for sentence in sentences:
             first_speech_s = first_speech_s or time.perf_counter() - start
@@ -80,8 +87,10 @@ def answer(base_url: str, question: str, speaker: Speaker, max_tokens: int, time
     if pending.strip():
         first_speech_s = first_speech_s or time.perf_counter() - start
         speaker.say(pending)
-    return {"question": question, "first_token_s": first_token_s, "first_speech_s": first_speech_s,
-            "total_s": time.perf_counter() - start, "sentences": len(speaker.spoken)}
+    history += [asked[-1], {"role": "assistant", "content": said}]
+    return {"question": question, "turn": len(history) // 2, "first_token_s": first_token_s,
+            "first_speech_s": first_speech_s, "total_s": time.perf_counter() - start,
+            "sentences": len(speaker.spoken), "cached_tokens": numbers.get("cached_prompt_tokens", 0)}
 
 
 def main() -> int:
@@ -91,15 +100,17 @@ def main() -> int:
     p.add_argument("--tts", default="auto", choices=["auto", "espeak-ng", "print"])
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--timeout-s", type=float, default=120.0)
+    p.add_argument("--turns", type=int, default=8, help="earlier turns the conversation remembers (0: none)")
     args = p.parse_args()
     speaker = Speaker(args.tts)
-    failed = 0
+    failed, history = 0, []
     for question in args.question or (line.strip() for line in sys.stdin):
         if not question:
             continue
         speaker.spoken = []
+        del history[: max(0, len(history) - 2 * args.turns)]
         try:
-            report = answer(args.base_url, question, speaker, args.max_tokens, args.timeout_s)
+            report = answer(args.base_url, history, question, speaker, args.max_tokens, args.timeout_s)
         except (OSError, RuntimeError) as exc:  # urllib's HTTPError and URLError are OSErrors
             print(f"error: {exc}", file=sys.stderr)
             failed += 1

@@ -31,12 +31,16 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_voice_assistant_speaks_the_streamed_answer(demo):
-    done = run("voice_assistant.py", "--base-url", demo, "--tts", "print", "--max-tokens", "24", "What is a mutex?")
+def test_voice_assistant_holds_a_conversation_and_speaks_the_streamed_answers(demo):
+    done = run("voice_assistant.py", "--base-url", demo, "--tts", "print", "--max-tokens", "24", "What is a mutex?",
+               "And a semaphore?")
     assert done.returncode == 0, done.stderr
-    report = json.loads(done.stderr.strip().splitlines()[-1])
-    assert report["first_token_s"] is not None and report["sentences"] >= 1
-    assert "[speak]" in done.stdout
+    first, second = (json.loads(line) for line in done.stderr.strip().splitlines()[-2:])
+    assert first["first_token_s"] is not None and first["sentences"] >= 1 and "[speak]" in done.stdout
+    assert (first["turn"], second["turn"]) == (1, 2)
+    # The second turn's history (the system prompt, the first question and answer) stayed on the
+    # verifier: only the new turn went up.
+    assert second["cached_tokens"] > first["cached_tokens"]
 
 
 def test_robot_controller_acts_only_on_a_valid_action(demo):

@@ -80,6 +80,21 @@ def test_non_streamed_completion_has_openai_shape_and_spec_numbers(node):
     assert status == 200 and json.loads(raw)["data"][0]["id"] == "specedge"
 
 
+def test_a_conversations_next_turn_reports_its_history_as_cached_tokens(node):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: the history a kept session held on the
+    verifier (docs/apps.md); the first turn has none."""
+    turn1 = [{"role": "user", "content": "the robot arm"}]
+    status, raw = chat(node, messages=turn1, max_tokens=8, temperature=0)
+    first = json.loads(raw)
+    assert status == 200 and first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    history = turn1 + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                       {"role": "user", "content": "and then"}]
+    status, raw = chat(node, messages=history, max_tokens=8, temperature=0)
+    usage = json.loads(raw)["usage"]
+    assert status == 200
+    assert first["usage"]["prompt_tokens"] <= usage["prompt_tokens_details"]["cached_tokens"] < usage["prompt_tokens"]
+
+
 def test_prompt_lookup_drafts_are_reported_in_the_answer(node):
     """[draft] sources = lookup,model: the answer's specedge object counts the lookup's rounds and
     their acceptance (docs/apps.md)."""

@@ -697,3 +697,19 @@ def test_a_resyncs_open_cannot_be_named_in_advance():
         assert rounds.reopening() == rounds.open_seq == rounds.seq > before
         gaps.append(rounds.seq - before)
     assert len(set(gaps)) > 40 and max(gaps) > 2
+
+
+def test_a_kept_session_is_shared_by_a_next_turn_up_to_where_its_prompt_parts_from_the_kept_text():
+    from specedge.device.rounds import Kept, Rounds
+
+    rounds = Rounds(7, [1, 2, 3])
+    rounds.replica = "r1"
+    kept = Kept(rounds, [1, 2, 3, 4, 5], SamplingParams(), False, True)
+    assert kept.shared([1, 2, 3, 4, 5, 6, 7], SamplingParams(), False) == 5  # the history, then a new turn
+    assert kept.shared([1, 2, 3, 9, 5, 6], SamplingParams(), False) == 3  # the seam re-tokenized
+    assert kept.shared([1, 2, 3, 4, 5], SamplingParams(), False) == 4  # at least one token to send
+    assert kept.shared([8, 2, 3], SamplingParams(), False) == 0
+    assert kept.shared([1, 2, 3, 4, 5, 6], SamplingParams(0.7), False) == 0  # the verifier samples otherwise
+    assert kept.shared([1, 2, 3, 4, 5, 6], SamplingParams(), True) == 0  # hints are set at OPEN
+    rounds.unbind()
+    assert kept.shared([1, 2, 3, 4, 5, 6], SamplingParams(), False) == 0  # no replica holds it

@@ -96,6 +96,29 @@ def test_a_device_holds_at_most_max_sessions_per_device_and_loses_its_oldest(
     assert verifier.stats.dropped == 1
 
 
+def test_an_extend_appends_to_a_kept_session_only_over_the_same_text(tiny_models, fleet_verifier, wire_client):
+    """EXTEND (a conversation's next turn) goes unanswered when it takes; over another text or
+    an unknown session it is refused with the code that makes the device resync."""
+    _, tok, _, _ = tiny_models
+    verifier = fleet_verifier("ext")
+    client = wire_client("ext")
+    prompt, more = tok.encode_chat("go"), tok.encode("left then right")
+    assert isinstance(client.ask("d", wire.Open(1, 1, prompt)), wire.Opened)
+    wrong = client.ask("d", wire.Extend(1, 2, len(prompt), more, wire.text_hash(prompt[:-1] + [7])))
+    assert isinstance(wrong, wire.Error) and wrong.code == wire.ErrorCode.OUT_OF_SYNC
+    unknown = client.ask("d", wire.Extend(9, 2, len(prompt), more, wire.text_hash(prompt)))
+    assert isinstance(unknown, wire.Error) and unknown.code == wire.ErrorCode.UNKNOWN_SESSION
+    client.send("d", wire.Extend(1, 3, len(prompt), more, wire.text_hash(prompt)))
+    text = prompt + more
+    verdict = client.ask("d", wire.Draft(1, 4, len(text), [3], text_hash=wire.text_hash(text)))
+    assert isinstance(verdict, wire.Verdict)  # the session now holds the whole text
+    assert verifier.stats.extended == 1 and verifier.stats.extended_cached_tokens == len(prompt)
+    client.send("d", wire.Extend(1, 3, len(text), more, wire.text_hash(text)))  # a stale round: ignored
+    again = client.ask("d", wire.Draft(1, 5, len(text) + verdict.accepted + 1, [3],
+                                       text_hash=verifier.sessions[("ext", "d", 1)].text_hash()))
+    assert isinstance(again, wire.Verdict) and verifier.stats.extended == 1
+
+
 # -- (b) the KV budget, admitted before a pass allocates --------------------------------------------
 def test_an_open_whose_cache_cannot_fit_the_kv_budget_is_refused_before_any_pass(
         tiny_models, fleet_verifier, wire_client):

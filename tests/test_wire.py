@@ -23,6 +23,7 @@ MESSAGES = [
     wire.Draft(7, 5, 100, []),
     wire.Generate(9, 1, 20, 64),
     wire.Close(9, 2),
+    wire.Extend(9, 3, 120, [5, 151935, 6], wire.text_hash([1] * 120)),
     wire.Verdict(7, 3, 100, 2, 151000, 12300),  # verify time travels in 100 µs units
     wire.Hint(7, 3, 100, 1, 151000, 21),
     wire.Draft(7, 6, 3, [4], text_hash=wire.text_hash([1, 2, 3])),
@@ -154,6 +155,6 @@ def test_each_message_layout_is_written_once_and_every_type_has_one_codec():
     layouts = re.findall(r'struct\.Struct\("([^"]*)"\)', source)
     assert len(layouts) == len(set(layouts)), layouts
     assert not re.search(r"struct\.(pack|unpack|unpack_from|calcsize)\(", source)  # only through the Structs
-    assert set(wire.CODECS) == {m.TYPE for m in wire.MESSAGES.values()} and len(wire.CODECS) == 9
+    assert set(wire.CODECS) == {m.TYPE for m in wire.MESSAGES.values()} and len(wire.CODECS) == 10
     for codec in wire.CODECS.values():
         assert isinstance(codec.message.BODY, struct.Struct)

@@ -18,12 +18,13 @@ import numpy as np
 from specedge.protocol.contract import Contract
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
-PROTOCOL_VERSION = 7  # 3: OPEN states the draft and its contract, OPENED names replica and version;
+PROTOCOL_VERSION = 8  # 3: OPEN states the draft and its contract, OPENED names replica and version;
 # 4: OPENED says whether that version passed its bitwise self-test on the verifier's machine;
 # 5: DRAFT, GENERATE, VERDICT and HINT carry a hash of the committed text beside its length;
 # 6: a tighter round: 4-byte session ids (a session is named per device), DRAFT's token count
 #    and q flag in one byte, VERDICT's verify time in 100 µs units (u16); rounds at QoS 0;
-# 7: answers on a short topic of their own (topics.answers), not under the device's topics
+# 7: answers on a short topic of their own (topics.answers), not under the device's topics;
+# 8: EXTEND: the next turn of a conversation appends only its new tokens to a session kept open
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_PACKET = MAX_PAYLOAD + 4096  # an MQTT packet carrying it: framing and topic besides
 MAX_CONTEXT = 32768  # tokens in OPEN
@@ -41,6 +42,7 @@ ROUND_QOS = 0
 HEADER = struct.Struct("<BBII")  # version, type, session, seq
 MAX_SESSION = (1 << 32) - 1  # session ids are random per request, and sessions are named per device
 HASH_BYTES = 8
+TEXT_AND_COUNT = struct.Struct("<I8sI")  # committed, text_hash, a count: GENERATE's and EXTEND's bodies
 NO_HASH = bytes(HASH_BYTES)  # what a message built without one states: it matches no text
 
 
@@ -161,7 +163,23 @@ class Generate:
     max_new_tokens: int
     text_hash: bytes = NO_HASH  # TextHasher of those `committed` tokens
     TYPE = 3
-    BODY = struct.Struct("<I8sI")  # committed, text_hash, max_new_tokens
+    BODY = TEXT_AND_COUNT  # committed, text_hash, max_new_tokens
+
+
+@dataclass
+class Extend:
+    """Device -> the replica holding the session: append `tokens` to the committed text (the next
+    turn of a conversation, after its history), which must be the first `committed` tokens with
+    `text_hash`. Unanswered: the next DRAFT or GENERATE states the whole text's length and hash,
+    so a lost or refused EXTEND shows up there as OUT_OF_SYNC (or UNKNOWN_SESSION) and resyncs."""
+
+    session: int
+    seq: int
+    committed: int
+    tokens: list[int]
+    text_hash: bytes = NO_HASH  # TextHasher of those `committed` tokens
+    TYPE = 5
+    BODY = TEXT_AND_COUNT  # committed, text_hash, token count; then the tokens
 
 
 @dataclass
@@ -391,6 +409,18 @@ def _decode_generate(session: int, seq: int, r: _Reader) -> Generate:
     return Generate(session, seq, committed, max_new, digest)
 
 
+def _encode_extend(m: Extend) -> bytes:
+    return Extend.BODY.pack(m.committed, _hash(m), len(m.tokens)) + _tokens(m.tokens, MAX_CONTEXT, "extend")
+
+
+def _decode_extend(session: int, seq: int, r: _Reader) -> Extend:
+    committed, digest, n = r.take(Extend.BODY)
+    tokens = r.tokens(_bounded(n, MAX_CONTEXT, "extend"))
+    if not tokens:
+        raise WireError("extend: no tokens")
+    return Extend(session, seq, committed, tokens, digest)
+
+
 def _encode_verdict(m: Verdict) -> bytes:
     return Verdict.BODY.pack(m.committed, _hash(m), m.accepted, m.next_token, min(m.verify_us // 100, 0xFFFF))
 
@@ -448,6 +478,7 @@ class Codec(NamedTuple):
 CODECS = {c.message.TYPE: c for c in (
     Codec(Open, _encode_open, _decode_open), Codec(Opened, _encode_opened, _decode_opened),
     Codec(Draft, _encode_draft, _decode_draft), Codec(Generate, _encode_generate, _decode_generate),
+    Codec(Extend, _encode_extend, _decode_extend),
     Codec(Close, lambda m: b"", lambda session, seq, r: Close(session, seq)),
     Codec(Verdict, _encode_verdict, _decode_verdict), Codec(Hint, _encode_hint, _decode_hint),
     Codec(Tokens, _encode_tokens, _decode_tokens), Codec(Error, _encode_error, _decode_error),
