@@ -342,7 +342,8 @@ class _Request:
     def keep_or_close(self) -> None:
         """A request that ended well leaves its session open on its replica for a next turn; one
         that committed unverified tokens (the target lacks them) or never bound is closed."""
-        if self.replica is not None and not self.unverified and self.stats.exact_targets is not None:
+        keep = self.agent.cfg.speculation.keep_session
+        if keep and self.replica is not None and not self.unverified and self.stats.exact_targets is not None:
             self.agent.kept = Kept(self.rounds, list(self.committed), self.params, self.policy.early_exit,
                                    self.stats.exact_targets)
         else:
@@ -376,7 +377,7 @@ class _Request:
         uses_model = "model" in self.sources  # prompt lookup alone never runs the draft model
         if uses_model:
             t0 = time.perf_counter()
-            engine.start(self.committed)
+            engine.start(self.committed, self.agent.cfg.speculation.keep_session)
             self.stats.draft_reused_tokens = getattr(engine, "reused", 0)  # a test wrapper may not say
             prefill_s = time.perf_counter() - t0
             self.stats.draft_s += prefill_s

@@ -54,12 +54,13 @@ class DraftEngine:
         self.pending: list[int] = []  # committed tokens not fed yet
         self.reused = 0  # prompt tokens the last start() found in the cache and did not feed again
 
-    def start(self, committed: list[int]) -> None:
+    def start(self, committed: list[int], reuse: bool = True) -> None:
         """Prefill the prompt (all but its last token, whose logits start the first draft), so a
         draft step costs the same in the first round as in any other. A prompt that begins like
         the text the cache holds (the next turn of a conversation, a shared system prompt) keeps
-        the cache's common prefix: only the rest is fed (`reused` says how much was kept)."""
-        if self.fed and self.fed[0] == committed[0] and self._room(len(committed) + 128):
+        the cache's common prefix: only the rest is fed (`reused` says how much was kept; `reuse`
+        False: never)."""
+        if reuse and self.fed and self.fed[0] == committed[0] and self._room(len(committed) + 128):
             self.commit(committed)
         else:
             self._reset(len(committed) + 128)

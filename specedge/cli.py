@@ -22,6 +22,7 @@ COMMANDS = (
     "specedge.tools.channel",  # channel
     "specedge.tools.bench",  # bench
     "specedge.tools.bench_verifier",  # bench-verifier
+    "specedge.tools.bench_apps",  # bench-apps
     "specedge.tools.faults",  # faults
     "specedge.tools.soak",  # soak
     "specedge.tools.fuzz",  # fuzz

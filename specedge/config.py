@@ -104,6 +104,10 @@ class DraftConfig:
 class SpeculationConfig:
     policy: str = "adaptive"  # adaptive[:budget=J] | adaptive-energy[:floor=R] | fixed:G | cloud-ar
     max_draft: int = 8
+    # Keep the last request's session open on the verifier, and the draft's cache, for the next
+    # request that repeats its text (a conversation's next turn: docs/apps.md); false: every
+    # request opens afresh and both sides prefill its whole prompt.
+    keep_session: bool = True
 
     # The shape only: which policies, options and counts exist is the device's to say
     # (device/checks.py, at start-up, as parse_policy words it).

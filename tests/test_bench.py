@@ -159,6 +159,25 @@ def test_a_bench_with_prompt_lookup_reports_each_sources_acceptance_and_stays_ex
     assert bad.returncode != 0 and "draft.sources: allowed values are model, lookup or lookup,model" in bad.stderr
 
 
+def test_bench_apps_runs_a_conversation_kept_and_afresh_with_the_same_answers(tiny_files, tmp_path, mosquitto):
+    draft, target = tiny_files
+    out, png = tmp_path / "apps.json", tmp_path / "apps.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "specedge.cli", "bench-apps", "--draft", str(draft), "--target", str(target),
+         "--draft-weights", "bf16", "--draft-backend", "torch", "--engine", "torch", "--channel", "ideal",
+         "--max-new-tokens", "8", "--json", str(out), "--plot", str(png)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["outputs_identical"] is True and report["exact"] is True
+    kept, afresh = report["runs"]["kept"], report["runs"]["afresh"]
+    assert len(kept) == len(afresh) == 5 and all(t["cached_tokens"] == 0 for t in afresh)
+    for k, a in zip(kept[1:], afresh[1:]):  # from the second turn on, the history stays up
+        assert 0 < k["cached_tokens"] < k["prompt_tokens"] == a["prompt_tokens"]
+        assert k["uplink_bytes"] < a["uplink_bytes"]
+    assert png.stat().st_size > 10_000 and "outputs identical: True" in proc.stdout
+
+
 def test_a_numerical_engines_differences_are_shown_with_the_top2_gap_there(tiny_files, tiny_models):
     """The bench's check on a numerical engine: a run that parts from cloud-ar is named with the
     engine's top-2 gap at the first differing position, and passes only inside the near-tie limit."""

@@ -39,8 +39,8 @@ class RejectAt:
         self.vocab_size = vocab
         self.rounds = []
 
-    def start(self, committed):
-        self.engine.start(committed)
+    def start(self, committed, reuse=True):
+        self.engine.start(committed, reuse)
 
     def commit(self, committed):
         self.engine.commit(committed)
@@ -161,3 +161,19 @@ def test_a_next_turn_the_verifier_no_longer_holds_resyncs_and_stays_exact(stack,
     second = stack.agent.generate(turn2, SamplingParams(), 12, parse_policy("fixed:2"))
     assert second.tokens == reference_greedy(target, turn2, 12, tok.stop_ids)
     assert second.stats.resyncs >= 1 and second.stats.cached_prompt_tokens == 0
+
+
+def test_with_keep_session_off_every_request_opens_afresh(stack, tiny_models):
+    _, tok, target, _ = tiny_models
+    spec = stack.agent.cfg.speculation
+    spec.keep_session = False
+    try:
+        turn1 = tok.encode_chat("arm up")
+        first = stack.agent.generate(turn1, SamplingParams(), 8, parse_policy("fixed:2"))
+        turn2 = turn1 + first.tokens + tok.encode_chat("down")[1:]
+        second = stack.agent.generate(turn2, SamplingParams(), 8, parse_policy("fixed:2"))
+    finally:
+        spec.keep_session = True
+    assert second.stats.cached_prompt_tokens == 0 and second.stats.draft_reused_tokens == 0
+    assert stack.agent.kept is None
+    assert second.tokens == reference_greedy(target, turn2, 8, tok.stop_ids)

@@ -96,7 +96,7 @@ class ReplayDraftEngine:
     def vocab_size(self) -> int:
         return self.fallback.vocab_size
 
-    def start(self, committed: list[int]) -> None:
+    def start(self, committed: list[int], reuse: bool = True) -> None:
         self.committed = list(committed)
         self._live = False
 
