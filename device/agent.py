@@ -243,7 +243,8 @@ class _Request:
         # The session's round state, no I/O (device/rounds.py): seq, OPEN, replica, version, text
         # hash. The next turn of a conversation goes on in the last request's session (EXTEND).
         self.kept, agent.kept = agent.kept, None
-        shared = self.kept.shared(prompt, params, policy.early_exit) if self.kept is not None else 0
+        usable = self.kept is not None and self.kept.rounds.replica not in agent.offline_replicas
+        shared = self.kept.shared(prompt, params, policy.early_exit) if usable else 0
         self.extends = shared > 0
         if self.extends:
             self.rounds = self.kept.rounds
