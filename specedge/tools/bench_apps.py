@@ -133,6 +133,8 @@ def plot(report: dict, path: str) -> None:
         xs = range(1, len(turns) + 1)
         ax1.plot(xs, [t["ttft_s"] for t in turns], marker="o", label=name)
         ax2.plot(xs, [t["uplink_bytes"] for t in turns], marker="o", label=name)
+    for ax in (ax1, ax2):
+        ax.set_xticks(list(xs))
     ax1.set(xlabel="turn", ylabel="time to first token (s)", title="TTFT per turn")
     ax2.set(xlabel="turn", ylabel="uplink bytes", title="uplink per turn")
     ax1.legend()
