@@ -344,12 +344,8 @@ class Verifier:
                     if len(session.committed) + msg.max_new_tokens > session.model.cfg.max_seq_len:
                         raise BadRequest("generation runs past the target's context")
                     holds = len(session.committed) + msg.max_new_tokens
-            except OutOfSync as exc:
-                self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.OUT_OF_SYNC, str(exc)))
-                return
-            except BadRequest as exc:
-                self.count("bad_request")
-                self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.BAD_REQUEST, str(exc)))
+            except (OutOfSync, BadRequest) as exc:
+                self.refused_by_session(out, msg, exc)
                 return
             refusal = self.make_room(key, holds)
             if refusal:
@@ -412,12 +408,8 @@ class Verifier:
             # verdict's tokens past max_tokens, which the device did not commit.
             session.sync(msg.committed, msg.text_hash, allow_rollback=True)
             session.extend(msg.tokens)
-        except OutOfSync as exc:
-            self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.OUT_OF_SYNC, str(exc)))
-            return
-        except BadRequest as exc:
-            self.count("bad_request")
-            self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.BAD_REQUEST, str(exc)))
+        except (OutOfSync, BadRequest) as exc:
+            self.refused_by_session(out, msg, exc)
             return
         session.last_seq, session.last_reply, session.last_used = msg.seq, None, time.monotonic()
         self.stats.extended += 1
@@ -425,6 +417,14 @@ class Verifier:
         refusal = self.make_room(key, len(session.committed))
         if refusal:
             self.refuse(out, msg, refusal)
+
+    def refused_by_session(self, out: str, msg, exc: Exception) -> None:
+        """OUT_OF_SYNC (the device resyncs) or BAD_REQUEST (counted) for what the session refused."""
+        bad = isinstance(exc, BadRequest)
+        if bad:
+            self.count("bad_request")
+        code = wire.ErrorCode.BAD_REQUEST if bad else wire.ErrorCode.OUT_OF_SYNC
+        self.reply(out, wire.Error(msg.session, msg.seq, code, str(exc)))
 
     def refuse(self, out: str, msg, reason: str) -> None:
         self.count("overloaded")

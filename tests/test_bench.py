@@ -65,17 +65,22 @@ def test_bench_channels_mix_presets_trace_specs_and_trace_flags(tmp_path):
         bench_channels("lte,5g", None, None)
 
 
+def tiny_run(command: str, draft, target, *args: str) -> subprocess.CompletedProcess:
+    """`specedge COMMAND` on the tiny pair, the draft and the target on torch."""
+    return subprocess.run([sys.executable, "-m", "specedge.cli", command, "--draft", str(draft), "--target", str(target),
+                           "--draft-weights", "bf16", "--draft-backend", "torch", "--engine", "torch", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
 def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
     draft, target = tiny_files
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    proc = subprocess.run(
-        [sys.executable, "-m", "specedge.cli", "bench", "--draft", str(draft), "--target", str(target),
-         "--draft-weights", "bf16", "--draft-backend", "torch", "--engine", "torch", "--channel", "ideal,lte",
-         "--meter", "estimated", "--policies", "cloud-ar,fixed:1,fixed:3,adaptive,adaptive-energy:budget=50,pipelined:3,"
-                       "adaptive+pipelined,early-exit:3",
-         "--max-prompts", "2", "--max-new-tokens", "12", "--json", str(out), "--plot", str(png),
-         "--start-timeout", "120", "--run-timeout", "120"],
-        capture_output=True, text=True, timeout=600)
+    proc = tiny_run(
+        "bench", draft, target, "--channel", "ideal,lte", "--meter", "estimated",
+        "--policies", "cloud-ar,fixed:1,fixed:3,adaptive,adaptive-energy:budget=50,pipelined:3,adaptive+pipelined,"
+                      "early-exit:3",
+        "--max-prompts", "2", "--max-new-tokens", "12", "--json", str(out), "--plot", str(png),
+        "--start-timeout", "120", "--run-timeout", "120")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["outputs_identical"] is True
@@ -139,13 +144,11 @@ def test_tiny_sampled_bench_counts_the_naive_wire_cost_over_a_custom_trace(tiny_
 def test_a_bench_with_prompt_lookup_reports_each_sources_acceptance_and_stays_exact(tiny_files, tmp_path, mosquitto):
     draft, target = tiny_files
     out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "specedge.cli", "bench", "--draft", str(draft), "--target", str(target),
-         "--draft-weights", "bf16", "--draft-backend", "torch", "--engine", "torch", "--channel", "ideal",
-         "--meter", "estimated", "--draft-sources", "lookup,model", "--prompts", "code_edits",
-         "--policies", "cloud-ar,fixed:3,adaptive", "--max-prompts", "2", "--max-new-tokens", "24",
-         "--no-local-target", "--json", str(out), "--start-timeout", "120", "--run-timeout", "120"],
-        capture_output=True, text=True, timeout=600)
+    proc = tiny_run(
+        "bench", draft, target, "--channel", "ideal", "--meter", "estimated", "--draft-sources", "lookup,model",
+        "--prompts", "code_edits", "--policies", "cloud-ar,fixed:3,adaptive", "--max-prompts", "2",
+        "--max-new-tokens", "24", "--no-local-target", "--json", str(out), "--start-timeout", "120",
+        "--run-timeout", "120")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["draft_sources"] == "lookup,model" and report["outputs_identical"] is True
@@ -162,11 +165,8 @@ def test_a_bench_with_prompt_lookup_reports_each_sources_acceptance_and_stays_ex
 def test_bench_apps_runs_a_conversation_kept_and_afresh_with_the_same_answers(tiny_files, tmp_path, mosquitto):
     draft, target = tiny_files
     out, png = tmp_path / "apps.json", tmp_path / "apps.png"
-    proc = subprocess.run(
-        [sys.executable, "-m", "specedge.cli", "bench-apps", "--draft", str(draft), "--target", str(target),
-         "--draft-weights", "bf16", "--draft-backend", "torch", "--engine", "torch", "--channel", "ideal",
-         "--max-new-tokens", "8", "--json", str(out), "--plot", str(png)],
-        capture_output=True, text=True, timeout=600)
+    proc = tiny_run("bench-apps", draft, target, "--channel", "ideal", "--max-new-tokens", "8", "--json", str(out),
+                    "--plot", str(png))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["outputs_identical"] is True and report["exact"] is True

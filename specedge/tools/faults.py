@@ -116,8 +116,9 @@ class Rig:
     def alive_replicas(self) -> list[str]:
         return [name for name, proc in self.procs.items() if proc.poll() is None]
 
-    def replica_sessions(self, timeout: float = 5.0) -> dict[str, int]:
-        """Sessions each live replica holds, from its statistics topic."""
+    def replica_sessions(self, expected: dict[str, int], timeout: float = 5.0) -> dict[str, int]:
+        """Sessions each live replica holds, from its statistics topic, once they are `expected`
+        (replica -> sessions; none elsewhere) or `timeout` has passed."""
         latest: dict[str, int] = {}
         alive = set(self.alive_replicas())
 
@@ -133,7 +134,7 @@ class Rig:
         try:
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if alive <= set(latest) and not any(latest.get(n) for n in alive):
+                if alive <= set(latest) and all(latest.get(n) == expected.get(n, 0) for n in alive):
                     break
                 latest.clear()
                 time.sleep(0.7)  # a fresh statistics message from each replica
@@ -417,9 +418,12 @@ def _check_generation(gen: Generation, fault: Fault, reference: list[int], rig: 
                    failovers=result.stats.failovers, stale=result.stats.stale_messages)
     row["outcome"] = "error: " + type(error).__name__ if error else "exact" if got == reference else "unverified"
     if not gen.worker.is_alive() and rig.broker.proc.poll() is None:
-        held = rig.replica_sessions()
-        if any(held.values()):
-            problems.append(f"sessions left on the verifier: {held}")
+        # The device keeps its last session open for a next turn (docs/apps.md): that one only.
+        kept = rig.agent.kept
+        expected = {kept.rounds.replica: 1} if kept is not None else {}
+        held = rig.replica_sessions(expected)
+        if any(count != expected.get(name, 0) for name, count in held.items()):
+            problems.append(f"sessions left on the verifier: {held}; the device keeps {expected or 'none'}")
 
 
 def _expectation_problems(fault: Fault, gen: Generation, got: list[int], reference: list[int], rig: Rig) -> list[str]:
