@@ -29,7 +29,9 @@ def mutated(seed: bytes, data) -> bytes:
     return bytes(out)
 
 
-@settings(max_examples=2000, **SETTINGS)
+# 1000 a run here (test_wire.py mutates the wire too; `specedge fuzz` runs long campaigns): the
+# unit layer stays under 30 s.
+@settings(max_examples=1000, **SETTINGS)
 @given(st.data())
 def test_wire_decoder_round_trips_or_rejects_mutated_messages(data):
     seed = data.draw(st.sampled_from(fuzz.seeds("wire")))

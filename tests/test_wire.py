@@ -123,7 +123,7 @@ def test_bad_sampling_params_in_open_are_rejected():
         wire.decode(bad)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=2000, deadline=None)
 @given(st.binary(max_size=400))
 def test_random_payloads_never_crash_the_decoder(data):
     try:
