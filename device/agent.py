@@ -457,10 +457,11 @@ class _Request:
         else a prompt lookup's proposal where [draft] sources puts one first; else the model's."""
         engine = self.agent.engine
         if carried is None and self.sources[0] == "lookup":
-            if self.policy.adaptive:
-                draft_len = self.agent.scheduler.lookup_len(
-                    draft_len, replace(self.agent.scheduler.objective, **self.policy.overrides))
             looked_up = lookup.drafted(self.committed, draft_len, self.params, self.stop_ids)
+            if looked_up is not None and self.policy.adaptive:  # how much of it pays, if any
+                scheduler = self.agent.scheduler
+                n = scheduler.lookup_len(len(looked_up.tokens), replace(scheduler.objective, **self.policy.overrides))
+                looked_up = looked_up.cut(n) if n else None
             if looked_up is not None or "model" not in self.sources:
                 return looked_up or Drafted.empty(self.params)
         if carried is None:
