@@ -134,7 +134,9 @@ def worker_main(argv: list[str]) -> int:
                                "mqtt": {"port": args.port, "protocol": "5"},
                                "draft": {"model": args.draft, "weights": args.draft_weights,
                                          "backend": args.draft_backend, "sources": args.draft_sources},
-                               "speculation": {"max_draft": MAX_DRAFT},
+                               # Every (prompt, policy) run on its own: no run goes on in the
+                               # session the one before kept (`specedge bench-apps` measures that).
+                               "speculation": {"max_draft": MAX_DRAFT, "keep_session": False},
                                "energy": {"profile": args.profile, "link": args.link, "meter": args.meter},
                                "faults": {"round_timeout_s": 60.0}})
     engine, tok = open_engine(cfg.draft)
