@@ -106,6 +106,8 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
         assert ch["policies"]["early-exit:3"]["early_exit_layer"] == 1  # 3/4 of the tiny target's 2 layers
         run = ch["runs"]["adaptive"][0]
         assert len(run["draft_lens"]) == len(run["round_start_s"]) == len(run["link_down_bps"]) > 0
+        # Each run opened its own session: none went on in the one its predecessor kept.
+        assert all(r["summary"]["cached_prompt_tokens"] == 0 for runs in ch["runs"].values() for r in runs)
     assert report["channels"]["lte"]["policies"]["fixed:1"]["rtt_ms"] >= 50  # 2 x 30 ms one-way
     layers = report["early_exit_agreement"]
     assert layers["layers"] == 2 and set(layers["agreement"]) == {"1"} and layers["positions"] > 0
