@@ -140,7 +140,10 @@ def run(args) -> int:
     target, target_tok = loaded.model, loaded.tokenizer
     if args.serve:
         return serve(args, draft, draft_tok, target, target_tok)
-    stack = Stack(draft, draft_tok, target, target_tok, broker=args.broker)
+    # The cloud-only baseline runs the same prompt next: it must not go on in the session the
+    # speculative run kept (its prefill would be skipped), so neither keeps one.
+    stack = Stack(draft, draft_tok, target, target_tok, broker=args.broker,
+                  device_cfg=build(DeviceConfig, {"speculation": {"keep_session": False}}))
     exactness = target.exactness  # the verifier self-tested the target as it started
     print(f"target engine {loaded.spec.engine}; self-test: {exactness.summary()}", file=sys.stderr, flush=True)
     try:
