@@ -216,13 +216,22 @@ class Agent:
     def stop(self) -> None:
         kept, self.kept = self.kept, None
         if kept is not None and self.link.connected.is_set():  # free the replica's cache now
-            self.link.publish(topics.draft(self.cfg.device.fleet, self.cfg.device.id, kept.rounds.replica),
-                              wire.encode(wire.Close(kept.rounds.session, kept.rounds.next_round())),
-                              qos=wire.ROUND_QOS)
+            self.close_kept(kept)
         if self._own_link:
             self.link.stop()
         if self.meter:
             self.meter.close()
+
+    def send_round(self, msg, replica: str | None) -> None:
+        """A round message to the replica holding its session; OPEN (and anything before one
+        answers: replica None) to the group."""
+        ident = self.cfg.device
+        topic = topics.draft(ident.fleet, ident.id, None if isinstance(msg, wire.Open) else replica)
+        self.link.publish(topic, wire.encode(msg), qos=wire.ROUND_QOS)
+
+    def close_kept(self, kept: Kept) -> None:
+        """Close a session kept for a next turn that will not come (another request, or stop)."""
+        self.send_round(wire.Close(kept.rounds.session, kept.rounds.next_round()), kept.rounds.replica)
 
     # -- one request -------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams, max_new_tokens: int, policy: Policy,
@@ -244,11 +253,9 @@ class _Request:
         # hash. The next turn of a conversation goes on in the last request's session (EXTEND).
         self.kept, agent.kept = agent.kept, None
         usable = self.kept is not None and self.kept.rounds.replica not in agent.offline_replicas
-        shared = self.kept.shared(prompt, params, policy.early_exit) if usable else 0
-        self.extends = shared > 0
-        if self.extends:
+        self.shared = self.kept.shared(prompt, params, policy.early_exit) if usable else 0
+        if self.shared:
             self.rounds = self.kept.rounds
-            self.extend_base = (shared, wire.text_hash(prompt[:shared]))
             self.rounds.rebase(prompt)
             self.stats.verified_by(self.kept.exact)
         else:
@@ -278,13 +285,9 @@ class _Request:
     def generated(self) -> int:
         return len(self.committed) - self.prompt_len
 
-    def send(self, msg, replica: str | None = None) -> None:
-        """To the replica holding the session (or `replica`); OPEN (and anything before one
-        answers) to the group."""
-        ident = self.agent.cfg.device
-        topic = topics.draft(ident.fleet, ident.id, None if isinstance(msg, wire.Open) else replica or self.replica)
+    def send(self, msg) -> None:
         self.sent_connects = self.link.connects
-        self.link.publish(topic, wire.encode(msg), qos=wire.ROUND_QOS)
+        self.agent.send_round(msg, self.replica)
 
     def open_message(self, resync: bool) -> wire.Open:
         """An OPEN with the committed text, under the round number Rounds.opening() gave it."""
@@ -329,14 +332,14 @@ class _Request:
         """OPEN the session; or, for a conversation's next turn, send the replica that kept it
         only the new tokens (its next round finds out whether they took, and resyncs if not).
         A kept session this request does not continue is closed."""
-        if self.extends:
-            base, base_hash = self.extend_base
-            self.send(wire.Extend(self.session, self.rounds.next_round(), base, self.committed[base:], base_hash))
+        if self.shared:
+            base = self.shared
+            self.send(wire.Extend(self.session, self.rounds.next_round(), base, self.committed[base:],
+                                  wire.text_hash(self.committed[:base])))
             self.stats.cached_prompt_tokens = base
             return
         if self.kept is not None:
-            kept = self.kept.rounds
-            self.send(wire.Close(kept.session, kept.next_round()), replica=kept.replica)
+            self.agent.close_kept(self.kept)
         self.rounds.opening()
         self.send(self.open_message(resync=False))
 

@@ -118,18 +118,14 @@ class _NoIO:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item):
+    """A unit test's set-up and its call (the same guard) run with socket I/O refused."""
     if item.get_closest_marker("unit") is None:
         return (yield)
     with _NoIO(item):
         return (yield)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    if item.get_closest_marker("unit") is None:
-        return (yield)
-    with _NoIO(item):
-        return (yield)
+pytest_runtest_call = pytest_runtest_setup
 
 
 @pytest.fixture(scope="session")
