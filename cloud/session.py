@@ -46,11 +46,16 @@ class BadRequest(Exception):
 
 class TargetSession:
     def __init__(self, target, tokens: list[int], params: SamplingParams, session_id: int,
-                 draft: str = "", contract: Contract | None = None):
+                 draft: str = "", contract: Contract | None = None, constraint=None, grammar_from: int = 0):
+        """`constraint`: a grammar's fresh state (specedge/grammar.py) for the tokens from
+        `grammar_from` on: every verdict is the grammar-constrained target's."""
         self.target, self.params, self.draft, self.contract = target, params, draft, contract
         self._check_ids(tokens)
         if len(tokens) + 1 > target.model.cfg.max_seq_len:
             raise BadRequest(f"{len(tokens)} tokens exceed the target's context of {target.model.cfg.max_seq_len}")
+        self.constraint, self.grammar_from = constraint, grammar_from
+        if constraint is not None and not constraint.accept(tokens[grammar_from:]):
+            raise BadRequest("the generated text breaks the session's grammar")
         self.committed = list(tokens)
         self.hasher = TextHasher(self.committed)  # follows `committed`: see text_hash()
         self.cache = None  # cold: built by the next pass
@@ -108,6 +113,8 @@ class TargetSession:
         if committed != len(self.committed):
             if not (allow_rollback and 1 <= committed < len(self.committed)):
                 raise OutOfSync(f"device has {committed} committed tokens, verifier {len(self.committed)}")
+            if self.constraint is not None:
+                self.constraint.rollback(len(self.committed) - max(committed, self.grammar_from))
             del self.committed[committed:]
             self.hasher = TextHasher(self.committed)  # O(n), on a rare rollback only
             if self.cache is not None:
@@ -120,10 +127,29 @@ class TargetSession:
         """The next turn of the conversation: its tokens join the committed text; the cache keeps
         what it holds, so only they are fed (with the next draft, in chunks if long)."""
         self._check_ids(tokens)
+        if self.constraint is not None:
+            raise BadRequest("a session under a grammar takes no next turn: open a new one")
         if len(self.committed) + len(tokens) + 1 > self.model.cfg.max_seq_len:
             raise BadRequest(f"{len(self.committed) + len(tokens)} tokens exceed the target's context of "
                              f"{self.model.cfg.max_seq_len}")
         self.committed += tokens
+
+    def force(self, tokens: list[int]) -> None:
+        """Tokens the device committed because the grammar allowed nothing else (a DRAFT's
+        `forced`): each is checked against this session's grammar, never computed by the target,
+        and joins the committed text (fed with the next draft)."""
+        if not tokens:
+            return
+        if self.constraint is None:
+            raise BadRequest("forced tokens in a session without a grammar")
+        self._check_ids(tokens)
+        if len(self.committed) + len(tokens) + 1 > self.model.cfg.max_seq_len:
+            raise BadRequest("forced tokens run past the target's context")
+        for token in tokens:
+            if self.constraint.forced() != token:
+                raise BadRequest(f"token {token} is not the only one the grammar allows here")
+            self.constraint.accept([token])
+            self.committed.append(token)
 
     def check_draft(self, draft: list[int], q: list[SparseDist] | None) -> None:
         self._check_ids(draft)
@@ -175,6 +201,8 @@ class TargetSession:
 
     def finish(self, draft: list[int], q, logits: torch.Tensor) -> tuple[int, int]:
         """Apply the target's logits for the last len(draft) + 1 positions: (accepted, next token)."""
+        if self.constraint is not None:
+            logits = self.masked(draft, logits)
         if self.params.greedy:
             accepted, token = greedy_verify(draft, torch.argmax(logits, dim=-1).tolist())
         else:
@@ -182,7 +210,31 @@ class TargetSession:
             accepted, token = speculative_verify(draft, q, p, self.rng)
         self.cache.truncate(len(self.committed) + accepted)
         self.committed += draft[:accepted] + [token]
+        if self.constraint is not None:
+            if not self.constraint.accept(self._before_stop(draft[:accepted] + [token])):
+                raise RuntimeError("a verdict under the grammar broke the grammar")  # cannot happen: rows are masked
         return accepted, token
+
+    def _before_stop(self, tokens: list[int]) -> list[int]:
+        """`tokens` before the first stop token: the answer ends there (the grammar allowed the stop
+        token, or the row's mask rejected it), and the device commits nothing after it."""
+        stops = self.target.tokenizer.stop_ids
+        return tokens[:next((i for i, t in enumerate(tokens) if t in stops), len(tokens))]
+
+    def masked(self, draft: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's logits with the grammar's mask after the draft's tokens before it. Rows past
+        a drafted token the grammar refuses stay as they are: that token has p = 0 under its own
+        masked row, so the rule rejects it there and never reads a later row. So do rows past a
+        stop token: the answer ended there."""
+        c, out, taken = self.constraint, logits.clone(), 0
+        said = self._before_stop(draft)  # row len(said) holds the stop token, or is the bonus row
+        for i in range(len(said) + 1):
+            out[i] = c.mask(logits[i])
+            if i == len(said) or not c.accept([said[i]]):
+                break
+            taken += 1
+        c.rollback(taken)
+        return out
 
 
 @dataclass

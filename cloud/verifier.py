@@ -22,6 +22,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from specedge.grammar import Cache as GrammarCache, GrammarError
 from specedge.protocol import wire
 from specedge.cloud.registry import Target, TargetSpec
 from specedge.cloud.session import BadRequest, Item, OutOfSync, TargetSession, verify_batch
@@ -136,6 +137,7 @@ class Verifier:
         self.deferred: list = []  # messages for a session whose previous draft is still pending
         self.hints_sent = self.hints_withheld = 0
         self.stats = VerifierStats()
+        self.grammars = GrammarCache()  # compiled once per grammar, whichever session states it
         self.metrics = VerifierMetrics(self)
         self.metrics_port: int | None = None  # where /metrics is served, once started
         self.status_topic = topics.replica(self.replica, "status")
@@ -337,6 +339,7 @@ class Verifier:
             try:
                 if isinstance(msg, wire.Draft):
                     session.sync(msg.committed, msg.text_hash)
+                    session.force(msg.forced)
                     session.check_draft(msg.tokens, msg.q)
                     holds = len(session.committed) + len(msg.tokens) + 1
                 else:
@@ -372,8 +375,12 @@ class Verifier:
         old = self.sessions.pop(key, None)
         self.pending.pop(key, None)  # a round of the session this OPEN replaces gets no verdict
         try:
-            session = TargetSession(target, msg.tokens, msg.params, msg.session, msg.draft, msg.contract)
-        except BadRequest as exc:
+            constraint = None
+            if msg.grammar:
+                constraint = self.grammars.get(target.tokenizer, target.model.cfg.vocab_size, msg.grammar).start()
+            session = TargetSession(target, msg.tokens, msg.params, msg.session, msg.draft, msg.contract,
+                                    constraint, msg.grammar_from)
+        except (BadRequest, GrammarError) as exc:
             self.count("bad_request")
             self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.BAD_REQUEST, str(exc)))
             return

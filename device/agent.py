@@ -31,6 +31,7 @@ import numpy as np
 
 from specedge.protocol import wire
 from specedge.config import DeviceConfig
+from specedge.grammar import Cache as GrammarCache
 from specedge.protocol.contract import Contract
 from specedge.device import checks, lookup
 from specedge.device.draft import Drafted
@@ -140,6 +141,7 @@ class Agent:
         self.current: _Request | None = None  # the request running or last run
         self.kept: Kept | None = None  # the last request's session, left open for a next turn
         self.round_timer = RoundTimer()
+        self.grammars = GrammarCache(size=8)  # compiled once, for every request that states one
         empty_draft = len(wire.encode(wire.Draft(0, 0, 0, [])))
         prior = State((0.6,), draft_s=0.05, verify_base_s=0.1, verify_per_row_s=0.0, rtt_s=0.0,
                       up_bytes_base=publish_packet_bytes("", empty_draft, wire.ROUND_QOS, True, alias=True),
@@ -235,16 +237,18 @@ class Agent:
 
     # -- one request -------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams, max_new_tokens: int, policy: Policy,
-                 on_tokens=None) -> GenerationResult:
+                 on_tokens=None, grammar: str | None = None) -> GenerationResult:
         """Generate after `prompt`; `on_tokens(tokens, verified)` sees committed tokens as they land
-        (verified False: the draft's alone, under the `draft` fault policy)."""
+        (verified False: the draft's alone, under the `draft` fault policy). `grammar`: llguidance
+        grammar text (specedge/grammar.py) the output must follow; a GrammarError if it does not
+        compile."""
         with self._busy:
-            self.current = _Request(self, prompt, params, max_new_tokens, policy, on_tokens)
+            self.current = _Request(self, prompt, params, max_new_tokens, policy, on_tokens, grammar)
             return self.current.run()
 
 
 class _Request:
-    def __init__(self, agent: Agent, prompt, params, max_new_tokens, policy, on_tokens):
+    def __init__(self, agent: Agent, prompt, params, max_new_tokens, policy, on_tokens, grammar=None):
         self.agent, self.params, self.policy = agent, params, policy
         self.link = agent.link
         self.max_new, self.on_tokens = max_new_tokens, on_tokens or (lambda tokens, verified: None)
@@ -252,7 +256,14 @@ class _Request:
         # The session's round state, no I/O (device/rounds.py): seq, OPEN, replica, version, text
         # hash. The next turn of a conversation goes on in the last request's session (EXTEND).
         self.kept, agent.kept = agent.kept, None
-        usable = self.kept is not None and self.kept.rounds.replica not in agent.offline_replicas
+        # Structured output: the grammar's state over the generated text, and the tokens it forced
+        # that this device committed and the verifier has not been told yet (the next DRAFT says).
+        self.grammar = grammar or ""
+        self.constraint = (agent.grammars.get(agent.tokenizer, agent.engine.vocab_size, grammar).start()
+                           if grammar else None)
+        self.unsent: list[int] = []
+        usable = (self.kept is not None and self.kept.rounds.replica not in agent.offline_replicas
+                  and self.constraint is None)
         self.shared = self.kept.shared(prompt, params, policy.early_exit) if usable else 0
         if self.shared:
             self.rounds = self.kept.rounds
@@ -289,10 +300,16 @@ class _Request:
         self.sent_connects = self.link.connects
         self.agent.send_round(msg, self.replica)
 
+    @property
+    def stated(self) -> int:
+        """The committed tokens a verifier is told of: all but the forced ones the next DRAFT carries."""
+        return len(self.committed) - len(self.unsent)
+
     def open_message(self, resync: bool) -> wire.Open:
         """An OPEN with the committed text, under the round number Rounds.opening() gave it."""
-        return wire.Open(self.session, self.open_seq, list(self.committed), self.params, self.agent.contract,
-                         resync, self.policy.early_exit, self.agent.draft_name)
+        return wire.Open(self.session, self.open_seq, self.committed[:self.stated], self.params,
+                         self.agent.contract, resync, self.policy.early_exit, self.agent.draft_name,
+                         self.grammar, self.prompt_len if self.grammar else 0)
 
     def run(self) -> GenerationResult:
         agent = self.agent
@@ -346,25 +363,33 @@ class _Request:
     def keep_or_close(self) -> None:
         """A request that ended well leaves its session open on its replica for a next turn; one
         that committed unverified tokens (the target lacks them) or never bound is closed."""
-        keep = self.agent.cfg.speculation.keep_session
+        keep = self.agent.cfg.speculation.keep_session and self.constraint is None
         if keep and self.replica is not None and not self.unverified and self.stats.exact_targets is not None:
             self.agent.kept = Kept(self.rounds, list(self.committed), self.params, self.policy.early_exit,
                                    self.stats.exact_targets)
         else:
             self.send(wire.Close(self.session, self.rounds.next_round()))
 
-    def emit(self, tokens: list[int], verified: bool = True) -> None:
-        """Commit tokens (the verifier's, or the draft's alone), cut at a stop token or the length limit."""
+    def emit(self, tokens: list[int], verified: bool = True, forced: bool = False) -> None:
+        """Commit tokens (the verifier's, the draft's alone, or the grammar's `forced` ones), cut at a
+        stop token or the length limit."""
         out = []
         for token in tokens[: self.max_new - self.generated]:
             if token in self.stop_ids:
                 self.stopped = True
                 break
             out.append(token)
+        if self.constraint is not None and not self.constraint.accept(out):
+            raise RequestFailed(f"the verifier's tokens {out} break the request's grammar")
         if out and self.generated == 0:
             self.stats.ttft_s = time.perf_counter() - self.start_s
         self.committed += out
-        self.rounds.commit(out)
+        if forced:
+            self.unsent += out
+            self.stats.forced_tokens += len(out)
+        else:  # a round has stated the forced tokens before these (or will, by a resync's OPEN)
+            self.rounds.commit(self.unsent + out)
+            self.unsent = []
         if out and not verified:
             self.unverified.append((self.generated - len(out), self.generated))
             self.stats.unverified_tokens += len(out)
@@ -374,6 +399,15 @@ class _Request:
     @property
     def done(self) -> bool:
         return self.stopped or self.generated >= self.max_new
+
+    def force(self) -> None:
+        """Commit what the grammar forces (the one token it allows: the constrained target's point
+        mass), with no round trip; the next DRAFT tells the verifier, which checks them."""
+        while self.constraint is not None and not self.done:
+            token = self.constraint.forced()
+            if token is None:
+                return
+            self.emit([token], forced=True)
 
     def run_speculative(self) -> None:
         agent, engine, policy = self.agent, self.agent.engine, self.policy
@@ -388,7 +422,10 @@ class _Request:
             meter.note_busy(prefill_s)
         first_round = True
         carried: Drafted | None = None  # drafted ahead during the last round, its bet held
-        while not self.done:
+        while True:
+            self.force()
+            if self.done:
+                break
             draft_len = policy.next_draft_len(self.max_new - self.generated)
             keep_going = None
             if policy.adaptive:
@@ -403,19 +440,12 @@ class _Request:
             self.rounds.next_round()
             draft = drafted.tokens
             ahead = None
-            if policy.pipelined and uses_model:
+            if policy.pipelined and uses_model and self.constraint is None:
                 next_draft_len = lambda accepted: policy.next_draft_len(self.max_new - self.generated - accepted - 1)
                 ahead = Ahead(engine, list(self.committed), list(draft), self.params, self.rng, self.stop_ids,
                               next_draft_len, keep_going)
-            message = wire.Draft(self.session, self.seq, len(self.committed), draft, drafted.q,
-                                 self.rounds.text_hash())
-            if drafted.q is not None and draft:
-                # The naive baseline ships each drafted token's full distribution (fp16 over the
-                # vocabulary) instead of its sparse q: counted, never sent.
-                self.stats.q_wire_bytes += len(wire.encode(message)) - len(wire.encode(replace(message, q=None)))
-                self.stats.dense_q_bytes += 2 * self.vocab_size * len(draft)
             try:
-                verdict = self.round_trip(message, ahead)
+                verdict = self.round_trip(self.draft_message(drafted), ahead)
             except _DraftAlone:
                 self.emit(draft[: self.faults.unverified_max_tokens - self.stats.unverified_tokens], verified=False)
                 self.alone = True
@@ -455,12 +485,27 @@ class _Request:
                     self.stats.ahead_kept += len(carried.tokens)
             first_round = False
 
+    def draft_message(self, drafted: Drafted) -> wire.Draft:
+        """This round's DRAFT: the text the verifier holds, the forced tokens it has not been told
+        of, then the draft."""
+        message = wire.Draft(self.session, self.seq, self.stated, drafted.tokens, drafted.q,
+                             self.rounds.text_hash(), list(self.unsent))
+        if drafted.q is not None and drafted.tokens:
+            # The naive baseline ships each drafted token's full distribution (fp16 over the
+            # vocabulary) instead of its sparse q: counted, never sent.
+            self.stats.q_wire_bytes += len(wire.encode(message)) - len(wire.encode(replace(message, q=None)))
+            self.stats.dense_q_bytes += 2 * self.vocab_size * len(drafted.tokens)
+        return message
+
     def draft(self, draft_len: int, keep_going, carried: Drafted | None) -> Drafted:
         """This round's draft: what was drafted ahead (if its bet held), extended up to `draft_len`;
         else a prompt lookup's proposal where [draft] sources puts one first; else the model's."""
         engine = self.agent.engine
         if carried is None and self.sources[0] == "lookup":
             looked_up = lookup.drafted(self.committed, draft_len, self.params, self.stop_ids)
+            if looked_up is not None and self.constraint is not None:  # what the grammar allows of it
+                valid = self.constraint.valid_prefix(looked_up.tokens)
+                looked_up = looked_up.cut(valid) if valid else None
             if looked_up is not None and self.policy.adaptive:  # how much of it pays, if any
                 scheduler = self.agent.scheduler
                 n = scheduler.lookup_len(len(looked_up.tokens), replace(scheduler.objective, **self.policy.overrides))
@@ -468,6 +513,9 @@ class _Request:
             if looked_up is not None or "model" not in self.sources:
                 return looked_up or Drafted.empty(self.params)
         if carried is None:
+            if self.constraint is not None:  # (a test's engine wrapper may not take the keyword)
+                return engine.draft(draft_len, self.params, self.rng, self.stop_ids, keep_going,
+                                    constraint=self.constraint)
             return engine.draft(draft_len, self.params, self.rng, self.stop_ids, keep_going)
         if len(carried.tokens) > draft_len:  # the request is nearly done: drop the tail
             carried = carried.cut(draft_len)

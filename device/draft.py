@@ -89,16 +89,20 @@ class DraftEngine:
         self.pending = list(committed[common:])
 
     def draft(self, draft_len: int, params: SamplingParams, rng: np.random.Generator, stop_ids=frozenset(),
-              keep_going=None) -> Drafted:
+              keep_going=None, constraint=None) -> Drafted:
         """Draft up to draft_len tokens after the committed text. `keep_going(confidences so far)` may
-        stop the draft early (it is asked before each token, the first included)."""
+        stop the draft early (it is asked before each token, the first included). `constraint` (a
+        grammar's state at the committed text, specedge/grammar.py) masks every step's logits, so q
+        is the masked draft's; it is left as it was given."""
         out = Drafted.empty(params)
-        t0 = time.perf_counter()
+        t0, taken = time.perf_counter(), 0
         for _ in range(draft_len):
             if keep_going is not None and not keep_going(out.confidences):
                 break
             logits = self._feed(self.pending)
             self.fed += self.pending
+            if constraint is not None:
+                logits = constraint.mask(logits)
             if params.greedy:
                 token = int(np.argmax(logits))
                 confidence = float(softmax(logits)[token])
@@ -112,6 +116,11 @@ class DraftEngine:
             self.pending = [token]
             if token in stop_ids:  # nothing follows a stop token worth verifying
                 break
+            if constraint is not None:
+                constraint.accept([token])
+                taken += 1
+        if constraint is not None:
+            constraint.rollback(taken)
         out.seconds = time.perf_counter() - t0
         return out
 

@@ -68,6 +68,7 @@ class SpecStats:
     # ones: included in the totals above, and apart here because their acceptance is their own.
     draft_reused_tokens: int = 0  # prompt tokens the draft's cache kept from the last request (a conversation)
     cached_prompt_tokens: int = 0  # prompt tokens a kept session held on the verifier: not sent again (EXTEND)
+    forced_tokens: int = 0  # committed with no round trip: the grammar allowed nothing else (grammar.py)
     lookup_rounds: int = 0
     lookup_drafted: int = 0
     lookup_accepted: int = 0
@@ -141,6 +142,7 @@ class SpecStats:
                                    if self.drafted_tokens > self.lookup_drafted else 0.0),
             "draft_reused_tokens": self.draft_reused_tokens,
             "cached_prompt_tokens": self.cached_prompt_tokens,
+            "forced_tokens": self.forced_tokens,
             "lookup_rounds": self.lookup_rounds,
             "lookup_acceptance": self.lookup_accepted / self.lookup_drafted if self.lookup_drafted else None,
             "verify_ms_per_pass": 1000 * self.verify_s / self.target_passes if self.target_passes else 0.0,

@@ -15,20 +15,23 @@ from typing import NamedTuple
 
 import numpy as np
 
+from specedge.grammar import MAX_GRAMMAR, grammar_hash
 from specedge.protocol.contract import Contract
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
-PROTOCOL_VERSION = 8  # 3: OPEN states the draft and its contract, OPENED names replica and version;
+PROTOCOL_VERSION = 9  # 3: OPEN states the draft and its contract, OPENED names replica and version;
 # 4: OPENED says whether that version passed its bitwise self-test on the verifier's machine;
 # 5: DRAFT, GENERATE, VERDICT and HINT carry a hash of the committed text beside its length;
 # 6: a tighter round: 4-byte session ids (a session is named per device), DRAFT's token count
 #    and q flag in one byte, VERDICT's verify time in 100 µs units (u16); rounds at QoS 0;
 # 7: answers on a short topic of their own (topics.answers), not under the device's topics;
-# 8: EXTEND: the next turn of a conversation appends only its new tokens to a session kept open
+# 8: EXTEND: the next turn of a conversation appends only its new tokens to a session kept open;
+# 9: OPEN may carry a grammar (structured output), and DRAFT the tokens it forced (type 6)
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_PACKET = MAX_PAYLOAD + 4096  # an MQTT packet carrying it: framing and topic besides
 MAX_CONTEXT = 32768  # tokens in OPEN
 MAX_DRAFT = 64  # drafted tokens per DRAFT
+MAX_FORCED = 255  # forced tokens per DRAFT
 MAX_Q_ENTRIES = 255  # (id, count) pairs per drafted token
 MAX_STREAM = 1024  # tokens per TOKENS message
 MAX_TOKEN_ID = (1 << 24) - 1
@@ -42,7 +45,7 @@ ROUND_QOS = 0
 HEADER = struct.Struct("<BBII")  # version, type, session, seq
 MAX_SESSION = (1 << 32) - 1  # session ids are random per request, and sessions are named per device
 HASH_BYTES = 8
-TEXT_AND_COUNT = struct.Struct("<I8sI")  # committed, text_hash, a count: GENERATE's and EXTEND's bodies
+TEXT_AND_COUNT = struct.Struct("<I8sI")  # a position, a hash, a count: GENERATE's, EXTEND's, OPEN's grammar
 NO_HASH = bytes(HASH_BYTES)  # what a message built without one states: it matches no text
 
 
@@ -116,11 +119,16 @@ class Open:
     resync: bool = False
     hints: bool = False  # ask for early-exit hints (when the verifier has an exit head)
     draft: str = ""  # the draft model's name: acceptance is tracked per (draft, target version)
+    # Structured output (specedge/grammar.py): llguidance grammar text constraining the tokens from
+    # position `grammar_from` on (the prompt's end; a resync's OPEN states generated tokens too).
+    grammar: str = ""
+    grammar_from: int = 0
     TYPE = 1
-    # flags (resync | hints << 1), temperature, top_k, top_p, seed, the contract (tokenizer hash,
-    # vocabulary size, special tokens' hash, chat template's hash), token count; then the draft's
-    # name and the tokens
+    # flags (resync | hints << 1 | grammar << 2), temperature, top_k, top_p, seed, the contract
+    # (tokenizer hash, vocabulary size, special tokens' hash, chat template's hash), token count;
+    # then the draft's name and the tokens; with a grammar, GRAMMAR and its text (UTF-8)
     BODY = struct.Struct("<BfIfQ8sI8s8sI")
+    GRAMMAR = TEXT_AND_COUNT  # grammar_from, the grammar text's hash (grammar.grammar_hash), its length
 
 
 @dataclass
@@ -149,8 +157,13 @@ class Draft:
     tokens: list[int]
     q: list[SparseDist] | None = None  # sampled mode: the exact draft distribution per token
     text_hash: bytes = NO_HASH  # TextHasher of those `committed` tokens
+    # Tokens the grammar forced after those `committed` ones, which the device committed without a
+    # round trip (grammar.py): the verifier checks and appends them, and the draft follows them.
+    forced: list[int] = field(default_factory=list)
     TYPE = 2
+    TYPE_FORCED = 6  # a DRAFT with forced tokens: the type says so, so a plain DRAFT pays no byte for it
     BODY = struct.Struct("<I8sB")  # committed, text_hash, token count | has q << 7; then tokens or q's
+    # type 6: BODY, then the forced tokens' count (u8) and the tokens, then the drafted ones
 
 
 @dataclass
@@ -330,9 +343,18 @@ def _encode_open(m: Open) -> bytes:
     p, c = m.params, m.contract
     if not all(len(h) == 8 for h in (c.tokenizer, c.special_tokens, c.chat_template)):
         raise WireError("contract hashes must be 8 bytes")
-    return (Open.BODY.pack(int(m.resync) | int(m.hints) << 1, p.temperature, p.top_k, p.top_p, p.seed,
+    flags = int(m.resync) | int(m.hints) << 1 | int(bool(m.grammar)) << 2
+    body = (Open.BODY.pack(flags, p.temperature, p.top_k, p.top_p, p.seed,
                            c.tokenizer, c.vocab_size, c.special_tokens, c.chat_template, len(m.tokens))
             + _name(m.draft, "draft name") + _tokens(m.tokens, MAX_CONTEXT, "open"))
+    if not m.grammar:
+        return body
+    text = m.grammar.encode("utf-8")
+    if len(text) > MAX_GRAMMAR:
+        raise Oversized(f"open: a grammar of {len(text)} bytes exceeds the limit of {MAX_GRAMMAR}")
+    if not 0 <= m.grammar_from <= len(m.tokens):
+        raise WireError("open: grammar_from lies outside the tokens")
+    return body + Open.GRAMMAR.pack(m.grammar_from, grammar_hash(m.grammar), len(text)) + text
 
 
 def _decode_open(session: int, seq: int, r: _Reader) -> Open:
@@ -341,7 +363,7 @@ def _decode_open(session: int, seq: int, r: _Reader) -> Open:
         params = SamplingParams(float(temperature), int(top_k), float(top_p), int(seed))
     except ValueError as exc:
         raise WireError(f"open: {exc}") from exc
-    if flags > 3:
+    if flags > 7:
         raise WireError("open: unknown flags")
     _bounded(n, MAX_CONTEXT, "open")
     draft = r.name("open: draft name")
@@ -349,6 +371,18 @@ def _decode_open(session: int, seq: int, r: _Reader) -> Open:
                bool(flags & 2), draft)
     if not msg.tokens:
         raise WireError("open: no tokens")
+    if flags & 4:
+        start, digest, size = r.take(Open.GRAMMAR)
+        raw = bytes(r.array("u1", _bounded(size, MAX_GRAMMAR, "open: grammar")))
+        try:
+            msg.grammar = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError("open: grammar is not UTF-8") from None
+        if not msg.grammar or grammar_hash(msg.grammar) != digest:
+            raise WireError("open: the grammar's text does not match its hash")
+        if start > n:
+            raise WireError("open: grammar_from lies outside the tokens")
+        msg.grammar_from = start
     return msg
 
 
@@ -371,17 +405,24 @@ def _encode_draft(m: Draft) -> bytes:
     if len(m.tokens) > MAX_DRAFT:
         raise Oversized(f"draft: {len(m.tokens)} tokens exceed the limit of {MAX_DRAFT}")
     head = Draft.BODY.pack(m.committed, _hash(m), len(m.tokens) | int(has_q) << 7)
+    if m.forced:
+        head += bytes([_bounded(len(m.forced), MAX_FORCED, "draft: forced")]) + _tokens(m.forced, MAX_FORCED, "forced")
     if not has_q:
         return head + _tokens(m.tokens, MAX_DRAFT, "draft")
     return head + b"".join(encode_q(q, token) for token, q in zip(m.tokens, m.q))
 
 
-def _decode_draft(session: int, seq: int, r: _Reader) -> Draft:
+def _decode_draft(session: int, seq: int, r: _Reader, forced: bool = False) -> Draft:
     committed, digest, packed = r.take(Draft.BODY)
     n, has_q = packed & 0x7F, packed >> 7
     _bounded(n, MAX_DRAFT, "draft")
+    before = []
+    if forced:
+        before = r.tokens(int(r.array("u1", 1)[0]))
+        if not before:
+            raise WireError("draft: a forced-tokens DRAFT with none")
     if not has_q:
-        return Draft(session, seq, committed, r.tokens(n), None, digest)
+        return Draft(session, seq, committed, r.tokens(n), None, digest, before)
     tokens, q = [], []
     for _ in range(n):
         k, index = r.take(_Q)
@@ -397,7 +438,7 @@ def _decode_draft(session: int, seq: int, r: _Reader) -> Draft:
             raise WireError("draft: q ids repeat")
         tokens.append(int(ids[index]))
         q.append(SparseDist(ids, counts))
-    return Draft(session, seq, committed, tokens, q, digest)
+    return Draft(session, seq, committed, tokens, q, digest, before)
 
 
 def _encode_generate(m: Generate) -> bytes:
@@ -483,7 +524,14 @@ CODECS = {c.message.TYPE: c for c in (
     Codec(Verdict, _encode_verdict, _decode_verdict), Codec(Hint, _encode_hint, _decode_hint),
     Codec(Tokens, _encode_tokens, _decode_tokens), Codec(Error, _encode_error, _decode_error),
 )}
+# A DRAFT with forced tokens: the same message, told apart by its type.
+CODECS[Draft.TYPE_FORCED] = Codec(Draft, _encode_draft,
+                                  lambda session, seq, r: _decode_draft(session, seq, r, forced=True))
 MESSAGES = {t: c.message for t, c in CODECS.items()}
+
+
+def wire_type(msg) -> int:
+    return Draft.TYPE_FORCED if isinstance(msg, Draft) and msg.forced else msg.TYPE
 
 
 class Header(NamedTuple):
@@ -506,7 +554,7 @@ def encode(msg) -> bytes:
         raise TypeError(f"not a wire message: {msg!r}")
     if not 0 <= msg.session <= MAX_SESSION:
         raise WireError(f"session id {msg.session} is not a u32")
-    payload = HEADER.pack(PROTOCOL_VERSION, msg.TYPE, msg.session, msg.seq) + codec.encode(msg)
+    payload = HEADER.pack(PROTOCOL_VERSION, wire_type(msg), msg.session, msg.seq) + codec.encode(msg)
     if len(payload) > MAX_PAYLOAD:
         raise Oversized(f"{len(payload)} bytes exceed {MAX_PAYLOAD}")
     return payload
