@@ -231,6 +231,25 @@ class Constraint:
         return logits.masked_fill(~keep, float("-inf"))
 
 
+def reference_decode(model, tokenizer, prompt: list[int], max_new: int, text: str) -> list[int]:
+    """The target's own grammar-constrained greedy decoding, one position at a time, outside every
+    service: argmax of the masked logits, until a stop token or `max_new`. What speculation must
+    equal, token for token (tests, bench-apps)."""
+    import torch
+
+    c = Compiled(tokenizer, model.cfg.vocab_size, text).start()
+    cache = model.new_cache()
+    model.forward(prompt[:-1], cache, last_only=True)
+    last, out = prompt[-1], []
+    for _ in range(max_new):
+        token = int(torch.argmax(c.mask(model.forward([last], cache)[-1])))
+        if token in tokenizer.stop_ids or not c.accept([token]):
+            break
+        out.append(token)
+        last = token
+    return out
+
+
 class Cache:
     """Compiled grammars by hash (a verifier's): every session of a fleet-wide schema compiles it
     once. Least recently used first out, beyond `size` grammars."""

@@ -25,23 +25,6 @@ ACTION = {"type": "object", "properties": {
     "required": ["action", "speed", "note"], "additionalProperties": False}
 
 
-def constrained_greedy(model, tok, prompt: list[int], max_new: int, text: str) -> list[int]:
-    """The target's own grammar-constrained greedy decoding, one position at a time, outside every
-    service: argmax of the masked logits, until a stop token or the limit."""
-    c = grammar.Compiled(tok, model.cfg.vocab_size, text).start()
-    cache = model.new_cache()
-    model.forward(prompt[:-1], cache, last_only=True)
-    last, out = prompt[-1], []
-    for _ in range(max_new):
-        token = int(torch.argmax(c.mask(model.forward([last], cache)[-1])))
-        if token in tok.stop_ids:
-            break
-        assert c.accept([token])
-        out.append(token)
-        last = token
-    return out
-
-
 @pytest.mark.parametrize("policy", ["fixed:0", "fixed:1", "fixed:3", "fixed:6", "adaptive", "cloud-ar"])
 def test_constrained_greedy_output_is_the_targets_constrained_decoding(stack, tiny_models, policy):
     _, tok, target, _ = tiny_models
@@ -49,7 +32,7 @@ def test_constrained_greedy_output_is_the_targets_constrained_decoding(stack, ti
     for words in ("robot arm go left", "stop the wheel now please", "grip it"):
         prompt = tok.encode_chat(words)
         got = stack.agent.generate(prompt, SamplingParams(), 60, parse_policy(policy), grammar=text)
-        want = constrained_greedy(target, tok, prompt, 60, text)
+        want = grammar.reference_decode(target, tok, prompt, 60, text)
         assert got.tokens == want
         if got.stopped:  # a whole object: valid under the schema
             action = json.loads(tok.decode(got.tokens))
@@ -70,7 +53,7 @@ def test_prompt_lookup_drafts_under_a_grammar_stay_exact(stack, tiny_models):
         got = stack.agent.generate(prompt, SamplingParams(), 40, parse_policy("fixed:4"), grammar=text)
     finally:
         stack.agent.cfg.draft.sources = "model"
-    assert got.tokens == constrained_greedy(target, tok, prompt, 40, text)
+    assert got.tokens == grammar.reference_decode(target, tok, prompt, 40, text)
 
 
 def test_a_forced_run_to_the_end_finishes_without_a_round(stack, tiny_models):
@@ -81,7 +64,7 @@ def test_a_forced_run_to_the_end_finishes_without_a_round(stack, tiny_models):
     got = stack.agent.generate(prompt, SamplingParams(), 20, parse_policy("fixed:4"), grammar=text)
     assert tok.decode(got.tokens) == "the cat"
     assert got.stats.forced_tokens == len(got.tokens) and got.stats.rounds == 0
-    assert got.tokens == constrained_greedy(target, tok, prompt, 20, text)
+    assert got.tokens == grammar.reference_decode(target, tok, prompt, 20, text)
 
 
 def _first_tokens(target_model, tok, draft_model, prompt, text, params, trials, masked_target=True):
