@@ -93,6 +93,17 @@ class TargetSession:
         old.cache.truncate(min(old.cache.length, same, len(self.committed) - 1))
         self.cache = old.cache
 
+    def share_prefix(self, donor: "TargetSession", length: int) -> int:
+        """Start this cold session's cache from `donor`'s first `length` positions, where its engine
+        can fork a cache and the texts agree there; returns the positions taken (0: none)."""
+        held = donor.cache
+        length = min(length, len(self.committed) - 1)
+        if (self.cache is not None or held is None or not hasattr(held, "fork") or donor.target is not self.target
+                or held.length < length or donor.committed[:length] != self.committed[:length]):
+            return 0
+        self.cache = held.fork(length, len(self.committed) + HEADROOM)
+        return length
+
     def switch(self, target) -> None:
         self.target = target
         self.evict()
@@ -235,6 +246,41 @@ class TargetSession:
             taken += 1
         c.rollback(taken)
         return out
+
+
+class PrefixIndex:
+    """Which session holds the KV cache of a token prefix, keyed by the prefix's hash at every
+    BLOCK tokens (a fleet-wide system prompt, a shared document): a new session forks the longest
+    one instead of prefilling it. An entry is a hint, checked by share_prefix against the donor's
+    text and cache when used; stale entries (a closed session, an evicted cache) are skipped."""
+
+    BLOCK = 32
+
+    def __init__(self, size: int = 4096):
+        self.size, self._holders = size, {}  # prefix hash -> session key, oldest first
+
+    @classmethod
+    def hashes(cls, tokens: list[int]) -> list[tuple[int, bytes]]:
+        """(length, hash) of each whole block prefix of `tokens` but the last token's."""
+        out, hasher = [], TextHasher()
+        for end in range(cls.BLOCK, len(tokens), cls.BLOCK):
+            hasher.update(tokens[end - cls.BLOCK:end])
+            out.append((end, hasher.digest()))
+        return out
+
+    def add(self, key, tokens: list[int]) -> None:
+        for _, digest in self.hashes(tokens):
+            self._holders.pop(digest, None)
+            self._holders[digest] = key  # the latest holder is the likeliest to be warm
+        while len(self._holders) > self.size:
+            self._holders.pop(next(iter(self._holders)))
+
+    def candidates(self, tokens: list[int]):
+        """(session key, prefix length) of the holders of `tokens`' block prefixes, longest first."""
+        for length, digest in reversed(self.hashes(tokens)):
+            key = self._holders.get(digest)
+            if key is not None:
+                yield key, length
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from specedge.grammar import Cache as GrammarCache, GrammarError
 from specedge.protocol import wire
 from specedge.cloud.registry import Target, TargetSpec
-from specedge.cloud.session import BadRequest, Item, OutOfSync, TargetSession, verify_batch
+from specedge.cloud.session import BadRequest, Item, OutOfSync, PrefixIndex, TargetSession, verify_batch
 from specedge.cloud.versions import Versions
 from specedge.config import CloudConfig
 from specedge.exporter import VerifierMetrics
@@ -79,6 +79,8 @@ class VerifierStats:
     prefill_chunks: int = 0  # a cold session's share of a pass that fed only part of its text
     extended: int = 0  # conversations' next turns appended to a kept session (EXTEND)
     extended_cached_tokens: int = 0  # the history those turns did not send again
+    prefix_hits: int = 0  # new sessions that started from another session's cached prefix (PrefixIndex)
+    prefix_tokens: int = 0  # the positions those did not prefill
     kv_peak_bytes: int = 0  # the most all caches held together, right after a pass
     # The most recent rounds and passes only: a service runs for months, its percentiles should
     # neither grow its memory nor describe last week.
@@ -107,6 +109,7 @@ class VerifierStats:
                 "evictions": self.evictions, "expired": self.expired, "switches": self.switches,
                 "dropped": self.dropped, "prefill_chunks": self.prefill_chunks, "kv_peak_bytes": self.kv_peak_bytes,
                 "extended": self.extended, "extended_cached_tokens": self.extended_cached_tokens,
+                "prefix_hits": self.prefix_hits, "prefix_tokens": self.prefix_tokens,
                 "pairs": [{"draft": d, "target": v, **s.summary()} for (d, v), s in sorted(self.pairs.items())]}
 
 
@@ -138,6 +141,7 @@ class Verifier:
         self.hints_sent = self.hints_withheld = 0
         self.stats = VerifierStats()
         self.grammars = GrammarCache()  # compiled once per grammar, whichever session states it
+        self.prefixes = PrefixIndex()  # which session's cache holds a prompt prefix others may share
         self.metrics = VerifierMetrics(self)
         self.metrics_port: int | None = None  # where /metrics is served, once started
         self.status_topic = topics.replica(self.replica, "status")
@@ -387,6 +391,8 @@ class Verifier:
         if old is not None:  # a resync keeps the round counter so replays stay recognisable
             session.last_seq, session.last_reply = old.last_seq, None
             session.adopt_cache(old)
+        else:
+            self.share_prefix(session)
         need = session.cache_bytes_after(session.next_feed([]))
         if need > self.budget_bytes:
             self.refuse(out, msg, f"its KV cache of {need / 2**20:.2f} MB would exceed the verifier's "
@@ -398,7 +404,19 @@ class Verifier:
             return
         session.hints = msg.hints
         self.sessions[key] = session
+        self.prefixes.add(key, msg.tokens)
         self.reply(out, wire.Opened(msg.session, msg.seq, self.replica, target.name, target.exact))
+
+    def share_prefix(self, session: TargetSession) -> None:
+        """A new session's prompt that begins like another session's (a fleet-wide system prompt)
+        starts from a copy of that session's cache: the shared prefix is not prefilled again."""
+        for key, length in self.prefixes.candidates(session.committed):
+            donor = self.sessions.get(key)
+            taken = session.share_prefix(donor, length) if donor is not None else 0
+            if taken:
+                self.stats.prefix_hits += 1
+                self.stats.prefix_tokens += taken
+                return
 
     def extend(self, key, msg: wire.Extend, out: str) -> None:
         """The next turn of a kept session: its new tokens join the text, whose cache stays. Not
@@ -421,6 +439,7 @@ class Verifier:
         session.last_seq, session.last_reply, session.last_used = msg.seq, None, time.monotonic()
         self.stats.extended += 1
         self.stats.extended_cached_tokens += msg.committed
+        self.prefixes.add(key, session.committed)
         refusal = self.make_room(key, len(session.committed))
         if refusal:
             self.refuse(out, msg, refusal)

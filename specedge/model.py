@@ -124,6 +124,18 @@ class KVCache:
             raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
         self.length = length
 
+    def fork(self, length: int, capacity: int) -> "KVCache":
+        """A new cache holding a copy of this one's first `length` positions (another session's
+        shared prefix: a batch-invariant engine computes them to the same bits anyway)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot fork {length} of a cache's {self.length} positions")
+        new = KVCache(self.cfg, self.dtype, max(capacity, length))
+        for mine, theirs in ((self.k, new.k), (self.v, new.v)):
+            for src, dst in zip(mine, theirs):
+                dst[:, :length] = src[:, :length]
+        new.length = length
+        return new
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 

@@ -177,3 +177,33 @@ def test_with_keep_session_off_every_request_opens_afresh(stack, tiny_models):
     assert second.stats.cached_prompt_tokens == 0 and second.stats.draft_reused_tokens == 0
     assert stack.agent.kept is None
     assert second.tokens == reference_greedy(target, turn2, 8, tok.stop_ids)
+
+
+def test_a_shared_system_prompt_is_prefilled_once_across_devices_and_stays_exact(stack, tiny_models, mosquitto):
+    """A second device whose prompt begins with the first one's system prompt starts its session
+    from a copy of the first session's cache (the verifier's prefix index), and its output is
+    still the target's own."""
+    from specedge.config import DeviceConfig, build
+    from specedge.device.agent import Agent
+    from specedge.device.draft import TorchDraftEngine
+
+    draft, tok, target, _ = tiny_models
+    system = "You drive a robot arm with a wheel and a sensor. " * 4
+    first = tok.encode(tok.apply_chat_template([{"role": "system", "content": system},
+                                                {"role": "user", "content": "go left"}]))
+    second = tok.encode(tok.apply_chat_template([{"role": "system", "content": system},
+                                                 {"role": "user", "content": "stop it"}]))
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert shared >= 64
+    stack.agent.generate(first, SamplingParams(), 8, parse_policy("fixed:2"))  # its session is kept: warm
+    hits, saved = stack.verifier.stats.prefix_hits, stack.verifier.stats.prefix_tokens
+    other = Agent(build(DeviceConfig, {"device": {"fleet": "default", "id": "second-device"},
+                                       "mqtt": {"port": mosquitto.port}, "energy": {"meter": "estimated"}}),
+                  TorchDraftEngine(draft), tok).start()
+    try:
+        got = other.generate(second, SamplingParams(), 16, parse_policy("fixed:3"))
+    finally:
+        other.stop()
+    assert got.tokens == reference_greedy(target, second, 16, tok.stop_ids)
+    assert stack.verifier.stats.prefix_hits == hits + 1
+    assert stack.verifier.stats.prefix_tokens - saved == shared // 32 * 32  # whole blocks of the shared part
