@@ -31,6 +31,8 @@ MESSAGES = [
     wire.Tokens(9, 1, 20, [3, 4, 5], True),
     wire.Error(7, 3, wire.ErrorCode.OUT_OF_SYNC, "resync, please ✓"),
     wire.Opened(5, 3, "verifier-a", "coder-1.5b-pruned"), wire.Opened(5, 4, "verifier-a", "coder-1.5b", exact=True),
+    wire.Open(5, 0, [7, 8, 9], grammar='{"grammars": [{"json_schema": {"type": "object"}}]}', grammar_from=3),
+    wire.Draft(7, 7, 100, [int(Q[0].ids[0])], Q, forced=[123, 151935]),
 ]
 
 
