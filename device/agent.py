@@ -400,14 +400,17 @@ class _Request:
     def done(self) -> bool:
         return self.stopped or self.generated >= self.max_new
 
-    def force(self) -> None:
+    def force(self) -> int:
         """Commit what the grammar forces (the one token it allows: the constrained target's point
-        mass), with no round trip; the next DRAFT tells the verifier, which checks them."""
+        mass), with no round trip; the next DRAFT tells the verifier, which checks them. Returns
+        how many tokens it committed."""
+        before = len(self.committed)
         while self.constraint is not None and not self.done:
             token = self.constraint.forced()
             if token is None:
-                return
+                break
             self.emit([token], forced=True)
+        return len(self.committed) - before
 
     def run_speculative(self) -> None:
         agent, engine, policy = self.agent, self.agent.engine, self.policy
@@ -423,7 +426,8 @@ class _Request:
         first_round = True
         carried: Drafted | None = None  # drafted ahead during the last round, its bet held
         while True:
-            self.force()
+            if self.force() and uses_model:
+                engine.commit(self.committed)  # the draft goes on after the forced tokens
             if self.done:
                 break
             draft_len = policy.next_draft_len(self.max_new - self.generated)

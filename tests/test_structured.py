@@ -42,6 +42,21 @@ def test_constrained_greedy_output_is_the_targets_constrained_decoding(stack, ti
             assert got.stats.forced_tokens == 0
 
 
+def test_a_perfect_draft_under_a_grammar_is_always_accepted(stack, tiny_models):
+    """The target as its own draft: after forced tokens the draft goes on from the whole committed
+    text, so every drafted token is accepted."""
+    _, tok, target, _ = tiny_models
+    real_engine = stack.agent.engine
+    stack.agent.engine = TorchDraftEngine(target)
+    try:
+        got = stack.agent.generate(tok.encode_chat("turn the wheel"), SamplingParams(), 50, parse_policy("fixed:4"),
+                                   grammar=grammar.json_schema(ACTION))
+    finally:
+        stack.agent.engine = real_engine
+    assert got.stats.forced_tokens > 0 and got.stats.drafted_tokens > 0
+    assert got.stats.accepted_tokens == got.stats.drafted_tokens
+
+
 def test_prompt_lookup_drafts_under_a_grammar_stay_exact(stack, tiny_models):
     _, tok, target, _ = tiny_models
     text = grammar.json_schema({"type": "object", "properties": {"echo": {"type": "string"}},
