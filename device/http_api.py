@@ -8,6 +8,10 @@ target's output). A full queue answers 429, a draining device or one without a
 broker 503, a body over [api] max_body_kb 413, a bad parameter 400; errors have
 OpenAI's shape {"error": {"message", "type", "param", "code"}}.
 
+Structured output (docs/apps.md): `response_format` (json_object, json_schema) and, on chat,
+`tools` with `tool_choice` become one grammar (specedge/grammar.py) that the answer follows; a
+tools answer is parsed into OpenAI's `tool_calls`.
+
 Any local process and any web page the device's browser opens can reach this port, so each
 request is checked before it is read (docs/security.md): its Host (DNS rebinding), its Origin
 (cross-site requests), the API key when [api] api_key_file sets one, then a JSON Content-Type
@@ -28,6 +32,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from specedge import grammar
 from specedge.config import ConfigError
 from specedge.device.service import DeviceService, Job, Outcome, Rejected
 from specedge.exporter import CONTENT_TYPE, render
@@ -42,8 +47,9 @@ MAX_DEPTH = 32  # JSON nesting; OpenAI's request shapes need a handful of levels
 DEFAULT_POSITIONS = 32768  # for an engine that does not say how many positions it holds
 CLIENT_POLL_S = 0.25  # how often a non-streamed request looks whether its app is still there
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
-               "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []),
-               "best_of": (None, 1), "echo": (None, False), "suffix": (None, "")}
+               "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "best_of": (None, 1),
+               "echo": (None, False), "suffix": (None, "")}
+ROLES = ("system", "user", "assistant", "developer", "tool")  # "developer": OpenAI's newer name for system
 
 
 class ApiError(Exception):
@@ -77,6 +83,103 @@ def _text(content, where: str) -> str:
     raise ApiError(400, f"{where} must be a string or a list of text parts", where)
 
 
+def _template_calls(calls, where: str) -> list[dict]:
+    """An assistant message's OpenAI `tool_calls` as chat templates read them: arguments as an
+    object, since Qwen's template writes them with `tojson` (OpenAI sends a JSON string)."""
+    shape = (f'{where}.tool_calls must be a list of {{"type": "function", '
+             '"function": {"name": ..., "arguments": ...}}')
+    if not isinstance(calls, list):
+        raise ApiError(400, shape, f"{where}.tool_calls")
+    out = []
+    for call in calls:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(400, shape, f"{where}.tool_calls")
+        arguments = fn.get("arguments") or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                raise ApiError(400, f"{where}.tool_calls: the arguments of {fn['name']} are not JSON",
+                               f"{where}.tool_calls") from None
+        out.append({"id": call.get("id"), "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
+    return out
+
+
+def _turn(m, i: int) -> dict:
+    """One OpenAI chat message as the chat template's: a tool's result ("tool", with its
+    tool_call_id) and an assistant's tool calls (its content may then be null) included."""
+    where = f"messages[{i}]"
+    if not isinstance(m, dict) or m.get("role") not in ROLES:
+        raise ApiError(400, f"{where} needs a role of system, user, assistant or tool", where)
+    role = "system" if m["role"] == "developer" else m["role"]
+    if role == "assistant" and m.get("tool_calls"):
+        content = "" if m.get("content") is None else _text(m["content"], f"{where}.content")
+        return {"role": role, "content": content, "tool_calls": _template_calls(m["tool_calls"], where)}
+    turn = {"role": role, "content": _text(m.get("content"), f"{where}.content")}
+    if role == "tool":
+        call_id = m.get("tool_call_id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise ApiError(400, f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
+        turn["tool_call_id"] = call_id or ""
+    return turn
+
+
+def chat_prompt(messages, tools: list | None, service: DeviceService) -> list[int]:
+    """The prompt tokens of a chat request: its messages (and the tools the model is shown) through
+    the chat template, after [generation] system_prompt where the request has no system message."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", "messages")
+    turns = [_turn(m, i) for i, m in enumerate(messages)]
+    system = service.cfg.generation.system_prompt
+    if system and turns[0]["role"] != "system":
+        turns.insert(0, {"role": "system", "content": system})
+    tok = service.tokenizer
+    try:
+        return tok.encode(tok.apply_chat_template(turns, tools=tools))
+    except ValueError as exc:
+        raise ApiError(400, str(exc), "messages") from None
+
+
+def _grammar(make, param: str):
+    """make()'s grammar text; a GrammarError is the request's fault, named by `param`."""
+    try:
+        return make()
+    except grammar.GrammarError as exc:
+        raise ApiError(400, str(exc), param) from None
+
+
+def _compiles(service: DeviceService, text: str | None, param: str) -> str | None:
+    """`text` once it compiles for the device's vocabulary: a schema llguidance cannot compile is a
+    400 now, not a failed job later."""
+    if text is not None:
+        _grammar(lambda: service.check_grammar(text), param)
+    return text
+
+
+def structured(body: dict, chat: bool, service: DeviceService) -> tuple[str | None, bool, list | None]:
+    """What `response_format` or `tools` ask of the answer: (its grammar text or None, whether it is
+    parsed for tool calls, the tools the chat template shows the model). One grammar per answer:
+    both at once is a 400. Under tool_choice "none" the tools are not shown either: Qwen, shown
+    them, writes calls that nothing would parse."""
+    fmt = _grammar(lambda: grammar.from_response_format(body.get("response_format")), "response_format")
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if tools is None or tools == []:  # [] was accepted before tools were supported: still none
+        if choice not in (None, "none", "auto"):
+            raise ApiError(400, "tool_choice needs tools", "tool_choice")
+        return _compiles(service, fmt, "response_format"), False, None
+    if not chat:
+        raise ApiError(400, "tools are taken by chat completions (/v1/chat/completions) only", "tools")
+    _grammar(lambda: grammar.tool_functions(tools), "tools")
+    calls = _grammar(lambda: grammar.from_tools(tools, choice, service.hermes), "tool_choice")
+    if calls is None:
+        return _compiles(service, fmt, "response_format"), False, None
+    if fmt is not None:
+        raise ApiError(400, "response_format and tools both constrain the answer: a request may use one",
+                       "response_format")
+    return _compiles(service, calls, "tools"), True, tools
+
+
 def draft_positions(engine) -> int:
     """Positions (prompt plus completion) the draft engine holds; a request must fit them."""
     backend = getattr(engine, "backend", "")
@@ -90,7 +193,8 @@ def draft_positions(engine) -> int:
 
 
 def parse_request(body, chat: bool, service: DeviceService) -> dict:
-    """The request's prompt tokens, sampling parameters, length and stop strings; ApiError if invalid."""
+    """The request's prompt tokens, sampling parameters, length, stop strings and grammar (with
+    "tools": whether the answer is parsed for tool calls); ApiError if invalid."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     tok, gen = service.tokenizer, service.cfg.generation
@@ -99,22 +203,9 @@ def parse_request(body, chat: bool, service: DeviceService) -> dict:
             raise ApiError(400, f"{key} is not supported by specedge", key, code="unsupported_parameter")
     if _number(body, "n", 1, 1, 1, integer=True) != 1:
         raise ApiError(400, "n must be 1", "n")
+    grammar_text, tools, shown = structured(body, chat, service)
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "messages must be a non-empty list", "messages")
-        turns = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-                raise ApiError(400, f"messages[{i}] needs a role of system, user or assistant", f"messages[{i}]")
-            role = "system" if m["role"] == "developer" else m["role"]
-            turns.append({"role": role, "content": _text(m.get("content"), f"messages[{i}].content")})
-        if gen.system_prompt and turns[0]["role"] != "system":
-            turns.insert(0, {"role": "system", "content": gen.system_prompt})
-        try:
-            prompt = tok.encode(tok.apply_chat_template(turns))
-        except ValueError as exc:
-            raise ApiError(400, str(exc), "messages") from None
+        prompt = chat_prompt(body.get("messages"), shown, service)
     else:
         text = body.get("prompt")
         if isinstance(text, list) and len(text) == 1:
@@ -150,7 +241,8 @@ def parse_request(body, chat: bool, service: DeviceService) -> dict:
                             _number(body, "top_p", 1e-9, 1, gen.top_p),
                             _number(body, "seed", -(1 << 63), (1 << 64) - 1, gen.seed, integer=True) % (1 << 63))
     return {"prompt": prompt, "params": params, "max_tokens": max_tokens, "stop": tuple(stop or ()),
-            "stream": stream, "include_usage": bool(options.get("include_usage")),
+            "grammar": grammar_text, "tools": tools, "stream": stream,
+            "include_usage": bool(options.get("include_usage")),
             "model": body.get("model") if isinstance(body.get("model"), str) else MODEL_ID}
 
 
@@ -242,7 +334,8 @@ def read_api_key(path: str) -> bytes | None:
 def submit(service: DeviceService, request: dict) -> Job:
     """Queue a parsed request; a refusal becomes the error apps get (429 queue full, 503)."""
     try:
-        return service.submit(request["prompt"], request["params"], request["max_tokens"], request["stop"])
+        return service.submit(request["prompt"], request["params"], request["max_tokens"], request["stop"],
+                              request["grammar"])
     except Rejected as exc:
         raise ApiError(exc.status, str(exc), kind="rate_limit_error" if exc.status == 429 else "service_unavailable",
                        code=exc.kind) from None
@@ -264,8 +357,31 @@ def spec_summary(outcome: Outcome) -> dict:
     s = outcome.stats.summary()
     keys = ("acceptance_rate", "mean_accepted_len", "mean_draft_len", "tokens_per_s", "ttft_s",
             "energy_j_per_token", "wire_bytes_per_token", "unverified_tokens", "exact", "lookup_rounds",
-            "lookup_acceptance", "cached_prompt_tokens")
+            "lookup_acceptance", "cached_prompt_tokens", "forced_tokens")
     return {**{k: s[k] for k in keys}, "target_version": outcome.stats.target_version}
+
+
+def openai_calls(text: str) -> list[dict] | None:
+    """The tool calls in a tools grammar's answer, in OpenAI's shape (arguments as a JSON string),
+    or None where the answer is text (tool_choice "auto", or cut short by max_tokens)."""
+    calls = grammar.parse_tool_calls(text)
+    if calls is None:
+        return None
+    return [{"id": "call_" + secrets.token_hex(12), "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls]
+
+
+def answer_choice(outcome: Outcome, request: dict, chat: bool) -> dict:
+    """The one choice of a non-streamed answer: text, a chat message, or a chat message of tool calls."""
+    if not chat:
+        return {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": outcome.finish_reason}
+    calls = openai_calls(outcome.text) if request["tools"] else None
+    if calls:
+        return {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                "finish_reason": "tool_calls"}
+    return {"index": 0, "message": {"role": "assistant", "content": outcome.text},
+            "finish_reason": outcome.finish_reason}
 
 
 def outcome_error(outcome: Outcome) -> ApiError:
@@ -405,11 +521,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_error_json(outcome_error(outcome))
             return
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        choice = ({"index": 0, "message": {"role": "assistant", "content": outcome.text}} if chat
-                  else {"index": 0, "text": outcome.text, "logprobs": None})
-        choice["finish_reason"] = outcome.finish_reason
         self.send_json(200, {"id": ident, "object": "chat.completion" if chat else "text_completion",
-                             "created": int(time.time()), "model": request["model"], "choices": [choice],
+                             "created": int(time.time()), "model": request["model"],
+                             "choices": [answer_choice(outcome, request, chat)],
                              "usage": usage(outcome), "specedge": spec_summary(outcome)})
 
     def stream(self, job: Job, request: dict, chat: bool) -> None:
@@ -418,9 +532,10 @@ class Handler(BaseHTTPRequestHandler):
         base = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": request["model"]}
 
-        def chunk(text: str | None, finish: str | None, first: bool = False) -> dict:
+        def chunk(text: str | None, finish: str | None, first: bool = False, delta: dict | None = None) -> dict:
             if chat:
-                delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
+                if delta is None:
+                    delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
@@ -432,10 +547,14 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Connection", "close")
         self.end_headers()
         self.close_connection = True
+        held_unverified = False  # with tools: the held text has text of tokens the target never saw
         try:
             if chat:
                 self.event(chunk(None, None, first=True))
             for kind, value in job.events():
+                if kind in ("text", "unverified") and request["tools"]:  # it may be calls: said whole at the end
+                    held_unverified |= kind == "unverified"
+                    continue
                 if kind == "text":
                     self.event(chunk(value, None))
                     continue
@@ -446,7 +565,10 @@ class Handler(BaseHTTPRequestHandler):
                 if outcome.finish_reason in ("error", "cancelled"):
                     self.event(outcome_error(outcome).body())
                 else:
-                    self.event({**chunk(None, outcome.finish_reason), "specedge": spec_summary(outcome)})
+                    finish = outcome.finish_reason
+                    if request["tools"]:
+                        finish = self.send_held(chunk, outcome, held_unverified)
+                    self.event({**chunk(None, finish), "specedge": spec_summary(outcome)})
                     if request["include_usage"]:
                         self.event({**base, "choices": [], "usage": usage(outcome)})
             self.wfile.write(b"data: [DONE]\n\n")
@@ -454,6 +576,19 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the app went away or stopped reading
             job.cancel()
             self.close_connection = True
+
+    def send_held(self, chunk, outcome: Outcome, unverified: bool) -> str:
+        """A streamed tools answer, held back whole: its tool calls in OpenAI's streaming shape (one
+        chunk each, arguments whole) or its text in one chunk. Returns the finish reason."""
+        mark = {"specedge": {"unverified": True}} if unverified else {}
+        calls = openai_calls(outcome.text)
+        if calls is None:
+            if outcome.text:
+                self.event({**chunk(outcome.text, None), **mark})
+            return outcome.finish_reason
+        for i, call in enumerate(calls):
+            self.event({**chunk(None, None, delta={"tool_calls": [{"index": i, **call}]}), **mark})
+        return "tool_calls"
 
     def client_gone(self) -> bool:
         """Whether the app closed its connection: what there is to read is its end. A peek, so

@@ -20,6 +20,7 @@ from specedge.device.agent import Agent, RequestFailed, VerifierUnavailable
 from specedge.device.policy import Policy, parse_policy
 from specedge.device.scheduler import objective
 from specedge.exporter import DeviceMetrics
+from specedge.grammar import TOOL_OPEN, Compiled
 from specedge.metrics import SpecStats
 from specedge.mqtt import Link
 from specedge.speculative import SamplingParams
@@ -113,8 +114,9 @@ class Job:
     """One request: submit, then read `events()` until it ends."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, max_new_tokens: int, tokenizer,
-                 stop: tuple[str, ...] = ()):
+                 stop: tuple[str, ...] = (), grammar: str | None = None):
         self.prompt, self.params, self.max_new_tokens = prompt, params, max_new_tokens
+        self.grammar = grammar  # llguidance grammar text the output follows (specedge/grammar.py), or None
         self.stop = tuple(s for s in stop if s)
         self.cancelled = threading.Event()
         self.outcome: Outcome | None = None
@@ -266,10 +268,12 @@ class DeviceService:
         return SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.seed)
 
     def submit(self, prompt: list[int], params: SamplingParams | None = None, max_new_tokens: int | None = None,
-               stop: tuple[str, ...] = ()) -> Job:
-        """Queue a request, or raise Rejected (503 draining or broker down, 429 queue full)."""
+               stop: tuple[str, ...] = (), grammar: str | None = None) -> Job:
+        """Queue a request, or raise Rejected (503 draining or broker down, 429 queue full).
+        `grammar`: grammar text the output must follow; check_grammar() first, so that one that
+        does not compile is the caller's error, not a failed job."""
         job = Job(prompt, params or self.defaults(), max_new_tokens or self.cfg.generation.max_new_tokens,
-                  self.tokenizer, stop)
+                  self.tokenizer, stop, grammar)
         with self._lock:
             if self._stopping or self.draining:
                 self.metrics.requests.labels("rejected").inc()
@@ -285,6 +289,17 @@ class DeviceService:
             self._waiting.append(job)
             self._lock.notify_all()
         return job
+
+    def check_grammar(self, text: str) -> None:
+        """Compile `text` for this device's tokenizer and vocabulary: a GrammarError if it does not.
+        Compiled apart from the agent's cache, which the worker thread uses: a JSON schema compiles
+        in milliseconds, and request threads then share no state with it."""
+        Compiled(self.tokenizer, self.engine.vocab_size, text)
+
+    @property
+    def hermes(self) -> bool:
+        """Whether the tokenizer has Qwen's <tool_call> token, which frames each tool call."""
+        return self.tokenizer.hf.token_to_id(TOOL_OPEN) is not None
 
     def _work(self) -> None:
         while True:
@@ -309,7 +324,7 @@ class DeviceService:
             return
         try:
             result = self.agent.generate(job.prompt, job.params, job.max_new_tokens, self.policy,
-                                         on_tokens=job.on_tokens)
+                                         on_tokens=job.on_tokens, grammar=job.grammar)
             outcome.finish_reason = "stop" if result.stopped else "length"
         except _StopStringHit:
             outcome.finish_reason = "stop"

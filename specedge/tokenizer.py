@@ -68,9 +68,13 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
+        """The prompt text of `messages`. `tools`: OpenAI's tool definitions, which a template that
+        knows them (Qwen's) shows the model; assistant messages may carry `tool_calls` and "tool"
+        messages the results, in the shapes HF chat templates read."""
         if not self.chat_template:
-            return "".join(m["content"] for m in messages)
+            return "".join(m.get("content") or "" for m in messages)
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
@@ -78,8 +82,9 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = _tojson
         return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, tools=None)
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools or None)
 
     def encode_chat(self, prompt: str, system: str | None = None) -> list[int]:
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -90,6 +95,12 @@ class Tokenizer:
         import hashlib
 
         return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """`tojson` as HF transformers renders chat templates (keys in their order, no HTML escaping),
+    not Jinja's own (sorted keys, "<" escaped): the text the models were trained on."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 class StreamDecoder:
