@@ -1,7 +1,17 @@
 #!/usr/bin/env python3
-"""A robot controller that asks specedge's local API for its next action as JSON, under a latency
-budget, and validates it before acting. An answer that is late, not JSON, or outside the action
-schema is never executed: the controller falls back to a safe stop and says why.
+"""A robot controller that asks specedge's local API for its next action under a latency budget.
+
+It sends the action table as a JSON schema (`response_format` json_schema): the device and the
+verifier constrain the answer to it token by token, so a malformed action cannot occur. Every
+field is bounded, numbers included: they are integers (centimetres, degrees, percent) with a
+minimum and a maximum, so an answer is always a whole action in a few dozen tokens; the keys and
+punctuation the schema fixes are forced and cost no round trip. The controller still validates
+the action before acting (a defence; it never fires under the grammar). Only a request that
+fails (the device or verifier unreachable, an HTTP error, an answer over the budget) falls back
+to a safe stop, and says why.
+
+--free-text is the baseline without a grammar: the action table in the prompt, the first {...}
+of the answer taken and validated; anything not JSON or outside the table falls back to stop.
 
     specedge demo --serve
     python examples/robot_controller.py "the box is 2 m ahead, slightly to the left" --budget-s 8
@@ -18,16 +28,31 @@ import time
 import urllib.error
 import urllib.request
 
-SCHEMA = {  # action -> {field: (type, minimum, maximum)}
-    "move": {"distance_m": (float, -5.0, 5.0), "speed": (float, 0.0, 1.0)},
-    "turn": {"angle_deg": (float, -180.0, 180.0)},
+# action -> {field: (minimum, maximum)}, integers. specedge/tools/bench_apps.py mirrors it.
+SCHEMA = {
+    "move": {"distance_cm": (-500, 500), "speed_pct": (0, 100)},
+    "turn": {"angle_deg": (-180, 180)},
     "grip": {}, "release": {}, "stop": {},
 }
 SAFE = {"action": "stop"}
 SYSTEM = ("You control a mobile robot with a gripper. Reply with exactly one JSON object and nothing else. "
-          'Allowed: {"action": "move", "distance_m": <-5..5>, "speed": <0..1>}, '
+          'Allowed: {"action": "move", "distance_cm": <-500..500>, "speed_pct": <0..100>}, '
           '{"action": "turn", "angle_deg": <-180..180>}, {"action": "grip"}, {"action": "release"}, '
-          '{"action": "stop"}.')
+          '{"action": "stop"}. All numbers are integers.')
+
+
+def action_schema() -> dict:
+    """SCHEMA as a JSON schema: one object per action, its name a constant, every field required
+    and bounded, nothing else allowed."""
+    def one(name: str, fields: dict) -> dict:
+        properties = {"action": {"const": name}}
+        properties.update({key: {"type": "integer", "minimum": lo, "maximum": hi} for key, (lo, hi) in fields.items()})
+        return {"type": "object", "properties": properties, "required": list(properties),
+                "additionalProperties": False}
+    return {"anyOf": [one(name, fields) for name, fields in SCHEMA.items()]}
+
+
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "action", "schema": action_schema(), "strict": True}}
 
 
 class InvalidAction(ValueError):
@@ -57,35 +82,52 @@ def validate(action: dict) -> dict:
     if extra:
         raise InvalidAction(f"unexpected fields {sorted(extra)} for {name}")
     out = {"action": name}
-    for key, (typ, lo, hi) in fields.items():
+    for key, (lo, hi) in fields.items():
         value = action.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidAction(f"{name}.{key} must be a number")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise InvalidAction(f"{name}.{key} must be an integer")
         if not lo <= value <= hi:
             raise InvalidAction(f"{name}.{key}={value} is outside [{lo}, {hi}]")
-        out[key] = typ(value)
+        out[key] = int(value)
     return out
 
 
-def ask(base_url: str, observation: str, budget_s: float, max_tokens: int) -> str:
-    body = json.dumps({"model": "specedge", "max_tokens": max_tokens, "temperature": 0, "stop": ["\n\n"],
-                       "messages": [{"role": "system", "content": SYSTEM},
-                                    {"role": "user", "content": observation}]}).encode()
-    request = urllib.request.Request(f"{base_url}/chat/completions", body, {"Content-Type": "application/json"})
+def ask(base_url: str, observation: str, budget_s: float, max_tokens: int, free_text: bool) -> str:
+    request = {"model": "specedge", "max_tokens": max_tokens, "temperature": 0,
+               "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": observation}]}
+    if free_text:
+        request["stop"] = ["\n\n"]
+    else:
+        request["response_format"] = RESPONSE_FORMAT
+    http = urllib.request.Request(f"{base_url}/chat/completions", json.dumps(request).encode(),
+                                  {"Content-Type": "application/json"})
     # The socket timeout enforces the budget: a late answer is no answer.
-    with urllib.request.urlopen(request, timeout=budget_s) as response:
+    with urllib.request.urlopen(http, timeout=budget_s) as response:
         return json.load(response)["choices"][0]["message"]["content"]
 
 
-def decide(base_url: str, observation: str, budget_s: float, max_tokens: int) -> dict:
+def parse(text: str, free_text: bool) -> dict:
+    """The action in an answer: under the grammar the answer is the object itself; free text is
+    searched for its first {...}. Validated either way."""
+    if free_text:
+        return validate(first_json_object(text))
+    try:
+        action = json.loads(text)
+    except ValueError as exc:  # the grammar rules this out: only a cut answer (--max-tokens) gets here
+        raise InvalidAction(f"not valid JSON: {exc}") from None
+    if not isinstance(action, dict):
+        raise InvalidAction("the JSON is not an object")
+    return validate(action)
+
+
+def decide(base_url: str, observation: str, budget_s: float, max_tokens: int, free_text: bool = False) -> dict:
     start = time.perf_counter()
     try:
-        text = ask(base_url, observation, budget_s, max_tokens)
+        text = ask(base_url, observation, budget_s, max_tokens, free_text)
         latency = time.perf_counter() - start
         if latency > budget_s:
             raise InvalidAction(f"answered in {latency:.2f}s, over the {budget_s}s budget")
-        return {"action": validate(first_json_object(text)), "source": "model", "reason": "",
-                "latency_s": round(latency, 3)}
+        return {"action": parse(text, free_text), "source": "model", "reason": "", "latency_s": round(latency, 3)}
     except urllib.error.HTTPError as exc:  # the device said no (429 queue full, 503 draining, ...)
         reason = f"HTTP {exc.code}: {json.loads(exc.read() or b'{}').get('error', {}).get('message', '')}"
     except (TimeoutError, urllib.error.URLError) as exc:
@@ -101,13 +143,16 @@ def main() -> int:
     p.add_argument("observation", nargs="*", help="what the robot sees (default: one per stdin line)")
     p.add_argument("--base-url", default="http://127.0.0.1:8080/v1")
     p.add_argument("--budget-s", type=float, default=5.0, help="latency budget per decision")
-    p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--max-tokens", type=int, default=48, help="room for the longest action (about 25 tokens "
+                                                              "with Qwen's tokenizer)")
+    p.add_argument("--free-text", action="store_true",
+                   help="the baseline: no response_format; take the answer's first {...} and validate it")
     p.add_argument("--strict", action="store_true", help="exit 1 if any decision fell back to stop")
     args = p.parse_args()
     fallbacks = 0
     for observation in args.observation or (line.strip() for line in sys.stdin):
         if observation:
-            decision = decide(args.base_url, observation, args.budget_s, args.max_tokens)
+            decision = decide(args.base_url, observation, args.budget_s, args.max_tokens, args.free_text)
             fallbacks += decision["source"] == "fallback"
             print(json.dumps({"observation": observation, **decision}), flush=True)
     return 1 if args.strict and fallbacks else 0

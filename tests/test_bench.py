@@ -180,6 +180,37 @@ def test_bench_apps_runs_a_conversation_kept_and_afresh_with_the_same_answers(ti
     assert png.stat().st_size > 10_000 and "outputs identical: True" in proc.stdout
 
 
+def test_bench_apps_robot_asks_in_free_text_and_under_the_grammar(tiny_files, tmp_path, mosquitto):
+    """Under the action schema every answer of the (random) tiny target is a valid action, its own
+    constrained greedy decoding, with the schema's keys forced; free text is measured beside it."""
+    draft, target = tiny_files
+    out, png = tmp_path / "robot.json", tmp_path / "robot.png"
+    # The longest action is 54 tiny tokens: room for it, and its stop token.
+    proc = tiny_run("bench-apps", draft, target, "--app", "robot", "--channel", "ideal", "--max-new-tokens", "64",
+                    "--max-prompts", "3", "--json", str(out), "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["app"] == "robot" and report["grammar_ok"] is True and set(report["runs"]) == {"free-text", "grammar"}
+    for name, actions in report["runs"].items():
+        assert len(actions) == 3 and [a["instruction"] for a in actions] == \
+            [a["instruction"] for a in report["runs"]["free-text"]]
+        for a in actions:
+            for key in ("valid", "finished", "rounds", "uplink_bytes", "uplink_bytes_per_token", "forced_tokens",
+                        "forced_share", "total_s", "generated_tokens", "exact", "text"):
+                assert key in a, (name, key)
+        mode = report["modes"][name]
+        for key in ("valid", "actions", "mean_rounds", "uplink_bytes_per_token", "forced_share", "latency_mean_s",
+                    "latency_p50_s", "latency_max_s"):
+            assert key in mode, (name, key)
+    for a in report["runs"]["grammar"]:
+        assert a["finished"] and a["valid"] and a["constrained_exact"], a
+        assert json.loads(a["text"])["action"] in ("move", "turn", "grip", "release", "stop")
+        assert a["forced_tokens"] > 0 and a["rounds"] < a["generated_tokens"]
+    assert report["modes"]["grammar"]["valid"] == 3 and report["modes"]["grammar"]["constrained_exact"] == 3
+    assert all(a["forced_tokens"] == 0 for a in report["runs"]["free-text"])
+    assert png.stat().st_size > 10_000 and "constrained exact 3/3" in proc.stdout
+
+
 def test_a_numerical_engines_differences_are_shown_with_the_top2_gap_there(tiny_files, tiny_models):
     """The bench's check on a numerical engine: a run that parts from cloud-ar is named with the
     engine's top-2 gap at the first differing position, and passes only inside the near-tie limit."""
