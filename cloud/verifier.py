@@ -380,8 +380,13 @@ class Verifier:
         self.pending.pop(key, None)  # a round of the session this OPEN replaces gets no verdict
         try:
             constraint = None
-            if msg.grammar:
-                constraint = self.grammars.get(target.tokenizer, target.model.cfg.vocab_size, msg.grammar).start()
+            if msg.grammar_hash:
+                compiled = self.compiled_grammar(target, msg)
+                if compiled is None:
+                    self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.UNKNOWN_GRAMMAR,
+                                               "this verifier does not hold the grammar: send its text"))
+                    return
+                constraint = compiled.start()
             session = TargetSession(target, msg.tokens, msg.params, msg.session, msg.draft, msg.contract,
                                     constraint, msg.grammar_from)
         except (BadRequest, GrammarError) as exc:
@@ -406,6 +411,14 @@ class Verifier:
         self.sessions[key] = session
         self.prefixes.add(key, msg.tokens)
         self.reply(out, wire.Opened(msg.session, msg.seq, self.replica, target.name, target.exact))
+
+    def compiled_grammar(self, target, msg: wire.Open):
+        """The OPEN's grammar compiled for `target`: from its text (compiled once, cached by hash) or,
+        sent by hash alone, from the cache; None when neither has it."""
+        vocab = target.model.cfg.vocab_size
+        if msg.grammar:
+            return self.grammars.get(target.tokenizer, vocab, msg.grammar)
+        return self.grammars.find(target.tokenizer, vocab, msg.grammar_hash)
 
     def share_prefix(self, session: TargetSession) -> None:
         """A new session's prompt that begins like another session's (a fleet-wide system prompt)

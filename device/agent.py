@@ -40,7 +40,7 @@ from specedge.device.policy import Policy
 from specedge.device.power import PowerMeter, open_meter
 from specedge.device.profiles import get_profile
 from specedge.device.rounds import (ASK_AGAIN, AWAIT_BROKER, BROKER_LOST, DELIVER, DRAFT_ALONE, DROPPED, FAIL,
-                                    HINT, OPEN, REFUSE, REPLICA_LOST, SEND, TIMEOUT, Exchange, Failure, Kept,
+                                    HINT, OPEN, REFUSE, REPLICA_LOST, SEND, SEND_GRAMMAR, TIMEOUT, Exchange, Failure, Kept,
                                     RoundTimer, Rounds)
 from specedge.device.scheduler import Objective, Scheduler, State, objective
 from specedge.metrics import SpecStats
@@ -142,6 +142,8 @@ class Agent:
         self.kept: Kept | None = None  # the last request's session, left open for a next turn
         self.round_timer = RoundTimer()
         self.grammars = GrammarCache(size=8)  # compiled once, for every request that states one
+        # Grammars a verifier compiled for an earlier request: an OPEN names them by hash alone.
+        self.grammars_held: set[bytes] = set()
         empty_draft = len(wire.encode(wire.Draft(0, 0, 0, [])))
         prior = State((0.6,), draft_s=0.05, verify_base_s=0.1, verify_per_row_s=0.0, rtt_s=0.0,
                       up_bytes_base=publish_packet_bytes("", empty_draft, wire.ROUND_QOS, True, alias=True),
@@ -259,8 +261,9 @@ class _Request:
         # Structured output: the grammar's state over the generated text, and the tokens it forced
         # that this device committed and the verifier has not been told yet (the next DRAFT says).
         self.grammar = grammar or ""
-        self.constraint = (agent.grammars.get(agent.tokenizer, agent.engine.vocab_size, grammar).start()
-                           if grammar else None)
+        compiled = agent.grammars.get(agent.tokenizer, agent.engine.vocab_size, grammar) if grammar else None
+        self.constraint = compiled.start() if compiled else None
+        self.grammar_hash = compiled.hash if compiled else b""
         self.unsent: list[int] = []
         usable = (self.kept is not None and self.kept.rounds.replica not in agent.offline_replicas
                   and self.constraint is None)
@@ -307,9 +310,10 @@ class _Request:
 
     def open_message(self, resync: bool) -> wire.Open:
         """An OPEN with the committed text, under the round number Rounds.opening() gave it."""
+        by_hash = self.grammar_hash in self.agent.grammars_held
         return wire.Open(self.session, self.open_seq, self.committed[:self.stated], self.params,
                          self.agent.contract, resync, self.policy.early_exit, self.agent.draft_name,
-                         self.grammar, self.prompt_len if self.grammar else 0)
+                         self.grammar_hash, "" if by_hash else self.grammar, self.prompt_len if self.grammar else 0)
 
     def run(self) -> GenerationResult:
         agent = self.agent
@@ -573,7 +577,11 @@ class _Request:
                     if ahead is not None:
                         ahead.redirect(act.arg.accepted, act.arg.next_token)
                 elif act.kind == DELIVER:
+                    if self.grammar_hash:  # the verifier took the grammar: later OPENs name it by hash
+                        self.agent.grammars_held.add(self.grammar_hash)
                     yield act.arg
+                elif act.kind == SEND_GRAMMAR:
+                    self.agent.grammars_held.discard(self.grammar_hash)
                 elif act.kind == ASK_AGAIN:
                     return
                 elif act.kind == AWAIT_BROKER:

@@ -51,7 +51,7 @@ ERROR = "error"  # an ERROR for this round (or for our OPEN while no replica hol
 CURRENT = "current"  # a message of this round: the caller decides if it is the one it waits for
 
 # What error_action() says:
-RESYNC = "resync"  # OPEN again with the committed text (UNKNOWN_SESSION, OUT_OF_SYNC)
+RESYNC = "resync"  # OPEN again with the committed text (UNKNOWN_SESSION, OUT_OF_SYNC, UNKNOWN_GRAMMAR)
 REFUSED = "refused"  # the request fails with the verifier's reason
 
 # What an Exchange is told when nothing came (on_silence's cause):
@@ -151,7 +151,7 @@ class Rounds:
 
     @staticmethod
     def error_action(err: wire.Error) -> str:
-        if err.code in (wire.ErrorCode.UNKNOWN_SESSION, wire.ErrorCode.OUT_OF_SYNC):
+        if err.code in (wire.ErrorCode.UNKNOWN_SESSION, wire.ErrorCode.OUT_OF_SYNC, wire.ErrorCode.UNKNOWN_GRAMMAR):
             return RESYNC
         return REFUSED
 
@@ -228,6 +228,7 @@ DELIVER = "deliver"  # arg: the answer (the VERDICT; or one TOKENS of a stream, 
 ASK_AGAIN = "ask again"  # the stream ends here: the caller asks again from what it holds
 AWAIT_BROKER = "await broker"  # wait for the broker until arg (monotonic s), then on_broker_back or on_silence
 REFUSE = "refuse"  # arg: the verifier's ERROR: the request fails with its reason
+SEND_GRAMMAR = "send grammar"  # the verifier lacks the grammar named by hash: the next OPEN carries its text
 # and DRAFT_ALONE (arg: the cause) and FAIL (arg: Failure) of fault_action's vocabulary
 
 
@@ -305,7 +306,8 @@ class Exchange:
         if seen.kind == ERROR:
             if Rounds.error_action(msg) == REFUSED:
                 return [Action(REFUSE, msg)]
-            return self._asked_to_resync(now) + ([Action(ASK_AGAIN)] if self.stream else [])
+            lacks = [Action(SEND_GRAMMAR)] if msg.code == wire.ErrorCode.UNKNOWN_GRAMMAR else []
+            return lacks + self._asked_to_resync(now) + ([Action(ASK_AGAIN)] if self.stream else [])
         if seen.kind == STALE or self.binding or not self._wanted(msg):
             self.stats.stale_messages += 1
             return []

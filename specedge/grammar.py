@@ -257,6 +257,13 @@ class Cache:
     def __init__(self, size: int = 64):
         self.size, self._compiled = size, {}
 
+    def find(self, tokenizer, vocab_size: int, digest: bytes) -> Compiled | None:
+        """The grammar named by `digest` if it is compiled here (an OPEN that sent no text)."""
+        hit = self._compiled.pop((tokenizer, vocab_size, digest), None)
+        if hit is not None:
+            self._compiled[(tokenizer, vocab_size, digest)] = hit
+        return hit
+
     def get(self, tokenizer, vocab_size: int, text: str) -> Compiled:
         key = (tokenizer, vocab_size, grammar_hash(text))
         hit = self._compiled.pop(key, None)

@@ -166,16 +166,45 @@ def test_a_resync_open_states_the_generated_text_under_its_grammar(tiny_models):
                       grammar_from=len(prompt))
 
 
-def test_open_carries_its_grammar_by_hash_and_text():
+def test_open_names_its_grammar_by_hash_with_or_without_its_text():
     text = grammar.json_schema(ACTION)
-    msg = wire.Open(5, 1, [1, 2, 3], grammar=text, grammar_from=2)
+    digest = grammar.grammar_hash(text)
+    msg = wire.Open(5, 1, [1, 2, 3], grammar_hash=digest, grammar=text, grammar_from=2)
     assert wire.decode(wire.encode(msg)) == msg
+    by_hash = wire.Open(5, 1, [1, 2, 3], grammar_hash=digest, grammar_from=2)
+    assert wire.decode(wire.encode(by_hash)) == by_hash
+    assert len(wire.encode(msg)) - len(wire.encode(by_hash)) == len(text.encode())
     raw = bytearray(wire.encode(msg))
     raw[-3] ^= 1  # one byte of the text: its hash no longer matches
     with pytest.raises(wire.WireError, match="hash"):
         wire.decode(bytes(raw))
+    with pytest.raises(wire.WireError, match="hash"):
+        wire.encode(wire.Open(5, 1, [1], grammar_hash=digest, grammar="{}"))
+    long = "x" * (grammar.MAX_GRAMMAR + 1)
     with pytest.raises(wire.Oversized):
-        wire.encode(wire.Open(5, 1, [1], grammar="x" * (grammar.MAX_GRAMMAR + 1)))
+        wire.encode(wire.Open(5, 1, [1], grammar_hash=grammar.grammar_hash(long), grammar=long))
+
+
+def test_a_grammar_travels_once_then_by_hash_and_again_when_the_verifier_lost_it(stack, tiny_models):
+    """The first request sends the grammar's text; the next names it by hash (a smaller OPEN). A
+    verifier that no longer holds it answers UNKNOWN_GRAMMAR, and the device opens again with the
+    text: the output is the constrained target's all along."""
+    _, tok, target, _ = tiny_models
+    text = grammar.json_schema({"type": "object", "properties": {"go": {"enum": ["left", "right", "back"]}},
+                                "required": ["go"], "additionalProperties": False})
+    prompt = tok.encode_chat("which way")
+    want = grammar.reference_decode(target, tok, prompt, 20, text)
+    agent, policy = stack.agent, parse_policy("fixed:3")
+    uplink = []
+    for lose in (False, False, True):
+        if lose:
+            stack.verifier.grammars = grammar.Cache()  # a restarted replica, or evicted from its cache
+        sent0 = agent.status().bytes_sent
+        got = agent.generate(prompt, SamplingParams(), 20, policy, grammar=text)
+        uplink.append(agent.status().bytes_sent - sent0)
+        assert got.tokens == want
+    assert uplink[1] < uplink[0] - len(text) // 2
+    assert uplink[2] > uplink[1] + len(text) // 2 and got.stats.resyncs == 1
 
 
 def test_a_draft_with_forced_tokens_is_its_own_type_and_a_plain_one_pays_nothing():

@@ -8,10 +8,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from specedge.grammar import grammar_hash
 from specedge.protocol import wire
 from specedge.protocol.contract import Contract
 from specedge.speculative import SamplingParams, quantize, softmax
 
+GRAMMAR = '{"grammars": [{"json_schema": {"type": "object"}}]}'
 Q = [quantize(softmax(np.array([3.0, 1.0, 0.5, 0.0, -2.0])), 3, 1.0)]
 MESSAGES = [
     wire.Open(2**32 - 5, 0, [1, 2, 151935], SamplingParams(0.7, 20, 0.9, 42),
@@ -31,7 +33,8 @@ MESSAGES = [
     wire.Tokens(9, 1, 20, [3, 4, 5], True),
     wire.Error(7, 3, wire.ErrorCode.OUT_OF_SYNC, "resync, please ✓"),
     wire.Opened(5, 3, "verifier-a", "coder-1.5b-pruned"), wire.Opened(5, 4, "verifier-a", "coder-1.5b", exact=True),
-    wire.Open(5, 0, [7, 8, 9], grammar='{"grammars": [{"json_schema": {"type": "object"}}]}', grammar_from=3),
+    wire.Open(5, 0, [7, 8, 9], grammar_hash=grammar_hash(GRAMMAR), grammar=GRAMMAR, grammar_from=3),
+    wire.Open(5, 0, [7, 8, 9], grammar_hash=grammar_hash(GRAMMAR), grammar_from=2),  # by hash alone
     wire.Draft(7, 7, 100, [int(Q[0].ids[0])], Q, forced=[123, 151935]),
 ]
 

@@ -26,7 +26,8 @@ PROTOCOL_VERSION = 9  # 3: OPEN states the draft and its contract, OPENED names 
 #    and q flag in one byte, VERDICT's verify time in 100 µs units (u16); rounds at QoS 0;
 # 7: answers on a short topic of their own (topics.answers), not under the device's topics;
 # 8: EXTEND: the next turn of a conversation appends only its new tokens to a session kept open;
-# 9: OPEN may carry a grammar (structured output), and DRAFT the tokens it forced (type 6)
+# 9: OPEN may name a grammar (structured output; by hash, its text when the verifier may lack
+#    it: else UNKNOWN_GRAMMAR), and DRAFT the tokens it forced (type 6)
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_PACKET = MAX_PAYLOAD + 4096  # an MQTT packet carrying it: framing and topic besides
 MAX_CONTEXT = 32768  # tokens in OPEN
@@ -105,6 +106,7 @@ class ErrorCode:
     INCOMPATIBLE = 5  # draft and target do not share a tokenizer
     OVERLOADED = 6
     INTERNAL = 7
+    UNKNOWN_GRAMMAR = 8  # an OPEN named its grammar by hash alone, and this verifier lacks it: OPEN with the text
 
 
 @dataclass
@@ -119,9 +121,12 @@ class Open:
     resync: bool = False
     hints: bool = False  # ask for early-exit hints (when the verifier has an exit head)
     draft: str = ""  # the draft model's name: acceptance is tracked per (draft, target version)
-    # Structured output (specedge/grammar.py): llguidance grammar text constraining the tokens from
-    # position `grammar_from` on (the prompt's end; a resync's OPEN states generated tokens too).
-    grammar: str = ""
+    # Structured output (specedge/grammar.py): the grammar constraining the tokens from position
+    # `grammar_from` on (the prompt's end; a resync's OPEN states generated tokens too), named by
+    # its hash; its text rides along unless the verifier is known to hold it compiled (a verifier
+    # that does not answers UNKNOWN_GRAMMAR, and the device opens again with the text).
+    grammar_hash: bytes = b""  # empty: no grammar
+    grammar: str = ""  # the text, or "" when sent by hash alone
     grammar_from: int = 0
     TYPE = 1
     # flags (resync | hints << 1 | grammar << 2), temperature, top_k, top_p, seed, the contract
@@ -343,18 +348,22 @@ def _encode_open(m: Open) -> bytes:
     p, c = m.params, m.contract
     if not all(len(h) == 8 for h in (c.tokenizer, c.special_tokens, c.chat_template)):
         raise WireError("contract hashes must be 8 bytes")
-    flags = int(m.resync) | int(m.hints) << 1 | int(bool(m.grammar)) << 2
+    flags = int(m.resync) | int(m.hints) << 1 | int(bool(m.grammar_hash)) << 2
     body = (Open.BODY.pack(flags, p.temperature, p.top_k, p.top_p, p.seed,
                            c.tokenizer, c.vocab_size, c.special_tokens, c.chat_template, len(m.tokens))
             + _name(m.draft, "draft name") + _tokens(m.tokens, MAX_CONTEXT, "open"))
-    if not m.grammar:
+    if not m.grammar_hash:
+        if m.grammar:
+            raise WireError("open: a grammar's text without its hash")
         return body
     text = m.grammar.encode("utf-8")
     if len(text) > MAX_GRAMMAR:
         raise Oversized(f"open: a grammar of {len(text)} bytes exceeds the limit of {MAX_GRAMMAR}")
+    if len(m.grammar_hash) != HASH_BYTES or (text and grammar_hash(m.grammar) != m.grammar_hash):
+        raise WireError("open: the grammar's hash is not its text's")
     if not 0 <= m.grammar_from <= len(m.tokens):
         raise WireError("open: grammar_from lies outside the tokens")
-    return body + Open.GRAMMAR.pack(m.grammar_from, grammar_hash(m.grammar), len(text)) + text
+    return body + Open.GRAMMAR.pack(m.grammar_from, m.grammar_hash, len(text)) + text
 
 
 def _decode_open(session: int, seq: int, r: _Reader) -> Open:
@@ -378,8 +387,9 @@ def _decode_open(session: int, seq: int, r: _Reader) -> Open:
             msg.grammar = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise WireError("open: grammar is not UTF-8") from None
-        if not msg.grammar or grammar_hash(msg.grammar) != digest:
+        if msg.grammar and grammar_hash(msg.grammar) != digest:
             raise WireError("open: the grammar's text does not match its hash")
+        msg.grammar_hash = digest
         if start > n:
             raise WireError("open: grammar_from lies outside the tokens")
         msg.grammar_from = start

@@ -83,6 +83,7 @@ TARGETS = {"wire": wire_target, "config": config_target, "announcement": announc
 def seeds(name: str) -> list[bytes]:
     """Valid inputs for a target, for the fuzzer to start from."""
     if name == "wire":
+        from specedge.grammar import grammar_hash
         from specedge.protocol.contract import Contract
         from specedge.speculative import SamplingParams, SparseDist
 
@@ -94,7 +95,7 @@ def seeds(name: str) -> list[bytes]:
             wire.Opened(1, 0, "r0", "v1"), wire.Draft(1, 2, 3, [4, 5]), wire.Draft(1, 2, 3, [3], [q]),
             wire.Generate(1, 3, 3, 10), wire.Close(1, 4), wire.Extend(1, 5, 3, [8, 9]), wire.Verdict(1, 2, 3, 1, 7, 99),
             wire.Hint(1, 2, 3, 1, 7, 14), wire.Tokens(1, 3, 0, [5, 6], True), wire.Error(1, 2, 3, "why"),
-            wire.Open(1, 0, [1, 2, 3], grammar='{"grammars": []}', grammar_from=2),
+            wire.Open(1, 0, [1, 2, 3], grammar_hash=grammar_hash("{}"), grammar="{}", grammar_from=2),
             wire.Draft(1, 2, 3, [4, 5], forced=[6, 7]))]
     if name == "config":
         from specedge.resources import resource
