@@ -2,6 +2,8 @@
 two test layers (`unit`, `integration`), marked here so that a new test is classified without thought."""
 from __future__ import annotations
 
+import contextlib
+
 import functools
 import inspect
 import re
@@ -183,6 +185,30 @@ def fleet_verifier(tiny_models, mosquitto):
     yield start
     for v in started:
         v.stop()
+
+
+@contextlib.contextmanager
+def device_node(tiny_models, port: int, fleet: str, device: dict):
+    """A verifier of its own `fleet` (other tests' verifiers share the broker) and a device node on
+    it, the tiny pair's draft on torch: `device` is the device config past its fleet, broker and
+    estimated meter (an HTTP port: "api": {"http_port": 0})."""
+    from specedge.cloud.registry import Target
+    from specedge.cloud.verifier import Verifier
+    from specedge.config import CloudConfig, DeviceConfig, build
+    from specedge.device.draft import TorchDraftEngine
+    from specedge.device.node import DeviceNode
+
+    draft, tok, target, target_tok = tiny_models
+    verifier = Verifier(build(CloudConfig, {"mqtt": {"port": port}, "verifier": {
+        "id": f"v-{fleet}", "fleet": fleet, "group": fleet}}), Target.in_memory("tiny", target, target_tok)).start()
+    cfg = build(DeviceConfig, {**device, "device": {**device.get("device", {}), "fleet": fleet},
+                               "mqtt": {"port": port}, "energy": {"meter": "estimated"}})
+    node = DeviceNode(cfg, TorchDraftEngine(draft), tok).start()
+    try:
+        yield node
+    finally:
+        node.stop()
+        verifier.stop()
 
 
 def reference_greedy(model, prompt: list[int], max_new: int, stop_ids) -> list[int]:

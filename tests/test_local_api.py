@@ -9,11 +9,9 @@ import time
 
 import pytest
 
-from specedge.cloud.registry import Target
-from specedge.config import CloudConfig, DeviceConfig, build
-from specedge.device.draft import TorchDraftEngine
-from specedge.device.node import DeviceNode
+from specedge.config import DeviceConfig, build
 from specedge.mqtt import Link, ReplyTo
+from conftest import device_node
 from test_fleet_secure import http
 
 FLEET = "apps"
@@ -21,19 +19,11 @@ FLEET = "apps"
 
 @pytest.fixture(scope="module")
 def node(tiny_models, mosquitto):
-    from specedge.cloud.verifier import Verifier
-
-    draft, tok, target, target_tok = tiny_models
-    verifier = Verifier(build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {
-        "id": "v-apps", "fleet": FLEET, "group": FLEET}}), Target.in_memory("tiny", target, target_tok)).start()
-    cfg = build(DeviceConfig, {"device": {"id": "robot", "fleet": FLEET}, "mqtt": {"port": mosquitto.port},
-                               "energy": {"meter": "estimated"}, "generation": {"max_new_tokens": 24},
-                               "api": {"http_port": 0, "queue_size": 1, "max_body_kb": 4,
-                                       "local_mqtt_host": "127.0.0.1", "local_mqtt_port": mosquitto.port}})
-    n = DeviceNode(cfg, TorchDraftEngine(draft), tok).start()
-    yield n
-    n.stop()
-    verifier.stop()
+    with device_node(tiny_models, mosquitto.port, FLEET, {
+            "device": {"id": "robot"}, "generation": {"max_new_tokens": 24},
+            "api": {"http_port": 0, "queue_size": 1, "max_body_kb": 4,
+                    "local_mqtt_host": "127.0.0.1", "local_mqtt_port": mosquitto.port}}) as n:
+        yield n
 
 
 def raw_post(body: dict) -> bytes:

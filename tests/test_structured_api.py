@@ -10,12 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from specedge import grammar
-from specedge.cloud.registry import Target
-from specedge.config import CloudConfig, DeviceConfig, build
-from specedge.device.draft import TorchDraftEngine
 from specedge.device.http_api import parse_request
-from specedge.device.node import DeviceNode
 from specedge.tokenizer import Tokenizer
+from conftest import device_node
 from test_fleet_secure import http
 
 FLEET = "structured"
@@ -47,18 +44,10 @@ QWEN_TOOLS_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def node(tiny_models, mosquitto):
-    from specedge.cloud.verifier import Verifier
-
-    draft, tok, target, target_tok = tiny_models
-    verifier = Verifier(build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {
-        "id": "v-structured", "fleet": FLEET, "group": FLEET}}), Target.in_memory("tiny", target, target_tok)).start()
-    cfg = build(DeviceConfig, {"device": {"id": "arm", "fleet": FLEET}, "mqtt": {"port": mosquitto.port},
-                               "energy": {"meter": "estimated"}, "generation": {"max_new_tokens": 64},
-                               "speculation": {"policy": "fixed:4"}, "api": {"http_port": 0}})
-    n = DeviceNode(cfg, TorchDraftEngine(draft), tok).start()
-    yield n
-    n.stop()
-    verifier.stop()
+    with device_node(tiny_models, mosquitto.port, FLEET, {
+            "device": {"id": "arm"}, "generation": {"max_new_tokens": 64},
+            "speculation": {"policy": "fixed:4"}, "api": {"http_port": 0}}) as n:
+        yield n
 
 
 def chat(node, words: str = "turn the arm left", **body):
