@@ -124,9 +124,10 @@ class TargetSession:
         if committed != len(self.committed):
             if not (allow_rollback and 1 <= committed < len(self.committed)):
                 raise OutOfSync(f"device has {committed} committed tokens, verifier {len(self.committed)}")
-            if self.constraint is not None:
-                self.constraint.rollback(len(self.committed) - max(committed, self.grammar_from))
             del self.committed[committed:]
+            if self.constraint is not None:  # back to what it consumed of the shorter text (never a stop token)
+                said = len(self._before_stop(self.committed[self.grammar_from:]))
+                self.constraint.rollback(self.constraint.length - said)
             self.hasher = TextHasher(self.committed)  # O(n), on a rare rollback only
             if self.cache is not None:
                 self.cache.truncate(min(self.cache.length, committed - 1))

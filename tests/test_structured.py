@@ -250,3 +250,20 @@ def test_tool_choice_required_gives_calls_and_auto_may_give_text(tiny_models):
     assert grammar.parse_tool_calls("hello") is None
     with pytest.raises(grammar.GrammarError, match="not among the tools"):
         grammar.from_tools(tools, {"type": "function", "function": {"name": "fly"}}, hermes=False)
+
+
+def test_a_rollback_past_a_stop_token_leaves_the_grammar_where_the_text_is(tiny_models):
+    """cloud-ar re-asks from what the device holds: the session cuts its text back, across a stop
+    token the grammar never consumed, and its grammar state follows the shorter text."""
+    _, tok, target_model, _ = tiny_models
+    target = Target.in_memory("tiny", target_model, tok)
+    text = grammar._llg().LLMatcher.grammar_from_regex("the cat")
+    compiled = grammar.Compiled(tok, target_model.cfg.vocab_size, text)
+    prompt = tok.encode_chat("say it")
+    said = tok.encode("the cat")
+    session = TargetSession(target, prompt + said, SamplingParams(), 1, constraint=compiled.start(),
+                            grammar_from=len(prompt))
+    session.committed.append(tok.eos_id)  # the stream's last token: the stop the device did not commit
+    session.sync(len(prompt) + 2, allow_rollback=True)
+    assert session.constraint.length == 2
+    assert session.constraint.forced() == said[2]
