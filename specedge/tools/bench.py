@@ -26,20 +26,21 @@ from specedge.tools.channel import ChannelConfig, ChannelEmulator, channel_confi
 from specedge.progress import bar as progress_bar
 from specedge.resources import resource
 from specedge.metrics import percentile
+from specedge.protocol.wire import MAX_DRAFT
 
-MAX_DRAFT = 8  # the bench device's [speculation] max_draft
 
 
 def default_prompts() -> Path:
     return resource("data", "prompts", "spec_bench_dev.jsonl")
 
 
-SHIPPED_PROMPTS = ("spec_bench_dev", "code_edits")  # data/prompts/{name}.jsonl
+SHIPPED_PROMPTS = ("spec_bench_dev", "code_edits", "code_completion")  # data/prompts/{name}.jsonl
 
 
 def prompts_file(path: str | None) -> str:
     """--prompts as given, or a shipped set by name (code_edits: ten code edits that copy their
-    input, for prompt lookup), or (None) the Spec-Bench prompts shipped with the package."""
+    input, for prompt lookup; code_completion: ten functions to complete, which the draft
+    predicts almost surely), or (None) the Spec-Bench prompts shipped with the package."""
     if path in SHIPPED_PROMPTS:
         return str(resource("data", "prompts", f"{path}.jsonl"))
     return str(default_prompts()) if path is None else path
