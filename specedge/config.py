@@ -103,9 +103,7 @@ class DraftConfig:
 @dataclass
 class SpeculationConfig:
     policy: str = "adaptive"  # adaptive[:budget=J] | adaptive-energy[:floor=R] | fixed:G | cloud-ar
-    # The most one round drafts. Not a tuning knob: adaptive policies stop where one more drafted
-    # token's expected gain turns negative (device/scheduler.py); the default is the wire's limit.
-    max_draft: int = MAX_DRAFT
+    max_draft: int = 8
     # Keep the last request's session open on the verifier, and the draft's cache, for the next
     # request that repeats its text (a conversation's next turn: docs/apps.md); false: every
     # request opens afresh and both sides prefill its whole prompt.
