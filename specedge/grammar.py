@@ -258,18 +258,20 @@ class Cache:
         self.size, self._compiled = size, {}
 
     def find(self, tokenizer, vocab_size: int, digest: bytes) -> Compiled | None:
-        """The grammar named by `digest` if it is compiled here (an OPEN that sent no text)."""
-        hit = self._compiled.pop((tokenizer, vocab_size, digest), None)
+        """The grammar named by `digest` if it is compiled here (an OPEN that sent no text), now the
+        most recently used."""
+        key = (tokenizer, vocab_size, digest)
+        hit = self._compiled.pop(key, None)
         if hit is not None:
-            self._compiled[(tokenizer, vocab_size, digest)] = hit
+            self._compiled[key] = hit
         return hit
 
     def get(self, tokenizer, vocab_size: int, text: str) -> Compiled:
-        key = (tokenizer, vocab_size, grammar_hash(text))
-        hit = self._compiled.pop(key, None)
+        """The grammar of `text`, compiled here unless it already is."""
+        hit = self.find(tokenizer, vocab_size, grammar_hash(text))
         if hit is None:
             hit = Compiled(tokenizer, vocab_size, text)
-        self._compiled[key] = hit
-        while len(self._compiled) > self.size:
-            self._compiled.pop(next(iter(self._compiled)))
+            self._compiled[(tokenizer, vocab_size, hit.hash)] = hit
+            while len(self._compiled) > self.size:
+                self._compiled.pop(next(iter(self._compiled)))
         return hit
