@@ -65,6 +65,9 @@ class TargetSession:
         self.last_used = time.monotonic()
         self.hints = False  # the device asked for early-exit hints
         self.generating = 0  # cloud-ar: tokens still to generate for the current Generate
+        # Where the last Generate began: a device that switches from the stream to a draft states
+        # fewer tokens than were streamed (some were in flight), and the text goes back to its.
+        self.stream_from: int | None = None
 
     @property
     def model(self):

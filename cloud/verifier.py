@@ -329,8 +329,12 @@ class Verifier:
             if session is None:
                 self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.UNKNOWN_SESSION, "open the session"))
                 return
-            if key in self.pending:
-                if self.pending[key].msg.seq != msg.seq:  # the next round: after this batch
+            busy = self.pending.get(key)
+            if busy is not None and isinstance(busy.msg, wire.Generate) and msg.seq > busy.msg.seq:
+                del self.pending[key]  # a newer round ends the stream: the device switched modes or asks again
+                session.generating = 0
+            elif busy is not None:
+                if busy.msg.seq != msg.seq:  # the next round: after this batch
                     self.deferred.append((topic, payload, arrived))
                 return  # a duplicate of a draft already waiting
             session.last_used = time.monotonic()
@@ -342,7 +346,8 @@ class Verifier:
                 return
             try:
                 if isinstance(msg, wire.Draft):
-                    session.sync(msg.committed, msg.text_hash)
+                    streamed = session.stream_from is not None and msg.committed >= session.stream_from
+                    session.sync(msg.committed, msg.text_hash, allow_rollback=streamed)
                     session.force(msg.forced)
                     session.check_draft(msg.tokens, msg.q)
                     holds = len(session.committed) + len(msg.tokens) + 1
@@ -351,6 +356,7 @@ class Verifier:
                     if len(session.committed) + msg.max_new_tokens > session.model.cfg.max_seq_len:
                         raise BadRequest("generation runs past the target's context")
                     holds = len(session.committed) + msg.max_new_tokens
+                session.stream_from = len(session.committed) if isinstance(msg, wire.Generate) else None
             except (OutOfSync, BadRequest) as exc:
                 self.refused_by_session(out, msg, exc)
                 return

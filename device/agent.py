@@ -42,7 +42,7 @@ from specedge.device.profiles import get_profile
 from specedge.device.rounds import (ASK_AGAIN, AWAIT_BROKER, BROKER_LOST, DELIVER, DRAFT_ALONE, DROPPED, FAIL,
                                     HINT, OPEN, REFUSE, REPLICA_LOST, SEND, SEND_GRAMMAR, TIMEOUT, Exchange, Failure, Kept,
                                     RoundTimer, Rounds)
-from specedge.device.scheduler import Objective, Scheduler, State, objective
+from specedge.device.scheduler import SPECULATE, STREAM, Objective, Scheduler, State, objective, request_budget
 from specedge.metrics import SpecStats
 from specedge.mqtt import Link, publish_packet_bytes
 from specedge.protocol import topics
@@ -283,10 +283,15 @@ class _Request:
         self.start_s = time.perf_counter()
         self.stopped = False
         self.stream_failures = 0
+        self.stalled = 0  # stream answers in a row that added no token
         self.vocab_size = agent.engine.vocab_size
         self.sent_connects = 0  # the link's connection count when we last sent
         self.alone = False  # the last round went on without the target: next failure needs no retries
         self.unverified: list[tuple[int, int]] = []
+        self.prefill: threading.Thread | None = None  # the draft's prefill behind a stream
+        self.prefill_done: tuple[float, BaseException | None] | None = None  # (seconds, error) when it ends
+        self.draft_started = False
+        self.streamed_at_round = 0  # streamed_tokens when the last speculative round began
 
     # The round state, read and set where the agent did before it moved to Rounds.
     session = property(lambda self: self.rounds.session)
@@ -317,8 +322,8 @@ class _Request:
 
     def run(self) -> GenerationResult:
         agent = self.agent
-        sent0, recv0 = self.link.bytes_sent, self.link.bytes_received
-        energy0 = agent.meter.energy_j()
+        sent0, recv0 = self.sent0, self.recv0 = self.link.bytes_sent, self.link.bytes_received
+        energy0 = self.energy0 = agent.meter.energy_j()
         while not agent.inbox.empty():  # leftovers of an earlier request
             agent.inbox.get_nowait()
         self.begin()
@@ -333,6 +338,7 @@ class _Request:
         else:
             self.keep_or_close()
         finally:
+            self.join_prefill()  # the engine is the next request's: never left to a thread
             if self.stats.resyncs:  # the kept session did not take the new turn as it stood
                 self.stats.cached_prompt_tokens = 0
             self.stats.total_s = time.perf_counter() - self.start_s
@@ -416,29 +422,117 @@ class _Request:
             self.emit([token], forced=True)
         return len(self.committed) - before
 
-    def run_speculative(self) -> None:
-        agent, engine, policy = self.agent, self.agent.engine, self.policy
-        scheduler, meter, link = agent.scheduler, agent.meter, self.link
-        uses_model = "model" in self.sources  # prompt lookup alone never runs the draft model
-        if uses_model:
+    def objective(self) -> Objective:
+        """The adaptive objective for the rest of this request: the device's, with the policy's
+        options, its energy budget held over the whole request (scheduler.request_budget)."""
+        agent = self.agent
+        chosen = replace(agent.scheduler.objective, **self.policy.overrides)
+        elapsed = time.perf_counter() - self.start_s
+        spent = (agent.meter.energy_j() - self.energy0 + agent.radio.energy_j(
+            elapsed, self.link.bytes_sent - self.sent0, self.link.bytes_received - self.recv0))
+        return request_budget(chosen, spent, self.generated, self.max_new - self.generated)
+
+    def enter(self, mode: str) -> None:
+        if not self.stats.modes or self.stats.modes[-1][1] != mode:
+            self.stats.modes.append((time.perf_counter() - self.start_s, mode))
+
+    def prefill_behind(self) -> None:
+        """Prefill the draft on a thread while the cloud streams (both engines release the GIL)."""
+        engine, committed, reuse = self.agent.engine, list(self.committed), self.agent.cfg.speculation.keep_session
+
+        def run():
+            t0, error = time.perf_counter(), None
+            try:
+                engine.start(committed, reuse)
+            except BaseException as exc:  # raised in the request's thread when it joins
+                error = exc
+            self.prefill_done = (time.perf_counter() - t0, error)
+
+        self.prefill = threading.Thread(target=run, name="draft-prefill", daemon=True)
+        self.prefill.start()
+
+    def join_prefill(self) -> None:
+        """Wait for the draft's prefill behind the stream, count its time and energy, raise its error."""
+        if self.prefill is None:
+            return
+        self.prefill.join()
+        self.prefill = None
+        seconds, error = self.prefill_done
+        self.stats.draft_s += seconds
+        self.agent.meter.note_busy(seconds)
+        self.stats.draft_reused_tokens = getattr(self.agent.engine, "reused", 0)
+        self.draft_started = True
+        if error is not None:
+            raise error
+
+    def draft_ready(self, after_stream: bool = False) -> None:
+        """Before a drafted round: the draft's cache holds the committed text (prefilled now, or
+        behind a stream; after one, it takes what the stream brought with the next draft)."""
+        engine = self.agent.engine
+        self.join_prefill()
+        if after_stream and self.draft_started:
+            engine.commit(self.committed)
+        elif not self.draft_started:
             t0 = time.perf_counter()
             engine.start(self.committed, self.agent.cfg.speculation.keep_session)
             self.stats.draft_reused_tokens = getattr(engine, "reused", 0)  # a test wrapper may not say
             prefill_s = time.perf_counter() - t0
             self.stats.draft_s += prefill_s
-            meter.note_busy(prefill_s)
+            self.agent.meter.note_busy(prefill_s)
+            self.draft_started = True
+
+    def leave_stream(self) -> bool:
+        """Asked after each streamed token: switch to speculation now? Only where speculation could
+        pay at all (else the draft is not even prefilled), once the draft is ready, and when the
+        scheduler says it pays, or after probe_stream_tokens streamed tokens (a round teaches the
+        estimators what a stream cannot)."""
+        scheduler, remaining, objective = self.agent.scheduler, self.max_new - self.generated, self.objective()
+        if not scheduler.can_pay(remaining, objective):
+            return False
+        if not self.draft_started and self.prefill is None:
+            self.prefill_behind()
+        if self.prefill is not None and self.prefill.is_alive():
+            return False
+        probe = self.stats.streamed_tokens - self.streamed_at_round >= scheduler.probe_stream_tokens
+        return probe or scheduler.mode(remaining, True, objective) == SPECULATE
+
+    def run_speculative(self) -> None:
+        agent, engine, policy = self.agent, self.agent.engine, self.policy
+        scheduler, meter, link = agent.scheduler, agent.meter, self.link
+        uses_model = "model" in self.sources  # prompt lookup alone never runs the draft model
+        # An adaptive request starts streaming, so its first token comes as soon as the cloud alone
+        # would give it, and the scheduler switches between streaming and speculating as costs say.
+        # (Not under a grammar: forced tokens and masks are the speculative rounds' own.)
+        streams = policy.stream and self.constraint is None and uses_model
+        streaming = streams
+        if uses_model and not streams:
+            self.draft_ready()
         first_round = True
         carried: Drafted | None = None  # drafted ahead during the last round, its bet held
+        after_stream = False
         while True:
             if self.force() and uses_model:
                 engine.commit(self.committed)  # the draft goes on after the forced tokens
             if self.done:
                 break
+            if streams and not streaming and not after_stream and scheduler.mode(self.max_new - self.generated, False,
+                                                            self.objective()) == STREAM:
+                streaming, carried = True, None
+            if streaming:
+                self.enter(STREAM)
+                if self.stream_phase(self.leave_stream):
+                    streaming, first_round, after_stream = False, False, True
+                continue
+            if streams:
+                self.enter(SPECULATE)
+                self.streamed_at_round = self.stats.streamed_tokens
+            if uses_model:
+                self.draft_ready(after_stream)
             draft_len = policy.next_draft_len(self.max_new - self.generated)
             keep_going = None
             if policy.adaptive:
-                keep_going = scheduler.planner(draft_len, replace(scheduler.objective, **policy.overrides),
-                                               policy.pipelined)
+                keep_going = scheduler.planner(draft_len, self.objective(), policy.pipelined, probe=after_stream)
+            after_stream = False
             t0, e0, sent0, recv0 = time.perf_counter(), meter.energy_j(), link.bytes_sent, link.bytes_received
             drafted = self.draft(draft_len, keep_going, carried)
             t1 = time.perf_counter()
@@ -516,7 +610,7 @@ class _Request:
                 looked_up = looked_up.cut(valid) if valid else None
             if looked_up is not None and self.policy.adaptive:  # how much of it pays, if any
                 scheduler = self.agent.scheduler
-                n = scheduler.lookup_len(len(looked_up.tokens), replace(scheduler.objective, **self.policy.overrides))
+                n = scheduler.lookup_len(len(looked_up.tokens), self.objective())
                 looked_up = looked_up.cut(n) if n else None
             if looked_up is not None or "model" not in self.sources:
                 return looked_up or Drafted.empty(self.params)
@@ -537,26 +631,43 @@ class _Request:
 
     def run_autoregressive(self) -> None:
         """cloud-ar: the verifier decodes alone and streams every token as it is made."""
-        stalled = 0  # answers in a row that added no token
         while not self.done:
-            self.rounds.next_round()
-            request = wire.Generate(self.session, self.seq, len(self.committed), self.max_new - self.generated,
-                                    self.rounds.text_hash())
-            for msg in self.stream(request):
-                # `start` is the absolute position of the first token: duplicates are dropped,
-                # and after a gap (a lost message) we ask again from what we hold.
-                have = len(self.committed)
-                fresh = msg.tokens[have - msg.start:] if msg.start <= have else []
-                stalled = 0 if fresh else stalled + 1
-                if stalled >= MAX_STALLED:
-                    raise VerifierUnavailable(f"the verifier's stream added no token in {stalled} answers in a "
-                                              f"row; {self.generated} tokens committed and kept")
-                if msg.start > have:
-                    break
-                self.stats.target_passes += len(fresh)
-                self.emit(fresh)
-                if msg.done or self.done:
-                    break
+            self.stream_phase()
+
+    def stream_phase(self, leave=None) -> bool:
+        """One GENERATE for the rest of the request and its stream, until the request is done, the
+        stream is to be asked again, or `leave()`, asked after each new token, says so: True then.
+        The next round's message ends the stream on the verifier, whatever it still had in flight."""
+        self.rounds.next_round()
+        request = wire.Generate(self.session, self.seq, len(self.committed), self.max_new - self.generated,
+                                self.rounds.text_hash())
+        scheduler, link = self.agent.scheduler, self.link
+        last = None  # (when, bytes sent, bytes received) at the last message that brought tokens
+        for msg in self.stream(request):
+            # `start` is the absolute position of the first token: duplicates are dropped,
+            # and after a gap (a lost message) we ask again from what we hold.
+            have = len(self.committed)
+            fresh = msg.tokens[have - msg.start:] if msg.start <= have else []
+            self.stalled = 0 if fresh else self.stalled + 1
+            if self.stalled >= MAX_STALLED:
+                raise VerifierUnavailable(f"the verifier's stream added no token in {self.stalled} answers in a "
+                                          f"row; {self.generated} tokens committed and kept")
+            if msg.start > have:
+                break
+            if fresh:
+                now = time.perf_counter()
+                if last is not None:  # the first also waited for the request and, maybe, a prefill
+                    scheduler.observe_stream(now - last[0], len(fresh), link.bytes_sent - last[1],
+                                             link.bytes_received - last[2])
+                last = (now, link.bytes_sent, link.bytes_received)
+            self.stats.target_passes += len(fresh)
+            self.stats.streamed_tokens += len(fresh)
+            self.emit(fresh)
+            if msg.done or self.done:
+                break
+            if fresh and leave is not None and leave():
+                return True
+        return False
 
     # -- the exchanges: device/rounds.py decides, this performs --------------------------------
     def exchange(self, ex: Exchange, ahead: Ahead | None = None):

@@ -8,6 +8,9 @@
   BASE+pipelined                while a verdict is in flight, draft the next block on the guess
                                 that everything is accepted (kept when the guess holds)
   BASE+early-exit               pipelined, and the verifier's mid-pass hint redirects the guess
+  ADAPTIVE+no-stream            the scheduler speculates in every round: cloud streaming is not
+                                among its modes (by default a request starts streaming while the
+                                draft prefills, and the scheduler switches between the two)
   pipelined[:G], early-exit[:G] shorthands for fixed:G+pipelined, fixed:G+early-exit (G = 4)
 Options left out of an adaptive spec come from the device's current objective
 ([energy] in the config, changeable at run time).
@@ -28,6 +31,7 @@ class Policy:
     overrides: dict = field(default_factory=dict)  # Objective fields an adaptive spec sets
     pipelined: bool = False  # draft ahead while the verdict is in flight
     early_exit: bool = False  # ask the verifier for early-exit hints and draft ahead from them
+    stream: bool = False  # adaptive: cloud streaming is one of the scheduler's modes
 
     def next_draft_len(self, remaining: int) -> int:
         """This round's draft length: never past the request's end (the verdict always adds one
@@ -51,11 +55,11 @@ def _adaptive(spec: str, mode: str, options: str, max_draft: int) -> Policy:
         if not number > 0:
             raise ValueError(f"policy {spec!r}: {key} must be > 0")
         overrides[_OPTION_FIELDS[key]] = number
-    return Policy(spec, max_draft, adaptive=True, overrides=overrides)
+    return Policy(spec, max_draft, adaptive=True, overrides=overrides, stream=True)
 
 
 DEFAULT_PIPELINED_DRAFT = 4
-_MODIFIERS = ("pipelined", "early-exit")
+_MODIFIERS = ("pipelined", "early-exit", "no-stream")
 
 
 def fixed_policy(draft_len: int, pipelined: bool = False, early_exit: bool = False) -> Policy:
@@ -71,19 +75,22 @@ def parse_policy(spec: str, max_draft: int = MAX_DRAFT) -> Policy:
     max_draft = min(max_draft, MAX_DRAFT)
     base, *modifiers = spec.split("+")
     kind, _, arg = base.partition(":")
-    if kind in _MODIFIERS and not modifiers:  # shorthand: a fixed draft length, pipelined
+    if kind in ("pipelined", "early-exit") and not modifiers:  # shorthand: a fixed draft length, pipelined
         policy = _fixed(spec, arg or str(DEFAULT_PIPELINED_DRAFT), max_draft)
         return Policy(spec, policy.draft_len, pipelined=True, early_exit=kind == "early-exit")
     for m in modifiers:
         if m not in _MODIFIERS:
-            raise ValueError(f"policy {spec!r}: unknown modifier {m!r}; use +pipelined or +early-exit")
+            raise ValueError(f"policy {spec!r}: unknown modifier {m!r}; use +pipelined, +early-exit or +no-stream")
     policy = _parse_base(base, max_draft)
     if modifiers:
         if policy.autoregressive:
             raise ValueError(f"policy {spec!r}: cloud-ar drafts nothing to pipeline")
+        if "no-stream" in modifiers and not policy.adaptive:
+            raise ValueError(f"policy {spec!r}: only an adaptive policy streams, so only it takes +no-stream")
         early = "early-exit" in modifiers
         policy = Policy(spec, policy.draft_len, adaptive=policy.adaptive, overrides=policy.overrides,
-                        pipelined=True, early_exit=early)
+                        pipelined=early or "pipelined" in modifiers, early_exit=early,
+                        stream=policy.stream and "no-stream" not in modifiers)
     return policy
 
 
@@ -109,5 +116,5 @@ def _parse_base(spec: str, max_draft: int) -> Policy:
 def _unknown(spec: str, max_draft: int) -> ValueError:
     return ValueError(f"unknown policy {spec!r}: use cloud-ar, fixed:G with 0 <= G <= {max_draft}, "
                       f"adaptive[:budget=J] or adaptive-energy[:floor=R,budget=J], each optionally "
-                      f"+pipelined or +early-exit; or pipelined[:G], early-exit[:G]")
+                      f"+pipelined or +early-exit (adaptive ones also +no-stream); or pipelined[:G], early-exit[:G]")
 

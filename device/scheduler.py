@@ -14,6 +14,16 @@ state allows (Dinkelbach); the energy mode minimises J - mu E the same way. The 
 budget (J/E <= budget) and the throughput floor (E/T >= floor) are constraints.
 Draft length 0 (a plain target step) is always a candidate.
 
+Cloud streaming (the cloud decodes alone and sends each token as it is made) is the other mode.
+After the one round trip that starts it, a streamed token costs t_stream, the cloud's decode step as
+the device sees it, with the device idle and the radio receiving:
+    J_stream = t_stream (P_idle + P_radio) + bytes per token * e_radio/byte.
+`choose_mode` compares the two over the next n tokens (n = the rest of the request, at most
+HORIZON): n t_stream against n T(g*)/E(g*) for the best g*, under the same objective and
+constraint, the mode not in force paying one round trip to switch (a stream's last tokens in
+flight are lost; a new stream waits its first token). A request starts streaming while the draft
+prefills, so its first token is never later than the cloud alone would give it.
+
 A prompt-lookup proposal (device/lookup.py) is planned with the same rule on its own
 acceptance, with t_draft = 0: the scheduler keeps one estimator per draft source.
 
@@ -36,6 +46,8 @@ if TYPE_CHECKING:
     from specedge.config import EnergyConfig
 
 MODES = ("throughput", "energy")
+STREAM, SPECULATE = "stream", "speculate"  # what choose_mode returns
+HORIZON = 64  # tokens ahead a mode switch is judged over
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,15 @@ class State:
     radio_j_per_byte_up: float = 0.0
     radio_j_per_byte_down: float = 0.0
     pipelined: bool = False  # the next block is drafted during the wait (see the module notes)
+    stream_token_s: float = 0.1  # t_stream: seconds between streamed tokens
+    stream_up_bytes: float = 4.0  # per streamed token: its acknowledgement
+    stream_down_bytes: float = 40.0  # per streamed token: its message
+
+    def stream_cost(self) -> tuple[float, float]:
+        """(seconds, device joules) of one streamed token."""
+        s = self.stream_token_s
+        return s, (s * (self.idle_w + self.radio_w) + self.stream_up_bytes * self.radio_j_per_byte_up
+                   + self.stream_down_bytes * self.radio_j_per_byte_down)
 
     def accept(self, position: int) -> float:
         table = self.accept_by_position
@@ -141,6 +162,55 @@ def best_rate(state: State, objective: Objective, max_draft: int) -> tuple[float
     if feasible:
         return min((j / t, draft_len) for draft_len, t, s, j in feasible)
     return max((t / s, draft_len) for draft_len, t, s, _ in outcomes)
+
+
+def best_round(state: State, objective: Objective, max_draft: int) -> tuple[int, float, float, float]:
+    """(draft_len, tokens, seconds, joules) of the round `best_rate` picks."""
+    _, draft_len = best_rate(state, objective, max_draft)
+    return _outcomes(state, (), max_draft)[draft_len]
+
+
+def choose_mode(state: State, objective: Objective, max_draft: int, remaining: int, streaming: bool) -> str:
+    """STREAM or SPECULATE for the next tokens (see the module notes): the mode whose next
+    n = min(remaining, HORIZON) tokens are faster (throughput) or cheaper (energy) and meet the
+    constraint; the mode not in force (`streaming`) pays one round trip, idle, to switch. If
+    neither meets the constraint: the one closer to it."""
+    n = max(1, min(remaining, HORIZON))
+    _, tokens, seconds, joules = best_round(state, objective, max_draft)
+    stream_s, stream_j = state.stream_cost()
+    switch_s = state.rtt_s
+    switch_j = switch_s * (state.idle_w + state.radio_w)
+    modes = {STREAM: (n * stream_s, n * stream_j), SPECULATE: (n * seconds / tokens, n * joules / tokens)}
+    other = SPECULATE if streaming else STREAM
+    s, j = modes[other]
+    modes[other] = (s + switch_s, j + switch_j)
+    feasible = {m: c for m, c in modes.items() if _feasible(objective, n, *c)}
+    if objective.mode == "throughput":
+        if not feasible:  # over budget either way: spend the least per token
+            return min(modes, key=lambda m: (modes[m][1], m == other))
+        return min(feasible, key=lambda m: (feasible[m][0], m == other))
+    if not feasible:  # below the floor either way: the faster
+        return min(modes, key=lambda m: (modes[m][0], m == other))
+    return min(feasible, key=lambda m: (feasible[m][1], m == other))
+
+
+def speculation_can_pay(state: State, objective: Objective, max_draft: int, remaining: int) -> bool:
+    """Whether speculating could beat streaming even if every drafted token were accepted: if not,
+    a streaming device neither prefills its draft nor tries a round to learn its acceptance."""
+    perfect = replace(state, accept_by_position=(1.0,))
+    return max_draft > 0 and choose_mode(perfect, objective, max_draft, remaining, streaming=True) == SPECULATE
+
+
+def request_budget(objective: Objective, spent_j: float, generated: int, remaining: int) -> Objective:
+    """The objective for the rest of a request that has spent `spent_j` (prefill and drafting
+    included) on `generated` tokens: a budget of B J/token over the whole request leaves
+    B (generated + remaining) - spent_j for the `remaining` tokens, so what one part overspent the
+    rest saves (and the reverse)."""
+    budget = objective.budget_j_per_token
+    if budget is None or remaining <= 0:
+        return objective
+    left = (budget * (generated + remaining) - spent_j) / remaining
+    return replace(objective, budget_j_per_token=max(left, 1e-9))
 
 
 def plan(state: State, objective: Objective, survival: Sequence[float], max_draft: int) -> int:
@@ -275,6 +345,9 @@ class Scheduler:
     # After this many rounds without a draft, draft one token anyway: plain steps teach the
     # estimators nothing about acceptance or draft cost, and the text or the link may have changed.
     probe_every: int = 16
+    # Likewise a stream leaves for one speculative round after this many tokens, where speculation
+    # could pay at all: acceptance is only learnt by drafting.
+    probe_stream_tokens: int = 64
 
     def __post_init__(self):
         self.acceptance = AcceptanceEstimator(initial_rate=self.prior.accept(1))
@@ -288,6 +361,9 @@ class Scheduler:
         self.power_active = Ewma(0.2, self.prior.active_w)
         self.power_idle = Ewma(0.2, self.prior.idle_w)
         self.down_bytes = self.prior.down_bytes
+        self.stream_token_s = Ewma(0.1)  # seconds between streamed tokens
+        self.stream_up_bytes = Ewma(0.1, self.prior.stream_up_bytes)
+        self.stream_down_bytes = Ewma(0.1, self.prior.stream_down_bytes)
         self.rounds = 0
         self.rounds_without_draft = 0
 
@@ -316,6 +392,14 @@ class Scheduler:
         self.rounds += 1
         self.rounds_without_draft = 0 if drafted else self.rounds_without_draft + 1
 
+    def observe_stream(self, seconds: float, tokens: int, up_bytes: int, down_bytes: int) -> None:
+        """Streamed tokens that came `seconds` after the ones before them (a stream's first message,
+        which also waits a round trip or a prefill, is not observed)."""
+        if tokens > 0:
+            self.stream_token_s.update(seconds / tokens)
+            self.stream_up_bytes.update(up_bytes / tokens)
+            self.stream_down_bytes.update(down_bytes / tokens)
+
     def observe_power(self, busy_w: float | None, waiting_w: float | None) -> None:
         if busy_w is not None and busy_w > 0:
             self.power_active.update(busy_w)
@@ -326,14 +410,37 @@ class Scheduler:
         prior = self.prior
         verify_base, verify_row = self.verify.coefficients()
         rtt, s_per_byte = self.network.coefficients()
+        streamed = self.stream_token_s.value
+        # A streamed token and a one-row pass cost the same cloud step: each stands for the other
+        # until that is measured too.
+        if streamed is None:
+            streamed = verify_base + verify_row if self.verify.ready else prior.stream_token_s
+        if not self.verify.ready and self.stream_token_s.value is not None:
+            verify_base, verify_row = self.stream_token_s.value, prior.verify_per_row_s
+        elif not self.verify.ready:
+            verify_base, verify_row = prior.verify_base_s, prior.verify_per_row_s
         return replace(
-            prior, accept_by_position=self.acceptance.by_position(),
+            prior, accept_by_position=self.acceptance.by_position(), stream_token_s=streamed,
+            stream_up_bytes=self.stream_up_bytes.value, stream_down_bytes=self.stream_down_bytes.value,
             draft_s=self.draft_s.value if self.draft_s.value is not None else prior.draft_s,
-            verify_base_s=verify_base if self.verify.ready else prior.verify_base_s,
-            verify_per_row_s=verify_row if self.verify.ready else prior.verify_per_row_s,
+            verify_base_s=verify_base,
+            verify_per_row_s=verify_row,
             rtt_s=rtt if self.network.ready else prior.rtt_s,
             up_bps=8 / s_per_byte if s_per_byte > 0 else prior.up_bps,
             down_bytes=self.down_bytes, active_w=self.power_active.value, idle_w=self.power_idle.value)
+
+    def mode(self, remaining: int, streaming: bool, objective: Objective | None = None) -> str:
+        """STREAM or SPECULATE for the rest of a request (`remaining` tokens) on the current estimates."""
+        return choose_mode(self.state(), objective or self.objective, min(self.max_draft, MAX_DRAFT), remaining,
+                           streaming)
+
+    def can_pay(self, remaining: int, objective: Objective | None = None) -> bool:
+        """speculation_can_pay on the current estimates, a draft never timed taken as free: the
+        probe that would time it is the only way to learn it."""
+        state = self.state()
+        if self.draft_s.value is None:
+            state = replace(state, draft_s=0.0)
+        return speculation_can_pay(state, objective or self.objective, min(self.max_draft, MAX_DRAFT), remaining)
 
     def lookup_len(self, available: int, objective: Objective | None = None) -> int:
         """How many tokens of a prompt-lookup proposal of `available` to send; 0: draft with the
@@ -354,14 +461,15 @@ class Scheduler:
             return 0
         return draft_len
 
-    def planner(self, draft_len: int, objective: Objective | None = None, pipelined: bool = False):
+    def planner(self, draft_len: int, objective: Objective | None = None, pipelined: bool = False,
+                probe: bool = False):
         """A pure keep-drafting test for one round of at most `draft_len` tokens: confidences of the
         tokens drafted so far -> bool. The state and objective are frozen for the round; the draft
-        loop calls it between tokens."""
+        loop calls it between tokens. `probe`: draft at least one token (a round after a stream)."""
         state, objective, acceptance = self.state(), objective or self.objective, self.acceptance
         state = replace(state, pipelined=pipelined)
         max_draft = min(draft_len, self.max_draft, MAX_DRAFT)
-        probe = max_draft > 0 and self.rounds_without_draft >= self.probe_every
+        probe = max_draft > 0 and (probe or self.rounds_without_draft >= self.probe_every)
 
         def keep_going(confidences: Sequence[float]) -> bool:
             if probe and not confidences:

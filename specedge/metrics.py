@@ -72,6 +72,10 @@ class SpecStats:
     lookup_rounds: int = 0
     lookup_drafted: int = 0
     lookup_accepted: int = 0
+    # Tokens the cloud streamed (cloud-ar, or an adaptive policy's stream mode), and each mode an
+    # adaptive request entered: (seconds since its start, "stream" or "speculate").
+    streamed_tokens: int = 0
+    modes: list[tuple[float, str]] = field(default_factory=list)
 
     def record_round(self, drafted: int, accepted: int, round_trip_s: float, verify_s: float,
                      start_s: float = 0.0, source: str = "model") -> None:
@@ -143,6 +147,8 @@ class SpecStats:
             "draft_reused_tokens": self.draft_reused_tokens,
             "cached_prompt_tokens": self.cached_prompt_tokens,
             "forced_tokens": self.forced_tokens,
+            "streamed_share": self.streamed_tokens / gen,
+            "mode_switches": max(len(self.modes) - 1, 0),
             "lookup_rounds": self.lookup_rounds,
             "lookup_acceptance": self.lookup_accepted / self.lookup_drafted if self.lookup_drafted else None,
             "verify_ms_per_pass": 1000 * self.verify_s / self.target_passes if self.target_passes else 0.0,

@@ -77,8 +77,8 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = tiny_run(
         "bench", draft, target, "--channel", "ideal,lte", "--meter", "estimated",
-        "--policies", "cloud-ar,fixed:1,fixed:3,adaptive,adaptive-energy:budget=50,pipelined:3,adaptive+pipelined,"
-                      "early-exit:3",
+        "--policies", "cloud-ar,fixed:1,fixed:3,adaptive,adaptive+no-stream,adaptive-energy:budget=50,pipelined:3,"
+                      "adaptive+pipelined,early-exit:3",
         "--max-prompts", "2", "--max-new-tokens", "12", "--json", str(out), "--plot", str(png),
         "--start-timeout", "120", "--run-timeout", "120")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -104,7 +104,12 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
         assert 0.0 <= ch["policies"]["pipelined:3"]["ahead_hit_rate"] <= 1.0
         assert 0.0 <= ch["policies"]["early-exit:3"]["early_exit_agreement"] <= 1.0
         assert ch["policies"]["early-exit:3"]["early_exit_layer"] == 1  # 3/4 of the tiny target's 2 layers
-        run = ch["runs"]["adaptive"][0]
+        # The adaptive policy starts streaming while its draft prefills; without the stream it
+        # speculates from the start.
+        assert 0.0 < ch["policies"]["adaptive"]["streamed_share"] <= 1.0
+        assert ch["runs"]["adaptive"][0]["modes"][0][1] == "stream"
+        assert ch["policies"]["adaptive+no-stream"]["streamed_share"] == 0.0
+        run = ch["runs"]["adaptive+no-stream"][0]
         assert len(run["draft_lens"]) == len(run["round_start_s"]) == len(run["link_down_bps"]) > 0
         # Each run opened its own session: none went on in the one its predecessor kept.
         assert all(r["summary"]["cached_prompt_tokens"] == 0 for runs in ch["runs"].values() for r in runs)

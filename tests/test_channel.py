@@ -5,6 +5,7 @@ capacity (the machines are shared and asyncio timers are coarse).
 """
 from __future__ import annotations
 
+import math
 import socket
 import socketserver
 import threading
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from specedge.tools.channel import (ChannelConfig, ChannelEmulator, LinkSpec, default_trace_dir, load_trace,
-                              parse_trace_spec, preset, split_channels)
+from specedge.tools.channel import (ChannelConfig, ChannelEmulator, LinkSpec, channel_config, default_trace_dir,
+                              load_trace, parse_trace_spec, preset, split_channels)
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -245,3 +246,66 @@ def test_channel_lists_keep_a_trace_spec_together():
     assert split_channels("ideal,trace:a.up,b.down,delay_ms=5,loss=0.1,umts,trace:c,d") == [
         "ideal", "trace:a.up,b.down,delay_ms=5,loss=0.1", "umts", "trace:c,d"]
     assert split_channels(" lte , ,trace:a,b,") == ["lte", "trace:a,b"]
+
+
+def test_varying_preset_moves_through_its_phases_from_the_request_start():
+    cfg = channel_config("varying")
+    assert [(start, phase.name) for start, phase in cfg.phases] == [
+        (0, "wifi"), (4, "lte"), (8, "umts"), (12, "blackout"), (14, "lte")]
+    assert (cfg.up, cfg.down) == (preset("wifi").up, preset("wifi").down)  # what a connection starts on
+    for t, name in ((0, "wifi"), (3.9, "wifi"), (4, "lte"), (8.5, "umts"), (12, "blackout"), (13.9, "blackout"),
+                    (14, "lte"), (600, "lte")):
+        assert cfg.link_at(t).name == name, t
+    assert cfg.rates_at(1) == (20e6, 50e6) and cfg.rates_at(13) == (0, 0)
+    lte = preset("lte")
+    assert cfg.rates_at(14.5) == (lte.up.rate_at(0.5), lte.down.rate_at(0.5))  # the trace from the phase's start
+    assert "from 8 s umts (up TMobile-UMTS-driving.up" in cfg.description and "from 12 s blackout ->" in cfg.description
+    plain = preset("lte")
+    assert plain.link_at(5) is plain and plain.rates_at(5) == (lte.up.rate_at(5), lte.down.rate_at(5))
+    assert split_channels("lte,umts,varying") == ["lte", "umts", "varying"]
+
+
+def _phased(*phases: tuple[float, LinkSpec | None]) -> ChannelConfig:
+    """A channel with these phases, the same link both ways; None is a blackout until the next phase."""
+    gone = LinkSpec(blackouts=[(0.0, math.inf)])
+    configs = [(start, ChannelConfig(link or gone, link or gone, "blackout" if link is None else f"phase {i}"))
+               for i, (start, link) in enumerate(phases)]
+    return ChannelConfig(configs[0][1].up, configs[0][1].down, "phased", phases=configs)
+
+
+def _connect(ch: ChannelEmulator) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", ch.port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+
+def test_phases_switch_live_connections_and_a_blackout_holds_bytes_until_the_next_phase(server):
+    addr = server(_Echo)
+    cfg = _phased((0.0, LinkSpec()), (0.4, None), (0.8, LinkSpec(delay_ms=100)))
+    with ChannelEmulator(cfg, addr) as ch, _connect(ch) as s:
+        ch.restart_clock()
+        assert _rtt(s) < 0.1
+        time.sleep(0.5 - ch.elapsed())
+        stalled = _rtt(s)  # held to 0.8 s, then 100 ms each way
+        # elapsed() still counts from the restart: the switches do not move the origin.
+        assert ch.elapsed() >= 0.8 + 0.2 * 0.95 and stalled >= 0.45, stalled
+        assert _rtt(s) >= 0.195
+        with _connect(ch) as late:  # opened mid-phase: on the phase in force
+            assert _rtt(late) >= 0.195
+
+
+def test_restarting_the_clock_restarts_the_phases_and_drops_the_old_schedule(server):
+    addr = server(_Echo)
+    cfg = _phased((0.0, LinkSpec()), (0.4, None), (0.8, LinkSpec(delay_ms=100)))
+    with ChannelEmulator(cfg, addr) as ch, _connect(ch) as s:
+        time.sleep(0.9 - ch.elapsed())
+        assert _rtt(s) >= 0.195  # the last phase
+        ch.restart_clock()
+        assert _rtt(s) < 0.1  # the first phase again
+        time.sleep(0.3 - ch.elapsed())
+        ch.restart_clock()
+        time.sleep(0.2 - ch.elapsed())  # the blackout of the schedule just dropped would be on now
+        assert _rtt(s) < 0.1
+        time.sleep(0.5 - ch.elapsed())
+        _rtt(s)
+        assert ch.elapsed() >= 0.8 + 0.2 * 0.95  # the blackout of the new schedule, then 100 ms each way

@@ -109,7 +109,7 @@ def test_prompt_lookup_drafts_keep_the_output_the_targets(stack, tiny_models, so
     try:
         for words in ("the cat is on the mat the cat is on the mat", "robot arm go left stop"):
             prompt = tok.encode_chat(words)
-            for policy in ("fixed:4", "adaptive"):
+            for policy in ("fixed:4", "adaptive+no-stream"):
                 result = stack.agent.generate(prompt, SamplingParams(), 48, parse_policy(policy))
                 assert result.tokens == reference_greedy(target, prompt, 48, tok.stop_ids)
                 assert result.stats.lookup_rounds > 0, (words, policy)

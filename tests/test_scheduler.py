@@ -8,8 +8,9 @@ from dataclasses import replace
 
 import pytest
 
-from specedge.device.scheduler import (AcceptanceEstimator, Ewma, LinearFit, Objective, Scheduler, State,
-                                       best_rate, plan)
+from specedge.device.scheduler import (SPECULATE, STREAM, AcceptanceEstimator, Ewma, LinearFit, Objective,
+                                       Scheduler, State, best_rate, choose_mode, plan, request_budget,
+                                       speculation_can_pay)
 
 # Shaped like the real pair on one CPU core: 76 ms a drafted token, ~300 ms a verification.
 BASE = State(accept_by_position=(0.7, 0.65, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6), draft_s=0.076,
@@ -200,6 +201,74 @@ def test_a_lookup_is_planned_on_its_own_acceptance_and_taken_only_where_it_beats
     assert s.lookup_len(8) == 8  # but after probe_every model rounds it is tried again
 
 
+# -- streaming or speculating --------------------------------------------------------------------
+# A verifier that verifies a row at the price of a decode step (llama.cpp fed one row per call, as
+# on this CPU) against one that verifies a block at the price of a step (a GPU's batched pass).
+ROW_BY_ROW = replace(BASE, verify_base_s=0.0, verify_per_row_s=0.09, stream_token_s=0.09)
+BATCHED = replace(BASE, accept_by_position=(0.9,), draft_s=0.01, verify_base_s=0.09, verify_per_row_s=0.001,
+                  stream_token_s=0.09)
+
+
+def test_streaming_wins_where_a_verified_row_costs_a_decode_step():
+    assert choose_mode(ROW_BY_ROW, THROUGHPUT, MAX, 100, streaming=True) == STREAM
+    assert choose_mode(ROW_BY_ROW, THROUGHPUT, MAX, 100, streaming=False) == STREAM
+    # even a perfect draft cannot beat it: the device neither prefills nor probes
+    assert not speculation_can_pay(ROW_BY_ROW, THROUGHPUT, MAX, 100)
+
+
+def test_speculation_wins_where_verifying_a_block_costs_a_step():
+    assert choose_mode(BATCHED, THROUGHPUT, MAX, 100, streaming=True) == SPECULATE
+    assert speculation_can_pay(BATCHED, THROUGHPUT, MAX, 100)
+    # the same costs with drafts the target rejects: streaming again
+    assert choose_mode(replace(BATCHED, accept_by_position=(0.05,)), THROUGHPUT, MAX, 100, True) == STREAM
+
+
+def test_a_switch_pays_its_round_trip_so_a_near_tie_keeps_the_mode_in_force():
+    # speculation a little faster per token, but not by a round trip over the few tokens left
+    close = replace(BATCHED, stream_token_s=BATCHED.round_cost(8)[0] / BATCHED.expected_tokens(8) * 1.02,
+                    rtt_s=0.2)
+    assert choose_mode(close, THROUGHPUT, MAX, 4, streaming=True) == STREAM
+    assert choose_mode(close, THROUGHPUT, MAX, 4, streaming=False) == SPECULATE
+
+
+def test_energy_mode_streams_when_waiting_is_cheaper_than_drafting():
+    energy = Objective("energy")
+    drafting_dear = replace(BATCHED, active_w=30.0, idle_w=2.0, rtt_s=0.2)
+    assert choose_mode(drafting_dear, energy, MAX, 100, streaming=False) == STREAM
+    # but not below a throughput floor the stream cannot reach
+    floor = Objective("energy", min_tokens_per_s=0.9 / drafting_dear.stream_token_s * 1.3)
+    assert choose_mode(drafting_dear, floor, MAX, 100, streaming=True) == SPECULATE
+    # the throughput mode under a budget only the stream meets streams, though speculating is faster
+    stream_j = drafting_dear.stream_cost()[1]
+    assert choose_mode(drafting_dear, Objective(budget_j_per_token=stream_j * 1.05), MAX, 100, True) == STREAM
+    assert choose_mode(drafting_dear, THROUGHPUT, MAX, 100, True) == SPECULATE
+
+
+def test_the_stream_cost_is_measured_and_before_that_is_a_one_row_pass():
+    s = Scheduler(max_draft=8)
+    for n in range(40):
+        drafted = 1 + n % 6
+        s.observe_round([0.9] * drafted, 2, 0.01 * drafted, 0.2 + 0.05 * (drafted + 1), 0.5, 90, 60)
+    assert s.state().stream_token_s == pytest.approx(0.25, abs=0.01)  # never streamed: base + 1 row
+    for _ in range(60):
+        s.observe_stream(0.3, 3, 12, 150)  # three tokens came 0.3 s after the last ones
+    state = s.state()
+    assert state.stream_token_s == pytest.approx(0.1, abs=1e-3)
+    assert state.stream_up_bytes == pytest.approx(4.0, abs=0.01) and state.stream_down_bytes == pytest.approx(50.0, abs=0.1)
+
+
+def test_a_whole_request_budget_takes_back_what_the_start_overspent():
+    budget = Objective(budget_j_per_token=2.0)
+    assert request_budget(budget, 0.0, 0, 100).budget_j_per_token == pytest.approx(2.0)
+    # a prefill spent 50 J before the first token: the 100 tokens to come get 1.5 J each
+    assert request_budget(budget, 50.0, 0, 100).budget_j_per_token == pytest.approx(1.5)
+    # half-way at 1 J a token: the rest may spend 3
+    assert request_budget(budget, 50.0, 50, 50).budget_j_per_token == pytest.approx(3.0)
+    # overspent beyond recovery: the tightest budget, so the cheapest mode is taken
+    assert request_budget(budget, 500.0, 10, 10).budget_j_per_token <= 1e-6
+    assert request_budget(Objective(), 50.0, 0, 100) == Objective()
+
+
 # -- the agent over the emulated channel ---------------------------------------------------------
 def test_agent_drafts_further_when_the_channel_slows_down_mid_run(tiny_models, mosquitto):
     from specedge.tools.channel import ChannelConfig, ChannelEmulator, LinkSpec
@@ -232,7 +301,7 @@ def test_agent_drafts_further_when_the_channel_slows_down_mid_run(tiny_models, m
         start = time.perf_counter()
         try:
             result = agent.generate(tok.encode_chat("the robot arm turns left and picks up the red cube"),
-                                    SamplingParams(), 200, parse_policy("adaptive"), on_tokens)
+                                    SamplingParams(), 200, parse_policy("adaptive+no-stream"), on_tokens)
         finally:
             agent.stop()
             verifier.stop()
@@ -243,3 +312,59 @@ def test_agent_drafts_further_when_the_channel_slows_down_mid_run(tiny_models, m
     assert len(before) >= 5 and len(after) >= 5
     assert sum(after) / len(after) > sum(before) / len(before) + 0.5, (before, after)
     assert stats.energy_source == "estimated:orin-nano-15w+radio-model:lte" and stats.energy_j > 0
+
+
+def test_a_request_switches_between_streaming_and_speculating_without_losing_a_token(tiny_models, mosquitto):
+    """The mode switches mid-request, both ways and more than once, through Mosquitto and the
+    channel emulator: each switch is a round like any other (a DRAFT ends the stream on the
+    verifier, which takes the text back to what the device holds; a GENERATE ends speculation), so
+    the output is the target's own decoding. The decisions come from a script (ScriptedModes, a
+    Scheduler whose mode() follows the token count): the rule itself is tested above."""
+    from specedge.cloud.registry import Target
+    from specedge.cloud.verifier import Verifier
+    from specedge.config import CloudConfig, DeviceConfig, build
+    from specedge.device.agent import Agent
+    from specedge.device.draft import TorchDraftEngine
+    from specedge.device.policy import parse_policy
+    from specedge.speculative import SamplingParams
+    from specedge.tools.channel import ChannelConfig, ChannelEmulator, LinkSpec
+    from tests.conftest import reference_greedy
+
+    draft, tok, target, target_tok = tiny_models
+    fleet = "modes"
+    cloud = build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {"fleet": fleet, "id": "v-modes"}})
+    verifier = Verifier(cloud, Target.in_memory("tiny", target, target_tok)).start()
+    lte_like = ChannelConfig(LinkSpec(delay_ms=15), LinkSpec(delay_ms=15), "lte-like")
+    prompt = tok.encode_chat("the robot arm turns left and picks up the red cube")
+    max_new = 160
+
+    class ScriptedModes(Scheduler):
+        """Speculates for generated tokens in [40, 80) and from 120 on; streams otherwise."""
+
+        def mode(self, remaining, streaming, objective=None):
+            generated = max_new - remaining
+            return SPECULATE if 40 <= generated < 80 or generated >= 120 else STREAM
+
+        def can_pay(self, remaining, objective=None):
+            return True
+
+    with ChannelEmulator(lte_like, ("127.0.0.1", mosquitto.port)) as channel:
+        cfg = build(DeviceConfig, {"device": {"fleet": fleet, "id": "robot"}, "mqtt": {"port": channel.port},
+                                   "energy": {"meter": "estimated"}})
+        agent = Agent(cfg, TorchDraftEngine(draft), tok)
+        agent.scheduler = ScriptedModes(agent.scheduler.objective, agent.scheduler.max_draft, agent.scheduler.prior)
+        agent.start()
+        try:
+            result = agent.generate(prompt, SamplingParams(), max_new, parse_policy("adaptive"))
+            again = agent.generate(prompt, SamplingParams(), max_new, parse_policy("adaptive+pipelined"))
+        finally:
+            agent.stop()
+            verifier.stop()
+    expected = reference_greedy(target, prompt, max_new, tok.stop_ids)
+    assert len(expected) == max_new  # no early stop: every scripted switch is reached
+    for got in (result, again):
+        stats = got.stats
+        assert [mode for _, mode in stats.modes] == ["stream", "speculate", "stream", "speculate"], stats.modes
+        assert got.tokens == expected
+        assert 60 <= stats.streamed_tokens <= 100 and stats.rounds > 0
+        assert stats.summary()["mode_switches"] == 3 and stats.exact

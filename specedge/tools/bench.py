@@ -62,7 +62,8 @@ def load_prompts(path: str | Path, limit: int | None) -> list[str]:
 
 
 # The radio model each preset's device uses for its energy figures (a custom trace: lte).
-CHANNEL_RADIO = {"ideal": "wifi", "wifi": "wifi", "lte": "lte", "lte-driving": "lte", "umts": "3g", "evdo": "3g"}
+CHANNEL_RADIO = {"ideal": "wifi", "wifi": "wifi", "lte": "lte", "lte-driving": "lte", "umts": "3g", "evdo": "3g",
+                 "varying": "lte"}
 
 
 # -- the analytical optimum of docs/design.md section 4, with per-position acceptance ---------
@@ -168,6 +169,7 @@ def worker_main(argv: list[str]) -> int:
                               "hints_agreed": stats.hints_agreed, "hint_layer": stats.hint_layer,
                               "lookup_rounds": stats.lookup_rounds, "lookup_drafted": stats.lookup_drafted,
                               "lookup_accepted": stats.lookup_accepted,
+                              "streamed_tokens": stats.streamed_tokens, "modes": stats.modes,
                               "text": tok.decode(result.tokens)}) + "\n")
         out.flush()
     agent.stop()
@@ -346,6 +348,9 @@ def aggregate(runs: list[dict]) -> dict:
         "energy_j_per_token": energy / gen,
         "energy_source": runs[0]["energy_source"],
         "mean_draft_len": drafted / rounds if rounds else 0.0,
+        # Adaptive policies: the share of tokens the cloud streamed, and mode switches per request.
+        "streamed_share": sum(r.get("streamed_tokens", 0) for r in runs) / gen,
+        "mode_switches_per_request": sum(max(len(r.get("modes", [])) - 1, 0) for r in runs) / len(runs),
         # Sampled runs: the same run had it shipped full fp16 draft distributions instead of sparse q.
         "naive_wire_bytes_per_token": (wire - sum(r.get("q_wire_bytes", 0) for r in runs) + dense) / gen
         if dense else None,
@@ -553,9 +558,9 @@ def _one_run(args, cfg: ChannelConfig, channel: ChannelEmulator, worker, prompt:
     worker.stdin.flush()
     r = _read_json(worker, f"{policy} on {cfg.name}", args.run_timeout)
     r["proxy_bytes"] = channel.bytes_up + channel.bytes_down - before
-    # What the trace offered when each round started (the clock restarted above).
-    r["link_up_bps"] = [cfg.up.rate_at(t) for t in r["round_start_s"]]
-    r["link_down_bps"] = [cfg.down.rate_at(t) for t in r["round_start_s"]]
+    # What the trace (of the phase then in force) offered when each round started (the clock restarted above).
+    r["link_up_bps"] = [cfg.rates_at(t)[0] for t in r["round_start_s"]]
+    r["link_down_bps"] = [cfg.rates_at(t)[1] for t in r["round_start_s"]]
     return r
 
 
@@ -707,11 +712,11 @@ def _budget(policy: str) -> float | None:
 
 
 def _print_table(report: dict) -> None:
-    cols = ["tokens_per_s", "speedup_vs_cloud_ar", "vs_best_fixed", "mean_draft_len", "acceptance_rate",
+    cols = ["tokens_per_s", "speedup_vs_cloud_ar", "vs_best_fixed", "streamed_share", "mean_draft_len", "acceptance_rate",
             "mean_accepted_len", "target_passes_per_token", "wire_bytes_per_token", "rtt_ms", "energy_j_per_token",
             "efficiency", "ahead_hit_rate", "early_exit_agreement", "naive_wire_bytes_per_token",
             "lookup_rounds", "lookup_acceptance"]
-    heads = ["tok/s", "vs AR", "vs best", "draft", "accept", "acc.len", "passes/t", "bytes/t", "RTT ms", "J/tok",
+    heads = ["tok/s", "vs AR", "vs best", "streamed", "draft", "accept", "acc.len", "passes/t", "bytes/t", "RTT ms", "J/tok",
              "eff.", "ahead", "exit agr", "naive B/t", "lookups", "lk.acc"]
     width = max([12] + [len(p) + 2 for ch in report["channels"].values() for p in ch["policies"]])
     print(f"\n{'channel':12}{'policy':{width}}" + "".join(f"{h:>9}" for h in heads))
@@ -805,8 +810,18 @@ def plot_draft_lens(report: dict, path: str) -> None:
                 continue
             xs = [t for r in rs for t in r["round_start_s"]]
             ys = [draft_len for r in rs for draft_len in r["draft_lens"]]
-            ax.scatter(xs, ys, s=10, alpha=0.45, label=f"{policy}: draft length")
-        ax.set_ylabel("draft length")
+            dots = ax.scatter(xs, ys, s=10, alpha=0.45, label=f"{policy}: draft length")
+            # Where it streamed instead: a bar below zero from each switch to the stream until the
+            # next switch (or the request's end); a tick at every switch.
+            for r in rs:
+                modes = r.get("modes", [])
+                ends = [t for t, _ in modes[1:]] + [r["summary"]["total_s"]]
+                for (t, mode), end in zip(modes, ends):
+                    if mode == "stream":
+                        ax.hlines(-1, t, end, color=dots.get_facecolor()[0], lw=4, alpha=0.3)
+                ax.scatter([t for t, _ in modes[1:]], [-1] * (len(modes) - 1), marker="|", s=60,
+                           color=dots.get_facecolor()[0])
+        ax.set_ylabel("draft length (-1: streaming)")
         ax.set_title(f"{name}: {report['channels'][name]['description']}", fontsize=9)
         ax.grid(alpha=0.3)
         if rates and rates[0][1] is not None:

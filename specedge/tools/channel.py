@@ -9,6 +9,8 @@ Per direction (up = client -> upstream, down = upstream -> client):
             it carries TCP);
   loss      a lost 1500-byte packet costs a retransmission timeout of extra delay;
   blackouts intervals (seconds since start) with no delivery at all.
+A channel may also move through phases (another preset from a given second on, or a blackout),
+laid out from the same start as the trace.
 No kernel qdiscs, no privileges: it works on a laptop and in CI.
 """
 from __future__ import annotations
@@ -81,7 +83,10 @@ class LinkSpec:
         return ", ".join(parts)
 
     def rate_at(self, t: float, window_s: float = 1.0) -> float | None:
-        """Capacity (bit/s) over [t, t + window) seconds after start: what the trace offers there."""
+        """Capacity (bit/s) over [t, t + window) seconds after start: what the trace offers there;
+        0 inside a blackout."""
+        if any(start <= t < start + duration for start, duration in self.blackouts):
+            return 0.0
         if not self.trace:
             return self.rate_bps
         period = self.trace[-1] / 1000
@@ -120,6 +125,8 @@ class _Opportunities:
             end = self.blacked_out(t)
             if end is None:
                 return self.origin + t
+            if end == math.inf:  # until the link is switched
+                return end
             now = end
 
     def _next_raw(self, now: float) -> float:
@@ -158,6 +165,13 @@ class _Direction:
         self.last_delivery = 0.0
         self.ready_at = 0.0  # since when the head of the queue has been waiting
         self.closed = False
+        self.switched = asyncio.Event()
+
+    def switch(self, spec: LinkSpec, origin: float) -> None:
+        """Another link from now on, its trace laid out from `origin`."""
+        self.spec, self.ops = spec, _Opportunities(spec, origin)
+        # A packet waiting for the old link's opportunity (or a blackout's end) asks the new link.
+        self.switched.set()
 
     def push(self, chunk: bytes) -> None:
         if not self.queue:
@@ -182,7 +196,12 @@ class _Direction:
                 size = min(MTU, len(self.queue))
                 wait = depart - self.clock()
                 if wait > 0:
-                    await asyncio.sleep(wait)
+                    self.switched.clear()
+                    try:
+                        await asyncio.wait_for(self.switched.wait(), None if wait == math.inf else wait)
+                        continue
+                    except asyncio.TimeoutError:
+                        pass
             packet = bytes(self.queue[:size])
             del self.queue[:size]
             self.ready_at = depart
@@ -216,14 +235,34 @@ class ChannelConfig:
     down: LinkSpec = field(default_factory=LinkSpec)
     name: str = "custom"
     seed: int = 0
+    # (start second since the origin, the channel from then on), in order; empty for a plain channel
+    phases: list[tuple[float, ChannelConfig]] = field(default_factory=list)
 
     @property
     def description(self) -> str:
         """What was loaded, not what a preset promises: trace files with their measured mean
-        rates, or fixed rates; then delay, jitter and loss."""
+        rates, or fixed rates; then delay, jitter and loss. Each phase's, for a phased channel."""
+        if self.phases:
+            return " -> ".join(f"from {start:g} s {cfg.name}" + ("" if cfg.name == "blackout" else
+                                                                 f" ({cfg.description})")
+                               for start, cfg in self.phases)
         links = f"up {self.up.capacity_text()}, down {self.down.capacity_text()}"
         up, down = self.up.impairments_text(), self.down.impairments_text()
         return f"{links}; {up}" if up == down else f"{links}; up {up}; down {down}"
+
+    def phase_at(self, t: float) -> tuple[float, ChannelConfig]:
+        """(its start, the phase) in force t seconds after the origin; (0, self) for a plain channel."""
+        if not self.phases:
+            return 0.0, self
+        return self.phases[max(bisect.bisect_right([start for start, _ in self.phases], t) - 1, 0)]
+
+    def link_at(self, t: float) -> ChannelConfig:
+        return self.phase_at(t)[1]
+
+    def rates_at(self, t: float) -> tuple[float | None, float | None]:
+        """(up, down) bit/s offered t seconds after the origin (see LinkSpec.rate_at)."""
+        start, cfg = self.phase_at(t)
+        return cfg.up.rate_at(t - start), cfg.down.rate_at(t - start)
 
 
 class ChannelEmulator:
@@ -237,6 +276,8 @@ class ChannelEmulator:
         self.connections = 0
         self._t0 = time.monotonic()
         self._origin = 0.0
+        self._live = (0.0, config.link_at(0))  # (since when, the phase the connections are on)
+        self._switches: list[asyncio.TimerHandle] = []
         self._rng = random.Random(config.seed)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="channel", daemon=True)
@@ -253,7 +294,7 @@ class ChannelEmulator:
         return self.clock() - self._origin
 
     def restart_clock(self) -> None:
-        """Lay the trace and blackouts out again from now, so the bench gives every run the
+        """Lay the trace, blackouts and phases out again from now, so the bench gives every run the
         same channel. The clock itself runs on: bytes in flight keep their delivery times."""
         self._in_loop(self._reset)
 
@@ -261,16 +302,24 @@ class ChannelEmulator:
         """Switch live connections to another channel from now on (a handover, a tunnel)."""
         def switch():
             self.config = config
-            for d in self._directions:
-                d.spec = config.up if d.name == "up" else config.down
             self._reset()
 
         self._in_loop(switch)
 
     def _reset(self) -> None:
         self._origin = self.clock()
+        for handle in self._switches:
+            handle.cancel()
+        self._switches = [self._loop.call_later(start, self._enter, self._origin + start, cfg)
+                          for start, cfg in self.config.phases[1:]]
+        self._enter(self._origin, self.config.link_at(0))
+
+    def _enter(self, since: float, phase: ChannelConfig) -> None:
+        """Put live and later connections on `phase`, its trace laid out from `since`. The origin
+        stays: elapsed() keeps counting from the request's start."""
+        self._live = (since, phase)
         for d in self._directions:
-            d.ops = _Opportunities(d.spec, self._origin)
+            d.switch(phase.up if d.name == "up" else phase.down, since)
 
     def _in_loop(self, fn) -> None:
         async def call():
@@ -305,9 +354,9 @@ class ChannelEmulator:
             return
         self.connections += 1
         self._writers.update((client_writer, up_writer))
-        up = _Direction("up", self.config.up, up_writer, self.clock, self._rng, self._count_up, self._origin)
-        down = _Direction("down", self.config.down, client_writer, self.clock, self._rng, self._count_down,
-                          self._origin)
+        since, phase = self._live
+        up = _Direction("up", phase.up, up_writer, self.clock, self._rng, self._count_up, since)
+        down = _Direction("down", phase.down, client_writer, self.clock, self._rng, self._count_down, since)
         self._directions.update((up, down))
         jobs = [self._pipe(client_reader, up), up.bottleneck(), up.deliver(),
                 self._pipe(up_reader, down), down.bottleneck(), down.deliver()]
@@ -371,6 +420,10 @@ PRESETS = {
                  doc="T-Mobile UMTS/3G trace while driving, 75 ms one-way (150 ms RTT)"),
     "evdo": dict(trace="Verizon-EVDO-driving", delay_ms=100, jitter_ms=15,
                  doc="Verizon EV-DO trace while driving, 100 ms one-way (200 ms RTT)"),
+    # (preset or "blackout", seconds; None = for ever), from the request's start
+    "varying": dict(phases=(("wifi", 4), ("lte", 4), ("umts", 4), ("blackout", 2), ("lte", None)),
+                    doc="within one request: Wi-Fi, LTE from 4 s, UMTS from 8 s, a 2 s blackout "
+                        "from 12 s, LTE from 14 s on"),
 }
 
 
@@ -378,6 +431,15 @@ def preset(name: str, trace_dir: str | Path | None = None, seed: int = 0) -> Cha
     if name not in PRESETS:
         raise ValueError(f"unknown channel {name!r}; presets: {', '.join(PRESETS)}, or {TRACE_FORM}")
     p = PRESETS[name]
+    if "phases" in p:
+        phases, start = [], 0.0
+        for phase, duration in p["phases"]:
+            phases.append((start, _blackout(seed) if phase == "blackout" else preset(phase, trace_dir, seed)))
+            if duration is None:
+                break
+            start += duration
+        first = phases[0][1]
+        return ChannelConfig(first.up, first.down, name, seed, phases)
     trace_dir = Path(trace_dir) if trace_dir else default_trace_dir()
     common = dict(delay_ms=p.get("delay_ms", 0.0), jitter_ms=p.get("jitter_ms", 0.0), loss=p.get("loss", 0.0))
     if "trace" in p:
@@ -388,6 +450,13 @@ def preset(name: str, trace_dir: str | Path | None = None, seed: int = 0) -> Cha
         up = LinkSpec(rate_bps=p.get("up_rate"), **common)
         down = LinkSpec(rate_bps=p.get("down_rate"), **common)
     return ChannelConfig(up, down, name, seed)
+
+
+def _blackout(seed: int = 0) -> ChannelConfig:
+    """Nothing delivered either way. The blackout lasts until the next phase's switch: one that
+    ended by itself at the phase's end could let queued bytes out just before the switch."""
+    gone = LinkSpec(blackouts=[(0.0, math.inf)])
+    return ChannelConfig(gone, gone, "blackout", seed)
 
 
 TRACE_FORM = "trace:UP,DOWN[,delay_ms=MS][,jitter_ms=MS][,loss=P]"
@@ -458,7 +527,7 @@ def add_parser(sub) -> None:
     ch = sub.add_parser("channel", help="wireless channel emulator: a shaping TCP proxy")
     ch.add_argument("--listen", type=int, required=True, help="local port (0 = any)")
     ch.add_argument("--upstream", required=True, help="HOST:PORT of the broker")
-    ch.add_argument("--preset", help="ideal, wifi, lte, lte-driving, umts or evdo (overrides the rest)")
+    ch.add_argument("--preset", help="ideal, wifi, lte, lte-driving, umts, evdo or varying (overrides the rest)")
     ch.add_argument("--up-trace", help="Mahimahi trace for device -> broker")
     ch.add_argument("--down-trace", help="Mahimahi trace for broker -> device")
     ch.add_argument("--up-mbps", type=float, help="fixed uplink rate without a trace")
