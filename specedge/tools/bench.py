@@ -34,13 +34,15 @@ def default_prompts() -> Path:
     return resource("data", "prompts", "spec_bench_dev.jsonl")
 
 
-SHIPPED_PROMPTS = ("spec_bench_dev", "code_edits", "code_completion")  # data/prompts/{name}.jsonl
+SHIPPED_PROMPTS = ("spec_bench_dev", "code_edits", "code_completion", "long_context")  # data/prompts/{name}.jsonl
 
 
 def prompts_file(path: str | None) -> str:
     """--prompts as given, or a shipped set by name (code_edits: ten code edits that copy their
     input, for prompt lookup; code_completion: ten functions to complete, which the draft
-    predicts almost surely), or (None) the Spec-Bench prompts shipped with the package."""
+    predicts almost surely; long_context: six 650-800-token prompts, three summaries and three
+    questions over documents, from public-domain texts), or (None) the Spec-Bench prompts
+    shipped with the package."""
     if path in SHIPPED_PROMPTS:
         return str(resource("data", "prompts", f"{path}.jsonl"))
     return str(default_prompts()) if path is None else path
