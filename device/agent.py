@@ -393,6 +393,7 @@ class _Request:
             raise RequestFailed(f"the verifier's tokens {out} break the request's grammar")
         if out and self.generated == 0:
             self.stats.ttft_s = time.perf_counter() - self.start_s
+            self.stats.first_tokens = len(out)
         self.committed += out
         if forced:
             self.unsent += out
@@ -459,6 +460,7 @@ class _Request:
         self.prefill = None
         seconds, error = self.prefill_done
         self.stats.draft_s += seconds
+        self.stats.draft_prefill_s += seconds
         self.agent.meter.note_busy(seconds)
         self.stats.draft_reused_tokens = getattr(self.agent.engine, "reused", 0)
         self.draft_started = True
@@ -478,6 +480,7 @@ class _Request:
             self.stats.draft_reused_tokens = getattr(engine, "reused", 0)  # a test wrapper may not say
             prefill_s = time.perf_counter() - t0
             self.stats.draft_s += prefill_s
+            self.stats.draft_prefill_s += prefill_s
             self.agent.meter.note_busy(prefill_s)
             self.draft_started = True
 
@@ -534,6 +537,7 @@ class _Request:
                 keep_going = scheduler.planner(draft_len, self.objective(), policy.pipelined, probe=after_stream)
             after_stream = False
             t0, e0, sent0, recv0 = time.perf_counter(), meter.energy_j(), link.bytes_sent, link.bytes_received
+            resyncs = self.stats.resyncs
             drafted = self.draft(draft_len, keep_going, carried)
             t1 = time.perf_counter()
             meter.note_busy(t1 - t0)
@@ -546,6 +550,9 @@ class _Request:
                 next_draft_len = lambda accepted: policy.next_draft_len(self.max_new - self.generated - accepted - 1)
                 ahead = Ahead(engine, list(self.committed), list(draft), self.params, self.rng, self.stop_ids,
                               next_draft_len, keep_going)
+                if policy.adaptive and policy.early_exit:
+                    ahead.follow_hints = scheduler.follow_hint(drafted.confidences)
+            hints, agreed = self.stats.hints, self.stats.hints_agreed
             try:
                 verdict = self.round_trip(self.draft_message(drafted), ahead)
             except _DraftAlone:
@@ -567,11 +574,11 @@ class _Request:
                 self.stats.ahead_s += ahead.seconds
                 self.stats.ahead_tokens += ahead.tokens
             if policy.adaptive:
-                # The first round also waits for the verifier to prefill the prompt: not the network.
+                # The first round (and a resync's) also waits for the verifier to prefill: not a round's costs.
                 busy_s = drafted.seconds or (t1 - t0)
                 scheduler.observe_round(drafted.confidences, verdict.accepted, busy_s, verdict.verify_us / 1e6,
                                         t2 - t1, link.bytes_sent - sent0, link.bytes_received - recv0,
-                                        network=not first_round, source=drafted.source)
+                                        cold=first_round or self.stats.resyncs > resyncs, source=drafted.source)
                 modelled = draft and drafted.source == "model" and t1 > t0  # a lookup burns no drafting power
                 scheduler.observe_power((e1 - e0) / (t1 - t0) if modelled else None,
                                         None if ahead and ahead.seconds else (meter.energy_j() - e1) / (t2 - t1))
@@ -585,6 +592,11 @@ class _Request:
                 if carried is not None:
                     self.stats.ahead_hits += 1
                     self.stats.ahead_kept += len(carried.tokens)
+                if policy.adaptive and self.stats.hints > hints:
+                    scheduler.observe_hint(self.stats.hints_agreed > agreed)
+                betting_all = ahead.branch is not None and ahead.branch[0] == len(draft)
+                if policy.adaptive and betting_all and verdict.accepted == len(draft):
+                    scheduler.observe_bet(carried is not None)  # all were accepted: the guess decided
             first_round = False
 
     def draft_message(self, drafted: Drafted) -> wire.Draft:
@@ -685,7 +697,7 @@ class _Request:
                     self.agent.count_error(act.arg[0])
                     log.warning("%s", act.arg[1])
                 elif act.kind == HINT:
-                    if ahead is not None:
+                    if ahead is not None and ahead.follow_hints:
                         ahead.redirect(act.arg.accepted, act.arg.next_token)
                 elif act.kind == DELIVER:
                     if self.grammar_hash:  # the verifier took the grammar: later OPENs name it by hash

@@ -26,6 +26,7 @@ class Ahead:
         self.params, self.rng, self.stop_ids = params, rng, stop_ids
         self.next_draft_len, self.keep_going = next_draft_len, keep_going
         self.branch: tuple[int, int] | None = None
+        self.follow_hints = True  # the scheduler may say early-exit hints lose here (Scheduler.follow_hint)
         self.block = Drafted.empty(params)
         self.seconds = 0.0  # all drafting ahead, kept or not
         self.tokens = 0

@@ -30,7 +30,8 @@ acceptance, with t_draft = 0: the scheduler keeps one estimator per draft source
 Pipelined drafting (device/pipeline.py) drafts the next block during the wait, betting
 that all g tokens and the draft's guess of the bonus token hold: with probability
 S_{g+1} the next round's drafting is already done, as far as the wait had room for it.
-So a pipelined round costs (1 - S_{g+1} h) g t_draft of drafting on the critical path,
+(S_g times the measured rate at which the guess of the bonus token holds once all g are
+accepted, once there is one.) So a pipelined round costs (1 - S_{g+1} h) g t_draft of drafting on the critical path,
 h the share of the block the wait has room for, while the device burns active power
 for the drafting ahead whether the bet pays or not.
 """
@@ -90,6 +91,9 @@ class State:
     radio_j_per_byte_up: float = 0.0
     radio_j_per_byte_down: float = 0.0
     pipelined: bool = False  # the next block is drafted during the wait (see the module notes)
+    # P(the draft's guess of the target's own token holds | every drafted token accepted): the
+    # pipelined bet's second half; None: taken as the acceptance at the next position.
+    bet_holds: float | None = None
     stream_token_s: float = 0.1  # t_stream: seconds between streamed tokens
     stream_up_bytes: float = 4.0  # per streamed token: its acknowledgement
     stream_down_bytes: float = 40.0  # per streamed token: its message
@@ -137,7 +141,8 @@ def _outcomes(state: State, survival: Sequence[float], max_draft: int):
         if draft_len > drafted:
             s *= state.accept(draft_len)
             tokens += s
-        seconds, joules = state.round_cost(draft_len, s * state.accept(draft_len + 1))
+        bet = state.bet_holds if state.bet_holds is not None else state.accept(draft_len + 1)
+        seconds, joules = state.round_cost(draft_len, s * bet)
         out.append((draft_len, tokens, seconds, joules))
     return out
 
@@ -361,6 +366,8 @@ class Scheduler:
         self.power_active = Ewma(0.2, self.prior.active_w)
         self.power_idle = Ewma(0.2, self.prior.idle_w)
         self.down_bytes = self.prior.down_bytes
+        self.bet_tried = self.bet_held = 0.0  # pipelined rounds whose draft was all accepted; bets held
+        self.hints_seen = self.hints_agreed = 0.0  # verdicts after an early-exit hint; those it predicted
         self.stream_token_s = Ewma(0.1)  # seconds between streamed tokens
         self.stream_up_bytes = Ewma(0.1, self.prior.stream_up_bytes)
         self.stream_down_bytes = Ewma(0.1, self.prior.stream_down_bytes)
@@ -372,10 +379,13 @@ class Scheduler:
         self.objective = objective
 
     def observe_round(self, confidences: Sequence[float], accepted: int, draft_s: float, verify_s: float,
-                      round_trip_s: float, up_bytes: int, down_bytes: int, network: bool = True,
+                      round_trip_s: float, up_bytes: int, down_bytes: int, cold: bool = False,
                       source: str = "model") -> None:
         """One verdict. `source`: where the draft came from, model or lookup (whose tokens take no
-        drafting time and whose acceptance is estimated apart)."""
+        drafting time and whose acceptance is estimated apart). `cold`: the verifier also prefilled
+        the text for this round (a request's first, a resync's): its compute and its wait say
+        nothing of a round's, and one such prefill in the verify fit made every later draft look
+        cheap to verify (docs/scheduler.md)."""
         drafted = len(confidences)
         if source == "lookup":
             self.lookup.observe(confidences, accepted)
@@ -385,12 +395,36 @@ class Scheduler:
             self.rounds_without_lookup += 1
         if drafted and source != "lookup":
             self.draft_s.update(draft_s / drafted)
-        self.verify.update(drafted + 1, verify_s)
-        if network:
+        if not cold:
+            self.verify.update(drafted + 1, verify_s)
             self.network.update(up_bytes, max(round_trip_s - verify_s, 0.0))
         self.down_bytes = down_bytes
         self.rounds += 1
         self.rounds_without_draft = 0 if drafted else self.rounds_without_draft + 1
+
+    def observe_bet(self, held: bool) -> None:
+        """A pipelined round whose draft was all accepted: did the guess of the target's token hold?"""
+        d = self.acceptance.decay
+        self.bet_tried = d * self.bet_tried + 1
+        self.bet_held = d * self.bet_held + held
+
+    def observe_hint(self, agreed: bool) -> None:
+        """A verdict that came after an early-exit hint: did the hint predict it?"""
+        d = self.acceptance.decay
+        self.hints_seen = d * self.hints_seen + 1
+        self.hints_agreed = d * self.hints_agreed + agreed
+
+    def follow_hint(self, confidences: Sequence[float]) -> bool:
+        """Move a pipelined bet to an early-exit hint's prediction? Only where hints have predicted
+        verdicts more often than the standing bet (every drafted token accepted, with these draft
+        confidences, and the guess of the target's token) can be expected to hold: where hints
+        lose, they are ignored."""
+        k = self.acceptance.k
+        agreement = (self.hints_agreed + k * 0.5) / (self.hints_seen + k)
+        bet = self.state().bet_holds or self.acceptance.rate
+        for c in confidences:
+            bet *= self.acceptance.given_confidence(c)
+        return agreement > bet
 
     def observe_stream(self, seconds: float, tokens: int, up_bytes: int, down_bytes: int) -> None:
         """Streamed tokens that came `seconds` after the ones before them (a stream's first message,
@@ -419,8 +453,10 @@ class Scheduler:
             verify_base, verify_row = self.stream_token_s.value, prior.verify_per_row_s
         elif not self.verify.ready:
             verify_base, verify_row = prior.verify_base_s, prior.verify_per_row_s
+        k = self.acceptance.k  # the same Beta prior as acceptance, centred on its rate
+        bet = (self.bet_held + k * self.acceptance.rate) / (self.bet_tried + k) if self.bet_tried else None
         return replace(
-            prior, accept_by_position=self.acceptance.by_position(), stream_token_s=streamed,
+            prior, accept_by_position=self.acceptance.by_position(), stream_token_s=streamed, bet_holds=bet,
             stream_up_bytes=self.stream_up_bytes.value, stream_down_bytes=self.stream_down_bytes.value,
             draft_s=self.draft_s.value if self.draft_s.value is not None else prior.draft_s,
             verify_base_s=verify_base,

@@ -28,10 +28,12 @@ class SpecStats:
     accepted_tokens: int = 0
     generated_tokens: int = 0
     draft_s: float = 0.0
+    draft_prefill_s: float = 0.0  # of draft_s, the prompt's prefill (behind a stream or before the first round)
     verify_s: float = 0.0  # target compute time as reported by the verifier
     wait_s: float = 0.0  # device waiting for verdicts (round trip, verification included)
     total_s: float = 0.0
     ttft_s: float = 0.0
+    first_tokens: int = 0  # tokens that came at ttft_s (a first round's verdict brings several)
     wire_bytes: int = 0  # MQTT packets both ways, framing included
     resyncs: int = 0
     failovers: int = 0  # resyncs with the replica group after our replica went silent or offline
@@ -130,6 +132,10 @@ class SpecStats:
             "policy": self.policy,
             "generated_tokens": self.generated_tokens,
             "tokens_per_s": self.generated_tokens / self.total_s if self.total_s else 0.0,
+            # After the first token: what the rounds (or the stream) deliver, without the prefills.
+            "decode_tokens_per_s": ((self.generated_tokens - self.first_tokens) / (self.total_s - self.ttft_s)
+                                    if self.generated_tokens > self.first_tokens and self.total_s > self.ttft_s
+                                    else 0.0),
             "ttft_s": self.ttft_s,
             "total_s": self.total_s,
             "rounds": self.rounds,
@@ -141,8 +147,8 @@ class SpecStats:
             "draft_efficiency": mean_accepted_len / (mean_draft_len + 1) if self.rounds else 0.0,
             "target_passes_per_token": self.target_passes / gen,
             "wire_bytes_per_token": self.wire_bytes / gen,
-            # Drafting time over the tokens the draft model made (a lookup takes none).
-            "draft_ms_per_token": (1000 * self.draft_s / (self.drafted_tokens - self.lookup_drafted)
+            # Drafting time over the tokens the draft model made (a lookup takes none), its prefill left out.
+            "draft_ms_per_token": (1000 * (self.draft_s - self.draft_prefill_s) / (self.drafted_tokens - self.lookup_drafted)
                                    if self.drafted_tokens > self.lookup_drafted else 0.0),
             "draft_reused_tokens": self.draft_reused_tokens,
             "cached_prompt_tokens": self.cached_prompt_tokens,

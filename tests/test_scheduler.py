@@ -60,6 +60,37 @@ def test_pipelining_hides_the_draft_time_the_bet_pays_for():
     assert best_rate(pipelined, THROUGHPUT, MAX)[0] > best_rate(BASE, THROUGHPUT, MAX)[0]
 
 
+def test_the_pipelined_plan_takes_the_measured_bet_over_the_next_positions_acceptance():
+    s = Scheduler(max_draft=8)
+    for _ in range(40):
+        s.observe_round([0.9] * 4, 4, 0.08, 0.3, 0.4, 90, 60)
+    assert s.state().bet_holds is None  # no pipelined round yet: the next position's acceptance stands in
+    for _ in range(60):
+        s.observe_bet(False)  # the draft's favourite was never the target's own token
+    never = replace(s.state(), pipelined=True)
+    assert never.bet_holds < 0.1
+    assert best_rate(never, THROUGHPUT, 8)[0] < best_rate(replace(never, bet_holds=None), THROUGHPUT, 8)[0]
+    for _ in range(200):
+        s.observe_bet(True)
+    assert s.state().bet_holds > 0.9
+
+
+def test_early_exit_hints_are_followed_only_where_they_beat_the_standing_bet():
+    s = Scheduler(max_draft=8)
+    for n in range(40):
+        s.observe_round([0.9] * 4, 4, 0.08, 0.3, 0.4, 90, 60)
+        s.observe_bet(n % 2 == 0)  # the guess of the target's token holds half the time
+    for _ in range(60):
+        s.observe_hint(False)  # hints that rarely predict the verdict
+    assert not s.follow_hint([0.99, 0.99])
+    for _ in range(200):
+        s.observe_hint(True)
+    assert s.follow_hint([0.99, 0.99])
+    # a bet on unsure drafted tokens is worth less than a good hint even early on
+    fresh = Scheduler(max_draft=8)
+    assert fresh.follow_hint([0.1, 0.1, 0.1])
+
+
 def test_tight_energy_budget_shortens_the_draft_or_zeroes_it():
     # Drafting draws 12 W against 4 W waiting: each drafted token costs energy.
     state = replace(BASE, active_w=12.0, idle_w=4.0)
