@@ -431,6 +431,9 @@ class Scheduler:
         which also waits a round trip or a prefill, is not observed)."""
         if tokens > 0:
             self.stream_token_s.update(seconds / tokens)
+            # A streamed token is a one-row pass (its network overlaps the next step): a point of
+            # the verify fit at one row, so one probing round after a stream gives it a slope.
+            self.verify.update(1, seconds / tokens)
             self.stream_up_bytes.update(up_bytes / tokens)
             self.stream_down_bytes.update(down_bytes / tokens)
 

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from specedge.tools.bench import acceptance_by_position, bench_channels, fit_line, optimum
+from specedge.tools.bench import (SHIPPED_PROMPTS, acceptance_by_position, bench_channels, fit_line, load_prompts,
+                                   optimum, prompts_file)
 from specedge.tools.channel import default_trace_dir
 from specedge.device.scheduler import State
 
@@ -63,6 +64,16 @@ def test_bench_channels_mix_presets_trace_specs_and_trace_flags(tmp_path):
         bench_channels(f"trace:{up},{down}", up, down)
     with pytest.raises(ValueError, match="unknown channel '5g'"):
         bench_channels("lte,5g", None, None)
+
+
+def test_every_shipped_prompt_set_loads_and_the_long_context_one_is_long():
+    for name in SHIPPED_PROMPTS:
+        assert load_prompts(prompts_file(name), None), name
+    long = load_prompts(prompts_file("long_context"), None)
+    # 740-790 tokens each with Qwen's tokenizer and chat template (about four characters a token
+    # in English prose; the real tokenizer is not in the default run)
+    assert len(long) == 6 and all(len(text) >= 2600 for text in long), [len(text) for text in long]
+    assert sum("Question:" in text for text in long) == 3 and sum(text.startswith("Summarize") for text in long) == 3
 
 
 def tiny_run(command: str, draft, target, *args: str) -> subprocess.CompletedProcess:

@@ -286,6 +286,12 @@ def test_the_stream_cost_is_measured_and_before_that_is_a_one_row_pass():
     state = s.state()
     assert state.stream_token_s == pytest.approx(0.1, abs=1e-3)
     assert state.stream_up_bytes == pytest.approx(4.0, abs=0.01) and state.stream_down_bytes == pytest.approx(50.0, abs=0.1)
+    # A stream's tokens are one-row passes: one round of 5 rows after it gives the verify fit its slope.
+    fresh = Scheduler(max_draft=8)
+    for _ in range(20):
+        fresh.observe_stream(0.1, 1, 4, 50)
+    fresh.observe_round([0.9] * 4, 2, 0.04, 0.5, 0.6, 90, 60)
+    assert fresh.state().verify_per_row_s == pytest.approx(0.1, rel=0.05)
 
 
 def test_a_whole_request_budget_takes_back_what_the_start_overspent():

@@ -26,8 +26,9 @@ from specedge.tools.channel import ChannelConfig, ChannelEmulator, channel_confi
 from specedge.progress import bar as progress_bar
 from specedge.resources import resource
 from specedge.metrics import percentile
+from specedge.protocol.wire import MAX_DRAFT as WIRE_MAX_DRAFT
 
-MAX_DRAFT = 8  # the bench device's [speculation] max_draft
+MAX_DRAFT = 8  # the bench device's [speculation] max_draft unless --max-draft says otherwise
 
 
 def default_prompts() -> Path:
@@ -133,6 +134,7 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--profile", default="orin-nano-15w")
     p.add_argument("--link", default="lte")
     p.add_argument("--meter", default="auto")
+    p.add_argument("--max-draft", type=int, default=MAX_DRAFT)
     args = p.parse_args(argv)
     cfg = build(DeviceConfig, {"device": {"id": args.device_id, "fleet": "bench"},
                                "mqtt": {"port": args.port, "protocol": "5"},
@@ -140,7 +142,7 @@ def worker_main(argv: list[str]) -> int:
                                          "backend": args.draft_backend, "sources": args.draft_sources},
                                # Every (prompt, policy) run on its own: no run goes on in the
                                # session the one before kept (`specedge bench-apps` measures that).
-                               "speculation": {"max_draft": MAX_DRAFT, "keep_session": False},
+                               "speculation": {"max_draft": args.max_draft, "keep_session": False},
                                "energy": {"profile": args.profile, "link": args.link, "meter": args.meter},
                                "faults": {"round_timeout_s": 60.0}})
     engine, tok = open_engine(cfg.draft)
@@ -414,6 +416,8 @@ def add_parser(sub) -> None:
     be.add_argument("--json", help="write the report here")
     be.add_argument("--plot", help="write a PNG here")
     be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--max-draft", type=int, default=MAX_DRAFT,
+                    help=f"the device's [speculation] max_draft, 1..{WIRE_MAX_DRAFT} (default {MAX_DRAFT})")
     be.add_argument("--profile", default="orin-nano-15w", help="device profile for energy (profiles.toml)")
     be.add_argument("--meter", default="auto", help="power meter of the device worker (auto, estimated, ...)")
     be.add_argument("--exit-layer", type=int, default=0, help="early-exit hints after this layer (0 = 3/4)")
@@ -441,6 +445,8 @@ def run(args) -> int:
     policies = [p for p in args.policies.split(",") if p]
     for p in policies:
         parse_policy(p)
+    if not 1 <= args.max_draft <= WIRE_MAX_DRAFT:
+        raise SystemExit(f"specedge bench: --max-draft must be in 1..{WIRE_MAX_DRAFT}")
     try:
         DraftConfig(sources=args.draft_sources).validate()
     except ConfigError as exc:
@@ -469,6 +475,7 @@ def run(args) -> int:
         "draft_backend": draft_backend, "target_engine": served["engine"],
         "exactness_class": "exact" if self_test["exact"] else "numerical",
         "target_weights": args.target_weights, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+        "max_draft": args.max_draft,
         "temperature": args.temperature, "energy_profile": args.profile,
         "channels": results,
         # The target alone on the cloud's cores and engine, no device, no network: what llama-cli does.
@@ -539,7 +546,7 @@ def _run_channel(args, cfg: ChannelConfig, channel: ChannelEmulator, policies: l
     worker = _spawn([sys.executable, "-m", "specedge.tools.bench", "--worker", "--port", str(channel.port),
                      "--draft", args.draft, "--draft-weights", args.draft_weights,
                      "--draft-backend", args.draft_backend, "--draft-sources", args.draft_sources,
-                     "--profile", args.profile, "--meter", args.meter,
+                     "--profile", args.profile, "--meter", args.meter, "--max-draft", str(args.max_draft),
                      "--link", CHANNEL_RADIO.get(cfg.name, "lte")],
                     device_cores, {}, logs / f"device-{cfg.name}.log")
     procs.append(worker)
@@ -679,7 +686,7 @@ def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
     best = None
     if speculative:
         accept = acceptance_by_position([d for r in fixed for d in r["draft_lens"]],
-                                        [k for r in fixed for k in r["accepted_lens"]])
+                                        [k for r in fixed for k in r["accepted_lens"]], args.max_draft)
         drafted = sum(r["drafted"] - r.get("lookup_drafted", 0) for r in speculative)
         t_draft = sum(r["draft_s"] - r.get("draft_prefill_s", 0.0) for r in speculative) / drafted if drafted else 0.0
         # A request's first round also carries the verifier's prefill of the prompt (unless a
@@ -688,7 +695,8 @@ def _channel_report(runs: dict[str, list], cfg, v5: bool, args) -> dict:
                 for d, v in list(zip(r["draft_lens"], r["verify_round_s"]))[0 if _streamed_first(r) else 1:]]
         verify_base, verify_row = fit_line([x for x, _ in warm], [y for _, y in warm])
         rtt = percentile([x for r in speculative for x in r["network_rtt_s"]], 0.5) or 0.0
-        best, best_draft_len = optimum(accept, t_draft, verify_base, verify_row, rtt, rate_up, rate_down, v5)
+        best, best_draft_len = optimum(accept, t_draft, verify_base, verify_row, rtt, rate_up, rate_down, v5,
+                                       args.max_draft)
         out["optimum"] = {"tokens_per_s": best, "draft_len": best_draft_len, "acceptance_by_position": accept,
                           "draft_ms_per_token": 1000 * t_draft, "verify_ms_base": 1000 * verify_base,
                           "verify_ms_per_row": 1000 * verify_row, "rtt_ms": 1000 * rtt}
