@@ -533,8 +533,11 @@ class _Request:
                 self.draft_ready(after_stream)
             draft_len = policy.next_draft_len(self.max_new - self.generated)
             keep_going = None
+            pipelined = policy.pipelined and uses_model and self.constraint is None
             if policy.adaptive:
-                keep_going = scheduler.planner(draft_len, self.objective(), policy.pipelined, probe=after_stream)
+                objective = self.objective()
+                pipelined = pipelined and scheduler.pipelining_pays(objective)  # +pipelined allows it; costs decide
+                keep_going = scheduler.planner(draft_len, objective, pipelined, probe=after_stream)
             after_stream = False
             t0, e0, sent0, recv0 = time.perf_counter(), meter.energy_j(), link.bytes_sent, link.bytes_received
             resyncs = self.stats.resyncs
@@ -546,7 +549,7 @@ class _Request:
             self.rounds.next_round()
             draft = drafted.tokens
             ahead = None
-            if policy.pipelined and uses_model and self.constraint is None:
+            if pipelined:
                 next_draft_len = lambda accepted: policy.next_draft_len(self.max_new - self.generated - accepted - 1)
                 ahead = Ahead(engine, list(self.committed), list(draft), self.params, self.rng, self.stop_ids,
                               next_draft_len, keep_going)
@@ -573,15 +576,15 @@ class _Request:
                 meter.note_busy(ahead.seconds)
                 self.stats.ahead_s += ahead.seconds
                 self.stats.ahead_tokens += ahead.tokens
-            if policy.adaptive:
-                # The first round (and a resync's) also waits for the verifier to prefill: not a round's costs.
-                busy_s = drafted.seconds or (t1 - t0)
-                scheduler.observe_round(drafted.confidences, verdict.accepted, busy_s, verdict.verify_us / 1e6,
-                                        t2 - t1, link.bytes_sent - sent0, link.bytes_received - recv0,
-                                        cold=first_round or self.stats.resyncs > resyncs, source=drafted.source)
-                modelled = draft and drafted.source == "model" and t1 > t0  # a lookup burns no drafting power
-                scheduler.observe_power((e1 - e0) / (t1 - t0) if modelled else None,
-                                        None if ahead and ahead.seconds else (meter.energy_j() - e1) / (t2 - t1))
+            # Every policy's rounds teach the estimators (the device's own traffic, whoever planned it);
+            # the first round (and a resync's) also waits for the verifier to prefill: not a round's costs.
+            busy_s = drafted.seconds or (t1 - t0)
+            scheduler.observe_round(drafted.confidences, verdict.accepted, busy_s, verdict.verify_us / 1e6,
+                                    t2 - t1, link.bytes_sent - sent0, link.bytes_received - recv0,
+                                    cold=first_round or self.stats.resyncs > resyncs, source=drafted.source)
+            modelled = draft and drafted.source == "model" and t1 > t0  # a lookup burns no drafting power
+            scheduler.observe_power((e1 - e0) / (t1 - t0) if modelled else None,
+                                    None if ahead and ahead.seconds else (meter.energy_j() - e1) / (t2 - t1))
             self.emit(draft[: verdict.accepted] + [verdict.next_token])
             carried = None
             if ahead is None:
@@ -592,10 +595,10 @@ class _Request:
                 if carried is not None:
                     self.stats.ahead_hits += 1
                     self.stats.ahead_kept += len(carried.tokens)
-                if policy.adaptive and self.stats.hints > hints:
+                if self.stats.hints > hints:
                     scheduler.observe_hint(self.stats.hints_agreed > agreed)
                 betting_all = ahead.branch is not None and ahead.branch[0] == len(draft)
-                if policy.adaptive and betting_all and verdict.accepted == len(draft):
+                if betting_all and verdict.accepted == len(draft):
                     scheduler.observe_bet(carried is not None)  # all were accepted: the guess decided
             first_round = False
 

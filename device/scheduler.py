@@ -473,6 +473,15 @@ class Scheduler:
         return choose_mode(self.state(), objective or self.objective, min(self.max_draft, MAX_DRAFT), remaining,
                            streaming)
 
+    def pipelining_pays(self, objective: Objective | None = None) -> bool:
+        """Draft ahead during this round's wait? Where it gives more tokens/s (throughput mode; it
+        never gives fewer unless its bet fails and the wait is short) or fewer J/token (energy mode:
+        drafting ahead burns active power whether the bet pays or not), each at its best length."""
+        objective, state, max_draft = objective or self.objective, self.state(), min(self.max_draft, MAX_DRAFT)
+        ahead, _ = best_rate(replace(state, pipelined=True), objective, max_draft)
+        plain, _ = best_rate(state, objective, max_draft)
+        return ahead >= plain if objective.mode == "throughput" else ahead <= plain
+
     def can_pay(self, remaining: int, objective: Objective | None = None) -> bool:
         """speculation_can_pay on the current estimates, a draft never timed taken as free: the
         probe that would time it is the only way to learn it."""

@@ -46,6 +46,10 @@ class DeviceMetrics:
                                         "Rounds whose verdict accepted the token at this draft position (0-based)",
                                         ["position"], registry=r)
         self.rounds = Counter("specedge_rounds", "Verification rounds", registry=r)
+        self.streamed = Counter("specedge_streamed_tokens", "Tokens the cloud streamed (cloud-ar, the stream mode)",
+                                registry=r)
+        self.mode_switches = Counter("specedge_mode_switches", "Switches between streaming and speculating",
+                                     registry=r)
         self.wire_bytes = Counter("specedge_wire_bytes", "MQTT bytes both ways, framing included", registry=r)
         self.energy = Counter("specedge_energy_joules", "Device energy over requests", registry=r)
         self.round_latency = Histogram("specedge_round_latency_seconds", "Draft sent to verdict back",
@@ -68,6 +72,8 @@ class DeviceMetrics:
         self.drafted.inc(stats.drafted_tokens)
         self.accepted.inc(stats.accepted_tokens)
         self.rounds.inc(stats.rounds)
+        self.streamed.inc(stats.streamed_tokens)
+        self.mode_switches.inc(max(len(stats.modes) - 1, 0))
         for position, (drafted, accepted) in enumerate(zip(stats.drafted_per_pos[:MAX_DRAFT],
                                                            stats.accepted_per_pos)):
             self.drafted_per_pos.labels(str(position)).inc(drafted)

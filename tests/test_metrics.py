@@ -37,6 +37,16 @@ def test_per_position_counters_are_exported_with_a_position_label():
     assert metrics.totals()["mean_accepted_len"] == pytest.approx(2.0)
 
 
+def test_streamed_tokens_and_mode_switches_are_exported():
+    metrics = DeviceMetrics(lambda: {"queue_depth": 0, "draining": False, "decode_errors": {}})
+    stats = SpecStats(streamed_tokens=40, generated_tokens=60, modes=[(0.0, "stream"), (2.0, "speculate"),
+                                                                       (3.0, "stream")])
+    metrics.observe(stats)
+    text = render(metrics.registry).decode()
+    assert "specedge_streamed_tokens_total 40.0" in text and "specedge_mode_switches_total 2.0" in text
+    assert stats.summary()["streamed_share"] == pytest.approx(40 / 60) and stats.summary()["mode_switches"] == 2
+
+
 def test_percentile_is_the_sorted_value_at_floor_q_n():
     assert percentile([], 0.5) is None
     assert percentile([3.0], 0.99) == 3.0

@@ -75,6 +75,14 @@ def test_the_pipelined_plan_takes_the_measured_bet_over_the_next_positions_accep
     assert s.state().bet_holds > 0.9
 
 
+def test_pipelining_is_chosen_where_it_pays_and_left_off_where_it_only_burns_power():
+    s = Scheduler(max_draft=8, prior=BASE)
+    assert s.pipelining_pays(THROUGHPUT)  # drafting during the wait hides time the bet pays for
+    dear = Scheduler(max_draft=8, prior=replace(BASE, active_w=40.0, idle_w=1.0))
+    assert dear.pipelining_pays(THROUGHPUT)
+    assert not dear.pipelining_pays(Objective("energy"))  # drafting ahead burns power whether it pays or not
+
+
 def test_early_exit_hints_are_followed_only_where_they_beat_the_standing_bet():
     s = Scheduler(max_draft=8)
     for n in range(40):
