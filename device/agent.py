@@ -448,6 +448,7 @@ class _Request:
             except BaseException as exc:  # raised in the request's thread when it joins
                 error = exc
             self.prefill_done = (time.perf_counter() - t0, error)
+            self.agent.scheduler.observe_prefill(self.prefill_done[0], len(committed) - getattr(engine, "reused", 0))
 
         self.prefill = threading.Thread(target=run, name="draft-prefill", daemon=True)
         self.prefill.start()
@@ -479,6 +480,7 @@ class _Request:
             engine.start(self.committed, self.agent.cfg.speculation.keep_session)
             self.stats.draft_reused_tokens = getattr(engine, "reused", 0)  # a test wrapper may not say
             prefill_s = time.perf_counter() - t0
+            self.agent.scheduler.observe_prefill(prefill_s, len(self.committed) - self.stats.draft_reused_tokens)
             self.stats.draft_s += prefill_s
             self.stats.draft_prefill_s += prefill_s
             self.agent.meter.note_busy(prefill_s)
@@ -493,6 +495,8 @@ class _Request:
         if not scheduler.can_pay(remaining, objective):
             return False
         if not self.draft_started and self.prefill is None:
+            if not scheduler.prefill_in_time(len(self.committed), remaining):
+                return False
             self.prefill_behind()
         if self.prefill is not None and self.prefill.is_alive():
             return False

@@ -29,9 +29,9 @@ acceptance, with t_draft = 0: the scheduler keeps one estimator per draft source
 
 Pipelined drafting (device/pipeline.py) drafts the next block during the wait, betting
 that all g tokens and the draft's guess of the bonus token hold: with probability
-S_{g+1} the next round's drafting is already done, as far as the wait had room for it.
-(S_g times the measured rate at which the guess of the bonus token holds once all g are
-accepted, once there is one.) So a pipelined round costs (1 - S_{g+1} h) g t_draft of drafting on the critical path,
+S_{g+1} (S_g times the measured rate at which the guess of the bonus token held once all g
+were accepted) the next round's drafting is already done, as far as the wait had room for it.
+So a pipelined round costs (1 - S_{g+1} h) g t_draft of drafting on the critical path,
 h the share of the block the wait has room for, while the device burns active power
 for the drafting ahead whether the bet pays or not.
 """
@@ -368,6 +368,7 @@ class Scheduler:
         self.down_bytes = self.prior.down_bytes
         self.bet_tried = self.bet_held = 0.0  # pipelined rounds whose draft was all accepted; bets held
         self.hints_seen = self.hints_agreed = 0.0  # verdicts after an early-exit hint; those it predicted
+        self.prefill_s_per_token = Ewma(0.3)  # the draft's prompt prefill
         self.stream_token_s = Ewma(0.1)  # seconds between streamed tokens
         self.stream_up_bytes = Ewma(0.1, self.prior.stream_up_bytes)
         self.stream_down_bytes = Ewma(0.1, self.prior.stream_down_bytes)
@@ -426,6 +427,17 @@ class Scheduler:
             bet *= self.acceptance.given_confidence(c)
         return agreement > bet
 
+    def observe_prefill(self, seconds: float, tokens: int) -> None:
+        if tokens > 0:
+            self.prefill_s_per_token.update(seconds / tokens)
+
+    def prefill_in_time(self, tokens: int, remaining: int) -> bool:
+        """Start the draft's prefill of `tokens` behind a stream with `remaining` tokens to go? Only
+        if it would be done with half the stream still to come: a prefill the request outruns only
+        burns power (and the request waits for it at its end)."""
+        per_token = self.prefill_s_per_token.value
+        return per_token is None or per_token * tokens < 0.5 * remaining * self.state().stream_token_s
+
     def observe_stream(self, seconds: float, tokens: int, up_bytes: int, down_bytes: int) -> None:
         """Streamed tokens that came `seconds` after the ones before them (a stream's first message,
         which also waits a round trip or a prefill, is not observed)."""
@@ -447,15 +459,11 @@ class Scheduler:
         prior = self.prior
         verify_base, verify_row = self.verify.coefficients()
         rtt, s_per_byte = self.network.coefficients()
-        streamed = self.stream_token_s.value
-        # A streamed token and a one-row pass cost the same cloud step: each stands for the other
-        # until that is measured too.
-        if streamed is None:
-            streamed = verify_base + verify_row if self.verify.ready else prior.stream_token_s
-        if not self.verify.ready and self.stream_token_s.value is not None:
-            verify_base, verify_row = self.stream_token_s.value, prior.verify_per_row_s
-        elif not self.verify.ready:
+        if not self.verify.ready:  # neither a round nor a stream yet
             verify_base, verify_row = prior.verify_base_s, prior.verify_per_row_s
+        streamed = self.stream_token_s.value
+        if streamed is None:  # never streamed: a one-row pass costs the same cloud step
+            streamed = verify_base + verify_row if self.verify.ready else prior.stream_token_s
         k = self.acceptance.k  # the same Beta prior as acceptance, centred on its rate
         bet = (self.bet_held + k * self.acceptance.rate) / (self.bet_tried + k) if self.bet_tried else None
         return replace(

@@ -302,6 +302,16 @@ def test_the_stream_cost_is_measured_and_before_that_is_a_one_row_pass():
     assert fresh.state().verify_per_row_s == pytest.approx(0.1, rel=0.05)
 
 
+def test_the_draft_prefills_behind_a_stream_only_if_it_is_done_with_half_the_stream_to_come():
+    s = Scheduler(max_draft=8)
+    assert s.prefill_in_time(700, 10)  # never timed: try
+    for _ in range(20):
+        s.observe_stream(0.06, 1, 4, 50)
+    s.observe_prefill(7.0, 700)  # 10 ms a prompt token
+    assert s.prefill_in_time(700, 300)  # 7 s of prefill, 18 s of stream to come
+    assert not s.prefill_in_time(700, 100)  # 6 s of stream: it would end before the draft is of use
+
+
 def test_a_whole_request_budget_takes_back_what_the_start_overspent():
     budget = Objective(budget_j_per_token=2.0)
     assert request_budget(budget, 0.0, 0, 100).budget_j_per_token == pytest.approx(2.0)
