@@ -344,7 +344,7 @@ class Scheduler:
     `prior` holds what is used until measured (and the fixed inputs: message sizes, radio)."""
 
     objective: Objective = field(default_factory=Objective)
-    max_draft: int = 8
+    max_draft: int = MAX_DRAFT
     prior: State = field(default_factory=lambda: State((0.6,), draft_s=0.05, verify_base_s=0.1,
                                                        verify_per_row_s=0.0, rtt_s=0.0))
     # After this many rounds without a draft, draft one token anyway: plain steps teach the

@@ -103,7 +103,7 @@ class DraftConfig:
 @dataclass
 class SpeculationConfig:
     policy: str = "adaptive"  # adaptive[:budget=J] | adaptive-energy[:floor=R] | fixed:G | cloud-ar
-    max_draft: int = 8
+    max_draft: int = 64  # the wire's limit: the scheduler stops where one more token stops paying
     # Keep the last request's session open on the verifier, and the draft's cache, for the next
     # request that repeats its text (a conversation's next turn: docs/apps.md); false: every
     # request opens afresh and both sides prefill its whole prompt.

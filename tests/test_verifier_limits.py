@@ -1,5 +1,6 @@
 """The verifier's limits (issue 20, point 2): sessions and context per device, the KV budget
-admitted before a pass allocates, and long prefills fed in chunks between other sessions' rounds."""
+admitted before a pass allocates, and long prefills fed in chunks between other sessions' rounds;
+and a stream, which the session's next round ends."""
 from __future__ import annotations
 
 import queue
@@ -234,3 +235,44 @@ def test_a_short_sessions_round_is_verified_between_the_chunks_of_a_long_prefill
     want = TargetSession(version, long, SamplingParams(), 1).verify([3, 4])  # one unchunked pass
     assert (order[1][1].accepted, order[1][1].next_token) == want
     assert verifier.stats.prefill_chunks >= len(long) // 16 - 1
+
+
+# -- (e) a stream ends at the session's next round --------------------------------------------------
+def test_a_draft_ends_a_stream_and_takes_the_text_back_to_what_the_device_holds(tiny_models, fleet_verifier,
+                                                                                 wire_client):
+    """The adaptive device's switch from streaming to speculating: its DRAFT, under the next round
+    number, states fewer tokens than were streamed (the rest were in flight). The verifier stops the
+    generation, takes its text back to the DRAFT's, checks the hash and verifies: the verdict is
+    the target's own next token there. Not past where the GENERATE began: that is out of sync."""
+    _, tok, target, _ = tiny_models
+    verifier = fleet_verifier("streams")
+    client = wire_client("streams")
+    prompt = tok.encode_chat("the robot arm turns left")
+    expected = reference_greedy(target, prompt, 40, tok.stop_ids)
+    assert len(expected) >= 12  # the checks below reach position 9
+    assert isinstance(client.ask("d", wire.Open(1, 1, prompt)), wire.Opened)
+    client.send("d", wire.Generate(1, 2, len(prompt), 200, wire.text_hash(prompt)))
+    streamed = []
+    while len(streamed) < 5:
+        who, msg = client.replies.get(timeout=60)
+        if isinstance(msg, wire.Tokens) and msg.seq == 2:
+            streamed += msg.tokens
+
+    def answer(msg):  # the reply under msg's round (the ended stream's tokens still in flight are not)
+        client.send("d", msg)
+        while True:
+            _, reply = client.replies.get(timeout=60)
+            if reply.session == msg.session and reply.seq == msg.seq:
+                return reply
+
+    held = prompt + streamed[:5]
+    assert streamed[:5] == expected[:5]
+    draft = expected[5:8]  # a draft of the target's own tokens: all accepted
+    verdict = answer(wire.Draft(1, 3, len(held), draft, text_hash=wire.text_hash(held)))
+    assert isinstance(verdict, wire.Verdict) and (verdict.accepted, verdict.next_token) == (3, expected[8])
+    session = verifier.sessions[("streams", "d", 1)]
+    assert session.generating == 0 and len(session.committed) == len(held) + 4
+    again = answer(wire.Generate(1, 4, len(held) + 4, 10, session.text_hash()))
+    assert isinstance(again, wire.Tokens) and again.tokens[0] == expected[9]
+    early = answer(wire.Draft(1, 5, len(prompt) - 1, [3], text_hash=wire.text_hash(prompt[:-1])))
+    assert isinstance(early, wire.Error) and early.code == wire.ErrorCode.OUT_OF_SYNC

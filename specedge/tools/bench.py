@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 from specedge.broker import MosquittoBroker
+from specedge.config import SpeculationConfig
 from specedge.tools.channel import ChannelConfig, ChannelEmulator, channel_config, split_channels
 from specedge.progress import bar as progress_bar
 from specedge.resources import resource
 from specedge.metrics import percentile
 from specedge.protocol.wire import MAX_DRAFT as WIRE_MAX_DRAFT
 
-MAX_DRAFT = 8  # the bench device's [speculation] max_draft unless --max-draft says otherwise
+MAX_DRAFT = SpeculationConfig.max_draft  # the bench device's, unless --max-draft says otherwise
 
 
 def default_prompts() -> Path:
