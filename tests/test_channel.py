@@ -251,15 +251,15 @@ def test_channel_lists_keep_a_trace_spec_together():
 def test_varying_preset_moves_through_its_phases_from_the_request_start():
     cfg = channel_config("varying")
     assert [(start, phase.name) for start, phase in cfg.phases] == [
-        (0, "wifi"), (4, "lte"), (8, "umts"), (12, "blackout"), (14, "lte")]
+        (0, "wifi"), (2, "lte"), (4, "umts"), (6, "blackout"), (7.5, "lte")]
     assert (cfg.up, cfg.down) == (preset("wifi").up, preset("wifi").down)  # what a connection starts on
-    for t, name in ((0, "wifi"), (3.9, "wifi"), (4, "lte"), (8.5, "umts"), (12, "blackout"), (13.9, "blackout"),
-                    (14, "lte"), (600, "lte")):
+    for t, name in ((0, "wifi"), (1.9, "wifi"), (2, "lte"), (4.5, "umts"), (6, "blackout"), (7.4, "blackout"),
+                    (7.5, "lte"), (600, "lte")):
         assert cfg.link_at(t).name == name, t
-    assert cfg.rates_at(1) == (20e6, 50e6) and cfg.rates_at(13) == (0, 0)
+    assert cfg.rates_at(1) == (20e6, 50e6) and cfg.rates_at(7) == (0, 0)
     lte = preset("lte")
-    assert cfg.rates_at(14.5) == (lte.up.rate_at(0.5), lte.down.rate_at(0.5))  # the trace from the phase's start
-    assert "from 8 s umts (up TMobile-UMTS-driving.up" in cfg.description and "from 12 s blackout ->" in cfg.description
+    assert cfg.rates_at(8) == (lte.up.rate_at(0.5), lte.down.rate_at(0.5))  # the trace from the phase's start
+    assert "from 4 s umts (up TMobile-UMTS-driving.up" in cfg.description and "from 6 s blackout ->" in cfg.description
     plain = preset("lte")
     assert plain.link_at(5) is plain and plain.rates_at(5) == (lte.up.rate_at(5), lte.down.rate_at(5))
     assert split_channels("lte,umts,varying") == ["lte", "umts", "varying"]

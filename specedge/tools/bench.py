@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -848,7 +849,9 @@ def plot_draft_lens(report: dict, path: str) -> None:
                 ax.scatter([t for t, _ in modes[1:]], [-1] * (len(modes) - 1), marker="|", s=60,
                            color=dots.get_facecolor()[0])
         ax.set_ylabel("draft length (-1: streaming)")
-        ax.set_title(f"{name}: {report['channels'][name]['description']}", fontsize=9)
+        drawn = [d for policy, rs in runs.items() if policy.startswith("adaptive") for r in rs for d in r["draft_lens"]]
+        ax.set_ylim(bottom=-1.5, top=max(drawn, default=0) + 1.5)
+        ax.set_title(textwrap.fill(f"{name}: {report['channels'][name]['description']}", 150), fontsize=8)
         ax.grid(alpha=0.3)
         if rates and rates[0][1] is not None:
             twin = ax.twinx()

@@ -421,9 +421,10 @@ PRESETS = {
     "evdo": dict(trace="Verizon-EVDO-driving", delay_ms=100, jitter_ms=15,
                  doc="Verizon EV-DO trace while driving, 100 ms one-way (200 ms RTT)"),
     # (preset or "blackout", seconds; None = for ever), from the request's start
-    "varying": dict(phases=(("wifi", 4), ("lte", 4), ("umts", 4), ("blackout", 2), ("lte", None)),
-                    doc="within one request: Wi-Fi, LTE from 4 s, UMTS from 8 s, a 2 s blackout "
-                        "from 12 s, LTE from 14 s on"),
+    # Short phases: a streamed request of ~100 tokens lasts ~10 s, its first ~3.5 s the prefill.
+    "varying": dict(phases=(("wifi", 2), ("lte", 2), ("umts", 2), ("blackout", 1.5), ("lte", None)),
+                    doc="within one request: Wi-Fi, LTE from 2 s, UMTS from 4 s, a 1.5 s blackout "
+                        "from 6 s, LTE from 7.5 s on"),
 }
 
 
