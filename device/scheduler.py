@@ -442,10 +442,13 @@ class Scheduler:
         """Streamed tokens that came `seconds` after the ones before them (a stream's first message,
         which also waits a round trip or a prefill, is not observed)."""
         if tokens > 0:
-            self.stream_token_s.update(seconds / tokens)
+            gap = seconds / tokens
+            if self.stream_token_s.value is not None:  # a stall (a blackout) is no cloud step: clipped,
+                gap = min(gap, 3 * self.stream_token_s.value)  # so only a lasting slowdown moves it far
+            self.stream_token_s.update(gap)
             # A streamed token is a one-row pass (its network overlaps the next step): a point of
             # the verify fit at one row, so one probing round after a stream gives it a slope.
-            self.verify.update(1, seconds / tokens)
+            self.verify.update(1, gap)
             self.stream_up_bytes.update(up_bytes / tokens)
             self.stream_down_bytes.update(down_bytes / tokens)
 

@@ -294,6 +294,11 @@ def test_the_stream_cost_is_measured_and_before_that_is_a_one_row_pass():
     state = s.state()
     assert state.stream_token_s == pytest.approx(0.1, abs=1e-3)
     assert state.stream_up_bytes == pytest.approx(4.0, abs=0.01) and state.stream_down_bytes == pytest.approx(50.0, abs=0.1)
+    s.observe_stream(1.5, 1, 4, 50)  # a blackout held one token back: a stall, not the cloud's step
+    assert s.state().stream_token_s < 0.13
+    for _ in range(40):
+        s.observe_stream(0.5, 1, 4, 50)  # the cloud slowed down for good: followed
+    assert s.state().stream_token_s == pytest.approx(0.5, rel=0.05)
     # A stream's tokens are one-row passes: one round of 5 rows after it gives the verify fit its slope.
     fresh = Scheduler(max_draft=8)
     for _ in range(20):
