@@ -262,6 +262,15 @@ def test_speculation_wins_where_verifying_a_block_costs_a_step():
     assert choose_mode(replace(BATCHED, accept_by_position=(0.05,)), THROUGHPUT, MAX, 100, True) == STREAM
 
 
+def test_without_a_cap_the_draft_grows_past_8_only_where_verifying_a_row_is_cheap():
+    sure = (0.98,)  # code completion's acceptance
+    # a verified row at the price of a step (this CPU): the best length stays short
+    assert plan(replace(ROW_BY_ROW, accept_by_position=sure), THROUGHPUT, (), 64) <= 8
+    # a batched pass (a GPU): it drafts on until one more token stops paying, past the old cap of 8
+    long = plan(replace(BATCHED, accept_by_position=sure), THROUGHPUT, (), 64)
+    assert 8 < long < 64
+
+
 def test_a_switch_pays_its_round_trip_so_a_near_tie_keeps_the_mode_in_force():
     # speculation a little faster per token, but not by a round trip over the few tokens left
     close = replace(BATCHED, stream_token_s=BATCHED.round_cost(8)[0] / BATCHED.expected_tokens(8) * 1.02,
