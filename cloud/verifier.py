@@ -345,18 +345,7 @@ class Verifier:
                 self.count("stale")
                 return
             try:
-                if isinstance(msg, wire.Draft):
-                    streamed = session.stream_from is not None and msg.committed >= session.stream_from
-                    session.sync(msg.committed, msg.text_hash, allow_rollback=streamed)
-                    session.force(msg.forced)
-                    session.check_draft(msg.tokens, msg.q)
-                    holds = len(session.committed) + len(msg.tokens) + 1
-                else:
-                    session.sync(msg.committed, msg.text_hash, allow_rollback=True)
-                    if len(session.committed) + msg.max_new_tokens > session.model.cfg.max_seq_len:
-                        raise BadRequest("generation runs past the target's context")
-                    holds = len(session.committed) + msg.max_new_tokens
-                session.stream_from = len(session.committed) if isinstance(msg, wire.Generate) else None
+                holds = self.take_round(session, msg)
             except (OutOfSync, BadRequest) as exc:
                 self.refused_by_session(out, msg, exc)
                 return
@@ -373,6 +362,23 @@ class Verifier:
             self.pending[key] = Pending(key, item, msg, out, arrived)
         else:
             self.count("unexpected_type")
+
+    @staticmethod
+    def take_round(session: TargetSession, msg) -> int:
+        """Bring `session` to the text a DRAFT or GENERATE states (OutOfSync, BadRequest if it
+        cannot be); returns the positions its cache will hold after the round."""
+        if isinstance(msg, wire.Draft):
+            streamed = session.stream_from is not None and msg.committed >= session.stream_from
+            session.sync(msg.committed, msg.text_hash, allow_rollback=streamed)
+            session.force(msg.forced)
+            session.check_draft(msg.tokens, msg.q)
+            session.stream_from = None
+            return len(session.committed) + len(msg.tokens) + 1
+        session.sync(msg.committed, msg.text_hash, allow_rollback=True)
+        if len(session.committed) + msg.max_new_tokens > session.model.cfg.max_seq_len:
+            raise BadRequest("generation runs past the target's context")
+        session.stream_from = len(session.committed)
+        return len(session.committed) + msg.max_new_tokens
 
     def open(self, key, msg: wire.Open, out: str) -> None:
         target = self.targets[self.versions.version_for(key[0], key[1])]

@@ -114,9 +114,11 @@ def device_link(cfg: DeviceConfig) -> Link:
 
 
 class Agent:
-    def __init__(self, cfg: DeviceConfig, engine, tokenizer, link: Link | None = None):
+    def __init__(self, cfg: DeviceConfig, engine, tokenizer, link: Link | None = None,
+                 scheduler: type[Scheduler] = Scheduler):
         """`link`: the device's connection (device_link), started and stopped by whoever made it
-        and shares it (device/node.py); without one the agent makes, starts and stops its own."""
+        and shares it (device/node.py); without one the agent makes, starts and stops its own.
+        `scheduler`: the Scheduler class (a test's scripted one)."""
         checks.validate(cfg)  # the device's half of the config checks, however `cfg` was built
         self.cfg, self.engine, self.tokenizer = cfg, engine, tokenizer
         ident = cfg.device
@@ -150,7 +152,7 @@ class Agent:
                       active_w=self.profile.active_w, idle_w=self.profile.idle_w, radio_w=self.radio.active_w,
                       radio_j_per_byte_up=self.radio.j_per_byte_up,
                       radio_j_per_byte_down=self.radio.j_per_byte_down)
-        self.scheduler = Scheduler(objective(energy), cfg.speculation.max_draft, prior)
+        self.scheduler = scheduler(objective(energy), cfg.speculation.max_draft, prior)
 
     @property
     def energy_source(self) -> str:
@@ -535,13 +537,7 @@ class _Request:
                 self.streamed_at_round = self.stats.streamed_tokens
             if uses_model:
                 self.draft_ready(after_stream)
-            draft_len = policy.next_draft_len(self.max_new - self.generated)
-            keep_going = None
-            pipelined = policy.pipelined and uses_model and self.constraint is None
-            if policy.adaptive:
-                objective = self.objective()
-                pipelined = pipelined and scheduler.pipelining_pays(objective)  # +pipelined allows it; costs decide
-                keep_going = scheduler.planner(draft_len, objective, pipelined, probe=after_stream)
+            draft_len, keep_going, pipelined = self.plan_round(probe=after_stream)
             after_stream = False
             t0, e0, sent0, recv0 = time.perf_counter(), meter.energy_j(), link.bytes_sent, link.bytes_received
             resyncs = self.stats.resyncs
@@ -552,22 +548,13 @@ class _Request:
             self.stats.draft_s += t1 - t0
             self.rounds.next_round()
             draft = drafted.tokens
-            ahead = None
-            if pipelined:
-                next_draft_len = lambda accepted: policy.next_draft_len(self.max_new - self.generated - accepted - 1)
-                ahead = Ahead(engine, list(self.committed), list(draft), self.params, self.rng, self.stop_ids,
-                              next_draft_len, keep_going)
-                if policy.adaptive and policy.early_exit:
-                    ahead.follow_hints = scheduler.follow_hint(drafted.confidences)
-            hints, agreed = self.stats.hints, self.stats.hints_agreed
+            ahead = self.ahead_of(drafted, keep_going) if pipelined else None
+            hints = self.stats.hints, self.stats.hints_agreed
             try:
                 verdict = self.round_trip(self.draft_message(drafted), ahead)
             except _DraftAlone:
-                self.emit(draft[: self.faults.unverified_max_tokens - self.stats.unverified_tokens], verified=False)
-                self.alone = True
+                self.go_alone(draft)
                 carried = None
-                if uses_model:
-                    engine.commit(self.committed)
                 continue
             self.alone = False
             t2 = time.perf_counter()
@@ -595,16 +582,51 @@ class _Request:
                 if uses_model:
                     engine.commit(self.committed)
             elif not self.done:
-                carried = ahead.resolve(verdict.accepted, verdict.next_token, self.committed)
-                if carried is not None:
-                    self.stats.ahead_hits += 1
-                    self.stats.ahead_kept += len(carried.tokens)
-                if self.stats.hints > hints:
-                    scheduler.observe_hint(self.stats.hints_agreed > agreed)
-                betting_all = ahead.branch is not None and ahead.branch[0] == len(draft)
-                if betting_all and verdict.accepted == len(draft):
-                    scheduler.observe_bet(carried is not None)  # all were accepted: the guess decided
+                carried = self.resolve_ahead(ahead, verdict, len(draft), hints)
             first_round = False
+
+    def go_alone(self, draft: list[int]) -> None:
+        """The fault policy's `draft`: commit the draft unverified (as far as the limit allows)."""
+        self.emit(draft[: self.faults.unverified_max_tokens - self.stats.unverified_tokens], verified=False)
+        self.alone = True
+        if "model" in self.sources:
+            self.agent.engine.commit(self.committed)
+
+    def plan_round(self, probe: bool):
+        """(the most tokens to draft, the scheduler's keep-drafting test or None, whether to draft
+        ahead during the wait) for this round; `probe`: draft at least one token."""
+        policy, scheduler = self.policy, self.agent.scheduler
+        draft_len = policy.next_draft_len(self.max_new - self.generated)
+        pipelined = policy.pipelined and "model" in self.sources and self.constraint is None
+        if not policy.adaptive:
+            return draft_len, None, pipelined
+        objective = self.objective()
+        pipelined = pipelined and scheduler.pipelining_pays(objective)  # +pipelined allows it; costs decide
+        return draft_len, scheduler.planner(draft_len, objective, pipelined, probe=probe), pipelined
+
+    def ahead_of(self, drafted: Drafted, keep_going) -> Ahead:
+        """Drafting ahead while `drafted` is verified, on the bet that all of it holds."""
+        policy = self.policy
+        next_draft_len = lambda accepted: policy.next_draft_len(self.max_new - self.generated - accepted - 1)
+        ahead = Ahead(self.agent.engine, list(self.committed), list(drafted.tokens), self.params, self.rng,
+                      self.stop_ids, next_draft_len, keep_going)
+        if policy.adaptive and policy.early_exit:
+            ahead.follow_hints = self.agent.scheduler.follow_hint(drafted.confidences)
+        return ahead
+
+    def resolve_ahead(self, ahead: Ahead, verdict: wire.Verdict, drafted: int, hints: tuple[int, int]):
+        """The block drafted ahead if its bet held (else None); the bet and a hint, if one came
+        (`hints`: the hint counts before the round), teach the scheduler how often they hold."""
+        scheduler = self.agent.scheduler
+        carried = ahead.resolve(verdict.accepted, verdict.next_token, self.committed)
+        if carried is not None:
+            self.stats.ahead_hits += 1
+            self.stats.ahead_kept += len(carried.tokens)
+        if self.stats.hints > hints[0]:
+            scheduler.observe_hint(self.stats.hints_agreed > hints[1])
+        if ahead.branch is not None and ahead.branch[0] == drafted == verdict.accepted:
+            scheduler.observe_bet(carried is not None)  # all were accepted: the guess decided
+        return carried
 
     def draft_message(self, drafted: Drafted) -> wire.Draft:
         """This round's DRAFT: the text the verifier holds, the forced tokens it has not been told

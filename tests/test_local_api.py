@@ -90,11 +90,13 @@ def test_prompt_lookup_drafts_are_reported_in_the_answer(node):
     their acceptance (docs/apps.md)."""
     draft_cfg = node.service.agent.cfg.draft
     draft_cfg.sources = "lookup,model"
+    node.service.set_policy("adaptive+no-stream")  # streaming, the tiny pair would draft nothing
     try:
         status, raw = http(node.http.port, "/v1/completions",
                            {"prompt": "the cat is on the mat the cat is on the mat the cat", "max_tokens": 24})
     finally:
         draft_cfg.sources = "model"
+        node.service.set_policy("adaptive")
     numbers = json.loads(raw)["specedge"]
     assert status == 200 and numbers["lookup_rounds"] > 0 and 0 <= numbers["lookup_acceptance"] <= 1
     status, raw = http(node.http.port, "/health")

@@ -420,9 +420,7 @@ def test_a_request_switches_between_streaming_and_speculating_without_losing_a_t
     with ChannelEmulator(lte_like, ("127.0.0.1", mosquitto.port)) as channel:
         cfg = build(DeviceConfig, {"device": {"fleet": fleet, "id": "robot"}, "mqtt": {"port": channel.port},
                                    "energy": {"meter": "estimated"}})
-        agent = Agent(cfg, TorchDraftEngine(draft), tok)
-        agent.scheduler = ScriptedModes(agent.scheduler.objective, agent.scheduler.max_draft, agent.scheduler.prior)
-        agent.start()
+        agent = Agent(cfg, TorchDraftEngine(draft), tok, scheduler=ScriptedModes).start()
         try:
             result = agent.generate(prompt, SamplingParams(), max_new, parse_policy("adaptive"))
             again = agent.generate(prompt, SamplingParams(), max_new, parse_policy("adaptive+pipelined"))
