@@ -40,8 +40,8 @@ from specedge.device.policy import Policy
 from specedge.device.power import PowerMeter, open_meter
 from specedge.device.profiles import get_profile
 from specedge.device.rounds import (ASK_AGAIN, AWAIT_BROKER, BROKER_LOST, DELIVER, DRAFT_ALONE, DROPPED, FAIL,
-                                    HINT, OPEN, REFUSE, REPLICA_LOST, SEND, SEND_GRAMMAR, TIMEOUT, Exchange, Failure, Kept,
-                                    RoundTimer, Rounds)
+                                    HINT, OPEN, REFUSE, REPLICA_LOST, SEND, SEND_GRAMMAR, TIMEOUT, Exchange, Failure,
+                                    Kept, RoundTimer, Rounds)
 from specedge.device.scheduler import SPECULATE, STREAM, Objective, Scheduler, State, objective, request_budget
 from specedge.metrics import SpecStats
 from specedge.mqtt import Link, publish_packet_bytes
@@ -439,18 +439,33 @@ class _Request:
         if not self.stats.modes or self.stats.modes[-1][1] != mode:
             self.stats.modes.append((time.perf_counter() - self.start_s, mode))
 
+    def prefill_draft(self, committed: list[int]) -> float:
+        """Prefill the draft's cache with `committed` (start()); its seconds, taught to the scheduler."""
+        engine = self.agent.engine
+        t0 = time.perf_counter()
+        engine.start(committed, self.agent.cfg.speculation.keep_session)
+        seconds = time.perf_counter() - t0
+        self.agent.scheduler.observe_prefill(seconds, len(committed) - getattr(engine, "reused", 0))
+        return seconds
+
+    def count_prefill(self, seconds: float) -> None:
+        """A finished prefill of the draft: its time and energy are this request's."""
+        self.stats.draft_s += seconds
+        self.stats.draft_prefill_s += seconds
+        self.agent.meter.note_busy(seconds)
+        self.stats.draft_reused_tokens = getattr(self.agent.engine, "reused", 0)  # a test wrapper may not say
+        self.draft_started = True
+
     def prefill_behind(self) -> None:
         """Prefill the draft on a thread while the cloud streams (both engines release the GIL)."""
-        engine, committed, reuse = self.agent.engine, list(self.committed), self.agent.cfg.speculation.keep_session
+        committed = list(self.committed)
 
         def run():
-            t0, error = time.perf_counter(), None
+            t0 = time.perf_counter()
             try:
-                engine.start(committed, reuse)
+                self.prefill_done = (self.prefill_draft(committed), None)
             except BaseException as exc:  # raised in the request's thread when it joins
-                error = exc
-            self.prefill_done = (time.perf_counter() - t0, error)
-            self.agent.scheduler.observe_prefill(self.prefill_done[0], len(committed) - getattr(engine, "reused", 0))
+                self.prefill_done = (time.perf_counter() - t0, exc)
 
         self.prefill = threading.Thread(target=run, name="draft-prefill", daemon=True)
         self.prefill.start()
@@ -462,31 +477,18 @@ class _Request:
         self.prefill.join()
         self.prefill = None
         seconds, error = self.prefill_done
-        self.stats.draft_s += seconds
-        self.stats.draft_prefill_s += seconds
-        self.agent.meter.note_busy(seconds)
-        self.stats.draft_reused_tokens = getattr(self.agent.engine, "reused", 0)
-        self.draft_started = True
+        self.count_prefill(seconds)
         if error is not None:
             raise error
 
     def draft_ready(self, after_stream: bool = False) -> None:
         """Before a drafted round: the draft's cache holds the committed text (prefilled now, or
         behind a stream; after one, it takes what the stream brought with the next draft)."""
-        engine = self.agent.engine
         self.join_prefill()
         if after_stream and self.draft_started:
-            engine.commit(self.committed)
+            self.agent.engine.commit(self.committed)
         elif not self.draft_started:
-            t0 = time.perf_counter()
-            engine.start(self.committed, self.agent.cfg.speculation.keep_session)
-            self.stats.draft_reused_tokens = getattr(engine, "reused", 0)  # a test wrapper may not say
-            prefill_s = time.perf_counter() - t0
-            self.agent.scheduler.observe_prefill(prefill_s, len(self.committed) - self.stats.draft_reused_tokens)
-            self.stats.draft_s += prefill_s
-            self.stats.draft_prefill_s += prefill_s
-            self.agent.meter.note_busy(prefill_s)
-            self.draft_started = True
+            self.count_prefill(self.prefill_draft(self.committed))
 
     def leave_stream(self) -> bool:
         """Asked after each streamed token: switch to speculation now? Only where speculation could

@@ -280,6 +280,22 @@ class LinearFit:
         return intercept, slope
 
 
+class DecayedRate:
+    """How often something held, from decayed counts with a Beta prior (AcceptanceEstimator's, for
+    one yes/no event): the pipelined bet, an early-exit hint's agreement."""
+
+    def __init__(self, decay: float = 0.98, prior_strength: float = 2.0):
+        self.decay, self.k = decay, prior_strength
+        self.tried = self.held = 0.0
+
+    def observe(self, held: bool) -> None:
+        self.tried = self.decay * self.tried + 1
+        self.held = self.decay * self.held + held
+
+    def rate(self, prior: float) -> float:
+        return (self.held + self.k * prior) / (self.tried + self.k)
+
+
 CONFIDENCE_EDGES = (0.0, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 1.0001)
 
 
@@ -366,14 +382,20 @@ class Scheduler:
         self.power_active = Ewma(0.2, self.prior.active_w)
         self.power_idle = Ewma(0.2, self.prior.idle_w)
         self.down_bytes = self.prior.down_bytes
-        self.bet_tried = self.bet_held = 0.0  # pipelined rounds whose draft was all accepted; bets held
-        self.hints_seen = self.hints_agreed = 0.0  # verdicts after an early-exit hint; those it predicted
+        decay, k = self.acceptance.decay, self.acceptance.k
+        self.bet = DecayedRate(decay, k)  # over pipelined rounds whose draft was all accepted
+        self.hints = DecayedRate(decay, k)  # over verdicts that followed an early-exit hint
         self.prefill_s_per_token = Ewma(0.3)  # the draft's prompt prefill
         self.stream_token_s = Ewma(0.1)  # seconds between streamed tokens
         self.stream_up_bytes = Ewma(0.1, self.prior.stream_up_bytes)
         self.stream_down_bytes = Ewma(0.1, self.prior.stream_down_bytes)
         self.rounds = 0
         self.rounds_without_draft = 0
+
+    @property
+    def draft_cap(self) -> int:
+        """The most tokens a round may draft: the device's max_draft, never past the wire's."""
+        return min(self.max_draft, MAX_DRAFT)
 
     def set_objective(self, objective: Objective) -> None:
         """Safe at run time: the next `plan` call sees it (one reference swap)."""
@@ -405,24 +427,23 @@ class Scheduler:
 
     def observe_bet(self, held: bool) -> None:
         """A pipelined round whose draft was all accepted: did the guess of the target's token hold?"""
-        d = self.acceptance.decay
-        self.bet_tried = d * self.bet_tried + 1
-        self.bet_held = d * self.bet_held + held
+        self.bet.observe(held)
 
     def observe_hint(self, agreed: bool) -> None:
         """A verdict that came after an early-exit hint: did the hint predict it?"""
-        d = self.acceptance.decay
-        self.hints_seen = d * self.hints_seen + 1
-        self.hints_agreed = d * self.hints_agreed + agreed
+        self.hints.observe(agreed)
+
+    def bet_holds(self) -> float | None:
+        """State.bet_holds: the measured rate, its prior the acceptance rate; None before any bet."""
+        return self.bet.rate(self.acceptance.rate) if self.bet.tried else None
 
     def follow_hint(self, confidences: Sequence[float]) -> bool:
         """Move a pipelined bet to an early-exit hint's prediction? Only where hints have predicted
         verdicts more often than the standing bet (every drafted token accepted, with these draft
         confidences, and the guess of the target's token) can be expected to hold: where hints
         lose, they are ignored."""
-        k = self.acceptance.k
-        agreement = (self.hints_agreed + k * 0.5) / (self.hints_seen + k)
-        bet = self.state().bet_holds or self.acceptance.rate
+        agreement = self.hints.rate(0.5)
+        bet = self.bet_holds() or self.acceptance.rate
         for c in confidences:
             bet *= self.acceptance.given_confidence(c)
         return agreement > bet
@@ -467,10 +488,9 @@ class Scheduler:
         streamed = self.stream_token_s.value
         if streamed is None:  # never streamed: a one-row pass costs the same cloud step
             streamed = verify_base + verify_row if self.verify.ready else prior.stream_token_s
-        k = self.acceptance.k  # the same Beta prior as acceptance, centred on its rate
-        bet = (self.bet_held + k * self.acceptance.rate) / (self.bet_tried + k) if self.bet_tried else None
         return replace(
-            prior, accept_by_position=self.acceptance.by_position(), stream_token_s=streamed, bet_holds=bet,
+            prior, accept_by_position=self.acceptance.by_position(), bet_holds=self.bet_holds(),
+            stream_token_s=streamed,
             stream_up_bytes=self.stream_up_bytes.value, stream_down_bytes=self.stream_down_bytes.value,
             draft_s=self.draft_s.value if self.draft_s.value is not None else prior.draft_s,
             verify_base_s=verify_base,
@@ -481,14 +501,13 @@ class Scheduler:
 
     def mode(self, remaining: int, streaming: bool, objective: Objective | None = None) -> str:
         """STREAM or SPECULATE for the rest of a request (`remaining` tokens) on the current estimates."""
-        return choose_mode(self.state(), objective or self.objective, min(self.max_draft, MAX_DRAFT), remaining,
-                           streaming)
+        return choose_mode(self.state(), objective or self.objective, self.draft_cap, remaining, streaming)
 
     def pipelining_pays(self, objective: Objective | None = None) -> bool:
         """Draft ahead during this round's wait? Where it gives more tokens/s (throughput mode; it
         never gives fewer unless its bet fails and the wait is short) or fewer J/token (energy mode:
         drafting ahead burns active power whether the bet pays or not), each at its best length."""
-        objective, state, max_draft = objective or self.objective, self.state(), min(self.max_draft, MAX_DRAFT)
+        objective, state, max_draft = objective or self.objective, self.state(), self.draft_cap
         ahead, _ = best_rate(replace(state, pipelined=True), objective, max_draft)
         plain, _ = best_rate(state, objective, max_draft)
         return ahead >= plain if objective.mode == "throughput" else ahead <= plain
@@ -499,7 +518,7 @@ class Scheduler:
         state = self.state()
         if self.draft_s.value is None:
             state = replace(state, draft_s=0.0)
-        return speculation_can_pay(state, objective or self.objective, min(self.max_draft, MAX_DRAFT), remaining)
+        return speculation_can_pay(state, objective or self.objective, self.draft_cap, remaining)
 
     def lookup_len(self, available: int, objective: Objective | None = None) -> int:
         """How many tokens of a prompt-lookup proposal of `available` to send; 0: draft with the
@@ -508,7 +527,7 @@ class Scheduler:
         nothing on drafting, is taken whenever a length pays). After probe_every rounds without
         one it is tried anyway, as plain steps are: its acceptance is only learnt by trying."""
         objective = objective or self.objective
-        cap = min(available, self.max_draft, MAX_DRAFT)
+        cap = min(available, self.draft_cap)
         if cap <= 0:
             return 0
         if self.rounds_without_lookup >= self.probe_every:
@@ -516,7 +535,7 @@ class Scheduler:
         state = self.state()
         looked = replace(state, accept_by_position=self.lookup.by_position(), draft_s=0.0)
         rate, draft_len = best_rate(looked, objective, cap)
-        if objective.mode == "throughput" and rate < best_rate(state, objective, min(self.max_draft, MAX_DRAFT))[0]:
+        if objective.mode == "throughput" and rate < best_rate(state, objective, self.draft_cap)[0]:
             return 0
         return draft_len
 
@@ -527,7 +546,7 @@ class Scheduler:
         loop calls it between tokens. `probe`: draft at least one token (a round after a stream)."""
         state, objective, acceptance = self.state(), objective or self.objective, self.acceptance
         state = replace(state, pipelined=pipelined)
-        max_draft = min(draft_len, self.max_draft, MAX_DRAFT)
+        max_draft = min(draft_len, self.draft_cap)
         probe = max_draft > 0 and (probe or self.rounds_without_draft >= self.probe_every)
 
         def keep_going(confidences: Sequence[float]) -> bool:

@@ -148,7 +148,8 @@ class SpecStats:
             "target_passes_per_token": self.target_passes / gen,
             "wire_bytes_per_token": self.wire_bytes / gen,
             # Drafting time over the tokens the draft model made (a lookup takes none), its prefill left out.
-            "draft_ms_per_token": (1000 * (self.draft_s - self.draft_prefill_s) / (self.drafted_tokens - self.lookup_drafted)
+            "draft_ms_per_token": (1000 * (self.draft_s - self.draft_prefill_s)
+                                   / (self.drafted_tokens - self.lookup_drafted)
                                    if self.drafted_tokens > self.lookup_drafted else 0.0),
             "draft_reused_tokens": self.draft_reused_tokens,
             "cached_prompt_tokens": self.cached_prompt_tokens,

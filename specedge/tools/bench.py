@@ -348,8 +348,8 @@ def aggregate(runs: list[dict]) -> dict:
         "rounds": rounds,
         "generated_tokens": tokens,
         "drafted_tokens": drafted,
-        "draft_ms_per_token": (1000 * sum(r["draft_s"] - r.get("draft_prefill_s", 0.0) for r in runs) / (drafted - looked_up)
-                               if drafted > looked_up else 0.0),
+        "draft_ms_per_token": (1000 * sum(r["draft_s"] - r.get("draft_prefill_s", 0.0) for r in runs)
+                               / (drafted - looked_up) if drafted > looked_up else 0.0),
         "lookup_rounds": sum(r.get("lookup_rounds", 0) for r in runs),
         "lookup_acceptance": sum(r.get("lookup_accepted", 0) for r in runs) / looked_up if looked_up else None,
         "model_acceptance": ((accepted - sum(r.get("lookup_accepted", 0) for r in runs)) / (drafted - looked_up)
@@ -575,8 +575,8 @@ def _one_run(args, cfg: ChannelConfig, channel: ChannelEmulator, worker, prompt:
     r = _read_json(worker, f"{policy} on {cfg.name}", args.run_timeout)
     r["proxy_bytes"] = channel.bytes_up + channel.bytes_down - before
     # What the trace (of the phase then in force) offered when each round started (the clock restarted above).
-    r["link_up_bps"] = [cfg.rates_at(t)[0] for t in r["round_start_s"]]
-    r["link_down_bps"] = [cfg.rates_at(t)[1] for t in r["round_start_s"]]
+    rates = [cfg.rates_at(t) for t in r["round_start_s"]]
+    r["link_up_bps"], r["link_down_bps"] = [up for up, _ in rates], [down for _, down in rates]
     return r
 
 
@@ -738,12 +738,12 @@ def _budget(policy: str) -> float | None:
 
 
 def _print_table(report: dict) -> None:
-    cols = ["tokens_per_s", "speedup_vs_cloud_ar", "vs_best_fixed", "streamed_share", "mean_draft_len", "acceptance_rate",
-            "mean_accepted_len", "target_passes_per_token", "wire_bytes_per_token", "rtt_ms", "energy_j_per_token",
-            "efficiency", "ahead_hit_rate", "early_exit_agreement", "naive_wire_bytes_per_token",
+    cols = ["tokens_per_s", "speedup_vs_cloud_ar", "vs_best_fixed", "streamed_share", "mean_draft_len",
+            "acceptance_rate", "mean_accepted_len", "target_passes_per_token", "wire_bytes_per_token", "rtt_ms",
+            "energy_j_per_token", "efficiency", "ahead_hit_rate", "early_exit_agreement", "naive_wire_bytes_per_token",
             "lookup_rounds", "lookup_acceptance"]
-    heads = ["tok/s", "vs AR", "vs best", "streamed", "draft", "accept", "acc.len", "passes/t", "bytes/t", "RTT ms", "J/tok",
-             "eff.", "ahead", "exit agr", "naive B/t", "lookups", "lk.acc"]
+    heads = ["tok/s", "vs AR", "vs best", "streamed", "draft", "accept", "acc.len", "passes/t", "bytes/t", "RTT ms",
+             "J/tok", "eff.", "ahead", "exit agr", "naive B/t", "lookups", "lk.acc"]
     width = max([12] + [len(p) + 2 for ch in report["channels"].values() for p in ch["policies"]])
     print(f"\n{'channel':12}{'policy':{width}}" + "".join(f"{h:>9}" for h in heads))
     for name, ch in report["channels"].items():
