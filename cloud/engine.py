@@ -6,10 +6,14 @@ verification rules. An engine only turns token ids into logits:
   cfg            vocab_size, max_seq_len, n_layers
   new_cache()    a session's KV state: `.length` positions held, `.truncate(n)` rolls back,
                  `.nbytes()` what it holds in memory
-  forward_batch([(tokens, cache), ...], keep=[k, ...], on_layer=None)
+  forward_batch([(tokens, cache), ...], keep=[k, ...], on_layer=None, calls=None)
                  one pass over every session's new tokens after its cached positions; fp32
                  logits of the last k rows of each (a cold prefill rides along, only the
-                 drafted rows reach the output head)
+                 drafted rows reach the output head); `calls[i]`, where given, the rows per
+                 engine call of sequence i (prompt_calls)
+  prompt_batch   rows per call of the engine's own prompt processing, on an engine whose row
+                 bits depend on how rows are grouped into calls (llama.cpp's n_batch); 0 where
+                 they do not (the reference's fixed-shape products) or nobody promises them
   exactness      what specedge.exactness found on this machine (None until established)
   engine, hints, batch_invariant, block   see Capabilities
 
@@ -54,6 +58,84 @@ def resolve_engine(engine: str, model_path) -> str:
     if engine != "auto":
         return engine
     return "llama.cpp" if str(model_path).endswith(".gguf") and installed("llama.cpp") else "torch"
+
+
+def call_start(prompts: list[tuple[int, int]], position: int, batch: int) -> int:
+    """The first position of the engine call that computes `position` in the engine's own
+    generation (prompt_calls): a pass that needs that row's logits, or starts there, refeeds from it."""
+    if batch:
+        for start, end in prompts:
+            if start <= position < end:
+                return start + (position - start) // batch * batch
+    return position
+
+
+def prompt_calls(prompts: list[tuple[int, int]], start: int, end: int, batch: int) -> list[int]:
+    """Rows per engine call that feed positions [start, end) of a text the way the engine's own
+    generation fed them, as llama-cpp-python's `Llama.generate`, `llama-cli` and `llama-server`
+    do for one user: each prompt span (first, end) (the OPEN's text, a conversation's next turn)
+    in calls of `batch` rows counted from its first position, every other position (a generated
+    token) in a call of its own. `start` begins a call (call_start)."""
+    calls, p = [], start
+    for first, last in prompts:
+        if last <= p:
+            continue
+        if first >= end:
+            break
+        if first > p:
+            calls += [1] * (first - p)
+            p = first
+        stop = min(last, end)
+        while p < stop:
+            size = min(batch - (p - first) % batch, stop - p)
+            calls.append(size)
+            p += size
+    return calls + [1] * (end - p)
+
+
+def prefill_calls(engine, prompt_len: int) -> list[int] | None:
+    """The calls of a prompt of `prompt_len` tokens on `engine`, None where grouping changes no bit."""
+    batch = getattr(engine, "prompt_batch", 0)
+    return prompt_calls([(0, prompt_len)], 0, prompt_len, batch) if batch else None
+
+
+def own_rows(engine, tokens: list[int], prompt_len: int = 1):
+    """The logits of positions prompt_len - 1 .. len(tokens) - 1 as the engine's own generation
+    computes them, tokens[:prompt_len] its prompt: one forward per call it makes."""
+    import torch
+
+    cache = engine.new_cache(capacity=4)  # grows as it goes, as a long generation's does
+    first = engine.forward_batch([(tokens[:prompt_len], cache)], keep=[1], calls=[prefill_calls(engine, prompt_len)])
+    return torch.cat(first + [engine.forward([t], cache) for t in tokens[prompt_len:]])
+
+
+def own_generation(engine, prompts: list[list[int]], max_new: int, stop_ids) -> list[list[int]]:
+    """The engine's own greedy generation of each prompt, as its users' runtime runs it: the prompt
+    in the engine's prompt calls, then one token per call, argmax at every step. The prompts go
+    in lockstep, one forward_batch per step, on a batch-invariant engine (every row gets the bits
+    it gets alone); a numerical engine's own generation is each prompt alone."""
+    import torch
+
+    if not engine.batch_invariant and len(prompts) > 1:
+        return [own_generation(engine, [p], max_new, stop_ids)[0] for p in prompts]
+    caches = [engine.new_cache(capacity=len(p) + max_new + 8) for p in prompts]
+    logits = engine.forward_batch(list(zip(prompts, caches)), keep=[1] * len(prompts),
+                                  calls=[prefill_calls(engine, len(p)) for p in prompts])
+    outputs: list[list[int]] = [[] for _ in prompts]
+    live = list(range(len(prompts))) if max_new > 0 else []
+    while live:
+        going = []
+        for i, rows in zip(live, logits):
+            token = int(torch.argmax(rows[-1]))
+            if token in stop_ids:
+                continue
+            outputs[i].append(token)
+            if len(outputs[i]) < max_new:
+                going.append(i)
+        live = going
+        if live:
+            logits = engine.forward_batch([([outputs[i][-1]], caches[i]) for i in live])
+    return outputs
 
 
 @dataclass(frozen=True)

@@ -13,16 +13,22 @@ cells run out mid-batch, the least recently used sessions outside the batch lose
 re-read their text on their next round (the same thing a memory-budget eviction does).
 
 Two ways to feed a pass:
-  batch_invariant (default)  one row per llama_decode call, session after session: the same call
-                             a position gets when the target decodes alone, so every verified row
-                             can be bit-identical to the target's own decoding; the self-test
-                             (specedge.exactness) checks that it is, as it does for Qwen2's fixed
-                             product blocks. Measured on a 2-core EPYC, the 1.5B target passes,
-                             and k drafted tokens cost k + 1 decode steps (docs/engines.md).
+  batch_invariant (default)  the calls llama.cpp's own generation makes, session after session: a
+                             prompt in calls of n_batch rows (n_ubatch = n_batch), as
+                             llama-cpp-python's `Llama.generate`, `llama-cli` and `llama-server`
+                             process one user's prompt, then every generated or drafted row in a
+                             call of its own, as they decode. llama.cpp picks its kernels by the
+                             rows in a call, so only the same calls give the same bits: the
+                             self-test (specedge.exactness) checks them against llama-cpp-python's
+                             own `Llama` with the same settings. A 2-core EPYC's 1.5B target
+                             verifies k drafted tokens in k + 1 decode steps (docs/engines.md).
   batched                    every session's rows in one llama_decode: cheaper per row, but
-                             llama.cpp picks its kernels by the number of rows, so verified
-                             logits differ from decoding alone by ulps (0.67 at most on the 1.5B
-                             here); the self-test measures how far and the engine is numerical.
+                             verified logits differ from decoding alone by ulps (0.67 at most on
+                             the 1.5B here); the self-test measures how far and the engine is
+                             numerical.
+
+Attention: flash attention off, as llama-cpp-python's `Llama` defaults; on a 2-core AVX2 EPYC it
+decoded the 1.5B at 70 ms/token against 80 with it on, prefill alike (docs/engines.md).
 """
 from __future__ import annotations
 
@@ -65,13 +71,16 @@ class LlamaCppTarget:
     candidates = (1,)  # rows per llama_decode the self-test may keep (specedge.exactness)
 
     def __init__(self, gguf_path: str | Path, batch_invariant: bool = True, n_ctx: int = 0, n_seq: int = 0,
-                 n_batch: int = DEFAULT_BATCH, threads: int | None = None):
+                 n_batch: int = DEFAULT_BATCH, threads: int | None = None, flash_attn: bool = False):
         """n_ctx: KV cells in all (0: CONTEXT per session when batch_invariant, else SHARED_CONTEXT);
-        n_seq: sessions with a warm cache at once (0: SEQUENCES)."""
+        n_seq: sessions with a warm cache at once (0: SEQUENCES); n_batch: rows per prompt call
+        (llama.cpp's n_batch and n_ubatch)."""
         import llama_cpp as lib
 
         self.lib, self.exactness, self.batch_invariant = lib, None, batch_invariant
-        self.block = 1 if batch_invariant else 0  # rows per call; 0 = as many as a pass has
+        self.block = 1 if batch_invariant else 0  # rows per verified call; 0 = as many as a pass has
+        self.prompt_batch = n_batch if batch_invariant else 0
+        self.path, self.flash_attn = str(gguf_path), flash_attn
         _route_log(lib)
         lib.llama_backend_init()
         mparams = lib.llama_model_default_params()
@@ -88,7 +97,8 @@ class LlamaCppTarget:
         # (the 1.5B here, 8 sessions: bench-verifier caught it; tests/test_real_models.py keeps
         # it caught). Batched: cells go to whichever session needs them.
         cparams.kv_unified = not batch_invariant
-        cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count()
+        cparams.n_threads = cparams.n_threads_batch = self.threads = threads or os.cpu_count()
+        cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:
             lib.llama_model_free(model)
@@ -108,6 +118,11 @@ class LlamaCppTarget:
         self.slots: list[weakref.ref | None] = [None] * n_seq
         self.clock = 0
 
+    def client(self) -> "LlamaClient":
+        """llama-cpp-python's own `Llama` on this file with this engine's settings: the self-test's
+        and the tests' client nobody here wrote."""
+        return LlamaClient(self)
+
     def new_cache(self, capacity: int = 0) -> LlamaSequence:
         return LlamaSequence(self)  # a sequence id is taken when it is first fed
 
@@ -115,9 +130,12 @@ class LlamaCppTarget:
         return self.forward_batch([(tokens, cache)], last_only, on_layer)[0]
 
     def forward_batch(self, sequences, last_only: bool = False, on_layer=None,
-                      keep: list[int] | None = None) -> list[torch.Tensor]:
+                      keep: list[int] | None = None, calls=None) -> list[torch.Tensor]:
         """As Qwen2.forward_batch: each `(tokens, cache)` fed after its cached positions, fp32 logits
-        of the last keep[i] rows of each (all rows without keep)."""
+        of the last keep[i] rows of each (all rows without keep). Batch-invariant, sequence i goes
+        in llama_decode calls of calls[i] rows (one row each where calls or calls[i] is None),
+        each call's last row an output as in llama-cpp-python's `Llama.eval`; a kept row should
+        end its call (the rows a call outputs choose its last layer's kernels)."""
         tokens, caches, keep = feeds(self, sequences, last_only, on_layer, keep)
         self.clock += 1
         for cache in caches:
@@ -125,13 +143,11 @@ class LlamaCppTarget:
             if cache.seq is None:
                 self._take_slot(cache, caches)
         starts = [cache.length for cache in caches]
-        rows = [(i, t, starts[i] + j, j >= len(toks) - keep[i])
-                for i, toks in enumerate(tokens) for j, t in enumerate(toks)]
+        batches = self._calls(tokens, starts, keep, calls)
         out: list[list[np.ndarray]] = [[] for _ in tokens]
-        per_call = self.block or self.n_batch
         try:
-            for first in range(0, len(rows), per_call):
-                self._decode(rows[first:first + per_call], caches, out)
+            for rows in batches:
+                self._decode(rows, caches, out)
         except BaseException:
             for cache, start in zip(caches, starts):  # leave no half-fed sequence behind
                 self._remove(cache.seq, start)
@@ -141,13 +157,34 @@ class LlamaCppTarget:
         vocab = self.cfg.vocab_size
         return [torch.from_numpy(np.stack(o)) if o else torch.empty(0, vocab) for o in out]
 
+    def _calls(self, tokens, starts, keep, calls) -> list[list[tuple]]:
+        """The rows (sequence, token, position, kept, output) of each llama_decode call of a pass."""
+        kept = [[j >= len(toks) - keep[i] for j in range(len(toks))] for i, toks in enumerate(tokens)]
+        rows = [[(i, t, starts[i] + j, kept[i][j], kept[i][j]) for j, t in enumerate(toks)]
+                for i, toks in enumerate(tokens)]
+        if not self.batch_invariant:  # everyone's rows together, n_batch at a time
+            flat = [row for seq in rows for row in seq]
+            return [flat[first:first + self.n_batch] for first in range(0, len(flat), self.n_batch)]
+        out = []
+        for i, seq in enumerate(rows):
+            sizes = calls[i] if calls is not None and calls[i] is not None else [1] * len(seq)
+            if sum(sizes) != len(seq) or not all(1 <= n <= self.n_batch for n in sizes):
+                raise ValueError(f"calls {sizes} do not split {len(seq)} rows into calls of 1..{self.n_batch}")
+            first = 0
+            for n in sizes:
+                call = seq[first:first + n]
+                call[-1] = call[-1][:4] + (True,)
+                out.append(call)
+                first += n
+        return out
+
     # -- llama.cpp ---------------------------------------------------------------------------------
     def _decode(self, rows, caches, out) -> None:
         lib, batch = self.lib, self.batch
-        for j, (i, token, pos, wanted) in enumerate(rows):
+        for j, (i, token, pos, _, output) in enumerate(rows):
             batch.token[j], batch.pos[j], batch.n_seq_id[j] = token, pos, 1
             batch.seq_id[j][0] = caches[i].seq
-            batch.logits[j] = wanted
+            batch.logits[j] = output
         batch.n_tokens = len(rows)
         rc = lib.llama_decode(self.ctx, batch)
         if rc == 1:  # out of KV cells: sessions outside the batch give theirs up, oldest first
@@ -159,8 +196,8 @@ class LlamaCppTarget:
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc}): {len(rows)} rows, context of {self.n_ctx} cells")
         vocab = self.cfg.vocab_size
-        for j, (i, _, _, wanted) in enumerate(rows):
-            if wanted:
+        for j, (i, _, _, kept, _) in enumerate(rows):
+            if kept:
                 row = lib.llama_get_logits_ith(self.ctx, j)
                 out[i].append(np.ctypeslib.as_array(row, shape=(vocab,)).copy())
 
@@ -191,6 +228,53 @@ class LlamaCppTarget:
         held = [(-1 if ref() is None else ref().used, s) for s, ref in enumerate(self.slots)
                 if ref is not None and ref() not in batch]
         return [slot for _, slot in sorted(held)]
+
+
+class LlamaClient:
+    """llama-cpp-python's high-level `Llama`, as its users run it, with the settings a row's bits
+    depend on taken from a LlamaCppTarget: n_batch = n_ubatch, threads, flash attention, GPU
+    layers. Its context holds one sequence of the engine's per-session length."""
+
+    def __init__(self, engine: LlamaCppTarget):
+        from llama_cpp import Llama, __version__
+
+        self.settings = dict(n_batch=engine.n_batch, n_ubatch=engine.n_batch, n_threads=engine.threads,
+                             n_threads_batch=engine.threads, flash_attn=engine.flash_attn)
+        self.version, self.vocab = __version__, engine.cfg.vocab_size
+        self.llm = Llama(engine.path, n_ctx=engine.cfg.max_seq_len, n_gpu_layers=-1, verbose=False, **self.settings)
+
+    def describe(self) -> str:
+        return (f"llama-cpp-python {self.version} Llama(n_batch={self.settings['n_batch']}, n_ubatch="
+                f"{self.settings['n_ubatch']}, flash_attn={self.settings['flash_attn']}, "
+                f"n_threads={self.settings['n_threads']})")
+
+    def rows(self, tokens: list[int], prompt_len: int) -> torch.Tensor:
+        """The logits its generation computes for positions prompt_len - 1 .. len(tokens) - 1, with
+        tokens[:prompt_len] as the prompt: `Llama.eval` of the prompt, then of each token."""
+        import llama_cpp as lib
+
+        llm, out = self.llm, []
+        llm.reset()
+        for fed in [tokens[:prompt_len]] + [[t] for t in tokens[prompt_len:]]:
+            llm.eval(fed)
+            out.append(np.ctypeslib.as_array(lib.llama_get_logits_ith(llm.ctx, -1), shape=(self.vocab,)).copy())
+        return torch.from_numpy(np.stack(out))
+
+    def generate(self, prompt: list[int], max_new: int, stop_ids, fresh: bool = True) -> list[int]:
+        """Its own greedy generation (`Llama.generate` with temp = 0), up to a stop token or
+        max_new, ended as `create_completion` ends it (neither the stop token nor the last token is
+        fed). Fresh: from an empty context; else going on from its last call, as it serves a
+        conversation's next turn (its prefix match over what it had fed)."""
+        if fresh:
+            self.llm.reset()
+        out: list[int] = []
+        for token in self.llm.generate(prompt, temp=0.0, reset=True):
+            if token in stop_ids:
+                break
+            out.append(token)
+            if len(out) >= max_new:
+                break
+        return out
 
 
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level WARN, ERROR; DEBUG, INFO, CONT dropped

@@ -6,9 +6,14 @@ together with the next draft so one pass yields len(draft) + 1 rows. A cold
 session (new, evicted under the memory budget, or moved to another target
 version) has no cache; its next passes feed its committed text, inside the same
 batch as everyone else's drafts, at most `chunk` positions per pass: a long
-context then holds nobody's round back for more than a chunk. Every row is
-computed the same whatever the pass's shape (batch-invariant engines), so the
-chunks change no bit of any verified logit.
+context then holds nobody's round back for more than a chunk.
+
+Every position is computed in the engine call the target's own generation computes
+it in (cloud/engine.py prompt_calls): the session's `prompts` (the OPEN's text,
+each EXTEND's turn) in the engine's prompt calls from their first position, every
+generated or drafted token alone. So on an engine whose bits depend on the rows
+in a call (llama.cpp), a verified row is bit for bit the engine's own generation
+of the same text, whatever the pass's shape, chunks and resyncs included.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from specedge.cloud.engine import call_start, prompt_calls
 from specedge.protocol.contract import Contract
 from specedge.model import grown_capacity
 from specedge.protocol.wire import TextHasher
@@ -46,13 +52,19 @@ class BadRequest(Exception):
 
 class TargetSession:
     def __init__(self, target, tokens: list[int], params: SamplingParams, session_id: int,
-                 draft: str = "", contract: Contract | None = None, constraint=None, grammar_from: int = 0):
+                 draft: str = "", contract: Contract | None = None, constraint=None, grammar_from: int = 0,
+                 prompts: list[tuple[int, int]] | None = None):
         """`constraint`: a grammar's fresh state (specedge/grammar.py) for the tokens from
-        `grammar_from` on: every verdict is the grammar-constrained target's."""
+        `grammar_from` on: every verdict is the grammar-constrained target's. `prompts`: the spans
+        of `tokens` that came as prompts (a resync's OPEN states them; default: all of them)."""
         self.target, self.params, self.draft, self.contract = target, params, draft, contract
         self._check_ids(tokens)
         if len(tokens) + 1 > target.model.cfg.max_seq_len:
             raise BadRequest(f"{len(tokens)} tokens exceed the target's context of {target.model.cfg.max_seq_len}")
+        self.prompts = [(0, len(tokens))] if prompts is None else [tuple(span) for span in prompts]
+        if any(not 0 <= a < b <= len(tokens) for a, b in self.prompts) or any(
+                b > a for (_, b), (a, _) in zip(self.prompts, self.prompts[1:])):
+            raise BadRequest("prompt spans must be ordered, apart and inside the text")
         self.constraint, self.grammar_from = constraint, grammar_from
         if constraint is not None and not constraint.accept(tokens[grammar_from:]):
             raise BadRequest("the generated text breaks the session's grammar")
@@ -93,16 +105,20 @@ class TargetSession:
             return
         same = next((i for i, (a, b) in enumerate(zip(old.committed, self.committed)) if a != b),
                     min(len(old.committed), len(self.committed)))
-        old.cache.truncate(min(old.cache.length, same, len(self.committed) - 1))
-        self.cache = old.cache
+        agree = _calls_agree(old.prompts, self.prompts) if self.batch else same
+        old.cache.truncate(min(old.cache.length, same, agree, len(self.committed) - 1))
+        self.cache = old.cache  # feed() starts the next pass where a call starts
 
     def share_prefix(self, donor: "TargetSession", length: int) -> int:
         """Start this cold session's cache from `donor`'s first `length` positions, where its engine
         can fork a cache and the texts agree there; returns the positions taken (0: none)."""
         held = donor.cache
         length = min(length, len(self.committed) - 1)
-        if (self.cache is not None or held is None or not hasattr(held, "fork") or donor.target is not self.target
-                or held.length < length or donor.committed[:length] != self.committed[:length]):
+        # Where a row's bits depend on its call, a fork would hold positions computed in the
+        # donor's calls, not in those of this text's own generation.
+        if (self.batch or self.cache is not None or held is None or not hasattr(held, "fork")
+                or donor.target is not self.target or held.length < length
+                or donor.committed[:length] != self.committed[:length]):
             return 0
         self.cache = held.fork(length, len(self.committed) + HEADROOM)
         return length
@@ -132,22 +148,38 @@ class TargetSession:
                 said = len(self._before_stop(self.committed[self.grammar_from:]))
                 self.constraint.rollback(self.constraint.length - said)
             self.hasher = TextHasher(self.committed)  # O(n), on a rare rollback only
+            self.prompts = [(a, min(b, committed)) for a, b in self.prompts if a < committed]
             if self.cache is not None:
-                self.cache.truncate(min(self.cache.length, committed - 1))
+                self.cache.truncate(min(self.cache.length, committed))
         if text_hash is not None and text_hash != self.text_hash():
             raise OutOfSync(f"the device's committed text of {committed} tokens has another hash than the "
                             "verifier's: the texts differ")
 
-    def extend(self, tokens: list[int]) -> None:
-        """The next turn of the conversation: its tokens join the committed text; the cache keeps
-        what it holds, so only they are fed (with the next draft, in chunks if long)."""
+    def next_turn(self, committed: int, text_hash: bytes, tokens: list[int]) -> None:
+        """The conversation's next turn (EXTEND): the text goes back to the device's `committed`
+        tokens (it may lack a stop token, or a verdict's tokens past max_tokens) and `tokens` join
+        it as a prompt, processed from where the target's own generation would pick up: the text
+        it had fed (all but the last token it generated) or the device's, the shorter."""
+        fed = len(self.committed) - 1
+        self.sync(committed, text_hash, allow_rollback=True)
+        self.extend(tokens, start=min(fed, committed))
+
+    def extend(self, tokens: list[int], start: int | None = None) -> None:
+        """Tokens of a prompt join the committed text, processed from `start` (default: their
+        own first position); the cache keeps what it holds before that, so only they are fed
+        (with the next draft, in chunks if long)."""
         self._check_ids(tokens)
         if self.constraint is not None:
             raise BadRequest("a session under a grammar takes no next turn: open a new one")
         if len(self.committed) + len(tokens) + 1 > self.model.cfg.max_seq_len:
             raise BadRequest(f"{len(self.committed) + len(tokens)} tokens exceed the target's context of "
                              f"{self.model.cfg.max_seq_len}")
+        start = len(self.committed) if start is None else start
+        self.prompts = [(a, min(b, start)) for a, b in self.prompts if a < start]
         self.committed += tokens
+        self.prompts.append((start, len(self.committed)))
+        if self.cache is not None:
+            self.cache.truncate(min(self.cache.length, start))
 
     def force(self, tokens: list[int]) -> None:
         """Tokens the device committed because the grammar allowed nothing else (a DRAFT's
@@ -173,20 +205,36 @@ class TargetSession:
         if len(self.committed) + len(draft) + 1 > self.model.cfg.max_seq_len:
             raise BadRequest("draft runs past the target's context")
 
-    def next_feed(self, draft: list[int], chunk: int = 0) -> int:
-        """Positions the next pass feeds: what the cache lacks of the committed text, then the
-        draft; or, when that is more than `chunk` (0: no limit), only the next `chunk` positions of
-        the text before the last committed token, which stays to be fed with the draft."""
-        held = 0 if self.cache is None else self.cache.length
-        prefill = len(self.committed) - 1 - held
-        if chunk and prefill > 0 and prefill + 1 + len(draft) > chunk:
-            return min(chunk, prefill)
-        return prefill + 1 + len(draft)
+    @property
+    def batch(self) -> int:
+        """Rows per prompt call of the target's own generation (cloud/engine.py prompt_batch)."""
+        return getattr(self.model, "prompt_batch", 0)
 
-    def cache_bytes_after(self, fed: int) -> int:
-        """What the cache will hold in memory with `fed` more positions: the verifier admits a pass
+    def plan(self, draft: list[int], chunk: int = 0) -> tuple[int, int, bool]:
+        """(first position, end of the committed text, whether the draft goes too) of the next pass.
+        It starts at what the cache lacks, but the last committed token (its row is the first
+        verified), and where an engine call starts. It feeds the rest of the text and the draft;
+        or, where the text alone is more than `chunk` positions (0: no limit), whole calls of it
+        up to `chunk` positions (at least one call)."""
+        n, batch = len(self.committed), self.batch
+        held = 0 if self.cache is None else self.cache.length
+        start = call_start(self.prompts, min(held, n - 1), batch)
+        if chunk and n - start > chunk:
+            end = start + chunk
+            if batch:
+                end = start
+                for size in prompt_calls(self.prompts, start, n, batch):
+                    if end > start and end + size > start + chunk:
+                        break
+                    end += size
+            return start, end, False
+        return start, n, True
+
+    def cache_bytes_after(self, draft: list[int], chunk: int = 0) -> int:
+        """What the cache will hold in memory after the next pass: the verifier admits a pass
         against its KV budget before the pass allocates anything."""
-        length = fed + (0 if self.cache is None else self.cache.length)
+        _, end, done = self.plan(draft, chunk)
+        length = end + (len(draft) if done else 0)
         if self.cache is None:
             # Only the reference's KVCache holds capacity ahead of its length (see feed()).
             capacity = len(self.committed) + HEADROOM if self.model.engine == "torch" else None
@@ -197,14 +245,15 @@ class TargetSession:
         return position_bytes(self.model) * (length if capacity is None else capacity)
 
     def feed(self, draft: list[int], chunk: int = 0):
-        """(tokens, cache, whether the draft is in) for the next pass (see next_feed)."""
-        n = self.next_feed(draft, chunk)
+        """(tokens, cache, whether the draft is in, rows per engine call) for the next pass (plan)."""
+        start, end, done = self.plan(draft, chunk)
         if self.cache is None:
             self.cache = self.model.new_cache(capacity=len(self.committed) + HEADROOM)
-        start = self.cache.length
-        if n == len(self.committed) - start + len(draft):
-            return self.committed[start:] + draft, self.cache, True
-        return self.committed[start:start + n], self.cache, False
+        if self.cache.length > start:
+            self.cache.truncate(start)
+        extra = draft if done else []
+        calls = prompt_calls(self.prompts, start, end, self.batch) + [1] * len(extra) if self.batch else None
+        return self.committed[start:end] + extra, self.cache, done, calls
 
     def verify(self, draft: list[int], q: list[SparseDist] | None = None, exit_head=None,
                on_hint=None) -> tuple[int, int]:
@@ -250,6 +299,15 @@ class TargetSession:
             taken += 1
         c.rollback(taken)
         return out
+
+
+def _calls_agree(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
+    """Where two texts' prompt spans may first put a position in different calls."""
+    for x, y in zip(a, b):
+        if x != y:
+            return min(x[0], y[0])
+    rest = a[len(b):] or b[len(a):]
+    return rest[0][0] if rest else 1 << 62
 
 
 class PrefixIndex:
@@ -310,15 +368,16 @@ def verify_batch(model, items: list[Item], exit_head=None, chunk: int = 0) -> in
     fills in each item's verdict and returns the positions it ran. A cold session whose text is
     longer than `chunk` gets only a chunk of it and no verdict (item.done stays False): the same
     item goes again in a later pass. With an exit head, items that want hints get them mid-pass."""
-    fed, verified = [], []
+    fed, verified, calls = [], [], []
     for item in items:
-        tokens, cache, item.done = item.session.feed(item.draft, chunk)
+        tokens, cache, item.done, item_calls = item.session.feed(item.draft, chunk)
         fed.append((tokens, cache))
         verified.append(item.done)
+        calls.append(item_calls)
     keep = [len(item.draft) + 1 if done else 1 for item, done in zip(items, verified)]
     wants_hints = exit_head is not None and any(item.on_hint and item.done for item in items)
     on_layer = _hint_hook(items, fed, keep, exit_head) if wants_hints else None
-    logits = model.forward_batch(fed, on_layer=on_layer, keep=keep)
+    logits = model.forward_batch(fed, on_layer=on_layer, keep=keep, calls=calls)
     for item, rows in zip(items, logits):
         if item.done:
             item.accepted, item.next_token = item.session.finish(item.draft, item.q, rows)

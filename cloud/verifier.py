@@ -400,7 +400,7 @@ class Verifier:
                     return
                 constraint = compiled.start()
             session = TargetSession(target, msg.tokens, msg.params, msg.session, msg.draft, msg.contract,
-                                    constraint, msg.grammar_from)
+                                    constraint, msg.grammar_from, msg.prompts)
         except (BadRequest, GrammarError) as exc:
             self.count("bad_request")
             self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.BAD_REQUEST, str(exc)))
@@ -410,7 +410,7 @@ class Verifier:
             session.adopt_cache(old)
         else:
             self.share_prefix(session)
-        need = session.cache_bytes_after(session.next_feed([]))
+        need = session.cache_bytes_after([])
         if need > self.budget_bytes:
             self.refuse(out, msg, f"its KV cache of {need / 2**20:.2f} MB would exceed the verifier's "
                                   f"kv_budget_mb of {self.cfg.verifier.kv_budget_mb:g}")
@@ -456,8 +456,7 @@ class Verifier:
         try:
             # The session may hold a token or two past the device's text: a stop token, or the last
             # verdict's tokens past max_tokens, which the device did not commit.
-            session.sync(msg.committed, msg.text_hash, allow_rollback=True)
-            session.extend(msg.tokens)
+            session.next_turn(msg.committed, msg.text_hash, msg.tokens)
         except (OutOfSync, BadRequest) as exc:
             self.refused_by_session(out, msg, exc)
             return
@@ -548,7 +547,7 @@ class Verifier:
         admitted: list[Pending] = []
         for p in pending:
             session = p.item.session
-            grows = session.cache_bytes_after(session.next_feed(p.item.draft, chunk)) - session.cache_bytes()
+            grows = session.cache_bytes_after(p.item.draft, chunk) - session.cache_bytes()
             if held + grows > budget:
                 spare = {id(a.item.session) for a in admitted} | {id(session)} | (busy if admitted else set())
                 held -= self.evict(held + grows - budget, spare, busy)

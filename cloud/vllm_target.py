@@ -106,9 +106,10 @@ class VllmTarget:
         return self.forward_batch([(tokens, cache)], last_only, on_layer)[0]
 
     def forward_batch(self, sequences, last_only: bool = False, on_layer=None,
-                      keep: list[int] | None = None) -> list[torch.Tensor]:
+                      keep: list[int] | None = None, calls=None) -> list[torch.Tensor]:
         """As Qwen2.forward_batch: each `(tokens, cache)` fed after its cached tokens, fp32 logits
-        of the last keep[i] rows of each (all rows without keep)."""
+        of the last keep[i] rows of each (all rows without keep). vLLM schedules its own batches:
+        `calls` is not its to follow (prompt_batch 0)."""
         from vllm.inputs import TokensPrompt
 
         tokens, caches, keep = feeds(self, sequences, last_only, on_layer, keep)

@@ -278,6 +278,9 @@ class _Request:
             self.rounds = Rounds(secrets.randbits(32), prompt)
         self.prompt_len = len(prompt)
         self.committed = list(prompt)
+        # The spans of the text that came as prompts: a resync's OPEN states them, so the verifier
+        # processes each as the target's own generation did (prompts in batches, the rest alone).
+        self.prompts = self.kept.prompts + [(self.shared, len(prompt))] if self.shared else [(0, len(prompt))]
         self.stop_ids = agent.tokenizer.stop_ids
         self.sources = agent.cfg.draft.source_list()  # model, lookup, or lookup then model
         self.rng = np.random.default_rng([params.seed, self.session])
@@ -318,9 +321,12 @@ class _Request:
     def open_message(self, resync: bool) -> wire.Open:
         """An OPEN with the committed text, under the round number Rounds.opening() gave it."""
         by_hash = self.grammar_hash in self.agent.grammars_held
-        return wire.Open(self.session, self.open_seq, self.committed[:self.stated], self.params,
+        stated = self.stated
+        prompts = [(a, min(b, stated)) for a, b in self.prompts if a < stated]
+        return wire.Open(self.session, self.open_seq, self.committed[:stated], self.params,
                          self.agent.contract, resync, self.policy.early_exit, self.agent.draft_name,
-                         self.grammar_hash, "" if by_hash else self.grammar, self.prompt_len if self.grammar else 0)
+                         self.grammar_hash, "" if by_hash else self.grammar, self.prompt_len if self.grammar else 0,
+                         None if prompts == [(0, stated)] else prompts)
 
     def run(self) -> GenerationResult:
         agent = self.agent
@@ -378,7 +384,7 @@ class _Request:
         keep = self.agent.cfg.speculation.keep_session and self.constraint is None
         if keep and self.replica is not None and not self.unverified and self.stats.exact_targets is not None:
             self.agent.kept = Kept(self.rounds, list(self.committed), self.params, self.policy.early_exit,
-                                   self.stats.exact_targets)
+                                   self.stats.exact_targets, self.prompts, self.stopped)
         else:
             self.send(wire.Close(self.session, self.rounds.next_round()))
 

@@ -181,18 +181,27 @@ class Kept:
     params: SamplingParams
     hints: bool
     exact: bool
+    prompts: list[tuple[int, int]]  # the spans of `text` that came as prompts (wire.Open.prompts)
+    stopped: bool = True  # the answer ended at a stop token (not at max_tokens)
 
     def shared(self, prompt: list[int], params: SamplingParams, hints: bool) -> int:
-        """How many leading tokens of the kept text a request's prompt repeats, when the request can
-        go on in this session (the same sampling and hints, a bound session); 0 when it cannot.
-        A next turn repeats the history, though often not to its last token: the chat template
-        re-tokenizes the answer after its role header, and BPE may split the seam differently."""
-        if params != self.params or hints != self.hints or self.rounds.replica is None:
+        """Where a request's prompt goes on from the kept text, when the request is the
+        conversation's next turn and can go on in this session (the same sampling and hints, a
+        bound session, a turn more to state); 0 when it cannot. A next turn repeats the last
+        request's whole prompt and goes on; a request that shares less (a system prompt, the same
+        prompt again) opens afresh, so that it is the target's own generation of its text alone.
+        The history is often repeated not to its last token: the chat template re-tokenizes the
+        answer after its role header, and BPE may split the seam differently. It never goes on
+        past what the target's own generation had fed: the answer before a stop token, or all but
+        its last token when max_tokens cut it (sampled, never fed)."""
+        if (params != self.params or hints != self.hints or self.rounds.replica is None
+                or len(self.prompts) >= wire.MAX_PROMPTS):
             return 0
-        n, limit = 0, min(len(self.text), len(prompt) - 1)  # at least one new token to send
+        fed = len(self.text) - (0 if self.stopped else 1)
+        n, limit = 0, min(fed, len(prompt) - 1)  # at least one new token to send
         while n < limit and self.text[n] == prompt[n]:
             n += 1
-        return n
+        return n if n >= self.prompts[-1][1] else 0
 
 
 @dataclass

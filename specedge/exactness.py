@@ -2,17 +2,24 @@
 
 Terms:
   canary     a fixed sequence of token ids (seeded, the model's own vocabulary);
-  reference  the canary's logits with every position fed alone, from the first: what the target's
-             own autoregressive decoding (cloud-ar) computes;
-  probe      the same positions fed the ways verification feeds them (SESSIONS): prefill
-             blocks, blocks of every size 1..max_draft+1, one-row steps, and several sessions in
-             one pass, cold and warm together, with more rows than a product block;
+  reference  the canary's logits as the target's own generation computes them with its first P
+             tokens as the prompt (cloud/engine.py own_rows): the prompt in the engine's
+             prompt calls, then every position alone. On the reference engine (no prompt calls)
+             every position is fed alone from the first;
+  client     llama-cpp-python's own `Llama` with the engine's settings, where the engine is
+             llama.cpp: the reference is also computed by a client nobody here wrote, and must
+             equal ours bit for bit (the promise is "llama.cpp's own generation");
+  probe      the same positions fed the ways verification feeds them (SESSIONS): a prompt
+             first, then blocks of every size 1..max_draft+1, one-row steps, and several
+             sessions in one pass, cold and warm together, with more rows than a product block;
   block      rows per weight-product call (specedge.model.DEFAULT_BLOCK says why it is fixed).
 
-A block passes when every probe row equals its reference row bit for bit. self_test() measures
-each candidate block's cost on a round's typical passes, tries them cheapest first and keeps the
-first that passes. If none passes, the model keeps the cheapest and is reported as not exact:
-greedy outputs are then the target's up to rounding, and everyone who relays an answer says so.
+A block passes when every probe row the reference has (all of them on the reference engine; from
+the prompt's last on, where a prompt's rows come from calls of many rows) equals its reference row
+bit for bit. self_test() measures each candidate block's cost on a round's typical passes, tries
+them cheapest first and keeps the first that passes. If none passes, the model keeps the cheapest
+and is reported as not exact: greedy outputs are then the target's up to rounding, and everyone
+who relays an answer says so.
 """
 from __future__ import annotations
 
@@ -21,15 +28,17 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from specedge.cloud.engine import own_rows, prefill_calls
+
 # Blocks whose cost is measured and tried cheapest first; 1 (one GEMV per row, a kernel call no
 # other row can share) is the last resort, tried only when every measured block failed.
 CANDIDATES = (16, 8, 4, 2)
 LAST_RESORT = 1
 MAX_DRAFT = 8  # the device's default speculation.max_draft: blocks up to 9 rows are probed
 # Sessions fed in lockstep, one forward_batch per step, each a list of consecutive span sizes
-# over the canary (the first a cold prefill): every verify size 1..9, one-row steps, and passes
-# with cold and warm sessions together and more rows than a block.
-SESSIONS = ([16], [2, 1, 3, 4, 6], [3, 9, 2, 1, 1], [1, 7, 8], [11, 5])
+# over the canary (the first its prompt, a cold prefill): every verify size 1..9, one-row steps,
+# and passes with cold and warm sessions together and more rows than a block.
+SESSIONS = ([10, 6], [2, 1, 3, 4, 6], [3, 9, 2, 1, 1], [1, 7, 8], [11, 5])
 CANARY_LEN = 16
 PROBE_ROWS = sum(map(sum, SESSIONS))
 
@@ -53,16 +62,26 @@ class Exactness:
     trials: tuple[Trial, ...] = ()
     engine: str = "torch"
     invariant: bool = True  # the engine tried to be batch-invariant (else it was only measured)
+    # The generation it equals: the engine's own, checked against a client nobody here wrote
+    # where there is one ("" on the reference engine, which is its own client).
+    client: str = ""
+    client_equal: bool | None = None  # None: no client to compare with
 
     def describe(self) -> dict:
         return {"exact": self.exact, "engine": self.engine, "invariant": self.invariant, "block": self.block,
-                "seconds": round(self.seconds, 2), "trials": [asdict(t) for t in self.trials]}
+                "seconds": round(self.seconds, 2), "trials": [asdict(t) for t in self.trials],
+                "client": self.client, "client_equal": self.client_equal}
 
     def summary(self) -> str:
+        if self.exact and self.client:
+            return f"bitwise exact: {self.engine}'s own generation, as {self.client} (self-test {self.seconds:.1f}s)"
         if self.exact:
             unit = "products" if self.engine == "torch" else f"{self.engine} calls"
             how = f"{self.block}-row {unit}" if self.block else f"{self.engine}'s own batching"
             return f"bitwise exact with {how} (self-test {self.seconds:.1f}s)"
+        if self.client_equal is False:
+            return (f"NOT bitwise exact on this machine: {self.engine}'s own generation here differs from "
+                    f"{self.client}; outputs are the target's up to rounding")
         worst = max((t.max_abs_diff for t in self.trials), default=0.0)
         if not self.invariant:
             rows = sum(t.rows_differing for t in self.trials)
@@ -78,32 +97,63 @@ def canary(vocab_size: int, length: int = CANARY_LEN, seed: int = 0) -> list[int
     return torch.randint(0, vocab_size, (length,), generator=gen).tolist()
 
 
-def reference(model, tokens: list[int]) -> torch.Tensor:
-    cache = model.new_cache(capacity=4)  # grows as it goes, as a long decoding's does
-    return torch.cat([model.forward([t], cache) for t in tokens])
-
-
-def check(model, tokens: list[int], expected: torch.Tensor) -> tuple[int, float]:
-    """(rows differing from the reference, their largest |dlogit|) over SESSIONS."""
+def check(model, tokens: list[int], references) -> tuple[int, float]:
+    """(rows differing from the reference, their largest |dlogit|) over SESSIONS, each session's
+    prompt (its first span) fed in the engine's prompt calls; references(P) is the reference of
+    prompt length P. Where a prompt's rows come from calls of many rows, its rows before its last
+    are nobody's output and not compared."""
     # Caches of other capacities than the reference's: attention reads keys at other strides.
     caches = [model.new_cache(capacity=len(tokens) + 37 * i) for i in range(len(SESSIONS))]
     outs: list[list[torch.Tensor]] = [[] for _ in SESSIONS]
+    batched = getattr(model, "prompt_batch", 0)
     for step in range(max(map(len, SESSIONS))):
         live = [i for i, spans in enumerate(SESSIONS) if step < len(spans)]
-        feeds = []
+        feeds, calls, keep = [], [], []
         for i in live:
-            start = caches[i].length
-            feeds.append((tokens[start:start + SESSIONS[i][step]], caches[i]))
-        for i, out in zip(live, model.forward_batch(feeds)):
+            start, size = caches[i].length, SESSIONS[i][step]
+            feeds.append((tokens[start:start + size], caches[i]))
+            calls.append(prefill_calls(model, size) if step == 0 else None)
+            # A prompt call outputs its last row only, as verification's does: the rows a
+            # llama.cpp call outputs choose its last layer's kernels.
+            keep.append(1 if step == 0 and batched else size)
+        for i, out in zip(live, model.forward_batch(feeds, calls=calls, keep=keep)):
             outs[i].append(out)
     differing, worst = 0, 0.0
-    for rows in outs:
+    for spans, rows in zip(SESSIONS, outs):
+        prompt = spans[0] if batched else 1
         got = torch.cat(rows)
-        top = torch.finfo(torch.float32).max  # a NaN or inf row counts as the largest difference
-        diff = (got - expected[:len(got)]).abs().nan_to_num(nan=top, posinf=top)
-        differing += int((diff.amax(dim=-1) > 0).sum())
-        worst = max(worst, float(diff.max()))
+        differing, worst = _compare(got, references(prompt)[:len(got)], differing, worst)
     return differing, worst
+
+
+def _compare(got: torch.Tensor, expected: torch.Tensor, differing: int = 0, worst: float = 0.0) -> tuple[int, float]:
+    top = torch.finfo(torch.float32).max  # a NaN or inf row counts as the largest difference
+    diff = (got - expected).abs().nan_to_num(nan=top, posinf=top)
+    return differing + int((diff.amax(dim=-1) > 0).sum()), max(worst, float(diff.max()))
+
+
+class References:
+    """references(P): the reference of prompt length P, computed once each. With a client (a
+    llama.cpp engine's llama-cpp-python `Llama`), the client's, once our own loop has been compared
+    with it on the first prompt length asked for (`client_equal`)."""
+
+    def __init__(self, model, tokens: list[int]):
+        self.model, self.tokens, self.made = model, tokens, {}
+        self.source = model.client() if hasattr(model, "client") else None
+        self.client = self.source.describe() if self.source else ""
+        self.client_equal: bool | None = None
+
+    def __call__(self, prompt_len: int) -> torch.Tensor:
+        if prompt_len in self.made:
+            return self.made[prompt_len]
+        if self.source is None:
+            self.made[prompt_len] = own_rows(self.model, self.tokens, prompt_len)
+            return self.made[prompt_len]
+        self.made[prompt_len] = self.source.rows(self.tokens, prompt_len)
+        if self.client_equal is None:
+            ours = own_rows(self.model, self.tokens, prompt_len)
+            self.client_equal = _compare(ours, self.made[prompt_len])[0] == 0
+        return self.made[prompt_len]
 
 
 def call_ms(model, block: int, repeats: int = 5) -> float:
@@ -140,14 +190,16 @@ def self_test(model, candidates=CANDIDATES, last_resort: bool = True) -> Exactne
     trials, chosen = {}, None
     for block in order:
         model.block = block
-        differing, worst = check(model, tokens, reference(model, tokens))
+        expected = References(model, tokens)
+        differing, worst = check(model, tokens, expected)
         trials[block] = Trial(block, _rounded(costs[block]), differing == 0, differing, worst)
-        if differing == 0:
+        if differing == 0 and expected.client_equal is not False:
             chosen = block
             break
     model.block = chosen if chosen is not None else order[0]
     result = Exactness(chosen is not None, model.block, time.perf_counter() - t0,
-                       tuple(trials.get(b, Trial(b, _rounded(costs[b]))) for b in order), model.engine)
+                       tuple(trials.get(b, Trial(b, _rounded(costs[b]))) for b in order), model.engine,
+                       client=expected.client, client_equal=expected.client_equal)
     model.exactness = result
     return result
 
@@ -159,7 +211,7 @@ def measure(model) -> Exactness:
     promise what the construction does not."""
     t0 = time.perf_counter()
     tokens = canary(model.cfg.vocab_size)
-    differing, worst = check(model, tokens, reference(model, tokens))
+    differing, worst = check(model, tokens, lambda prompt_len: own_rows(model, tokens, prompt_len))
     model.exactness = Exactness(False, model.block, time.perf_counter() - t0,
                                 (Trial(model.block, None, differing == 0, differing, worst),), model.engine,
                                 invariant=False)

@@ -229,14 +229,15 @@ class Qwen2:
 
     @torch.inference_mode()
     def forward_batch(self, sequences, last_only: bool = False, on_layer=None,
-                      keep: list[int] | None = None) -> list[torch.Tensor]:
+                      keep: list[int] | None = None, calls=None) -> list[torch.Tensor]:
         """One pass over several sequences, each `(tokens, cache)` with its own cached length:
         the weight products run on all their rows at once (what batching across devices buys),
         attention runs per sequence over its own cache. Returns each sequence's logits, as
         forward() would; in batch-invariant mode they are bit-identical to it. `keep[i]` asks
         for the logits of only the last keep[i] rows of sequence i (a cold session's prefill
         rides along in the batch, and only its draft rows reach the output head).
-        `on_layer(i, hidden)` sees the rows of all sequences, concatenated in order."""
+        `on_layer(i, hidden)` sees the rows of all sequences, concatenated in order. `calls` (how
+        llama.cpp groups rows) changes nothing here: every product has a fixed shape."""
         cfg = self.cfg
         hd, nh, nkv = cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
         tokens = [torch.as_tensor(t, dtype=torch.long).reshape(-1) for t, _ in sequences]

@@ -212,19 +212,11 @@ def device_node(tiny_models, port: int, fleet: str, device: dict):
 
 
 def reference_greedy(model, prompt: list[int], max_new: int, stop_ids) -> list[int]:
-    """The target's own greedy decoding, one position at a time, outside every service."""
-    import torch
+    """The target's own greedy generation (the prompt in its prompt calls, then one position at a
+    time), outside every service."""
+    from specedge.cloud.engine import own_generation
 
-    cache = model.new_cache()
-    model.forward(prompt[:-1], cache, last_only=True)
-    last, out = prompt[-1], []
-    for _ in range(max_new):
-        token = int(torch.argmax(model.forward([last], cache)[-1]))
-        if token in stop_ids:
-            break
-        out.append(token)
-        last = token
-    return out
+    return own_generation(model, [prompt], max_new, stop_ids)[0]
 
 
 def alone(engine, tokens):
@@ -247,6 +239,7 @@ def speculation_is_the_engines_own_decoding(target, draft_and_tok, mosquitto, fl
     from specedge.config import CloudConfig, DeviceConfig, build
     from specedge.device.agent import Agent
     from specedge.device.draft import TorchDraftEngine
+    from specedge.cloud.engine import own_rows
     from specedge.device.policy import parse_policy
     from specedge.mqtt import Link
     from specedge.speculative import SamplingParams
@@ -275,7 +268,7 @@ def speculation_is_the_engines_own_decoding(target, draft_and_tok, mosquitto, fl
             if diverged is None:
                 assert len(got.tokens) == len(want)
             else:
-                logits = alone(engine, prompt + want[:diverged])[-1]
+                logits = own_rows(engine, prompt + want[:diverged], len(prompt))[-1]
                 top2 = logits.topk(2).values
                 assert float(top2[0] - top2[1]) <= gap, f"position {diverged} is no near-tie"
         assert seen.wait(10)

@@ -104,7 +104,8 @@ def test_a_gguf_target_loads_on_llama_cpp_by_default_and_self_tests_bitwise(llam
     caps = Capabilities.of(llama_target.model)
     assert found.exact and found.block == 1 and found.engine == "llama.cpp"
     assert caps.exactness == "exact" and caps.engine == "llama.cpp" and not caps.hints
-    assert "bitwise exact with 1-row llama.cpp calls" in found.summary()
+    assert found.client_equal and found.client.startswith("llama-cpp-python")
+    assert "bitwise exact: llama.cpp's own generation, as llama-cpp-python" in found.summary()
     assert llama_target.describe()["engine"] == "llama.cpp" and llama_target.spec.weights == "gguf"
     with pytest.raises(ValueError, match="rows per call, not 16"):
         establish(LlamaCppTarget(tiny_files[1], n_ctx=256, n_seq=2, threads=1), block=16)

@@ -2,10 +2,12 @@
 Mosquitto, on whatever CPU runs the suite.
 
 The default run checks fixed:4 greedy on three prompts (the demo's among them) against the
-target's own one-position-at-a-time decoding, on the PyTorch reference and on llama.cpp (the
-default engines), and eight llama.cpp sessions in lockstep against each alone; `make test-slow`
-widens it to 50 prompts x 128 tokens under every speculative policy. Skipped, with the reason, only where the model files
-cannot be fetched.
+target's own generation (the prompt in its prompt calls, then one position at a time), on the
+PyTorch reference and on llama.cpp (the default engines), where llama.cpp's is also
+llama-cpp-python's own `Llama` generation; and eight llama.cpp sessions in lockstep against
+each alone. `make test-slow` widens it to 50 prompts x 128 tokens under every speculative policy,
+and to eight prompts, two of them over 512 tokens, against llama-cpp-python. Skipped, with the
+reason, only where the model files cannot be fetched.
 """
 from __future__ import annotations
 
@@ -55,10 +57,13 @@ def test_real_pair_fixed4_output_is_the_targets_own_decoding(engines, request):
     stack, target = request.getfixturevalue(engines)
     assert target.exactness.exact, target.exactness.summary()
     tok = stack.tokenizer
+    client = target.client() if hasattr(target, "client") else None
     for prompt in PROMPTS:
         ids = tok.encode_chat(prompt)
         spec = stack.agent.generate(ids, SamplingParams(), 64, parse_policy("fixed:4"))
         assert spec.tokens == reference_greedy(target, ids, 64, tok.stop_ids), prompt
+        if client is not None:  # a client nobody here wrote: llama-cpp-python's own generation
+            assert spec.tokens == client.generate(ids, 64, tok.stop_ids), prompt
         summary = spec.stats.summary()
         assert summary["exact"] and summary["target_passes_per_token"] < 1.0
         print(prompt[:40], {k: round(v, 3) for k, v in summary.items() if isinstance(v, float)})
@@ -86,6 +91,28 @@ def test_every_policy_reproduces_the_target_on_many_prompts(real_stack):
         print(f"{policy}: {identical[policy]} of {len(prompts)} identical", flush=True)
     print(f"identical to the target's own decoding, of {len(prompts)} prompts x {max_new} tokens: {identical}")
     assert all(n == len(prompts) for n in identical.values()), identical
+
+
+@pytest.mark.slow
+def test_real_target_on_llama_cpp_is_llama_cpp_pythons_own_generation_on_long_prompts(real_llama_stack):
+    """Eight prompts, two over 512 tokens (two prompt calls each): fixed:4 and cloud-ar through the
+    verifier equal llama-cpp-python's own `Llama` greedy generation with the same settings, and
+    our own generation loop, token for token."""
+    from specedge.tools.bench import load_prompts, prompts_file
+
+    stack, target = real_llama_stack
+    tok, client = stack.tokenizer, target.client()
+    texts = PROMPTS + load_prompts(prompts_file("code_completion"), 3) + load_prompts(prompts_file("long_context"), 2)
+    prompts = [tok.encode_chat(t) for t in texts]
+    assert sum(len(p) > 512 for p in prompts) == 2, [len(p) for p in prompts]
+    max_new = int(os.environ.get("SPECEDGE_SLOW_TOKENS", "48"))
+    for ids in prompts:
+        want = client.generate(ids, max_new, tok.stop_ids)
+        assert reference_greedy(target, ids, max_new, tok.stop_ids) == want, len(ids)
+        for policy in ("fixed:4", "cloud-ar"):
+            got = stack.agent.generate(ids, SamplingParams(), max_new, parse_policy(policy))
+            assert got.tokens == want and got.stats.exact, (policy, len(ids))
+        print(f"{len(ids)} prompt tokens: {len(want)} tokens equal to llama-cpp-python's", flush=True)
 
 
 @pytest.fixture(scope="module")

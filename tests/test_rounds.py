@@ -700,16 +700,25 @@ def test_a_resyncs_open_cannot_be_named_in_advance():
 
 
 def test_a_kept_session_is_shared_by_a_next_turn_up_to_where_its_prompt_parts_from_the_kept_text():
+    """A next turn repeats the last prompt whole; it goes on up to where it parts from the kept text,
+    and never past what the target's own generation had fed."""
     from specedge.device.rounds import Kept, Rounds
 
     rounds = Rounds(7, [1, 2, 3])
     rounds.replica = "r1"
-    kept = Kept(rounds, [1, 2, 3, 4, 5], SamplingParams(), False, True)
+    kept = Kept(rounds, [1, 2, 3, 4, 5], SamplingParams(), False, True, [(0, 3)])
     assert kept.shared([1, 2, 3, 4, 5, 6, 7], SamplingParams(), False) == 5  # the history, then a new turn
     assert kept.shared([1, 2, 3, 9, 5, 6], SamplingParams(), False) == 3  # the seam re-tokenized
     assert kept.shared([1, 2, 3, 4, 5], SamplingParams(), False) == 4  # at least one token to send
     assert kept.shared([8, 2, 3], SamplingParams(), False) == 0
+    assert kept.shared([1, 2, 7, 4, 5, 6], SamplingParams(), False) == 0  # another prompt, a shared beginning
     assert kept.shared([1, 2, 3, 4, 5, 6], SamplingParams(0.7), False) == 0  # the verifier samples otherwise
     assert kept.shared([1, 2, 3, 4, 5, 6], SamplingParams(), True) == 0  # hints are set at OPEN
+    cut = Kept(rounds, [1, 2, 3, 4, 5], SamplingParams(), False, True, [(0, 3)], stopped=False)
+    assert cut.shared([1, 2, 3, 4, 5, 6, 7], SamplingParams(), False) == 4  # max_tokens: 5 was never fed
+    many = Kept(rounds, [1, 2, 3, 4, 5], SamplingParams(), False, True, [(i, i + 1) for i in range(255)][:5])
+    assert many.shared([1, 2, 3, 4, 5, 6], SamplingParams(), False) == 5
+    many.prompts = [(i, i + 1) for i in range(255)]
+    assert many.shared([1, 2, 3, 4, 5, 6], SamplingParams(), False) == 0  # no room for another turn's span
     rounds.unbind()
     assert kept.shared([1, 2, 3, 4, 5, 6], SamplingParams(), False) == 0  # no replica holds it

@@ -19,7 +19,7 @@ from specedge.grammar import MAX_GRAMMAR, grammar_hash
 from specedge.protocol.contract import Contract
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
-PROTOCOL_VERSION = 9  # 3: OPEN states the draft and its contract, OPENED names replica and version;
+PROTOCOL_VERSION = 10  # 3: OPEN states the draft and its contract, OPENED names replica and version;
 # 4: OPENED says whether that version passed its bitwise self-test on the verifier's machine;
 # 5: DRAFT, GENERATE, VERDICT and HINT carry a hash of the committed text beside its length;
 # 6: a tighter round: 4-byte session ids (a session is named per device), DRAFT's token count
@@ -28,6 +28,8 @@ PROTOCOL_VERSION = 9  # 3: OPEN states the draft and its contract, OPENED names 
 # 8: EXTEND: the next turn of a conversation appends only its new tokens to a session kept open;
 # 9: OPEN may name a grammar (structured output; by hash, its text when the verifier may lack
 #    it: else UNKNOWN_GRAMMAR), and DRAFT the tokens it forced (type 6)
+# 10: OPEN may state which spans of its text came as prompts (a resync of generated tokens, a
+#    conversation's turns): the verifier processes them as the target's own generation did
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_PACKET = MAX_PAYLOAD + 4096  # an MQTT packet carrying it: framing and topic besides
 MAX_CONTEXT = 32768  # tokens in OPEN
@@ -38,6 +40,7 @@ MAX_STREAM = 1024  # tokens per TOKENS message
 MAX_TOKEN_ID = (1 << 24) - 1
 MAX_ERROR_TEXT = 255
 MAX_NAME = 64  # bytes of a draft, replica or target-version name
+MAX_PROMPTS = 255  # prompt spans an OPEN states: a conversation of more turns opens afresh
 # Round messages (everything here) travel at MQTT QoS 0: a round is its own acknowledgement (every
 # DRAFT, GENERATE and OPEN is answered, and re-sent when its answer does not come), so QoS 1's
 # packet ids and PUBACKs would only repeat it. QoS 0 also lets the device send them by topic alias.
@@ -128,12 +131,17 @@ class Open:
     grammar_hash: bytes = b""  # empty: no grammar
     grammar: str = ""  # the text, or "" when sent by hash alone
     grammar_from: int = 0
+    # The spans [start, end) of `tokens` that came as prompts, the rest generated (a resync's
+    # text, a conversation's turns); None: all of them, a new session's prompt.
+    prompts: list[tuple[int, int]] | None = None
     TYPE = 1
-    # flags (resync | hints << 1 | grammar << 2), temperature, top_k, top_p, seed, the contract
-    # (tokenizer hash, vocabulary size, special tokens' hash, chat template's hash), token count;
-    # then the draft's name and the tokens; with a grammar, GRAMMAR and its text (UTF-8)
+    # flags (resync | hints << 1 | grammar << 2 | prompts << 3), temperature, top_k, top_p, seed,
+    # the contract (tokenizer hash, vocabulary size, special tokens' hash, chat template's hash),
+    # token count; then the draft's name and the tokens; with a grammar, GRAMMAR and its text
+    # (UTF-8); with prompts, their count (u8) and each span's start and end (u32 each)
     BODY = struct.Struct("<BfIfQ8sI8s8sI")
     GRAMMAR = TEXT_AND_COUNT  # grammar_from, the grammar text's hash (grammar.grammar_hash), its length
+    SPAN = struct.Struct("<II")
 
 
 @dataclass
@@ -348,22 +356,31 @@ def _encode_open(m: Open) -> bytes:
     p, c = m.params, m.contract
     if not all(len(h) == 8 for h in (c.tokenizer, c.special_tokens, c.chat_template)):
         raise WireError("contract hashes must be 8 bytes")
-    flags = int(m.resync) | int(m.hints) << 1 | int(bool(m.grammar_hash)) << 2
+    flags = int(m.resync) | int(m.hints) << 1 | int(bool(m.grammar_hash)) << 2 | int(m.prompts is not None) << 3
     body = (Open.BODY.pack(flags, p.temperature, p.top_k, p.top_p, p.seed,
                            c.tokenizer, c.vocab_size, c.special_tokens, c.chat_template, len(m.tokens))
             + _name(m.draft, "draft name") + _tokens(m.tokens, MAX_CONTEXT, "open"))
-    if not m.grammar_hash:
-        if m.grammar:
-            raise WireError("open: a grammar's text without its hash")
-        return body
-    text = m.grammar.encode("utf-8")
-    if len(text) > MAX_GRAMMAR:
-        raise Oversized(f"open: a grammar of {len(text)} bytes exceeds the limit of {MAX_GRAMMAR}")
-    if len(m.grammar_hash) != HASH_BYTES or (text and grammar_hash(m.grammar) != m.grammar_hash):
-        raise WireError("open: the grammar's hash is not its text's")
-    if not 0 <= m.grammar_from <= len(m.tokens):
-        raise WireError("open: grammar_from lies outside the tokens")
-    return body + Open.GRAMMAR.pack(m.grammar_from, m.grammar_hash, len(text)) + text
+    if m.grammar_hash:
+        text = m.grammar.encode("utf-8")
+        if len(text) > MAX_GRAMMAR:
+            raise Oversized(f"open: a grammar of {len(text)} bytes exceeds the limit of {MAX_GRAMMAR}")
+        if len(m.grammar_hash) != HASH_BYTES or (text and grammar_hash(m.grammar) != m.grammar_hash):
+            raise WireError("open: the grammar's hash is not its text's")
+        if not 0 <= m.grammar_from <= len(m.tokens):
+            raise WireError("open: grammar_from lies outside the tokens")
+        body += Open.GRAMMAR.pack(m.grammar_from, m.grammar_hash, len(text)) + text
+    elif m.grammar:
+        raise WireError("open: a grammar's text without its hash")
+    if m.prompts is not None:
+        _check_prompts(m.prompts, len(m.tokens))
+        body += bytes([_bounded(len(m.prompts), MAX_PROMPTS, "open: prompt spans")])
+        body += b"".join(Open.SPAN.pack(a, b) for a, b in m.prompts)
+    return body
+
+
+def _check_prompts(spans: list[tuple[int, int]], n: int) -> None:
+    if any(not 0 <= a < b <= n for a, b in spans) or any(b > a for (_, b), (a, _) in zip(spans, spans[1:])):
+        raise WireError("open: prompt spans must be ordered, apart and inside the tokens")
 
 
 def _decode_open(session: int, seq: int, r: _Reader) -> Open:
@@ -372,7 +389,7 @@ def _decode_open(session: int, seq: int, r: _Reader) -> Open:
         params = SamplingParams(float(temperature), int(top_k), float(top_p), int(seed))
     except ValueError as exc:
         raise WireError(f"open: {exc}") from exc
-    if flags > 7:
+    if flags > 15:
         raise WireError("open: unknown flags")
     _bounded(n, MAX_CONTEXT, "open")
     draft = r.name("open: draft name")
@@ -393,6 +410,10 @@ def _decode_open(session: int, seq: int, r: _Reader) -> Open:
         if start > n:
             raise WireError("open: grammar_from lies outside the tokens")
         msg.grammar_from = start
+    if flags & 8:
+        count = int(r.array("u1", 1)[0])
+        msg.prompts = [r.take(Open.SPAN) for _ in range(count)]
+        _check_prompts(msg.prompts, n)
     return msg
 
 

@@ -184,13 +184,15 @@ def worker_main(argv: list[str]) -> int:
 
 
 def local_target_main(argv: list[str]) -> int:
-    """The local-target baseline: the target decoding alone, one position after another, on the
-    cloud's cores and engine, no device and no network (what `llama-cli` on that machine does).
+    """The local-target baseline: the target's own generation (the prompt in its prompt calls, then
+    one position after another), on the cloud's cores and engine, no device and no network (what
+    `llama-cli` on that machine does).
     Prompts arrive on stdin, one JSON line each; one JSON line answers each."""
     import argparse
 
     import torch
 
+    from specedge.cloud.engine import prefill_calls
     from specedge.cloud.registry import TargetSpec, load_target
     from specedge.exactness import establish
 
@@ -212,7 +214,7 @@ def local_target_main(argv: list[str]) -> int:
         prompt = tok.encode_chat(cmd["prompt"])
         t0 = time.perf_counter()
         cache = engine.new_cache(capacity=len(prompt) + cmd["max_new_tokens"] + 1)
-        row = engine.forward_batch([(prompt, cache)], keep=[1])[0][-1]  # as a cold cloud-ar session starts
+        row = engine.forward_batch([(prompt, cache)], keep=[1], calls=[prefill_calls(engine, len(prompt))])[0][-1]
         tokens, ttft = [], None
         while len(tokens) < cmd["max_new_tokens"]:
             token = int(torch.argmax(row))
@@ -608,20 +610,18 @@ def _write_outputs(report: dict, args) -> None:
 
 
 def top2_gap(engine, prompt: list[int], prefix: list[int]) -> float:
-    """The engine's top-2 logit gap for the token after prompt + prefix, every position fed alone
-    (its own decoding): how near a tie the position where an output parted was."""
-    import torch
+    """The engine's top-2 logit gap for the token after prompt + prefix, as its own generation
+    computes it: how near a tie the position where an output parted was."""
+    from specedge.cloud.engine import own_rows
 
-    cache = engine.new_cache()
-    logits = torch.cat([engine.forward([t], cache) for t in prompt + prefix])[-1]
-    top = logits.topk(2).values
+    top = own_rows(engine, prompt + prefix, len(prompt))[-1].topk(2).values
     return round(float(top[0] - top[1]), 4)
 
 
 def near_ties(cases: list[dict], target: str, weights: str, self_test: dict) -> dict:
     """Outputs that parted from the engine's own decoding, each a case {"prompt", "reference",
-    "position", labels...}: the engine's top-2 logit gap at the first differing position, every
-    position fed alone. A gap within twice the self-test's largest block-vs-alone logit difference
+    "position", labels...}: the engine's top-2 logit gap at the first differing position, as its
+    own generation computes it. A gap within twice the self-test's largest block-vs-alone logit difference
     is a near-tie that rounding can flip; an exact engine excuses none, and a wider gap is a bug.
     `self_test` is the verifier's Exactness.describe(); the engine is loaded as it described."""
     from specedge.cloud.registry import TargetSpec, load_target

@@ -20,11 +20,10 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import torch
-
 from specedge.tools.bench import (_git_revision, _read_json, _stop, load_prompts, near_ties, prompts_file,
                                   spawn_verifier)
 from specedge.broker import MosquittoBroker
+from specedge.cloud.engine import own_generation
 from specedge.device.draft import Drafted, TorchDraftEngine
 from specedge.fetch import cache_dir, sha256_file
 from specedge.loader import CONVERSION
@@ -34,35 +33,13 @@ FLEET = "bench"
 
 
 def target_decode(model, prompts: list[list[int]], max_new: int, stop_ids) -> list[list[int]]:
-    """The target's own greedy decoding of each prompt, one position at a time. The prompts share
-    each pass: a batch-invariant target gives every row the bits it gets alone. A verifier
-    compared with it must compute with the same product block: pin `[target] block = model.block`."""
+    """The target's own greedy generation of each prompt (cloud/engine.py own_generation), once its
+    self-test has fixed how it computes. A verifier compared with it must compute with the same
+    product block: pin `[target] block = model.block`."""
     from specedge.exactness import establish
 
     establish(model)
-    if not model.batch_invariant:  # a numerical engine's own decoding is each prompt alone
-        return [_decode_together(model, [p], max_new, stop_ids)[0] for p in prompts]
-    return _decode_together(model, prompts, max_new, stop_ids)
-
-
-def _decode_together(model, prompts: list[list[int]], max_new: int, stop_ids) -> list[list[int]]:
-    caches = [model.new_cache(capacity=len(p) + max_new + 8) for p in prompts]
-    logits = model.forward_batch(list(zip(prompts, caches)), last_only=True)
-    outputs: list[list[int]] = [[] for _ in prompts]
-    live = list(range(len(prompts))) if max_new > 0 else []
-    while live:
-        going = []
-        for i, rows in zip(live, logits):
-            token = int(torch.argmax(rows[-1]))
-            if token in stop_ids:
-                continue
-            outputs[i].append(token)
-            if len(outputs[i]) < max_new:
-                going.append(i)
-        live = going
-        if live:
-            logits = model.forward_batch([([outputs[i][-1]], caches[i]) for i in live])
-    return outputs
+    return own_generation(model, prompts, max_new, stop_ids)
 
 
 def record(target, draft_engine, prompts: list[list[int]], max_new: int, draft_len: int, stop_ids) -> list[dict]:
