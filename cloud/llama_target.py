@@ -97,7 +97,9 @@ class LlamaCppTarget:
         # (the 1.5B here, 8 sessions: bench-verifier caught it; tests/test_real_models.py keeps
         # it caught). Batched: cells go to whichever session needs them.
         cparams.kv_unified = not batch_invariant
-        cparams.n_threads = cparams.n_threads_batch = self.threads = threads or os.cpu_count()
+        # The cores this process may run on: two threads pinned to one core (the bench's verifier)
+        # decoded a fifth slower here, each spinning while the other ran.
+        cparams.n_threads = cparams.n_threads_batch = self.threads = threads or len(os.sched_getaffinity(0))
         cparams.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED
         ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:

@@ -26,7 +26,7 @@ import torch
 from specedge.cloud.engine import call_start, prompt_calls
 from specedge.protocol.contract import Contract
 from specedge.model import grown_capacity
-from specedge.protocol.wire import TextHasher
+from specedge.protocol.wire import TextHasher, prompt_spans_fit
 from specedge.speculative import SamplingParams, SparseDist, greedy_verify, speculative_verify, target_distribution
 
 
@@ -62,8 +62,7 @@ class TargetSession:
         if len(tokens) + 1 > target.model.cfg.max_seq_len:
             raise BadRequest(f"{len(tokens)} tokens exceed the target's context of {target.model.cfg.max_seq_len}")
         self.prompts = [(0, len(tokens))] if prompts is None else [tuple(span) for span in prompts]
-        if any(not 0 <= a < b <= len(tokens) for a, b in self.prompts) or any(
-                b > a for (_, b), (a, _) in zip(self.prompts, self.prompts[1:])):
+        if not prompt_spans_fit(self.prompts, len(tokens)):
             raise BadRequest("prompt spans must be ordered, apart and inside the text")
         self.constraint, self.grammar_from = constraint, grammar_from
         if constraint is not None and not constraint.accept(tokens[grammar_from:]):

@@ -28,8 +28,9 @@ class LlamaCppDraftEngine(DraftEngine):
 
         super().__init__(q_top_k, q_top_p)
         self._lib = llama_cpp
-        self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads or os.cpu_count(),
-                                   n_gpu_layers=-1, verbose=False)
+        threads = threads or len(os.sched_getaffinity(0))  # the cores it may run on, not the machine's
+        self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_gpu_layers=-1,
+                                   verbose=False)
         self.n_ctx = self.llm.n_ctx()
 
     @property

@@ -130,3 +130,20 @@ def test_speculating_against_it_gives_its_own_decoding(mode, llama_target, llama
     target = llama_target if mode == "invariant" else llama_batched
     speculation_is_the_engines_own_decoding(target, tiny_models[:2], mosquitto, f"llama-{mode}",
                                             exact=mode == "invariant")
+
+
+def test_a_target_whose_own_generation_differs_from_llama_cpp_python_is_not_called_exact(tiny_files):
+    """The self-test's client check can fail: a client whose rows are one ulp off (a subclass made
+    for this test) leaves the target numerical, with the reason in its summary."""
+    from specedge.cloud.llama_target import LlamaClient
+
+    class OneUlpOff(LlamaClient):
+        def rows(self, tokens, prompt_len):
+            rows = super().rows(tokens, prompt_len)
+            return torch.nextafter(rows, torch.full_like(rows, float("inf")))
+
+    engine = LlamaCppTarget(tiny_files[1], n_ctx=2048, n_seq=8, threads=1)
+    engine.client = lambda: OneUlpOff(engine)
+    found = establish(engine)
+    assert not found.exact and found.client_equal is False
+    assert "differs from llama-cpp-python" in found.summary()

@@ -378,8 +378,13 @@ def _encode_open(m: Open) -> bytes:
     return body
 
 
+def prompt_spans_fit(spans: list[tuple[int, int]], n: int) -> bool:
+    """Whether `spans` are prompt spans of a text of n tokens: ordered, apart and inside it."""
+    return all(0 <= a < b <= n for a, b in spans) and all(b <= a for (_, b), (a, _) in zip(spans, spans[1:]))
+
+
 def _check_prompts(spans: list[tuple[int, int]], n: int) -> None:
-    if any(not 0 <= a < b <= n for a, b in spans) or any(b > a for (_, b), (a, _) in zip(spans, spans[1:])):
+    if not prompt_spans_fit(spans, n):
         raise WireError("open: prompt spans must be ordered, apart and inside the tokens")
 
 

@@ -106,7 +106,7 @@ def run(args) -> int:
 
     args.prompts = prompts_file(args.prompts)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    threads = args.threads or os.cpu_count()
+    threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     texts = load_prompts(args.prompts, args.max_prompts)
     report = {"machine": machine(), "threads": threads, "prompts": len(texts), "tokens": args.tokens,
