@@ -23,6 +23,7 @@ COMMANDS = (
     "specedge.tools.bench",  # bench
     "specedge.tools.bench_verifier",  # bench-verifier
     "specedge.tools.bench_apps",  # bench-apps
+    "specedge.tools.compare",  # compare
     "specedge.tools.faults",  # faults
     "specedge.tools.soak",  # soak
     "specedge.tools.fuzz",  # fuzz

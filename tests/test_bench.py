@@ -132,6 +132,33 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
     assert "outputs identical to cloud-ar: True" in proc.stdout
     assert "Verizon-LTE-short.up (5.95 Mbit/s mean)" in report["channels"]["lte"]["description"]
     assert f"channel lte: {report['channels']['lte']['description']}" in proc.stdout
+    # `specedge compare` puts a run next to another (here itself): every policy and the local target.
+    from specedge.tools.compare import compare
+
+    rows = compare(report, report)
+    assert len(rows) == 2 * 9 + 1 and all(r["ttft_shorter_x"] == r["tokens_per_s_x"] == 1.0 for r in rows)
+    assert all(r["same_outputs"] for r in rows) and rows[0]["prompt_tokens"]
+
+
+def test_compare_puts_two_demo_reports_side_by_side_and_refuses_anything_else(tmp_path, capsys):
+    from argparse import Namespace
+
+    from specedge.tools.compare import run
+
+    old = {"policy": "fixed:4", "ttft_s": 3.72, "tokens_per_s": 7.45, "baseline_ttft_s": 2.63,
+           "baseline_tokens_per_s": 11.32, "text": "def f():", "git_revision": "deae8c2aa"}
+    new = dict(old, ttft_s=2.31, tokens_per_s=8.28, baseline_ttft_s=1.47, baseline_tokens_per_s=11.88)
+    paths = [tmp_path / "old.json", tmp_path / "new.json", tmp_path / "bad.json"]
+    for path, report in zip(paths, (old, new, {"tokens": []})):
+        path.write_text(json.dumps(report))
+    out = tmp_path / "cmp.json"
+    assert run(Namespace(before=str(paths[0]), after=str(paths[1]), json=str(out), plot=str(tmp_path / "c.png"))) == 0
+    rows = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["cloud-ar"]["ttft_s"] == [2.63, 1.47] and rows["fixed:4"]["same_outputs"] is True
+    assert rows["fixed:4"]["ttft_shorter_x"] == pytest.approx(3.72 / 2.31)
+    assert (tmp_path / "c.png").stat().st_size > 10_000 and "1.79x" in capsys.readouterr().out
+    assert run(Namespace(before=str(paths[0]), after=str(paths[2]), json=None, plot=None)) == 2
+    assert "neither a `specedge bench` nor a `specedge demo` report" in capsys.readouterr().err
 
 
 def test_tiny_sampled_bench_counts_the_naive_wire_cost_over_a_custom_trace(tiny_files, tmp_path, mosquitto):
