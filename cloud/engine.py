@@ -15,6 +15,8 @@ verification rules. An engine only turns token ids into logits:
                  bits depend on how rows are grouped into calls (llama.cpp's n_batch); 0 where
                  they do not (the reference's fixed-shape products) or nobody promises them
   exactness      what specedge.exactness found on this machine (None until established)
+  refuses(tokens)   optional: why a session on this text cannot open ("" if it can; the
+                 emulated target answers its recorded prompts only)
   engine, hints, batch_invariant, block   see Capabilities
 
 Engines:
@@ -26,6 +28,9 @@ Engines:
   vllm       cloud/vllm_target.py, for GPU servers (never picked by "auto"): a request per
              session scored through prompt logprobs, vLLM's prefix cache in place of a KV cache;
              batch-invariant with VLLM_BATCH_INVARIANT=1 (GPUs), else numerical.
+  emulated   cloud/emulated_target.py (never picked by "auto"; the model is an emulation file):
+             the recorded greedy generation of a real target, each pass held for the time its
+             profile gives it (docs/capacity.md).
 """
 from __future__ import annotations
 
@@ -109,15 +114,17 @@ def own_rows(engine, tokens: list[int], prompt_len: int = 1):
     return torch.cat(first + [engine.forward([t], cache) for t in tokens[prompt_len:]])
 
 
-def own_generation(engine, prompts: list[list[int]], max_new: int, stop_ids) -> list[list[int]]:
+def own_generation(engine, prompts: list[list[int]], max_new: int, stop_ids,
+                   with_stop: bool = False) -> list[list[int]]:
     """The engine's own greedy generation of each prompt, as its users' runtime runs it: the prompt
-    in the engine's prompt calls, then one token per call, argmax at every step. The prompts go
-    in lockstep, one forward_batch per step, on a batch-invariant engine (every row gets the bits
-    it gets alone); a numerical engine's own generation is each prompt alone."""
+    in the engine's prompt calls, then one token per call, argmax at every step; the stop token
+    that ended it too, `with_stop`. The prompts go in lockstep, one forward_batch per step, on a
+    batch-invariant engine (every row gets the bits it gets alone); a numerical engine's own
+    generation is each prompt alone."""
     import torch
 
     if not engine.batch_invariant and len(prompts) > 1:
-        return [own_generation(engine, [p], max_new, stop_ids)[0] for p in prompts]
+        return [own_generation(engine, [p], max_new, stop_ids, with_stop)[0] for p in prompts]
     caches = [engine.new_cache(capacity=len(p) + max_new + 8) for p in prompts]
     logits = engine.forward_batch(list(zip(prompts, caches)), keep=[1] * len(prompts),
                                   calls=[prefill_calls(engine, len(p)) for p in prompts])
@@ -128,6 +135,7 @@ def own_generation(engine, prompts: list[list[int]], max_new: int, stop_ids) -> 
         for i, rows in zip(live, logits):
             token = int(torch.argmax(rows[-1]))
             if token in stop_ids:
+                outputs[i] += [token] if with_stop else []
                 continue
             outputs[i].append(token)
             if len(outputs[i]) < max_new:
@@ -193,7 +201,7 @@ def weights_held(engine: str, weights: str) -> str:
     own quantised blocks, vLLM the bf16 form dequantised from them."""
     from specedge.loader import resolve_weights
 
-    return {"torch": resolve_weights(weights), "llama.cpp": "gguf", "vllm": "bf16"}[engine]
+    return {"torch": resolve_weights(weights), "llama.cpp": "gguf", "vllm": "bf16", "emulated": "emulated"}[engine]
 
 
 def open_engine(engine: str, path, sha256: str | None, weights: str, batch_invariant: bool,
@@ -215,4 +223,10 @@ def open_engine(engine: str, path, sha256: str | None, weights: str, batch_invar
         from specedge.loader import load_model
 
         return load_model(path, sha256, weights, batch_invariant)
+    if engine == "emulated":
+        from specedge.cloud.emulated_target import EmulatedTarget
+        from specedge.loader import read_gguf_tokenizer
+
+        model = EmulatedTarget.load(path)
+        return model, read_gguf_tokenizer(model.tokenizer_path)
     raise ValueError(f"unknown target engine {engine!r} ({', '.join(ENGINES)})")

@@ -118,6 +118,7 @@ class LlamaCppTarget:
         self.bytes_per_token = self.cfg.n_layers * 2 * lib.llama_model_n_head_kv(model) * head_dim * 2
         self.n_ctx = n_ctx
         self.slots: list[weakref.ref | None] = [None] * n_seq
+        self.max_sessions = n_seq  # in one pass (specedge profile's grid stops there)
         self.clock = 0
 
     def client(self) -> "LlamaClient":

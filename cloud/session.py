@@ -59,6 +59,9 @@ class TargetSession:
         of `tokens` that came as prompts (a resync's OPEN states them; default: all of them)."""
         self.target, self.params, self.draft, self.contract = target, params, draft, contract
         self._check_ids(tokens)
+        refused = getattr(target.model, "refuses", lambda _: "")(tokens)  # an engine for some texts only
+        if refused:
+            raise BadRequest(refused)
         if len(tokens) + 1 > target.model.cfg.max_seq_len:
             raise BadRequest(f"{len(tokens)} tokens exceed the target's context of {target.model.cfg.max_seq_len}")
         self.prompts = [(0, len(tokens))] if prompts is None else [tuple(span) for span in prompts]

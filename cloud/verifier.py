@@ -284,6 +284,10 @@ class Verifier:
                    "cache_bytes": sum(s.cache_bytes() for s in self.sessions.values()),
                    "hints_sent": self.hints_sent, "hints_withheld": self.hints_withheld,
                    "errors": dict(self.errors), **self.stats.summary()}
+        # Emulated compute (cloud/emulated_target.py): whether this host kept each pass's time.
+        emulated = {name: t.model.emulation() for name, t in self.targets.items() if hasattr(t.model, "emulation")}
+        if emulated:
+            summary["emulation"] = emulated
         self.link.publish(topics.replica(self.replica, "stats"), stats_payload(summary))
 
     def reply(self, topic: str, msg) -> bytes:

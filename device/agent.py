@@ -710,8 +710,11 @@ class _Request:
                                              link.bytes_received - last[2])
                 last = (now, link.bytes_sent, link.bytes_received)
             self.stats.target_passes += len(fresh)
-            self.stats.streamed_tokens += len(fresh)
+            before = self.generated
             self.emit(fresh)
+            # What the stream added to the answer: not its stop token, nor tokens past max_tokens
+            # (counting those put the held-out long prompts' streamed share at 1.011).
+            self.stats.streamed_tokens += self.generated - before
             if msg.done or self.done:
                 break
             if fresh and leave is not None and leave():

@@ -32,6 +32,8 @@ def unavailable(backend: str, draft_cfg=None) -> str:
         return ""
     if backend == "onnxruntime":
         return "" if importlib.util.find_spec("onnxruntime") else "onnxruntime is not installed"
+    if backend == "emulated":
+        return "" if draft_cfg is None or draft_cfg.model.endswith(".json") else "the model is not an emulation file"
     if backend == "tensorrt":
         for module in ("tensorrt", "pycuda"):
             if importlib.util.find_spec(module) is None:
@@ -55,6 +57,8 @@ def open_engine(draft_cfg, report=log.info):
                 raise ConfigError(f"draft.backend = {name}: {reason}")
             report(f"draft backend {name}: skipped ({reason})")
             continue
+        if name == "emulated":
+            return _emulated_engine(draft_cfg)
         if name == "llama.cpp":
             try:
                 return _llama_engine(draft_cfg)
@@ -100,6 +104,17 @@ def _llama_engine(draft_cfg):
 
     path, _ = resolve(draft_cfg.model)
     return LlamaCppDraftEngine(path, draft_cfg.q_top_k, draft_cfg.q_top_p), read_gguf_tokenizer(path)
+
+
+def _emulated_engine(draft_cfg):
+    """(engine, tokenizer): the recorded draft (device/emulated_draft.py), the real draft's tokenizer."""
+    from specedge.device.emulated_draft import EmulatedDraftEngine
+    from specedge.emulation import read_bundle
+    from specedge.loader import read_gguf_tokenizer
+
+    data = read_bundle(draft_cfg.model)
+    engine = EmulatedDraftEngine(data, draft_cfg.q_top_k, draft_cfg.q_top_p)
+    return engine, read_gguf_tokenizer(data["draft"]["tokenizer"])
 
 
 def build_engine_command(args) -> int:

@@ -24,6 +24,8 @@ COMMANDS = (
     "specedge.tools.bench_verifier",  # bench-verifier
     "specedge.tools.bench_apps",  # bench-apps
     "specedge.tools.compare",  # compare
+    "specedge.tools.profile",  # profile
+    "specedge.tools.fidelity",  # fidelity
     "specedge.tools.faults",  # faults
     "specedge.tools.soak",  # soak
     "specedge.tools.fuzz",  # fuzz

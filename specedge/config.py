@@ -73,7 +73,8 @@ class DraftConfig:
     head: str = ""
     name: str = ""  # how the verifier's per-(draft, target) statistics name it; "" = model[-lN]
     # auto (tensorrt, then llama.cpp, then onnxruntime, then torch: the best available)
-    # | tensorrt | llama.cpp | onnxruntime | torch
+    # | tensorrt | llama.cpp | onnxruntime | torch | emulated (model: an emulation file, never
+    # picked by auto; docs/capacity.md)
     backend: str = "auto"
     # Where drafts come from: model (the draft model) | lookup (prompt lookup, device/lookup.py:
     # the tokens that followed an earlier occurrence of the text's ending; no model pass)
@@ -81,8 +82,8 @@ class DraftConfig:
     sources: str = "model"
 
     def validate(self):
-        _check(self.backend in ("auto", "tensorrt", "llama.cpp", "onnxruntime", "torch"), "draft.backend",
-               "auto, tensorrt, llama.cpp, onnxruntime or torch")
+        _check(self.backend in ("auto", "tensorrt", "llama.cpp", "onnxruntime", "torch", "emulated"), "draft.backend",
+               "auto, tensorrt, llama.cpp, onnxruntime, torch or emulated")
         _check(self.source_list() in (["model"], ["lookup"], ["lookup", "model"]), "draft.sources",
                "model, lookup or lookup,model")
         _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "draft.weights", "int8, bf16, fp32 or fp64")
@@ -307,7 +308,7 @@ class VerifierIdentity:
 # A name that becomes a topic level (a verifier's id, which devices read as its replica's name):
 # no wildcard, separator or anything else a broker or its ACL could read another way.
 TOPIC_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
-TARGET_ENGINES = ("auto", "torch", "llama.cpp", "vllm")  # cloud/engine.py
+TARGET_ENGINES = ("auto", "torch", "llama.cpp", "vllm", "emulated")  # cloud/engine.py
 WEIGHTS = ("auto", "int8", "bf16", "fp32", "fp64")  # how a model's weights are held (loader.load_model)
 
 

@@ -324,3 +324,28 @@ def test_bench_verifier_sets_speculation_against_batched_cloud_ar_on_the_same_en
     assert rows["batched"]["passes_per_token"] < rows["cloud-ar"]["passes_per_token"]
     assert report["speedup_vs_cloud_ar"]["1x2"] == pytest.approx(
         rows["batched"]["tokens_per_s"] / rows["cloud-ar"]["tokens_per_s"])
+
+
+def test_bench_verifier_on_an_emulated_target_answers_what_the_real_one_did_and_says_emulated(tiny_files, tmp_path):
+    """The replicas on the emulated target (a profile of the tiny target, its recorded paths):
+    every output equals the real target's, and the report and rows say emulated."""
+    draft, target = tiny_files
+    env = {**os.environ, "SPECEDGE_CACHE": str(tmp_path / "cache")}
+    prof = tmp_path / "target.json"
+    subprocess.run([sys.executable, "-m", "specedge.cli", "profile", "target", "--model", str(target), "--sessions",
+                    "1,2", "--rows", "1,5", "--contexts", "8,64", "--prefill-rows", "2,16", "--repeats", "1",
+                    "--json", str(prof)], check=True, capture_output=True, timeout=300, env=env)
+    out = tmp_path / "bv.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "specedge.cli", "bench-verifier", "--draft", str(draft), "--target", str(target),
+         "--engine", "llama.cpp", "--devices", "2", "--replicas", "1", "--max-prompts", "2", "--tokens", "12",
+         "--no-baseline", "--emulate", str(prof), "--start-timeout", "120", "--round-timeout", "30",
+         "--json", str(out), "--plot", str(tmp_path / "bv.png")],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["emulated"] and report["emulation"]["target_profile"] == str(prof)
+    for row in report["runs"]:
+        assert row["engine"] == "emulated" and row["outputs_wrong"] == 0 and row["sessions_lost"] == 0
+        assert row["emulation"] and all(e["off_path_rows"] >= 0 for e in row["emulation"])
+    assert {r["mode"] for r in report["runs"]} == {"batched", "cloud-ar"}

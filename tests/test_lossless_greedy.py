@@ -97,6 +97,10 @@ def test_cloud_ar_baseline_streams_target_decoding(stack, tiny_models):
     result = stack.agent.generate(prompt, SamplingParams(), 30, parse_policy("cloud-ar"), on_tokens=lambda tokens, verified: seen.extend(tokens))
     assert result.tokens == seen == reference_greedy(target, prompt, 30, tok.stop_ids)
     assert result.stats.summary()["target_passes_per_token"] >= 1.0 or result.stopped
+    # Every token of the answer was streamed, and nothing else: not a stop token, nor tokens past max_tokens.
+    for max_new in (30, 3):
+        result = stack.agent.generate(prompt, SamplingParams(), max_new, parse_policy("cloud-ar"))
+        assert result.stats.streamed_tokens == len(result.tokens) and result.stats.summary()["streamed_share"] == 1.0
 
 
 @pytest.mark.parametrize("sources", ["lookup", "lookup,model"])

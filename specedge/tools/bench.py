@@ -177,6 +177,7 @@ def worker_main(argv: list[str]) -> int:
                               "lookup_rounds": stats.lookup_rounds, "lookup_drafted": stats.lookup_drafted,
                               "lookup_accepted": stats.lookup_accepted,
                               "streamed_tokens": stats.streamed_tokens, "modes": stats.modes,
+                              "emulation": engine.emulation() if hasattr(engine, "emulation") else None,
                               "text": tok.decode(result.tokens)}) + "\n")
         out.flush()
     agent.stop()
@@ -428,6 +429,9 @@ def add_parser(sub) -> None:
     be.add_argument("--exit-head", help="a trained exit head for the verifier (train-exit-head)")
     be.add_argument("--start-timeout", type=float, default=600.0, help="seconds for a process to load its model")
     be.add_argument("--run-timeout", type=float, default=900.0, help="seconds for one generation")
+    be.add_argument("--emulate", metavar="TARGET.json,DRAFT.json",
+                    help="emulated compute: the real product on a recording of the real pair, each pass held "
+                         "for the time these `specedge profile` profiles give it (greedy; docs/capacity.md)")
     be.add_argument("--local-target", action=argparse.BooleanOptionalAction, default=True,
                     help="also the target decoding alone on the verifier's cores, as llama-cli would (greedy only)")
     be.set_defaults(func=run)
@@ -463,6 +467,8 @@ def run(args) -> int:
     # A terminated bench still stops its broker and children (the finally in _run_channels).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     logs = Path(tempfile.mkdtemp(prefix="specedge-bench-"))
+    models = {"draft": args.draft, "target": args.target}
+    emulation = _emulate(args, prompts, logs) if args.emulate else None
     served, draft_backend, results = _run_channels(args, configs, policies, prompts, (device_cores, verifier_cores),
                                                    logs)
     self_test = served["exactness"]
@@ -472,9 +478,13 @@ def run(args) -> int:
     baseline = None
     if args.local_target and args.temperature == 0:
         baseline = _local_target_baseline(args, prompts, verifier_cores, self_test["block"], logs, results)
+    if emulation is not None:
+        emulation.update(_emulation_outcome(served, results))
     report = {
         "machine": machine(), "git_revision": _git_revision(), "pinning": pinning,
-        "draft": args.draft, "target": args.target, "draft_weights": args.draft_weights,
+        # Emulated compute: every figure below is emulated, from the profiles named here.
+        "emulated": emulation is not None, "emulation": emulation,
+        **models, "draft_weights": args.draft_weights,
         "draft_sources": args.draft_sources,
         "draft_backend": draft_backend, "target_engine": served["engine"],
         "exactness_class": "exact" if self_test["exact"] else "numerical",
@@ -500,6 +510,34 @@ def run(args) -> int:
     return 0 if report["outputs_identical"] in (True, None) or report.get("divergences", {}).get("near_ties") else 1
 
 
+def _emulate(args, prompts: list[str], logs: Path) -> dict:
+    """Point the bench at emulated engines on the real pair's recording (specedge/tools/emulate.py);
+    what the report says about the emulation."""
+    from specedge.tools.emulate import emulation_file
+
+    if args.temperature != 0:
+        raise SystemExit("specedge bench: --emulate is greedy only (a recording holds the target's argmax)")
+    try:
+        path, about = emulation_file(args, prompts, logs)
+    except ValueError as exc:
+        raise SystemExit(f"specedge bench: {exc}") from None
+    args.target = args.draft = str(path)
+    args.engine, args.draft_backend, args.local_target = "emulated", "emulated", False
+    return about
+
+
+def _emulation_outcome(served: dict, results: dict) -> dict:
+    """Whether this host kept the profiles' times: the verifier's last statistics and the device's
+    (kept: the time passes and feeds ran past their profile's is under 5 % of the time they held)."""
+    device = [r["emulation"] for ch in results.values() for runs in ch["runs"].values() for r in runs
+              if r.get("emulation")]
+    target = {version: stats for versions in (served.get("emulation_stats") or {}).values()
+              for version, stats in (versions or {}).items()}
+    counters = list(target.values()) + device[-1:]
+    kept = bool(target) and all(c["late_s"] <= 0.05 * c["held_s"] for c in counters)
+    return {"target": target, "device": device[-1] if device else None, "host_kept_up": kept}
+
+
 def _split_cores() -> tuple[list[int], list[int], str]:
     """(device cores, verifier cores, how they were pinned): half the cores each, so the device's
     drafting and the verifier's passes do not slow each other; one core: shared, not pinned."""
@@ -519,8 +557,14 @@ def _run_channels(args, configs: list[ChannelConfig], policies: list[str], promp
     broker = MosquittoBroker().start()
     procs = []
     results: dict = {}
+    watch = None
     try:
+        if args.engine == "emulated":  # the verifier's statistics say whether it kept the profile's times
+            from specedge.tools.bench_verifier import StatsWatch
+
+            watch = StatsWatch(broker.port, every=True)
         verifier = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run"], verifier_cores, {
+            **({"SPECEDGE_VERIFIER_STATS_INTERVAL_S": "1"} if watch else {}),
             "SPECEDGE_MQTT_PORT": str(broker.port), "SPECEDGE_TARGET_MODEL": args.target,
             "SPECEDGE_TARGET_WEIGHTS": args.target_weights, "SPECEDGE_TARGET_ENGINE": args.engine,
             "SPECEDGE_TARGET_BATCH_INVARIANT": str(args.batch_invariant).lower(),
@@ -536,7 +580,12 @@ def _run_channels(args, configs: list[ChannelConfig], policies: list[str], promp
             draft_backend = hello["backend"]
             results[cfg.name] = _channel_report(runs, cfg, hello.get("protocol") == "5", args)
         bar.close()
+        if watch is not None:
+            time.sleep(2.0)  # one more statistics message, after the last pass
+            served["emulation_stats"] = {r: s.get("emulation") for r, s in watch.snapshot().items()}
     finally:
+        if watch is not None:
+            watch.link.stop()
         for proc in procs:
             _stop(proc)
         broker.stop()
@@ -745,6 +794,11 @@ def _print_table(report: dict) -> None:
     heads = ["tok/s", "vs AR", "vs best", "streamed", "draft", "accept", "acc.len", "passes/t", "bytes/t", "RTT ms",
              "J/tok", "eff.", "ahead", "exit agr", "naive B/t", "lookups", "lk.acc"]
     width = max([12] + [len(p) + 2 for ch in report["channels"].values() for p in ch["policies"]])
+    emulation = report.get("emulation")
+    if emulation:
+        print(f"\nEMULATED compute, not measured: profiles {emulation['target_profile']} (target) and "
+              f"{emulation['draft_profile']} (draft) on a recording of {emulation['recorded']['target']} and "
+              f"{emulation['recorded']['draft']}; host kept the profiles' times: {emulation.get('host_kept_up')}")
     print(f"\n{'channel':12}{'policy':{width}}" + "".join(f"{h:>9}" for h in heads))
     for name, ch in report["channels"].items():
         for policy, m in ch["policies"].items():
@@ -795,21 +849,31 @@ def plot(report: dict, path: str) -> None:
 
     channels = list(report["channels"])
     policies = list(next(iter(report["channels"].values()))["policies"]) if channels else []
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     width = 0.8 / max(len(policies), 1)
-    for ax, key, label in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "wire_bytes_per_token", "bytes/token")):
+    # Like with like: end-to-end tokens/s (the time to first token in), and the rate after the
+    # first answer, which is what the analytical optimum (a rate of rounds) is a rate of.
+    panels = ((axes[0], "tokens_per_s", "tokens/s, end to end (TTFT included)"),
+              (axes[1], "decode_tokens_per_s", "tokens/s after the first answer"),
+              (axes[2], "wire_bytes_per_token", "bytes/token"))
+    for ax, key, label in panels:
         for j, policy in enumerate(policies):
-            values = [report["channels"][c]["policies"][policy][key] for c in channels]
+            values = [report["channels"][c]["policies"][policy].get(key) or 0.0 for c in channels]
             ax.bar([i + j * width for i in range(len(channels))], values, width, label=policy)
-        if key == "tokens_per_s":
+        if key == "decode_tokens_per_s":
             optimum_values = [report["channels"][c].get("optimum", {}).get("tokens_per_s", 0.0) for c in channels]
             ax.scatter([i + 0.4 - width / 2 for i in range(len(channels))], optimum_values, marker="_", s=900,
-                       color="black", label="analytical optimum", zorder=3)
+                       color="black", label="analytical optimum (after the first answer)", zorder=3)
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(channels))], channels)
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"specedge bench: {report['draft']} -> {report['target']}, {report['prompts']} prompts x "
+    emulated = ""
+    if report.get("emulated"):
+        names = (Path(report["emulation"][k]).name for k in ("target_profile", "draft_profile"))
+        emulated = f"EMULATED compute (profiles: {', '.join(names)}): "
+    fig.suptitle(f"{emulated}specedge bench: {report['draft']} -> {report['target']}, {report['prompts']} prompts x "
                  f"{report['max_new_tokens']} tokens ({report['machine']['cpu']}, {report['pinning']})", fontsize=9)
     links = "\n".join(f"{name}: {report['channels'][name]['description']}" for name in channels)
     fig.text(0.01, 0.01, links, fontsize=7, va="bottom")

@@ -145,13 +145,14 @@ class StatsWatch:
     """Follows the replicas' statistics topic: the latest of each replica of the current run, and
     their peak cache memory."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, every: bool = False):
+        """every: every replica counts (one verifier), not only those `follow` names."""
         from specedge.config import MqttConfig
         from specedge.mqtt import Link
         from specedge.protocol import topics
 
         self.latest: dict[str, dict] = {}
-        self.replicas: set[str] = set()
+        self.replicas: set[str] | None = None if every else set()
         self.peak_cache_bytes = 0
         self.lock = threading.Lock()
         self.link = Link(MqttConfig(port=port, protocol="5"), f"bench-stats-{os.getpid()}", self._on)
@@ -161,7 +162,7 @@ class StatsWatch:
     def _on(self, topic: str, payload: bytes) -> None:
         stats = json.loads(payload)
         with self.lock:
-            if stats["replica"] not in self.replicas:
+            if self.replicas is not None and stats["replica"] not in self.replicas:
                 return  # a replica of an earlier run, saying goodbye
             self.latest[stats["replica"]] = stats
             self.peak_cache_bytes = max(self.peak_cache_bytes, sum(s["cache_bytes"] for s in self.latest.values()))
@@ -290,6 +291,9 @@ def add_parser(sub) -> None:
     bv.add_argument("--kill-replica-at", type=float, help="seconds into a run: kill -9 one replica (2+ replicas)")
     bv.add_argument("--switch-at", type=float, help="seconds into a run: announce --switch-to for the fleet")
     bv.add_argument("--switch-to", default="", help="the target version to announce")
+    bv.add_argument("--emulate", metavar="TARGET.json",
+                    help="emulated compute: the replicas answer from the target's recorded greedy path, each pass "
+                         "held for this `specedge profile target` profile's time (docs/capacity.md)")
     bv.add_argument("--json")
     bv.add_argument("--plot")
     bv.set_defaults(func=run)
@@ -305,10 +309,13 @@ def run(args) -> int:
     print(f"loading {args.draft} and the target for the recording", file=sys.stderr)
     drafts, trained_heads, draft_tok = _load_drafts(args)
     recordings, block, exactness = _recordings(args, drafts, trained_heads, draft_tok)
+    folder = Path(tempfile.mkdtemp(prefix="specedge-bench-verifier-"))
+    emulation = _emulate(args, draft_tok, folder) if args.emulate else None
     report = {"machine": {"cpus": os.cpu_count(), "torch_threads_per_replica": "cores / replicas"},
               "git": _git_revision(), "args": {k: v for k, v in vars(args).items() if k != "func"},
+              # Emulated compute: every figure is emulated, from the profile named here.
+              "emulated": emulation is not None, "emulation": emulation,
               "drafts": [d[0] for d in drafts], "runs": []}
-    folder = Path(tempfile.mkdtemp(prefix="specedge-bench-verifier-"))
     broker = MosquittoBroker().start()
     watch = StatsWatch(broker.port)
     setup = _Setup(args, folder, broker.port, watch, recordings, drafts, block, exactness)
@@ -385,6 +392,51 @@ def _recordings(args, drafts: list, trained_heads: dict, draft_tok) -> tuple[dic
     return recordings, next(iter(blocks.values())), exactness
 
 
+def _emulate(args, draft_tok, folder: Path) -> dict:
+    """Point the replicas at the emulated target (cloud/emulated_target.py) on the real target's
+    paths (cached like the drafts' recordings); what the report says about the emulation."""
+    from specedge.cloud.registry import load_target, registry_for
+    from specedge.config import TargetConfig
+    from specedge.emulation import Recording, bundle, read_profile, record_paths
+
+    if args.registry:
+        raise SystemExit("specedge bench-verifier: --emulate stands for one target, not a registry")
+    try:
+        profile = read_profile(args.emulate, "target")
+    except ValueError as exc:
+        raise SystemExit(f"specedge bench-verifier: {exc}") from None
+    tcfg = TargetConfig(model=args.target, engine=args.engine, weights=args.target_weights)
+    specs, default = registry_for(tcfg)
+    prompts = [draft_tok.encode_chat(p) for p in load_prompts(args.prompts, args.max_prompts)]
+    key = hashlib.sha256(json.dumps(["paths", CONVERSION, args.batch_invariant, specs[default].recipe(), prompts,
+                                     args.tokens, args.draft_len]).encode()).hexdigest()[:16]
+    path = cache_dir() / "bench" / f"paths-{key}.json"
+    if not path.exists():
+        target = load_target(specs[default], args.batch_invariant)
+        print(f"recording {target.name}'s paths for the emulated target", file=sys.stderr)
+        recs = record_paths(target.model, prompts, args.tokens, args.draft_len, target.tokenizer.stop_ids)
+        about = {"model": args.target, "engine": target.spec.engine, "tokenizer": str(_model_file(args.target)),
+                 "vocab_size": target.model.cfg.vocab_size, "max_seq_len": target.model.cfg.max_seq_len,
+                 "n_layers": target.model.cfg.n_layers}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"target": about, "recordings": [r.to_json() for r in recs]}))
+    saved = json.loads(path.read_text())
+    emulation_file = folder / "emulation.json"
+    recs = [Recording.from_json(r) for r in saved["recordings"]]
+    emulation_file.write_text(json.dumps(bundle(recs, profile, None, saved["target"], None)))
+    about = {"emulated": True, "target_profile": args.emulate, "target_profile_machine": profile["machine"]["cpu"],
+             "target_profile_engine": profile["engine"], "recorded": {"target": args.target,
+                                                                     "engine": saved["target"]["engine"]}}
+    args.target, args.engine, args.target_weights = str(emulation_file), "emulated", "auto"
+    return about
+
+
+def _model_file(model: str) -> Path:
+    from specedge.fetch import resolve
+
+    return resolve(model)[0]
+
+
 @dataclass
 class _Setup:
     """What every measurement of one bench run shares."""
@@ -431,14 +483,19 @@ def _measure_devices(setup: _Setup, procs: list, replicas: int, mode: str, n: in
     before = watch.snapshot()
     result = _run_sessions(agents, args, events, "cloud-ar" if mode == "cloud-ar" else "")
     differing = result.pop("differing")
+    # An emulated target answers from the real one's recording: a difference there is no near tie.
     result["near_ties"] = near_ties(differing, args.target, args.target_weights,
-                                    setup.exactness) if differing else None
+                                    setup.exactness) if differing and not args.emulate else None
     time.sleep(1.2)  # the replicas' next statistics
-    row = {"mode": mode, "engine": setup.exactness["engine"],
+    row = {"mode": mode, "engine": "emulated" if args.emulate else setup.exactness["engine"],
            "exactness_class": "exact" if setup.exactness["exact"] else "numerical",
            "replicas": replicas, "devices": n, **result,
            **_delta(before, watch.snapshot()), "peak_cache_mb": watch.peak_cache_bytes / 2**20,
            "pairs": [p for s in watch.snapshot().values() for p in s["pairs"]]}
+    emulated = [e for s in watch.snapshot().values() for e in (s.get("emulation") or {}).values()]
+    if emulated:  # whether this host kept the profile's times (cloud/emulated_target.py)
+        row["emulation"] = emulated
+        row["host_kept_up"] = all(e["late_s"] <= 0.05 * e["held_s"] for e in emulated)
     _print_row(row, mode, replicas, n)
     for agent, _ in agents:
         agent.stop()
@@ -501,5 +558,7 @@ def plot(report: dict, path: str) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax1.legend()
+    if report.get("emulated"):
+        fig.suptitle(f"EMULATED compute (profile {Path(report['emulation']['target_profile']).name})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
