@@ -15,7 +15,7 @@ import time
 import torch
 
 from specedge.cloud.engine import Shape, feeds
-from specedge.emulation import Fed, Recording, Recordings, read_bundle, target_pass_ms
+from specedge.emulation import Fed, Held, Recording, Recordings, read_bundle, target_pass_ms
 
 
 class EmulatedCache:
@@ -55,8 +55,7 @@ class EmulatedTarget:
         self.recordings = Recordings([Recording.from_json(r) for r in bundle["recordings"]])
         self.source, self.tokenizer_path = source, shape["tokenizer"]
         self.off_path_rows = 0  # rows answered NaN: off the recording
-        self.held_s = self.late_s = 0.0  # time the passes were held, and how late they ended
-        self.passes = self.late_passes = 0
+        self.held = Held()
         # The recording is the real target's own generation: the emulation is as exact as it was.
         self.exactness = Exactness(True, 1, 0.0, (), "emulated",
                                    client=f"the recorded generation of {shape.get('model', 'the target')} "
@@ -86,7 +85,7 @@ class EmulatedTarget:
         for toks, cache, k in zip(tokens, caches, keep):
             cache.tokens += toks
             out.append(self._rows(cache, k))
-        self._hold(t0, target_pass_ms(self.profile, shapes) / 1000)
+        self.held.until(t0, target_pass_ms(self.profile, shapes) / 1000)
         return out
 
     def _rows(self, cache: EmulatedCache, kept: int) -> torch.Tensor:
@@ -105,18 +104,5 @@ class EmulatedTarget:
         return rows
 
     def emulation(self) -> dict:
-        """How the emulation went so far: passes held, how many ended late (this host's own work
-        took more than 5 % past the profile's time), rows asked off the recording."""
-        return {"passes": self.passes, "late_passes": self.late_passes, "held_s": round(self.held_s, 3),
-                "late_s": round(self.late_s, 3), "off_path_rows": self.off_path_rows}
-
-    def _hold(self, t0: float, seconds: float) -> None:
-        """Until the pass's emulated time is up; a pass whose own work took longer ends late."""
-        left = t0 + seconds - time.perf_counter()
-        if left > 0:
-            time.sleep(left)
-        self.passes += 1
-        self.held_s += seconds
-        if left < -0.05 * seconds:
-            self.late_passes += 1
-            self.late_s -= left
+        """How the emulation went so far (Held.report), and the rows asked off the recording."""
+        return {**self.held.report(), "off_path_rows": self.off_path_rows}

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from specedge.device.draft import DraftEngine
-from specedge.emulation import Recording, Recordings, draft_feed_ms, read_bundle
+from specedge.emulation import Held, Recording, Recordings, draft_feed_ms, read_bundle
 
 FILLER = 0  # proposed past the recording; a row off the target's path never names it
 
@@ -29,8 +29,7 @@ class EmulatedDraftEngine(DraftEngine):
         self.recordings = Recordings([Recording.from_json(r) for r in bundle["recordings"]])
         self.text: list[int] = []
         self.unrecorded = 0  # steps the recording could not answer
-        self.held_s = self.late_s = 0.0
-        self.feeds = self.late_feeds = 0
+        self.held = Held()
         self._prefilling = False
 
     @classmethod
@@ -60,23 +59,12 @@ class EmulatedDraftEngine(DraftEngine):
             self.unrecorded += not self._prefilling
             step = (FILLER, 1.0)
         logits = _logits(self.vocab_size, *step)
-        self._hold(t0, seconds)
+        self.held.until(t0, seconds)
         return logits
 
     def emulation(self) -> dict:
-        """As EmulatedTarget.emulation: feeds held, late, and steps past the recording."""
-        return {"feeds": self.feeds, "late_feeds": self.late_feeds, "held_s": round(self.held_s, 3),
-                "late_s": round(self.late_s, 3), "unrecorded_steps": self.unrecorded}
-
-    def _hold(self, t0: float, seconds: float) -> None:
-        left = t0 + seconds - time.perf_counter()
-        if left > 0:
-            time.sleep(left)
-        self.feeds += 1
-        self.held_s += seconds
-        if left < -0.05 * seconds:
-            self.late_feeds += 1
-            self.late_s -= left
+        """How the emulation went so far (Held.report: a pass is a feed), and steps past the recording."""
+        return {**self.held.report(), "unrecorded_steps": self.unrecorded}
 
 
 def _logits(vocab: int, token: int, probability: float) -> np.ndarray:

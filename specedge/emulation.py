@@ -18,12 +18,14 @@ tokens are its recorded steps, then its recorded continuation where it leaves th
 Sampled decoding reads the target's whole distribution at every row, which a recording of
 argmaxes does not have: the emulation is greedy only.
 
-Everything here is pure: cloud/emulated_target.py and device/emulated_draft.py hold the time.
+Everything here is pure but Held, the clock both emulated engines hold their passes by
+(cloud/emulated_target.py, device/emulated_draft.py).
 """
 from __future__ import annotations
 
 import bisect
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +123,29 @@ def target_pass_ms(profile: dict, seqs: list[Fed]) -> float:
         extra = max(0.0, decode_ms(profile, s.context + s.rows - s.kept) - decode_ms(profile, base))
         total += extra * (s.kept if per_row else 1)
     return total
+
+
+class Held:
+    """Holds each pass until its emulated time is up, and counts how this host kept up: passes,
+    those whose own work ran more than 5 % past their time, the time held and the time late."""
+
+    def __init__(self):
+        self.passes = self.late_passes = 0
+        self.held_s = self.late_s = 0.0
+
+    def until(self, t0: float, seconds: float) -> None:
+        left = t0 + seconds - time.perf_counter()
+        if left > 0:
+            time.sleep(left)
+        self.passes += 1
+        self.held_s += seconds
+        if left < -0.05 * seconds:
+            self.late_passes += 1
+            self.late_s -= left
+
+    def report(self) -> dict:
+        return {"passes": self.passes, "late_passes": self.late_passes, "held_s": round(self.held_s, 3),
+                "late_s": round(self.late_s, 3)}
 
 
 def draft_feed_ms(profile: dict, context: int, rows: int) -> float:
