@@ -44,7 +44,7 @@ class EmulatedTarget:
     block = 1
     candidates = (1,)
 
-    def __init__(self, bundle: dict, source: str = ""):
+    def __init__(self, bundle: dict):
         from specedge.exactness import Exactness
 
         self.profile = bundle["target_profile"]
@@ -53,7 +53,7 @@ class EmulatedTarget:
         self.bytes_per_token = int(self.profile["bytes_per_position"])
         self.prompt_batch = int(self.profile.get("prompt_batch", 0))
         self.recordings = Recordings([Recording.from_json(r) for r in bundle["recordings"]])
-        self.source, self.tokenizer_path = source, shape["tokenizer"]
+        self.tokenizer_path = shape["tokenizer"]
         self.off_path_rows = 0  # rows answered NaN: off the recording
         self.held = Held()
         # The recording is the real target's own generation: the emulation is as exact as it was.
@@ -64,7 +64,7 @@ class EmulatedTarget:
 
     @classmethod
     def load(cls, path) -> "EmulatedTarget":
-        return cls(read_bundle(path), str(path))
+        return cls(read_bundle(path))
 
     def refuses(self, tokens: list[int]) -> str:
         """Why a session on this text cannot open ("" if it can): the engine stands for the target

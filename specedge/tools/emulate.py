@@ -26,6 +26,7 @@ def recordings(args, prompts: list[str]) -> tuple[list[Recording], dict, dict]:
     from specedge.cloud.engine import open_engine, resolve_engine, weights_held
     from specedge.config import DraftConfig
     from specedge.device.backends import open_engine as open_draft
+    from specedge.exactness import establish
     from specedge.fetch import cache_dir, resolve, sha256_file
 
     target_path, target_sha = resolve(args.target)
@@ -44,8 +45,6 @@ def recordings(args, prompts: list[str]) -> tuple[list[Recording], dict, dict]:
     target, target_tok = open_engine(engine, target_path, target_sha, weights_held(engine, args.target_weights), True)
     draft, draft_tok = open_draft(draft_cfg)
     ids = [draft_tok.encode_chat(p) for p in prompts]  # what the device worker sends
-    from specedge.exactness import establish
-
     establish(target)
     recs = record(target, draft, ids, args.max_new_tokens, args.max_draft, target_tok.stop_ids)
     about_target = {"model": args.target, "engine": engine, "tokenizer": str(target_path),
