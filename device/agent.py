@@ -38,7 +38,7 @@ from specedge.device.draft import Drafted
 from specedge.device.pipeline import Ahead
 from specedge.device.policy import Policy
 from specedge.device.power import PowerMeter, open_meter
-from specedge.device.profiles import get_profile
+from specedge.device.profiles import DeviceProfile, RadioModel, get_profile
 from specedge.device.rounds import (ASK_AGAIN, AWAIT_BROKER, BROKER_LOST, DELIVER, DRAFT_ALONE, DROPPED, FAIL,
                                     HINT, OPEN, REFUSE, REPLICA_LOST, SEND, SEND_GRAMMAR, TIMEOUT, Exchange, Failure,
                                     Kept, RoundTimer, Rounds)
@@ -107,6 +107,16 @@ class AgentStatus:
     max_draft: int
 
 
+def scheduler_prior(profile: DeviceProfile, radio: RadioModel) -> State:
+    """What a device's scheduler assumes until it has measured: its board's and radio's power, a
+    DRAFT's size on the wire, guesses for the rest (`specedge plan` starts its devices the same)."""
+    empty_draft = len(wire.encode(wire.Draft(0, 0, 0, [])))
+    return State((0.6,), draft_s=0.05, verify_base_s=0.1, verify_per_row_s=0.0, rtt_s=0.0,
+                 up_bytes_base=publish_packet_bytes("", empty_draft, wire.ROUND_QOS, True, alias=True),
+                 active_w=profile.active_w, idle_w=profile.idle_w, radio_w=radio.active_w,
+                 radio_j_per_byte_up=radio.j_per_byte_up, radio_j_per_byte_down=radio.j_per_byte_down)
+
+
 def device_link(cfg: DeviceConfig) -> Link:
     """The device's MQTT connection; the Agent it is handed to takes its messages."""
     ident = cfg.device
@@ -146,13 +156,8 @@ class Agent:
         self.grammars = GrammarCache(size=8)  # compiled once, for every request that states one
         # Grammars a verifier compiled for an earlier request: an OPEN names them by hash alone.
         self.grammars_held: set[bytes] = set()
-        empty_draft = len(wire.encode(wire.Draft(0, 0, 0, [])))
-        prior = State((0.6,), draft_s=0.05, verify_base_s=0.1, verify_per_row_s=0.0, rtt_s=0.0,
-                      up_bytes_base=publish_packet_bytes("", empty_draft, wire.ROUND_QOS, True, alias=True),
-                      active_w=self.profile.active_w, idle_w=self.profile.idle_w, radio_w=self.radio.active_w,
-                      radio_j_per_byte_up=self.radio.j_per_byte_up,
-                      radio_j_per_byte_down=self.radio.j_per_byte_down)
-        self.scheduler = scheduler(objective(energy), cfg.speculation.max_draft, prior)
+        self.scheduler = scheduler(objective(energy), cfg.speculation.max_draft,
+                                   scheduler_prior(self.profile, self.radio))
 
     @property
     def energy_source(self) -> str:
@@ -296,7 +301,6 @@ class _Request:
         self.prefill: threading.Thread | None = None  # the draft's prefill behind a stream
         self.prefill_done: tuple[float, BaseException | None] | None = None  # (seconds, error) when it ends
         self.draft_started = False
-        self.streamed_at_round = 0  # streamed_tokens when the last speculative round began
 
     # The round state, read and set where the agent did before it moved to Rounds.
     session = property(lambda self: self.rounds.session)
@@ -510,23 +514,23 @@ class _Request:
             self.prefill_behind()
         if self.prefill is not None and self.prefill.is_alive():
             return False
-        probe = self.stats.streamed_tokens - self.streamed_at_round >= scheduler.probe_stream_tokens
-        return probe or scheduler.mode(remaining, True, objective) == SPECULATE
+        return scheduler.probe_due or scheduler.mode(remaining, True, objective) == SPECULATE
 
     def run_speculative(self) -> None:
         agent, engine, policy = self.agent, self.agent.engine, self.policy
         scheduler, meter, link = agent.scheduler, agent.meter, self.link
         uses_model = "model" in self.sources  # prompt lookup alone never runs the draft model
         # An adaptive request starts streaming, so its first token comes as soon as the cloud alone
-        # would give it, and the scheduler switches between streaming and speculating as costs say.
+        # would give it, unless measured rounds say speculating pays from the start (start_mode);
+        # the scheduler then switches between streaming and speculating as costs say.
         # (Not under a grammar: forced tokens and masks are the speculative rounds' own.)
         streams = policy.stream and self.constraint is None and uses_model
-        streaming = streams
+        streaming = streams and scheduler.start_mode(self.max_new, self.objective()) == STREAM
         if uses_model and not streams:
             self.draft_ready()
         first_round = True
         carried: Drafted | None = None  # drafted ahead during the last round, its bet held
-        after_stream = False
+        after_stream = streams and not streaming  # a speculating start is probed as a round after a stream
         while True:
             if self.force() and uses_model:
                 engine.commit(self.committed)  # the draft goes on after the forced tokens
@@ -542,7 +546,6 @@ class _Request:
                 continue
             if streams:
                 self.enter(SPECULATE)
-                self.streamed_at_round = self.stats.streamed_tokens
             if uses_model:
                 self.draft_ready(after_stream)
             draft_len, keep_going, pipelined = self.plan_round(probe=after_stream)

@@ -279,6 +279,17 @@ class LinearFit:
             intercept = 0.0
         return intercept, slope
 
+    def anchored(self, x0: float, y0: float) -> tuple[float, float] | None:
+        """Where x has not spread but its mean lies min_spread or more from x0: the line through
+        (x0, y0), a point known apart, and the mean; else None."""
+        if not self.w:
+            return None
+        mx, my = self.sx / self.w, self.sy / self.w
+        if self.sxx / self.w - mx * mx > self.min_spread ** 2 or abs(mx - x0) < self.min_spread:
+            return None
+        slope = max((my - y0) / (mx - x0), 0.0)
+        return max(y0 - slope * x0, 0.0), slope
+
 
 class DecayedRate:
     """How often something held, from decayed counts with a Beta prior (AcceptanceEstimator's, for
@@ -369,6 +380,17 @@ class Scheduler:
     # Likewise a stream leaves for one speculative round after this many tokens, where speculation
     # could pay at all: acceptance is only learnt by drafting.
     probe_stream_tokens: int = 64
+    first_probe_gap: int = 8  # the first of those gaps: they double after each probe, up to the above
+    # ... and never closer than a probe's cost allows: probing spends at most this share of the
+    # time streaming takes (a probe leaves the stream, its tokens in flight lost, and comes back).
+    explore_share: float = 0.02
+    # ... once acceptance has been learnt from this many drafted tokens' verdicts (decayed): until
+    # then the backed-off gaps alone. One probe of 4 tokens left a device at its prior's pessimism
+    # (0.87 for a pair that accepts 0.97), and its cost then put the next probe 900 tokens away.
+    learn_tokens: int = 32
+    # The first round after streams drafts at most this: until a round is verified, a pass of k rows
+    # is priced as one row, which a CPU target (a decode step a row) makes k times too cheap.
+    first_probe: int = 4
 
     def __post_init__(self):
         self.acceptance = AcceptanceEstimator(initial_rate=self.prior.accept(1))
@@ -391,6 +413,8 @@ class Scheduler:
         self.stream_down_bytes = Ewma(0.1, self.prior.stream_down_bytes)
         self.rounds = 0
         self.rounds_without_draft = 0
+        self.streamed_since_round = 0  # over requests: a device of short requests must probe too
+        self.probe_gap = self.first_probe_gap  # streamed tokens before the next probe (backs off)
 
     @property
     def draft_cap(self) -> int:
@@ -421,9 +445,22 @@ class Scheduler:
         if not cold:
             self.verify.update(drafted + 1, verify_s)
             self.network.update(up_bytes, max(round_trip_s - verify_s, 0.0))
+            if self.stream_token_s.value is not None:
+                # No stream runs while rounds do: what one would cost now is a one-row pass of the
+                # rounds' line. Left as last measured, a stream timed while others' long prompts
+                # shared its passes kept a device speculating long after streaming was cheaper.
+                base, row = self.verify_line()
+                self.stream_token_s.update(base + row)
         self.down_bytes = down_bytes
         self.rounds += 1
         self.rounds_without_draft = 0 if drafted else self.rounds_without_draft + 1
+        # A round right after a stream was a probe (or a switch): the next one comes twice as late,
+        # up to probe_stream_tokens; rounds in a row (speculation kept paying) start it over.
+        if self.streamed_since_round:
+            self.probe_gap = min(2 * self.probe_gap, self.probe_stream_tokens)
+        else:
+            self.probe_gap = self.first_probe_gap
+        self.streamed_since_round = 0
 
     def observe_bet(self, held: bool) -> None:
         """A pipelined round whose draft was all accepted: did the guess of the target's token hold?"""
@@ -462,14 +499,16 @@ class Scheduler:
     def observe_stream(self, seconds: float, tokens: int, up_bytes: int, down_bytes: int) -> None:
         """Streamed tokens that came `seconds` after the ones before them (a stream's first message,
         which also waits a round trip or a prefill, is not observed)."""
-        if tokens > 0:
+        self.streamed_since_round += max(tokens, 0)
+        if tokens > 0 and seconds > 0:  # tokens that came at once (a burst after a stall) time no step
             gap = seconds / tokens
             if self.stream_token_s.value is not None:  # a stall (a blackout) is no cloud step: clipped,
                 gap = min(gap, 3 * self.stream_token_s.value)  # so only a lasting slowdown moves it far
+            # A streamed token is a one-row pass (its network overlaps the next step): the anchor of
+            # the verify line at one row (state()), so one probing round after a stream gives it a
+            # slope. Not a point of the rounds' fit: a stream's many one-row points would drown the
+            # rounds' (forgotten a little more at each), and the fit would lose its slope again.
             self.stream_token_s.update(gap)
-            # A streamed token is a one-row pass (its network overlaps the next step): a point of
-            # the verify fit at one row, so one probing round after a stream gives it a slope.
-            self.verify.update(1, gap)
             self.stream_up_bytes.update(up_bytes / tokens)
             self.stream_down_bytes.update(down_bytes / tokens)
 
@@ -479,13 +518,24 @@ class Scheduler:
         if waiting_w is not None and waiting_w > 0:
             self.power_idle.update(waiting_w)
 
+    def verify_line(self) -> tuple[float, float]:
+        """(base, per row) of a verification's seconds: the rounds' fit; rounds of one size, the line
+        through a stream's step at one row; streams only, a row costs a step and more rows the
+        prior's slope until probed; neither, the prior."""
+        prior, streamed = self.prior, self.stream_token_s.value
+        if self.verify.ready and streamed is not None:
+            return self.verify.anchored(1, streamed) or self.verify.coefficients()
+        if streamed is not None:
+            return max(streamed - prior.verify_per_row_s, 0.0), prior.verify_per_row_s
+        if self.verify.ready:
+            return self.verify.coefficients()
+        return prior.verify_base_s, prior.verify_per_row_s
+
     def state(self) -> State:
         prior = self.prior
-        verify_base, verify_row = self.verify.coefficients()
-        rtt, s_per_byte = self.network.coefficients()
-        if not self.verify.ready:  # neither a round nor a stream yet
-            verify_base, verify_row = prior.verify_base_s, prior.verify_per_row_s
         streamed = self.stream_token_s.value
+        verify_base, verify_row = self.verify_line()
+        rtt, s_per_byte = self.network.coefficients()
         if streamed is None:  # never streamed: a one-row pass costs the same cloud step
             streamed = verify_base + verify_row if self.verify.ready else prior.stream_token_s
         return replace(
@@ -500,8 +550,43 @@ class Scheduler:
             down_bytes=self.down_bytes, active_w=self.power_active.value, idle_w=self.power_idle.value)
 
     def mode(self, remaining: int, streaming: bool, objective: Objective | None = None) -> str:
-        """STREAM or SPECULATE for the rest of a request (`remaining` tokens) on the current estimates."""
-        return choose_mode(self.state(), objective or self.objective, self.draft_cap, remaining, streaming)
+        """STREAM or SPECULATE for the rest of a request (`remaining` tokens) on the current estimates,
+        a draft never timed taken as free (as can_pay does): a guess of its cost would keep a device
+        streaming that never learns it, and the first round is kept short (first_probe)."""
+        return choose_mode(self._untimed_free(), objective or self.objective, self.draft_cap, remaining, streaming)
+
+    def start_mode(self, remaining: int, objective: Objective | None = None) -> str:
+        """How a request starts: SPECULATE where measured rounds (a timed draft, a verified round)
+        say speculating the whole request beats starting a stream, whose GENERATE costs a round trip
+        as a round does; else STREAM, so its first token comes as soon as the cloud alone gives it.
+        A request that starts speculating drafts at least one token in its first round."""
+        if self.draft_s.value is None or not self.verify.ready:
+            return STREAM
+        return choose_mode(self.state(), objective or self.objective, self.draft_cap, remaining, streaming=False)
+
+    def _untimed_free(self) -> State:
+        state = self.state()
+        return replace(state, draft_s=0.0) if self.draft_s.value is None else state
+
+    @property
+    def probe_due(self) -> bool:
+        """Enough tokens streamed since the last round, over requests, to leave for one: a first
+        probe soon (one probe of a few tokens misjudges acceptance), later ones backing off, and
+        never more often than explore_share of the streaming time pays for."""
+        if self.streamed_since_round < self.probe_gap:
+            return False
+        if self.acceptance.tested < self.learn_tokens:
+            return True
+        return self.streamed_since_round * self.explore_share >= self.probe_cost_tokens()
+
+    def probe_cost_tokens(self) -> float:
+        """What one probe costs, in streamed tokens: a round trip out of the stream (the tokens it
+        had in flight are lost) and one back, and the round's time beyond what its tokens would
+        have taken streamed."""
+        state = self.state()
+        _, tokens, seconds, _ = best_round(state, self.objective, self.draft_cap)
+        lost = 2 * state.rtt_s + max(seconds - tokens * state.stream_token_s, 0.0)
+        return lost / state.stream_token_s if state.stream_token_s > 0 else 0.0
 
     def pipelining_pays(self, objective: Objective | None = None) -> bool:
         """Draft ahead during this round's wait? Where it gives more tokens/s (throughput mode; it
@@ -515,10 +600,7 @@ class Scheduler:
     def can_pay(self, remaining: int, objective: Objective | None = None) -> bool:
         """speculation_can_pay on the current estimates, a draft never timed taken as free: the
         probe that would time it is the only way to learn it."""
-        state = self.state()
-        if self.draft_s.value is None:
-            state = replace(state, draft_s=0.0)
-        return speculation_can_pay(state, objective or self.objective, self.draft_cap, remaining)
+        return speculation_can_pay(self._untimed_free(), objective or self.objective, self.draft_cap, remaining)
 
     def lookup_len(self, available: int, objective: Objective | None = None) -> int:
         """How many tokens of a prompt-lookup proposal of `available` to send; 0: draft with the
@@ -544,9 +626,11 @@ class Scheduler:
         """A pure keep-drafting test for one round of at most `draft_len` tokens: confidences of the
         tokens drafted so far -> bool. The state and objective are frozen for the round; the draft
         loop calls it between tokens. `probe`: draft at least one token (a round after a stream)."""
-        state, objective, acceptance = self.state(), objective or self.objective, self.acceptance
+        state, objective, acceptance = self._untimed_free(), objective or self.objective, self.acceptance
         state = replace(state, pipelined=pipelined)
         max_draft = min(draft_len, self.draft_cap)
+        if probe and not self.verify.ready:  # the first round only measures: what k rows cost is a guess
+            max_draft = min(max_draft, self.first_probe)
         probe = max_draft > 0 and (probe or self.rounds_without_draft >= self.probe_every)
 
         def keep_going(confidences: Sequence[float]) -> bool:

@@ -26,6 +26,7 @@ COMMANDS = (
     "specedge.tools.compare",  # compare
     "specedge.tools.profile",  # profile
     "specedge.tools.fidelity",  # fidelity
+    "specedge.tools.plan",  # plan, regimes
     "specedge.tools.faults",  # faults
     "specedge.tools.soak",  # soak
     "specedge.tools.fuzz",  # fuzz

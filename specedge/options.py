@@ -20,3 +20,15 @@ def model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                    help="every target row computed as when decoded alone, self-tested bit for bit (default); "
                         "--no-batch-invariant lets llama.cpp batch rows: cheaper verification, numerical")
+
+
+def positive_ints(text: str, command: str) -> list[int]:
+    """A comma-separated list of positive integers (`--devices 1,4,16`), sorted; else the command
+    exits naming the value."""
+    try:
+        values = sorted({int(v) for v in text.split(",") if v})
+    except ValueError:
+        raise SystemExit(f"specedge {command}: {text!r} is not a list of integers") from None
+    if not values or values[0] < 1:
+        raise SystemExit(f"specedge {command}: {text!r} needs positive integers")
+    return values

@@ -316,6 +316,62 @@ def test_the_stream_cost_is_measured_and_before_that_is_a_one_row_pass():
     assert fresh.state().verify_per_row_s == pytest.approx(0.1, rel=0.05)
 
 
+def test_a_probes_slope_outlives_the_stream_that_follows_it_and_a_burst_times_no_step():
+    """Streams anchor the verify line at one row without being points of the rounds' fit: 200
+    streamed tokens after one probe left the slope where the probe put it (as points, they drowned
+    it). Tokens that came at once after a stall say nothing of the cloud's step."""
+    s = Scheduler(max_draft=8)
+    for _ in range(20):
+        s.observe_stream(0.1, 1, 4, 50)
+    s.observe_round([0.9] * 4, 2, 0.04, 0.5, 0.6, 90, 60)
+    for _ in range(200):
+        s.observe_stream(0.1, 1, 4, 50)
+    assert s.state().verify_per_row_s == pytest.approx(0.1, rel=0.05)
+    s.observe_stream(0.0, 5, 20, 250)
+    assert s.state().stream_token_s == pytest.approx(0.1, rel=0.01)
+    assert best_rate(s.state(), THROUGHPUT, 8)[0] > 0
+
+
+def test_probes_come_soon_back_off_and_once_acceptance_is_learnt_cost_no_more_than_the_explore_share():
+    s = Scheduler(max_draft=16)
+    for _ in range(8):
+        s.observe_stream(0.05, 1, 4, 50)
+    assert s.probe_due  # the first: soon, over requests
+    s.observe_round([0.9] * 4, 3, 0.02, 0.05, 0.4, 90, 60)  # a probe: 350 ms of network
+    for _ in range(15):
+        s.observe_stream(0.05, 1, 4, 50)
+    assert s.probe_gap == 16 and not s.probe_due
+    s.observe_stream(0.05, 1, 4, 50)
+    assert s.probe_due  # 4 tokens' verdicts teach little: the backed-off gap alone, while learning
+    for _ in range(6):  # acceptance learnt from enough drafted tokens
+        s.observe_round([0.9] * 8, 6, 0.04, 0.05, 0.4, 90, 60)
+    assert s.acceptance.tested >= s.learn_tokens
+    for _ in range(64):
+        s.observe_stream(0.05, 1, 4, 50)
+    # rounds in a row started the gaps over and 64 tokens meet it, but a probe costs two round trips
+    # and more (~16 tokens): no more than 2 % of the stream
+    assert s.probe_gap == s.first_probe_gap and not s.probe_due
+    cost = s.probe_cost_tokens()
+    for _ in range(int(cost / s.explore_share)):
+        s.observe_stream(0.05, 1, 4, 50)
+    assert s.probe_due and s.streamed_since_round * s.explore_share >= cost
+
+
+def test_a_request_starts_speculating_only_where_measured_rounds_say_it_pays():
+    s = Scheduler(max_draft=16)
+    assert s.start_mode(64) == STREAM  # nothing measured: the first token as soon as the cloud gives it
+    assert s.mode(64, True) == SPECULATE  # ... but the untimed draft is tried: a probe learns it
+    for _ in range(30):  # a GPU target: 16 rows cost one, a 4 ms draft, every token accepted
+        s.observe_round([0.99] * 16, 16, 0.064, 0.07, 0.13, 130, 60)
+    for _ in range(30):
+        s.observe_stream(0.07, 1, 4, 50)
+    assert s.start_mode(64) == SPECULATE
+    cpu = Scheduler(max_draft=16)
+    for k in (1, 4, 1, 4, 1, 4):  # every row a 130 ms decode step
+        cpu.observe_round([0.9] * k, k, 0.055 * k, 0.13 * (k + 1), 0.13 * (k + 1) + 0.06, 90, 60)
+    assert cpu.start_mode(64) == STREAM
+
+
 def test_the_draft_prefills_behind_a_stream_only_if_it_is_done_with_half_the_stream_to_come():
     s = Scheduler(max_draft=8)
     assert s.prefill_in_time(700, 10)  # never timed: try
@@ -416,6 +472,8 @@ def test_a_request_switches_between_streaming_and_speculating_without_losing_a_t
 
         def can_pay(self, remaining, objective=None):
             return True
+
+        probe_due = False  # no probes: only the script switches
 
     with ChannelEmulator(lte_like, ("127.0.0.1", mosquitto.port)) as channel:
         cfg = build(DeviceConfig, {"device": {"fleet": fleet, "id": "robot"}, "mqtt": {"port": channel.port},

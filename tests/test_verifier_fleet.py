@@ -102,6 +102,56 @@ def test_after_a_slow_pass_the_window_waits_for_the_devices_just_answered(tiny_m
     assert len(verifier.pending) == joined
 
 
+def test_a_stream_step_alone_does_not_wait_for_the_window(tiny_models):
+    """Streams gain nothing from waiting for the devices between rounds: the verifier sets their
+    pace. A pending GENERATE alone runs at once however long the window, and the draft that comes
+    40 ms later joins the next pass (it would have joined this one if the stream had waited)."""
+    from specedge.protocol import wire
+    from specedge.cloud.verifier import Verifier
+    from specedge.protocol import topics
+
+    _, tok, target, _ = tiny_models
+    cfg = build(CloudConfig, {"verifier": {"batch_window_ms": 5, "batch_wait_fraction": 0.25}})
+    verifier = Verifier(cfg, Target.in_memory("v", target, tok))
+    prompt = tok.encode_chat("go")
+    for device in ("d1", "d2"):
+        verifier.sessions[("f", device, 1)] = TargetSession(verifier.targets["v"], prompt, SamplingParams(), 1)
+    verifier.stats.compute_s.append(0.4)  # a window of 100 ms
+    stream = wire.encode(wire.Generate(1, 1, len(prompt), 8, wire.text_hash(prompt)))
+    verifier.inbox.put((topics.device("f", "d1", "draft"), stream, time.monotonic()))
+
+    def draft_from_d2():
+        payload = wire.encode(wire.Draft(1, 1, len(prompt), [3, 4], text_hash=wire.text_hash(prompt)))
+        verifier.inbox.put((topics.device("f", "d2", "draft"), payload, time.monotonic()))
+    late = threading.Timer(0.04, draft_from_d2)
+    late.start()
+    verifier.gather()
+    late.join()
+    assert [key[1] for key in verifier.pending] == ["d1"]
+
+
+def test_an_open_does_not_fingerprint_the_tokenizer_again(tiny_models, monkeypatch):
+    """The target's contract (a fingerprint of the whole tokenizer and its rendered chat template,
+    0.3 s) is computed once per version: at every OPEN it was 0.3 s of every first token."""
+    from specedge.protocol import wire
+    from specedge.cloud.verifier import Verifier
+    from specedge.protocol.contract import Contract
+
+    _, tok, target, _ = tiny_models
+    verifier = Verifier(build(CloudConfig, {}), Target.in_memory("v", target, tok))
+    replies = []
+    monkeypatch.setattr(verifier, "reply", lambda out, msg: replies.append(msg))  # not started: no broker
+    calls = []
+    real = Contract.of.__func__
+    monkeypatch.setattr(Contract, "of", classmethod(lambda cls, *a: calls.append(1) or real(cls, *a)))
+    prompt = tok.encode_chat("go")
+    for session in (1, 2, 3):
+        open_msg = wire.Open(session, 1, prompt, SamplingParams(), contract=verifier.targets["v"].contract)
+        verifier.open(("f", "d", session), open_msg, "out")
+    assert len(verifier.sessions) == 3 and len(calls) <= 1
+    assert [type(m).__name__ for m in replies] == ["Opened"] * 3
+
+
 def _agents(tiny_models, port: int, fleet: str, n: int, drafts=None):
     from specedge.device.agent import Agent
 

@@ -39,6 +39,8 @@ def recordings(args, prompts: list[str]) -> tuple[list[Recording], dict, dict]:
     path = cache_dir() / "emulation" / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
     if path.exists():
         data = json.loads(path.read_text())
+        # The same files (by hash) may lie elsewhere now: the tokenizers are read from where they are.
+        data["target"]["tokenizer"], data["draft"]["tokenizer"] = str(target_path), str(draft_path)
         return [Recording.from_json(r) for r in data["recordings"]], data["target"], data["draft"]
     print(f"emulation: recording {args.target} ({engine}) and {args.draft} on {len(prompts)} prompts ...",
           file=sys.stderr, flush=True)

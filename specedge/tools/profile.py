@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from specedge.tools.assumed import BYTES_PER_WEIGHT, HARDWARE, assumed_profile
 from specedge.emulation import PROFILE_FORMAT
 
 # Real shapes (the models' config.json), for --random-shape.
@@ -225,18 +226,20 @@ def add_parser(sub) -> None:
     p.add_argument("--base-context", type=int, default=128)
     p.add_argument("--budget-s", type=float, default=300.0, help="seconds for the verify grid")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--assumed", choices=sorted(HARDWARE),
+                   help="measure nothing: the roofline of this machine's published figures for --shape "
+                        "(specedge/tools/assumed.py), labelled an assumption")
+    p.add_argument("--shape", choices=sorted(k for k, v in SHAPES.items() if "vocab_size" in v),
+                   help="with --assumed: the model's shape")
+    p.add_argument("--dtype", default="bf16", choices=sorted(BYTES_PER_WEIGHT), help="with --assumed: the weights'")
     p.add_argument("--json", required=True, help="write the profile here")
     p.set_defaults(func=run)
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v})
-    except ValueError:
-        raise SystemExit(f"specedge profile: {text!r} is not a list of integers") from None
-    if not values or values[0] < 1:
-        raise SystemExit(f"specedge profile: {text!r} needs positive integers")
-    return values
+    from specedge.options import positive_ints
+
+    return positive_ints(text, "profile")
 
 
 def _cpus(text: str) -> set[int]:
@@ -249,6 +252,13 @@ def _cpus(text: str) -> set[int]:
 
 def run(args) -> int:
     from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    if args.assumed:
+        if not args.shape:
+            raise SystemExit("specedge profile: --assumed needs --shape")
+        out = assumed_profile(args.kind, args.assumed, args.shape, args.dtype, _ints(args.contexts),
+                              _ints(args.prefill_rows), _ints(args.sessions), args.base_context)
+        return _write(out, args.json)
 
     if args.cpus:
         try:
@@ -281,7 +291,11 @@ def run(args) -> int:
                model=args.random_shape or model or (DEFAULT_TARGET if args.kind == "target" else DEFAULT_DRAFT),
                weights="random, Q8_0 (made here: the shape only)" if args.random_shape else "the model file's",
                emulated=False, machine=machine_here())
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return _write(out, args.json)
+
+
+def _write(out: dict, path: str) -> int:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: out[k] for k in ("kind", "engine", "decode_ms", "prefill_ms_per_token")}), file=sys.stdout)
     return 0
