@@ -70,6 +70,8 @@ def plan_cells(target: dict, draft: dict, data: dict, channels: list, policies: 
                max_new: int, max_draft: int, board_name: str, floor: float | None, passes: int = 1,
                warmup: int = 0, max_batch: int | None = None, overheads=None) -> list[dict]:
     """Every (channel, policy, device count) of one pair on one prompt set's recordings."""
+    from dataclasses import replace
+
     from specedge.config import VerifierIdentity
     from specedge.device.agent import scheduler_prior
     from specedge.device.profiles import get_profile
@@ -86,8 +88,6 @@ def plan_cells(target: dict, draft: dict, data: dict, channels: list, policies: 
                       **({"overheads": overheads} if overheads else {}))
         for policy in policies:
             for n in devices:
-                from dataclasses import replace
-
                 row = simulate(replace(setup, devices=n), policy, board, radio)
                 out.append({"channel": cfg.name, **row})
             if floor:
@@ -106,6 +106,11 @@ def add_parser(sub) -> None:
     p.add_argument("--draft-profile", required=True, help="`specedge profile draft` JSON")
     p.add_argument("--devices", default="1,4,16,64", help="device counts sharing the one target")
     p.add_argument("--floor", type=float, help="tokens/s each device must keep: how many devices a target serves")
+    p.add_argument("--recordings", help="a recordings file (`--save-recordings`); else the real pair is recorded")
+    p.add_argument("--prompts", default="code_edits", help="with no --recordings: the prompt set to record")
+    p.add_argument("--max-prompts", type=int, default=4)
+    p.add_argument("--save-recordings", help="write the recordings here (no model needed to plan again)")
+    p.add_argument("--plot", help="write a PNG here")
     model_options(p)
     p.set_defaults(func=run)
 
@@ -120,14 +125,12 @@ def add_parser(sub) -> None:
 
 
 def _common(p) -> None:
+    """The options `plan` and `regimes` share."""
     p.add_argument("--channel", default="lte", help="presets or trace: specs, comma-separated (as `bench`)")
     p.add_argument("--policies", default=POLICIES)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--max-draft", type=int, default=16, help="the devices' speculation.max_draft")
     p.add_argument("--profile", default="orin-nano-15w", help="device power profile (profiles.toml) for J/token")
-    p.add_argument("--recordings", help="a recordings file (`--save-recordings`); else the real pair is recorded")
-    p.add_argument("--prompts", default="code_edits", help="with no --recordings: the prompt set to record")
-    p.add_argument("--max-prompts", type=int, default=4)
     p.add_argument("--passes", type=int, default=2, help="each device runs the prompts this many times, counted")
     p.add_argument("--warmup", type=int, default=1,
                    help="... after this many passes not counted (its scheduler's estimates kept throughout)")
@@ -135,9 +138,7 @@ def _common(p) -> None:
     p.add_argument("--overheads-from", metavar="EMULATED.json:TARGET.json:DRAFT.json",
                    help="the product's own overheads on a host, read from an emulated bench run and its profiles "
                         "(its first channel): per drafted token, per message, per pass (specedge/tools/planner.py)")
-    p.add_argument("--save-recordings", help="write the recordings here (no model needed to plan again)")
     p.add_argument("--json", help="write the report here")
-    p.add_argument("--plot", help="write a PNG here")
 
 
 def _channels(spec: str) -> list:
