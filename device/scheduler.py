@@ -386,7 +386,7 @@ class Scheduler:
     explore_share: float = 0.02
     # ... once acceptance has been learnt from this many drafted tokens' verdicts (decayed): until
     # then the backed-off gaps alone. One probe of 4 tokens left a device at its prior's pessimism
-    # (0.87 for a pair that accepts 0.97), and its cost then put the next probe 900 tokens away.
+    # (0.87 for a pair that accepts 0.98), and its cost then put the next probe 700 tokens away.
     learn_tokens: int = 32
     # The first round after streams drafts at most this: until a round is verified, a pass of k rows
     # is priced as one row, which a CPU target (a decode step a row) makes k times too cheap.
