@@ -33,13 +33,22 @@ FORMAT = "specedge-emulation/1"
 PROFILE_FORMAT = "specedge-profile/1"
 
 
-def read_profile(path: str | Path, kind: str) -> dict:
-    """A profile of a `kind` ("target" or "draft") engine, checked enough to be used."""
+def read_json(path: str | Path, fmt: str, what: str, writer: str) -> dict:
+    """A JSON object whose "format" is `fmt` (the file of a `what`, as `writer` writes it); a
+    ValueError naming the file otherwise."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable profile ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT or data.get("kind") != kind:
+        raise ValueError(f"{path}: not a readable {what} ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ValueError(f"{path}: not a {what} ({fmt}); {writer} writes them")
+    return data
+
+
+def read_profile(path: str | Path, kind: str) -> dict:
+    """A profile of a `kind` ("target" or "draft") engine, checked enough to be used."""
+    data = read_json(path, PROFILE_FORMAT, "profile", "`specedge profile`")
+    if data.get("kind") != kind:
         raise ValueError(f"{path}: not a {kind} profile of `specedge profile` ({PROFILE_FORMAT})")
     for key in ("decode_ms", "prefill_ms_per_token", "bytes_per_position"):
         if key not in data:
@@ -270,10 +279,4 @@ def bundle(recordings: list[Recording], target_profile: dict, draft_profile: dic
 
 
 def read_bundle(path: str | Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable emulation file ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"{path}: not an emulation file ({FORMAT}); `specedge bench --emulate` writes them")
-    return data
+    return read_json(path, FORMAT, "emulation file", "`specedge bench --emulate`")

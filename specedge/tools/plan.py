@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from specedge.emulation import Recording, read_profile
+from specedge.emulation import Recording, read_json, read_profile
 
 RECORDINGS_FORMAT = "specedge-recordings/1"
 POLICIES = "cloud-ar,fixed:2,fixed:4,fixed:8,fixed:16,adaptive"
@@ -26,13 +26,7 @@ LABEL = "EMULATED (planned on virtual time from profiles, not measured)"
 
 # -- recordings -------------------------------------------------------------------------------------
 def load_recordings(path: str | Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: not a readable recordings file ({exc})") from None
-    if not isinstance(data, dict) or data.get("format") != RECORDINGS_FORMAT:
-        raise ValueError(f"{path}: not a recordings file ({RECORDINGS_FORMAT}); `specedge plan --save-recordings` "
-                         "writes them")
+    data = read_json(path, RECORDINGS_FORMAT, "recordings file", "`specedge plan --save-recordings`")
     data["recordings"] = [Recording.from_json(r) for r in data["recordings"]]
     return data
 
@@ -75,7 +69,7 @@ def plan_cells(target: dict, draft: dict, data: dict, channels: list, policies: 
     from specedge.config import VerifierIdentity
     from specedge.device.agent import scheduler_prior
     from specedge.device.profiles import get_profile
-    from specedge.tools.planner import Setup, devices_at_floor, simulate
+    from specedge.tools.planner import Overheads, Setup, devices_at_floor, simulate
     from specedge.tools.bench import CHANNEL_RADIO
 
     board = get_profile(board_name)
@@ -85,13 +79,12 @@ def plan_cells(target: dict, draft: dict, data: dict, channels: list, policies: 
         setup = Setup(target, draft, data["recordings"], cfg, max_new=max_new, max_draft=max_draft,
                       prior=scheduler_prior(board, radio), stop_ids=frozenset(data["stop_ids"]), passes=passes,
                       warmup=warmup, verifier=VerifierIdentity(max_batch=max_batch or VerifierIdentity.max_batch),
-                      **({"overheads": overheads} if overheads else {}))
+                      overheads=overheads or Overheads())
         for policy in policies:
-            for n in devices:
-                row = simulate(replace(setup, devices=n), policy, board, radio)
-                out.append({"channel": cfg.name, **row})
+            runs = {n: simulate(replace(setup, devices=n), policy, board, radio) for n in devices}
+            out += [{"channel": cfg.name, **row} for row in runs.values()]
             if floor:
-                most, at = devices_at_floor(setup, policy, floor, max(devices), board, radio)
+                most, at = devices_at_floor(setup, policy, floor, max(devices), board, radio, runs)
                 out.append({"channel": cfg.name, "policy": policy, "floor_tokens_per_s": floor,
                             "devices_at_floor": most, "at_floor": at})
     return out

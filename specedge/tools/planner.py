@@ -208,15 +208,14 @@ class _Target:
 class _Device:
     """One device running its requests back to back under one policy."""
 
-    def __init__(self, index: int, setup: Setup, clock: _Clock, target: _Target, policy: str, profile, radio):
+    def __init__(self, index: int, setup: Setup, clock: _Clock, target: _Target, policy: str):
         self.index, self.setup, self.clock, self.target = index, setup, clock, target
         self.policy = parse_policy(policy, setup.max_draft)
-        self.board, self.radio = profile, radio
         recs = setup.recordings
         self.queue = [recs[(index + i) % len(recs)] for i in range(len(recs) * (setup.warmup + setup.passes))]
         self.warm_requests = len(recs) * setup.warmup
-        self.scheduler = Scheduler(Objective(), setup.max_draft, setup.prior or State(
-            (0.6,), draft_s=0.05, verify_base_s=0.1, verify_per_row_s=0.0, rtt_s=0.0))
+        self.scheduler = (Scheduler(Objective(), setup.max_draft) if setup.prior is None
+                          else Scheduler(Objective(), setup.max_draft, setup.prior))
         self.requests: list[dict] = []
         self.busy_s = 0.0  # drafting and prefilling
         self.up = self.down = 0
@@ -267,7 +266,7 @@ class _Device:
             self.clock.at(self.opened_at, self._stream)
         else:
             self.after_stream = self.policy.stream  # a speculating start is probed (device/agent.py)
-            self._prefill_draft(self.clock.now)
+            self._prefill_draft()
             self.clock.at(self.clock.now + self.fed_s, self._round)
 
     @property
@@ -294,14 +293,14 @@ class _Device:
         self.start()
 
     # -- the draft ------------------------------------------------------------------------------
-    def _prefill_draft(self, t: float) -> None:
+    def _prefill_draft(self) -> None:
         """The draft takes in what it has not fed (a prefill, a stream's tokens) in one feed."""
         n = len(self.committed) - self.fed
         self.fed_s = draft_feed_ms(self.setup.draft, self.fed, n) / 1000 if n > 0 else 0.0
         self.busy_s += self.fed_s
         self.scheduler.observe_prefill(self.fed_s, n)
         self.fed = len(self.committed)
-        self.prefilling_until = t + self.fed_s
+        self.prefilling_until = self.clock.now + self.fed_s
 
     def _draft(self, draft_len: int, keep_going) -> tuple[list[int], list[float], float]:
         """(tokens, confidences, seconds): the recorded draft steps, one decode step each, the first
@@ -329,10 +328,10 @@ class _Device:
         return tokens, confidences, seconds
 
     # -- streaming ------------------------------------------------------------------------------
-    def _stream(self, nbytes: float = DRAFT_BASE) -> None:
+    def _stream(self) -> None:
         self.streaming = True
         self.last_token_at = None
-        self.send_up(nbytes, "stream", len(self.committed), self.setup.max_new - self.generated)
+        self.send_up(DRAFT_BASE, "stream", len(self.committed), self.setup.max_new - self.generated)
 
     def on_streamed(self, n: int, length: int, token: int) -> None:
         if n != self.n or not self.streaming or length != len(self.committed):
@@ -359,7 +358,7 @@ class _Device:
         if self.prefilling_until is None:
             if not scheduler.prefill_in_time(len(self.committed), remaining):
                 return False
-            self._prefill_draft(self.clock.now)
+            self._prefill_draft()
         if self.prefilling_until > self.clock.now:
             return False
         return scheduler.probe_due or scheduler.mode(remaining, True) == SPECULATE
@@ -412,7 +411,7 @@ def simulate(setup: Setup, policy: str, board=None, radio=None) -> dict:
     requests' time) and their sum, estimated J/token, the target's passes and rows over the run."""
     clock = _Clock()
     target = _Target(clock, setup.target, setup.verifier, setup.overheads)
-    devices = [_Device(i, setup, clock, target, policy, board, radio) for i in range(setup.devices)]
+    devices = [_Device(i, setup, clock, target, policy) for i in range(setup.devices)]
     for d in devices:
         d.start()
     clock.run()
@@ -458,11 +457,17 @@ def acceptance_by_position(recordings: list[Recording], positions: int) -> list[
     return [h / t if t else 0.0 for h, t in zip(held, tested)]
 
 
-def devices_at_floor(setup: Setup, policy: str, floor: float, most: int = 64, board=None, radio=None):
+def devices_at_floor(setup: Setup, policy: str, floor: float, most: int = 64, board=None, radio=None,
+                     known: dict | None = None):
     """The most devices (up to `most`) whose mean tokens/s stays at or above `floor`, and that run;
-    (0, None) if even one device is below it."""
+    (0, None) if even one device is below it. `known`: runs already made, by device count (the
+    largest, the dearest, is not run again)."""
+    known = dict(known or {})
+
     def run(n):
-        return simulate(replace(setup, devices=n), policy, board, radio)
+        if n not in known:
+            known[n] = simulate(replace(setup, devices=n), policy, board, radio)
+        return known[n]
 
     best, lo = None, 0
     n = 1
