@@ -53,11 +53,14 @@ class BadRequest(Exception):
 class TargetSession:
     def __init__(self, target, tokens: list[int], params: SamplingParams, session_id: int,
                  draft: str = "", contract: Contract | None = None, constraint=None, grammar_from: int = 0,
-                 prompts: list[tuple[int, int]] | None = None):
+                 prompts: list[tuple[int, int]] | None = None, scope: str = ""):
         """`constraint`: a grammar's fresh state (specedge/grammar.py) for the tokens from
         `grammar_from` on: every verdict is the grammar-constrained target's. `prompts`: the spans
-        of `tokens` that came as prompts (a resync's OPEN states them; default: all of them)."""
+        of `tokens` that came as prompts (a resync's OPEN states them; default: all of them).
+        `scope`: whose cached prefixes an engine with a prefix cache of its own may reuse (vLLM's
+        cache salt; the verifier's prefix scope)."""
         self.target, self.params, self.draft, self.contract = target, params, draft, contract
+        self.scope = scope
         self._check_ids(tokens)
         refused = getattr(target.model, "refuses", lambda _: "")(tokens)  # an engine for some texts only
         if refused:
@@ -89,7 +92,8 @@ class TargetSession:
 
     def _check_ids(self, tokens) -> None:
         vocab = self.target.model.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in tokens):
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise BadRequest(f"token id outside the target's vocabulary of {vocab}")
 
     def cache_bytes(self) -> int:
@@ -145,6 +149,9 @@ class TargetSession:
         if committed != len(self.committed):
             if not (allow_rollback and 1 <= committed < len(self.committed)):
                 raise OutOfSync(f"device has {committed} committed tokens, verifier {len(self.committed)}")
+            if text_hash is not None and text_hash != TextHasher(self.committed[:committed]).digest():
+                raise OutOfSync(f"the device's committed text of {committed} tokens is not the start of the "
+                                "verifier's")  # checked before the text is cut: a refused round changes nothing
             del self.committed[committed:]
             if self.constraint is not None:  # back to what it consumed of the shorter text (never a stop token)
                 said = len(self._before_stop(self.committed[self.grammar_from:]))
@@ -194,17 +201,32 @@ class TargetSession:
         self._check_ids(tokens)
         if len(self.committed) + len(tokens) + 1 > self.model.cfg.max_seq_len:
             raise BadRequest("forced tokens run past the target's context")
-        for token in tokens:
-            if self.constraint.forced() != token:
-                raise BadRequest(f"token {token} is not the only one the grammar allows here")
-            self.constraint.accept([token])
-            self.committed.append(token)
+        taken = 0
+        try:
+            for token in tokens:
+                if self.constraint.forced() != token:
+                    raise BadRequest(f"token {token} is not the only one the grammar allows here")
+                self.constraint.accept([token])
+                taken += 1
+        except BaseException:  # all or nothing: the grammar goes back where the text is
+            self.constraint.rollback(taken)
+            raise
+        self.committed += tokens
 
-    def check_draft(self, draft: list[int], q: list[SparseDist] | None) -> None:
+    def check_draft(self, draft: list[int], q: list[SparseDist] | None, committed: int | None = None) -> None:
+        """Everything a pass will read of a round, checked before it joins one: a round the rule
+        cannot take would otherwise fail the pass of every session batched with it. `committed`:
+        the text's length when the draft is verified (default: now)."""
         self._check_ids(draft)
         if (q is None) != self.params.greedy:
             raise BadRequest("sampled sessions need q with every draft, greedy ones none")
-        if len(self.committed) + len(draft) + 1 > self.model.cfg.max_seq_len:
+        if q is not None:
+            if len(q) != len(draft):
+                raise BadRequest(f"{len(q)} q for {len(draft)} drafted tokens")
+            for dist in q:  # the wire checked the counts; the vocabulary is the target's
+                self._check_ids(dist.ids)
+        committed = len(self.committed) if committed is None else committed
+        if committed + len(draft) + 1 > self.model.cfg.max_seq_len:
             raise BadRequest("draft runs past the target's context")
 
     @property
@@ -250,7 +272,8 @@ class TargetSession:
         """(tokens, cache, whether the draft is in, rows per engine call) for the next pass (plan)."""
         start, end, done = self.plan(draft, chunk)
         if self.cache is None:
-            self.cache = self.model.new_cache(capacity=len(self.committed) + HEADROOM)
+            salt = {"salt": self.scope} if getattr(self.model, "salted", False) else {}
+            self.cache = self.model.new_cache(capacity=len(self.committed) + HEADROOM, **salt)
         if self.cache.length > start:
             self.cache.truncate(start)
         extra = draft if done else []
@@ -294,12 +317,14 @@ class TargetSession:
         stop token: the answer ended there."""
         c, out, taken = self.constraint, logits.clone(), 0
         said = self._before_stop(draft)  # row len(said) holds the stop token, or is the bonus row
-        for i in range(len(said) + 1):
-            out[i] = c.mask(logits[i])
-            if i == len(said) or not c.accept([said[i]]):
-                break
-            taken += 1
-        c.rollback(taken)
+        try:
+            for i in range(len(said) + 1):
+                out[i] = c.mask(logits[i])
+                if i == len(said) or not c.accept([said[i]]):
+                    break
+                taken += 1
+        finally:  # a grammar that fails mid-way leaves the state as the committed text left it
+            c.rollback(taken)
         return out
 
 
@@ -315,13 +340,15 @@ def _calls_agree(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> int:
 class PrefixIndex:
     """Which session holds the KV cache of a token prefix, keyed by the prefix's hash at every
     BLOCK tokens (a fleet-wide system prompt, a shared document): a new session forks the longest
-    one instead of prefilling it. An entry is a hint, checked by share_prefix against the donor's
-    text and cache when used; stale entries (a closed session, an evicted cache) are skipped."""
+    one instead of prefilling it. Entries live in a `scope` (the verifier's: a device, or a fleet):
+    a hit is faster than a miss, so a session only ever finds prefixes of its own scope. An entry
+    is a hint, checked by share_prefix against the donor's text and cache when used; stale entries
+    (a closed session, an evicted cache) are skipped."""
 
     BLOCK = 32
 
     def __init__(self, size: int = 4096):
-        self.size, self._holders = size, {}  # prefix hash -> session key, oldest first
+        self.size, self._holders = size, {}  # (scope, prefix hash) -> session key, oldest first
 
     @classmethod
     def hashes(cls, tokens: list[int]) -> list[tuple[int, bytes]]:
@@ -332,17 +359,18 @@ class PrefixIndex:
             out.append((end, hasher.digest()))
         return out
 
-    def add(self, key, tokens: list[int]) -> None:
+    def add(self, scope, key, tokens: list[int]) -> None:
         for _, digest in self.hashes(tokens):
-            self._holders.pop(digest, None)
-            self._holders[digest] = key  # the latest holder is the likeliest to be warm
+            self._holders.pop((scope, digest), None)
+            self._holders[(scope, digest)] = key  # the latest holder is the likeliest to be warm
         while len(self._holders) > self.size:
             self._holders.pop(next(iter(self._holders)))
 
-    def candidates(self, tokens: list[int]):
-        """(session key, prefix length) of the holders of `tokens`' block prefixes, longest first."""
+    def candidates(self, scope, tokens: list[int]):
+        """(session key, prefix length) of the holders of `tokens`' block prefixes in `scope`,
+        longest first."""
         for length, digest in reversed(self.hashes(tokens)):
-            key = self._holders.get(digest)
+            key = self._holders.get((scope, digest))
             if key is not None:
                 yield key, length
 
@@ -358,6 +386,7 @@ class Item:
     accepted: int = 0
     next_token: int = -1
     done: bool = False  # verified; False after a pass that fed only a chunk of the committed text
+    error: Exception | None = None  # why this round got no verdict from a pass that ran
 
     @classmethod
     def step(cls, session: TargetSession) -> "Item":
@@ -376,13 +405,23 @@ def verify_batch(model, items: list[Item], exit_head=None, chunk: int = 0) -> in
         fed.append((tokens, cache))
         verified.append(item.done)
         calls.append(item_calls)
+    held = [cache.length for _, cache in fed]  # what each cache held before the pass
     keep = [len(item.draft) + 1 if done else 1 for item, done in zip(items, verified)]
     wants_hints = exit_head is not None and any(item.on_hint and item.done for item in items)
     on_layer = _hint_hook(items, fed, keep, exit_head) if wants_hints else None
-    logits = model.forward_batch(fed, on_layer=on_layer, keep=keep, calls=calls)
-    for item, rows in zip(items, logits):
+    try:
+        logits = model.forward_batch(fed, on_layer=on_layer, keep=keep, calls=calls)
+    except BaseException:
+        for (_, cache), length in zip(fed, held):  # drafted positions must not outlive the pass
+            cache.truncate(min(cache.length, length))
+        raise
+    for item, rows, (_, cache), length in zip(items, logits, fed, held):
         if item.done:
-            item.accepted, item.next_token = item.session.finish(item.draft, item.q, rows)
+            try:
+                item.accepted, item.next_token = item.session.finish(item.draft, item.q, rows)
+            except Exception as exc:  # this round's alone: the others keep their verdicts
+                cache.truncate(min(cache.length, length))
+                item.done, item.error = False, exc
     return sum(len(tokens) for tokens, _ in fed)
 
 

@@ -42,6 +42,16 @@ MAX_DRAFTS = 64
 OTHER = "(other)"
 # Well under the broker's packet limit (wire.MAX_PACKET): a larger message gets us disconnected.
 MAX_STATS_BYTES = 64 * 1024
+DEFERRED = 4  # messages held for one session while its round is pending (Verifier.defer)
+# Every STREAM_CHECK tokens a stream asks the broker whether its device still listens (a QoS 1
+# TOKENS, whose MQTT 5 PUBACK says "no matching subscribers" if not): the answer comes back
+# through the inbox under the UNHEARD topic, which no MQTT topic can be.
+STREAM_CHECK = 32
+UNHEARD = "\0unheard"
+
+
+class Overloaded(Exception):
+    """A round over a limit of the verifier's (answered OVERLOADED, with the reason)."""
 
 
 @dataclass
@@ -137,7 +147,9 @@ class Verifier:
         self.inbox: queue.Queue = queue.Queue()
         self.sessions: dict[tuple[str, str, int], TargetSession] = {}
         self.pending: dict[tuple, Pending] = {}
-        self.deferred: list = []  # messages for a session whose previous draft is still pending
+        # Messages for a session whose round is still pending (a long prefill), handled after its
+        # pass in order: at most DEFERRED a session, one per round number, whatever a device sends.
+        self.deferred: dict[tuple, dict[int, tuple]] = {}
         self.hints_sent = self.hints_withheld = 0
         self.stats = VerifierStats()
         self.grammars = GrammarCache()  # compiled once per grammar, whichever session states it
@@ -239,9 +251,10 @@ class Verifier:
         # Work carried over from the last pass (cloud-ar steps, prefill chunks) must not keep new
         # rounds out: they would wait for a whole long prefill, chunks or not.
         limit = cfg.max_batch + len(self.pending)
-        deferred, self.deferred = self.deferred, []
-        for message in deferred:
-            self.dispatch(*message)
+        deferred, self.deferred = self.deferred, {}
+        for held in deferred.values():
+            for seq in sorted(held):
+                self.dispatch(*held[seq])
         # What queued up during the last pass joins this one whatever its age; the window only
         # bounds how long we wait for more.
         opened = time.monotonic()
@@ -267,6 +280,13 @@ class Verifier:
             except queue.Empty:
                 return
             self.dispatch(*message)
+
+    def defer(self, key, seq: int, message: tuple) -> None:
+        held = self.deferred.setdefault(key, {})
+        held[seq] = message
+        if len(held) > DEFERRED:
+            del held[min(held)]
+            self.count("stale")
 
     def active_sessions(self) -> int:
         """Sessions that had a round in the last few seconds: the ones a batch may wait for."""
@@ -297,13 +317,17 @@ class Verifier:
             summary["emulation"] = emulated
         self.link.publish(topics.replica(self.replica, "stats"), stats_payload(summary))
 
-    def reply(self, topic: str, msg) -> bytes:
+    def reply(self, topic: str, msg, unheard=None) -> bytes:
+        """`unheard`: called if nobody listens on `topic` any more (sent at QoS 1 to learn it)."""
         payload = wire.encode(msg)
-        self.link.publish(topic, payload, qos=wire.ROUND_QOS)
+        self.link.publish(topic, payload, qos=1 if unheard else wire.ROUND_QOS, unheard=unheard)
         return payload
 
     # -- messages ------------------------------------------------------------------------------
     def handle(self, topic: str, payload: bytes, arrived: float) -> None:
+        if topic == UNHEARD:
+            self.end_stream(*payload)
+            return
         parts = topics.parse_device(topic)
         if parts is None or parts[2] != "draft":
             announced = topics.parse_fleet(topic)
@@ -326,8 +350,19 @@ class Verifier:
                 self.reply(out, wire.Error(session, seq, code, str(exc)))
             return
         key = (fleet, device, msg.session)
-        if key in self.pending and not isinstance(msg, wire.Draft):
-            self.run_pending()  # an OPEN or CLOSE acts after the draft before it
+        busy = self.pending.get(key)
+        if busy is not None:
+            if isinstance(busy.msg, wire.Generate) and msg.seq > busy.msg.seq:
+                del self.pending[key]  # the session's next message ends its stream (the device switched
+                if key in self.sessions:  # modes, asks again, opens again or is done)
+                    self.sessions[key].generating = 0
+            elif msg.seq < busy.msg.seq:
+                self.count("stale")
+                return
+            else:  # after the pending round's pass, in order (a duplicate of it is dropped)
+                if msg.seq > busy.msg.seq:
+                    self.defer(key, msg.seq, (topic, payload, arrived))
+                return
         if isinstance(msg, wire.Open):
             self.open(key, msg, out)
         elif isinstance(msg, wire.Close):
@@ -340,14 +375,6 @@ class Verifier:
             if session is None:
                 self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.UNKNOWN_SESSION, "open the session"))
                 return
-            busy = self.pending.get(key)
-            if busy is not None and isinstance(busy.msg, wire.Generate) and msg.seq > busy.msg.seq:
-                del self.pending[key]  # a newer round ends the stream: the device switched modes or asks again
-                session.generating = 0
-            elif busy is not None:
-                if busy.msg.seq != msg.seq:  # the next round: after this batch
-                    self.deferred.append((topic, payload, arrived))
-                return  # a duplicate of a draft already waiting
             session.last_used = time.monotonic()
             if msg.seq == session.last_seq and session.last_reply is not None:
                 self.link.publish(out, session.last_reply, qos=wire.ROUND_QOS)  # a replay: same answer, no new work
@@ -357,13 +384,13 @@ class Verifier:
                 return
             try:
                 holds = self.take_round(session, msg)
-            except (OutOfSync, BadRequest) as exc:
+            except Overloaded as exc:
+                self.refuse(out, msg, str(exc))
+                return
+            except (OutOfSync, BadRequest, GrammarError) as exc:
                 self.refused_by_session(out, msg, exc)
                 return
-            refusal = self.make_room(key, holds)
-            if refusal:
-                self.refuse(out, msg, refusal)
-                return
+            self.make_room(key, holds)  # within the limit: take_round checked
             if isinstance(msg, wire.Draft):
                 item = Item(session, msg.tokens, msg.q, self.hint_sender(session, msg, out))
             else:
@@ -374,22 +401,29 @@ class Verifier:
         else:
             self.count("unexpected_type")
 
-    @staticmethod
-    def take_round(session: TargetSession, msg) -> int:
-        """Bring `session` to the text a DRAFT or GENERATE states (OutOfSync, BadRequest if it
-        cannot be); returns the positions its cache will hold after the round."""
+    def take_round(self, session: TargetSession, msg) -> int:
+        """Bring `session` to the text a DRAFT or GENERATE states, or leave it as it was: whatever
+        refuses the round (OutOfSync, BadRequest, Overloaded) does so before the session changes.
+        Returns the positions its cache will hold after the round."""
+        if isinstance(msg, wire.Draft):
+            holds = msg.committed + len(msg.forced) + len(msg.tokens) + 1
+            session.check_draft(msg.tokens, msg.q, msg.committed + len(msg.forced))
+        else:
+            holds = msg.committed + msg.max_new_tokens
+            if holds > session.model.cfg.max_seq_len:
+                raise BadRequest("generation runs past the target's context")
+        refusal = self.over_limit(holds)
+        if refusal:
+            raise Overloaded(refusal)
         if isinstance(msg, wire.Draft):
             streamed = session.stream_from is not None and msg.committed >= session.stream_from
             session.sync(msg.committed, msg.text_hash, allow_rollback=streamed)
             session.force(msg.forced)
-            session.check_draft(msg.tokens, msg.q)
             session.stream_from = None
-            return len(session.committed) + len(msg.tokens) + 1
-        session.sync(msg.committed, msg.text_hash, allow_rollback=True)
-        if len(session.committed) + msg.max_new_tokens > session.model.cfg.max_seq_len:
-            raise BadRequest("generation runs past the target's context")
-        session.stream_from = len(session.committed)
-        return len(session.committed) + msg.max_new_tokens
+        else:
+            session.sync(msg.committed, msg.text_hash, allow_rollback=True)
+            session.stream_from = len(session.committed)
+        return holds
 
     def open(self, key, msg: wire.Open, out: str) -> None:
         target = self.targets[self.versions.version_for(key[0], key[1])]
@@ -411,7 +445,7 @@ class Verifier:
                     return
                 constraint = compiled.start()
             session = TargetSession(target, msg.tokens, msg.params, msg.session, msg.draft, msg.contract,
-                                    constraint, msg.grammar_from, msg.prompts)
+                                    constraint, msg.grammar_from, msg.prompts, "/".join(self.prefix_scope(key)))
         except (BadRequest, GrammarError) as exc:
             self.count("bad_request")
             self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.BAD_REQUEST, str(exc)))
@@ -420,7 +454,7 @@ class Verifier:
             session.last_seq, session.last_reply = old.last_seq, None
             session.adopt_cache(old)
         else:
-            self.share_prefix(session)
+            self.share_prefix(key, session)
         need = session.cache_bytes_after([])
         if need > self.budget_bytes:
             self.refuse(out, msg, f"its KV cache of {need / 2**20:.2f} MB would exceed the verifier's "
@@ -432,7 +466,7 @@ class Verifier:
             return
         session.hints = msg.hints
         self.sessions[key] = session
-        self.prefixes.add(key, msg.tokens)
+        self.prefixes.add(self.prefix_scope(key), key, msg.tokens)
         self.reply(out, wire.Opened(msg.session, msg.seq, self.replica, target.name, target.exact))
 
     def compiled_grammar(self, target, msg: wire.Open):
@@ -443,11 +477,15 @@ class Verifier:
             return self.grammars.get(target.tokenizer, vocab, msg.grammar)
         return self.grammars.find(target.tokenizer, vocab, msg.grammar_hash)
 
-    def share_prefix(self, session: TargetSession) -> None:
-        """A new session's prompt that begins like another session's (a fleet-wide system prompt)
+    def prefix_scope(self, key) -> tuple:
+        """Whose prefixes session `key` may share ([verifier] share_prefixes): never another fleet's."""
+        return key[:1] if self.cfg.verifier.share_prefixes == "fleet" else key[:2]
+
+    def share_prefix(self, key, session: TargetSession) -> None:
+        """A new session's prompt that begins like another session's of its scope (a system prompt)
         starts from a copy of that session's cache: the shared prefix is not prefilled again."""
-        for key, length in self.prefixes.candidates(session.committed):
-            donor = self.sessions.get(key)
+        for holder, length in self.prefixes.candidates(self.prefix_scope(key), session.committed):
+            donor = self.sessions.get(holder)
             taken = session.share_prefix(donor, length) if donor is not None else 0
             if taken:
                 self.stats.prefix_hits += 1
@@ -474,14 +512,14 @@ class Verifier:
         session.last_seq, session.last_reply, session.last_used = msg.seq, None, time.monotonic()
         self.stats.extended += 1
         self.stats.extended_cached_tokens += msg.committed
-        self.prefixes.add(key, session.committed)
+        self.prefixes.add(self.prefix_scope(key), key, session.committed)
         refusal = self.make_room(key, len(session.committed))
         if refusal:
             self.refuse(out, msg, refusal)
 
     def refused_by_session(self, out: str, msg, exc: Exception) -> None:
         """OUT_OF_SYNC (the device resyncs) or BAD_REQUEST (counted) for what the session refused."""
-        bad = isinstance(exc, BadRequest)
+        bad = not isinstance(exc, OutOfSync)
         if bad:
             self.count("bad_request")
         code = wire.ErrorCode.BAD_REQUEST if bad else wire.ErrorCode.OUT_OF_SYNC
@@ -496,9 +534,9 @@ class Verifier:
         used and idle first, while the device holds more than max_sessions_per_device sessions
         (with an OPEN's) or max_context_per_device tokens. Returns why it cannot, or ""."""
         cfg = self.cfg.verifier
-        if tokens > cfg.max_context_per_device:
-            return (f"this session would hold {tokens} tokens, over the verifier's "
-                    f"max_context_per_device of {cfg.max_context_per_device}")
+        refusal = self.over_limit(tokens)
+        if refusal:
+            return refusal
         # Dropping rather than refusing: a device that restarted or lost its sessions' CLOSEs would
         # otherwise be locked out until session_idle_s; a dropped session that was still in use
         # gets UNKNOWN_SESSION and resyncs.
@@ -511,6 +549,13 @@ class Verifier:
             held -= len(self.sessions.pop(k).committed)
             self.pending.pop(k, None)
             self.stats.dropped += 1
+        return ""
+
+    def over_limit(self, tokens: int) -> str:
+        """Why one session may not hold `tokens` tokens, or ""."""
+        limit = self.cfg.verifier.max_context_per_device
+        if tokens > limit:
+            return f"this session would hold {tokens} tokens, over the verifier's max_context_per_device of {limit}"
         return ""
 
     @property
@@ -589,7 +634,20 @@ class Verifier:
 
     def run_batch(self, target: Target, batch: list[Pending]) -> None:
         t0 = time.monotonic()
-        rows = verify_batch(target.model, [p.item for p in batch], target.exit_head, self.cfg.verifier.prefill_chunk)
+        try:
+            rows = verify_batch(target.model, [p.item for p in batch], target.exit_head,
+                                self.cfg.verifier.prefill_chunk)
+        except Exception as exc:  # the caches are back where they were (verify_batch)
+            if len(batch) == 1:
+                self.fail_round(batch[0], exc)
+                return
+            # Whatever broke the pass, it must not cost the others their rounds: each goes again
+            # alone, and only a round that fails alone is refused.
+            log.warning("a pass of %d rounds failed (%s): each goes alone", len(batch), exc)
+            self.count("split_pass")
+            for p in batch:
+                self.run_batch(target, [p])
+            return
         compute_s = time.monotonic() - t0
         stats = self.stats
         stats.passes += 1
@@ -600,6 +658,9 @@ class Verifier:
         for p in batch:
             item, session, msg = p.item, p.item.session, p.msg
             session.last_used = time.monotonic()
+            if item.error is not None:
+                self.fail_round(p, item.error)
+                continue
             if not item.done:  # a chunk of a long prefill: the rest goes in the next passes
                 stats.prefill_chunks += 1
                 self.pending[p.key] = p
@@ -621,9 +682,30 @@ class Verifier:
                 session.generating -= 1
                 done = item.next_token in session.target.tokenizer.stop_ids or session.generating <= 0
                 start = len(session.committed) - 1
-                self.reply(p.out, wire.Tokens(msg.session, msg.seq, start, [item.next_token], done))
+                ask = not done and (msg.max_new_tokens - session.generating) % STREAM_CHECK == 0
+                unheard = (lambda k=p.key, seq=msg.seq: self.inbox.put((UNHEARD, (k, seq), time.monotonic()))
+                           ) if ask else None
+                self.reply(p.out, wire.Tokens(msg.session, msg.seq, start, [item.next_token], done), unheard)
                 if not done:
                     self.pending[p.key] = Pending(p.key, Item.step(session), msg, p.out, time.monotonic())
+
+    def end_stream(self, key, seq: int) -> None:
+        """Nobody listens to session `key`'s stream any more (the device went away): it ends here
+        instead of running to its max_new_tokens, a row of every pass until then."""
+        busy = self.pending.get(key)
+        if busy is not None and isinstance(busy.msg, wire.Generate) and busy.msg.seq == seq:
+            del self.pending[key]
+            busy.item.session.generating = 0
+            self.count("stream_unheard")
+
+    def fail_round(self, p: Pending, exc: Exception) -> None:
+        """A round the target could not verify, alone: its session goes (its cache already holds
+        only the committed text) and the device is told why; nobody else's round is touched."""
+        log.error("round %d of %s failed: %r", p.msg.seq, p.key, exc)
+        self.count("internal")
+        self.sessions.pop(p.key, None)
+        self.reply(p.out, wire.Error(p.msg.session, p.msg.seq, wire.ErrorCode.INTERNAL,
+                                     f"the target could not verify this round: {exc}"))
 
     def enforce_budget(self) -> None:
         budget = self.cfg.verifier.kv_budget_mb * 2**20

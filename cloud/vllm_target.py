@@ -39,8 +39,12 @@ PREFILL_OVER = 16  # new tokens past the kept rows (a GPU KV block) that get a p
 class VllmSession:
     """One session's text: vLLM finds its KV blocks by the tokens' hashes."""
 
-    def __init__(self, engine: "VllmTarget"):
+    def __init__(self, engine: "VllmTarget", salt: str = ""):
         self.engine, self.tokens = engine, []
+        # vLLM's prefix cache is one for every request: the salt keeps a scope's blocks (a device's,
+        # or a fleet's: [verifier] share_prefixes) out of every other scope's reach, where a hit
+        # would tell by its time that another device sent the same text.
+        self.salt = salt
 
     @property
     def length(self) -> int:
@@ -59,6 +63,7 @@ class VllmTarget:
     engine = "vllm"
     hints = False  # no residual stream to read an early exit from
     candidates = (0,)  # rows are batched as vLLM schedules them: one way, tested or measured
+    salted = True  # new_cache takes the session's prefix scope (VllmSession.salt)
 
     def __init__(self, path: str | Path, batch_invariant: bool = False, max_model_len: int = 4096,
                  sha256: str | None = None, **engine_args):
@@ -99,8 +104,8 @@ class VllmTarget:
                                      detokenize=False)
         self.prefill = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
 
-    def new_cache(self, capacity: int = 0) -> VllmSession:
-        return VllmSession(self)
+    def new_cache(self, capacity: int = 0, salt: str = "") -> VllmSession:
+        return VllmSession(self, salt)
 
     def forward(self, tokens, cache: VllmSession, last_only: bool = False, on_layer=None) -> torch.Tensor:
         return self.forward_batch([(tokens, cache)], last_only, on_layer)[0]
@@ -114,14 +119,16 @@ class VllmTarget:
 
         tokens, caches, keep = feeds(self, sequences, last_only, on_layer, keep)
         texts = [cache.tokens + toks for toks, cache in zip(tokens, caches)]
+        prompt = lambda i, end: TokensPrompt(prompt_token_ids=texts[i][:end], **(
+            {"cache_salt": caches[i].salt} if caches[i].salt else {}))
         # A long feed (a cold prompt, a re-read): its unkept part computed once first, so that the
         # kept rows' requests below find its blocks cached instead of each computing them.
-        long = [text[:len(text) - k] for text, toks, k in zip(texts, tokens, keep) if len(toks) - k > PREFILL_OVER]
+        long = [(i, len(text) - k) for i, (text, toks, k) in enumerate(zip(texts, tokens, keep))
+                if len(toks) - k > PREFILL_OVER]
         if long:
-            self.llm.generate([TokensPrompt(prompt_token_ids=t) for t in long], self.prefill, use_tqdm=False)
+            self.llm.generate([prompt(i, end) for i, end in long], self.prefill, use_tqdm=False)
         ends = [(i, end) for i, (text, k) in enumerate(zip(texts, keep)) for end in range(len(text) - k + 1, len(text) + 1)]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=texts[i][:end]) for i, end in ends],
-                                 self.params, use_tqdm=False)
+        outs = self.llm.generate([prompt(i, end) for i, end in ends], self.params, use_tqdm=False)
         rows: list[list[np.ndarray]] = [[] for _ in texts]
         for (i, _), out in zip(ends, outs):
             rows[i].append(_dense(out.outputs[0].logprobs, 0, self.cfg.vocab_size))

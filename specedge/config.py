@@ -285,6 +285,11 @@ class VerifierIdentity:
     max_sessions_per_device: int = 4
     max_context_per_device: int = 32768
     prefill_chunk: int = 512
+    # Whose cached prompt prefix a new session may start from (docs/security.md): "device", the
+    # same device's sessions only; "fleet", any device of its fleet (a shared system prompt is
+    # prefilled once, and a device can tell by the time to first token whether another device of
+    # the fleet sent a prompt). Never across fleets.
+    share_prefixes: str = "device"
     stats_interval_s: float = 5.0  # statistics on specedge/v1/_verifiers/{id}/stats
     metrics_port: int = -1  # Prometheus /metrics on this port (0 = any free port, -1 = off)
     metrics_host: str = "127.0.0.1"
@@ -301,6 +306,7 @@ class VerifierIdentity:
         _check(self.max_sessions_per_device >= 1, "verifier.max_sessions_per_device", ">= 1")
         _check(self.max_context_per_device >= 1, "verifier.max_context_per_device", ">= 1")
         _check(self.prefill_chunk >= 1, "verifier.prefill_chunk", ">= 1")
+        _check(self.share_prefixes in SHARE_PREFIXES, "verifier.share_prefixes", " or ".join(SHARE_PREFIXES))
         _check(self.stats_interval_s > 0, "verifier.stats_interval_s", "> 0")
         _check(-1 <= self.metrics_port < 65536, "verifier.metrics_port", "-1 (off), 0 (any free port) or 1..65535")
 
@@ -308,6 +314,7 @@ class VerifierIdentity:
 # A name that becomes a topic level (a verifier's id, which devices read as its replica's name):
 # no wildcard, separator or anything else a broker or its ACL could read another way.
 TOPIC_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SHARE_PREFIXES = ("device", "fleet")
 TARGET_ENGINES = ("auto", "torch", "llama.cpp", "vllm", "emulated")  # cloud/engine.py
 WEIGHTS = ("auto", "int8", "bf16", "fp32", "fp64")  # how a model's weights are held (loader.load_model)
 

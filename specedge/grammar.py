@@ -160,34 +160,56 @@ def _ll_tokenizer(tokenizer, vocab_size: int):
 
 
 class Compiled:
-    """A grammar compiled for one tokenizer and vocabulary; start() gives a request its state."""
+    """A grammar checked for one tokenizer and vocabulary; start() gives a request its state.
 
-    def __init__(self, tokenizer, vocab_size: int, text: str):
+    Each request gets a matcher of its own (under a millisecond for a JSON schema), never a deep
+    copy of one: copies share llguidance's lexer and the budget ("fuel") it spends building
+    derivatives, so one request that spent it (a long string under a large repetition bound) left
+    every other request of the grammar in the error state, allowing only EOS."""
+
+    def __init__(self, tokenizer, vocab_size: int, text: str, limits: dict | None = None):
+        """`limits`: llguidance's parser limits (LLParserLimits' keywords; default: its own)."""
         if len(text.encode()) > MAX_GRAMMAR:
             raise GrammarError(f"grammar of {len(text.encode())} bytes exceeds the limit of {MAX_GRAMMAR}")
+        self.text, self.hash, self.vocab_size, self.limits = text, grammar_hash(text), vocab_size, limits
+        self._tokenizer = _ll_tokenizer(tokenizer, vocab_size)
+        matcher = self._matcher()
+        if matcher.is_error():
+            raise GrammarError(f"grammar does not compile: {matcher.get_error()}")
+
+    def _matcher(self):
         llg = _llg()
-        self.text, self.hash, self.vocab_size = text, grammar_hash(text), vocab_size
-        self._matcher = llg.LLMatcher(_ll_tokenizer(tokenizer, vocab_size), text, log_level=0)
-        if self._matcher.is_error():
-            raise GrammarError(f"grammar does not compile: {self._matcher.get_error()}")
+        limits = llg.LLParserLimits(**self.limits) if self.limits else None
+        return llg.LLMatcher(self._tokenizer, self.text, log_level=0, limits=limits)
 
     def start(self) -> "Constraint":
-        return Constraint(self._matcher.deep_copy(), self.vocab_size)
+        return Constraint(self._matcher(), self.vocab_size)
 
 
 class Constraint:
-    """One request's grammar state over its generated text (see the module docstring)."""
+    """One request's grammar state over its generated text (see the module docstring). A matcher
+    that fails (llguidance's resource limits) raises GrammarError at once: its mask would allow
+    only EOS, and an answer cut short there must never pass for the grammar's."""
 
     def __init__(self, matcher, vocab_size: int):
         self.m, self.vocab_size = matcher, vocab_size
         self.length = 0  # tokens consumed
 
+    def _healthy(self) -> None:
+        if self.m.is_error():
+            raise GrammarError(f"the grammar's matcher failed: {self.m.get_error()}")
+
+    def _bitmask(self) -> bytes:
+        raw = self.m.compute_bitmask()
+        self._healthy()
+        return raw
+
     def _bits(self) -> int:
-        return int.from_bytes(self.m.compute_bitmask(), "little")
+        return int.from_bytes(self._bitmask(), "little")
 
     def allowed(self) -> np.ndarray:
         """bool[vocab]: the tokens the grammar allows next."""
-        raw = np.frombuffer(self.m.compute_bitmask(), dtype=np.uint8)
+        raw = np.frombuffer(self._bitmask(), dtype=np.uint8)
         return np.unpackbits(raw, bitorder="little")[: self.vocab_size].astype(bool)
 
     def forced(self) -> int | None:
@@ -205,8 +227,10 @@ class Constraint:
         if not tokens:
             return True
         if self.valid_prefix(tokens) != len(tokens):
+            self._healthy()
             return False
         self.m.consume_tokens(list(tokens))
+        self._healthy()
         self.length += len(tokens)
         return True
 
@@ -254,8 +278,8 @@ class Cache:
     """Compiled grammars by hash (a verifier's): every session of a fleet-wide schema compiles it
     once. Least recently used first out, beyond `size` grammars."""
 
-    def __init__(self, size: int = 64):
-        self.size, self._compiled = size, {}
+    def __init__(self, size: int = 64, limits: dict | None = None):
+        self.size, self.limits, self._compiled = size, limits, {}
 
     def find(self, tokenizer, vocab_size: int, digest: bytes) -> Compiled | None:
         """The grammar named by `digest` if it is compiled here (an OPEN that sent no text), now the
@@ -267,10 +291,11 @@ class Cache:
         return hit
 
     def get(self, tokenizer, vocab_size: int, text: str) -> Compiled:
-        """The grammar of `text`, compiled here unless it already is."""
+        """The grammar of `text`, compiled here unless it already is (under the same hash, with
+        the same text: 8 bytes of hash are a name, not a proof)."""
         hit = self.find(tokenizer, vocab_size, grammar_hash(text))
-        if hit is None:
-            hit = Compiled(tokenizer, vocab_size, text)
+        if hit is None or hit.text != text:
+            hit = Compiled(tokenizer, vocab_size, text, self.limits)
             self._compiled[(tokenizer, vocab_size, hit.hash)] = hit
             while len(self._compiled) > self.size:
                 self._compiled.pop(next(iter(self._compiled)))

@@ -13,6 +13,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from typing import NamedTuple
 
 import paho.mqtt.client as paho
@@ -23,6 +24,8 @@ from paho.mqtt.properties import Properties
 from specedge.config import MqttConfig
 
 log = logging.getLogger("specedge.mqtt")
+NO_MATCHING_SUBSCRIBERS = 16  # an MQTT 5 PUBACK's reason code
+UNHEARD_KEEP_S = 10.0  # how long a PUBACK that overtook its publish() is kept for it (Link.publish)
 
 def _varint_len(n: int) -> int:
     size = 1
@@ -78,6 +81,12 @@ class Link:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._retrying: threading.Thread | None = None
+        # QoS 1 publishes whose sender wants to know if nobody subscribes (MQTT 5's PUBACK says so):
+        # mid -> unheard(); and the mids the broker already said so for, before their publish()
+        # returned (a PUBACK can overtake it), kept UNHEARD_KEEP_S.
+        self._watched: dict[int, object] = {}
+        self._unheard_early: dict[int, float] = {}
+        self._watch_lock = threading.Lock()
 
     # paho callbacks: record state, hand messages on, nothing else.
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -97,6 +106,17 @@ class Link:
             if self.on_connection:
                 self.on_connection(True)
         self._connack.set()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        heard = getattr(reason_code, "value", 0) != NO_MATCHING_SUBSCRIBERS
+        with self._watch_lock:
+            unheard = self._watched.pop(mid, None)
+            if unheard is None and not heard:
+                now = time.monotonic()
+                self._unheard_early = {m: t for m, t in self._unheard_early.items() if now - t < UNHEARD_KEEP_S}
+                self._unheard_early[mid] = now
+        if unheard is not None and not heard:
+            unheard()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
@@ -133,6 +153,7 @@ class Link:
         client.on_connect, client.on_disconnect, client.on_message = (
             self._on_connect, self._on_disconnect, self._on_message)
         client.on_socket_open = self._on_socket_open
+        client.on_publish = self._on_publish
         client.reconnect_delay_set(min_delay=1, max_delay=8)
         for topic, handler in self.handlers.items():
             client.message_callback_add(topic, self._routed(handler))
@@ -178,6 +199,8 @@ class Link:
         errors = []
         for protocol in protocols:
             self._connack.clear()
+            if self._stopping.is_set():  # stop() wakes a CONNACK wait: a service stops promptly
+                raise BrokerUnavailable("the link is stopping")
             self._refused = None
             client = self._make_client(protocol)
             self.protocol = protocol
@@ -213,8 +236,10 @@ class Link:
             self._client.subscribe(topic, qos=self.cfg.qos)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int | None = None,
-                reply_to: ReplyTo | None = None) -> None:
-        """`reply_to` asks for an answer there (MQTT 5 properties; on 3.1.1 it must travel in the payload)."""
+                reply_to: ReplyTo | None = None, unheard=None) -> None:
+        """`reply_to` asks for an answer there (MQTT 5 properties; on 3.1.1 it must travel in the
+        payload). `unheard()` is called (from paho's thread) if the broker says that nobody
+        subscribes to `topic`: MQTT 5 and QoS 1 only, where the PUBACK says so."""
         qos = self.cfg.qos if qos is None else qos
         v5 = self.protocol == "5"
         props = Properties(PacketTypes.PUBLISH) if v5 else None
@@ -235,15 +260,24 @@ class Link:
             if alias is not None:
                 props.TopicAlias = alias
             self.bytes_sent += publish_packet_bytes(sent_topic, len(payload), qos, v5, alias is not None)
-            self._client.publish(sent_topic, payload, qos=qos, retain=retain, properties=props)
+            info = self._client.publish(sent_topic, payload, qos=qos, retain=retain, properties=props)
+        if unheard is not None and v5 and qos:
+            with self._watch_lock:
+                said = self._unheard_early.pop(info.mid, None)
+                if said is None or time.monotonic() - said >= UNHEARD_KEEP_S:
+                    self._watched[info.mid] = unheard
+                    return
+            unheard()
 
     def stop(self) -> None:
         self._stopping.set()
+        self._connack.set()  # a connect waiting for its CONNACK gives up now (_connect)
         if self._retrying is not None:
             self._retrying.join(timeout=30)  # a connect under way finishes first: then it is closed below
             self._retrying = None
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._client = None
+        client = self._client  # a connect giving up may clear it meanwhile
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()  # callbacks may still publish until it returns
+        self._client = None
         self.connected.clear()

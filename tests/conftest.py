@@ -6,6 +6,7 @@ import contextlib
 
 import functools
 import inspect
+import queue
 import re
 import socket
 import threading
@@ -15,7 +16,10 @@ from pathlib import Path
 import pytest
 
 from specedge.broker import MosquittoBroker
+from specedge.config import CloudConfig, build
 from specedge.loader import load_model
+from specedge.mqtt import Link
+from specedge.protocol import topics, wire
 from specedge.tiny import write_pair
 
 # The two layers. A test is `integration` when its own source, a fixture it uses (directly or
@@ -309,3 +313,46 @@ def mqtt_connects(port: int, ca=None, cert=None, key=None, wait: float = 3) -> b
     finally:
         c.loop_stop()
         c.disconnect()
+
+
+class Wire:
+    """A bare MQTT client that speaks the wire to a verifier as devices of `fleet` would."""
+
+    def __init__(self, port: int, fleet: str, devices: tuple[str, ...] = (topics.ANY,)):
+        """`devices`: whose answers it listens to (default: every device's of the fleet)."""
+        self.fleet = fleet
+        self.replies: queue.Queue = queue.Queue()
+        name = f"wire-{fleet}-{'-'.join(devices).replace('+', 'all')}"
+        self.link = Link(build(CloudConfig, {"mqtt": {"port": port}}).mqtt, name, self._on)
+        for device in devices:
+            self.link.subscribe(topics.answers(fleet, device))
+        self.link.start()
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        self.replies.put((topics.parse_answers(topic)[1], wire.decode(payload)))
+
+    def send(self, device: str, msg) -> None:
+        self.link.publish(topics.device(self.fleet, device, "draft"), wire.encode(msg))
+
+    def ask(self, device: str, msg, timeout: float = 60):
+        """Send `msg` and return the reply to it (skipping others' replies and hints)."""
+        self.send(device, msg)
+        while True:
+            who, reply = self.replies.get(timeout=timeout)
+            if who == device and reply.session == msg.session and not isinstance(reply, wire.Hint):
+                return reply
+
+    def stop(self) -> None:
+        self.link.stop()
+
+
+@pytest.fixture
+def wire_client(mosquitto):
+    made = []
+
+    def make(fleet: str, devices: tuple[str, ...] = (topics.ANY,)) -> Wire:
+        made.append(Wire(mosquitto.port, fleet, devices))
+        return made[-1]
+    yield make
+    for w in made:
+        w.stop()

@@ -200,14 +200,17 @@ def test_a_shared_system_prompt_is_prefilled_once_across_devices_and_stays_exact
                                                  {"role": "user", "content": "stop it"}]))
     shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
     assert shared >= 64
-    stack.agent.generate(first, SamplingParams(), 8, parse_policy("fixed:2"))  # its session is kept: warm
-    hits, saved = stack.verifier.stats.prefix_hits, stack.verifier.stats.prefix_tokens
+    scope = stack.verifier.cfg.verifier
+    scope.share_prefixes = "fleet"  # a fleet whose devices share a system prompt (docs/security.md)
     other = Agent(build(DeviceConfig, {"device": {"fleet": "default", "id": "second-device"},
                                        "mqtt": {"port": mosquitto.port}, "energy": {"meter": "estimated"}}),
                   TorchDraftEngine(draft), tok).start()
     try:
+        stack.agent.generate(first, SamplingParams(), 8, parse_policy("fixed:2"))  # its session is kept: warm
+        hits, saved = stack.verifier.stats.prefix_hits, stack.verifier.stats.prefix_tokens
         got = other.generate(second, SamplingParams(), 16, parse_policy("fixed:3"))
     finally:
+        scope.share_prefixes = "device"
         other.stop()
     assert got.tokens == reference_greedy(target, second, 16, tok.stop_ids)
     assert stack.verifier.stats.prefix_hits == hits + 1

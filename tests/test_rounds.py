@@ -180,7 +180,7 @@ def test_the_verifier_answers_out_of_sync_to_a_draft_over_another_text_of_the_sa
         tiny_models, mosquitto):
     """The stale-draft case at the real verifier: after a verdict, a DRAFT whose length matches
     the session's text but whose hash does not is OUT_OF_SYNC, never verified."""
-    from test_verifier_limits import Wire
+    from conftest import Wire
 
     from specedge.cloud.verifier import Verifier
     from specedge.config import CloudConfig

@@ -127,6 +127,34 @@ def test_dead_broker_is_a_clear_error():
         Link(MqttConfig(port=free_port()), "nobody", lambda *_: None).start(timeout=2)
 
 
+def test_a_link_waiting_for_a_silent_broker_stops_at_once():
+    """A broker that takes the connection and never answers (overloaded, or not a broker) keeps a
+    connect waiting for its CONNACK; stop() must not wait for it: a service told to stop under
+    load did not exit within 30 s of SIGTERM (issue 34)."""
+    import socket
+    import threading
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        link = Link(MqttConfig(port=silent.getsockname()[1]), "patient", lambda *_: None)
+        outcome = []
+
+        def connect():
+            try:
+                link.start(timeout=30)
+            except BrokerUnavailable as exc:
+                outcome.append(exc)
+        waiting = threading.Thread(target=connect)
+        waiting.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        link.stop()
+        waiting.join(timeout=10)
+        assert not waiting.is_alive() and time.monotonic() - t0 < 3
+        assert outcome and "stopping" in str(outcome[0])
+
+
 def test_embedded_broker_speaks_mqtt_311(tiny_models):
     """The zero-setup demo path: amqtt, with the client falling back from MQTT 5."""
     from specedge.tools.demo import Stack

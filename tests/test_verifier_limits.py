@@ -3,7 +3,6 @@ admitted before a pass allocates, and long prefills fed in chunks between other 
 and a stream, which the session's next round ends."""
 from __future__ import annotations
 
-import queue
 import threading
 
 import pytest
@@ -15,49 +14,7 @@ from specedge.config import CloudConfig, ConfigError, DeviceConfig, build
 from specedge.device.agent import Agent, Refused
 from specedge.device.draft import TorchDraftEngine
 from specedge.device.policy import parse_policy
-from specedge.mqtt import Link
-from specedge.protocol import topics
 from specedge.speculative import SamplingParams
-
-
-class Wire:
-    """A bare MQTT client that speaks the wire to a verifier as devices of `fleet` would."""
-
-    def __init__(self, port: int, fleet: str):
-        self.fleet = fleet
-        self.replies: queue.Queue = queue.Queue()
-        self.link = Link(build(CloudConfig, {"mqtt": {"port": port}}).mqtt, f"wire-{fleet}", self._on)
-        self.link.subscribe(topics.answers(fleet, topics.ANY))
-        self.link.start()
-
-    def _on(self, topic: str, payload: bytes) -> None:
-        self.replies.put((topics.parse_answers(topic)[1], wire.decode(payload)))
-
-    def send(self, device: str, msg) -> None:
-        self.link.publish(topics.device(self.fleet, device, "draft"), wire.encode(msg))
-
-    def ask(self, device: str, msg, timeout: float = 60):
-        """Send `msg` and return the reply to it (skipping others' replies and hints)."""
-        self.send(device, msg)
-        while True:
-            who, reply = self.replies.get(timeout=timeout)
-            if who == device and reply.session == msg.session and not isinstance(reply, wire.Hint):
-                return reply
-
-    def stop(self) -> None:
-        self.link.stop()
-
-
-@pytest.fixture
-def wire_client(mosquitto):
-    made = []
-
-    def make(fleet: str) -> Wire:
-        made.append(Wire(mosquitto.port, fleet))
-        return made[-1]
-    yield make
-    for w in made:
-        w.stop()
 
 
 def _agent(tiny_models, port: int, fleet: str, device: str = "d") -> Agent:

@@ -20,6 +20,7 @@ import gc
 import heapq
 import json
 import random
+import statistics
 import sys
 import tempfile
 import threading
@@ -42,6 +43,8 @@ FLEET = "faults"
 # Prompts the tiny target answers at length (30-40 tokens), so every fault lands mid-generation.
 PROMPTS = ["robot go to the mat", "hello", "say hi to the user", "turn on the light", "go home"]
 MAX_NEW = 40
+# The speed check's request: the tiny target's answer to it runs past 300 tokens.
+SPEED_PROMPT, SPEED_TOKENS, SPEED_REPEATS = "list every color", 200, 3
 DEVICE_FAULTS = dict(round_timeout_s=1.0, max_retries=2, max_wait_s=40.0)
 
 
@@ -56,6 +59,9 @@ class Fault:
     channel: bool = False
     faults: dict = field(default_factory=dict)  # the device's [faults] for this trial
     chaos: Callable | None = None  # (rig, rng) -> a client that misbehaves for the whole trial
+    # With chaos: a request's tokens/s must be at least this share of the same request's without
+    # it (_check_speed). None: not measured.
+    slowdown: float | None = None
 
 
 class Rig:
@@ -247,6 +253,88 @@ class Rogue:
         self.link.stop()
 
 
+class Hostile:
+    """A device of the trial's fleet that attacks the verifier it shares with the trial's device
+    (docs/security.md, "The shared pass"), a round of attacks every `every_s`, never listening
+    to an answer: a sampled DRAFT whose q names a token past the vocabulary; a GENERATE to the
+    context's end that it walks away from at once, flooded with stale DRAFTs; an OPEN whose text
+    spends its grammar's lexer budget (a long string under a large repetition bound)."""
+
+    SCHEMA = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 20000}}, "required": ["s"]}
+
+    def __init__(self, rig: Rig, rng: random.Random, every_s: float = 0.3, flood: int = 300):
+        from specedge import grammar
+
+        self.rng, self.every_s, self.flood = rng, every_s, flood
+        self.device = f"hostile{rig.trial}"
+        self.topic = topics.device(FLEET, self.device, "draft")
+        tok, cfg = rig.agent.tokenizer, rig.agent.engine.model.cfg  # the tiny pair shares its shape
+        self.vocab, self.context = cfg.vocab_size, cfg.max_seq_len
+        self.prompt = tok.encode_chat("tell me everything")
+        self.grammar = grammar.json_schema(self.SCHEMA)
+        self.grammar_hash = grammar.grammar_hash(self.grammar)
+        filler = "".join(chr(0x4e00 + (i * 7919) % 20000) for i in range(self.context))
+        self.long = self.prompt + tok.encode('{"s": "' + filler)[:self.context - len(self.prompt) - 2]
+        self.seq = 0
+        self.sent = 0
+        self.link = Link(rig.mqtt(), f"faults-hostile-{rig.trial}", lambda *_: None)  # it listens to nothing
+        self.link.start()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def send(self, msg) -> None:
+        self.link.publish(self.topic, wire.encode(msg))
+        self.sent += 1
+
+    def next(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    ATTACKS = ("q", "stream", "flood", "grammar")
+
+    def attack(self) -> None:
+        import numpy as np
+
+        from specedge.speculative import Q_ONE, SamplingParams, SparseDist
+
+        p, n, h = self.prompt, len(self.prompt), wire.text_hash(self.prompt)
+        if "q" in self.ATTACKS:
+            half = np.array([Q_ONE // 2, Q_ONE - Q_ONE // 2], dtype=np.int64)
+            outside = SparseDist(np.array([5, self.vocab + self.rng.randrange(1, 1000)], dtype=np.uint32), half)
+            self.send(wire.Open(1, self.next(), p, SamplingParams(temperature=0.9, seed=1)))
+            self.send(wire.Draft(1, self.next(), n, [5], [outside], h))
+        if "stream" in self.ATTACKS:
+            self.send(wire.Open(2, self.next(), p))
+            stream = self.next() + self.flood
+            self.send(wire.Generate(2, stream, n, self.context - n - 1, h))
+            if "flood" in self.ATTACKS:
+                stale = wire.encode(wire.Draft(2, stream - 1, n, [5], text_hash=h))
+                for _ in range(self.flood):
+                    self.link.publish(self.topic, stale)
+                self.sent += self.flood
+            self.seq = stream
+        if "grammar" in self.ATTACKS:
+            self.send(wire.Open(3, self.next(), self.long, grammar_hash=self.grammar_hash, grammar=self.grammar,
+                                grammar_from=len(self.prompt)))
+
+    def run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.attack()
+            except Exception:  # the broker restarting under it, say: the attacker just goes on
+                pass
+
+    def stop(self) -> None:
+        """It leaves as devices do (a CLOSE for each session): the trial counts the sessions left."""
+        self._stop.set()
+        self.thread.join(timeout=5)
+        for session in (1, 2, 3):
+            self.send(wire.Close(session, self.next()))
+        time.sleep(0.2)
+        self.link.stop()
+
+
 # -- the faults --------------------------------------------------------------------------------
 def _later(rig: Rig, delay_s: float, fn) -> None:
     thread = threading.Thread(target=lambda: (time.sleep(delay_s), fn()), daemon=True)
@@ -307,6 +395,9 @@ def faults(blackout_s: float = 10.0) -> list[Fault]:
               _nothing, chaos=Echo),
         Fault("wrong-answers", "a broken replica answers for other sessions, rounds and target versions",
               _nothing, chaos=Rogue),
+        Fault("hostile-device", "another device sends q past the vocabulary, stale-draft floods, a grammar "
+              "budget exhaustion and streams it walks away from; speed within 10 % of the run without it",
+              _nothing, chaos=Hostile, slowdown=0.9),
     ]
 
 
@@ -334,9 +425,10 @@ def _diverges(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models) -> dict:
+def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models, speed: bool = True) -> dict:
     """One trial: a fresh rig, one greedy generation with `fault` injected at a random round, then
-    the output, the stream, the verifier's sessions and this process's resources checked."""
+    the output, the stream, the verifier's sessions and this process's resources checked; with
+    `speed`, a fault's slowdown bound too (a benchmark's figure: `make test` leaves it out)."""
     rng = random.Random(f"{seed}-{fault.name}-{trial}")
     draft, tok, target = models
     prompt = tok.encode_chat(rng.choice(PROMPTS))
@@ -350,7 +442,13 @@ def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models) 
         if fault.chaos:
             rig.clients.append(fault.chaos(rig, rng))
         generation = _generate_under_fault(rig, fault, rng, prompt, at_round)
+        if fault.slowdown is not None:  # the chaos ends first (the run after it is the second without)
+            for client in rig.clients:
+                client.stop()
+            rig.clients = []
         _check_generation(generation, fault, reference, rig, row)
+        if speed and fault.slowdown is not None and generation.result is not None:
+            _check_speed(rig, fault, rng, row)
     finally:
         rig.close()
     if rig.hung:
@@ -397,6 +495,37 @@ def _generate_under_fault(rig: Rig, fault: Fault, rng: random.Random, prompt: li
         gen.worker.join(timeout=gen.bound_s)
     gen.hung = gen.worker.is_alive()
     return gen
+
+
+def _timed(rig: Rig, prompt: list[int]) -> float:
+    """Tokens/s of one greedy request of SPEED_TOKENS tokens."""
+    from specedge.device.policy import parse_policy
+    from specedge.speculative import SamplingParams
+
+    t0 = time.monotonic()
+    tokens = rig.agent.generate(prompt, SamplingParams(), SPEED_TOKENS, parse_policy("fixed:3")).tokens
+    return len(tokens) / (time.monotonic() - t0)
+
+
+def _check_speed(rig: Rig, fault: Fault, rng: random.Random, row: dict) -> None:
+    """The request's tokens/s with the chaos against without it: SPEED_REPEATS of each, taking
+    turns, medians compared (one 40-token request on the tiny pair lasts a third of a second, and
+    two of them alone differ by up to 40 % on a shared 2-core host)."""
+    prompt = rig.agent.tokenizer.encode_chat(SPEED_PROMPT)
+    quiet, loud = [], []
+    for _ in range(SPEED_REPEATS):
+        quiet.append(_timed(rig, prompt))
+        client = fault.chaos(rig, rng)
+        try:
+            loud.append(_timed(rig, prompt))
+        finally:
+            client.stop()
+    ratio = statistics.median(loud) / statistics.median(quiet)
+    row.update(tokens_per_s=[round(x, 1) for x in loud], quiet_tokens_per_s=[round(x, 1) for x in quiet],
+               speed_ratio=round(ratio, 3))
+    if ratio < fault.slowdown:
+        row["problems"].append(f"{statistics.median(loud):.1f} tokens/s with it, {ratio:.2f}x the same "
+                               f"request without it (bound {fault.slowdown})")
 
 
 def _check_generation(gen: Generation, fault: Fault, reference: list[int], rig: Rig, row: dict) -> None:
@@ -476,7 +605,7 @@ def _check_leftovers(row: dict, stats0: tuple[float, int], threads0: int, t0: fl
 
 
 def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, blackout_s: float = 10.0,
-              progress=None) -> dict:
+              progress=None, speed: bool = True) -> dict:
     from specedge.loader import load_model
     from specedge.tiny import write_pair
 
@@ -494,7 +623,7 @@ def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, bl
         rows = []
         for fault in chosen:
             for trial in range(trials):
-                row = run_trial(fault, trial, seed, folder, files, (draft, tok, target))
+                row = run_trial(fault, trial, seed, folder, files, (draft, tok, target), speed)
                 rows.append(row)
                 if progress:
                     progress(row)
