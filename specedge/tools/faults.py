@@ -258,9 +258,11 @@ class Hostile:
     (docs/security.md, "The shared pass"), a round of attacks every `every_s`, never listening
     to an answer: a sampled DRAFT whose q names a token past the vocabulary; a GENERATE to the
     context's end that it walks away from at once, flooded with stale DRAFTs; an OPEN whose text
-    spends its grammar's lexer budget (a long string under a large repetition bound)."""
+    is a long string under a large repetition bound (what spent llguidance's lexer budget in the
+    review behind issue 34)."""
 
     SCHEMA = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 20000}}, "required": ["s"]}
+    ATTACKS = ("q", "stream", "flood", "grammar")  # all of them; a subset weighs them one by one
 
     def __init__(self, rig: Rig, rng: random.Random, every_s: float = 0.3, flood: int = 300):
         from specedge import grammar
@@ -290,8 +292,6 @@ class Hostile:
     def next(self) -> int:
         self.seq += 1
         return self.seq
-
-    ATTACKS = ("q", "stream", "flood", "grammar")
 
     def attack(self) -> None:
         import numpy as np
@@ -395,8 +395,8 @@ def faults(blackout_s: float = 10.0) -> list[Fault]:
               _nothing, chaos=Echo),
         Fault("wrong-answers", "a broken replica answers for other sessions, rounds and target versions",
               _nothing, chaos=Rogue),
-        Fault("hostile-device", "another device sends q past the vocabulary, stale-draft floods, a grammar "
-              "budget exhaustion and streams it walks away from; speed within 10 % of the run without it",
+        Fault("hostile-device", "another device sends q past the vocabulary, stale-draft floods, long strings "
+              "under a grammar and streams it walks away from; speed within 10 % of the run without it",
               _nothing, chaos=Hostile, slowdown=0.9),
     ]
 
@@ -442,7 +442,7 @@ def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models, 
         if fault.chaos:
             rig.clients.append(fault.chaos(rig, rng))
         generation = _generate_under_fault(rig, fault, rng, prompt, at_round)
-        if fault.slowdown is not None:  # the chaos ends first (the run after it is the second without)
+        if fault.slowdown is not None:  # it leaves before the verifier's sessions are counted
             for client in rig.clients:
                 client.stop()
             rig.clients = []
