@@ -337,9 +337,13 @@ class Wire:
     def ask(self, device: str, msg, timeout: float = 60):
         """Send `msg` and return the reply to it (skipping others' replies and hints)."""
         self.send(device, msg)
+        return self.answer(device, msg.session, timeout)
+
+    def answer(self, device: str, session: int | None = None, timeout: float = 60):
+        """The next reply to `device` (of `session`, if given), hints and others' replies skipped."""
         while True:
             who, reply = self.replies.get(timeout=timeout)
-            if who == device and reply.session == msg.session and not isinstance(reply, wire.Hint):
+            if who == device and session in (None, reply.session) and not isinstance(reply, wire.Hint):
                 return reply
 
     def stop(self) -> None:

@@ -29,13 +29,6 @@ def _alone(model, tok, prompt: list[int], draft: list[int]) -> tuple[int, int]:
     return TargetSession(Target.in_memory("tiny", model, tok), prompt, SamplingParams(), 1).verify(draft)
 
 
-def _next(client, device: str, timeout: float = 20):
-    while True:
-        who, reply = client.replies.get(timeout=timeout)
-        if who == device and not isinstance(reply, wire.Hint):
-            return reply
-
-
 # -- 1: a q naming tokens outside the vocabulary ---------------------------------------------------
 def test_a_q_outside_the_vocabulary_is_refused_at_the_door_and_the_pass_beside_it_stands(
         tiny_models, fleet_verifier, wire_client):
@@ -52,7 +45,7 @@ def test_a_q_outside_the_vocabulary_is_refused_at_the_door_and_the_pass_beside_i
         bad = [_q([5, vocab + 7]), _q([6])]
         client.send("bad", wire.Draft(1, seq, len(prompt), [5, 6], bad, wire.text_hash(prompt)))
         client.send("good", wire.Draft(1, seq, len(text), [5, 6, 7], text_hash=wire.text_hash(text)))
-        refused, verdict = _next(client, "bad"), _next(client, "good")
+        refused, verdict = client.answer("bad", timeout=20), client.answer("good", timeout=20)
         assert isinstance(refused, wire.Error) and refused.code == wire.ErrorCode.BAD_REQUEST
         assert "vocabulary" in refused.text
         assert isinstance(verdict, wire.Verdict) and (verdict.accepted, verdict.next_token) == want
@@ -115,7 +108,7 @@ def test_a_failing_round_is_refused_alone_while_the_innocent_one_gets_its_verdic
     client.send("bad", wire.Draft(1, 2, len(prompt), [5], [_q([5, target.cfg.vocab_size + 1])],
                                   wire.text_hash(prompt)))
     client.send("good", wire.Draft(1, 2, len(prompt), [5, 6, 7], text_hash=wire.text_hash(prompt)))
-    refused, verdict = _next(client, "bad"), _next(client, "good")
+    refused, verdict = client.answer("bad", timeout=20), client.answer("good", timeout=20)
     assert isinstance(verdict, wire.Verdict)
     assert (verdict.accepted, verdict.next_token) == _alone(target, tok, prompt, [5, 6, 7])
     assert isinstance(refused, wire.Error) and refused.code == wire.ErrorCode.INTERNAL
@@ -295,7 +288,7 @@ def test_a_stream_whose_device_went_away_ends_and_costs_no_more_rows(tiny_models
     assert isinstance(walker.ask("bad", wire.Open(1, 1, prompt)), wire.Opened)
     assert isinstance(good.ask("good", wire.Open(1, 1, prompt)), wire.Opened)
     walker.send("bad", wire.Generate(1, 2, len(prompt), 1800, wire.text_hash(prompt)))
-    first = walker.replies.get(timeout=20)[1]
+    first = walker.answer("bad", timeout=20)
     assert isinstance(first, wire.Tokens)
     walker.stop()  # gone, without a word
     deadline = time.monotonic() + 30
@@ -327,7 +320,7 @@ def test_a_message_for_a_session_with_a_round_pending_waits_for_its_pass_instead
     time.sleep(0.1)
     verdict = good.ask("good", wire.Draft(1, 2, len(prompt), [5, 6], text_hash=wire.text_hash(prompt)))
     assert (verdict.accepted, verdict.next_token) == _alone(target, tok, prompt, [5, 6])
-    assert isinstance(_next(bad, "bad"), wire.Verdict)  # the draft before the CLOSE got its verdict
+    assert isinstance(bad.answer("bad", timeout=20), wire.Verdict)  # the draft before the CLOSE got its verdict
     assert list(verifier.stats.batch_sizes) == [2]
     deadline = time.monotonic() + 10
     while ("split", "bad", 1) in verifier.sessions and time.monotonic() < deadline:

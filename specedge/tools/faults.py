@@ -442,10 +442,9 @@ def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models, 
         if fault.chaos:
             rig.clients.append(fault.chaos(rig, rng))
         generation = _generate_under_fault(rig, fault, rng, prompt, at_round)
-        if fault.slowdown is not None:  # it leaves before the verifier's sessions are counted
-            for client in rig.clients:
-                client.stop()
-            rig.clients = []
+        for client in rig.clients:  # the chaos lasts the request: a hostile device's sessions are not the trial's
+            client.stop()
+        rig.clients = []
         _check_generation(generation, fault, reference, rig, row)
         if speed and fault.slowdown is not None and generation.result is not None:
             _check_speed(rig, fault, rng, row)
