@@ -322,8 +322,21 @@ def test_bench_verifier_sets_speculation_against_batched_cloud_ar_on_the_same_en
         assert row["sessions_lost"] == 0 and row["tokens"] > 0 and row["outputs_wrong"] == 0
         assert row["per_device_tokens_per_s"] == pytest.approx(row["tokens_per_s"] / 2)
     assert rows["batched"]["passes_per_token"] < rows["cloud-ar"]["passes_per_token"]
+    cores = sorted(os.sched_getaffinity(0))
+    assert report["machine"]["pinning"] == (f"device on cores {cores[:len(cores) // 2]}, verifier on cores "
+                                            f"{cores[len(cores) // 2:]}" if len(cores) > 1 else
+                                            "one core: device and verifier share it (not pinned)")
     assert report["speedup_vs_cloud_ar"]["1x2"] == pytest.approx(
         rows["batched"]["tokens_per_s"] / rows["cloud-ar"]["tokens_per_s"])
+
+
+def test_bench_verifier_deals_the_verifier_cores_out_to_its_replicas():
+    from specedge.tools.bench_verifier import _replica_cores
+
+    assert _replica_cores([2, 3, 4, 5], 2) == [[2, 3], [4, 5]]
+    assert _replica_cores([1], 1) == [[1]]
+    assert _replica_cores([1], 2) == [[1], [1]]  # fewer cores than replicas: they share them
+    assert _replica_cores([], 2) == [[], []]  # one-core host: unpinned
 
 
 def test_bench_verifier_on_an_emulated_target_answers_what_the_real_one_did_and_says_emulated(tiny_files, tmp_path):

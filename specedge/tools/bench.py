@@ -277,10 +277,11 @@ def _spawn(cmd: list[str], cores: list[int], env_extra: dict, log_path: Path) ->
     return proc
 
 
-def spawn_verifier(config: Path, log_path: Path, threads: int = 1) -> subprocess.Popen:
-    """`specedge cloud run --config CONFIG` as a child process; `_read_json` waits until it serves."""
-    return _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(config)], [],
-                  {"OMP_NUM_THREADS": str(threads)}, log_path)
+def spawn_verifier(config: Path, log_path: Path, threads: int = 1, cores: list[int] = ()) -> subprocess.Popen:
+    """`specedge cloud run --config CONFIG` as a child process (pinned to `cores` where given, as
+    many threads as those cores); `_read_json` waits until it serves."""
+    return _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run", "--config", str(config)], list(cores),
+                  {} if cores else {"OMP_NUM_THREADS": str(threads)}, log_path)
 
 
 def _read_json(proc: subprocess.Popen, what: str, timeout: float) -> dict:

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from specedge.tools.bench import (_git_revision, _read_json, _stop, load_prompts, near_ties, prompts_file,
-                                  spawn_verifier)
+from specedge.tools.bench import (_git_revision, _read_json, _split_cores, _stop, load_prompts, near_ties,
+                                  prompts_file, spawn_verifier)
 from specedge.broker import MosquittoBroker
 from specedge.cloud.engine import own_generation
 from specedge.device.draft import Drafted, TorchDraftEngine
@@ -127,13 +127,23 @@ block = {block}
     return path
 
 
-def _start_verifiers(folder: Path, port: int, args, replicas: int, max_batch: int, tag: str, block: int) -> list:
+def _replica_cores(cores: list[int], replicas: int) -> list[list[int]]:
+    """The verifier's cores dealt out to the replicas, a share each where there are enough (they
+    share them all where there are not; none given: unpinned)."""
+    if len(cores) >= replicas > 0:
+        share = len(cores) // replicas
+        return [cores[i * share:(i + 1) * share] for i in range(replicas)]
+    return [list(cores)] * replicas
+
+
+def _start_verifiers(folder: Path, port: int, args, replicas: int, max_batch: int, tag: str, block: int,
+                     cores: list[int]) -> list:
     procs = []
     threads = max(1, (os.cpu_count() or 2) // replicas)
-    for i in range(replicas):
+    for i, mine in enumerate(_replica_cores(cores, replicas)):
         name = f"{tag}-r{i}"
         cfg = _verifier_config(folder, name, port, args, max_batch, block)
-        proc = spawn_verifier(cfg, folder / f"{name}.log", threads)
+        proc = spawn_verifier(cfg, folder / f"{name}.log", threads, mine)
         proc.replica = name
         procs.append(proc)
     for proc in procs:
@@ -311,14 +321,23 @@ def run(args) -> int:
     recordings, block, exactness = _recordings(args, drafts, trained_heads, draft_tok)
     folder = Path(tempfile.mkdtemp(prefix="specedge-bench-verifier-"))
     emulation = _emulate(args, draft_tok, folder) if args.emulate else None
-    report = {"machine": {"cpus": os.cpu_count(), "torch_threads_per_replica": "cores / replicas"},
+    # The devices (this process, its broker) and the replicas on cores of their own, as `specedge
+    # bench` pins them: a replica's rows then cost what a profile pinned to its cores measured.
+    device_cores, verifier_cores, pinning = _split_cores()
+    if device_cores:
+        import torch
+
+        os.sched_setaffinity(0, set(device_cores))
+        torch.set_num_threads(len(device_cores))
+    report = {"machine": {"cpus": os.cpu_count(), "pinning": pinning,
+                          "torch_threads_per_replica": "its cores" if verifier_cores else "cores / replicas"},
               "git": _git_revision(), "args": {k: v for k, v in vars(args).items() if k != "func"},
               # Emulated compute: every figure is emulated, from the profile named here.
               "emulated": emulation is not None, "emulation": emulation,
               "drafts": [d[0] for d in drafts], "runs": []}
     broker = MosquittoBroker().start()
     watch = StatsWatch(broker.port)
-    setup = _Setup(args, folder, broker.port, watch, recordings, drafts, block, exactness)
+    setup = _Setup(args, folder, broker.port, watch, recordings, drafts, block, exactness, verifier_cores)
     try:
         for replicas in replica_counts:
             for mode in modes:
@@ -448,6 +467,7 @@ class _Setup:
     drafts: list
     block: int
     exactness: dict
+    verifier_cores: list[int]  # the replicas' (empty: unpinned, shared with the devices)
 
 
 def _measure_configuration(setup: _Setup, replicas: int, mode: str, devices: list[int], rows: list) -> None:
@@ -456,7 +476,8 @@ def _measure_configuration(setup: _Setup, replicas: int, mode: str, devices: lis
     args = setup.args
     tag = f"{mode[0]}{replicas}x{int(time.time()) % 100000}"
     max_batch = 1 if mode == "unbatched" else args.max_batch  # cloud-ar batches its steps too
-    procs = _start_verifiers(setup.folder, setup.port, args, replicas, max_batch, tag, setup.block)
+    procs = _start_verifiers(setup.folder, setup.port, args, replicas, max_batch, tag, setup.block,
+                             setup.verifier_cores)
     try:
         for n in devices:
             if mode == "unbatched" and args.baseline_devices and n not in args.baseline_devices:
