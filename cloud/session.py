@@ -80,6 +80,7 @@ class TargetSession:
         self.last_seq = 0
         self.last_reply: bytes | None = None
         self.last_used = time.monotonic()
+        self.last_round = 0.0  # when a round of it was last answered (the verifier's batching waits for those)
         self.hints = False  # the device asked for early-exit hints
         self.generating = 0  # cloud-ar: tokens still to generate for the current Generate
         # Where the last Generate began: a device that switches from the stream to a draft states
@@ -254,6 +255,11 @@ class TargetSession:
             return start, end, False
         return start, n, True
 
+    def positions(self, draft: list[int], chunk: int = 0) -> int:
+        """Positions the next pass would feed for this session (plan)."""
+        start, end, done = self.plan(draft, chunk)
+        return end - start + (len(draft) if done else 0)
+
     def cache_bytes_after(self, draft: list[int], chunk: int = 0) -> int:
         """What the cache will hold in memory after the next pass: the verifier admits a pass
         against its KV budget before the pass allocates anything."""
@@ -387,6 +393,7 @@ class Item:
     next_token: int = -1
     done: bool = False  # verified; False after a pass that fed only a chunk of the committed text
     error: Exception | None = None  # why this round got no verdict from a pass that ran
+    fed: int = 0  # positions its last pass ran for it
 
     @classmethod
     def step(cls, session: TargetSession) -> "Item":
@@ -402,6 +409,7 @@ def verify_batch(model, items: list[Item], exit_head=None, chunk: int = 0) -> in
     fed, verified, calls = [], [], []
     for item in items:
         tokens, cache, item.done, item_calls = item.session.feed(item.draft, chunk)
+        item.fed = len(tokens)
         fed.append((tokens, cache))
         verified.append(item.done)
         calls.append(item_calls)

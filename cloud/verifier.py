@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from specedge.grammar import Cache as GrammarCache, GrammarError
 from specedge.protocol import wire
+from specedge.cloud.fairness import Shares
 from specedge.cloud.registry import Target, TargetSpec
 from specedge.cloud.session import BadRequest, Item, OutOfSync, PrefixIndex, TargetSession, verify_batch
 from specedge.cloud.versions import Versions
@@ -43,6 +44,11 @@ OTHER = "(other)"
 # Well under the broker's packet limit (wire.MAX_PACKET): a larger message gets us disconnected.
 MAX_STATS_BYTES = 64 * 1024
 DEFERRED = 4  # messages held for one session while its round is pending (Verifier.defer)
+BACKLOG = 64  # messages held for one device over its share (Verifier.receive)
+# What an honest device does not send, and how much each weighs toward making its sender
+# suspect (cloud/fairness.py): a stale round now and then is a retry, a flood of them is not.
+STRIKES = {"bad_request": 1.0, "bad_topic": 1.0, "unexpected_type": 1.0, "malformed": 1.0, "truncated": 1.0,
+           "oversized": 1.0, "unknown_type": 1.0, "stream_unheard": 1.0, "stale": 0.05}
 # Every STREAM_CHECK tokens a stream asks the broker whether its device still listens (a QoS 1
 # TOKENS, whose MQTT 5 PUBACK says "no matching subscribers" if not): the answer comes back
 # through the inbox under the UNHEARD topic, which no MQTT topic can be.
@@ -91,6 +97,8 @@ class VerifierStats:
     extended_cached_tokens: int = 0  # the history those turns did not send again
     prefix_hits: int = 0  # new sessions that started from another session's cached prefix (PrefixIndex)
     prefix_tokens: int = 0  # the positions those did not prefill
+    share_held: int = 0  # rounds that waited a pass for a device within its share (cloud/fairness.py)
+    share_yields: int = 0  # passes of over-share rounds alone, kept to about yield_ms
     kv_peak_bytes: int = 0  # the most all caches held together, right after a pass
     # The most recent rounds and passes only: a service runs for months, its percentiles should
     # neither grow its memory nor describe last week.
@@ -120,6 +128,7 @@ class VerifierStats:
                 "dropped": self.dropped, "prefill_chunks": self.prefill_chunks, "kv_peak_bytes": self.kv_peak_bytes,
                 "extended": self.extended, "extended_cached_tokens": self.extended_cached_tokens,
                 "prefix_hits": self.prefix_hits, "prefix_tokens": self.prefix_tokens,
+                "share_held": self.share_held, "share_yields": self.share_yields,
                 "pairs": [{"draft": d, "target": v, **s.summary()} for (d, v), s in sorted(self.pairs.items())]}
 
 
@@ -154,6 +163,11 @@ class Verifier:
         self.stats = VerifierStats()
         self.grammars = GrammarCache()  # compiled once per grammar, whichever session states it
         self.prefixes = PrefixIndex()  # which session's cache holds a prompt prefix others may share
+        v = cfg.verifier
+        self.shares = Shares(v.share_slack, v.yield_ms / 1000, v.share_hold_s)
+        self.holding = False  # every pending round waits for lighter devices to go idle (fairness.py)
+        self.backlog: dict[tuple, deque] = {}  # device -> its messages held back (receive)
+        self.sender: tuple | None = None  # (fleet, device) of the message being handled
         self.metrics = VerifierMetrics(self)
         self.metrics_port: int | None = None  # where /metrics is served, once started
         self.status_topic = topics.replica(self.replica, "status")
@@ -218,8 +232,13 @@ class Verifier:
         self.link.stop()
         self.metrics.close()
 
-    def count(self, kind: str) -> None:
+    def count(self, kind: str, device: tuple | None = None) -> None:
+        """Count an error of `kind`; one an honest device does not cause (STRIKES) weighs against
+        its sender (`device`, else the sender of the message being handled)."""
         self.errors[kind] = self.errors.get(kind, 0) + 1
+        device = device or self.sender
+        if device is not None and kind in STRIKES:
+            self.shares.strike(device, STRIKES[kind], time.monotonic())
 
     # -- the worker loop -----------------------------------------------------------------------
     def serve(self) -> None:
@@ -255,11 +274,18 @@ class Verifier:
         for held in deferred.values():
             for seq in sorted(held):
                 self.dispatch(*held[seq])
+        self.drain_backlog()
+        if self.holding:  # nothing may run until a lighter device goes idle: wait for news, not spin
+            self.holding = False
+            try:
+                self.receive(self.inbox.get(timeout=0.01))
+            except queue.Empty:
+                pass
         # What queued up during the last pass joins this one whatever its age; the window only
         # bounds how long we wait for more.
         opened = time.monotonic()
         while len(self.pending) < limit and not self.inbox.empty():
-            self.dispatch(*self.inbox.get_nowait())
+            self.receive(self.inbox.get_nowait())
         while len(self.pending) < limit and not self._stop.is_set():
             if self.pending and len(self.pending) >= self.active_sessions():
                 return  # everyone who could join already has: waiting would only add latency
@@ -279,7 +305,7 @@ class Verifier:
                 message = self.inbox.get(timeout=timeout)
             except queue.Empty:
                 return
-            self.dispatch(*message)
+            self.receive(message)
 
     def defer(self, key, seq: int, message: tuple) -> None:
         held = self.deferred.setdefault(key, {})
@@ -289,16 +315,56 @@ class Verifier:
             self.count("stale")
 
     def active_sessions(self) -> int:
-        """Sessions that had a round in the last few seconds: the ones a batch may wait for."""
-        recent = time.monotonic() - 5.0
-        return sum(1 for s in self.sessions.values() if s.last_used > recent)
+        """Sessions that had a round answered in the last few seconds, of devices within their
+        share: the ones a batch may wait for (a session opened and never used, or one whose rounds
+        are refused, must not make every other device's round wait the window)."""
+        now = time.monotonic()
+        over = self.shares.over(now) if self.shares.seen else set()
+        return sum(1 for k, s in self.sessions.items() if s.last_round > now - 5.0 and k[:2] not in over)
+
+    def receive(self, message: tuple) -> None:
+        """A message from the inbox: handled now, or, from a device over its share while a lighter
+        device is busy (cloud/fairness.py), kept in that device's backlog (at most BACKLOG, the
+        oldest dropped and counted `shed`): its handling is target time too (an OPEN under a
+        grammar walks its whole text), and a flood would otherwise be decoded between every pass."""
+        parts = topics.parse_device(message[0]) if message[0] != UNHEARD else None
+        device = parts[:2] if parts is not None else None
+        if device is not None:
+            self.shares.touch(device, message[2])
+        held = self.backlog.get(device)
+        if held or (device is not None and self.shares.gated(device, time.monotonic())):
+            held = self.backlog.setdefault(device, deque())
+            held.append(message)
+            if len(held) > BACKLOG:
+                held.popleft()
+                self.count("shed")
+            return
+        self.dispatch(*message)
+
+    def drain_backlog(self) -> None:
+        """Handle the backlog of each device no longer gated, and whatever waited share_hold_s."""
+        now = time.monotonic()
+        for device, held in list(self.backlog.items()):
+            while held and (not self.shares.gated(device, now) or now - held[0][2] >= self.shares.hold_s):
+                self.dispatch(*held.popleft())
+                now = time.monotonic()
+            if not held:
+                del self.backlog[device]
 
     def dispatch(self, topic: str, payload: bytes, arrived: float) -> None:
+        t0 = time.monotonic()
+        parts = topics.parse_device(topic) if topic != UNHEARD else None
+        self.sender = parts[:2] if parts is not None else None
         try:
             self.handle(topic, payload, arrived)
         except Exception:  # one bad request must not take the service down
             log.exception("internal error on %s", topic)
             self.count("internal")
+        finally:
+            self.sender = None
+        if parts is not None:  # handling a message is the sender's use of the target's time too
+            now = time.monotonic()
+            self.shares.charge(parts[:2], now - t0, now)
 
     def expire_idle(self) -> None:
         cutoff = time.monotonic() - self.cfg.verifier.session_idle_s
@@ -451,7 +517,7 @@ class Verifier:
             self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.BAD_REQUEST, str(exc)))
             return
         if old is not None:  # a resync keeps the round counter so replays stay recognisable
-            session.last_seq, session.last_reply = old.last_seq, None
+            session.last_seq, session.last_reply, session.last_round = old.last_seq, None, old.last_round
             session.adopt_cache(old)
         else:
             self.share_prefix(key, session)
@@ -582,22 +648,29 @@ class Verifier:
         if not self.pending:
             return
         pending, self.pending = sorted(self.pending.values(), key=lambda p: p.arrived), {}
+        pending, waiting, chunk = self.shares.plan(pending, lambda p: p.key[:2],
+                                                   lambda p, c: p.item.session.positions(p.item.draft, c),
+                                                   lambda p: p.arrived, time.monotonic())
+        self.pending.update((p.key, p) for p in waiting)
+        self.holding = not pending
+        self.stats.share_held += len(waiting) if not chunk else 0
+        self.stats.share_yields += bool(chunk)
         by_target: dict[str, list[Pending]] = {}
-        for p in self.admit(pending):
+        for p in self.admit(pending, chunk):
             by_target.setdefault(p.item.session.target.name, []).append(p)
         size = self.cfg.verifier.max_batch
         for name, group in by_target.items():
             for first in range(0, len(group), size):
-                self.run_batch(self.targets[name], group[first:first + size])
+                self.run_batch(self.targets[name], group[first:first + size], chunk)
         self.enforce_budget()
 
-    def admit(self, pending: list[Pending]) -> list[Pending]:
+    def admit(self, pending: list[Pending], chunk: int = 0) -> list[Pending]:
         """The rounds (oldest first) whose caches fit the KV budget once their pass has run,
         reckoned before it allocates: idle sessions lose their caches first. A round that does not
         fit waits for the next pass, when the rounds before it are done and their caches may go;
         the oldest round may also take the caches of sessions with work pending (so someone always
         goes on), and is refused when its cache alone cannot fit."""
-        budget, chunk = self.budget_bytes, self.cfg.verifier.prefill_chunk
+        budget, chunk = self.budget_bytes, chunk or self.cfg.verifier.prefill_chunk
         busy = {id(p.item.session) for p in pending}
         held = sum(s.cache_bytes() for s in self.sessions.values())
         admitted: list[Pending] = []
@@ -632,11 +705,12 @@ class Verifier:
             self.stats.evictions += 1
         return freed
 
-    def run_batch(self, target: Target, batch: list[Pending]) -> None:
+    def run_batch(self, target: Target, batch: list[Pending], chunk: int = 0) -> None:
+        """One pass over `batch`; `chunk`: the most positions a cold session feeds (0: prefill_chunk)."""
         t0 = time.monotonic()
         try:
             rows = verify_batch(target.model, [p.item for p in batch], target.exit_head,
-                                self.cfg.verifier.prefill_chunk)
+                                chunk or self.cfg.verifier.prefill_chunk)
         except Exception as exc:  # the caches are back where they were (verify_batch)
             if len(batch) == 1:
                 self.fail_round(batch[0], exc)
@@ -646,9 +720,10 @@ class Verifier:
             log.warning("a pass of %d rounds failed (%s): each goes alone", len(batch), exc)
             self.count("split_pass")
             for p in batch:
-                self.run_batch(target, [p])
+                self.run_batch(target, [p], chunk)
             return
         compute_s = time.monotonic() - t0
+        self.shares.charge_pass([(p.key[:2], p.item.fed) for p in batch], compute_s, time.monotonic())
         stats = self.stats
         stats.passes += 1
         stats.rows += rows
@@ -666,6 +741,9 @@ class Verifier:
                 self.pending[p.key] = p
                 continue
             stats.rounds += 1
+            session.last_round = session.last_used
+            # busy from its answer on, not only from its last message: it drafts its next round now
+            self.shares.touch(p.key[:2], session.last_round)
             stats.tokens += item.accepted + 1
             stats.queue_s.append(t0 - p.arrived)
             stats.compute_s.append(compute_s)
@@ -696,7 +774,7 @@ class Verifier:
         if busy is not None and isinstance(busy.msg, wire.Generate) and busy.msg.seq == seq:
             del self.pending[key]
             busy.item.session.generating = 0
-            self.count("stream_unheard")
+            self.count("stream_unheard", key[:2])
 
     def fail_round(self, p: Pending, exc: Exception) -> None:
         """A round the target could not verify, alone: its session goes (its cache already holds

@@ -290,6 +290,13 @@ class VerifierIdentity:
     # prefilled once, and a device can tell by the time to first token whether another device of
     # the fleet sent a prompt). Never across fleets.
     share_prefixes: str = "device"
+    # Each device's share of the target (cloud/fairness.py): while a device within its share has
+    # a round pending, the rounds of devices over share_slack times their share wait, and their
+    # passes alone are kept to about yield_ms; one that cannot be (a slow target) waits for the
+    # lighter devices to go idle, at most share_hold_s. share_slack 0: off.
+    share_slack: float = 1.2
+    yield_ms: float = 50.0
+    share_hold_s: float = 10.0
     stats_interval_s: float = 5.0  # statistics on specedge/v1/_verifiers/{id}/stats
     metrics_port: int = -1  # Prometheus /metrics on this port (0 = any free port, -1 = off)
     metrics_host: str = "127.0.0.1"
@@ -307,6 +314,9 @@ class VerifierIdentity:
         _check(self.max_context_per_device >= 1, "verifier.max_context_per_device", ">= 1")
         _check(self.prefill_chunk >= 1, "verifier.prefill_chunk", ">= 1")
         _check(self.share_prefixes in SHARE_PREFIXES, "verifier.share_prefixes", " or ".join(SHARE_PREFIXES))
+        _check(self.share_slack == 0 or self.share_slack >= 1, "verifier.share_slack", "0 (off) or >= 1")
+        _check(0 < self.yield_ms <= 60_000, "verifier.yield_ms", "0 < yield_ms <= 60000")
+        _check(0 <= self.share_hold_s <= 3600, "verifier.share_hold_s", "0..3600")
         _check(self.stats_interval_s > 0, "verifier.stats_interval_s", "> 0")
         _check(-1 <= self.metrics_port < 65536, "verifier.metrics_port", "-1 (off), 0 (any free port) or 1..65535")
 

@@ -152,6 +152,10 @@ class VerifierMetrics:
         yield _counter("specedge_verifier_rounds", "Drafts verified plus cloud-ar steps", stats.rounds)
         yield _counter("specedge_verifier_tokens", "Tokens committed by those rounds", stats.tokens)
         yield _counter("specedge_verifier_evictions", "KV caches dropped for the memory budget", stats.evictions)
+        yield _counter("specedge_verifier_share_held", "Rounds that waited a pass for a device within its share",
+                       stats.share_held)
+        yield _counter("specedge_verifier_share_yields", "Passes of over-share rounds alone, kept to yield_ms",
+                       stats.share_yields)
         yield _gauge("specedge_verifier_sessions", "Sessions held", len(v.sessions))
         yield _gauge("specedge_verifier_cache_bytes", "KV cache bytes of all sessions",
                      sum(s.cache_bytes() for s in list(v.sessions.values())))

@@ -276,6 +276,7 @@ def test_verifier_serves_prometheus_metrics(secure):
     text = body.decode()
     assert status == 200 and "specedge_verifier_batch_size_bucket" in text
     assert 'specedge_acceptance_rate{draft=' in text and "specedge_verifier_passes_total" in text
+    assert "specedge_verifier_share_held_total" in text and "specedge_verifier_share_yields_total" in text
     status, body = http(secure.nodes["d2"].http.port, "/metrics")
     text = body.decode()
     for name in ("specedge_round_latency_seconds_bucket", "specedge_draft_len_bucket", "specedge_wire_bytes_total",

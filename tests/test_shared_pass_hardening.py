@@ -35,17 +35,19 @@ def test_a_q_outside_the_vocabulary_is_refused_at_the_door_and_the_pass_beside_i
     _, tok, target, _ = tiny_models
     vocab = target.cfg.vocab_size
     verifier = fleet_verifier("oovq", batch_window_ms=1000)  # both rounds in one pass
-    client = wire_client("oovq")
+    # A listener each: once refused, the bad device is suspect and its next round is answered
+    # after the good one's (cloud/fairness.py), not in the order sent.
+    attacker, client = wire_client("oovq", ("bad",)), wire_client("oovq", ("good",))
     prompt = tok.encode_chat("stack the red boxes")
-    assert isinstance(client.ask("bad", wire.Open(1, 1, prompt, SAMPLED)), wire.Opened)
+    assert isinstance(attacker.ask("bad", wire.Open(1, 1, prompt, SAMPLED)), wire.Opened)
     assert isinstance(client.ask("good", wire.Open(1, 1, prompt)), wire.Opened)
     text = list(prompt)
     for seq in (2, 3):  # again: a second pass over the caches the first left
         want = _alone(target, tok, text, [5, 6, 7])
         bad = [_q([5, vocab + 7]), _q([6])]
-        client.send("bad", wire.Draft(1, seq, len(prompt), [5, 6], bad, wire.text_hash(prompt)))
+        attacker.send("bad", wire.Draft(1, seq, len(prompt), [5, 6], bad, wire.text_hash(prompt)))
         client.send("good", wire.Draft(1, seq, len(text), [5, 6, 7], text_hash=wire.text_hash(text)))
-        refused, verdict = client.answer("bad", timeout=20), client.answer("good", timeout=20)
+        refused, verdict = attacker.answer("bad", timeout=20), client.answer("good", timeout=20)
         assert isinstance(refused, wire.Error) and refused.code == wire.ErrorCode.BAD_REQUEST
         assert "vocabulary" in refused.text
         assert isinstance(verdict, wire.Verdict) and (verdict.accepted, verdict.next_token) == want
@@ -313,15 +315,19 @@ def test_a_message_for_a_session_with_a_round_pending_waits_for_its_pass_instead
     verifier = fleet_verifier("split", batch_window_ms=1000)
     bad, good = wire_client("split", ("bad",)), wire_client("split", ("good",))
     prompt = tok.encode_chat("pick up the cup")
-    for client, device in ((bad, "bad"), (good, "good")):
+    texts = {}
+    for client, device in ((bad, "bad"), (good, "good")):  # a round each: a pass waits for both now
         assert isinstance(client.ask(device, wire.Open(1, 1, prompt)), wire.Opened)
-    bad.send("bad", wire.Draft(1, 2, len(prompt), [5], text_hash=wire.text_hash(prompt)))
-    bad.send("bad", wire.Close(1, 3))
+        v = client.ask(device, wire.Draft(1, 2, len(prompt), [5], text_hash=wire.text_hash(prompt)))
+        texts[device] = prompt + [5][:v.accepted] + [v.next_token]
+    b, g = texts["bad"], texts["good"]
+    bad.send("bad", wire.Draft(1, 3, len(b), [5], text_hash=wire.text_hash(b)))
+    bad.send("bad", wire.Close(1, 4))
     time.sleep(0.1)
-    verdict = good.ask("good", wire.Draft(1, 2, len(prompt), [5, 6], text_hash=wire.text_hash(prompt)))
-    assert (verdict.accepted, verdict.next_token) == _alone(target, tok, prompt, [5, 6])
+    verdict = good.ask("good", wire.Draft(1, 3, len(g), [5, 6], text_hash=wire.text_hash(g)))
+    assert (verdict.accepted, verdict.next_token) == _alone(target, tok, g, [5, 6])
     assert isinstance(bad.answer("bad", timeout=20), wire.Verdict)  # the draft before the CLOSE got its verdict
-    assert list(verifier.stats.batch_sizes) == [2]
+    assert list(verifier.stats.batch_sizes) == [1, 1, 2]
     deadline = time.monotonic() + 10
     while ("split", "bad", 1) in verifier.sessions and time.monotonic() < deadline:
         time.sleep(0.05)

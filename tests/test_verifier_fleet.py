@@ -87,7 +87,9 @@ def test_after_a_slow_pass_the_window_waits_for_the_devices_just_answered(tiny_m
     verifier = Verifier(cfg, Target.in_memory("v", target, tok))  # not started: no broker needed
     prompt = tok.encode_chat("go")
     for device in ("d1", "d2"):
-        verifier.sessions[("f", device, 1)] = TargetSession(verifier.targets["v"], prompt, SamplingParams(), 1)
+        session = TargetSession(verifier.targets["v"], prompt, SamplingParams(), 1)
+        session.last_round = time.monotonic()  # both answered a moment ago: the ones a pass waits for
+        verifier.sessions[("f", device, 1)] = session
     if last_pass_s:
         verifier.stats.compute_s.append(last_pass_s)
 
@@ -115,7 +117,9 @@ def test_a_stream_step_alone_does_not_wait_for_the_window(tiny_models):
     verifier = Verifier(cfg, Target.in_memory("v", target, tok))
     prompt = tok.encode_chat("go")
     for device in ("d1", "d2"):
-        verifier.sessions[("f", device, 1)] = TargetSession(verifier.targets["v"], prompt, SamplingParams(), 1)
+        session = TargetSession(verifier.targets["v"], prompt, SamplingParams(), 1)
+        session.last_round = time.monotonic()  # both active: a draft would wait the window for the other
+        verifier.sessions[("f", device, 1)] = session
     verifier.stats.compute_s.append(0.4)  # a window of 100 ms
     stream = wire.encode(wire.Generate(1, 1, len(prompt), 8, wire.text_hash(prompt)))
     verifier.inbox.put((topics.device("f", "d1", "draft"), stream, time.monotonic()))

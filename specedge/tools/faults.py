@@ -11,7 +11,9 @@ the link's), injects one fault at a random round of a greedy generation, and che
   - the request ended inside its bound, every process it started exits when asked,
     the surviving verifier holds no session afterwards, and the agent's threads and
     file descriptors are back where they were.
-Models are tiny ones written for the run (the fault handling does not depend on them).
+Models are tiny ones written for the run (the fault handling does not depend on them);
+`--pair real` runs the default Qwen pair instead, its target on llama.cpp, where a fault's
+speed on the real models is the question (hostile-device).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import contextlib
 import gc
 import heapq
 import json
+import os
 import random
 import statistics
 import sys
@@ -45,6 +48,8 @@ PROMPTS = ["robot go to the mat", "hello", "say hi to the user", "turn on the li
 MAX_NEW = 40
 # The speed check's request: the tiny target's answer to it runs past 300 tokens.
 SPEED_PROMPT, SPEED_TOKENS, SPEED_REPEATS = "list every color", 200, 3
+REAL_SPEED_TOKENS = 48  # the real pair on a CPU: a few tokens a second
+LONG_STRING = 4096  # tokens of the hostile device's string under a grammar
 DEVICE_FAULTS = dict(round_timeout_s=1.0, max_retries=2, max_wait_s=40.0)
 
 
@@ -64,15 +69,58 @@ class Fault:
     slowdown: float | None = None
 
 
+@dataclass
+class Pair:
+    """The models of a run: their files, the draft and tokenizer the device loads, the target the
+    reference decoding runs on, and the [target] keys the replicas load it with."""
+    files: tuple[Path, Path]
+    draft: object
+    tok: object
+    target: object
+    target_keys: str
+    speed_tokens: int = SPEED_TOKENS
+    faults: dict = field(default_factory=dict)  # the device's [faults] beyond DEVICE_FAULTS
+
+
+def tiny_pair(folder: Path) -> Pair:
+    """Tiny models written for the run: the fault handling does not depend on them."""
+    from specedge.loader import load_model
+    from specedge.tiny import write_pair
+
+    files = write_pair(folder / "models", seed=0, noise=0.3)
+    draft, tok = load_model(files[0], dtype="bf16")
+    target, _ = load_model(files[1], dtype="bf16", batch_invariant=True)
+    return Pair(files, draft, tok, target, 'engine = "torch"\nweights = "bf16"\n')
+
+
+def real_pair() -> Pair:
+    """The default Qwen pair as a fleet runs it: the target on llama.cpp (its own decoding the
+    reference), the draft int8 on torch; a speed request of REAL_SPEED_TOKENS, this being a CPU."""
+    from specedge.cloud.registry import load_target, registry_for
+    from specedge.config import TargetConfig
+    from specedge.exactness import establish
+    from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, resolve
+    from specedge.loader import load_named
+
+    draft, tok = load_named(DEFAULT_DRAFT, "int8")
+    specs, default = registry_for(TargetConfig(model=DEFAULT_TARGET, engine="llama.cpp"))
+    target = load_target(specs[default]).model
+    establish(target)
+    files = (resolve(DEFAULT_DRAFT)[0], resolve(DEFAULT_TARGET)[0])
+    # A round of the real pair on a CPU takes seconds (a prompt's prefill more): the device waits
+    # as long as it would by default, not DEVICE_FAULTS' second.
+    return Pair(files, draft, tok, target, 'engine = "llama.cpp"\n', REAL_SPEED_TOKENS,
+                {"round_timeout_s": 30.0, "max_wait_s": 300.0})
+
+
 class Rig:
     """What one trial runs: broker, replicas, optional channel emulator, the agent."""
 
-    def __init__(self, folder: Path, files, models, fault: Fault, trial: int, block: int):
+    def __init__(self, folder: Path, pair: Pair, fault: Fault, trial: int):
         from specedge.device.agent import Agent
         from specedge.device.draft import TorchDraftEngine
 
-        self.folder, self.files, self.fault, self.trial = folder, files, fault, trial
-        self.block = block  # the reference decoding's product block: replicas compute with it too
+        self.folder, self.pair, self.fault, self.trial = folder, pair, fault, trial
         folder.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, object] = {}
         self.hung: list[str] = []
@@ -88,9 +136,9 @@ class Rig:
                 port = self.channel.port
             cfg = build(DeviceConfig, {"device": {"id": f"dev{trial}", "fleet": FLEET},
                                        "mqtt": {"port": port, "protocol": "5", "keepalive_s": 5},
-                                       "faults": {**DEVICE_FAULTS, **fault.faults}})
-            draft, tok = models[0], models[1]
-            self.agent = Agent(cfg, TorchDraftEngine(draft, cfg.draft.q_top_k, cfg.draft.q_top_p), tok).start()
+                                       "faults": {**DEVICE_FAULTS, **pair.faults, **fault.faults}})
+            self.agent = Agent(cfg, TorchDraftEngine(pair.draft, cfg.draft.q_top_k, cfg.draft.q_top_p),
+                               pair.tok).start()
         except BaseException:
             self.close()
             raise
@@ -104,8 +152,9 @@ class Rig:
             cfg = self.folder / f"{name}.toml"
             cfg.write_text(f'[verifier]\nid = "{name}-{self.trial}"\nfleet = "{FLEET}"\ngroup = "{FLEET}"\n'
                            f'stats_interval_s = 0.3\n[mqtt]\nport = {self.broker.port}\nprotocol = "5"\n'
-                           f'keepalive_s = 5\n[target]\nmodel = "{self.files[1]}"\nengine = "torch"\n'
-                           f'weights = "bf16"\nblock = {self.block}\n')
+                           f'keepalive_s = 5\n[target]\nmodel = "{self.pair.files[1]}"\n'
+                           # the reference decoding's product block: replicas compute with it too
+                           f'{self.pair.target_keys}block = {self.pair.target.block}\n')
             proc = spawn_verifier(cfg, self.folder / f"{name}.log")
             self.procs[f"{name}-{self.trial}"] = proc
             started.append(proc)
@@ -259,80 +308,103 @@ class Hostile:
     to an answer: a sampled DRAFT whose q names a token past the vocabulary; a GENERATE to the
     context's end that it walks away from at once, flooded with stale DRAFTs; an OPEN whose text
     is a long string under a large repetition bound (what spent llguidance's lexer budget in the
-    review behind issue 34)."""
+    review behind issue 34). It is a process of its own, as another device is a machine of its
+    own, and runs at the lowest CPU priority: sharing this host, its own sending would otherwise
+    take the trial device's interpreter lock or cores from it, which no verifier could prevent.
+    What it costs the broker and the verifier is the attack."""
 
     SCHEMA = {"type": "object", "properties": {"s": {"type": "string", "maxLength": 20000}}, "required": ["s"]}
     ATTACKS = ("q", "stream", "flood", "grammar")  # all of them; a subset weighs them one by one
 
-    def __init__(self, rig: Rig, rng: random.Random, every_s: float = 0.3, flood: int = 300):
+    def __init__(self, rig: Rig, rng: random.Random, every_s: float = 0.3, flood: int = 300,
+                 attacks: tuple[str, ...] = ATTACKS):
+        import subprocess
+
         from specedge import grammar
 
-        self.rng, self.every_s, self.flood = rng, every_s, flood
-        self.device = f"hostile{rig.trial}"
-        self.topic = topics.device(FLEET, self.device, "draft")
-        tok, cfg = rig.agent.tokenizer, rig.agent.engine.model.cfg  # the tiny pair shares its shape
-        self.vocab, self.context = cfg.vocab_size, cfg.max_seq_len
-        self.prompt = tok.encode_chat("tell me everything")
-        self.grammar = grammar.json_schema(self.SCHEMA)
-        self.grammar_hash = grammar.grammar_hash(self.grammar)
-        filler = "".join(chr(0x4e00 + (i * 7919) % 20000) for i in range(self.context))
-        self.long = self.prompt + tok.encode('{"s": "' + filler)[:self.context - len(self.prompt) - 2]
-        self.seq = 0
-        self.sent = 0
-        self.link = Link(rig.mqtt(), f"faults-hostile-{rig.trial}", lambda *_: None)  # it listens to nothing
-        self.link.start()
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-
-    def send(self, msg) -> None:
-        self.link.publish(self.topic, wire.encode(msg))
-        self.sent += 1
-
-    def next(self) -> int:
-        self.seq += 1
-        return self.seq
-
-    def attack(self) -> None:
-        import numpy as np
-
-        from specedge.speculative import Q_ONE, SamplingParams, SparseDist
-
-        p, n, h = self.prompt, len(self.prompt), wire.text_hash(self.prompt)
-        if "q" in self.ATTACKS:
-            half = np.array([Q_ONE // 2, Q_ONE - Q_ONE // 2], dtype=np.int64)
-            outside = SparseDist(np.array([5, self.vocab + self.rng.randrange(1, 1000)], dtype=np.uint32), half)
-            self.send(wire.Open(1, self.next(), p, SamplingParams(temperature=0.9, seed=1)))
-            self.send(wire.Draft(1, self.next(), n, [5], [outside], h))
-        if "stream" in self.ATTACKS:
-            self.send(wire.Open(2, self.next(), p))
-            stream = self.next() + self.flood
-            self.send(wire.Generate(2, stream, n, self.context - n - 1, h))
-            if "flood" in self.ATTACKS:
-                stale = wire.encode(wire.Draft(2, stream - 1, n, [5], text_hash=h))
-                for _ in range(self.flood):
-                    self.link.publish(self.topic, stale)
-                self.sent += self.flood
-            self.seq = stream
-        if "grammar" in self.ATTACKS:
-            self.send(wire.Open(3, self.next(), self.long, grammar_hash=self.grammar_hash, grammar=self.grammar,
-                                grammar_from=len(self.prompt)))
-
-    def run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                self.attack()
-            except Exception:  # the broker restarting under it, say: the attacker just goes on
-                pass
+        tok, cfg = rig.agent.tokenizer, rig.agent.engine.model.cfg  # the pair shares its shape
+        prompt = tok.encode_chat("tell me everything")
+        # the review's ~3,300 tokens of string (up to the context; the tiny pair's is 2,048)
+        size = min(cfg.max_seq_len, LONG_STRING)
+        filler = "".join(chr(0x4e00 + (i * 7919) % 20000) for i in range(size))
+        text = grammar.json_schema(self.SCHEMA)
+        plan = {"port": rig.broker.port, "client": f"faults-hostile-{rig.trial}",
+                "topic": topics.device(FLEET, f"hostile{rig.trial}", "draft"), "vocab": cfg.vocab_size,
+                "context": cfg.max_seq_len, "prompt": prompt,
+                "long": prompt + tok.encode('{"s": "' + filler)[:size - len(prompt) - 2],
+                "grammar": text, "grammar_hash": grammar.grammar_hash(text).hex(), "every_s": every_s,
+                "flood": flood, "attacks": list(attacks), "seed": rng.randrange(2**32)}
+        self.proc = subprocess.Popen([sys.executable, "-c", "from specedge.tools.faults import hostile_main; "
+                                      "hostile_main()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc.stdin.write(json.dumps(plan) + "\n")
+        self.proc.stdin.flush()
+        self.proc.stdout.readline()  # "attacking": connected, the first round of attacks sent
 
     def stop(self) -> None:
         """It leaves as devices do (a CLOSE for each session): the trial counts the sessions left."""
-        self._stop.set()
-        self.thread.join(timeout=5)
-        for session in (1, 2, 3):
-            self.send(wire.Close(session, self.next()))
-        time.sleep(0.2)
-        self.link.stop()
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=15)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+
+def hostile_main() -> None:
+    """The hostile device's process (Hostile): its plan on stdin as one JSON line, attacks until
+    stdin closes, then a CLOSE for each of its sessions."""
+    import numpy as np
+
+    from specedge.speculative import Q_ONE, SamplingParams, SparseDist
+
+    os.nice(19)  # another machine's CPU: the host's spare time, not the trial device's (Hostile)
+    plan = json.loads(sys.stdin.readline())
+    rng, topic, every_s, flood = random.Random(plan["seed"]), plan["topic"], plan["every_s"], plan["flood"]
+    prompt, attacks = plan["prompt"], set(plan["attacks"])
+    n, h = len(prompt), wire.text_hash(prompt)
+    grammar_hash = bytes.fromhex(plan["grammar_hash"])
+    link = Link(MqttConfig(port=plan["port"], protocol="5"), plan["client"], lambda *_: None).start()
+    seq = 0
+
+    def send(msg) -> None:
+        nonlocal seq
+        seq += 1
+        link.publish(topic, wire.encode(msg))
+
+    def attack() -> None:
+        nonlocal seq
+        if "q" in attacks:
+            half = np.array([Q_ONE // 2, Q_ONE - Q_ONE // 2], dtype=np.int64)
+            outside = SparseDist(np.array([5, plan["vocab"] + rng.randrange(1, 1000)], dtype=np.uint32), half)
+            send(wire.Open(1, seq + 1, prompt, SamplingParams(temperature=0.9, seed=1)))
+            send(wire.Draft(1, seq + 1, n, [5], [outside], h))
+        if "stream" in attacks:
+            send(wire.Open(2, seq + 1, prompt))
+            stream = seq + 1 + flood
+            link.publish(topic, wire.encode(wire.Generate(2, stream, n, plan["context"] - n - 1, h)))
+            if "flood" in attacks:
+                stale = wire.encode(wire.Draft(2, stream - 1, n, [5], text_hash=h))
+                for _ in range(flood):
+                    link.publish(topic, stale)
+            seq = stream
+        if "grammar" in attacks:
+            send(wire.Open(3, seq + 1, plan["long"], grammar_hash=grammar_hash, grammar=plan["grammar"],
+                           grammar_from=n))
+
+    done = threading.Event()
+    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
+    attack()
+    print("attacking", flush=True)
+    while not done.wait(every_s):
+        try:
+            attack()
+        except Exception:  # the broker restarting under it, say: the attacker just goes on
+            pass
+    for session in (1, 2, 3):
+        send(wire.Close(session, seq + 1))
+    time.sleep(0.2)
+    link.stop()
 
 
 # -- the faults --------------------------------------------------------------------------------
@@ -425,19 +497,19 @@ def _diverges(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def run_trial(fault: Fault, trial: int, seed: int, folder: Path, files, models, speed: bool = True) -> dict:
+def run_trial(fault: Fault, trial: int, seed: int, folder: Path, pair: Pair, speed: bool = True) -> dict:
     """One trial: a fresh rig, one greedy generation with `fault` injected at a random round, then
     the output, the stream, the verifier's sessions and this process's resources checked; with
     `speed`, a fault's slowdown bound too (a benchmark's figure: `make test` leaves it out)."""
     rng = random.Random(f"{seed}-{fault.name}-{trial}")
-    draft, tok, target = models
+    tok, target = pair.tok, pair.target
     prompt = tok.encode_chat(rng.choice(PROMPTS))
     reference = target_decode(target, [prompt], MAX_NEW, tok.stop_ids)[0]
     at_round = rng.randint(2, 4)
     gc.collect()
     before = (proc_stats(), threading.active_count(), time.monotonic())
     row = {"fault": fault.name, "trial": trial, "round": at_round, "problems": []}
-    rig = Rig(folder / f"{fault.name}-{trial}", files, (draft, tok), fault, trial, target.block)
+    rig = Rig(folder / f"{fault.name}-{trial}", pair, fault, trial)
     try:
         if fault.chaos:
             rig.clients.append(fault.chaos(rig, rng))
@@ -488,7 +560,7 @@ def _generate_under_fault(rig: Rig, fault: Fault, rng: random.Random, prompt: li
             gen.error = exc
         except Exception as exc:  # anything else is a defect the trial reports
             gen.crash = exc
-    gen = Generation(threading.Thread(target=generate, daemon=True), DEVICE_FAULTS["max_wait_s"] + 60)
+    gen = Generation(threading.Thread(target=generate, daemon=True), {**DEVICE_FAULTS, **rig.pair.faults}["max_wait_s"] + 60)
     with on_draft_call(rig.agent.engine, {at_round}, lambda: fault.inject(rig, rng)):
         gen.worker.start()
         gen.worker.join(timeout=gen.bound_s)
@@ -497,12 +569,12 @@ def _generate_under_fault(rig: Rig, fault: Fault, rng: random.Random, prompt: li
 
 
 def _timed(rig: Rig, prompt: list[int]) -> float:
-    """Tokens/s of one greedy request of SPEED_TOKENS tokens."""
+    """Tokens/s of one greedy request of the pair's speed_tokens tokens."""
     from specedge.device.policy import parse_policy
     from specedge.speculative import SamplingParams
 
     t0 = time.monotonic()
-    tokens = rig.agent.generate(prompt, SamplingParams(), SPEED_TOKENS, parse_policy("fixed:3")).tokens
+    tokens = rig.agent.generate(prompt, SamplingParams(), rig.pair.speed_tokens, parse_policy("fixed:3")).tokens
     return len(tokens) / (time.monotonic() - t0)
 
 
@@ -604,10 +676,7 @@ def _check_leftovers(row: dict, stats0: tuple[float, int], threads0: int, t0: fl
 
 
 def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, blackout_s: float = 10.0,
-              progress=None, speed: bool = True) -> dict:
-    from specedge.loader import load_model
-    from specedge.tiny import write_pair
-
+              progress=None, speed: bool = True, pair: str = "tiny") -> dict:
     every = faults(blackout_s)
     chosen = [f for f in every if not names or f.name in names]
     unknown = set(names or ()) - {f.name for f in every}
@@ -615,14 +684,12 @@ def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, bl
         raise ValueError(f"unknown faults {sorted(unknown)}; known: {[f.name for f in every]}")
     with tempfile.TemporaryDirectory(prefix="specedge-faults-") as tmp:
         folder = Path(tmp)
-        files = write_pair(folder / "models", seed=0, noise=0.3)
-        draft, tok = load_model(files[0], dtype="bf16")
-        target, _ = load_model(files[1], dtype="bf16", batch_invariant=True)
+        models = tiny_pair(folder) if pair == "tiny" else real_pair()
         rss_start = proc_stats()[0]
         rows = []
         for fault in chosen:
             for trial in range(trials):
-                row = run_trial(fault, trial, seed, folder, files, (draft, tok, target), speed)
+                row = run_trial(fault, trial, seed, folder, models, speed)
                 rows.append(row)
                 if progress:
                     progress(row)
@@ -633,7 +700,7 @@ def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, bl
         table[fault.name] = {"doc": fault.doc, "expect": fault.expect, "run": len(mine),
                              "passed": sum(r["passed"] for r in mine),
                              "mean_s": round(sum(r["seconds"] for r in mine) / max(len(mine), 1), 2)}
-    return {"trials": trials, "seed": seed, "table": table, "rows": rows, "rss_growth_mb": round(rss_growth, 1),
+    return {"trials": trials, "seed": seed, "pair": pair, "table": table, "rows": rows, "rss_growth_mb": round(rss_growth, 1),
             "passed": all(r["passed"] for r in rows)}
 
 
@@ -651,6 +718,8 @@ def add_parser(sub) -> None:
     fa.add_argument("--only", default="", help="comma-separated fault names (default: all)")
     fa.add_argument("--seed", type=int, default=0)
     fa.add_argument("--blackout-s", type=float, default=10.0, help="length of the link blackout")
+    fa.add_argument("--pair", default="tiny", choices=["tiny", "real"],
+                    help="tiny models written for the run, or the default Qwen pair (its target on llama.cpp)")
     fa.add_argument("--json", default="", help="write the table and every trial here")
     fa.set_defaults(func=run)
 
@@ -661,7 +730,7 @@ def run(args) -> int:
         print(f"{state} {row['fault']:32} trial {row['trial']:>2}  round {row['round']}  {row['outcome']:24} "
               f"{row['seconds']:6.1f}s  {'; '.join(row['problems'])}", file=sys.stderr, flush=True)
     names = args.only.split(",") if args.only else None
-    report = run_suite(args.trials, names, args.seed, args.blackout_s, progress)
+    report = run_suite(args.trials, names, args.seed, args.blackout_s, progress, pair=args.pair)
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))
