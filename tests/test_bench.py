@@ -115,10 +115,15 @@ def test_tiny_bench_runs_end_to_end(tiny_files, tmp_path, mosquitto):
         assert 0.0 <= ch["policies"]["pipelined:3"]["ahead_hit_rate"] <= 1.0
         assert 0.0 <= ch["policies"]["early-exit:3"]["early_exit_agreement"] <= 1.0
         assert ch["policies"]["early-exit:3"]["early_exit_layer"] == 1  # 3/4 of the tiny target's 2 layers
-        # The adaptive policy starts streaming while its draft prefills; without the stream it
-        # speculates from the start.
+        # The adaptive policy streams while its draft prefills, unless the rounds its device
+        # measured (the policies before it ran on the same agent) say speculating the whole
+        # request pays (Scheduler.start_mode): then it drafts at once. On the tiny pair that is a
+        # near tie the host's load decides. Without the stream it speculates from the start.
         assert 0.0 < ch["policies"]["adaptive"]["streamed_share"] <= 1.0
-        assert ch["runs"]["adaptive"][0]["modes"][0][1] == "stream"
+        first = ch["runs"]["adaptive"][0]
+        assert first["modes"][0][1] in ("stream", "speculate")
+        if first["modes"][0][1] == "speculate":
+            assert first["draft_lens"][0] >= 1
         assert ch["policies"]["adaptive+no-stream"]["streamed_share"] == 0.0
         run = ch["runs"]["adaptive+no-stream"][0]
         assert len(run["draft_lens"]) == len(run["round_start_s"]) == len(run["link_down_bps"]) > 0
