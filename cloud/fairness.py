@@ -58,8 +58,7 @@ class Shares:
     strikes: dict = field(default_factory=dict)  # device -> (score, as of when)
 
     def used(self, device, now: float) -> float:
-        seconds, when = self.service.get(device, (0.0, now))
-        return seconds * 0.5 ** ((now - when) / HALF_LIFE_S)
+        return _decayed(self.service, device, now, HALF_LIFE_S)
 
     def charge(self, device, seconds: float, now: float) -> None:
         self.service[device] = (self.used(device, now) + seconds, now)
@@ -68,8 +67,7 @@ class Shares:
         self.strikes[device] = (self.score(device, now) + weight, now)
 
     def score(self, device, now: float) -> float:
-        score, when = self.strikes.get(device, (0.0, now))
-        return score * 0.5 ** ((now - when) / SUSPECT_HALF_LIFE_S)
+        return _decayed(self.strikes, device, now, SUSPECT_HALF_LIFE_S)
 
     def suspect(self, device, now: float) -> bool:
         return device in self.strikes and self.score(device, now) > SUSPECT_SCORE
@@ -97,14 +95,16 @@ class Shares:
                 self.strikes.pop(device, None)
         if not self.slack or len(self.seen) < 2:
             return set()
-        bound = self.slack * SPAN / len(self.seen)
-        return {d for d in self.seen if self.used(d, now) > bound or self.suspect(d, now)}
+        return {d for d in self.seen if self._over(d, now)}
+
+    def _over(self, device, now: float) -> bool:
+        """Over its share, or suspect; with two or more active devices (over's sweep aside)."""
+        return self.used(device, now) > self.slack * SPAN / len(self.seen) or self.suspect(device, now)
 
     def gated(self, device, now: float) -> bool:
         """Whether `device` is over its share while a lighter device is busy (sent something in
         the last IDLE_S): then its messages wait too (the verifier's backlog)."""
-        if not self.slack or len(self.seen) < 2 or (self.used(device, now) <= self.slack * SPAN / len(self.seen)
-                                                    and not self.suspect(device, now)):
+        if not self.slack or len(self.seen) < 2 or not self._over(device, now):
             return False  # most messages: a device within its share, told without a look at the others
         over = self.over(now)
         return device in over and self.lighter_busy(over, now)
@@ -142,3 +142,9 @@ class Shares:
             fed += n
         chosen = {id(p) for p in taken}
         return taken, [p for p in pending if id(p) not in chosen], budget if taken else 0
+
+
+def _decayed(table: dict, device, now: float, half_life_s: float) -> float:
+    """`table[device]`, a (value, as of when) pair, halved every `half_life_s` since."""
+    value, when = table.get(device, (0.0, now))
+    return value * 0.5 ** ((now - when) / half_life_s)
