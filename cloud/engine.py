@@ -17,6 +17,9 @@ verification rules. An engine only turns token ids into logits:
   exactness      what specedge.exactness found on this machine (None until established)
   refuses(tokens)   optional: why a session on this text cannot open ("" if it can; the
                  emulated target answers its recorded prompts only)
+  max_sessions   optional: sessions one pass may hold (llama.cpp: its sequences)
+  shared_cells   optional: KV positions one pass's sessions may hold together, where they share
+                 one cache (llama.cpp batched); 0 or absent: each session has its own
   engine, hints, batch_invariant, block   see Capabilities
 
 Engines:

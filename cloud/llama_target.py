@@ -119,6 +119,7 @@ class LlamaCppTarget:
         self.n_ctx = n_ctx
         self.slots: list[weakref.ref | None] = [None] * n_seq
         self.max_sessions = n_seq  # in one pass (specedge profile's grid stops there)
+        self.shared_cells = 0 if batch_invariant else n_ctx  # what one pass's sessions hold together
         self.clock = 0
 
     def client(self) -> "LlamaClient":

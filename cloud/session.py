@@ -260,11 +260,15 @@ class TargetSession:
         start, end, done = self.plan(draft, chunk)
         return end - start + (len(draft) if done else 0)
 
+    def length_after(self, draft: list[int], chunk: int = 0) -> int:
+        """Positions the cache will hold after the next pass (plan)."""
+        _, end, done = self.plan(draft, chunk)
+        return end + (len(draft) if done else 0)
+
     def cache_bytes_after(self, draft: list[int], chunk: int = 0) -> int:
         """What the cache will hold in memory after the next pass: the verifier admits a pass
         against its KV budget before the pass allocates anything."""
-        _, end, done = self.plan(draft, chunk)
-        length = end + (len(draft) if done else 0)
+        length = self.length_after(draft, chunk)
         if self.cache is None:
             # Only the reference's KVCache holds capacity ahead of its length (see feed()).
             capacity = len(self.committed) + HEADROOM if self.model.engine == "torch" else None

@@ -26,6 +26,7 @@ from specedge.grammar import Cache as GrammarCache, GrammarError
 from specedge.protocol import wire
 from specedge.cloud.fairness import Shares
 from specedge.cloud.registry import Target, TargetSpec
+from specedge.cloud.passes import PassLimits, fill_pass
 from specedge.cloud.session import BadRequest, Item, OutOfSync, PrefixIndex, TargetSession, verify_batch
 from specedge.cloud.versions import Versions
 from specedge.config import CloudConfig
@@ -67,6 +68,7 @@ class Pending:
     msg: object  # the Draft, or the Generate a cloud-ar step belongs to
     out: str
     arrived: float
+    served: float = 0.0  # when a pass last fed it (a long prefill's chunk), 0: never
 
 
 @dataclass
@@ -161,7 +163,7 @@ class Verifier:
         self.deferred: dict[tuple, dict[int, tuple]] = {}
         self.hints_sent = self.hints_withheld = 0
         self.stats = VerifierStats()
-        self.grammars = GrammarCache()  # compiled once per grammar, whichever session states it
+        self.grammars = GrammarCache()  # compiled once per grammar and scope (prefix_scope)
         self.prefixes = PrefixIndex()  # which session's cache holds a prompt prefix others may share
         v = cfg.verifier
         self.shares = Shares(v.share_slack, v.yield_ms / 1000, v.share_hold_s)
@@ -193,16 +195,18 @@ class Verifier:
         for target in self.targets.values():
             target.contract  # computed before the first OPEN waits for it (Target.contract)
         fleet = self.cfg.verifier.fleet
-        self.link.subscribe(topics.draft(fleet, topics.ANY, self.replica))
+        # Round messages travel at QoS 0 (wire.ROUND_QOS); subscribed so, a device that sends at
+        # QoS 1 anyway (a flood, say) gets no PUBACK written and sent by this process for each.
+        self.link.subscribe(topics.draft(fleet, topics.ANY, self.replica), qos=wire.ROUND_QOS)
         self.link.subscribe(topics.fleet(fleet, "targets"))
         self.link.start()
         group = self.cfg.verifier.group
         if group and self.link.protocol == "5":
-            self.link.subscribe(topics.shared(group, topics.draft(fleet, topics.ANY)))
+            self.link.subscribe(topics.shared(group, topics.draft(fleet, topics.ANY)), qos=wire.ROUND_QOS)
         else:
             if group:
                 log.warning("broker speaks MQTT %s: no shared subscriptions, run one replica only", self.link.protocol)
-            self.link.subscribe(topics.draft(fleet, topics.ANY))
+            self.link.subscribe(topics.draft(fleet, topics.ANY), qos=wire.ROUND_QOS)
         ident = self.cfg.verifier
         if ident.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(ident.metrics_host, ident.metrics_port)
@@ -346,10 +350,11 @@ class Verifier:
         now = time.monotonic()
         for device, held in list(self.backlog.items()):
             while held and (not self.shares.gated(device, now) or now - held[0][2] >= self.shares.hold_s):
-                self.dispatch(*held.popleft())
+                message = held.popleft()
+                if not held:  # gone before its last message is answered: whoever reads it sees no backlog
+                    del self.backlog[device]
+                self.dispatch(*message)
                 now = time.monotonic()
-            if not held:
-                del self.backlog[device]
 
     def dispatch(self, topic: str, payload: bytes, arrived: float) -> None:
         t0 = time.monotonic()
@@ -504,7 +509,7 @@ class Verifier:
         try:
             constraint = None
             if msg.grammar_hash:
-                compiled = self.compiled_grammar(target, msg)
+                compiled = self.compiled_grammar(target, msg, self.prefix_scope(key))
                 if compiled is None:
                     self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.UNKNOWN_GRAMMAR,
                                                "this verifier does not hold the grammar: send its text"))
@@ -535,13 +540,13 @@ class Verifier:
         self.prefixes.add(self.prefix_scope(key), key, msg.tokens)
         self.reply(out, wire.Opened(msg.session, msg.seq, self.replica, target.name, target.exact))
 
-    def compiled_grammar(self, target, msg: wire.Open):
-        """The OPEN's grammar compiled for `target`: from its text (compiled once, cached by hash) or,
-        sent by hash alone, from the cache; None when neither has it."""
+    def compiled_grammar(self, target, msg: wire.Open, scope: tuple):
+        """The OPEN's grammar compiled for `target`: from its text (compiled once per scope, cached
+        by hash) or, sent by hash alone, from what `scope` sent before; None when neither has it."""
         vocab = target.model.cfg.vocab_size
         if msg.grammar:
-            return self.grammars.get(target.tokenizer, vocab, msg.grammar)
-        return self.grammars.find(target.tokenizer, vocab, msg.grammar_hash)
+            return self.grammars.get(target.tokenizer, vocab, msg.grammar, scope)
+        return self.grammars.find(target.tokenizer, vocab, msg.grammar_hash, scope)
 
     def prefix_scope(self, key) -> tuple:
         """Whose prefixes session `key` may share ([verifier] share_prefixes): never another fleet's."""
@@ -643,11 +648,14 @@ class Verifier:
 
     # -- batched passes --------------------------------------------------------------------------
     def run_pending(self) -> None:
-        """Verify every pending draft and take one step of every cloud-ar generation, one
-        target pass per version and per max_batch sessions."""
+        """Verify the pending drafts and take a step of the cloud-ar generations: one target pass
+        per version, of the rounds that fit what a pass may hold (pass_limits); the rest wait
+        for the next pass."""
         if not self.pending:
             return
-        pending, self.pending = sorted(self.pending.values(), key=lambda p: p.arrived), {}
+        # Oldest first, but a round a pass has fed (a long prefill, chunk by chunk) after those it
+        # has not, and after those fed longer ago: rounds left out of a full pass go next.
+        pending, self.pending = sorted(self.pending.values(), key=lambda p: (p.served, p.arrived)), {}
         pending, waiting, chunk = self.shares.plan(pending, lambda p: p.key[:2],
                                                    lambda p, c: p.item.session.positions(p.item.draft, c),
                                                    lambda p: p.arrived, time.monotonic())
@@ -658,11 +666,20 @@ class Verifier:
         by_target: dict[str, list[Pending]] = {}
         for p in self.admit(pending, chunk):
             by_target.setdefault(p.item.session.target.name, []).append(p)
-        size = self.cfg.verifier.max_batch
+        fed_chunk = chunk or self.cfg.verifier.prefill_chunk
         for name, group in by_target.items():
-            for first in range(0, len(group), size):
-                self.run_batch(self.targets[name], group[first:first + size], chunk)
+            target = self.targets[name]
+            batch, rest = fill_pass(group, self.pass_limits(target), lambda p: p.key[:2],
+                                    lambda p: p.item.session.positions(p.item.draft, fed_chunk),
+                                    lambda p: p.item.session.length_after(p.item.draft, fed_chunk))
+            self.pending.update((p.key, p) for p in rest)  # the next pass's, planned again with what came
+            self.run_batch(target, batch, chunk)
         self.enforce_budget()
+
+    def pass_limits(self, target: Target) -> PassLimits:
+        cfg, model = self.cfg.verifier, target.model
+        return PassLimits(min(cfg.max_batch, getattr(model, "max_sessions", 0) or cfg.max_batch),
+                          cfg.max_pass_rows, cfg.max_device_rows, getattr(model, "shared_cells", 0))
 
     def admit(self, pending: list[Pending], chunk: int = 0) -> list[Pending]:
         """The rounds (oldest first) whose caches fit the KV budget once their pass has run,
@@ -738,6 +755,7 @@ class Verifier:
                 continue
             if not item.done:  # a chunk of a long prefill: the rest goes in the next passes
                 stats.prefill_chunks += 1
+                p.served = t0
                 self.pending[p.key] = p
                 continue
             stats.rounds += 1

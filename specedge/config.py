@@ -285,6 +285,10 @@ class VerifierIdentity:
     max_sessions_per_device: int = 4
     max_context_per_device: int = 32768
     prefill_chunk: int = 512
+    # What one target pass feeds at most, in all and for one device's rounds (beyond its first):
+    # a pass's length is every round's wait in it. The rest go in the next passes.
+    max_pass_rows: int = 1024
+    max_device_rows: int = 256
     # Whose cached prompt prefix a new session may start from (docs/security.md): "device", the
     # same device's sessions only; "fleet", any device of its fleet (a shared system prompt is
     # prefilled once, and a device can tell by the time to first token whether another device of
@@ -313,6 +317,8 @@ class VerifierIdentity:
         _check(self.max_sessions_per_device >= 1, "verifier.max_sessions_per_device", ">= 1")
         _check(self.max_context_per_device >= 1, "verifier.max_context_per_device", ">= 1")
         _check(self.prefill_chunk >= 1, "verifier.prefill_chunk", ">= 1")
+        _check(self.max_pass_rows >= 1, "verifier.max_pass_rows", ">= 1")
+        _check(self.max_device_rows >= 1, "verifier.max_device_rows", ">= 1")
         _check(self.share_prefixes in SHARE_PREFIXES, "verifier.share_prefixes", " or ".join(SHARE_PREFIXES))
         _check(self.share_slack == 0 or self.share_slack >= 1, "verifier.share_slack", "0 (off) or >= 1")
         _check(0 < self.yield_ms <= 60_000, "verifier.yield_ms", "0 < yield_ms <= 60000")

@@ -275,28 +275,41 @@ def reference_decode(model, tokenizer, prompt: list[int], max_new: int, text: st
 
 
 class Cache:
-    """Compiled grammars by hash (a verifier's): every session of a fleet-wide schema compiles it
-    once. Least recently used first out, beyond `size` grammars."""
+    """Compiled grammars by hash, each held for a *scope* (a verifier passes the session's prefix
+    scope: the device, or its fleet under share_prefixes = "fleet"): an OPEN that names a grammar
+    by hash alone finds it only where its own scope sent the text, so whether a verifier holds a
+    schema tells a device nothing about another's. Least recently used first out: a scope holds
+    at most `per_scope` grammars, all scopes together `size`, taken from the scope holding the
+    most, so one device opening grammar after grammar churns only its own."""
 
-    def __init__(self, size: int = 64, limits: dict | None = None):
-        self.size, self.limits, self._compiled = size, limits, {}
+    def __init__(self, size: int = 256, limits: dict | None = None, per_scope: int = 16):
+        self.size, self.limits, self.per_scope = size, limits, per_scope
+        self._compiled: dict[tuple, dict[tuple, Compiled]] = {}  # scope -> key -> grammar, oldest first
 
-    def find(self, tokenizer, vocab_size: int, digest: bytes) -> Compiled | None:
-        """The grammar named by `digest` if it is compiled here (an OPEN that sent no text), now the
-        most recently used."""
-        key = (tokenizer, vocab_size, digest)
-        hit = self._compiled.pop(key, None)
+    def __len__(self) -> int:
+        return sum(len(held) for held in self._compiled.values())
+
+    def find(self, tokenizer, vocab_size: int, digest: bytes, scope: tuple = ()) -> Compiled | None:
+        """The grammar named by `digest` if `scope` sent its text here (an OPEN that sent no
+        text), now the most recently used."""
+        held, key = self._compiled.get(scope, {}), (tokenizer, vocab_size, digest)
+        hit = held.pop(key, None)
         if hit is not None:
-            self._compiled[key] = hit
+            held[key] = hit
         return hit
 
-    def get(self, tokenizer, vocab_size: int, text: str) -> Compiled:
-        """The grammar of `text`, compiled here unless it already is (under the same hash, with
-        the same text: 8 bytes of hash are a name, not a proof)."""
-        hit = self.find(tokenizer, vocab_size, grammar_hash(text))
+    def get(self, tokenizer, vocab_size: int, text: str, scope: tuple = ()) -> Compiled:
+        """The grammar of `text` for `scope`, compiled unless the scope already holds it (under
+        the same hash, with the same text: 8 bytes of hash are a name, not a proof)."""
+        hit = self.find(tokenizer, vocab_size, grammar_hash(text), scope)
         if hit is None or hit.text != text:
             hit = Compiled(tokenizer, vocab_size, text, self.limits)
-            self._compiled[(tokenizer, vocab_size, hit.hash)] = hit
-            while len(self._compiled) > self.size:
-                self._compiled.pop(next(iter(self._compiled)))
+            held = self._compiled.setdefault(scope, {})
+            held[(tokenizer, vocab_size, hit.hash)] = hit
+            while len(held) > self.per_scope:
+                held.pop(next(iter(held)))
+            while len(self) > self.size:
+                fullest = max(self._compiled.values(), key=len)
+                fullest.pop(next(iter(fullest)))
+            self._compiled = {s: h for s, h in self._compiled.items() if h}
         return hit

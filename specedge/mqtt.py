@@ -63,7 +63,7 @@ class Link:
         self.cfg, self.client_id, self.on_message, self.will = cfg, client_id, on_message, will
         self.max_packet = max_packet
         self.birth, self.on_connection = birth, on_connection
-        self.subscriptions: set[str] = set()
+        self.subscriptions: dict[str, int] = {}  # topic -> the QoS asked for
         self.handlers: dict[str, object] = {}  # topic filter -> handler(topic, payload, ReplyTo)
         self.bytes_sent = self.bytes_received = 0
         # MQTT 5 topic aliases towards the broker, this connection's (CONNACK says how many):
@@ -96,8 +96,8 @@ class Link:
             with self._alias_lock:  # aliases live and die with their connection
                 self._aliases = {}
                 self._alias_max = getattr(properties, "TopicAliasMaximum", 0) if self.protocol == "5" else 0
-            for topic in list(self.subscriptions):  # subscribe() may add one meanwhile
-                client.subscribe(topic, qos=self.cfg.qos)
+            for topic, qos in list(self.subscriptions.items()):  # subscribe() may add one meanwhile
+                client.subscribe(topic, qos=qos)
             if self.birth:
                 topic, payload, retain = self.birth
                 client.publish(topic, payload() if callable(payload) else payload, qos=1, retain=retain)
@@ -224,16 +224,16 @@ class Link:
             errors.append(f"MQTT {protocol}: {self._refused or 'no CONNACK'}")
         raise BrokerUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port} refused us ({'; '.join(errors)})")
 
-    def subscribe(self, topic: str, handler=None) -> None:
-        """Subscribe (now and after every reconnect); messages on `topic` go to `handler(topic,
-        payload, ReplyTo)` when given, to `on_message` otherwise."""
-        self.subscriptions.add(topic)
+    def subscribe(self, topic: str, handler=None, qos: int | None = None) -> None:
+        """Subscribe (now and after every reconnect) at `qos` ([mqtt] qos unless given); messages
+        on `topic` go to `handler(topic, payload, ReplyTo)` when given, to `on_message` otherwise."""
+        qos = self.subscriptions[topic] = self.cfg.qos if qos is None else qos
         if handler is not None:
             self.handlers[topic] = handler
         if self._client is not None:
             if handler is not None:
                 self._client.message_callback_add(topic, self._routed(handler))
-            self._client.subscribe(topic, qos=self.cfg.qos)
+            self._client.subscribe(topic, qos=qos)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int | None = None,
                 reply_to: ReplyTo | None = None, unheard=None) -> None:

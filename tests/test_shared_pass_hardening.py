@@ -10,7 +10,9 @@ import pytest
 
 from specedge import grammar
 from specedge.cloud.registry import Target
+from specedge.cloud.passes import PassLimits, fill_pass
 from specedge.cloud.session import Item, TargetSession, verify_batch
+from specedge.mqtt import publish_packet_bytes
 from specedge.protocol import topics, wire
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
@@ -187,10 +189,123 @@ def test_the_grammar_cache_compares_the_text_not_only_its_hash(tiny_models):
     held = cache.get(tok, model.cfg.vocab_size, first)
     other = grammar.json_schema({"enum": ["up", "down"]})
     held.hash = grammar.grammar_hash(other)  # a colliding text, the cheap way
-    key = next(iter(cache._compiled))
-    cache._compiled[(key[0], key[1], held.hash)] = cache._compiled.pop(key)
+    scope = cache._compiled[()]
+    key = next(iter(scope))
+    scope[(key[0], key[1], held.hash)] = scope.pop(key)
     got = cache.get(tok, model.cfg.vocab_size, other)
     assert got.text == other and got is not held
+
+
+# -- 6: what one pass may hold ------------------------------------------------------------------------
+def test_a_pass_takes_rounds_while_they_fit_and_the_rest_wait_for_the_next():
+    limits = PassLimits(sessions=2, rows=100, device_rows=40, cells=500)
+    rounds = [("a", 30, 100), ("a", 30, 100), ("b", 200, 250), ("c", 20, 450), ("d", 5, 50), ("e", 1, 10)]
+    taken, rest = fill_pass(rounds, limits, lambda r: r[0], lambda r: r[1], lambda r: r[2])
+    # a's second round is over a's rows, b's over the pass's, c's over the cells, e over the sessions
+    assert taken == [rounds[0], rounds[4]]
+    assert rest == [rounds[1], rounds[2], rounds[3], rounds[5]]
+    alone, _ = fill_pass([("b", 200, 900)], limits, lambda r: r[0], lambda r: r[1], lambda r: r[2])
+    assert alone == [("b", 200, 900)]  # the first round always goes: a pass is never empty
+
+
+def test_one_devices_long_rounds_fill_a_pass_only_to_its_share_of_rows(tiny_models, fleet_verifier, wire_client):
+    """Four sessions of one device drafting 64 tokens each used to make one pass of 260 rows that
+    the innocent device's round waited out (on vLLM a request per row: ~13 s of its worker). A
+    device's rounds beyond its first now fill a pass to max_device_rows; the rest go next."""
+    _, tok, target, _ = tiny_models
+    verifier = fleet_verifier("rows", batch_window_ms=1000, share_slack=0, max_device_rows=100)
+    heavy, light = wire_client("rows", ("heavy",)), wire_client("rows", ("light",))
+    prompt = tok.encode_chat("pick up the cup")
+    texts = {}
+    for client, device, sessions in ((heavy, "heavy", 4), (light, "light", 1)):  # a round each: all active
+        for sid in range(1, sessions + 1):
+            assert isinstance(client.ask(device, wire.Open(sid, 1, prompt)), wire.Opened)
+            v = client.ask(device, wire.Draft(sid, 2, len(prompt), [5], text_hash=wire.text_hash(prompt)))
+            texts[device, sid] = prompt + [5][:v.accepted] + [v.next_token]
+    before = len(verifier.stats.batch_sizes)
+    long = [5, 6, 7, 8] * 16
+    for sid in range(1, 5):
+        t = texts["heavy", sid]
+        heavy.send("heavy", wire.Draft(sid, 3, len(t), long, text_hash=wire.text_hash(t)))
+    t = texts["light", 1]
+    verdict = light.ask("light", wire.Draft(1, 3, len(t), [5, 6], text_hash=wire.text_hash(t)))
+    assert (verdict.accepted, verdict.next_token) == _alone(target, tok, t, [5, 6])
+    for _ in range(4):
+        got = heavy.answer("heavy")
+        t = texts["heavy", got.session]
+        assert (got.accepted, got.next_token) == _alone(target, tok, t, long)
+    assert list(verifier.stats.batch_sizes)[before:] == [2, 1, 1, 1]
+
+
+def test_a_batched_llama_cpp_pass_holds_only_what_its_shared_cells_hold(tiny_files, tiny_models, mosquitto,
+                                                                        wire_client):
+    """Three sessions of 200 positions on 512 shared cells: the pass used to fail on every try
+    (and each round went again alone); the verifier now plans its passes within the cells."""
+    from specedge.cloud.llama_target import LlamaCppTarget
+    from specedge.cloud.verifier import Verifier
+    from specedge.config import CloudConfig, build
+
+    tok = tiny_models[1]
+    engine = LlamaCppTarget(tiny_files[1], False, n_ctx=512, n_seq=8, n_batch=64, threads=1)
+    cfg = build(CloudConfig, {"mqtt": {"port": mosquitto.port}, "verifier": {
+        "fleet": "cells", "id": "v-cells", "group": "cells", "batch_window_ms": 1000, "share_slack": 0}})
+    verifier = Verifier(cfg, Target.in_memory("tiny-llama", engine, tok)).start()
+    try:
+        clients = {d: wire_client("cells", (d,)) for d in ("a", "b", "c")}
+        prompt = (tok.encode_chat("the robot turns left") * 20)[:200]
+        texts = {}
+        for device, client in clients.items():  # a round each: all active (the third takes the first's cells)
+            assert isinstance(client.ask(device, wire.Open(1, 1, prompt)), wire.Opened)
+            v = client.ask(device, wire.Draft(1, 2, len(prompt), [5], text_hash=wire.text_hash(prompt)))
+            texts[device] = prompt + [5][:v.accepted] + [v.next_token]
+        before = len(verifier.stats.batch_sizes)
+        for device, client in clients.items():
+            client.send(device, wire.Draft(1, 3, len(texts[device]), [5, 6], text_hash=wire.text_hash(texts[device])))
+        for device, client in clients.items():
+            assert isinstance(client.answer(device), wire.Verdict)
+        assert "split_pass" not in verifier.errors and "internal" not in verifier.errors
+        assert sorted(list(verifier.stats.batch_sizes)[before:]) == [1, 2]
+    finally:
+        verifier.stop()
+
+
+# -- 7: the grammar cache, an oracle and a shared resource -------------------------------------------
+def test_a_grammar_named_by_hash_is_found_only_by_the_scope_that_sent_its_text(
+        tiny_models, fleet_verifier, wire_client):
+    """An OPEN by hash alone used to find any grammar this verifier had compiled: a device could
+    tell whether another device had used a schema. It now finds what its own scope sent, the
+    prefix cache's scope: its device by default, its fleet under share_prefixes = "fleet"."""
+    _, tok, _, _ = tiny_models
+    text = grammar.json_schema({"enum": ["left", "right"]})
+    prompt = tok.encode_chat("which way")
+    by_text = wire.Open(1, 1, prompt, grammar_hash=grammar.grammar_hash(text), grammar=text, grammar_from=len(prompt))
+    by_hash = wire.Open(1, 1, prompt, grammar_hash=grammar.grammar_hash(text), grammar_from=len(prompt))
+    for scope, fleet, others_find in (("device", "gramd", False), ("fleet", "gramf", True)):
+        fleet_verifier(fleet, share_prefixes=scope)
+        client = wire_client(fleet)
+        assert isinstance(client.ask("a", by_text), wire.Opened)
+        assert isinstance(client.ask("a", by_hash), wire.Opened)  # its own, by hash
+        answer = client.ask("b", by_hash)  # another device of the fleet
+        if others_find:
+            assert isinstance(answer, wire.Opened)
+        else:
+            assert isinstance(answer, wire.Error) and answer.code == wire.ErrorCode.UNKNOWN_GRAMMAR
+
+
+def test_one_scope_opening_grammar_after_grammar_evicts_only_its_own(tiny_models):
+    """64 schemas of 0.02-0.1 s each used to push every other device's grammar out of the shared
+    LRU: a scope now holds per_scope grammars, and the cache's bound takes from the fullest scope."""
+    _, tok, model, _ = tiny_models
+    vocab = model.cfg.vocab_size
+    cache = grammar.Cache(size=8, per_scope=4)
+    mine = grammar.json_schema({"enum": ["left", "right"]})
+    cache.get(tok, vocab, mine, ("fleet", "innocent"))
+    for i in range(40):
+        cache.get(tok, vocab, grammar.json_schema({"enum": [f"w{i}"]}), ("fleet", "churner"))
+    for i in range(4):  # other devices, one grammar each: past the bound, the churner gives one up
+        cache.get(tok, vocab, grammar.json_schema({"enum": [f"x{i}"]}), ("fleet", f"d{i}"))
+    assert cache.find(tok, vocab, grammar.grammar_hash(mine), ("fleet", "innocent")) is not None
+    assert len(cache._compiled[("fleet", "churner")]) == 3 and len(cache) == 8
 
 
 # -- 3: stale rounds while a stream is pending -------------------------------------------------------
@@ -220,6 +335,22 @@ def test_stale_rounds_flooding_a_streaming_session_are_dropped_not_queued(
         deepest = max(deepest, len(verifier.deferred))
     assert deepest <= 1 and verifier.errors.get("stale", 0) > 0
     client.send("bad", wire.Close(1, 10))
+
+
+def test_the_verifier_hears_rounds_at_qos_0_so_a_qos_1_flood_costs_it_no_acknowledgements(
+        fleet_verifier, wire_client):
+    """Rounds travel at QoS 0; a device may send them at QoS 1 anyway, and each would cost the
+    verifier's MQTT thread a PUBACK to write and send (a fifth of its core under a flood of
+    1,000 a second, measured with py-spy). Subscribed at QoS 0, the broker delivers them so."""
+    verifier = fleet_verifier("qos")
+    client = wire_client("qos")
+    payload = wire.encode(wire.Draft(7, 2, 3, [5], text_hash=wire.text_hash([1, 2, 3])))
+    topic = topics.device("qos", "loud", "draft")
+    before = verifier.link.bytes_received
+    client.link.publish(topic, payload, qos=1)
+    answer = client.answer("loud", timeout=20)
+    assert isinstance(answer, wire.Error) and answer.code == wire.ErrorCode.UNKNOWN_SESSION
+    assert verifier.link.bytes_received - before == publish_packet_bytes(topic, len(payload), wire.ROUND_QOS, True)
 
 
 # -- 4: the prefix cache, a timing oracle ------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from specedge.protocol import wire
-from specedge.tools.bench import _read_json, _stop, spawn_verifier
+from specedge.tools.bench import _read_json, _split_cores, _stop, spawn_verifier
 from specedge.tools.bench_verifier import target_decode
 from specedge.broker import MosquittoBroker
 from specedge.tools.channel import ChannelConfig, ChannelEmulator, LinkSpec
@@ -116,11 +116,12 @@ def real_pair() -> Pair:
 class Rig:
     """What one trial runs: broker, replicas, optional channel emulator, the agent."""
 
-    def __init__(self, folder: Path, pair: Pair, fault: Fault, trial: int):
+    def __init__(self, folder: Path, pair: Pair, fault: Fault, trial: int, cores: list[int] = ()):
+        """`cores`: the replicas' (run_suite's pinning), none: unpinned."""
         from specedge.device.agent import Agent
         from specedge.device.draft import TorchDraftEngine
 
-        self.folder, self.pair, self.fault, self.trial = folder, pair, fault, trial
+        self.folder, self.pair, self.fault, self.trial, self.cores = folder, pair, fault, trial, list(cores)
         folder.mkdir(parents=True, exist_ok=True)
         self.procs: dict[str, object] = {}
         self.hung: list[str] = []
@@ -155,7 +156,7 @@ class Rig:
                            f'keepalive_s = 5\n[target]\nmodel = "{self.pair.files[1]}"\n'
                            # the reference decoding's product block: replicas compute with it too
                            f'{self.pair.target_keys}block = {self.pair.target.block}\n')
-            proc = spawn_verifier(cfg, self.folder / f"{name}.log")
+            proc = spawn_verifier(cfg, self.folder / f"{name}.log", cores=self.cores)
             self.procs[f"{name}-{self.trial}"] = proc
             started.append(proc)
         for proc in started:
@@ -497,10 +498,12 @@ def _diverges(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def run_trial(fault: Fault, trial: int, seed: int, folder: Path, pair: Pair, speed: bool = True) -> dict:
+def run_trial(fault: Fault, trial: int, seed: int, folder: Path, pair: Pair, speed: bool = True,
+              cores: list[int] = ()) -> dict:
     """One trial: a fresh rig, one greedy generation with `fault` injected at a random round, then
     the output, the stream, the verifier's sessions and this process's resources checked; with
-    `speed`, a fault's slowdown bound too (a benchmark's figure: `make test` leaves it out)."""
+    `speed`, a fault's slowdown bound too (a benchmark's figure: `make test` leaves it out).
+    `cores`: the replicas' (run_suite's pinning)."""
     rng = random.Random(f"{seed}-{fault.name}-{trial}")
     tok, target = pair.tok, pair.target
     prompt = tok.encode_chat(rng.choice(PROMPTS))
@@ -509,7 +512,7 @@ def run_trial(fault: Fault, trial: int, seed: int, folder: Path, pair: Pair, spe
     gc.collect()
     before = (proc_stats(), threading.active_count(), time.monotonic())
     row = {"fault": fault.name, "trial": trial, "round": at_round, "problems": []}
-    rig = Rig(folder / f"{fault.name}-{trial}", pair, fault, trial)
+    rig = Rig(folder / f"{fault.name}-{trial}", pair, fault, trial, cores)
     try:
         if fault.chaos:
             rig.clients.append(fault.chaos(rig, rng))
@@ -676,20 +679,24 @@ def _check_leftovers(row: dict, stats0: tuple[float, int], threads0: int, t0: fl
 
 
 def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, blackout_s: float = 10.0,
-              progress=None, speed: bool = True, pair: str = "tiny") -> dict:
+              progress=None, speed: bool = True, pair: str = "tiny", pin: bool = False) -> dict:
+    """`pin`: this process (the device), its broker and any other device's process on half the
+    cores, the replicas on the other half, as `specedge bench` pins them: a fault's speed is then
+    what it costs the verifier and the broker, not two processes fighting over the same cores."""
     every = faults(blackout_s)
     chosen = [f for f in every if not names or f.name in names]
     unknown = set(names or ()) - {f.name for f in every}
     if unknown:
         raise ValueError(f"unknown faults {sorted(unknown)}; known: {[f.name for f in every]}")
-    with tempfile.TemporaryDirectory(prefix="specedge-faults-") as tmp:
+    device_cores, verifier_cores, pinning = _split_cores() if pin else ([], [], "not pinned")
+    with _pinned_here(device_cores), tempfile.TemporaryDirectory(prefix="specedge-faults-") as tmp:
         folder = Path(tmp)
         models = tiny_pair(folder) if pair == "tiny" else real_pair()
         rss_start = proc_stats()[0]
         rows = []
         for fault in chosen:
             for trial in range(trials):
-                row = run_trial(fault, trial, seed, folder, models, speed)
+                row = run_trial(fault, trial, seed, folder, models, speed, verifier_cores)
                 rows.append(row)
                 if progress:
                     progress(row)
@@ -700,15 +707,33 @@ def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, bl
         table[fault.name] = {"doc": fault.doc, "expect": fault.expect, "run": len(mine),
                              "passed": sum(r["passed"] for r in mine),
                              "mean_s": round(sum(r["seconds"] for r in mine) / max(len(mine), 1), 2)}
-    return {"trials": trials, "seed": seed, "pair": pair, "table": table, "rows": rows, "rss_growth_mb": round(rss_growth, 1),
-            "passed": all(r["passed"] for r in rows)}
+    return {"trials": trials, "seed": seed, "pair": pair, "pinning": pinning, "table": table, "rows": rows,
+            "rss_growth_mb": round(rss_growth, 1), "passed": all(r["passed"] for r in rows)}
+
+
+@contextlib.contextmanager
+def _pinned_here(cores: list[int]):
+    """This process, and what it starts, on `cores` (none: as it is) for the block."""
+    if not cores:
+        yield
+        return
+    import torch
+
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, set(cores))
+    torch.set_num_threads(len(cores))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
 
 
 def format_table(report: dict) -> str:
     lines = [f"{'fault':32}{'passed/run':>11}  {'expect':11}{'mean s':>7}  what"]
     for name, t in report["table"].items():
         lines.append(f"{name:32}{t['passed']:>5}/{t['run']:<5}  {t['expect']:11}{t['mean_s']:>7.1f}  {t['doc']}")
-    lines.append(f"device process RSS growth over the run: {report['rss_growth_mb']:+.1f} MB")
+    lines.append(f"device process RSS growth over the run: {report['rss_growth_mb']:+.1f} MB; {report['pinning']}")
     return "\n".join(lines)
 
 
@@ -721,6 +746,8 @@ def add_parser(sub) -> None:
     fa.add_argument("--pair", default="tiny", choices=["tiny", "real"],
                     help="tiny models written for the run, or the default Qwen pair (its target on llama.cpp)")
     fa.add_argument("--json", default="", help="write the table and every trial here")
+    fa.add_argument("--no-pin", action="store_true",
+                    help="leave processes unpinned (default: the device side and the replicas on half the cores each)")
     fa.set_defaults(func=run)
 
 
@@ -730,7 +757,7 @@ def run(args) -> int:
         print(f"{state} {row['fault']:32} trial {row['trial']:>2}  round {row['round']}  {row['outcome']:24} "
               f"{row['seconds']:6.1f}s  {'; '.join(row['problems'])}", file=sys.stderr, flush=True)
     names = args.only.split(",") if args.only else None
-    report = run_suite(args.trials, names, args.seed, args.blackout_s, progress, pair=args.pair)
+    report = run_suite(args.trials, names, args.seed, args.blackout_s, progress, pair=args.pair, pin=not args.no_pin)
     print(format_table(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, default=str))

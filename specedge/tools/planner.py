@@ -36,6 +36,7 @@ import heapq
 import statistics
 from dataclasses import dataclass, field, replace
 
+from specedge.cloud.passes import PassLimits, fill_pass
 from specedge.emulation import Fed, Recording, draft_feed_ms, target_pass_ms
 from specedge.device.policy import parse_policy
 from specedge.device.scheduler import SPECULATE, STREAM, Scheduler, State, Objective
@@ -111,7 +112,7 @@ class _Target:
     session, its text is fed with its first round, at most prefill_chunk cold rows a pass; a pass
     waits for more rounds while fewer than the sessions active in the last 5 s are pending (not
     when only streams are), at most the batch window (or a share of the last pass's compute); at
-    most max_batch sessions a pass."""
+    most what a pass may hold (cloud/passes.py)."""
 
     ACTIVE_S = 5.0
 
@@ -152,20 +153,24 @@ class _Target:
             self.due = due
             self.clock.at(due, self._maybe_start)
 
+    def _feed(self, key, kind: str, length: int, arg) -> tuple[Fed, int | None]:
+        """What the next pass feeds for session `key`, and where a prefill chunk leaves its cache
+        (None: the round is verified)."""
+        cached = min(self.cached.get(key, 0), length - 1)  # a stream ahead of the device is cut back
+        cold = length - 1 - cached
+        if cold > self.cfg.prefill_chunk:  # a chunk of a long prefill: its round waits for the rest
+            return Fed(cached, self.cfg.prefill_chunk, 0), cached + self.cfg.prefill_chunk
+        kept = len(arg) + 1 if kind == "draft" else 1
+        return Fed(cached, cold + kept, kept), None
+
     def _start(self) -> None:
         self.busy, self.due = True, None
-        batch = sorted(self.work.items(), key=lambda kv: self.arrived[kv[0]])[: self.cfg.max_batch]
-        seqs, fed = [], []
-        for key, (kind, length, arg) in batch:
-            cached = min(self.cached.get(key, 0), length - 1)  # a stream ahead of the device is cut back
-            cold = length - 1 - cached
-            if cold > self.cfg.prefill_chunk:  # a chunk of a long prefill: its round waits for the rest
-                seqs.append(Fed(cached, self.cfg.prefill_chunk, 0))
-                fed.append(cached + self.cfg.prefill_chunk)
-                continue
-            kept = len(arg) + 1 if kind == "draft" else 1
-            seqs.append(Fed(cached, cold + kept, kept))
-            fed.append(None)
+        cfg = self.cfg
+        feeds = {key: self._feed(key, *work) for key, work in self.work.items()}
+        batch, _ = fill_pass(sorted(self.work.items(), key=lambda kv: self.arrived[kv[0]]),
+                             PassLimits(cfg.max_batch, cfg.max_pass_rows, cfg.max_device_rows),
+                             lambda kv: kv[0][0], lambda kv: feeds[kv[0]][0].rows, lambda kv: 0)
+        seqs, fed = [feeds[key][0] for key, _ in batch], [feeds[key][1] for key, _ in batch]
         seconds = (target_pass_ms(self.profile, seqs) + self.overheads.pass_ms) / 1000
         self.passes += 1
         self.rows += sum(s.rows for s in seqs)
