@@ -7,8 +7,10 @@ Terms:
   without pause holds SPAN = HALF_LIFE_S / ln 2 seconds of it.
 - A device is *active* while it sent something, or had a round answered, in the last ACTIVE_S
   seconds; *busy* likewise within IDLE_S (a device drafting its next round is busy).
-- Its *fair share* is SPAN / (active devices). A device is *over its share* when its service
-  exceeds `slack` times that; alone, a device is never over.
+- Its *fair share* is SPAN / (active devices not suspect, below). A device is *over its share*
+  when its service exceeds `slack` times that; alone, a device is never over, nor beside suspect
+  devices only (they have no share to be measured against: a device that uses the whole target
+  beside an attacker is not made to wait for it).
 - A device is *suspect* after it sent what the protocol forbids and an honest device does not
   send (`strike`: a malformed or refused request, a stream it no longer hears, a flood of stale
   rounds): each strike weighs in a score that halves every SUSPECT_HALF_LIFE_S, suspect while
@@ -23,7 +25,8 @@ lighter device's round that arrives meanwhile waits at most that long. Where eve
 smallest pass of the oldest over-share round would take longer (a stream step on a slow target,
 a prompt call the engine cannot split), it waits until no lighter device has sent anything for
 IDLE_S, or it has waited `hold_s`: the bound on what a lighter device can lose to it. A
-suspect device's rounds wait so whatever their size: it gets the others' idle time only. While
+suspect device's rounds wait so whatever their size and however long: it gets the others' idle
+time only (`hold_s` bounds an honest device's wait, not an attacker's). While
 it is over its share and a lighter device is busy, its messages wait in the same way (`gated`):
 handling one is target time too (an OPEN under a grammar walks its whole text).
 
@@ -99,7 +102,10 @@ class Shares:
 
     def _over(self, device, now: float) -> bool:
         """Over its share, or suspect; with two or more active devices (over's sweep aside)."""
-        return self.used(device, now) > self.slack * SPAN / len(self.seen) or self.suspect(device, now)
+        if self.suspect(device, now):
+            return True
+        honest = sum(1 for d in self.seen if not self.suspect(d, now))
+        return honest >= 2 and self.used(device, now) > self.slack * SPAN / honest
 
     def gated(self, device, now: float) -> bool:
         """Whether `device` is over its share while a lighter device is busy (sent something in
@@ -131,8 +137,8 @@ class Shares:
         budget, busy = self.budget(), self.lighter_busy(over, now)
 
         def waits(p) -> bool:  # for the lighter devices to go idle
-            return busy and now - since_of(p) < self.hold_s and (
-                self.suspect(device_of(p), now) or positions_of(p, budget) > budget)
+            return busy and (self.suspect(device_of(p), now) or (
+                now - since_of(p) < self.hold_s and positions_of(p, budget) > budget))
         taken, fed = [], 0
         for p in (p for p in pending if not waits(p)):
             n = positions_of(p, budget)

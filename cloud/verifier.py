@@ -346,10 +346,12 @@ class Verifier:
         self.dispatch(*message)
 
     def drain_backlog(self) -> None:
-        """Handle the backlog of each device no longer gated, and whatever waited share_hold_s."""
+        """Handle the backlog of each device no longer gated, and whatever of an honest device's
+        waited share_hold_s (a suspect device's waits for the others' idle time however long)."""
         now = time.monotonic()
         for device, held in list(self.backlog.items()):
-            while held and (not self.shares.gated(device, now) or now - held[0][2] >= self.shares.hold_s):
+            while held and (not self.shares.gated(device, now) or (
+                    now - held[0][2] >= self.shares.hold_s and not self.shares.suspect(device, now))):
                 message = held.popleft()
                 if not held:  # gone before its last message is answered: whoever reads it sees no backlog
                     del self.backlog[device]

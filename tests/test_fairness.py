@@ -122,6 +122,24 @@ def test_a_device_that_sent_what_no_honest_device_sends_gets_only_the_others_idl
     assert not shares.suspect(A, 30.0) and shares.over(30.0) == set()  # a strike fades
 
 
+def test_a_suspect_device_has_no_share_so_a_heavy_honest_device_beside_it_never_waits_for_it():
+    """On a CPU target one honest device may use the whole target: beside an attacker it was
+    over half a share, and the attacker's rounds and messages stopped waiting (0.45x on the real
+    pair). A suspect device is not counted in the shares, and waits past hold_s."""
+    shares = Shares(slack=1.2, yield_s=0.05, hold_s=10.0)
+    shares.touch(A, 0.0)
+    shares.touch(B, 0.0)
+    shares.charge(B, 2 * SPAN, 0.0)  # the honest device used everything lately
+    shares.strike(A, 1.0, 0.0)
+    assert shares.over(0.0) == {A} and shares.gated(A, 0.5)
+    assert _plan(shares, [(A, 1), (B, 1)], 0.5) == ([(B, 1)], [(A, 1)], 0)
+    shares.touch(A, 11.0)
+    shares.strike(A, 1.0, 11.0)  # still at it
+    shares.touch(B, 11.9)
+    assert _plan(shares, [(A, 1)], 12.0, positions=1, since=0.0) == ([], [(A, 1)], 0)  # 12 s > hold_s
+    assert _plan(shares, [(A, 1)], 13.0, positions=1, since=0.0)[0] == [(A, 1)]  # B idle for a second
+
+
 def test_a_shares_off_switch_plans_every_round_at_once():
     shares = Shares(slack=0)
     shares.touch(A, 0.0)

@@ -80,6 +80,10 @@ class Pair:
     target_keys: str
     speed_tokens: int = SPEED_TOKENS
     faults: dict = field(default_factory=dict)  # the device's [faults] beyond DEVICE_FAULTS
+    start_s: float = 60.0  # how long a replica may take to load the target and self-test it
+    # How long the replicas may take to show only the device's kept session once its request
+    # ended: a real pass on one CPU core runs for seconds, and the statistics wait for it.
+    settle_s: float = 5.0
 
 
 def tiny_pair(folder: Path) -> Pair:
@@ -110,7 +114,7 @@ def real_pair() -> Pair:
     # A round of the real pair on a CPU takes seconds (a prompt's prefill more): the device waits
     # as long as it would by default, not DEVICE_FAULTS' second.
     return Pair(files, draft, tok, target, 'engine = "llama.cpp"\n', REAL_SPEED_TOKENS,
-                {"round_timeout_s": 30.0, "max_wait_s": 300.0})
+                {"round_timeout_s": 30.0, "max_wait_s": 300.0}, start_s=600.0, settle_s=60.0)
 
 
 class Rig:
@@ -160,7 +164,7 @@ class Rig:
             self.procs[f"{name}-{self.trial}"] = proc
             started.append(proc)
         for proc in started:
-            _read_json(proc, "a verifier replica", 60)
+            _read_json(proc, "a verifier replica", self.pair.start_s)
 
     def kill_replica(self) -> str:
         """kill -9 the replica holding the session (or the first one alive)."""
@@ -624,7 +628,7 @@ def _check_generation(gen: Generation, fault: Fault, reference: list[int], rig: 
         # The device keeps its last session open for a next turn (docs/apps.md): that one only.
         kept = rig.agent.kept
         expected = {kept.rounds.replica: 1} if kept is not None else {}
-        held = rig.replica_sessions(expected)
+        held = rig.replica_sessions(expected, rig.pair.settle_s)
         if any(count != expected.get(name, 0) for name, count in held.items()):
             problems.append(f"sessions left on the verifier: {held}; the device keeps {expected or 'none'}")
 
