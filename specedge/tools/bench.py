@@ -11,6 +11,7 @@ channel's clock restarts, so every policy meets the same stretch of the trace.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -263,6 +264,24 @@ def _pinned(cores: list[int]):
         if cores and hasattr(os, "sched_setaffinity"):
             os.sched_setaffinity(0, set(cores))
     return pin
+
+
+@contextlib.contextmanager
+def pinned_here(cores: list[int]):
+    """This process, and what it starts, on `cores` (none: as it is) for the block."""
+    if not cores:
+        yield
+        return
+    import torch
+
+    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    os.sched_setaffinity(0, set(cores))
+    torch.set_num_threads(len(cores))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, affinity)
+        torch.set_num_threads(threads)
 
 
 def _spawn(cmd: list[str], cores: list[int], env_extra: dict, log_path: Path) -> subprocess.Popen:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from specedge.tools.bench import (_git_revision, _read_json, _split_cores, _stop, load_prompts, near_ties,
-                                  prompts_file, spawn_verifier)
+                                  pinned_here, prompts_file, spawn_verifier)
 from specedge.broker import MosquittoBroker
 from specedge.cloud.engine import own_generation
 from specedge.device.draft import Drafted, TorchDraftEngine
@@ -324,27 +324,23 @@ def run(args) -> int:
     # The devices (this process, its broker) and the replicas on cores of their own, as `specedge
     # bench` pins them: a replica's rows then cost what a profile pinned to its cores measured.
     device_cores, verifier_cores, pinning = _split_cores()
-    if device_cores:
-        import torch
-
-        os.sched_setaffinity(0, set(device_cores))
-        torch.set_num_threads(len(device_cores))
     report = {"machine": {"cpus": os.cpu_count(), "pinning": pinning,
                           "torch_threads_per_replica": "its cores" if verifier_cores else "cores / replicas"},
               "git": _git_revision(), "args": {k: v for k, v in vars(args).items() if k != "func"},
               # Emulated compute: every figure is emulated, from the profile named here.
               "emulated": emulation is not None, "emulation": emulation,
               "drafts": [d[0] for d in drafts], "runs": []}
-    broker = MosquittoBroker().start()
-    watch = StatsWatch(broker.port)
-    setup = _Setup(args, folder, broker.port, watch, recordings, drafts, block, exactness, verifier_cores)
-    try:
-        for replicas in replica_counts:
-            for mode in modes:
-                _measure_configuration(setup, replicas, mode, devices, report["runs"])
-    finally:
-        watch.link.stop()
-        broker.stop()
+    with pinned_here(device_cores):
+        broker = MosquittoBroker().start()
+        watch = StatsWatch(broker.port)
+        setup = _Setup(args, folder, broker.port, watch, recordings, drafts, block, exactness, verifier_cores)
+        try:
+            for replicas in replica_counts:
+                for mode in modes:
+                    _measure_configuration(setup, replicas, mode, devices, report["runs"])
+        finally:
+            watch.link.stop()
+            broker.stop()
     report["speedup"] = _speedups(report["runs"])
     report["speedup_vs_cloud_ar"] = _speedups(report["runs"], "cloud-ar")
     text = json.dumps(report, indent=1)

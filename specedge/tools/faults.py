@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Callable
 
 from specedge.protocol import wire
-from specedge.tools.bench import _read_json, _split_cores, _stop, spawn_verifier
+from specedge.tools.bench import _read_json, _split_cores, _stop, pinned_here, spawn_verifier
 from specedge.tools.bench_verifier import target_decode
 from specedge.broker import MosquittoBroker
 from specedge.tools.channel import ChannelConfig, ChannelEmulator, LinkSpec
@@ -693,7 +693,7 @@ def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, bl
     if unknown:
         raise ValueError(f"unknown faults {sorted(unknown)}; known: {[f.name for f in every]}")
     device_cores, verifier_cores, pinning = _split_cores() if pin else ([], [], "not pinned")
-    with _pinned_here(device_cores), tempfile.TemporaryDirectory(prefix="specedge-faults-") as tmp:
+    with pinned_here(device_cores), tempfile.TemporaryDirectory(prefix="specedge-faults-") as tmp:
         folder = Path(tmp)
         models = tiny_pair(folder) if pair == "tiny" else real_pair()
         rss_start = proc_stats()[0]
@@ -713,24 +713,6 @@ def run_suite(trials: int = 1, names: list[str] | None = None, seed: int = 0, bl
                              "mean_s": round(sum(r["seconds"] for r in mine) / max(len(mine), 1), 2)}
     return {"trials": trials, "seed": seed, "pair": pair, "pinning": pinning, "table": table, "rows": rows,
             "rss_growth_mb": round(rss_growth, 1), "passed": all(r["passed"] for r in rows)}
-
-
-@contextlib.contextmanager
-def _pinned_here(cores: list[int]):
-    """This process, and what it starts, on `cores` (none: as it is) for the block."""
-    if not cores:
-        yield
-        return
-    import torch
-
-    affinity, threads = os.sched_getaffinity(0), torch.get_num_threads()
-    os.sched_setaffinity(0, set(cores))
-    torch.set_num_threads(len(cores))
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, affinity)
-        torch.set_num_threads(threads)
 
 
 def format_table(report: dict) -> str:
