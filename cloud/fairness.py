@@ -98,14 +98,22 @@ class Shares:
                 self.strikes.pop(device, None)
         if not self.slack or len(self.seen) < 2:
             return set()
-        return {d for d in self.seen if self._over(d, now)}
+        honest = self._honest(now)
+        return {d for d in self.seen if self._over(d, now, honest)}
 
-    def _over(self, device, now: float) -> bool:
-        """Over its share, or suspect; with two or more active devices (over's sweep aside)."""
+    def _honest(self, now: float) -> int:
+        return sum(1 for d in self.seen if not self.suspect(d, now))
+
+    def _over(self, device, now: float, honest: int | None = None) -> bool:
+        """Over its share, or suspect; with two or more active devices (over's sweep aside).
+        `honest`: the active devices not suspect, where the caller counted them already."""
         if self.suspect(device, now):
             return True
-        honest = sum(1 for d in self.seen if not self.suspect(d, now))
-        return honest >= 2 and self.used(device, now) > self.slack * SPAN / honest
+        used = self.used(device, now)
+        if used <= self.slack * SPAN / len(self.seen):  # within even the smallest share: no count needed
+            return False
+        honest = self._honest(now) if honest is None else honest
+        return honest >= 2 and used > self.slack * SPAN / honest
 
     def gated(self, device, now: float) -> bool:
         """Whether `device` is over its share while a lighter device is busy (sent something in
