@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 DEMO_ARGS ?=
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-unit test-slow test-gpu test-vllm gpu-check models mosquitto clean
+.PHONY: demo test test-unit test-slow test-gpu test-vllm gpu-check gpu-bundle models mosquitto clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,10 +60,41 @@ $(VLLM_VENV)/.installed: pyproject.toml
 test-vllm: $(VLLM_VENV)/.installed mosquitto
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_vllm_target.py
 
-# On a GPU machine, every GPU path in one script (under 8 minutes): kernels, TensorRT draft,
-# llama.cpp target offloaded (built with CMAKE_ARGS=-DGGML_CUDA=on, docs/engines.md).
+# Every GPU path in one script, under 8 minutes (specedge/gpu_check.py, docs/engines.md). Here,
+# without a GPU, it is the rehearsal, in the venv. On the lent GPU machine (a bare image: no venv,
+# no network) `make gpu-check GPU=1` first installs the wheels `make gpu-bundle` downloaded here
+# (carried with the repository, under 64 MiB) and this repository into the image's python3.
+GPU_WHEELS ?= gpu-wheels
+gpu-bundle: $(VENV)/.installed
+	rm -rf $(GPU_WHEELS)
+	# for each Python the image may have (a few wheels are built per version): pip takes the one that fits
+	for v in 3.10 3.11 3.12 3.13; do \
+		$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --dest $(GPU_WHEELS) \
+			--implementation cp --python-version $$v --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_31_x86_64 \
+			$$($(PY) -c "from specedge.gpu_check import BUNDLE; print(' '.join(BUNDLE))") || exit 1; done
+	# pycuda (the kernels' check) has no wheel: its source, built there against the image's CUDA
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary=pycuda --dest $(GPU_WHEELS) pycuda
+	du -sh $(GPU_WHEELS)
+
+ifeq ($(GPU),1)
+gpu-check:
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-index --no-deps --find-links $(GPU_WHEELS) \
+		$$($(PYTHON) -c "import ast, pathlib; t = pathlib.Path('specedge/gpu_check.py').read_text(); \
+		print(' '.join(next(ast.literal_eval(n.value) for n in ast.parse(t).body \
+		if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '') == 'BUNDLE')))")
+	# a pycuda that does not build leaves the kernels' check a SKIP that says so, not the end of the check
+	-CUDA_ROOT=$${CUDA_ROOT:-/usr/local/cuda} $(PYTHON) -m pip install --quiet --disable-pip-version-check \
+		--no-index --no-deps --no-build-isolation $(GPU_WHEELS)/pycuda-*.tar.gz
+	# this repository importable as the wheel lays it out (pyproject's package-dir), with nothing to build
+	rm -rf .gpu-path && mkdir .gpu-path && cp -rs $(CURDIR)/specedge .gpu-path/specedge
+	for d in cloud device kernels firmware_config; do ln -s $(CURDIR)/$$d .gpu-path/specedge/$$d; done
+	ln -s $(CURDIR)/systemd .gpu-path/specedge/systemd_units
+	PYTHONSAFEPATH=1 PYTHONPATH=$(CURDIR)/.gpu-path $(PYTHON) -m specedge.gpu_check --json gpu-check.json --out gpu-check \
+		--bundle $(GPU_WHEELS)
+else
 gpu-check: $(VENV)/.installed
-	$(PY) -m specedge.gpu_check --json gpu-check.json
+	$(PY) -m specedge.gpu_check --json gpu-check.json --out gpu-check --bundle $(GPU_WHEELS)
+endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

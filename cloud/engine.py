@@ -199,19 +199,21 @@ class Capabilities:
         return asdict(self)
 
 
-def weights_held(engine: str, weights: str) -> str:
-    """What an engine computes with: torch the dtype `weights` resolves to, llama.cpp the file's
-    own quantised blocks, vLLM the bf16 form dequantised from them."""
+def weights_held(engine: str, weights: str, device: str = "cpu") -> str:
+    """What an engine computes with: torch the dtype `weights` resolves to on `device`, llama.cpp
+    the file's own quantised blocks, vLLM the bf16 form dequantised from them."""
     from specedge.loader import resolve_weights
 
-    return {"torch": resolve_weights(weights), "llama.cpp": "gguf", "vllm": "bf16", "emulated": "emulated"}[engine]
+    return {"torch": resolve_weights(weights, device), "llama.cpp": "gguf", "vllm": "bf16",
+            "emulated": "emulated"}[engine]
 
 
 def open_engine(engine: str, path, sha256: str | None, weights: str, batch_invariant: bool,
-                threads: int | None = None):
-    """(engine, tokenizer) for a resolved engine name; `weights` applies to torch only (llama.cpp
-    runs the file's own quantisation, vLLM the bf16 dequantised form), `threads` to llama.cpp
-    (torch uses torch's setting, vLLM its own binding)."""
+                threads: int | None = None, device: str = "cpu"):
+    """(engine, tokenizer) for a resolved engine name; `weights` and `device` apply to torch only
+    (llama.cpp runs the file's own quantisation and offloads by its build, vLLM the bf16
+    dequantised form on its GPU), `threads` to llama.cpp (torch uses torch's setting, vLLM its own
+    binding)."""
     if engine == "llama.cpp":
         from specedge.cloud.llama_target import LlamaCppTarget
         from specedge.loader import read_gguf_tokenizer
@@ -225,7 +227,7 @@ def open_engine(engine: str, path, sha256: str | None, weights: str, batch_invar
     if engine == "torch":
         from specedge.loader import load_model
 
-        return load_model(path, sha256, weights, batch_invariant)
+        return load_model(path, sha256, weights, batch_invariant, device)
     if engine == "emulated":
         from specedge.cloud.emulated_target import EmulatedTarget
         from specedge.loader import read_gguf_tokenizer

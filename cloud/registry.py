@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 
 from specedge.cloud.engine import ENGINES, Capabilities, open_engine, resolve_engine, weights_held
-from specedge.config import WEIGHTS, ConfigError, model_label, read_toml
+from specedge.config import DEVICES, WEIGHTS, ConfigError, model_label, read_toml
 from specedge.protocol.contract import Contract
 
 SHIPPED_REGISTRY = Path(__file__).with_name("targets.toml")
@@ -30,10 +30,12 @@ class TargetSpec:
     drop_layers: tuple[int, ...] = ()  # a layer-pruned variant of `model` (see prune-layers)
     sha256: str = ""  # of the model file; checked on load when given
     engine: str = "auto"  # cloud/engine.py: torch (bitwise reference) or llama.cpp
+    device: str = "auto"  # torch's: cpu | cuda | auto (loader.resolve_device)
 
     def recipe(self) -> dict:
+        """How it is loaded: another device computes other bits, so it is part of the version."""
         return {"model": self.model, "engine": self.engine, "weights": self.weights,
-                "drop_layers": list(self.drop_layers)}
+                "drop_layers": list(self.drop_layers), "device": self.device}
 
 
 @dataclass
@@ -85,6 +87,7 @@ class Target:
 
 def load_target(spec: TargetSpec, batch_invariant: bool = True) -> Target:
     from specedge.fetch import resolve, sha256_file
+    from specedge.loader import resolve_device
 
     path, sha256 = resolve(spec.model)
     if spec.sha256 and path.is_file():
@@ -98,14 +101,18 @@ def load_target(spec: TargetSpec, batch_invariant: bool = True) -> Target:
     engine = resolve_engine(spec.engine, path)
     if engine != "torch" and spec.drop_layers:
         raise ConfigError(f"target {spec.name}: drop_layers needs engine = \"torch\" ({engine} loads the file whole)")
-    spec = replace(spec, engine=engine, weights=weights_held(engine, spec.weights))
-    model, tokenizer = open_engine(engine, path, sha256, spec.weights, batch_invariant)
+    try:
+        device = resolve_device(spec.device) if engine == "torch" else "auto"  # the others place themselves
+    except ValueError as exc:
+        raise ConfigError(f"target {spec.name}: {exc}") from None
+    spec = replace(spec, engine=engine, weights=weights_held(engine, spec.weights, device), device=device)
+    model, tokenizer = open_engine(engine, path, sha256, spec.weights, batch_invariant, device=device)
     if spec.drop_layers:
         model = model.layer_subset([i for i in range(model.cfg.n_layers) if i not in spec.drop_layers])
     return Target(spec, model, tokenizer, sha256 or "")
 
 
-def read_registry(path: str | Path, default_engine: str = "auto") -> dict[str, TargetSpec]:
+def read_registry(path: str | Path, default_engine: str = "auto", default_device: str = "auto") -> dict[str, TargetSpec]:
     data = read_toml(path, "target registry")
     versions = data.get("versions")
     if not isinstance(versions, dict) or not versions or set(data) != {"versions"}:
@@ -115,7 +122,7 @@ def read_registry(path: str | Path, default_engine: str = "auto") -> dict[str, T
         where = f"{path}: versions.{name}"
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise ConfigError(f"{where}: needs model = \"name or path\"")
-        unknown = set(entry) - {"model", "engine", "weights", "drop_layers", "sha256"}
+        unknown = set(entry) - {"model", "engine", "weights", "drop_layers", "sha256", "device"}
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
         drop = entry.get("drop_layers", [])
@@ -127,10 +134,14 @@ def read_registry(path: str | Path, default_engine: str = "auto") -> dict[str, T
         engine = entry.get("engine", default_engine)
         if engine not in ENGINES:
             raise ConfigError(f"{where}: engine must be one of {', '.join(ENGINES)}")
+        device = entry.get("device", default_device)
+        if device not in DEVICES:
+            raise ConfigError(f"{where}: device must be one of {', '.join(DEVICES)}")
         model = entry["model"]
         if not Path(model).is_absolute() and ("/" in model or model.endswith(".gguf")):
             model = str((Path(path).parent / model).resolve())  # relative to the registry file
-        specs[name] = TargetSpec(name, model, weights, tuple(sorted(set(drop))), str(entry.get("sha256", "")), engine)
+        specs[name] = TargetSpec(name, model, weights, tuple(sorted(set(drop))), str(entry.get("sha256", "")), engine,
+                                 device)
     return specs
 
 
@@ -138,12 +149,13 @@ def registry_for(target_cfg) -> tuple[dict[str, TargetSpec], str]:
     """(versions, default version) from the [target] section: its registry file, or the one model it names."""
     if target_cfg.registry:
         path = SHIPPED_REGISTRY if target_cfg.registry == "shipped" else target_cfg.registry
-        specs = read_registry(path, target_cfg.engine)
+        specs = read_registry(path, target_cfg.engine, target_cfg.device)
         default = target_cfg.version or next(iter(specs))
         if default not in specs:
             raise ConfigError(f"target.version {default!r} is not in {path} ({', '.join(specs)})")
         return specs, default
     name = target_cfg.version or model_label(target_cfg.model)
-    return {name: TargetSpec(name, target_cfg.model, target_cfg.weights, engine=target_cfg.engine)}, name
+    return {name: TargetSpec(name, target_cfg.model, target_cfg.weights, engine=target_cfg.engine,
+                             device=target_cfg.device)}, name
 
 

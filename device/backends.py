@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import replace
 
 from specedge.config import ConfigError
 
@@ -67,7 +68,8 @@ def open_engine(draft_cfg, report=log.info):
                     raise
                 report(f"draft backend {name}: failed to start ({exc}); trying the next")
                 continue
-        model, tok = load_draft(draft_cfg)
+        # the exports read the weights on the CPU; only the torch backend computes where `device` says
+        model, tok = load_draft(draft_cfg if name == "torch" else replace(draft_cfg, device="cpu"))
         if name == "torch":
             return TorchDraftEngine(model, draft_cfg.q_top_k, draft_cfg.q_top_p), tok
         try:
@@ -122,7 +124,6 @@ def build_engine_command(args) -> int:
     GPU, its TensorRT engine, built into the cache ahead of the first start. Exit 1 when --tensorrt
     asks for the engine and none can be built here."""
     import json
-    from dataclasses import replace
 
     from specedge.device import checks
     from specedge.device.draft import load_draft
@@ -138,6 +139,6 @@ def build_engine_command(args) -> int:
         return 0 if not args.tensorrt else 1
     from specedge.device.trt_engine import cached_engine
 
-    model, _ = load_draft(replace(cfg.draft, weights="int8"))
+    model, _ = load_draft(replace(cfg.draft, weights="int8", device="cpu"))
     print(json.dumps({"engine": str(cached_engine(onnx_path, model.cfg, say))}), flush=True)
     return 0

@@ -153,9 +153,12 @@ def load_draft(cfg):
     """(model, tokenizer) for a [draft] section: the model, or its first `layers` layers read out
     through a trained head (a smaller draft sharing the backbone, and its weights in memory)."""
     from specedge.exit_head import load_exit_head
-    from specedge.loader import load_named
+    from specedge.loader import load_named, resolve_device
 
-    model, tok = load_named(cfg.model, cfg.weights)
+    device = resolve_device(cfg.device)
+    # int8 is the CPU's fastest form; a GPU's products are bf16 (and int8's are the CPU's kernel)
+    weights = "bf16" if device != "cpu" and cfg.weights == "int8" else cfg.weights
+    model, tok = load_named(cfg.model, weights, device=device)
     if cfg.layers:
         head = load_exit_head(model, cfg.layers, cfg.head or None)
         adapter = None if head.down is None else (head.down, head.up)

@@ -202,7 +202,7 @@ def cached_export(draft_cfg, log=print) -> Path:
     path = fp32_path.with_name(f"{stem}-q8.onnx") if draft_cfg.weights == "int8" else fp32_path
     if _complete(path):
         return path
-    model, tok = load_draft(dataclasses.replace(draft_cfg, weights="fp32"))
+    model, tok = load_draft(dataclasses.replace(draft_cfg, weights="fp32", device="cpu"))
     prompt = tok.encode("def fibonacci(n):\n    ")
     fp32_path.parent.mkdir(parents=True, exist_ok=True)
     if not _complete(fp32_path):

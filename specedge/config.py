@@ -64,7 +64,8 @@ class IdentityConfig:
 @dataclass
 class DraftConfig:
     model: str = "qwen2.5-coder-0.5b"  # registry name or a path (GGUF file or HF folder)
-    weights: str = "int8"  # int8 (fastest single-token decode on CPU) | bf16 | fp32
+    weights: str = "int8"  # int8 (fastest single-token decode on CPU; bf16 on a GPU) | bf16 | fp32
+    device: str = "auto"  # the torch backend's: auto (a CUDA GPU where torch sees one; a Jetson's) | cpu | cuda
     q_top_k: int = 8  # sampled mode: candidates in the sparse q sent per drafted token
     q_top_p: float = 0.98  # the fewest candidates reaching this mass: ~1.6 a token on code, not ~4.7
     # A shallower draft on the same backbone: only the first `layers` layers (0 = all), read out
@@ -87,6 +88,7 @@ class DraftConfig:
         _check(self.source_list() in (["model"], ["lookup"], ["lookup", "model"]), "draft.sources",
                "model, lookup or lookup,model")
         _check(self.weights in ("int8", "bf16", "fp32", "fp64"), "draft.weights", "int8, bf16, fp32 or fp64")
+        _check(self.device in DEVICES, "draft.device", ", ".join(DEVICES))
         _check(self.layers >= 0, "draft.layers", ">= 0 (0 = every layer)")
         _check(not self.head or self.layers > 0, "draft.head", "a file only together with draft.layers")
         _check(len(self.name.encode()) <= 64, "draft.name", "at most 64 bytes")
@@ -333,6 +335,7 @@ TOPIC_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SHARE_PREFIXES = ("device", "fleet")
 TARGET_ENGINES = ("auto", "torch", "llama.cpp", "vllm", "emulated")  # cloud/engine.py
 WEIGHTS = ("auto", "int8", "bf16", "fp32", "fp64")  # how a model's weights are held (loader.load_model)
+DEVICES = ("auto", "cpu", "cuda")  # where the torch engine computes (loader.resolve_device)
 
 
 @dataclass
@@ -342,7 +345,10 @@ class TargetConfig:
     # as stored, ten times faster per token on a CPU; "vllm" for GPU servers (docs/engines.md);
     # "auto" = llama.cpp where installed.
     engine: str = "auto"
-    weights: str = "auto"  # torch: bf16 where the CPU has AMX/AVX512-BF16, else fp32 (loader.resolve_weights)
+    weights: str = "auto"  # torch: bf16 on a GPU or where the CPU has AMX/AVX512-BF16, else fp32 (loader.resolve_weights)
+    # torch: auto (a CUDA GPU where torch sees one, else the CPU) | cpu | cuda. llama.cpp offloads
+    # by its build, vLLM runs on its GPU: neither reads it.
+    device: str = "auto"
     # Bit-identical logits whether a position is verified in a block or decoded alone (llama.cpp:
     # one row per call); false lets llama.cpp batch rows, cheaper and numerical.
     batch_invariant: bool = True
@@ -366,6 +372,7 @@ class TargetConfig:
 
     def validate(self):
         _check(self.weights in WEIGHTS, "target.weights", ", ".join(WEIGHTS))
+        _check(self.device in DEVICES, "target.device", ", ".join(DEVICES))
         _check(self.engine in TARGET_ENGINES, "target.engine", ", ".join(TARGET_ENGINES))
         _check(self.exit_layer >= 0, "target.exit_layer", ">= 0 (0 = three quarters of the depth)")
         _check(0 <= self.block <= 64, "target.block", "0 (the self-test picks) or 1..64 rows")

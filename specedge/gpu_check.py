@@ -1,20 +1,25 @@
-"""`make gpu-check`: every GPU path in one script, under 8 minutes on one H100/H200.
+"""`make gpu-check`: every GPU path in one script, under 8 minutes on one H100/H200, with the
+image's own python3 (no network there: what it must receive is `gpu_bundle`, under 64 MiB).
 
-Checks, each with its own time limit, each PASS, FAIL or SKIP with the reason:
-  kernels     the CUDA kernels against their NumPy references (pytest -m gpu tests/test_kernels.py);
-  tensorrt    the TensorRT draft end to end: ONNX export, engine build, greedy drafts against
-              the torch draft on the same weights;
-  llama.cpp   the llama.cpp target offloaded to the GPU: its exactness self-test, decode
-              ms/token and verify-call ms by k (bench_engines.target_timings);
-  vllm        the vLLM target with VLLM_BATCH_INVARIANT=1: the same self-test and timings;
-  torch-cuda  not a product path (the reference engine runs on CPU); reported so the machine
-              is described.
-Each check runs in a process of its own, so a crash in a native library (llama.cpp's CUDA build
-segfaulted on the first H200 run) is that check's FAIL, not the end of the report.
-Models: the real Qwen pair when `specedge models fetch` has cached it, else the tiny generated
-pair (a device machine may have no network); the report says which. A path whose package is
-not installed on the machine (pycuda, tensorrt, a CUDA llama-cpp-python, vllm) is a SKIP with
-that reason, never a pass.
+Checks, in this order, each PASS, FAIL or SKIP with the reason, each in a process of its own (a
+crash in a native library, as llama.cpp's CUDA build segfaulted on the first H200 run, is that
+check's FAIL, not the end of the report), within one time budget:
+  torch-cuda      the machine: torch's CUDA device;
+  kernels         the CUDA kernels against their NumPy references (pytest -m gpu tests/test_kernels.py);
+  torch-selftest  the reference target (specedge.model.Qwen2) on the device: the bitwise self-test
+                  (exact, or numerical with its measured gap) on the tiny pair's target and on a
+                  1.5B-shaped model with random weights made on the device;
+  profiles        `specedge profile` of the 1.5B and 7B shapes (then 14B and 32B while time and
+                  memory last) on the torch engine, random weights made on the device: decode,
+                  prefill and verify ms by (S sessions, k rows); one JSON each under --out;
+  end-to-end      one speculative generation, draft and target on the device, through the
+                  embedded broker: its output must equal the target's own greedy decoding;
+  llama.cpp       the llama.cpp target offloaded to the GPU, where a CUDA build is installed;
+  tensorrt, vllm  where installed; neither fits what can travel to the lent machine (SKIP).
+Without CUDA this is the rehearsal (`make gpu-check` on a CPU): the torch paths run on the CPU
+with the tiny shape standing in for the real ones, so a GPU's minutes go to measuring.
+Models: the real Qwen pair when `specedge models fetch` has cached it and a GPU is here, else the
+tiny generated pair; the report says which.
 """
 from __future__ import annotations
 
@@ -27,13 +32,36 @@ import time
 from pathlib import Path
 
 BUDGET_S = 450  # of the 8 minutes: the rest is start-up and installs
+SELFTEST_SHAPES = ("qwen2.5-1.5b",)
+PROFILE_SHAPES = ("qwen2.5-1.5b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b")
+REHEARSAL_SHAPE = "tiny"  # stands in for every real shape on a CPU
+# What the lent GPU machine's image lacks of specedge's dependencies for the checks above (it has
+# torch, numpy, transformers with tokenizers and safetensors, jinja2, onnxruntime, pytest): the
+# pure-Python or abi3 wheels `make gpu-bundle` downloads, under 64 MiB with the repository.
+BUNDLE = ("paho-mqtt", "amqtt", "dacite", "pwdlib", "transitions", "typer", "click", "rich", "shellingham",
+          "markdown-it-py", "mdurl", "pygments", "websockets", "psutil", "gguf", "llguidance", "prometheus-client",
+          "pytools", "platformdirs", "mako", "siphash24")  # the last four: pycuda's (its source travels too)
+TRAVEL_LIMIT = 64 * 2 ** 20
+
+
+def device_here() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def shapes(real: tuple[str, ...]) -> tuple[str, ...]:
+    return real if device_here() == "cuda" else (REHEARSAL_SHAPE,)
 
 
 def _models() -> tuple[str, str, str]:
-    """(draft, target, which): the cached real pair, else a tiny pair written here."""
+    """(draft, target, which): the cached real pair on a GPU, else a tiny pair written here (the
+    CPU's rehearsal keeps to it: the real 1.5B in bf16 on two cores would take the budget)."""
     from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET, FetchError, resolve
 
     try:
+        if device_here() != "cuda":
+            raise FetchError("rehearsal")
         draft, target = (str(resolve(name, fetch_missing=False)[0]) for name in (DEFAULT_DRAFT, DEFAULT_TARGET))
         return draft, target, "real"
     except FetchError:
@@ -132,11 +160,141 @@ def check_torch_cuda() -> dict:
     return {"status": "PASS", "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
 
 
-CHECKS = {"torch-cuda": lambda draft, target: check_torch_cuda(),
-          "kernels": lambda draft, target: check_kernels(),
-          "tensorrt": lambda draft, target: check_tensorrt(draft),
-          "llama.cpp": lambda draft, target: check_llama_cpp(target),
-          "vllm": lambda draft, target: check_vllm(target)}
+def _verdict(found) -> dict:
+    worst = max((t.max_abs_diff for t in found.trials), default=0.0)
+    return {"exact": found.exact, "block": found.block, "max_abs_diff": worst, "summary": found.summary()}
+
+
+def check_torch_selftest(target: str) -> dict:
+    """The start-up self-test where the reference target computes: the tiny pair's target, then
+    each real shape with random weights (PASS: it ran and decided; the verdict is the result)."""
+    from specedge.exactness import establish
+    from specedge.loader import load_model
+    from specedge.tools.profile import random_qwen2
+
+    device = device_here()
+    model, _ = load_model(target, dtype="bf16", batch_invariant=True, device=device)
+    out = {"device": device, "tiny-pair target": _verdict(establish(model))}
+    for shape in shapes(SELFTEST_SHAPES):
+        out[f"{shape} (random weights)"] = _verdict(establish(random_qwen2(shape, device)))
+        _free()
+    detail = "; ".join(f"{k}: {'exact' if v['exact'] else 'numerical'} (block {v['block']}, "
+                       f"|dlogit| {v['max_abs_diff']:.3g})" for k, v in out.items() if isinstance(v, dict))
+    return {"status": "PASS", "detail": detail, **out}
+
+
+def check_profiles(out_dir: str, budget_s: float) -> dict:
+    """Profiles of the real shapes, random weights made on the device, each self-tested first
+    (its passes then run on the block the verifier would use); one JSON each in `out_dir`."""
+    import torch
+
+    from specedge.exactness import establish
+    from specedge.tools.profile import machine_here, profile_target, random_qwen2, shape_params
+
+    device, t0, done, skipped = device_here(), time.monotonic(), {}, {}
+    todo = shapes(PROFILE_SHAPES)
+    for i, shape in enumerate(todo):
+        left = budget_s - (time.monotonic() - t0)
+        if left < 20:
+            skipped[shape] = f"the check's {budget_s:.0f} s were spent"
+            continue
+        if device == "cuda" and shape_params(shape) * 2 * 1.3 > torch.cuda.mem_get_info()[0]:
+            skipped[shape] = f"{shape_params(shape) * 2 / 2 ** 30:.0f} GiB of bf16 weights do not fit the free memory"
+            continue
+        model = random_qwen2(shape, device)
+        found = establish(model)
+        grid = dict(contexts=(128, 512, 2048), prefill_rows=(32, 128, 512), sessions=(1, 4, 16, 64),
+                    rows=(1, 2, 4, 8, 16), repeats=3) if device == "cuda" else dict(
+                    contexts=(32, 128), prefill_rows=(8, 32), sessions=(1, 2), rows=(1, 4), repeats=1)
+        prof = profile_target(model, budget_s=max(5.0, left / (len(todo) - i) / 2), **grid)
+        prof.update(model=shape, weights=f"random, bf16 on {device} (made here: the shape only)", emulated=False,
+                    machine=machine_here(), device=device, repeats=grid["repeats"], exactness=_verdict(found),
+                    measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        path = Path(out_dir) / f"target-{shape}-torch-{_slug(prof['machine'])}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(prof, indent=1) + "\n")
+        ms = prof["verify"]["ms"]
+        done[shape] = {"file": str(path), "decode_ms_128": prof["decode_ms"].get("128"),
+                       "verify_ms_1x1": ms[0][0], "verify_ms_1x16_or_last": ms[0][-1],
+                       "verify_ms_largest_S_x_last": next((r[-1] for r in reversed(ms) if r[-1] is not None), None),
+                       "skipped_cells": len(prof["verify"]["skipped"])}
+        del model
+        _free()
+    detail = "; ".join(f"{k}: decode {v['decode_ms_128']} ms, verify 1x1 {v['verify_ms_1x1']} ms"
+                       for k, v in done.items())
+    return {"status": "PASS" if done else "FAIL", "detail": detail or "no shape profiled", "device": device,
+            "profiles": done, "skipped": skipped}
+
+
+def check_end_to_end(draft: str, target: str) -> dict:
+    """One greedy speculative generation, draft and target on the device, through the embedded
+    broker (amqtt: nothing to install beside the bundle): the output must be the target's own."""
+    from specedge.cloud.engine import own_generation
+    from specedge.device.policy import parse_policy
+    from specedge.exactness import establish
+    from specedge.loader import load_model
+    from specedge.speculative import SamplingParams
+    from specedge.tools.demo import Stack
+
+    device = device_here()
+    draft_model, tok = load_model(draft, dtype="bf16", device=device)
+    target_model, _ = load_model(target, dtype="bf16", batch_invariant=True, device=device)
+    found = establish(target_model)
+    prompt, max_new = tok.encode_chat("Explain a mutex."), 48  # the tiny pair runs it to 48 tokens too
+    stack = Stack(draft_model, tok, target_model, tok, broker="embedded")
+    try:
+        t0 = time.monotonic()
+        result = stack.agent.generate(prompt, SamplingParams(), max_new, parse_policy("fixed:4"))
+        seconds = time.monotonic() - t0
+    finally:
+        stack.close()
+    expected = own_generation(target_model, [prompt], max_new, tok.stop_ids)[0]
+    same = result.tokens == expected
+    stats = result.stats.summary()
+    return {"status": "PASS" if same else "FAIL", "device": device, "equal_to_target_own": same,
+            "tokens": len(result.tokens), "tokens_per_s": round(len(result.tokens) / seconds, 2),
+            "acceptance_rate": stats.get("acceptance_rate"), "target": _verdict(found),
+            "detail": f"{len(result.tokens)} tokens, {'equal to' if same else 'NOT equal to'} the target's own "
+                      f"greedy decoding ({'exact' if found.exact else 'numerical'} target, on {device})"}
+
+
+def _slug(machine: dict) -> str:
+    name = machine.get("gpu") or machine.get("cpu") or "machine"
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())[:40]
+
+
+def _free() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def gpu_bundle(folder: str | Path) -> dict:
+    """What the GPU machine must receive beside the repository: the wheels in `folder` (made by
+    `make gpu-bundle`), their total size, and whether it stays under what can travel."""
+    wheels = sorted(w for w in Path(folder).glob("*") if w.name.endswith((".whl", ".tar.gz"))) \
+        if Path(folder).is_dir() else []
+    size = sum(w.stat().st_size for w in wheels)
+    return {"folder": str(folder), "packages": list(BUNDLE), "wheels": [w.name for w in wheels], "bytes": size,
+            "under_64_mib": size < TRAVEL_LIMIT,
+            "missing": [p for p in BUNDLE if not any(w.name.lower().startswith(p.replace("-", "_") + "-")
+                                                       for w in wheels)]}
+
+
+CHECKS = {"torch-cuda": lambda a: check_torch_cuda(),
+          "kernels": lambda a: check_kernels(),
+          "torch-selftest": lambda a: check_torch_selftest(a.target),
+          "profiles": lambda a: check_profiles(a.out, a.budget_s),
+          "end-to-end": lambda a: check_end_to_end(a.draft, a.target),
+          "llama.cpp": lambda a: check_llama_cpp(a.target),
+          "tensorrt": lambda a: check_tensorrt(a.draft),
+          "vllm": lambda a: check_vllm(a.target)}
+# The share of what is left that a check may take (the profiles measure while time lasts).
+SHARE = {"profiles": 0.6}
 
 
 def isolated(command: list[str], timeout_s: float) -> dict:
@@ -157,9 +315,9 @@ def isolated(command: list[str], timeout_s: float) -> dict:
     return {"status": "FAIL", "detail": f"{how}: {proc.stderr.strip()[-1500:]}"}
 
 
-def run_one(name: str, draft: str, target: str) -> dict:
+def run_one(name: str, args) -> dict:
     try:
-        return CHECKS[name](draft, target)
+        return CHECKS[name](args)
     except Exception as exc:
         return {"status": "FAIL", "detail": f"{type(exc).__name__}: {exc}"}
 
@@ -169,29 +327,41 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="specedge-gpu-check")
     p.add_argument("--json", help="write the report here")
+    p.add_argument("--out", default="gpu-check", help="the profiles' folder")
+    p.add_argument("--bundle", default="gpu-wheels", help="the wheels the GPU machine receives (make gpu-bundle)")
     p.add_argument("--only", choices=sorted(CHECKS), help=argparse.SUPPRESS)  # one check, in a child
     p.add_argument("--draft", help=argparse.SUPPRESS)
     p.add_argument("--target", help=argparse.SUPPRESS)
+    p.add_argument("--budget-s", type=float, default=BUDGET_S, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.only:
-        print(json.dumps(run_one(args.only, args.draft, args.target)), flush=True)
+        print(json.dumps(run_one(args.only, args)), flush=True)
         return 0
     t0 = time.monotonic()
     draft, target, which = _models()
-    report = {"models": which, "draft": draft, "target": target, "checks": {}}
+    report = {"models": which, "draft": draft, "target": target, "device": device_here(),
+              "rehearsal": device_here() != "cuda", "bundle": gpu_bundle(args.bundle), "checks": {}}
+    if report["rehearsal"]:
+        report["rehearsal_note"] = (f"no CUDA device: the torch paths ran on the CPU with the {REHEARSAL_SHAPE} "
+                                    f"shape for {', '.join(PROFILE_SHAPES)}; a GPU adds their self-tests, "
+                                    "profiles and the end-to-end run on CUDA")
     for name in CHECKS:
         left = BUDGET_S - (time.monotonic() - t0)
         if left <= 0:
             report["checks"][name] = {"status": "SKIP", "detail": f"over the {BUDGET_S} s budget"}
             continue
         started = time.monotonic()
+        share = left * SHARE.get(name, 1.0)
         result = isolated([sys.executable, "-X", "faulthandler", "-m", "specedge.gpu_check", "--only", name,
-                           "--draft", draft, "--target", target], left)
+                           "--draft", draft, "--target", target, "--out", args.out,
+                           "--budget-s", str(round(share * 0.85))], share)
         result["seconds"] = round(time.monotonic() - started, 1)
         report["checks"][name] = result
-        print(f"{name:12}{result['status']:6}{result['seconds']:>7}s  "
+        print(f"{name:15}{result['status']:6}{result['seconds']:>7}s  "
               f"{result.get('detail') or result.get('summary') or ''}", flush=True)
     report["seconds"] = round(time.monotonic() - t0, 1)
+    print(f"bundle: {len(report['bundle']['wheels'])} wheels, {report['bundle']['bytes'] / 2 ** 20:.1f} MiB "
+          f"({'under' if report['bundle']['under_64_mib'] else 'OVER'} 64 MiB); total {report['seconds']} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 1 if any(c["status"] == "FAIL" for c in report["checks"].values()) else 0

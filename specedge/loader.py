@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from specedge.config import WEIGHTS
+from specedge.config import DEVICES, WEIGHTS
 from specedge.model import ModelConfig, Qwen2
 from specedge.tokenizer import Tokenizer
 
@@ -334,32 +334,50 @@ def hf_dir(path: str | Path, sha256: str | None = None) -> Path:
     return out
 
 
-def resolve_weights(dtype: str) -> str:
-    """"auto": bf16 where the CPU multiplies it natively (AMX, AVX512-BF16), else fp32. Elsewhere
-    bf16 products are emulated and cost the same per row at any batch size, so batching many
-    devices' drafts into one pass buys nothing; fp32 products batch well on AVX2."""
+def resolve_device(device: str) -> str:
+    """"auto": the first CUDA device where torch sees one, else the CPU; "cuda" where there is none
+    is an error, not a quiet CPU."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r} ({', '.join(DEVICES)})")
+    if device == "cpu":
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise ValueError("device = \"cuda\", but torch sees no CUDA device here")
+    return "cpu"
+
+
+def resolve_weights(dtype: str, device: str = "cpu") -> str:
+    """"auto": bf16 on a GPU, and where the CPU multiplies it natively (AMX, AVX512-BF16), else
+    fp32. Elsewhere bf16 products are emulated and cost the same per row at any batch size, so
+    batching many devices' drafts into one pass buys nothing; fp32 products batch well on AVX2."""
     if dtype != "auto":
         return dtype
-    native = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    native = device != "cpu" or torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
     return "bf16" if native else "fp32"
 
 
 def load_model(path: str | Path, sha256: str | None = None, dtype: str = "bf16",
-               batch_invariant: bool = False) -> tuple[Qwen2, Tokenizer]:
-    """dtype: bf16 | int8 (weight-only, bf16 activations) | fp32 | fp64 | auto (resolve_weights)."""
-    dtype = resolve_weights(dtype)
+               batch_invariant: bool = False, device: str = "cpu") -> tuple[Qwen2, Tokenizer]:
+    """dtype: bf16 | int8 (weight-only, bf16 activations; CPU) | fp32 | fp64 | auto (resolve_weights);
+    device: cpu | cuda | auto (resolve_device)."""
+    device = resolve_device(device)
+    dtype = resolve_weights(dtype, device)
     torch_dtype = {"bf16": torch.bfloat16, "int8": torch.bfloat16, "fp32": torch.float32,
                    "fp64": torch.float64}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"unknown weight dtype {dtype!r} ({', '.join(WEIGHTS)})")
     # fp32/fp64 ask for the file's exact values: no bf16 conversion cache for them.
     cfg, weights, tok = read_checkpoint(path, None if dtype in ("fp32", "fp64") else sha256)
-    return Qwen2(cfg, weights, torch_dtype, int8=dtype == "int8", batch_invariant=batch_invariant), tok
+    return Qwen2(cfg, weights, torch_dtype, int8=dtype == "int8", batch_invariant=batch_invariant,
+                 device=device), tok
 
 
-def load_named(name_or_path: str, dtype: str, batch_invariant: bool = False) -> tuple[Qwen2, Tokenizer]:
+def load_named(name_or_path: str, dtype: str, batch_invariant: bool = False,
+               device: str = "cpu") -> tuple[Qwen2, Tokenizer]:
     """A registry name (fetched and hash-checked) or a path."""
     from specedge.fetch import resolve
 
     path, sha256 = resolve(name_or_path)
-    return load_model(path, sha256, dtype, batch_invariant)
+    return load_model(path, sha256, dtype, batch_invariant, device)

@@ -1,9 +1,11 @@
 """Qwen2 decoder in one plain file: RMSNorm, rotary embeddings, grouped-query
 attention with a truncatable KV cache, SwiGLU MLP, tied or untied head.
 
-The same forward runs one position (drafting) or many (verification, prefill).
-Weights are stored as bf16 (AMX/AVX512-BF16 matmuls on modern x86), int8
-weight-only (per-row scales) or fp32/fp64 (reference, tests).
+The same forward runs one position (drafting) or many (verification, prefill),
+on the CPU or a CUDA device (`device`): weights, caches and activations live there,
+logits come back to the CPU. Weights are stored as bf16 (AMX/AVX512-BF16 matmuls on
+modern x86, and GPUs), int8 weight-only (per-row scales; CPU) or fp32/fp64
+(reference, tests).
 """
 from __future__ import annotations
 
@@ -48,16 +50,17 @@ DEFAULT_BLOCK = 8
 class Linear:
     """y = x @ W.T + b with the weight kept in a CPU-friendly form."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int8: bool):
-        self.bias = None if bias is None else bias.to(dtype)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, int8: bool,
+                 device: torch.device | str = "cpu"):
+        self.bias = None if bias is None else bias.to(device, dtype)
         self.int8 = int8
         if int8:
             w = weight.float()
             scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
-            self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            self.scale = scale.to(dtype)
+            self.weight = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous().to(device)
+            self.scale = scale.to(device, dtype)
         else:
-            self.weight = weight.to(dtype).contiguous()
+            self.weight = weight.to(device, dtype).contiguous()
 
     def dense_weight(self) -> torch.Tensor:
         """W as fp32 (int8 weights dequantised): for training against the layer, not for inference."""
@@ -95,13 +98,13 @@ class KVCache:
     `length` positions are valid; truncate() rolls back rejected drafts for free.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, capacity: int = 256):
-        self.cfg, self.dtype, self.length = cfg, dtype, 0
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, capacity: int = 256, device: torch.device | str = "cpu"):
+        self.cfg, self.dtype, self.device, self.length = cfg, dtype, torch.device(device), 0
         self.k = [self._empty(capacity) for _ in range(cfg.n_layers)]
         self.v = [self._empty(capacity) for _ in range(cfg.n_layers)]
 
     def _empty(self, capacity: int) -> torch.Tensor:
-        return torch.zeros(self.cfg.n_kv_heads, capacity, self.cfg.head_dim, dtype=self.dtype)
+        return torch.zeros(self.cfg.n_kv_heads, capacity, self.cfg.head_dim, dtype=self.dtype, device=self.device)
 
     @property
     def capacity(self) -> int:
@@ -129,7 +132,7 @@ class KVCache:
         shared prefix: a batch-invariant engine computes them to the same bits anyway)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot fork {length} of a cache's {self.length} positions")
-        new = KVCache(self.cfg, self.dtype, max(capacity, length))
+        new = KVCache(self.cfg, self.dtype, max(capacity, length), self.device)
         for mine, theirs in ((self.k, new.k), (self.v, new.v)):
             for src, dst in zip(mine, theirs):
                 dst[:, :length] = src[:, :length]
@@ -145,23 +148,27 @@ class Qwen2:
     hints = True  # on_layer shows the residual stream mid-pass: early-exit hints
 
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor], dtype=torch.bfloat16, int8=False,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, device: torch.device | str = "cpu"):
         """`weights` use GGUF tensor names (token_embd.weight, blk.N.attn_q.weight, ...).
 
         batch_invariant: fixed-shape products and per-query attention, so that every position's
         logits can be bit-identical whether it is fed alone (autoregressive decoding), inside a
         block (verification) or beside other sequences (batching), and greedy speculative decoding
         reproduces the target's own decoding exactly. specedge.exactness checks that it does.
+        device: where it computes (a CUDA device: bf16, fp32 or fp64; int8 products are the CPU's).
         """
+        self.device = device = torch.device(device)
+        if int8 and device.type != "cpu":
+            raise ValueError(f"int8 weights are a CPU form; on {device} use bf16")
         self.cfg, self.dtype, self.batch_invariant = cfg, dtype, batch_invariant
 
         def lin(name: str) -> Linear:
-            return Linear(weights[f"{name}.weight"], None, dtype, int8)
+            return Linear(weights[f"{name}.weight"], None, dtype, int8, device)
 
         def vec(name: str) -> torch.Tensor:
-            return weights[name].float()
+            return weights[name].to(device, torch.float32)
 
-        self.embed = weights["token_embd.weight"].to(dtype)
+        self.embed = weights["token_embd.weight"].to(device, dtype)
         self.layers = []
         for i in range(cfg.n_layers):
             p = f"blk.{i}"
@@ -169,16 +176,16 @@ class Qwen2:
             qkv_bias = torch.cat([weights[f"{p}.attn_{n}.bias"] for n in "qkv"])
             self.layers.append(dict(
                 attn_norm=vec(f"{p}.attn_norm.weight"),
-                qkv=Linear(torch.cat([q, k, v]), qkv_bias, dtype, int8),
+                qkv=Linear(torch.cat([q, k, v]), qkv_bias, dtype, int8, device),
                 out=lin(f"{p}.attn_output"),
                 ffn_norm=vec(f"{p}.ffn_norm.weight"),
                 gate_up=Linear(torch.cat([weights[f"{p}.ffn_gate.weight"], weights[f"{p}.ffn_up.weight"]]),
-                               None, dtype, int8),
+                               None, dtype, int8, device),
                 down=lin(f"{p}.ffn_down"),
             ))
         self.norm = vec("output_norm.weight")
         head = weights.get("output.weight")
-        self.head = Linear(weights["token_embd.weight"] if head is None else head, None, dtype, int8)
+        self.head = Linear(weights["token_embd.weight"] if head is None else head, None, dtype, int8, device)
         self._rope_len = 0
         self._grow_rope(4096)
         # Rows per product call (0: any); specedge.exactness.establish() may pick another.
@@ -192,11 +199,11 @@ class Qwen2:
         inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
         angles = torch.cat([angles, angles], dim=-1)
-        self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        self.cos, self.sin = angles.cos().to(self.device, self.dtype), angles.sin().to(self.device, self.dtype)
         self._rope_len = length
 
     def new_cache(self, capacity: int = 256) -> KVCache:
-        return KVCache(self.cfg, self.dtype, capacity)
+        return KVCache(self.cfg, self.dtype, capacity, self.device)
 
     def _rmsnorm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -252,11 +259,11 @@ class Qwen2:
             if end > self._rope_len:
                 self._grow_rope(end)
             # Causal within the new block; everything cached before it is visible.
-            mask = torch.ones(n, end, dtype=torch.bool).tril(diagonal=start) if n > 1 else None
+            mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(diagonal=start) if n > 1 else None
             spans.append((row, n, start, cache, self.cos[start:end], self.sin[start:end], mask))
             row += n
 
-        x = self.embed[torch.cat(tokens)]
+        x = self.embed[torch.cat(tokens).to(self.device)]
         for li, layer in enumerate(self.layers):
             if on_layer is not None:
                 on_layer(li, x)
@@ -287,12 +294,13 @@ class Qwen2:
     def logits(self, hidden: torch.Tensor, adapter=None) -> torch.Tensor:
         """The final norm and output head on residual-stream rows: fp32 logits. An adapter
         (down [rank, dim], up [dim, rank]; default the model's own, if truncated with one) maps
-        the rows first: an early exit's or a shallow draft's trained head."""
+        the rows first: an early exit's or a shallow draft's trained head. On the CPU, wherever
+        the model computes: what reads them (acceptance, sampling, hints) is the CPU's."""
         adapter = self.adapter if adapter is None else adapter
         if adapter is not None:
             h = hidden.float()
-            hidden = (h + (h @ adapter[0].T) @ adapter[1].T).to(hidden.dtype)
-        return self.head(self._rmsnorm(hidden, self.norm), self.block).float()
+            hidden = (h + (h @ adapter[0].to(h.device).T) @ adapter[1].to(h.device).T).to(hidden.dtype)
+        return self.head(self._rmsnorm(hidden, self.norm), self.block).float().cpu()
 
     def layer_subset(self, layers: list[int], adapter: tuple[torch.Tensor, torch.Tensor] | None = None) -> "Qwen2":
         """A model made of some of this one's layers (sharing their weights) and its output head,

@@ -129,6 +129,56 @@ def test_a_pass_costs_the_profiles_prefill_verify_grid_and_longer_context():
     assert draft_feed_ms(p, 0, 1) == 0.2 and draft_feed_ms(p, 0, 10) == pytest.approx(0.5)
 
 
+def test_a_profile_times_each_figure_once_a_round_so_a_slow_spell_costs_every_figure_alike(tiny_models):
+    """The grid's cells (and the decode rows, and the prompts) go round, one sample each per
+    round: a 4-row cell's repeats never all fall in one slow spell of the host."""
+    from specedge.tools.profile import _round_robin, _verify_grid
+
+    order = []
+    medians = _round_robin({k: (lambda k=k: order.append(k)) for k in "abc"}, 3, before=lambda k: order.append("+"),
+                           samples={"a": [1e6] * 4})
+    assert order == ["+", "a", "+", "b", "+", "c"] * 3 and medians["a"] == 1e6  # earlier samples count
+
+    target = tiny_models[2]
+    fed = []
+
+    class Spy:  # the real engine; only what each pass fed is written down
+        def __getattr__(self, name):
+            return getattr(target, name)
+
+        def forward_batch(self, sequences, **kw):
+            fed.append((len(sequences), len(sequences[0][0])))
+            return target.forward_batch(sequences, **kw)
+
+    grid = _verify_grid(Spy(), list(range(1, 40)), [1, 2], [1, 4], base=8, budget_s=60, repeats=3)
+    assert all(v is not None for row in grid["ms"] for v in row)
+    passes = [f for f in fed if f[1] in (1, 4) and f != (1, 8)]  # the prefills to `base` are 8 rows
+    # first each cell once, fewest rows first; then two rounds over all four
+    assert passes == [(1, 1), (2, 1), (1, 4), (2, 4)] * 3
+
+
+def test_profiles_taken_at_different_times_merge_into_their_medians_and_only_like_with_like(tmp_path):
+    from specedge.tools.profile import merge_profiles
+
+    grid = lambda a, b: {"context": 0, "sessions": [1, 2], "rows": [1], "ms": [[a], [b]], "skipped": {}}
+    profs = [{**profile(decode=d, grid=grid(d, g)), "repeats": 3, "model": "m", "machine": {"cpu": "EPYC"},
+              "measured_at": f"t{i}"} for i, (d, g) in enumerate([(1.0, None), (3.0, 8.0), (2.0, 4.0)])]
+    merged = merge_profiles(profs, ["a", "b", "c"])
+    assert merged["decode_ms"] == {"0": 2.0, "1000": 4.0} and merged["verify"]["ms"] == [[2.0], [6.0]]
+    assert merged["repeats"] == 9 and [m["measured_at"] for m in merged["merged_from"]] == ["t0", "t1", "t2"]
+    for bad, why in ((dict(engine="vllm"), "engine"), (dict(machine={"cpu": "Xeon"}), "another machine"),
+                     (dict(assumed=True), "measured"), (dict(decode_ms={"0": 1.0}), "decode_ms")):
+        with pytest.raises(ValueError, match=why):
+            merge_profiles([profs[0], {**profs[1], **bad}], ["a", "b"])
+    files = []
+    for i, prof in enumerate([profs[0], {**profs[1], "kind": "draft"}]):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(prof))
+    proc = subprocess.run([sys.executable, "-m", "specedge.cli", "profile", "merge", *map(str, files),
+                           "--json", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "its kind is 'draft'" in proc.stderr and not (tmp_path / "out.json").exists()
+
+
 def test_an_emulated_pass_is_held_for_the_profiles_time():
     rec = recording()
     target = EmulatedTarget(bundle([rec], target=profile(decode=30.0)))  # 30 ms a row

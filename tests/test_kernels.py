@@ -92,8 +92,10 @@ def test_kernel_against_reference_timing(kernels, capsys):
         print(f"\nfused sampling over {VOCAB} logits: kernel {kernel_ms:.3f} ms, NumPy {numpy_ms:.3f} ms")
 
 
-def test_the_gpu_check_runs_here_and_says_why_each_gpu_path_did_not(tmp_path):
-    """`make gpu-check` on a machine without a GPU: no path is reported passed, each skip says why."""
+def test_the_gpu_check_rehearses_every_torch_path_on_the_cpu_and_says_why_the_others_did_not_run(tmp_path):
+    """`make gpu-check` without a GPU is the rehearsal: the torch self-test, the profiles and the
+    end-to-end generation run on the CPU (the tiny shape standing in for the real ones) and pass;
+    no GPU-only path is reported passed, and each skip says why."""
     import json
     import subprocess
     import sys
@@ -103,12 +105,22 @@ def test_the_gpu_check_runs_here_and_says_why_each_gpu_path_did_not(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: `make gpu-check` runs the real checks")
     out = tmp_path / "gpu-check.json"
-    proc = subprocess.run([sys.executable, "-m", "specedge.gpu_check", "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "specedge.gpu_check", "--json", str(out), "--out", str(tmp_path / "p"),
+                           "--bundle", str(tmp_path / "none")], capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    checks = json.loads(out.read_text())["checks"]
-    assert set(checks) == {"torch-cuda", "kernels", "tensorrt", "llama.cpp", "vllm"}
-    assert all(c["status"] == "SKIP" and c["detail"] for c in checks.values()), checks
+    report = json.loads(out.read_text())
+    checks = report["checks"]
+    assert list(checks) == ["torch-cuda", "kernels", "torch-selftest", "profiles", "end-to-end", "llama.cpp",
+                            "tensorrt", "vllm"]
+    rehearsed = {"torch-selftest", "profiles", "end-to-end"}
+    assert all(checks[c]["status"] == "PASS" for c in rehearsed), checks
+    assert all(c["status"] == "SKIP" and c["detail"] for n, c in checks.items() if n not in rehearsed), checks
+    assert report["rehearsal"] and report["device"] == "cpu" and checks["end-to-end"]["equal_to_target_own"]
+    assert checks["end-to-end"]["tokens"] == 48
+    assert checks["torch-selftest"]["tiny-pair target"]["exact"]
+    profile = json.loads(next((tmp_path / "p").glob("target-tiny-torch-*.json")).read_text())
+    assert profile["weights"].startswith("random, bf16 on cpu") and profile["exactness"]["exact"]
+    assert report["bundle"]["missing"] == list(report["bundle"]["packages"])  # no wheels given: all missing
 
 
 @pytest.mark.integration  # gpu_check.isolated runs subprocesses (tests/conftest.py)

@@ -9,9 +9,12 @@ machine described: the input of emulated compute (specedge/emulation.py) and `sp
           prefill, or the catch-up after a verdict) per token by n; bytes per cached position.
 
 Each figure is the median of its repeats, measured in this process on the cores it may run on
-(--cpus pins them: the bench pins the verifier and the device to a core each). `--random-shape`
+(--cpus pins them: the bench pins the verifier and the device to a core each); the repeats go
+round the figures (_round_robin). `merge` makes one profile of several taken at different times
+(merge_profiles). `--random-shape`
 profiles a real model's shape with random weights made here, where the weights cannot be, and
-says so in the profile.
+says so in the profile: with `--engine torch` the weights are made in memory on `--device` (a GPU
+needs no file), with llama.cpp as a Q8_0 GGUF.
 """
 from __future__ import annotations
 
@@ -34,7 +37,10 @@ SHAPES = {
     "qwen2.5-0.5b": dict(n_layers=24, dim=896, n_heads=14, n_kv_heads=2, ffn_dim=4864, vocab_size=151936),
     "qwen2.5-1.5b": dict(n_layers=28, dim=1536, n_heads=12, n_kv_heads=2, ffn_dim=8960, vocab_size=151936),
     "qwen2.5-7b": dict(n_layers=28, dim=3584, n_heads=28, n_kv_heads=4, ffn_dim=18944, vocab_size=152064),
+    "qwen2.5-14b": dict(n_layers=48, dim=5120, n_heads=40, n_kv_heads=8, ffn_dim=13824, vocab_size=152064),
+    "qwen2.5-32b": dict(n_layers=64, dim=5120, n_heads=40, n_kv_heads=8, ffn_dim=27648, vocab_size=152064),
 }
+TIED = {"tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"}  # output head = the embedding (tie_word_embeddings)
 GRID = (1, 2, 4, 8, 16, 32, 64)
 CONTEXTS = (32, 128, 512, 1024, 2048)
 PREFILL_ROWS = (2, 4, 8, 32, 128, 512, 1024)
@@ -47,6 +53,21 @@ def _median_ms(fn, repeats: int) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1000)
     return round(statistics.median(times), 4)
+
+
+def _round_robin(fns: dict, repeats: int, before=None, samples: dict | None = None) -> dict:
+    """{key: median ms of fns[key]} over `repeats` rounds, each round timing every fn once in turn
+    (`before(key)`, untimed, first), with any `samples` already taken: a slow spell of a shared
+    machine then costs every figure one sample, where a figure's repeats in a row once took all of
+    it (a context's decode rows read 143 and 211 ms between 78 and 87; a 4-row and an 8-row
+    verify 149 and 179 ms a row beside 133 for one, and an emulated bench then ran a fifth slow)."""
+    samples = {key: list((samples or {}).get(key, ())) for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            if before is not None:
+                before(key)
+            samples[key].append(_median_ms(fn, 1))
+    return {key: round(statistics.median(v), 4) for key, v in samples.items()}
 
 
 def _prompt_repeats(repeats: int) -> int:
@@ -89,26 +110,21 @@ def _prefill(engine, cache, tokens: list[int], n: int) -> None:
 
 
 def _decode_and_prefill(engine, tokens, contexts, prefill_rows, repeats) -> tuple[dict, dict]:
-    """({context: ms of one row after it}, {n: ms per token of an n-token prompt}), on caches that
-    are gone when this returns (an engine holds only so many). The rows go round the contexts,
-    one each per repeat: a slow spell of this shared machine then costs each context one sample,
-    where a context's repeats in a row once read 143 and 211 ms between 78 and 87 (2 threads)."""
+    """({context: ms of one row after it}, {n: ms per token of an n-token prompt}), each figure
+    timed once a round (_round_robin), on caches that are gone when this returns (an engine holds
+    only so many)."""
     caches = {}
     for context in contexts:
         caches[context] = cache = engine.new_cache(capacity=context + 8)
         _prefill(engine, cache, tokens, context)
         _step(engine, cache, tokens, context)  # warm: the first call at a length allocates
-    samples = {context: [] for context in contexts}
-    for _ in range(repeats):
-        for context, cache in caches.items():
-            samples[context].append(_median_ms(lambda: _step(engine, cache, tokens, context), 1))
-    decode = {str(c): round(statistics.median(v), 4) for c, v in samples.items()}
+    decode = _round_robin({str(c): (lambda c=c: _step(engine, caches[c], tokens, c)) for c in contexts}, repeats)
     caches.clear()
     cache = engine.new_cache(capacity=len(tokens))
-    per_token = {str(n): round(_median_ms(lambda: _prefill(engine, cache, tokens, n), _prompt_repeats(repeats)) / n, 4)
-                 for n in prefill_rows}
+    prompt = _round_robin({n: (lambda n=n: _prefill(engine, cache, tokens, n)) for n in prefill_rows},
+                          _prompt_repeats(repeats))
     cache.truncate(0)
-    return decode, per_token
+    return decode, {str(n): round(ms / n, 4) for n, ms in prompt.items()}
 
 
 def _step(engine, cache, tokens: list[int], context: int) -> None:
@@ -117,38 +133,47 @@ def _step(engine, cache, tokens: list[int], context: int) -> None:
 
 
 def _verify_grid(engine, tokens, sessions, rows, base: int, budget_s: float, repeats: int) -> dict:
-    """ms of S sessions x k rows at `base` cached positions each, cells fewest rows first, until the
-    budget is spent (a cell is skipped when the costliest row so far says it would not fit)."""
+    """ms of S sessions x k rows at `base` cached positions each. Cells are taken fewest rows first
+    while all their repeats fit the budget (the costliest row so far says what a cell will take),
+    each timed once; then the rest of the repeats go round the cells taken (_round_robin)."""
     limit = getattr(engine, "max_sessions", None) or max(sessions)
-    caches = []
-    ms: list[list] = [[None] * len(rows) for _ in sessions]
-    skipped = {}
-    per_row, t_start = 0.0, time.perf_counter()
+    caches: list = []
+    cells, skipped, first = {}, {}, {}  # first: each cell's sample as it was taken
+    per_row, owed_s, t_start = 0.0, 0.0, time.perf_counter()  # owed: the repeats of cells taken
+
+    def ready(cell) -> None:  # every session of the cell at `base` positions, untimed
+        while len(caches) < cell[0]:
+            caches.append(engine.new_cache(capacity=base + max(rows) + 8))
+        for c in caches[:cell[0]]:
+            if c.length != base:  # new, or its cells went to another session
+                _prefill(engine, c, tokens, base)
+
+    def verify(s, k) -> None:
+        engine.forward_batch([(tokens[base:base + k], c) for c in caches[:s]], keep=[k] * s)
+        for c in caches[:s]:
+            c.truncate(base)
+
     for s, k in sorted(((s, k) for s in sessions for k in rows), key=lambda c: (c[0] * c[1], c[0])):
         if s > limit:
             skipped[f"{s}x{k}"] = f"the engine holds {limit} sessions at once"
             continue
-        n = repeats if per_row * s * k < 1000 else 1
-        if time.perf_counter() - t_start + per_row * s * k * n / 1000 > budget_s:
+        if time.perf_counter() - t_start + owed_s + per_row * s * k * repeats / 1000 > budget_s:
             skipped[f"{s}x{k}"] = "time budget"
             continue
-        while len(caches) < s:
-            caches.append(engine.new_cache(capacity=base + max(rows) + 8))
-        for c in caches[:s]:
-            if c.length != base:  # new, or its cells went to another session
-                _prefill(engine, c, tokens, base)
-
-        def verify():
-            engine.forward_batch([(tokens[base:base + k], c) for c in caches[:s]], keep=[k] * s)
-            for c in caches[:s]:
-                c.truncate(base)
-        ms[sessions.index(s)][rows.index(k)] = t = _median_ms(verify, n)
-        per_row = max(per_row, t / (s * k))
+        cells[s, k] = lambda s=s, k=k: verify(s, k)
+        first[s, k] = [_round_robin({(s, k): cells[s, k]}, 1, ready)[s, k]]
+        per_row = max(per_row, first[s, k][0] / (s * k))
+        owed_s += first[s, k][0] * (repeats - 1) / 1000
+    ms: list[list] = [[None] * len(rows) for _ in sessions]
+    for (s, k), t in _round_robin(cells, repeats - 1, ready, first).items():
+        ms[sessions.index(s)][rows.index(k)] = t
     return {"context": base, "sessions": list(sessions), "rows": list(rows), "ms": ms, "skipped": skipped}
 
 
 def profile_draft(engine, contexts=CONTEXTS, prefill_rows=PREFILL_ROWS, repeats: int = 5) -> dict:
-    """A draft backend's profile: its `_feed` of one token by context, of n tokens per token."""
+    """A draft backend's profile: its `_feed` of one token by context, of n tokens per token. A
+    context's steps are timed in a row: the backend holds one cache, and going round the contexts
+    would feed each again (up to 2,048 tokens) between its samples."""
     contexts = [c for c in contexts if engine._room(c + 8)]
     prefill_rows = [n for n in prefill_rows if engine._room(n + 8)]
     tokens = _canary(engine.vocab_size, max(max(contexts), max(prefill_rows)) + 2)
@@ -166,7 +191,8 @@ def profile_draft(engine, contexts=CONTEXTS, prefill_rows=PREFILL_ROWS, repeats:
     def prefill(n):
         engine._reset(n + 8)
         engine._feed(tokens[:n])
-    per_token = {str(n): round(_median_ms(lambda: prefill(n), _prompt_repeats(repeats)) / n, 4) for n in prefill_rows}
+    prompt = _round_robin({n: (lambda n=n: prefill(n)) for n in prefill_rows}, _prompt_repeats(repeats))
+    per_token = {str(n): round(ms / n, 4) for n, ms in prompt.items()}
     return {"format": PROFILE_FORMAT, "kind": "draft", "engine": engine.backend, "decode_ms": decode,
             "prefill_ms_per_token": per_token, "bytes_per_position": _draft_bytes(engine),
             "shape": {"vocab_size": engine.vocab_size}}
@@ -188,6 +214,51 @@ def _draft_bytes(engine) -> int:
     return 0
 
 
+# What profiles merged must share: one engine, model and machine, measured the same way.
+SAME = ("kind", "engine", "model", "weights", "bytes_per_position", "base_context", "context_cost",
+        "prompt_batch", "shape")
+
+
+def merge_profiles(profiles: list[dict], names: list[str]) -> dict:
+    """One profile of several of the same engine on the same machine taken at different times:
+    every figure the median of theirs. A shared host's speed drifts (a 1.5B row 111 ms in one
+    quarter hour, 144 in the next), so an emulation held to real runs spread over an hour needs
+    the host of that hour, not of one moment in it: profile between the runs and merge."""
+    if len(profiles) < 2:
+        raise ValueError("merging takes two profiles or more")
+    first = profiles[0]
+    for name, prof in zip(names, profiles):
+        if prof.get("emulated") or prof.get("assumed"):
+            raise ValueError(f"{name}: only measured profiles merge")
+        for key in SAME:
+            if prof.get(key) != first.get(key):
+                raise ValueError(f"{name}: its {key} is {prof.get(key)!r}, {names[0]}'s {first.get(key)!r}")
+        if (prof.get("machine") or {}).get("cpu") != (first.get("machine") or {}).get("cpu"):
+            raise ValueError(f"{name}: measured on another machine than {names[0]}")
+        for table in ("decode_ms", "prefill_ms_per_token"):
+            if set(prof[table]) != set(first[table]):
+                raise ValueError(f"{name}: its {table} has other points than {names[0]}'s")
+        if bool(prof.get("verify")) != bool(first.get("verify")) or prof.get("verify") and any(
+                prof["verify"][axis] != first["verify"][axis] for axis in ("context", "sessions", "rows")):
+            raise ValueError(f"{name}: its verify grid has other cells than {names[0]}'s")
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return round(statistics.median(values), 4) if values else None
+
+    out = {**first, "merged_from": [{"file": n, "measured_at": p.get("measured_at")} for n, p in zip(names, profiles)],
+           "repeats": sum(p.get("repeats", 1) for p in profiles)}
+    for table in ("decode_ms", "prefill_ms_per_token"):
+        out[table] = {k: median([p[table][k] for p in profiles]) for k in first[table]}
+    if first.get("verify"):
+        grid = first["verify"]
+        out["verify"] = {**grid, "ms": [[median([p["verify"]["ms"][i][j] for p in profiles])
+                                         for j in range(len(grid["rows"]))] for i in range(len(grid["sessions"]))],
+                         "skipped": {k: v for p in profiles for k, v in p["verify"]["skipped"].items()}}
+    out.pop("measured_at", None)
+    return out
+
+
 def random_model(shape: str, folder: Path) -> Path:
     """A GGUF of a real model's shape with random weights, written here: Q8_0 matrices (the tiny
     models' format), its tokenizer the tiny one's. Made in f32 first: the 7B's needs ~30 GB."""
@@ -198,6 +269,44 @@ def random_model(shape: str, folder: Path) -> Path:
     context = 2048 if shape == "tiny" else 32768  # the real models' trained context
     return write_gguf(folder / f"random-{shape}.gguf", tiny_weights(0, vocab_size=vocab, **dims), **dims,
                       context=context)
+
+
+def shape_params(shape: str) -> int:
+    """Weights of a shape, counted: what its random model needs in memory (x 2 bytes in bf16)."""
+    d = dict(SHAPES[shape])
+    vocab = d.get("vocab_size", 512)
+    kv = d["dim"] // d["n_heads"] * d["n_kv_heads"]
+    layer = d["dim"] * (d["dim"] + 2 * kv) + d["dim"] ** 2 + 3 * d["dim"] * d["ffn_dim"]
+    return d["n_layers"] * layer + vocab * d["dim"] * (1 if shape in TIED else 2)
+
+
+def random_qwen2(shape: str, device: str = "cpu", dtype=torch.bfloat16, seed: int = 0):
+    """The torch engine on a real model's shape with random weights made where it computes (on a
+    GPU straight in its memory: no file, no download, no 30 GB of f32 first). Compute does not
+    depend on the weights' values; acceptance does, and comes from recordings of the real pair."""
+    from specedge.model import ModelConfig, Qwen2
+
+    d = dict(SHAPES[shape])
+    cfg = ModelConfig(vocab_size=d.pop("vocab_size", 512), max_seq_len=32768, tie_embeddings=shape in TIED, **d)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kv = cfg.head_dim * cfg.n_kv_heads
+
+    def rand(*size):
+        return torch.randn(*size, generator=gen, device=device, dtype=dtype) * 0.02
+
+    w = {"token_embd.weight": rand(cfg.vocab_size, cfg.dim), "output_norm.weight": torch.ones(cfg.dim, device=device)}
+    if not cfg.tie_embeddings:
+        w["output.weight"] = rand(cfg.vocab_size, cfg.dim)
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}"
+        w.update({f"{p}.attn_q.weight": rand(cfg.dim, cfg.dim), f"{p}.attn_k.weight": rand(kv, cfg.dim),
+                  f"{p}.attn_v.weight": rand(kv, cfg.dim), f"{p}.attn_q.bias": rand(cfg.dim),
+                  f"{p}.attn_k.bias": rand(kv), f"{p}.attn_v.bias": rand(kv),
+                  f"{p}.attn_output.weight": rand(cfg.dim, cfg.dim), f"{p}.ffn_gate.weight": rand(cfg.ffn_dim, cfg.dim),
+                  f"{p}.ffn_up.weight": rand(cfg.ffn_dim, cfg.dim), f"{p}.ffn_down.weight": rand(cfg.dim, cfg.ffn_dim),
+                  f"{p}.attn_norm.weight": torch.ones(cfg.dim, device=device),
+                  f"{p}.ffn_norm.weight": torch.ones(cfg.dim, device=device)})
+    return Qwen2(cfg, w, dtype, batch_invariant=True, device=device)
 
 
 def machine_here() -> dict:
@@ -211,13 +320,17 @@ def add_parser(sub) -> None:
     from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
 
     p = sub.add_parser("profile", help="measure what a target or draft engine costs here (JSON for emulation)")
-    p.add_argument("kind", choices=["target", "draft"])
+    p.add_argument("kind", choices=["target", "draft", "merge"],
+                   help="merge: one profile of the PROFILES given, every figure their median (merge_profiles)")
+    p.add_argument("profiles", nargs="*", metavar="PROFILES", help="with merge: the profiles to merge")
     p.add_argument("--model", help=f"registry name or path (default: {DEFAULT_TARGET} / {DEFAULT_DRAFT})")
     p.add_argument("--random-shape", choices=sorted(SHAPES),
                    help="profile this real shape with random weights made here, not a model file")
     p.add_argument("--engine", default="auto", choices=TARGET_ENGINES, help="the target's engine")
     p.add_argument("--backend", default="auto", help="the draft's backend (docs/device.md)")
     p.add_argument("--weights", default="auto", help="the torch engine's weights (target), the draft's (int8)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where the torch engine computes (auto: a CUDA GPU where torch sees one)")
     p.add_argument("--cpus", help="pin to these cores first (e.g. 1, or 0-3): the cores it will run on")
     p.add_argument("--sessions", default=",".join(map(str, GRID)))
     p.add_argument("--rows", default=",".join(map(str, GRID)))
@@ -253,6 +366,16 @@ def _cpus(text: str) -> set[int]:
 def run(args) -> int:
     from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
 
+    if args.kind == "merge":
+        from specedge.emulation import read_json
+
+        try:
+            profiles = [read_json(f, PROFILE_FORMAT, "profile", "`specedge profile`") for f in args.profiles]
+            return _write(merge_profiles(profiles, args.profiles), args.json)
+        except ValueError as exc:
+            raise SystemExit(f"specedge profile merge: {exc}") from None
+    if args.profiles:
+        raise SystemExit(f"specedge profile {args.kind}: profiles are given to merge only")
     if args.assumed:
         if not args.shape:
             raise SystemExit("specedge profile: --assumed needs --shape")
@@ -267,31 +390,55 @@ def run(args) -> int:
             raise SystemExit(f"specedge profile: --cpus {args.cpus}: {exc}") from None
         torch.set_num_threads(len(os.sched_getaffinity(0)))
     grid = dict(contexts=_ints(args.contexts), prefill_rows=_ints(args.prefill_rows), repeats=max(1, args.repeats))
-    with tempfile.TemporaryDirectory(prefix="specedge-profile-") as tmp:
-        model = str(random_model(args.random_shape, Path(tmp))) if args.random_shape else args.model
-        if args.kind == "target":
-            from specedge.cloud.engine import open_engine, resolve_engine, weights_held
-            from specedge.fetch import resolve
+    from specedge.loader import resolve_device
 
-            path, sha = resolve(model or DEFAULT_TARGET)
-            engine_name = resolve_engine(args.engine, path)
-            if engine_name == "emulated":
-                raise SystemExit("specedge profile: an emulated engine's profile is the one it was given")
-            engine, _ = open_engine(engine_name, path, sha, weights_held(engine_name, args.weights), True)
-            out = profile_target(engine, sessions=_ints(args.sessions), rows=_ints(args.rows),
-                                 base_context=args.base_context, budget_s=args.budget_s, **grid)
-        else:
-            from specedge.config import DraftConfig
-            from specedge.device.backends import open_engine
-
-            weights = "int8" if args.weights == "auto" else args.weights
-            engine, _ = open_engine(DraftConfig(model=model or DEFAULT_DRAFT, weights=weights, backend=args.backend))
-            out = profile_draft(engine, **grid)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as exc:
+        raise SystemExit(f"specedge profile: --device: {exc}") from None
+    weights = "the model file's"
+    if args.kind == "target" and args.random_shape and args.engine == "torch":
+        # the torch engine takes its random weights in memory, on its device: no file, no f32 copy
+        engine = random_qwen2(args.random_shape, device)
+        out = profile_target(engine, sessions=_ints(args.sessions), rows=_ints(args.rows),
+                             base_context=args.base_context, budget_s=args.budget_s, **grid)
+        model, weights = args.random_shape, f"random, bf16 on {device} (made here: the shape only)"
+    else:
+        with tempfile.TemporaryDirectory(prefix="specedge-profile-") as tmp:
+            model = str(random_model(args.random_shape, Path(tmp))) if args.random_shape else args.model
+            if args.random_shape:
+                weights = "random, Q8_0 (made here: the shape only)"
+            out = _profile_file(args, model, device, grid)
     out.update(repeats=grid["repeats"],
                model=args.random_shape or model or (DEFAULT_TARGET if args.kind == "target" else DEFAULT_DRAFT),
-               weights="random, Q8_0 (made here: the shape only)" if args.random_shape else "the model file's",
-               emulated=False, machine=machine_here())
+               weights=weights, emulated=False, machine=machine_here(), device=device,
+               measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     return _write(out, args.json)
+
+
+def _profile_file(args, model: str | None, device: str, grid: dict) -> dict:
+    """The profile of an engine on a model file (a registry name or a path)."""
+    from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    if args.kind == "target":
+        from specedge.cloud.engine import open_engine, resolve_engine, weights_held
+        from specedge.fetch import resolve
+
+        path, sha = resolve(model or DEFAULT_TARGET)
+        engine_name = resolve_engine(args.engine, path)
+        if engine_name == "emulated":
+            raise SystemExit("specedge profile: an emulated engine's profile is the one it was given")
+        engine, _ = open_engine(engine_name, path, sha, weights_held(engine_name, args.weights, device), True,
+                                device=device)
+        return profile_target(engine, sessions=_ints(args.sessions), rows=_ints(args.rows),
+                              base_context=args.base_context, budget_s=args.budget_s, **grid)
+    from specedge.config import DraftConfig
+    from specedge.device.backends import open_engine
+
+    weights = "int8" if args.weights == "auto" else args.weights
+    engine, _ = open_engine(DraftConfig(model=model or DEFAULT_DRAFT, weights=weights, backend=args.backend,
+                                        device=device))
+    return profile_draft(engine, **grid)
 
 
 def _write(out: dict, path: str) -> int:
