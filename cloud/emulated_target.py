@@ -15,7 +15,7 @@ import time
 import torch
 
 from specedge.cloud.engine import Shape, feeds
-from specedge.emulation import Fed, Held, Recording, Recordings, read_bundle, target_pass_ms
+from specedge.emulation import Fed, Held, Recording, Recordings, fed_alone, read_bundle, target_pass_ms
 
 
 class EmulatedCache:
@@ -80,7 +80,9 @@ class EmulatedTarget:
     def forward_batch(self, sequences, last_only: bool = False, on_layer=None, keep=None, calls=None):
         t0 = time.perf_counter()
         tokens, caches, keep = feeds(self, sequences, last_only, on_layer, keep)
-        shapes = [Fed(cache.length, len(toks), k) for toks, cache, k in zip(tokens, caches, keep)]
+        calls = calls or [None] * len(tokens)
+        shapes = [Fed(cache.length, len(toks), k, fed_alone(c, len(toks), k, self.prompt_batch))
+                  for toks, cache, k, c in zip(tokens, caches, keep, calls)]
         out = []
         for toks, cache, k in zip(tokens, caches, keep):
             cache.tokens += toks

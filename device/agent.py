@@ -105,6 +105,8 @@ class AgentStatus:
     up_bps: float  # inf until measured
     objective: Objective
     max_draft: int
+    draft: str  # the draft's name, as OPENs state it
+    target: str  # the target version that answered the last request ("" before one has)
 
 
 def scheduler_prior(profile: DeviceProfile, radio: RadioModel) -> State:
@@ -138,6 +140,7 @@ class Agent:
         self.inbox: queue.Queue[bytes | None] = queue.Queue(maxsize=MAX_INBOX)
         self.offline_replicas: set[str] = set()
         self.draft_name = cfg.draft.display_name()
+        self.last_target_version = ""  # the version that answered the last request
         self.contract = Contract.of(tokenizer, engine.vocab_size)
         self._own_link = link is None
         self.link = device_link(cfg) if link is None else link
@@ -182,7 +185,8 @@ class Agent:
         link, state = self.link, self.scheduler.state()
         return AgentStatus(link.protocol, link.connected.is_set(), link.bytes_sent, link.bytes_received,
                            self.meter.energy_j() if self.meter else 0.0, state.rtt_s, state.up_bps,
-                           self.scheduler.objective, self.scheduler.max_draft)
+                           self.scheduler.objective, self.scheduler.max_draft, self.draft_name,
+                           self.last_target_version)
 
     def count_error(self, kind: str) -> None:
         self.decode_errors[kind] = self.decode_errors.get(kind, 0) + 1
@@ -364,6 +368,7 @@ class _Request:
             self.stats.radio_tail_j = agent.radio.tail_j
             self.stats.energy_source = agent.energy_source
             self.stats.target_version = self.target_version
+            agent.last_target_version = self.target_version or agent.last_target_version
             self.stats.replica = self.replica or ""
         return GenerationResult(self.committed[self.prompt_len:], self.stats, self.stopped, self.unverified)
 

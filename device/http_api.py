@@ -655,8 +655,9 @@ class LocalHttpApi(ThreadingHTTPServer):
         return self.server_address[1]
 
     def model_card(self) -> dict:
+        status = self.service.agent.status()
         return {"id": MODEL_ID, "object": "model", "created": int(self.service.started_s), "owned_by": "specedge",
-                "draft": self.service.agent.draft_name}
+                "draft": status.draft, "target": status.target or None}
 
     def start(self) -> "LocalHttpApi":
         self._thread.start()

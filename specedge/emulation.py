@@ -111,21 +111,41 @@ def _bracket(values: list, x: float) -> tuple:
 
 @dataclass(frozen=True)
 class Fed:
-    """One sequence of a target pass: positions cached before it, rows fed, rows whose logits it keeps."""
+    """One sequence of a target pass: positions cached before it, rows fed, rows whose logits it
+    keeps, and of the others those fed in a call of their own (llama.cpp re-reading a session's
+    generated text, as its own generation fed it: a decode step each, not the prompt rate)."""
 
     context: int
     rows: int
     kept: int
+    alone: int = 0
+
+
+def fed_alone(calls: list[int] | None, rows: int, kept: int, prompt_batch: int) -> int:
+    """Of `rows` fed in calls of these sizes (None: a row each), how many before the last `kept`
+    go in a call of their own, on an engine whose prompts go in calls of `prompt_batch` rows (0: it
+    groups rows as it likes, and every unkept row is at the prompt rate)."""
+    if not prompt_batch:
+        return 0
+    alone = fed = 0
+    for size in calls if calls is not None else [1] * rows:
+        if fed >= rows - kept:
+            break
+        alone += size == 1
+        fed += size
+    return alone
 
 
 def target_pass_ms(profile: dict, seqs: list[Fed]) -> float:
-    """ms of one target pass: the prompt rows at the prefill rate, the kept rows as a verify pass of
-    the grid, and what attending over a longer context than the grid's adds (per row on an exact
-    engine, which attends row by row; per session on one that batches a pass)."""
+    """ms of one target pass: the prompt rows at the prefill rate (those fed a call each, a decode
+    step each), the kept rows as a verify pass of the grid, and what attending over a longer
+    context than the grid's adds (per row on an exact engine, which attends row by row; per
+    session on one that batches a pass)."""
     if not seqs:
         return 0.0
     base = profile.get("base_context", 0)
-    total = sum(prefill_ms(profile, s.rows - s.kept) for s in seqs)
+    total = sum(prefill_ms(profile, s.rows - s.kept - s.alone)
+                + s.alone * decode_ms(profile, s.context + s.rows - s.kept) for s in seqs)
     total += verify_ms(profile, len(seqs), sum(s.kept for s in seqs) / len(seqs))
     per_row = profile.get("context_cost", "per_row") == "per_row"
     for s in seqs:

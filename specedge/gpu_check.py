@@ -117,7 +117,9 @@ def check_llama_cpp(target: str) -> dict:
     from specedge.cloud.engine import installed
 
     if not installed("llama.cpp"):
-        return {"status": "SKIP", "detail": "llama-cpp-python is not installed"}
+        return {"status": "SKIP", "detail": "llama-cpp-python is not installed (the lent GPU image has none: its CUDA "
+                                            "build took 201 s of the 15 minutes there, then segfaulted after "
+                                            "ggml_cuda_init, cause not established; docs/engines.md)"}
     import llama_cpp
 
     if not llama_cpp.llama_supports_gpu_offload():
@@ -198,7 +200,7 @@ def check_profiles(out_dir: str, budget_s: float) -> dict:
         if left < 20:
             skipped[shape] = f"the check's {budget_s:.0f} s were spent"
             continue
-        if device == "cuda" and shape_params(shape) * 2 * 1.3 > torch.cuda.mem_get_info()[0]:
+        if device == "cuda" and shape_params(shape) * 2 * 1.15 > torch.cuda.mem_get_info()[0]:
             skipped[shape] = f"{shape_params(shape) * 2 / 2 ** 30:.0f} GiB of bf16 weights do not fit the free memory"
             continue
         model = random_qwen2(shape, device)

@@ -12,8 +12,8 @@ import torch
 from specedge.cloud.emulated_target import EmulatedTarget
 from specedge.cloud.session import TargetSession
 from specedge.device.emulated_draft import FILLER, EmulatedDraftEngine
-from specedge.emulation import (PROFILE_FORMAT, Fed, Recording, draft_feed_ms, interpolate, target_pass_ms,
-                                verify_ms)
+from specedge.emulation import (PROFILE_FORMAT, Fed, Recording, decode_ms, draft_feed_ms, interpolate,
+                                target_pass_ms, verify_ms)
 from specedge.speculative import SamplingParams, greedy_verify
 
 VOCAB = 50
@@ -177,6 +177,25 @@ def test_profiles_taken_at_different_times_merge_into_their_medians_and_only_lik
     proc = subprocess.run([sys.executable, "-m", "specedge.cli", "profile", "merge", *map(str, files),
                            "--json", str(tmp_path / "out.json")], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "its kind is 'draft'" in proc.stderr and not (tmp_path / "out.json").exists()
+
+
+def test_a_reread_generated_text_costs_a_decode_step_a_row_where_the_engine_fed_it_so():
+    """llama.cpp re-reads a session's text as its own generation fed it: the prompt in calls of
+    many rows, each generated token in a call of its own (a decode step, not the prompt rate)."""
+    from specedge.emulation import fed_alone
+
+    assert fed_alone([3, 1, 1, 1], 6, 1, 512) == 2 and fed_alone(None, 4, 4, 512) == 0
+    assert fed_alone(None, 5, 1, 512) == 4 and fed_alone([3, 1, 1, 1], 6, 1, 0) == 0
+    p = profile()  # prompt rate 0.05 ms a token, a decode step 0.2 (0.4 at 1000)
+    longer = decode_ms(p, 5) - decode_ms(p, 0)  # the kept row attends over 5 positions, the grid's over 0
+    assert target_pass_ms(p, [Fed(0, 6, 1, 2)]) == pytest.approx(3 * 0.05 + 2 * decode_ms(p, 5) + verify_ms(p, 1, 1)
+                                                                 + longer)
+    rec = recording()
+    target = EmulatedTarget(bundle([rec], target={**profile(decode=30.0), "prompt_batch": 512}))
+    cache = target.new_cache()
+    t0 = time.perf_counter()
+    target.forward_batch([(rec.prompt + rec.path[:3], cache)], keep=[1], calls=[[len(rec.prompt), 1, 1, 1]])
+    assert time.perf_counter() - t0 >= 2 * 0.03  # two generated tokens re-read alone, then the kept row
 
 
 def test_an_emulated_pass_is_held_for_the_profiles_time():

@@ -67,7 +67,10 @@ def test_non_streamed_completion_has_openai_shape_and_spec_numbers(node):
     assert body["choices"][0]["finish_reason"] in ("stop", "length") and body["usage"]["completion_tokens"] <= 6
     assert body["specedge"]["target_version"] == "tiny" and 0 <= body["specedge"]["acceptance_rate"] <= 1
     status, raw = http(node.http.port, "/v1/models")
-    assert status == 200 and json.loads(raw)["data"][0]["id"] == "specedge"
+    card = json.loads(raw)["data"][0]
+    assert status == 200 and card["id"] == "specedge"
+    # what is loaded: the draft as its OPENs name it, the target version that answered
+    assert card["target"] == "tiny" and card["draft"] == node.service.agent.draft_name
 
 
 def test_a_conversations_next_turn_reports_its_history_as_cached_tokens(node):

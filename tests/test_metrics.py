@@ -77,3 +77,23 @@ def test_fixed_policies_are_built_directly():
     for bad in (f"fixed:{MAX_DRAFT + 1}", "pipelined:x", "fixed:3+sideways"):
         with pytest.raises(ValueError):
             parse_policy(bad)
+
+
+def test_the_grafana_dashboard_names_only_metrics_the_exporters_export_and_shows_them_all(stack):
+    """docs/grafana-dashboard.json against what a device and a real verifier export: a renamed
+    metric would leave an empty panel, a new one no panel."""
+    import json
+    import re
+    from pathlib import Path
+
+    def family(name: str) -> str:  # a sample's or a counter's name without its suffix
+        return re.sub(r"_(total|bucket|sum|count)$", "", name)
+
+    device = DeviceMetrics(lambda: {"queue_depth": 0, "draining": False, "decode_errors": {}})
+    exported = set()
+    for registry in (device.registry, stack.verifier.metrics.registry):
+        exported |= {family(n) for n in re.findall(r"^# TYPE (\S+) ", render(registry).decode(), re.M)}
+    dashboard = json.loads((Path(__file__).parents[1] / "docs" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    named = {family(m) for e in exprs for m in re.findall(r"specedge_[a-z_]+", e)}
+    assert named - exported == set() and exported - named == set()

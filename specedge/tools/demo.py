@@ -91,8 +91,10 @@ def serve(args, draft, draft_tok, target, target_tok) -> int:
     import signal
     import threading
 
+    # the draft as loaded (a path or a name): what /v1/models and every OPEN name it by
     device_cfg = build(DeviceConfig, {"api": {"http_port": args.http_port}, "fleet": {"telemetry_interval_s": 5},
-                                      "generation": {"max_new_tokens": args.max_new_tokens}})
+                                      "generation": {"max_new_tokens": args.max_new_tokens},
+                                      "draft": {"model": args.draft}})
     stack = Stack(draft, draft_tok, target, target_tok, broker=args.broker, device_cfg=device_cfg, serve=True,
                   cloud_cfg=build(CloudConfig, {"target": {"version": args.target}}))
     stop = threading.Event()

@@ -280,6 +280,24 @@ def shape_params(shape: str) -> int:
     return d["n_layers"] * layer + vocab * d["dim"] * (1 if shape in TIED else 2)
 
 
+class _Made(dict):
+    """Weights made when the model asks for each, and not kept here: the model's own forms (its
+    fused qkv and gate-up products) are then the only copies in memory, not twice a 32B's."""
+
+    def __init__(self, shapes: dict, make):
+        super().__init__()
+        self.shapes, self.make = shapes, make
+
+    def __getitem__(self, name):
+        return self.make(name, self.shapes[name])
+
+    def __contains__(self, name):
+        return name in self.shapes
+
+    def get(self, name, default=None):
+        return self[name] if name in self.shapes else default
+
+
 def random_qwen2(shape: str, device: str = "cpu", dtype=torch.bfloat16, seed: int = 0):
     """The torch engine on a real model's shape with random weights made where it computes (on a
     GPU straight in its memory: no file, no download, no 30 GB of f32 first). Compute does not
@@ -289,24 +307,24 @@ def random_qwen2(shape: str, device: str = "cpu", dtype=torch.bfloat16, seed: in
     d = dict(SHAPES[shape])
     cfg = ModelConfig(vocab_size=d.pop("vocab_size", 512), max_seq_len=32768, tie_embeddings=shape in TIED, **d)
     gen = torch.Generator(device=device).manual_seed(seed)
-    kv = cfg.head_dim * cfg.n_kv_heads
-
-    def rand(*size):
-        return torch.randn(*size, generator=gen, device=device, dtype=dtype) * 0.02
-
-    w = {"token_embd.weight": rand(cfg.vocab_size, cfg.dim), "output_norm.weight": torch.ones(cfg.dim, device=device)}
+    dim, ffn, kv = cfg.dim, cfg.ffn_dim, cfg.head_dim * cfg.n_kv_heads
+    shapes = {"token_embd.weight": (cfg.vocab_size, dim), "output_norm.weight": (dim,)}
     if not cfg.tie_embeddings:
-        w["output.weight"] = rand(cfg.vocab_size, cfg.dim)
+        shapes["output.weight"] = (cfg.vocab_size, dim)
     for i in range(cfg.n_layers):
         p = f"blk.{i}"
-        w.update({f"{p}.attn_q.weight": rand(cfg.dim, cfg.dim), f"{p}.attn_k.weight": rand(kv, cfg.dim),
-                  f"{p}.attn_v.weight": rand(kv, cfg.dim), f"{p}.attn_q.bias": rand(cfg.dim),
-                  f"{p}.attn_k.bias": rand(kv), f"{p}.attn_v.bias": rand(kv),
-                  f"{p}.attn_output.weight": rand(cfg.dim, cfg.dim), f"{p}.ffn_gate.weight": rand(cfg.ffn_dim, cfg.dim),
-                  f"{p}.ffn_up.weight": rand(cfg.ffn_dim, cfg.dim), f"{p}.ffn_down.weight": rand(cfg.dim, cfg.ffn_dim),
-                  f"{p}.attn_norm.weight": torch.ones(cfg.dim, device=device),
-                  f"{p}.ffn_norm.weight": torch.ones(cfg.dim, device=device)})
-    return Qwen2(cfg, w, dtype, batch_invariant=True, device=device)
+        shapes.update({f"{p}.attn_q.weight": (dim, dim), f"{p}.attn_k.weight": (kv, dim), f"{p}.attn_v.weight": (kv, dim),
+                       f"{p}.attn_q.bias": (dim,), f"{p}.attn_k.bias": (kv,), f"{p}.attn_v.bias": (kv,),
+                       f"{p}.attn_output.weight": (dim, dim), f"{p}.ffn_gate.weight": (ffn, dim),
+                       f"{p}.ffn_up.weight": (ffn, dim), f"{p}.ffn_down.weight": (dim, ffn),
+                       f"{p}.attn_norm.weight": (dim,), f"{p}.ffn_norm.weight": (dim,)})
+
+    def make(name, size):
+        if name.endswith("norm.weight"):
+            return torch.ones(size, device=device)
+        return torch.randn(size, generator=gen, device=device, dtype=dtype) * 0.02
+
+    return Qwen2(cfg, _Made(shapes, make), dtype, batch_invariant=True, device=device)
 
 
 def machine_here() -> dict:
