@@ -65,13 +65,15 @@ test-vllm: $(VLLM_VENV)/.installed mosquitto
 # no network) `make gpu-check GPU=1` first installs the wheels `make gpu-bundle` downloaded here
 # (carried with the repository, under 64 MiB) and this repository into the image's python3.
 GPU_WHEELS ?= gpu-wheels
+# gpu_check imports only the standard library at the top: any python reads the list from here
+BUNDLE_NAMES := from specedge.gpu_check import BUNDLE; print(' '.join(BUNDLE))
 gpu-bundle: $(VENV)/.installed
 	rm -rf $(GPU_WHEELS)
 	# for each Python the image may have (a few wheels are built per version): pip takes the one that fits
 	for v in 3.10 3.11 3.12 3.13; do \
 		$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: --dest $(GPU_WHEELS) \
 			--implementation cp --python-version $$v --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_31_x86_64 \
-			$$($(PY) -c "from specedge.gpu_check import BUNDLE; print(' '.join(BUNDLE))") || exit 1; done
+			$$($(PY) -c "$(BUNDLE_NAMES)") || exit 1; done
 	# pycuda (the kernels' check) has no wheel: its source, built there against the image's CUDA
 	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary=pycuda --dest $(GPU_WHEELS) pycuda
 	du -sh $(GPU_WHEELS)
@@ -79,9 +81,7 @@ gpu-bundle: $(VENV)/.installed
 ifeq ($(GPU),1)
 gpu-check:
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-index --no-deps --find-links $(GPU_WHEELS) \
-		$$($(PYTHON) -c "import ast, pathlib; t = pathlib.Path('specedge/gpu_check.py').read_text(); \
-		print(' '.join(next(ast.literal_eval(n.value) for n in ast.parse(t).body \
-		if isinstance(n, ast.Assign) and getattr(n.targets[0], 'id', '') == 'BUNDLE')))")
+		$$($(PYTHON) -c "$(BUNDLE_NAMES)")
 	# a pycuda that does not build leaves the kernels' check a SKIP that says so, not the end of the check
 	-CUDA_ROOT=$${CUDA_ROOT:-/usr/local/cuda} $(PYTHON) -m pip install --quiet --disable-pip-version-check \
 		--no-index --no-deps --no-build-isolation $(GPU_WHEELS)/pycuda-*.tar.gz

@@ -191,9 +191,8 @@ class Capabilities:
     def of(cls, engine) -> "Capabilities":
         found = engine.exactness
         exact = bool(found and found.exact)
-        worst = max((t.max_abs_diff for t in found.trials), default=0.0) if found else None
-        return cls(engine.engine, "exact" if exact else "numerical", worst, True, engine.hints,
-                   engine.batch_invariant, engine.cfg.max_seq_len)
+        return cls(engine.engine, "exact" if exact else "numerical", found.max_abs_diff if found else None, True,
+                   engine.hints, engine.batch_invariant, engine.cfg.max_seq_len)
 
     def to_json(self) -> dict:
         return asdict(self)

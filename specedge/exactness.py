@@ -69,6 +69,11 @@ class Exactness:
     client: str = ""
     client_equal: bool | None = None  # None: no client to compare with
 
+    @property
+    def max_abs_diff(self) -> float:
+        """The largest |dlogit| any trial found (0 where every row was bit-identical)."""
+        return max((t.max_abs_diff for t in self.trials), default=0.0)
+
     def describe(self) -> dict:
         return {"exact": self.exact, "engine": self.engine, "invariant": self.invariant, "block": self.block,
                 "seconds": round(self.seconds, 2), "trials": [asdict(t) for t in self.trials],
@@ -84,7 +89,7 @@ class Exactness:
         if self.client_equal is False:
             return (f"NOT bitwise exact on this machine: {self.engine}'s own generation here differs from "
                     f"{self.client}; outputs are the target's up to rounding")
-        worst = max((t.max_abs_diff for t in self.trials), default=0.0)
+        worst = self.max_abs_diff
         if not self.invariant:
             rows = sum(t.rows_differing for t in self.trials)
             return (f"numerical ({self.engine}, not batch-invariant): verified logits differ from one-at-a-time "

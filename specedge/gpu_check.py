@@ -163,8 +163,7 @@ def check_torch_cuda() -> dict:
 
 
 def _verdict(found) -> dict:
-    worst = max((t.max_abs_diff for t in found.trials), default=0.0)
-    return {"exact": found.exact, "block": found.block, "max_abs_diff": worst, "summary": found.summary()}
+    return {"exact": found.exact, "block": found.block, "max_abs_diff": found.max_abs_diff, "summary": found.summary()}
 
 
 def check_torch_selftest(target: str) -> dict:
@@ -191,7 +190,7 @@ def check_profiles(out_dir: str, budget_s: float) -> dict:
     import torch
 
     from specedge.exactness import establish
-    from specedge.tools.profile import machine_here, profile_target, random_qwen2, shape_params
+    from specedge.tools.profile import measured, profile_target, random_qwen2, shape_params
 
     device, t0, done, skipped = device_here(), time.monotonic(), {}, {}
     todo = shapes(PROFILE_SHAPES)
@@ -208,10 +207,9 @@ def check_profiles(out_dir: str, budget_s: float) -> dict:
         grid = dict(contexts=(128, 512, 2048), prefill_rows=(32, 128, 512), sessions=(1, 4, 16, 64),
                     rows=(1, 2, 4, 8, 16), repeats=3) if device == "cuda" else dict(
                     contexts=(32, 128), prefill_rows=(8, 32), sessions=(1, 2), rows=(1, 4), repeats=1)
-        prof = profile_target(model, budget_s=max(5.0, left / (len(todo) - i) / 2), **grid)
-        prof.update(model=shape, weights=f"random, bf16 on {device} (made here: the shape only)", emulated=False,
-                    machine=machine_here(), device=device, repeats=grid["repeats"], exactness=_verdict(found),
-                    measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        prof = measured(profile_target(model, budget_s=max(5.0, left / (len(todo) - i) / 2), **grid), shape,
+                        f"random, bf16 on {device} (made here: the shape only)", device, grid["repeats"])
+        prof["exactness"] = _verdict(found)
         path = Path(out_dir) / f"target-{shape}-torch-{_slug(prof['machine'])}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(prof, indent=1) + "\n")

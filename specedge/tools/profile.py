@@ -427,11 +427,15 @@ def run(args) -> int:
             if args.random_shape:
                 weights = "random, Q8_0 (made here: the shape only)"
             out = _profile_file(args, model, device, grid)
-    out.update(repeats=grid["repeats"],
-               model=args.random_shape or model or (DEFAULT_TARGET if args.kind == "target" else DEFAULT_DRAFT),
-               weights=weights, emulated=False, machine=machine_here(), device=device,
-               measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    return _write(out, args.json)
+    model = args.random_shape or model or (DEFAULT_TARGET if args.kind == "target" else DEFAULT_DRAFT)
+    return _write(measured(out, model, weights, device, grid["repeats"]), args.json)
+
+
+def measured(profile: dict, model: str, weights: str, device: str, repeats: int) -> dict:
+    """A profile stamped with what was measured, where and when (measured, never emulated)."""
+    profile.update(model=model, weights=weights, emulated=False, machine=machine_here(), device=device,
+                   repeats=repeats, measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return profile
 
 
 def _profile_file(args, model: str | None, device: str, grid: dict) -> dict:
