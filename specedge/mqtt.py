@@ -87,6 +87,13 @@ class Link:
         self._watched: dict[int, object] = {}
         self._unheard_early: dict[int, float] = {}
         self._watch_lock = threading.Lock()
+        # SUBSCRIBEs the broker has not acknowledged yet (mids), and SUBACKs that overtook their
+        # subscribe() call: a service that says it started must already hear its topics, or a
+        # message sent the moment after (from another connection) is lost for want of a subscriber.
+        self._unacked: set[int] = set()
+        self._acked_early: set[int] = set()
+        self._subacks = threading.Condition()
+        self._net_thread: int | None = None  # paho's network thread, which must never wait on itself
 
     # paho callbacks: record state, hand messages on, nothing else.
     def _on_connect(self, client, userdata, flags, reason_code, properties):
@@ -96,8 +103,12 @@ class Link:
             with self._alias_lock:  # aliases live and die with their connection
                 self._aliases = {}
                 self._alias_max = getattr(properties, "TopicAliasMaximum", 0) if self.protocol == "5" else 0
+            self._net_thread = threading.get_ident()
+            with self._subacks:  # the last connection's SUBACKs will never come
+                self._unacked.clear()
+                self._acked_early.clear()
             for topic, qos in list(self.subscriptions.items()):  # subscribe() may add one meanwhile
-                client.subscribe(topic, qos=qos)
+                self._sent_subscribe(client.subscribe(topic, qos=qos)[1])
             if self.birth:
                 topic, payload, retain = self.birth
                 client.publish(topic, payload() if callable(payload) else payload, qos=1, retain=retain)
@@ -117,6 +128,33 @@ class Link:
                 self._unheard_early[mid] = now
         if unheard is not None and not heard:
             unheard()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        with self._subacks:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+                self._subacks.notify_all()
+            else:
+                self._acked_early.add(mid)
+
+    def _sent_subscribe(self, mid: int | None) -> None:
+        with self._subacks:
+            if mid in self._acked_early:
+                self._acked_early.discard(mid)
+            elif mid is not None:
+                self._unacked.add(mid)
+
+    def _wait_subscribed(self, timeout: float) -> bool:
+        """Until the broker has acknowledged every SUBSCRIBE sent so far (never from paho's own
+        thread: the SUBACKs arrive there). False if `timeout` passed first."""
+        if threading.get_ident() == self._net_thread:
+            return True
+        with self._subacks:
+            done = self._subacks.wait_for(lambda: not self._unacked, timeout)
+        if not done:
+            log.warning("MQTT broker %s:%s has not acknowledged a subscription in %.0f s",
+                        self.cfg.host, self.cfg.port, timeout)
+        return done
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
@@ -154,6 +192,7 @@ class Link:
             self._on_connect, self._on_disconnect, self._on_message)
         client.on_socket_open = self._on_socket_open
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.reconnect_delay_set(min_delay=1, max_delay=8)
         for topic, handler in self.handlers.items():
             client.message_callback_add(topic, self._routed(handler))
@@ -217,6 +256,7 @@ class Link:
                 raise BrokerUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port} unreachable: {exc}") from exc
             client.loop_start()
             if self._connack.wait(timeout) and self.connected.is_set():
+                self._wait_subscribed(timeout)
                 return self
             client.loop_stop()
             client.disconnect()
@@ -224,16 +264,20 @@ class Link:
             errors.append(f"MQTT {protocol}: {self._refused or 'no CONNACK'}")
         raise BrokerUnavailable(f"MQTT broker {self.cfg.host}:{self.cfg.port} refused us ({'; '.join(errors)})")
 
-    def subscribe(self, topic: str, handler=None, qos: int | None = None) -> None:
+    def subscribe(self, topic: str, handler=None, qos: int | None = None, timeout_s: float = 10.0) -> None:
         """Subscribe (now and after every reconnect) at `qos` ([mqtt] qos unless given); messages
-        on `topic` go to `handler(topic, payload, ReplyTo)` when given, to `on_message` otherwise."""
+        on `topic` go to `handler(topic, payload, ReplyTo)` when given, to `on_message` otherwise.
+        While connected, returns once the broker has acknowledged it (or after `timeout_s`)."""
         qos = self.subscriptions[topic] = self.cfg.qos if qos is None else qos
         if handler is not None:
             self.handlers[topic] = handler
         if self._client is not None:
             if handler is not None:
                 self._client.message_callback_add(topic, self._routed(handler))
-            self._client.subscribe(topic, qos=qos)
+            rc, mid = self._client.subscribe(topic, qos=qos)
+            if rc == paho.MQTT_ERR_SUCCESS:
+                self._sent_subscribe(mid)
+                self._wait_subscribed(timeout_s)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False, qos: int | None = None,
                 reply_to: ReplyTo | None = None, unheard=None) -> None:
