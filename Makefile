@@ -15,11 +15,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[test,llama]"
 	touch $@
 
-# Debian packages the tests talk to: Mosquitto (the broker) and systemd (systemd-analyze verify on the units).
+# Debian packages the tests talk to: Mosquitto (the broker), systemd (systemd-analyze verify on the
+# units) and Chromium with its driver (the chat page, tested in a real browser).
 mosquitto:
 	@missing=""; \
 	command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing="mosquitto"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	[ -x /usr/bin/chromedriver ] || missing="$$missing chromium-driver"; \
 	[ -z "$$missing" ] || { echo "installing$$missing (Debian packages)"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing >/dev/null; }
 

@@ -1,4 +1,5 @@
-"""The local HTTP API on the device: OpenAI-compatible completions, /metrics, /health.
+"""The local HTTP API on the device: OpenAI-compatible completions, /metrics, /health, and a
+chat page at / ([api] web_page).
 
 Robot stacks and voice assistants talk to the device with the OpenAI clients
 they already have (`base_url="http://127.0.0.1:8080/v1"`). Streaming uses
@@ -16,7 +17,9 @@ Any local process and any web page the device's browser opens can reach this por
 request is checked before it is read (docs/security.md): its Host (DNS rebinding), its Origin
 (cross-site requests), the API key when [api] api_key_file sets one, then a JSON Content-Type
 and a plain Content-Length. Connections are capped ([api] max_connections) and time out
-([api] timeout_s); a request must fit the draft engine's positions.
+([api] timeout_s); a request must fit the draft engine's positions. The chat page's files hold
+nothing and need no key (as llama.cpp's server serves its page); the calls the page makes are
+checked like any app's, and its Content-Security-Policy lets it load and call this origin only.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ from specedge import grammar
 from specedge.config import ConfigError
 from specedge.device.service import DeviceService, Job, Outcome, Rejected
 from specedge.exporter import CONTENT_TYPE, render
+from specedge.resources import resource
 from specedge.speculative import SamplingParams
 
 log = logging.getLogger("specedge.http")
@@ -49,6 +53,13 @@ CLIENT_POLL_S = 0.25  # how often a non-streamed request looks whether its app i
 UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
                "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "best_of": (None, 1),
                "echo": (None, False), "suffix": (None, "")}
+# The chat page (specedge/data/web): path -> (file, Content-Type). No build step, no framework.
+PAGE = {"/": ("index.html", "text/html; charset=utf-8"), "/chat.js": ("chat.js", "text/javascript; charset=utf-8"),
+        "/chat.css": ("chat.css", "text/css; charset=utf-8")}
+PAGE_HEADERS = {  # its own origin only: no inline script, no other host, never framed by another page
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
 ROLES = ("system", "user", "assistant", "developer", "tool")  # "developer": OpenAI's newer name for system
 
 
@@ -355,7 +366,7 @@ def spec_summary(outcome: Outcome) -> dict:
     if outcome.stats is None:
         return {}
     s = outcome.stats.summary()
-    keys = ("acceptance_rate", "mean_accepted_len", "mean_draft_len", "tokens_per_s", "ttft_s",
+    keys = ("policy", "rounds", "streamed_share", "mode_switches", "acceptance_rate", "mean_accepted_len", "mean_draft_len", "tokens_per_s", "ttft_s",
             "energy_j_per_token", "wire_bytes_per_token", "unverified_tokens", "exact", "lookup_rounds",
             "lookup_acceptance", "cached_prompt_tokens", "forced_tokens")
     return {**{k: s[k] for k in keys}, "target_version": outcome.stats.target_version}
@@ -436,7 +447,7 @@ class Handler(BaseHTTPRequestHandler):
         if not origin_allowed(origin, host, server.origins):
             raise ApiError(403, f"web pages from {origin!r} may not call this API ([api] allowed_origins)",
                            kind="permission_error", code="origin_not_allowed")
-        if server.api_key is not None and path != "/health" \
+        if server.api_key is not None and path != "/health" and path not in server.page \
                 and not bearer_ok(self.headers.get("Authorization"), server.api_key):
             raise ApiError(401, "this API needs its key: Authorization: Bearer <the key in [api] api_key_file>",
                            kind="authentication_error", code="invalid_api_key")
@@ -492,6 +503,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, {"object": "list", "data": [self.server.model_card()]})
         elif path == f"/v1/models/{MODEL_ID}":
             self.send_json(200, self.server.model_card())
+        elif path in self.server.page:
+            body, content_type = self.server.page[path]
+            self.send_response(200)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in PAGE_HEADERS.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
         else:
             self.send_error_json(ApiError(404, f"no route GET {path}", kind="not_found_error"))
 
@@ -630,6 +650,8 @@ class LocalHttpApi(ThreadingHTTPServer):
         api = service.cfg.api  # read once: [api] changes take a restart
         self.bind_host, self.timeout_s, self.origins = host, api.timeout_s, api.origins()
         self.api_key = read_api_key(api.api_key_file)
+        self.page = {path: (resource("data", "web", name).read_bytes(), kind)
+                     for path, (name, kind) in PAGE.items()} if api.web_page else {}
         self._slots = threading.BoundedSemaphore(api.max_connections)
         super().__init__((host, port), Handler)
         self._thread = threading.Thread(target=self.serve_forever, name="specedge-http", daemon=True)

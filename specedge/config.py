@@ -210,6 +210,9 @@ class ApiConfig:
     # A file holding the API key apps send as `Authorization: Bearer <key>`; "" = no key.
     # Read once at start; /health stays open.
     api_key_file: str = ""
+    # The chat page at / (docs/apps.md): static files that hold nothing, served without the key
+    # as /health is; the API calls it makes need the key like any app's.
+    web_page: bool = True
     # The MQTT topic API (specedge/local/{device}/...) on a broker local to the device; "" = off.
     local_mqtt_host: str = ""
     local_mqtt_port: int = 1883

@@ -223,6 +223,36 @@ def test_an_api_key_is_required_everywhere_but_health(api, tmp_path):
     assert call(port, "GET", "/health")[0] == 503  # open: it says broker_unreachable, not 401
 
 
+def _page(port: int, path: str, **headers) -> tuple[int, bytes, http.client.HTTPResponse]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, None, {"Host": f"127.0.0.1:{port}", **headers})
+        response = conn.getresponse()
+        return response.status, response.read(), response
+    finally:
+        conn.close()
+
+
+def test_the_chat_page_needs_no_key_but_its_calls_do_and_its_policy_keeps_it_to_this_origin(api, tmp_path):
+    (tmp_path / "key").write_text(KEY + "\n")
+    port = api(api_key_file=str(tmp_path / "key")).port
+    for path, kind in (("/", "text/html"), ("/chat.js", "text/javascript"), ("/chat.css", "text/css")):
+        status, body, response = _page(port, path)
+        assert status == 200 and body and response.getheader("Content-Type").startswith(kind), path
+        policy = response.getheader("Content-Security-Policy")
+        assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "frame-ancestors 'none'" in policy
+        assert response.getheader("X-Content-Type-Options") == "nosniff"
+    assert b"<script" in _page(port, "/")[1] and b"<script>" not in _page(port, "/")[1]  # no inline script
+    assert _page(port, "/v1/models")[0] == 401  # what the page calls needs the key
+    assert _page(port, "/", Host="attacker.example")[0] == 403  # DNS rebinding: as for the API
+    assert _page(port, "/index.html")[0] == 401  # only the page's own paths are open
+
+
+def test_web_page_false_serves_no_page(api):
+    port = api(web_page=False).port
+    assert _page(port, "/")[0] == 404 and _page(port, "/chat.js")[0] == 404
+
+
 def test_a_missing_or_empty_api_key_file_is_a_config_error(api, tmp_path):
     with pytest.raises(ConfigError, match="api.api_key_file"):
         build(DeviceConfig, {"api": {"api_key_file": str(tmp_path / "nope")}}, env={})

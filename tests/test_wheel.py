@@ -68,7 +68,8 @@ checks.load(None)  # the built-in defaults read the shipped profile table
 lte = preset("lte")
 print(json.dumps({"package": specedge.__file__, "device": device.device.id, "cloud": cloud.verifier.id,
                   "lte": lte.description, "trace": lte.up.trace_file, "prompts": len(load_prompts(default_prompts(), 3)),
-                  "units": sorted(p.name for p in resource("systemd").glob("*.service"))}))
+                  "units": sorted(p.name for p in resource("systemd").glob("*.service")),
+                  "page": sorted(p.name for p in resource("data", "web").iterdir())}))
 """
 
 
@@ -82,6 +83,7 @@ def test_the_installed_wheel_loads_its_configs_traces_and_prompts(venv):
     assert "Verizon-LTE-short.up (5.95 Mbit/s mean)" in found["lte"]
     assert found["prompts"] == 3
     assert found["units"] == ["specedge-cloud.service", "specedge-device.service"]
+    assert found["page"] == ["chat.css", "chat.js", "index.html"]  # the chat page at / (device/http_api.py)
 
 
 def test_the_installed_commands_run(venv):

@@ -103,7 +103,8 @@ def serve(args, draft, draft_tok, target, target_tok) -> int:
     try:
         port = stack.node.http.port
         print(json.dumps({**stack.node.describe(), "mqtt_port": stack.agent.cfg.mqtt.port}), flush=True)
-        print(f"device API on http://127.0.0.1:{port}/v1 (OpenAI-compatible), metrics on /metrics; fleet "
+        print(f"chat page on http://127.0.0.1:{port}/, device API on http://127.0.0.1:{port}/v1 "
+              f"(OpenAI-compatible), metrics on /metrics; fleet "
               f"`specedge fleet --port {stack.agent.cfg.mqtt.port} ls`; Ctrl-C stops", file=sys.stderr, flush=True)
         stop.wait()
     finally:
