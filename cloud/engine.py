@@ -40,6 +40,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from specedge.config import TARGET_ENGINES as ENGINES
+from specedge.speculative import SamplingParams, coupled_choice, target_distribution
 
 
 MODULES = {"llama.cpp": "llama_cpp", "vllm": "vllm"}  # the optional extras an engine needs
@@ -118,16 +119,23 @@ def own_rows(engine, tokens: list[int], prompt_len: int = 1):
 
 
 def own_generation(engine, prompts: list[list[int]], max_new: int, stop_ids,
-                   with_stop: bool = False) -> list[list[int]]:
+                   with_stop: bool = False, coupled: SamplingParams | None = None) -> list[list[int]]:
     """The engine's own greedy generation of each prompt, as its users' runtime runs it: the prompt
     in the engine's prompt calls, then one token per call, argmax at every step; the stop token
     that ended it too, `with_stop`. The prompts go in lockstep, one forward_batch per step, on a
     batch-invariant engine (every row gets the bits it gets alone); a numerical engine's own
-    generation is each prompt alone."""
+    generation is each prompt alone. `coupled`: sampled with those (coupled) parameters instead,
+    each position's token the target's choice under that position's noise (specedge.speculative)."""
     import torch
 
     if not engine.batch_invariant and len(prompts) > 1:
-        return [own_generation(engine, [p], max_new, stop_ids, with_stop)[0] for p in prompts]
+        return [own_generation(engine, [p], max_new, stop_ids, with_stop, coupled)[0] for p in prompts]
+
+    def choose(row, position: int) -> int:
+        if coupled is None:
+            return int(torch.argmax(row))
+        return coupled_choice(target_distribution(row.numpy(), coupled), coupled.seed, position)
+
     caches = [engine.new_cache(capacity=len(p) + max_new + 8) for p in prompts]
     logits = engine.forward_batch(list(zip(prompts, caches)), keep=[1] * len(prompts),
                                   calls=[prefill_calls(engine, len(p)) for p in prompts])
@@ -136,7 +144,7 @@ def own_generation(engine, prompts: list[list[int]], max_new: int, stop_ids,
     while live:
         going = []
         for i, rows in zip(live, logits):
-            token = int(torch.argmax(rows[-1]))
+            token = choose(rows[-1], len(prompts[i]) + len(outputs[i]))
             if token in stop_ids:
                 outputs[i] += [token] if with_stop else []
                 continue

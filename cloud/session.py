@@ -27,7 +27,8 @@ from specedge.cloud.engine import call_start, prompt_calls
 from specedge.protocol.contract import Contract
 from specedge.model import grown_capacity
 from specedge.protocol.wire import TextHasher, prompt_spans_fit
-from specedge.speculative import SamplingParams, SparseDist, greedy_verify, speculative_verify, target_distribution
+from specedge.speculative import (SamplingParams, SparseDist, coupled_choice, greedy_verify, speculative_verify,
+                                  target_distribution)
 
 
 HEADROOM = 128  # positions a new reference cache holds beyond the committed text: a few rounds' drafts
@@ -219,8 +220,8 @@ class TargetSession:
         cannot take would otherwise fail the pass of every session batched with it. `committed`:
         the text's length when the draft is verified (default: now)."""
         self._check_ids(draft)
-        if (q is None) != self.params.greedy:
-            raise BadRequest("sampled sessions need q with every draft, greedy ones none")
+        if (q is not None) != self.params.sends_q:
+            raise BadRequest("sampled sessions need q with every draft, greedy and coupled ones none")
         if q is not None:
             if len(q) != len(draft):
                 raise BadRequest(f"{len(q)} q for {len(draft)} drafted tokens")
@@ -304,6 +305,11 @@ class TargetSession:
             logits = self.masked(draft, logits)
         if self.params.greedy:
             accepted, token = greedy_verify(draft, torch.argmax(logits, dim=-1).tolist())
+        elif self.params.coupled:  # row j holds the token at position len(committed) + j
+            at, seed = len(self.committed), self.params.seed
+            choices = [coupled_choice(target_distribution(row, self.params), seed, at + j)
+                       for j, row in enumerate(logits.numpy())]
+            accepted, token = greedy_verify(draft, choices)
         else:
             p = np.stack([target_distribution(row, self.params) for row in logits.numpy()])
             accepted, token = speculative_verify(draft, q, p, self.rng)
@@ -402,7 +408,7 @@ class Item:
     @classmethod
     def step(cls, session: TargetSession) -> "Item":
         """One autoregressive step: an empty draft, whose verdict is the target's next token."""
-        return cls(session, [], None if session.params.greedy else [])
+        return cls(session, [], [] if session.params.sends_q else None)
 
 
 def verify_batch(model, items: list[Item], exit_head=None, chunk: int = 0) -> int:

@@ -56,7 +56,7 @@ def generate_command(args) -> int:
     engine, tok = open_engine(cfg.draft, say)
     agent = Agent(cfg, engine, tok).start()
     gen = cfg.generation
-    params = SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.seed)
+    params = SamplingParams.seeded(gen.temperature, gen.top_k, gen.top_p, gen.seed_or_none)
     policy = parse_policy(cfg.speculation.policy, cfg.speculation.max_draft)
     print(f"device {cfg.device.fleet}/{cfg.device.id}: draft backend {engine.backend}, policy {policy.name}, "
           f"MQTT {agent.status().protocol}", file=sys.stderr)

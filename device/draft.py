@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from specedge.model import Qwen2
-from specedge.speculative import Q_ONE, SamplingParams, SparseDist, quantize, sample_sparse, softmax
+from specedge.speculative import (Q_ONE, SamplingParams, SparseDist, coupled_choice, quantize, sample_sparse, softmax,
+                                  target_distribution)
 
 
 @dataclass
@@ -25,7 +26,7 @@ class Drafted:
 
     @classmethod
     def empty(cls, params: SamplingParams) -> "Drafted":
-        return cls([], None if params.greedy else [], [])
+        return cls([], [] if params.sends_q else None, [])
 
     def extend(self, more: "Drafted") -> "Drafted":
         self.tokens += more.tokens
@@ -106,6 +107,10 @@ class DraftEngine:
             if params.greedy:
                 token = int(np.argmax(logits))
                 confidence = float(softmax(logits)[token])
+            elif params.coupled:  # the token at position len(fed), under that position's noise
+                p = target_distribution(logits, params)
+                token = coupled_choice(p, params.seed, len(self.fed))
+                confidence = float(p[token])
             else:
                 dist = quantize(softmax(logits / params.temperature), self.q_top_k, self.q_top_p)
                 token = sample_sparse(dist, int(rng.integers(Q_ONE)))

@@ -247,10 +247,10 @@ def parse_request(body, chat: bool, service: DeviceService) -> dict:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
-    params = SamplingParams(_number(body, "temperature", 0, 2, gen.temperature),
-                            _number(body, "top_k", 0, 1 << 20, gen.top_k, integer=True),
-                            _number(body, "top_p", 1e-9, 1, gen.top_p),
-                            _number(body, "seed", -(1 << 63), (1 << 64) - 1, gen.seed, integer=True) % (1 << 63))
+    params = SamplingParams.seeded(_number(body, "temperature", 0, 2, gen.temperature),
+                                   _number(body, "top_k", 0, 1 << 20, gen.top_k, integer=True),
+                                   _number(body, "top_p", 1e-9, 1, gen.top_p),
+                                   _number(body, "seed", -(1 << 63), (1 << 64) - 1, gen.seed_or_none, integer=True))
     return {"prompt": prompt, "params": params, "max_tokens": max_tokens, "stop": tuple(stop or ()),
             "grammar": grammar_text, "tools": tools, "stream": stream,
             "include_usage": bool(options.get("include_usage")),

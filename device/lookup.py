@@ -54,5 +54,5 @@ def drafted(text, draft_len: int, params: SamplingParams, stop_ids=frozenset()) 
             break
     if not tokens:
         return None
-    q = None if params.greedy else [SparseDist(np.array([t], dtype=np.uint32), np.array([Q_ONE])) for t in tokens]
+    q = None if not params.sends_q else [SparseDist(np.array([t], dtype=np.uint32), np.array([Q_ONE])) for t in tokens]
     return Drafted(tokens, q, [1.0] * len(tokens), 0.0, "lookup")

@@ -49,7 +49,8 @@ class Ahead:
     def step(self) -> None:
         """Draft one token ahead: first the bet on the target's token, then the next block."""
         if self.branch is None:
-            guess = self.engine.draft(1, _GREEDY, self.rng)
+            # Coupled, the target's token is its choice under the position's noise: guess that.
+            guess = self.engine.draft(1, self.params if self.params.coupled else _GREEDY, self.rng)
             self.branch = (len(self.draft), guess.tokens[0])
             self.seconds += guess.seconds
         else:

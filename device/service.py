@@ -265,7 +265,7 @@ class DeviceService:
 
     def defaults(self) -> SamplingParams:
         gen = self.cfg.generation
-        return SamplingParams(gen.temperature, gen.top_k, gen.top_p, gen.seed)
+        return SamplingParams.seeded(gen.temperature, gen.top_k, gen.top_p, gen.seed_or_none)
 
     def submit(self, prompt: list[int], params: SamplingParams | None = None, max_new_tokens: int | None = None,
                stop: tuple[str, ...] = (), grammar: str | None = None) -> Job:

@@ -134,14 +134,21 @@ class GenerationConfig:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    seed: int = 0
+    # Sampled answers with a seed >= 0 are reproducible (coupled sampling, docs/apps.md); -1: none,
+    # each answer drawn afresh. A request's own `seed` overrides it.
+    seed: int = -1
     system_prompt: str = ""
+
+    @property
+    def seed_or_none(self) -> int | None:
+        return self.seed if self.seed >= 0 else None
 
     def validate(self):
         _check(self.max_new_tokens >= 1, "generation.max_new_tokens", ">= 1")
         _check(self.temperature >= 0, "generation.temperature", ">= 0")
         _check(self.top_k >= 0, "generation.top_k", ">= 0")
         _check(0 < self.top_p <= 1, "generation.top_p", "(0, 1]")
+        _check(-1 <= self.seed < 1 << 64, "generation.seed", "-1 (none) or 0..2^64-1")
 
 
 FAULT_POLICIES = ("wait", "draft", "fail")

@@ -9,6 +9,17 @@ The device drafts from a truncated distribution quantised to integers that
 sum exactly to 2**16 (`SparseDist`). What it sends *is* q, so verification is
 exact with respect to the target while only k (id, count) pairs per drafted
 token cross the link. These functions are the reference for kernels/.
+
+Coupled (a request that gives a `seed`): every position t of the text has its own
+noise G_t, a standard Gumbel per token id drawn from (seed, t) alone, and the token
+at t is argmax_x log p(x) + G_t(x) (Gumbel-max: a sample of p). The device drafts
+argmax_x log q(x) + G_t(x) with the same noise and sends no q; the verifier accepts
+the longest prefix where the draft agrees with the target's own choice, then that
+choice: the greedy rule on perturbed rows. So the answer is a function of the seed,
+the text and the target alone, whatever the draft proposed, however long the rounds
+were and whether the cloud streamed. The price: a drafted token agrees with
+probability at least (1 - d) / (1 + d), d the total variation between p and q,
+where the rejection rule accepts with 1 - d (Gumbel coupling without communication).
 """
 from __future__ import annotations
 
@@ -26,6 +37,8 @@ class SamplingParams:
     top_k: int = 0  # 0 = whole vocabulary
     top_p: float = 1.0
     seed: int = 0
+    # Sampled with the noise of (seed, position) (the module notes): reproducible. A request's `seed`.
+    coupled: bool = False
 
     def __post_init__(self):
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
@@ -38,6 +51,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @classmethod
+    def seeded(cls, temperature: float, top_k: int, top_p: float, seed: int | None) -> "SamplingParams":
+        """The parameters a request or config asks for: a `seed` makes sampling coupled, so the same
+        request gives the same answer; None draws afresh (the session's random id keys it)."""
+        return cls(temperature, top_k, top_p, 0 if seed is None else seed % (1 << 64), seed is not None)
+
+    @property
+    def sends_q(self) -> bool:
+        """Whether drafts carry their distribution q: only the rejection rule reads it."""
+        return not self.greedy and not self.coupled
 
 
 @dataclass(frozen=True)
@@ -113,6 +137,21 @@ def sample_sparse(dist: SparseDist, draw: int) -> int:
 def sample_dense(p: np.ndarray, rng: np.random.Generator) -> int:
     cdf = np.cumsum(p)
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), p.shape[0] - 1))
+
+
+def position_noise(seed: int, position: int, size: int) -> np.ndarray:
+    """G_t: `size` standard Gumbel variables of (seed, position) alone, the same on every machine
+    up to the last bit of numpy's log (Philox is counter-based: no state carries between calls)."""
+    rng = np.random.Generator(np.random.Philox(key=(seed % (1 << 64)) << 64 | position % (1 << 64)))
+    u = rng.random(size) + 2.0 ** -54  # k / 2**53 moved half a step: in (0, 1), never log(0)
+    return -np.log(-np.log(u))
+
+
+def coupled_choice(p: np.ndarray, seed: int, position: int) -> int:
+    """The token at `position` under p, coupled: argmax over p's support of log p + G_position."""
+    support = np.flatnonzero(p > 0)
+    noise = position_noise(seed, position, p.shape[-1])[support]
+    return int(support[np.argmax(np.log(p[support]) + noise)])
 
 
 def greedy_verify(draft: list[int], target_argmax: list[int]) -> tuple[int, int]:

@@ -82,3 +82,13 @@ def test_refusals_are_the_clients_bad_request_errors_naming_the_parameter(client
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="specedge", messages=MESSAGES, max_tokens=4, **extra)
     assert refused.value.param == param
+
+
+def test_a_seed_gives_the_same_sampled_answer_and_none_draws_afresh(client):
+    def ask(**extra) -> str:
+        return client.chat.completions.create(model="specedge", messages=MESSAGES, temperature=1.0, max_tokens=24,
+                                              **extra).choices[0].message.content
+
+    assert len({ask(seed=7) for _ in range(3)}) == 1
+    assert ask(seed=7, stream=False) != ask(seed=8)
+    assert len({ask() for _ in range(3)}) == 3

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
 
-from specedge.speculative import (Q_ONE, SamplingParams, greedy_verify, quantize, sample_sparse, softmax,
-                                  speculative_verify, target_distribution)
+from specedge.speculative import (Q_ONE, SamplingParams, coupled_choice, greedy_verify, position_noise, quantize,
+                                  sample_sparse, softmax, speculative_verify, target_distribution)
 
 
 def test_greedy_accepts_longest_matching_prefix():
@@ -134,3 +134,39 @@ def test_sampling_params_are_validated():
     for bad in (dict(temperature=-1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+
+
+# -- coupled sampling (a request's seed) ---------------------------------------------------------
+def test_coupled_noise_is_a_function_of_seed_and_position_alone():
+    a = position_noise(7, 100, 50)
+    assert np.array_equal(position_noise(7, 100, 50), a)  # no state carries between calls
+    assert np.array_equal(position_noise(7, 100, 80)[:50], a)  # the vocabulary's size changes nothing of it
+    assert not np.array_equal(position_noise(7, 101, 50), a) and not np.array_equal(position_noise(8, 100, 50), a)
+    assert np.isfinite(a).all()
+
+
+def test_coupled_choices_are_samples_of_p():
+    """Over positions (independent noise), the coupled choice under p is distributed as p."""
+    p = np.array([0.5, 0.25, 0.15, 0.07, 0.03, 0.0])
+    draws = np.bincount([coupled_choice(p, 3, t) for t in range(20000)], minlength=len(p))
+    assert draws[-1] == 0  # never outside p's support
+    assert chisquare(draws[:-1], 20000 * p[:-1]).pvalue > 1e-3
+
+
+def test_a_coupled_draft_agrees_with_the_target_at_least_as_the_coupling_bound_says():
+    """P(the draft's choice == the target's) under shared noise is at least (1 - d) / (1 + d), d the
+    total variation between p and q (the module notes): the acceptance coupling costs."""
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        p, q = softmax(rng.normal(size=12) * 2), softmax(rng.normal(size=12) * 2)
+        d = 0.5 * np.abs(p - q).sum()
+        agree = np.mean([coupled_choice(p, 11, t) == coupled_choice(q, 11, t) for t in range(4000)])
+        assert agree >= (1 - d) / (1 + d) - 0.03, (agree, d)
+
+
+def test_a_seed_makes_sampling_coupled_and_none_draws_afresh():
+    seeded = SamplingParams.seeded(1.0, 0, 1.0, -1)
+    assert seeded.coupled and seeded.seed == (1 << 64) - 1 and not seeded.sends_q
+    fresh = SamplingParams.seeded(1.0, 0, 1.0, None)
+    assert not fresh.coupled and fresh.sends_q
+    assert not SamplingParams.seeded(0.0, 0, 1.0, 5).sends_q  # greedy sends no q either

@@ -19,7 +19,7 @@ from specedge.grammar import MAX_GRAMMAR, grammar_hash
 from specedge.protocol.contract import Contract
 from specedge.speculative import Q_ONE, SamplingParams, SparseDist
 
-PROTOCOL_VERSION = 10  # 3: OPEN states the draft and its contract, OPENED names replica and version;
+PROTOCOL_VERSION = 11  # 3: OPEN states the draft and its contract, OPENED names replica and version;
 # 4: OPENED says whether that version passed its bitwise self-test on the verifier's machine;
 # 5: DRAFT, GENERATE, VERDICT and HINT carry a hash of the committed text beside its length;
 # 6: a tighter round: 4-byte session ids (a session is named per device), DRAFT's token count
@@ -30,6 +30,8 @@ PROTOCOL_VERSION = 10  # 3: OPEN states the draft and its contract, OPENED names
 #    it: else UNKNOWN_GRAMMAR), and DRAFT the tokens it forced (type 6)
 # 10: OPEN may state which spans of its text came as prompts (a resync of generated tokens, a
 #    conversation's turns): the verifier processes them as the target's own generation did
+# 11: OPEN may ask for coupled sampling (a request's seed: each position sampled with noise of
+#    (seed, position) alone, reproducible; its drafts carry no q)
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_PACKET = MAX_PAYLOAD + 4096  # an MQTT packet carrying it: framing and topic besides
 MAX_CONTEXT = 32768  # tokens in OPEN
@@ -135,7 +137,7 @@ class Open:
     # text, a conversation's turns); None: all of them, a new session's prompt.
     prompts: list[tuple[int, int]] | None = None
     TYPE = 1
-    # flags (resync | hints << 1 | grammar << 2 | prompts << 3), temperature, top_k, top_p, seed,
+    # flags (resync | hints << 1 | grammar << 2 | prompts << 3 | coupled << 4), temperature, top_k, top_p, seed,
     # the contract (tokenizer hash, vocabulary size, special tokens' hash, chat template's hash),
     # token count; then the draft's name and the tokens; with a grammar, GRAMMAR and its text
     # (UTF-8); with prompts, their count (u8) and each span's start and end (u32 each)
@@ -356,7 +358,8 @@ def _encode_open(m: Open) -> bytes:
     p, c = m.params, m.contract
     if not all(len(h) == 8 for h in (c.tokenizer, c.special_tokens, c.chat_template)):
         raise WireError("contract hashes must be 8 bytes")
-    flags = int(m.resync) | int(m.hints) << 1 | int(bool(m.grammar_hash)) << 2 | int(m.prompts is not None) << 3
+    flags = (int(m.resync) | int(m.hints) << 1 | int(bool(m.grammar_hash)) << 2 | int(m.prompts is not None) << 3
+             | int(p.coupled) << 4)
     body = (Open.BODY.pack(flags, p.temperature, p.top_k, p.top_p, p.seed,
                            c.tokenizer, c.vocab_size, c.special_tokens, c.chat_template, len(m.tokens))
             + _name(m.draft, "draft name") + _tokens(m.tokens, MAX_CONTEXT, "open"))
@@ -391,10 +394,10 @@ def _check_prompts(spans: list[tuple[int, int]], n: int) -> None:
 def _decode_open(session: int, seq: int, r: _Reader) -> Open:
     flags, temperature, top_k, top_p, seed, tok, vocab, specials, template, n = r.take(Open.BODY)
     try:
-        params = SamplingParams(float(temperature), int(top_k), float(top_p), int(seed))
+        params = SamplingParams(float(temperature), int(top_k), float(top_p), int(seed), bool(flags & 16))
     except ValueError as exc:
         raise WireError(f"open: {exc}") from exc
-    if flags > 15:
+    if flags > 31:
         raise WireError("open: unknown flags")
     _bounded(n, MAX_CONTEXT, "open")
     draft = r.name("open: draft name")
