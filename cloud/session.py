@@ -27,8 +27,8 @@ from specedge.cloud.engine import call_start, prompt_calls
 from specedge.protocol.contract import Contract
 from specedge.model import grown_capacity
 from specedge.protocol.wire import TextHasher, prompt_spans_fit
-from specedge.speculative import (SamplingParams, SparseDist, coupled_choice, greedy_verify, speculative_verify,
-                                  target_distribution)
+from specedge.speculative import (SamplingParams, SparseDist, TokenLogprob, coupled_choice, greedy_verify,
+                                  speculative_verify, target_distribution, token_logprobs)
 
 
 HEADROOM = 128  # positions a new reference cache holds beyond the committed text: a few rounds' drafts
@@ -320,6 +320,16 @@ class TargetSession:
                 raise RuntimeError("a verdict under the grammar broke the grammar")  # cannot happen: rows are masked
         return accepted, token
 
+    def logprobs_of(self, draft: list[int], accepted: int, token: int, logits: torch.Tensor) -> list | None:
+        """The target's own log-softmax (no temperature, no grammar mask) at each answered position,
+        row j the token after the text and draft[:j], where the session asked (params.logprobs)."""
+        top = self.params.logprobs
+        if top is None:
+            return None
+        answered = draft[:accepted] + [token]
+        rows = logits[: len(answered)].float().numpy()
+        return [token_logprobs(row, t, top) for row, t in zip(rows, answered)]
+
     def _before_stop(self, tokens: list[int]) -> list[int]:
         """`tokens` before the first stop token: the answer ends there (the grammar allowed the stop
         token, or the row's mask rejected it), and the device commits nothing after it."""
@@ -404,6 +414,7 @@ class Item:
     done: bool = False  # verified; False after a pass that fed only a chunk of the committed text
     error: Exception | None = None  # why this round got no verdict from a pass that ran
     fed: int = 0  # positions its last pass ran for it
+    logprobs: list[TokenLogprob] | None = None  # the answered tokens', where the session asked
 
     @classmethod
     def step(cls, session: TargetSession) -> "Item":
@@ -437,6 +448,7 @@ def verify_batch(model, items: list[Item], exit_head=None, chunk: int = 0) -> in
         if item.done:
             try:
                 item.accepted, item.next_token = item.session.finish(item.draft, item.q, rows)
+                item.logprobs = item.session.logprobs_of(item.draft, item.accepted, item.next_token, rows)
             except Exception as exc:  # this round's alone: the others keep their verdicts
                 cache.truncate(min(cache.length, length))
                 item.done, item.error = False, exc

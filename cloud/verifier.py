@@ -775,7 +775,7 @@ class Verifier:
                 session.last_seq = msg.seq
                 session.last_reply = self.reply(p.out, wire.Verdict(
                     msg.session, msg.seq, msg.committed, item.accepted, item.next_token, int(compute_s * 1e6),
-                    msg.text_hash))  # checked against the session's text when the draft came in
+                    msg.text_hash, item.logprobs))  # text_hash: checked when the draft came in
             else:  # a cloud-ar step: stream the token, queue the next step
                 session.generating -= 1
                 done = item.next_token in session.target.tokenizer.stop_ids or session.generating <= 0
@@ -783,7 +783,8 @@ class Verifier:
                 ask = not done and (msg.max_new_tokens - session.generating) % STREAM_CHECK == 0
                 unheard = (lambda k=p.key, seq=msg.seq: self.inbox.put((UNHEARD, (k, seq), time.monotonic()))
                            ) if ask else None
-                self.reply(p.out, wire.Tokens(msg.session, msg.seq, start, [item.next_token], done), unheard)
+                self.reply(p.out, wire.Tokens(msg.session, msg.seq, start, [item.next_token], done, item.logprobs),
+                           unheard)
                 if not done:
                     self.pending[p.key] = Pending(p.key, Item.step(session), msg, p.out, time.monotonic())
 

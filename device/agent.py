@@ -46,7 +46,7 @@ from specedge.device.scheduler import SPECULATE, STREAM, Objective, Scheduler, S
 from specedge.metrics import SpecStats
 from specedge.mqtt import Link, publish_packet_bytes
 from specedge.protocol import topics
-from specedge.speculative import SamplingParams
+from specedge.speculative import SamplingParams, TokenLogprob
 
 log = logging.getLogger("specedge.device")
 
@@ -91,6 +91,8 @@ class GenerationResult:
     stats: SpecStats
     stopped: bool  # ended on a stop token rather than the length limit
     unverified: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of tokens the target never saw
+    # Where params.logprobs asked: the target's log-softmax at each token (None: a token it never saw).
+    logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -250,21 +252,24 @@ class Agent:
 
     # -- one request -------------------------------------------------------------------------
     def generate(self, prompt: list[int], params: SamplingParams, max_new_tokens: int, policy: Policy,
-                 on_tokens=None, grammar: str | None = None) -> GenerationResult:
+                 on_tokens=None, grammar: str | None = None, on_logprobs=None) -> GenerationResult:
         """Generate after `prompt`; `on_tokens(tokens, verified)` sees committed tokens as they land
-        (verified False: the draft's alone, under the `draft` fault policy). `grammar`: llguidance
-        grammar text (specedge/grammar.py) the output must follow; a GrammarError if it does not
-        compile."""
+        (verified False: the draft's alone, under the `draft` fault policy), `on_logprobs(logprobs)`
+        their logprobs just before (where params.logprobs asks). `grammar`: llguidance grammar text
+        (specedge/grammar.py) the output must follow; a GrammarError if it does not compile."""
         with self._busy:
-            self.current = _Request(self, prompt, params, max_new_tokens, policy, on_tokens, grammar)
+            self.current = _Request(self, prompt, params, max_new_tokens, policy, on_tokens, grammar, on_logprobs)
             return self.current.run()
 
 
 class _Request:
-    def __init__(self, agent: Agent, prompt, params, max_new_tokens, policy, on_tokens, grammar=None):
+    def __init__(self, agent: Agent, prompt, params, max_new_tokens, policy, on_tokens, grammar=None,
+                 on_logprobs=None):
         self.agent, self.params, self.policy = agent, params, policy
         self.link = agent.link
         self.max_new, self.on_tokens = max_new_tokens, on_tokens or (lambda tokens, verified: None)
+        self.on_logprobs = on_logprobs or (lambda logprobs: None)
+        self.logprobs: list[TokenLogprob | None] = []  # the generated tokens', where params.logprobs asks
         self.stats = SpecStats(policy=policy.name)
         # The session's round state, no I/O (device/rounds.py): seq, OPEN, replica, version, text
         # hash. The next turn of a conversation goes on in the last request's session (EXTEND).
@@ -370,7 +375,8 @@ class _Request:
             self.stats.target_version = self.target_version
             agent.last_target_version = self.target_version or agent.last_target_version
             self.stats.replica = self.replica or ""
-        return GenerationResult(self.committed[self.prompt_len:], self.stats, self.stopped, self.unverified)
+        return GenerationResult(self.committed[self.prompt_len:], self.stats, self.stopped, self.unverified,
+                                None if self.params.logprobs is None else self.logprobs)
 
     def begin(self) -> None:
         """OPEN the session; or, for a conversation's next turn, send the replica that kept it
@@ -397,9 +403,10 @@ class _Request:
         else:
             self.send(wire.Close(self.session, self.rounds.next_round()))
 
-    def emit(self, tokens: list[int], verified: bool = True, forced: bool = False) -> None:
-        """Commit tokens (the verifier's, the draft's alone, or the grammar's `forced` ones), cut at a
-        stop token or the length limit."""
+    def emit(self, tokens: list[int], verified: bool = True, forced: bool = False,
+             logprobs: list[TokenLogprob] | None = None) -> None:
+        """Commit tokens (the verifier's with their `logprobs`, the draft's alone, or the grammar's
+        `forced` ones), cut at a stop token or the length limit."""
         out = []
         for token in tokens[: self.max_new - self.generated]:
             if token in self.stop_ids:
@@ -421,6 +428,10 @@ class _Request:
         if out and not verified:
             self.unverified.append((self.generated - len(out), self.generated))
             self.stats.unverified_tokens += len(out)
+        if out and self.params.logprobs is not None:
+            said = (list(logprobs or []) + [None] * len(out))[: len(out)]
+            self.logprobs += said
+            self.on_logprobs(said)
         if out:
             self.on_tokens(out, verified)
 
@@ -433,7 +444,9 @@ class _Request:
         mass), with no round trip; the next DRAFT tells the verifier, which checks them. Returns
         how many tokens it committed."""
         before = len(self.committed)
-        while self.constraint is not None and not self.done:
+        # With logprobs asked, a forced token is drafted and verified as any: the target's row at
+        # its position is then computed, and its logprob with it.
+        while self.constraint is not None and self.params.logprobs is None and not self.done:
             token = self.constraint.forced()
             if token is None:
                 break
@@ -592,7 +605,7 @@ class _Request:
             modelled = draft and drafted.source == "model" and t1 > t0  # a lookup burns no drafting power
             scheduler.observe_power((e1 - e0) / (t1 - t0) if modelled else None,
                                     None if ahead and ahead.seconds else (meter.energy_j() - e1) / (t2 - t1))
-            self.emit(draft[: verdict.accepted] + [verdict.next_token])
+            self.emit(draft[: verdict.accepted] + [verdict.next_token], logprobs=verdict.logprobs)
             carried = None
             if ahead is None:
                 if uses_model:
@@ -705,6 +718,7 @@ class _Request:
             # and after a gap (a lost message) we ask again from what we hold.
             have = len(self.committed)
             fresh = msg.tokens[have - msg.start:] if msg.start <= have else []
+            fresh_logprobs = msg.logprobs[have - msg.start:] if msg.logprobs and msg.start <= have else None
             self.stalled = 0 if fresh else self.stalled + 1
             if self.stalled >= MAX_STALLED:
                 raise VerifierUnavailable(f"the verifier's stream added no token in {self.stalled} answers in a "
@@ -719,7 +733,7 @@ class _Request:
                 last = (now, link.bytes_sent, link.bytes_received)
             self.stats.target_passes += len(fresh)
             before = self.generated
-            self.emit(fresh)
+            self.emit(fresh, logprobs=fresh_logprobs)
             # What the stream added to the answer: not its stop token, nor tokens past max_tokens
             # (counting those put the held-out long prompts' streamed share at 1.011).
             self.stats.streamed_tokens += self.generated - before

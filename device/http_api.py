@@ -23,6 +23,7 @@ checked like any app's, and its Content-Security-Policy lets it load and call th
 """
 from __future__ import annotations
 
+import codecs
 import hmac
 import ipaddress
 import json
@@ -33,6 +34,7 @@ import threading
 import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import replace
 from pathlib import Path
 
 from specedge import grammar
@@ -40,7 +42,7 @@ from specedge.config import ConfigError
 from specedge.device.service import DeviceService, Job, Outcome, Rejected
 from specedge.exporter import CONTENT_TYPE, render
 from specedge.resources import resource
-from specedge.speculative import SamplingParams
+from specedge.speculative import MAX_TOP_LOGPROBS, SamplingParams
 
 log = logging.getLogger("specedge.http")
 
@@ -50,7 +52,8 @@ MAX_STOP_CHARS = 256  # each: the device holds back text while it could still be
 MAX_DEPTH = 32  # JSON nesting; OpenAI's request shapes need a handful of levels
 DEFAULT_POSITIONS = 32768  # for an engine that does not say how many positions it holds
 CLIENT_POLL_S = 0.25  # how often a non-streamed request looks whether its app is still there
-UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "presence_penalty": (None, 0, 0.0),
+MAX_COMPLETION_LOGPROBS = 5  # the legacy completions API's bound (chat's top_logprobs: MAX_TOP_LOGPROBS)
+UNSUPPORTED = {"presence_penalty": (None, 0, 0.0),
                "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "best_of": (None, 1),
                "echo": (None, False), "suffix": (None, "")}
 # The chat page (specedge/data/web): path -> (file, Content-Type). No build step, no framework.
@@ -251,10 +254,65 @@ def parse_request(body, chat: bool, service: DeviceService) -> dict:
                                    _number(body, "top_k", 0, 1 << 20, gen.top_k, integer=True),
                                    _number(body, "top_p", 1e-9, 1, gen.top_p),
                                    _number(body, "seed", -(1 << 63), (1 << 64) - 1, gen.seed_or_none, integer=True))
+    params = replace(params, logprobs=logprobs_asked(body, chat))
     return {"prompt": prompt, "params": params, "max_tokens": max_tokens, "stop": tuple(stop or ()),
             "grammar": grammar_text, "tools": tools, "stream": stream,
             "include_usage": bool(options.get("include_usage")),
             "model": body.get("model") if isinstance(body.get("model"), str) else MODEL_ID}
+
+
+def logprobs_asked(body: dict, chat: bool) -> int | None:
+    """How many top logprobs a request asks for with each token's own (0: its own only); None: no
+    logprobs. Chat: `logprobs` true and `top_logprobs` 0..20; completions: `logprobs` 0..5."""
+    if not chat:
+        return _number(body, "logprobs", 0, MAX_COMPLETION_LOGPROBS, None, integer=True)
+    asked = body.get("logprobs")
+    if asked is not None and not isinstance(asked, bool):
+        raise ApiError(400, "logprobs must be true or false", "logprobs")
+    top = _number(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None, integer=True)
+    if top is not None and not asked:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if asked else None
+
+
+def token_text(raw: bytes) -> str:
+    """A token's text as OpenAI writes it: its characters, or "bytes:\\xNN..." for a token that
+    is only part of a character (so distinct tokens keep distinct names)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _token_entry(tok, token: int, logprob: float | None) -> dict:
+    raw = tok.token_bytes(token)
+    return {"token": token_text(raw), "logprob": logprob, "bytes": list(raw)}
+
+
+def chat_logprobs(tok, logprobs: list | None) -> dict | None:
+    """OpenAI's chat `logprobs`: {"content": [token, logprob, bytes, top_logprobs]} of (token,
+    TokenLogprob) pairs; a token the target never saw (the `draft` fault policy) has logprob null."""
+    if logprobs is None:
+        return None
+    return {"content": [{**_token_entry(tok, t, lp.logprob if lp else None),
+                         "top_logprobs": [_token_entry(tok, i, v) for i, v in (lp.top if lp else ())]}
+                        for t, lp in logprobs]}
+
+
+def completion_logprobs(tok, logprobs: list | None, offset: int = 0) -> dict | None:
+    """The legacy completions `logprobs`: tokens, token_logprobs, top_logprobs, text_offset."""
+    if logprobs is None:
+        return None
+    raws = [tok.token_bytes(t) for t, _ in logprobs]
+    decoder, offsets = codecs.getincrementaldecoder("utf-8")(errors="replace"), []
+    for raw in raws:  # where each token's text starts in the answer's characters
+        offsets.append(offset)
+        offset += len(decoder.decode(raw))
+    return {"tokens": [token_text(raw) for raw in raws],
+            "token_logprobs": [lp.logprob if lp else None for _, lp in logprobs],
+            "top_logprobs": [{token_text(tok.token_bytes(i)): v for i, v in lp.top} if lp else None
+                             for _, lp in logprobs],
+            "text_offset": offsets}
 
 
 def nesting(value) -> int:
@@ -383,15 +441,17 @@ def openai_calls(text: str) -> list[dict] | None:
             for c in calls]
 
 
-def answer_choice(outcome: Outcome, request: dict, chat: bool) -> dict:
+def answer_choice(outcome: Outcome, request: dict, chat: bool, tok) -> dict:
     """The one choice of a non-streamed answer: text, a chat message, or a chat message of tool calls."""
     if not chat:
-        return {"index": 0, "text": outcome.text, "logprobs": None, "finish_reason": outcome.finish_reason}
+        return {"index": 0, "text": outcome.text, "logprobs": completion_logprobs(tok, outcome.logprobs),
+                "finish_reason": outcome.finish_reason}
+    logprobs = chat_logprobs(tok, outcome.logprobs)
     calls = openai_calls(outcome.text) if request["tools"] else None
     if calls:
         return {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": calls},
-                "finish_reason": "tool_calls"}
-    return {"index": 0, "message": {"role": "assistant", "content": outcome.text},
+                "logprobs": logprobs, "finish_reason": "tool_calls"}
+    return {"index": 0, "message": {"role": "assistant", "content": outcome.text}, "logprobs": logprobs,
             "finish_reason": outcome.finish_reason}
 
 
@@ -543,7 +603,7 @@ class Handler(BaseHTTPRequestHandler):
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.send_json(200, {"id": ident, "object": "chat.completion" if chat else "text_completion",
                              "created": int(time.time()), "model": request["model"],
-                             "choices": [answer_choice(outcome, request, chat)],
+                             "choices": [answer_choice(outcome, request, chat, self.server.service.tokenizer)],
                              "usage": usage(outcome), "specedge": spec_summary(outcome)})
 
     def stream(self, job: Job, request: dict, chat: bool) -> None:
@@ -552,13 +612,21 @@ class Handler(BaseHTTPRequestHandler):
         base = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": created, "model": request["model"]}
 
+        tok, said = self.server.service.tokenizer, [0]  # said: characters sent (completions' text_offset)
+        logprobs: list = []  # (token, TokenLogprob) of the tokens the next text came from
+
         def chunk(text: str | None, finish: str | None, first: bool = False, delta: dict | None = None) -> dict:
             if chat:
                 if delta is None:
                     delta = {"role": "assistant", "content": ""} if first else ({"content": text} if text else {})
                 choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                if logprobs:
+                    choice["logprobs"] = chat_logprobs(tok, logprobs)
             else:
-                choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+                choice = {"index": 0, "text": text or "", "finish_reason": finish,
+                          "logprobs": completion_logprobs(tok, logprobs, said[0]) if logprobs else None}
+                said[0] += len(text or "")
+            logprobs.clear()
             return {**base, "choices": [choice]}
 
         self.send_response(200)
@@ -572,6 +640,9 @@ class Handler(BaseHTTPRequestHandler):
             if chat:
                 self.event(chunk(None, None, first=True))
             for kind, value in job.events():
+                if kind == "logprobs":  # they go with the text they made, in its chunk
+                    logprobs += value
+                    continue
                 if kind in ("text", "unverified") and request["tools"]:  # it may be calls: said whole at the end
                     held_unverified |= kind == "unverified"
                     continue

@@ -21,7 +21,8 @@ import threading
 from dataclasses import replace
 
 from specedge.config import DeviceConfig
-from specedge.device.http_api import ApiError, json_body, outcome_error, parse_request, spec_summary, submit, usage
+from specedge.device.http_api import (ApiError, chat_logprobs, json_body, outcome_error, parse_request, spec_summary,
+                                      submit, usage)
 from specedge.device.service import DeviceService
 from specedge.mqtt import Link, ReplyTo
 from specedge.protocol import topics
@@ -100,6 +101,8 @@ class LocalMqttApi:
             self.answer(reply_to, body, request_id, {"done": True, "status": err.status, **err.body()})
             return
         for kind, value in job.events():
+            if kind == "logprobs":  # all of them come with the answer (Outcome.logprobs)
+                continue
             if kind in ("text", "unverified"):
                 if request["stream"]:
                     delta = {"delta": value, **({"unverified": True} if kind == "unverified" else {})}
@@ -109,8 +112,9 @@ class LocalMqttApi:
                 err = outcome_error(value)
                 self.answer(reply_to, body, request_id, {"done": True, "status": err.status, **err.body()})
             else:
+                logprobs = {"logprobs": chat_logprobs(self.service.tokenizer, value.logprobs)} if value.logprobs else {}
                 self.answer(reply_to, body, request_id, {"done": True, "text": value.text,
-                                                         "finish_reason": value.finish_reason,
+                                                         "finish_reason": value.finish_reason, **logprobs,
                                                          "usage": usage(value), "specedge": spec_summary(value)})
 
     def destination(self, reply_to: ReplyTo, body, request_id) -> tuple[str, str | None]:

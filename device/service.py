@@ -23,7 +23,7 @@ from specedge.exporter import DeviceMetrics
 from specedge.grammar import TOOL_OPEN, Compiled
 from specedge.metrics import SpecStats
 from specedge.mqtt import Link
-from specedge.speculative import SamplingParams
+from specedge.speculative import SamplingParams, TokenLogprob
 from specedge.tokenizer import StreamDecoder
 
 log = logging.getLogger("specedge.device")
@@ -108,6 +108,9 @@ class Outcome:
     stats: SpecStats | None = None
     error: str = ""
     error_kind: str = ""  # verifier_unavailable | refused | internal
+    # Where params.logprobs asked: (token, the target's logprob there, None if it never saw it) of
+    # every token the answer's text came from.
+    logprobs: list[tuple[int, TokenLogprob | None]] | None = None
 
 
 class Job:
@@ -129,14 +132,26 @@ class Job:
         # Text decoded from tokens the target never saw (the `draft` fault policy) and not passed
         # on yet: the text that carries it is marked unverified, however the decoder splits it.
         self._unverified_held = False
+        # Where params.logprobs asks: (token, logprob) of the answer so far; the next tokens' logprobs
+        # (on_logprobs comes just before on_tokens); how many were passed on in events.
+        self.logprobs: list[tuple[int, TokenLogprob | None]] = []
+        self._next_logprobs: list[TokenLogprob | None] = []
+        self._logprobs_said = 0
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def on_logprobs(self, logprobs: list[TokenLogprob | None]) -> None:
+        """The agent's callback with the logprobs of the tokens its next on_tokens brings."""
+        self._next_logprobs = list(logprobs)
 
     def on_tokens(self, tokens: list[int], verified: bool) -> None:
         """The agent's callback, on the worker thread: decode, cut at a stop string, pass text on."""
         if self.cancelled.is_set():
             raise _Cancelled
+        if self.params.logprobs is not None:
+            self.logprobs += zip(tokens, self._next_logprobs + [None] * (len(tokens) - len(self._next_logprobs)))
+            self._next_logprobs = []
         self._unverified_held |= not verified
         text, stopped = self._scan.push(self._decoder.push(tokens))
         self._pass_on(text)
@@ -144,8 +159,15 @@ class Job:
             self._stop_hit = True
             raise _StopStringHit
 
+    def _say_logprobs(self) -> None:
+        """An event with the logprobs of the tokens not yet said: just before the text they made."""
+        if self._logprobs_said < len(self.logprobs):
+            self._events.put(("logprobs", self.logprobs[self._logprobs_said:]))
+            self._logprobs_said = len(self.logprobs)
+
     def _pass_on(self, text: str) -> None:
         if text:
+            self._say_logprobs()
             self._text.append(text)
             self._events.put(("unverified" if self._unverified_held else "text", text))
             # Cleared once nothing is held back: the decoder passes on all it holds whenever it passes
@@ -158,13 +180,17 @@ class Job:
             self._pass_on(self._scan.held)
         self._scan.held = ""
         outcome.text = "".join(self._text)
+        if self.params.logprobs is not None:
+            self._say_logprobs()
+            outcome.logprobs = self.logprobs
         self.outcome = outcome
         self._events.put(("end", outcome))
         self.done.set()
 
     def events(self, timeout: float | None = None):
         """("text", str) increments, ("unverified", str) where they hold text of tokens the target never
-        saw (the `draft` fault policy), then ("end", Outcome)."""
+        saw (the `draft` fault policy), ("logprobs", [(token, TokenLogprob | None)]) before the text
+        those tokens made (where params.logprobs asks), then ("end", Outcome)."""
         while True:
             kind, value = self._events.get(timeout=timeout)
             yield kind, value
@@ -324,7 +350,7 @@ class DeviceService:
             return
         try:
             result = self.agent.generate(job.prompt, job.params, job.max_new_tokens, self.policy,
-                                         on_tokens=job.on_tokens, grammar=job.grammar)
+                                         on_tokens=job.on_tokens, grammar=job.grammar, on_logprobs=job.on_logprobs)
             outcome.finish_reason = "stop" if result.stopped else "length"
         except _StopStringHit:
             outcome.finish_reason = "stop"

@@ -29,6 +29,7 @@ import numpy as np
 
 Q_BITS = 16
 Q_ONE = 1 << Q_BITS  # total fixed-point mass of a sparse draft distribution
+MAX_TOP_LOGPROBS = 20  # as OpenAI's top_logprobs
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class SamplingParams:
     seed: int = 0
     # Sampled with the noise of (seed, position) (the module notes): reproducible. A request's `seed`.
     coupled: bool = False
+    # Report the target's log-softmax at every answered position: its token's, and the `logprobs`
+    # most likely tokens' (0..MAX_TOP_LOGPROBS); None: none (nothing extra crosses the wire).
+    logprobs: int | None = None
 
     def __post_init__(self):
         if not (self.temperature >= 0 and np.isfinite(self.temperature)):
@@ -47,6 +51,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be 0..{MAX_TOP_LOGPROBS} most likely tokens, got {self.logprobs}")
 
     @property
     def greedy(self) -> bool:
@@ -85,6 +91,33 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits.astype(np.float64) - np.max(logits, axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """The model's own log-probabilities of a row of logits, as float32 (what the API reports):
+    no temperature, top_k, top_p or grammar applied."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max()
+    return (z - np.log(np.exp(z).sum())).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The target's log-softmax at one answered position: its token's, and the most likely
+    (id, logprob) pairs, most likely first (ties: the lower id)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def token_logprobs(logits: np.ndarray, token: int, top: int) -> TokenLogprob:
+    lp = log_softmax(logits)
+    ids: np.ndarray | tuple = ()
+    if top:
+        top = min(top, lp.shape[0])
+        near = np.flatnonzero(lp >= np.partition(lp, lp.shape[0] - top)[lp.shape[0] - top])  # ties kept
+        ids = near[np.lexsort((near, -lp[near]))][:top]
+    return TokenLogprob(float(lp[token]), tuple((int(i), float(lp[i])) for i in ids))
 
 
 def truncate(probs: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:

@@ -41,7 +41,7 @@ def chat(node, **body):
     ({"n": 2}, "n"), ({"temperature": 5}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"), ({"stream": "yes"}, "stream"),
-    ({"logprobs": True}, "logprobs"), ({"max_tokens": 2.5}, "max_tokens")])
+    ({"top_logprobs": 2}, "top_logprobs"), ({"max_tokens": 2.5}, "max_tokens")])
 def test_bad_parameters_get_400_naming_the_parameter(node, body, param):
     status, raw = chat(node, **body)
     error = json.loads(raw)["error"]

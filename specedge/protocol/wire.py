@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
 
 from specedge.grammar import MAX_GRAMMAR, grammar_hash
 from specedge.protocol.contract import Contract
-from specedge.speculative import Q_ONE, SamplingParams, SparseDist
+from specedge.speculative import MAX_TOP_LOGPROBS, Q_ONE, SamplingParams, SparseDist, TokenLogprob
 
 PROTOCOL_VERSION = 11  # 3: OPEN states the draft and its contract, OPENED names replica and version;
 # 4: OPENED says whether that version passed its bitwise self-test on the verifier's machine;
@@ -31,7 +31,10 @@ PROTOCOL_VERSION = 11  # 3: OPEN states the draft and its contract, OPENED names
 # 10: OPEN may state which spans of its text came as prompts (a resync of generated tokens, a
 #    conversation's turns): the verifier processes them as the target's own generation did
 # 11: OPEN may ask for coupled sampling (a request's seed: each position sampled with noise of
-#    (seed, position) alone, reproducible; its drafts carry no q)
+#    (seed, position) alone, reproducible; its drafts carry no q) and for the target's logprobs,
+#    which its VERDICTs and TOKENS then carry
+LOGPROB = struct.Struct("<fB")  # an answered token's logprob, how many top (id, logprob) follow
+TOP_LOGPROB = struct.Struct("<If")
 MAX_PAYLOAD = 256 * 1024  # bytes; OPEN with MAX_CONTEXT tokens fits
 MAX_PACKET = MAX_PAYLOAD + 4096  # an MQTT packet carrying it: framing and topic besides
 MAX_CONTEXT = 32768  # tokens in OPEN
@@ -229,6 +232,8 @@ class Verdict:
     next_token: int
     verify_us: int = 0  # target compute time for this round (sent in 100 µs units, up to 6.5 s)
     text_hash: bytes = NO_HASH  # the hash of the text it extends: the DRAFT's, checked by the verifier
+    # Where the session asked (SamplingParams.logprobs): one per answered token, accepted + 1.
+    logprobs: list[TokenLogprob] | None = None
     TYPE = 16
     BODY = struct.Struct("<I8sBIH")  # committed, text_hash, accepted, next_token, verify time (100 µs units)
 
@@ -258,6 +263,7 @@ class Tokens:
     start: int
     tokens: list[int]
     done: bool = False
+    logprobs: list[TokenLogprob] | None = None  # where the session asked: one per token
     TYPE = 17
     BODY = struct.Struct("<IBH")  # start, done, token count; then the tokens
 
@@ -359,7 +365,7 @@ def _encode_open(m: Open) -> bytes:
     if not all(len(h) == 8 for h in (c.tokenizer, c.special_tokens, c.chat_template)):
         raise WireError("contract hashes must be 8 bytes")
     flags = (int(m.resync) | int(m.hints) << 1 | int(bool(m.grammar_hash)) << 2 | int(m.prompts is not None) << 3
-             | int(p.coupled) << 4)
+             | int(p.coupled) << 4 | int(p.logprobs is not None) << 5)
     body = (Open.BODY.pack(flags, p.temperature, p.top_k, p.top_p, p.seed,
                            c.tokenizer, c.vocab_size, c.special_tokens, c.chat_template, len(m.tokens))
             + _name(m.draft, "draft name") + _tokens(m.tokens, MAX_CONTEXT, "open"))
@@ -378,6 +384,8 @@ def _encode_open(m: Open) -> bytes:
         _check_prompts(m.prompts, len(m.tokens))
         body += bytes([_bounded(len(m.prompts), MAX_PROMPTS, "open: prompt spans")])
         body += b"".join(Open.SPAN.pack(a, b) for a, b in m.prompts)
+    if p.logprobs is not None:
+        body += bytes([p.logprobs])
     return body
 
 
@@ -397,7 +405,7 @@ def _decode_open(session: int, seq: int, r: _Reader) -> Open:
         params = SamplingParams(float(temperature), int(top_k), float(top_p), int(seed), bool(flags & 16))
     except ValueError as exc:
         raise WireError(f"open: {exc}") from exc
-    if flags > 31:
+    if flags > 63:
         raise WireError("open: unknown flags")
     _bounded(n, MAX_CONTEXT, "open")
     draft = r.name("open: draft name")
@@ -422,6 +430,11 @@ def _decode_open(session: int, seq: int, r: _Reader) -> Open:
         count = int(r.array("u1", 1)[0])
         msg.prompts = [r.take(Open.SPAN) for _ in range(count)]
         _check_prompts(msg.prompts, n)
+    if flags & 32:
+        top = int(r.array("u1", 1)[0])
+        if top > MAX_TOP_LOGPROBS:
+            raise WireError(f"open: {top} top logprobs exceed {MAX_TOP_LOGPROBS}")
+        msg.params = replace(msg.params, logprobs=top)
     return msg
 
 
@@ -501,15 +514,44 @@ def _decode_extend(session: int, seq: int, r: _Reader) -> Extend:
     return Extend(session, seq, committed, tokens, digest)
 
 
+def _encode_logprobs(logprobs: list[TokenLogprob] | None, n: int, what: str) -> bytes:
+    """One (logprob f32, top count u8, then (id u32, logprob f32) x count) per answered token; the
+    section is there only where the session asked (the message's remaining bytes say)."""
+    if logprobs is None:
+        return b""
+    if len(logprobs) != n:
+        raise WireError(f"{what}: {len(logprobs)} logprobs for {n} tokens")
+    out = bytearray()
+    for lp in logprobs:
+        out += LOGPROB.pack(lp.logprob, _bounded(len(lp.top), MAX_TOP_LOGPROBS, f"{what}: top logprobs"))
+        out += b"".join(TOP_LOGPROB.pack(i, v) for i, v in lp.top)
+    return bytes(out)
+
+
+def _decode_logprobs(r: _Reader, n: int, what: str) -> list[TokenLogprob] | None:
+    if r.pos == len(r.data):
+        return None
+    out = []
+    for _ in range(n):
+        logprob, count = r.take(LOGPROB)
+        top = tuple(r.take(TOP_LOGPROB) for _ in range(_bounded(count, MAX_TOP_LOGPROBS, f"{what}: top logprobs")))
+        if any(i > MAX_TOKEN_ID for i, _ in top):
+            raise WireError(f"{what}: token id out of range")
+        out.append(TokenLogprob(logprob, top))
+    return out
+
+
 def _encode_verdict(m: Verdict) -> bytes:
-    return Verdict.BODY.pack(m.committed, _hash(m), m.accepted, m.next_token, min(m.verify_us // 100, 0xFFFF))
+    return (Verdict.BODY.pack(m.committed, _hash(m), m.accepted, m.next_token, min(m.verify_us // 100, 0xFFFF))
+            + _encode_logprobs(m.logprobs, m.accepted + 1, "verdict"))
 
 
 def _decode_verdict(session: int, seq: int, r: _Reader) -> Verdict:
     committed, digest, accepted, next_token, verify = r.take(Verdict.BODY)
     if next_token > MAX_TOKEN_ID:
         raise WireError("verdict: token id out of range")
-    return Verdict(session, seq, committed, accepted, next_token, verify * 100, digest)
+    return Verdict(session, seq, committed, accepted, next_token, verify * 100, digest,
+                   _decode_logprobs(r, accepted + 1, "verdict"))
 
 
 def _encode_hint(m: Hint) -> bytes:
@@ -524,14 +566,16 @@ def _decode_hint(session: int, seq: int, r: _Reader) -> Hint:
 
 
 def _encode_tokens(m: Tokens) -> bytes:
-    return Tokens.BODY.pack(m.start, int(m.done), len(m.tokens)) + _tokens(m.tokens, MAX_STREAM, "tokens")
+    return (Tokens.BODY.pack(m.start, int(m.done), len(m.tokens)) + _tokens(m.tokens, MAX_STREAM, "tokens")
+            + _encode_logprobs(m.logprobs, len(m.tokens), "tokens"))
 
 
 def _decode_tokens(session: int, seq: int, r: _Reader) -> Tokens:
     start, done, n = r.take(Tokens.BODY)
     if done > 1:
         raise WireError("tokens: bad done flag")
-    return Tokens(session, seq, start, r.tokens(_bounded(n, MAX_STREAM, "tokens")), bool(done))
+    tokens = r.tokens(_bounded(n, MAX_STREAM, "tokens"))
+    return Tokens(session, seq, start, tokens, bool(done), _decode_logprobs(r, n, "tokens"))
 
 
 def _encode_error(m: Error) -> bytes:
