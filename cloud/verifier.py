@@ -39,8 +39,8 @@ log = logging.getLogger("specedge.cloud")
 
 RECENT = 10_000  # rounds (and passes) the latency and batch-size statistics describe
 # Devices name their drafts: each name becomes a key of the statistics and a Prometheus label
-# value. The first MAX_DRAFTS names keep statistics of their own, later ones are pooled as OTHER.
-MAX_DRAFTS = 64
+# value. The first MAX_DRAFT_NAMES names keep statistics of their own, later ones are pooled as OTHER.
+MAX_DRAFT_NAMES = 64
 OTHER = "(other)"
 # Well under the broker's packet limit (wire.MAX_PACKET): a larger message gets us disconnected.
 MAX_STATS_BYTES = 64 * 1024
@@ -109,7 +109,7 @@ class VerifierStats:
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=RECENT))
     pairs: dict = field(default_factory=dict)  # (draft, version) -> PairStats
     drafts: set = field(default_factory=set)  # the names with statistics of their own
-    max_drafts: int = MAX_DRAFTS
+    max_drafts: int = MAX_DRAFT_NAMES
 
     def pair(self, draft: str, version: str) -> PairStats:
         if draft not in self.drafts:

@@ -30,7 +30,7 @@ from specedge.device.service import DeviceService
 from specedge.metrics import percentile, spec_rates
 from specedge.mqtt import Link, ReplyTo
 from specedge.protocol import topics
-from specedge.protocol.desired import digest, is_live, json_object, merge, overlay_keys, parse_desired
+from specedge.protocol.desired import DesiredError, digest, is_live, json_object, merge, overlay_keys, parse_desired
 
 log = logging.getLogger("specedge.fleet")
 
@@ -362,7 +362,7 @@ class FleetMember:
                     continue
                 try:
                     overlay = merge(overlay, parse_desired(payload))
-                except ConfigError as exc:
+                except DesiredError as exc:
                     rejected[source] = str(exc)
             for key in remote_paths(overlay):
                 section, name = key.split(".")

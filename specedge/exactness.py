@@ -36,7 +36,9 @@ CANDIDATES = (16, 8, 4, 2)
 # On a GPU a product of 64 rows costs about what one of 8 does (memory-bound): fewer calls a pass.
 CUDA_CANDIDATES = (64, 32, 16, 8)
 LAST_RESORT = 1
-MAX_DRAFT = 8  # the device's default speculation.max_draft: blocks up to 9 rows are probed
+# The typical round a block is chosen for (round_cost_ms): a draft of 8, so passes of 1, 5, 9 and
+# 36 rows. Not the device's max_draft (64, where the scheduler stops well short).
+TYPICAL_DRAFT = 8
 # Sessions fed in lockstep, one forward_batch per step, each a list of consecutive span sizes
 # over the canary (the first its prompt, a cold prefill): every verify size 1..9, one-row steps,
 # and passes with cold and warm sessions together and more rows than a block.
@@ -181,7 +183,7 @@ def call_ms(model, block: int, repeats: int = 5) -> float:
 def round_cost_ms(model, block: int) -> float:
     """Product time of a cloud-ar step, a short and a full verify, and a four-session batch:
     every pass costs one call per started block."""
-    rows = (1, MAX_DRAFT // 2 + 1, MAX_DRAFT + 1, 4 * (MAX_DRAFT + 1))
+    rows = (1, TYPICAL_DRAFT // 2 + 1, TYPICAL_DRAFT + 1, 4 * (TYPICAL_DRAFT + 1))
     return sum(-(-n // block) for n in rows) * call_ms(model, block)
 
 

@@ -20,14 +20,13 @@ tokenization of bytes the grammar fixes.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 
 import numpy as np
 
+from specedge.protocol.wire import MAX_GRAMMAR, grammar_hash  # noqa: F401 (the wire's, used by name here)
+
 JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
-HASH_BYTES = 8
-MAX_GRAMMAR = 64 * 1024  # bytes of grammar text in an OPEN
 # Qwen's chat template wraps a tool call in these special tokens (the Hermes format); a tokenizer
 # without them gets bare JSON calls.
 TOOL_OPEN, TOOL_CLOSE = "<tool_call>", "</tool_call>"
@@ -43,10 +42,6 @@ def _llg():
     except ImportError as exc:  # a declared dependency; this names it if an install lacks it
         raise GrammarError("structured output needs llguidance (pip install llguidance)") from exc
     return llguidance
-
-
-def grammar_hash(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=HASH_BYTES, person=b"specedge-gram").digest()
 
 
 # -- what an OpenAI-style request asks for, as grammar text ---------------------------------------

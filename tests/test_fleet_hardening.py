@@ -191,7 +191,7 @@ def test_remote_draft_model_may_still_name_a_registry_model(device, operator, cl
 
 # -- B (issue 20, point 3): statistics under many draft names -----------------------------------
 def test_verifier_statistics_keep_a_bounded_number_of_draft_names_and_count_the_rest_as_other():
-    from specedge.cloud.verifier import MAX_DRAFTS, OTHER, VerifierStats
+    from specedge.cloud.verifier import MAX_DRAFT_NAMES, OTHER, VerifierStats
 
     stats = VerifierStats()
     for i in range(5000):
@@ -200,18 +200,18 @@ def test_verifier_statistics_keep_a_bounded_number_of_draft_names_and_count_the_
         pair.drafted += 4
         pair.accepted += 2
     drafts = {d for d, _ in stats.pairs}
-    assert len(drafts) == MAX_DRAFTS + 1 and OTHER in drafts
-    assert stats.pairs[(OTHER, "tiny")].rounds == 5000 - MAX_DRAFTS
+    assert len(drafts) == MAX_DRAFT_NAMES + 1 and OTHER in drafts
+    assert stats.pairs[(OTHER, "tiny")].rounds == 5000 - MAX_DRAFT_NAMES
     assert sum(p.rounds for p in stats.pairs.values()) == 5000  # nothing lost, only pooled
     assert stats.pair("draft-0", "other-version") is stats.pairs[("draft-0", "other-version")]  # a known name
 
 
 def test_the_stats_message_stays_under_its_size_limit_and_keeps_the_busiest_pairs():
-    from specedge.cloud.verifier import MAX_DRAFTS, MAX_STATS_BYTES, VerifierStats, stats_payload
+    from specedge.cloud.verifier import MAX_DRAFT_NAMES, MAX_STATS_BYTES, VerifierStats, stats_payload
 
     stats = VerifierStats()
     for version in range(40):  # every known draft against many target versions: still too big
-        for i in range(MAX_DRAFTS):
+        for i in range(MAX_DRAFT_NAMES):
             stats.pair(f"{i:02d}" + "x" * 62, f"version-{version}").rounds = 1 + i + version
     summary = {"replica": "v", **stats.summary()}
     assert len(json.dumps(summary)) > MAX_STATS_BYTES

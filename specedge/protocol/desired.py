@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 
-from specedge.config import ConfigError
-
 MAX_COMMAND = 64 * 1024  # bytes of a command or desired-config payload
 # What a desired config may change without a restart; everything else is reported as needing one.
 LIVE_SECTIONS = ("speculation", "generation", "faults")
 LIVE_KEYS = ("energy.mode", "energy.budget_j_per_token", "energy.min_tokens_per_s", "fleet.telemetry_interval_s")
+
+
+class DesiredError(ValueError):
+    """A desired-config payload that is not one: protocol/'s own, so it imports nothing above it."""
 
 
 def is_live(key: str) -> bool:
@@ -56,9 +58,9 @@ def parse_desired(payload: bytes) -> dict:
     try:
         data = json_object(payload, shape)
     except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+        raise DesiredError(str(exc)) from None
     if not all(isinstance(t, dict) for t in data.values()):
-        raise ConfigError(f"expected {shape}")
+        raise DesiredError(f"expected {shape}")
     return data
 
 

@@ -15,7 +15,6 @@ from typing import NamedTuple
 
 import numpy as np
 
-from specedge.grammar import MAX_GRAMMAR, grammar_hash
 from specedge.protocol.contract import Contract
 from specedge.speculative import MAX_TOP_LOGPROBS, Q_ONE, SamplingParams, SparseDist, TokenLogprob
 
@@ -56,6 +55,13 @@ MAX_SESSION = (1 << 32) - 1  # session ids are random per request, and sessions 
 HASH_BYTES = 8
 TEXT_AND_COUNT = struct.Struct("<I8sI")  # a position, a hash, a count: GENERATE's, EXTEND's, OPEN's grammar
 NO_HASH = bytes(HASH_BYTES)  # what a message built without one states: it matches no text
+MAX_GRAMMAR = 64 * 1024  # bytes of grammar text in an OPEN
+
+
+def grammar_hash(text: str) -> bytes:
+    """The name an OPEN gives a grammar (specedge/grammar.py), so a verifier that holds it compiled
+    takes it by name alone."""
+    return hashlib.blake2b(text.encode(), digest_size=HASH_BYTES, person=b"specedge-gram").digest()
 
 
 class TextHasher:
@@ -145,7 +151,7 @@ class Open:
     # token count; then the draft's name and the tokens; with a grammar, GRAMMAR and its text
     # (UTF-8); with prompts, their count (u8) and each span's start and end (u32 each)
     BODY = struct.Struct("<BfIfQ8sI8s8sI")
-    GRAMMAR = TEXT_AND_COUNT  # grammar_from, the grammar text's hash (grammar.grammar_hash), its length
+    GRAMMAR = TEXT_AND_COUNT  # grammar_from, the grammar text's hash (grammar_hash), its length
     SPAN = struct.Struct("<II")
 
 
