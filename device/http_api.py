@@ -424,9 +424,10 @@ def spec_summary(outcome: Outcome) -> dict:
     if outcome.stats is None:
         return {}
     s = outcome.stats.summary()
-    keys = ("policy", "rounds", "streamed_share", "mode_switches", "acceptance_rate", "mean_accepted_len", "mean_draft_len", "tokens_per_s", "ttft_s",
-            "energy_j_per_token", "wire_bytes_per_token", "unverified_tokens", "exact", "lookup_rounds",
-            "lookup_acceptance", "cached_prompt_tokens", "forced_tokens")
+    keys = ("policy", "rounds", "streamed_share", "mode_switches", "acceptance_rate", "mean_accepted_len",
+            "mean_draft_len", "tokens_per_s", "ttft_s", "energy_j_per_token", "wire_bytes_per_token",
+            "unverified_tokens", "exact", "lookup_rounds", "lookup_acceptance", "cached_prompt_tokens",
+            "forced_tokens")
     return {**{k: s[k] for k in keys}, "target_version": outcome.stats.target_version}
 
 

@@ -196,3 +196,23 @@ def test_local_mqtt_api_streams_to_the_response_topic(node, mosquitto):
                 assert answer["status"] == 400 and "not JSON" in answer["error"]["message"]
         finally:
             link.stop()
+
+
+def test_local_mqtt_api_answers_with_the_targets_logprobs_when_asked(node, mosquitto):
+    got: queue.Queue = queue.Queue()
+    link = Link(build(DeviceConfig, {"mqtt": {"port": mosquitto.port}}).mqtt, "app-logprobs",
+                lambda topic, payload: got.put(json.loads(payload))).start()
+    try:
+        reply = "specedge/local/robot/response/app-logprobs"
+        link.subscribe(reply)
+        request = {"id": "lp", "prompt": "def f():", "max_tokens": 5, "logprobs": 2, "stream": True}
+        link.publish("specedge/local/robot/request", json.dumps(request).encode(), reply_to=ReplyTo(reply, b"c"))
+        messages = [got.get(timeout=30)]
+        while not messages[-1].get("done"):
+            messages.append(got.get(timeout=30))
+        last = messages[-1]
+        content = last["logprobs"]["content"]  # with the answer, in chat's shape
+        assert len(content) == last["usage"]["completion_tokens"] and all(len(e["top_logprobs"]) == 2 for e in content)
+        assert all(e["logprob"] <= 0 for e in content) and "logprobs" not in messages[0]
+    finally:
+        link.stop()
