@@ -150,7 +150,7 @@ class Job:
         if self.cancelled.is_set():
             raise _Cancelled
         if self.params.logprobs is not None:
-            self.logprobs += zip(tokens, self._next_logprobs + [None] * (len(tokens) - len(self._next_logprobs)))
+            self.logprobs += zip(tokens, self._next_logprobs, strict=True)  # the agent says one per token
             self._next_logprobs = []
         self._unverified_held |= not verified
         text, stopped = self._scan.push(self._decoder.push(tokens))

@@ -24,7 +24,7 @@ import json
 
 import numpy as np
 
-from specedge.protocol.wire import MAX_GRAMMAR, grammar_hash  # noqa: F401 (the wire's, used by name here)
+from specedge.protocol.wire import MAX_GRAMMAR, grammar_hash  # the wire's limit and name for a grammar
 
 JSON_STYLE = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 # Qwen's chat template wraps a tool call in these special tokens (the Hermes format); a tokenizer

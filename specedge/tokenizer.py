@@ -1,6 +1,7 @@
 """Tokenizer and chat template, built from GGUF metadata with HF `tokenizers`."""
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ GGUF_CONTROL, GGUF_USER_DEFINED = 3, 4
 class Tokenizer:
     def __init__(self, hf: HFTokenizer, eos_id: int, bos_id: int, chat_template: str):
         self.hf, self.eos_id, self.bos_id, self.chat_template = hf, eos_id, bos_id, chat_template
-        self._added: frozenset[int] | None = None  # special tokens' ids (token_bytes), read once
+        self._added = frozenset(hf.get_added_tokens_decoder())  # special tokens' ids (token_bytes)
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         # Chat models end a turn with <|im_end|> (eos) but may also emit <|endoftext|>.
         self.stop_ids = frozenset(i for i in (eos_id, bos_id, hf.token_to_id("<|endoftext|>"),
@@ -73,8 +74,6 @@ class Tokenizer:
         """The bytes one token stands for (OpenAI's logprobs `bytes`): byte-level BPE pieces mapped
         back through GPT-2's byte alphabet, a special token's text as it is."""
         piece = self.hf.id_to_token(token) or ""
-        if self._added is None:
-            self._added = frozenset(self.hf.get_added_tokens_decoder())
         if token in self._added:
             return piece.encode("utf-8")
         table = _unicode_to_byte()
@@ -115,17 +114,12 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+@functools.cache
 def _unicode_to_byte() -> dict[str, int]:
     """GPT-2's byte-level alphabet, reversed: the printable character that stands for each byte."""
-    global _BYTES
-    if _BYTES is None:
-        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-        shifted = [b for b in range(256) if b not in printable]
-        _BYTES = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
-    return _BYTES
-
-
-_BYTES: dict[str, int] | None = None
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(shifted)}
 
 
 class StreamDecoder:

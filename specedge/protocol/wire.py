@@ -437,10 +437,10 @@ def _decode_open(session: int, seq: int, r: _Reader) -> Open:
         msg.prompts = [r.take(Open.SPAN) for _ in range(count)]
         _check_prompts(msg.prompts, n)
     if flags & 32:
-        top = int(r.array("u1", 1)[0])
-        if top > MAX_TOP_LOGPROBS:
-            raise WireError(f"open: {top} top logprobs exceed {MAX_TOP_LOGPROBS}")
-        msg.params = replace(msg.params, logprobs=top)
+        try:
+            msg.params = replace(msg.params, logprobs=int(r.array("u1", 1)[0]))
+        except ValueError as exc:  # SamplingParams bounds the count
+            raise WireError(f"open: {exc}") from exc
     return msg
 
 
