@@ -39,34 +39,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from specedge.config import TARGET_ENGINES as ENGINES
 from specedge.speculative import SamplingParams, coupled_choice, target_distribution
-
-
-MODULES = {"llama.cpp": "llama_cpp", "vllm": "vllm"}  # the optional extras an engine needs
-
-
-def installed(engine: str) -> bool:
-    """Whether `engine`'s package imports here (torch always does)."""
-    import importlib
-
-    try:
-        importlib.import_module(MODULES[engine]) if engine in MODULES else None
-    except Exception:  # an ImportError, or a shared library that does not load here
-        return False
-    return True
-
-
-def resolve_engine(engine: str, model_path) -> str:
-    """"auto": llama.cpp where it is installed and the target is a GGUF file, else torch.
-
-    Measured on a 2-core AVX-512 BF16 EPYC (docs/engines.md): the 1.5B target decodes at
-    35 ms/token on llama.cpp and 343 ms/token on torch bf16 with 16-row products. Fed one row
-    per call, llama.cpp passes the same bitwise self-test as the reference, so the default costs
-    no exactness: where the self-test fails, every answer says so."""
-    if engine != "auto":
-        return engine
-    return "llama.cpp" if str(model_path).endswith(".gguf") and installed("llama.cpp") else "torch"
 
 
 def call_start(prompts: list[tuple[int, int]], position: int, batch: int) -> int:
@@ -204,41 +177,3 @@ class Capabilities:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def weights_held(engine: str, weights: str, device: str = "cpu") -> str:
-    """What an engine computes with: torch the dtype `weights` resolves to on `device`, llama.cpp
-    the file's own quantised blocks, vLLM the bf16 form dequantised from them."""
-    from specedge.loader import resolve_weights
-
-    return {"torch": resolve_weights(weights, device), "llama.cpp": "gguf", "vllm": "bf16",
-            "emulated": "emulated"}[engine]
-
-
-def open_engine(engine: str, path, sha256: str | None, weights: str, batch_invariant: bool,
-                threads: int | None = None, device: str = "cpu"):
-    """(engine, tokenizer) for a resolved engine name; `weights` and `device` apply to torch only
-    (llama.cpp runs the file's own quantisation and offloads by its build, vLLM the bf16
-    dequantised form on its GPU), `threads` to llama.cpp (torch uses torch's setting, vLLM its own
-    binding)."""
-    if engine == "llama.cpp":
-        from specedge.cloud.llama_target import LlamaCppTarget
-        from specedge.loader import read_gguf_tokenizer
-
-        return LlamaCppTarget(path, batch_invariant, threads=threads), read_gguf_tokenizer(path)
-    if engine == "vllm":
-        from specedge.cloud.vllm_target import VllmTarget
-        from specedge.loader import read_tokenizer
-
-        return VllmTarget(path, batch_invariant, sha256=sha256), read_tokenizer(path)
-    if engine == "torch":
-        from specedge.loader import load_model
-
-        return load_model(path, sha256, weights, batch_invariant, device)
-    if engine == "emulated":
-        from specedge.cloud.emulated_target import EmulatedTarget
-        from specedge.loader import read_gguf_tokenizer
-
-        model = EmulatedTarget.load(path)
-        return model, read_gguf_tokenizer(model.tokenizer_path)
-    raise ValueError(f"unknown target engine {engine!r} ({', '.join(ENGINES)})")

@@ -1,5 +1,5 @@
-"""What one target pass may hold: the verifier fills each pass from its pending rounds (and the
-capacity planner models it the same way)."""
+"""When a target pass is due and what it may hold: the verifier fills each pass from its pending
+rounds (and the capacity planner models it the same way)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,3 +40,25 @@ def fill_pass(rounds: list, limits: PassLimits, device_of, fed_of, held_of) -> t
         else:
             rest.append(r)
     return taken, rest
+
+
+def wait_for_more(arrivals: list[float], active: int, streams_only: bool, opened: float, window: float,
+                  now: float) -> float | None:
+    """How long the next pass may wait for more rounds, or None where it is due now.
+
+    arrivals      when each pending round arrived (none: wait for the first, 0.2 s at a time)
+    active        sessions that could send a round (those answered lately)
+    streams_only  every pending round is a cloud-ar step
+    opened        when this gathering began: what queued during the last pass joins whatever its
+                  age, the window only bounds how long to wait for more
+
+    Due when everyone who could join has (waiting would only add latency), when only streams
+    wait (the verifier sets their pace, and a round that comes during the pass joins the next,
+    one short pass away: waiting for the devices between rounds made every stream a 5 ms wait
+    per 7.5 ms pass slower), or when the oldest round has waited the window."""
+    if not arrivals:
+        return 0.2
+    if len(arrivals) >= active or streams_only:
+        return None
+    timeout = max(opened, min(arrivals)) + window - now
+    return timeout if timeout > 0 else None

@@ -22,12 +22,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from specedge.grammar import Cache as GrammarCache, GrammarError
 from specedge.protocol import wire
 from specedge.cloud.fairness import Shares
 from specedge.cloud.registry import Target, TargetSpec
-from specedge.cloud.passes import PassLimits, fill_pass
-from specedge.cloud.session import BadRequest, Item, OutOfSync, PrefixIndex, TargetSession, verify_batch
+from specedge.cloud.passes import PassLimits, fill_pass, wait_for_more
+from specedge.cloud.session import Item, TargetSession, verify_batch
+from specedge.cloud.table import Pending, SessionTable
 from specedge.cloud.versions import Versions
 from specedge.config import CloudConfig
 from specedge.exporter import VerifierMetrics
@@ -55,20 +55,6 @@ STRIKES = {"bad_request": 1.0, "bad_topic": 1.0, "unexpected_type": 1.0, "malfor
 # through the inbox under the UNHEARD topic, which no MQTT topic can be.
 STREAM_CHECK = 32
 UNHEARD = "\0unheard"
-
-
-class Overloaded(Exception):
-    """A round over a limit of the verifier's (answered OVERLOADED, with the reason)."""
-
-
-@dataclass
-class Pending:
-    key: tuple
-    item: Item
-    msg: object  # the Draft, or the Generate a cloud-ar step belongs to
-    out: str
-    arrived: float
-    served: float = 0.0  # when a pass last fed it (a long prefill's chunk), 0: never
 
 
 @dataclass
@@ -101,6 +87,8 @@ class VerifierStats:
     prefix_tokens: int = 0  # the positions those did not prefill
     share_held: int = 0  # rounds that waited a pass for a device within its share (cloud/fairness.py)
     share_yields: int = 0  # passes of over-share rounds alone, kept to about yield_ms
+    hints_sent: int = 0  # early-exit hints sent mid-pass (docs/verifier.md)
+    hints_withheld: int = 0  # and those under the exit threshold, not sent
     kv_peak_bytes: int = 0  # the most all caches held together, right after a pass
     # The most recent rounds and passes only: a service runs for months, its percentiles should
     # neither grow its memory nor describe last week.
@@ -110,6 +98,25 @@ class VerifierStats:
     pairs: dict = field(default_factory=dict)  # (draft, version) -> PairStats
     drafts: set = field(default_factory=set)  # the names with statistics of their own
     max_drafts: int = MAX_DRAFT_NAMES
+
+    def passed(self, rounds: int, rows: int, cache_bytes: int) -> None:
+        """A target pass of `rounds` rounds, `rows` positions fed, all caches `cache_bytes` after it."""
+        self.passes += 1
+        self.rows += rows
+        self.batch_sizes.append(rounds)
+        self.kv_peak_bytes = max(self.kv_peak_bytes, cache_bytes)
+
+    def answered(self, item, draft: str | None, version: str, queue_s: float, compute_s: float) -> None:
+        """A round verified (`draft`: its draft's name; None: a cloud-ar step)."""
+        self.rounds += 1
+        self.tokens += item.accepted + 1
+        self.queue_s.append(queue_s)
+        self.compute_s.append(compute_s)
+        if draft is not None:
+            pair = self.pair(draft, version)
+            pair.rounds += 1
+            pair.drafted += len(item.draft)
+            pair.accepted += item.accepted
 
     def pair(self, draft: str, version: str) -> PairStats:
         if draft not in self.drafts:
@@ -131,7 +138,18 @@ class VerifierStats:
                 "extended": self.extended, "extended_cached_tokens": self.extended_cached_tokens,
                 "prefix_hits": self.prefix_hits, "prefix_tokens": self.prefix_tokens,
                 "share_held": self.share_held, "share_yields": self.share_yields,
+                "hints_sent": self.hints_sent, "hints_withheld": self.hints_withheld,
                 "pairs": [{"draft": d, "target": v, **s.summary()} for (d, v), s in sorted(self.pairs.items())]}
+
+
+def status_payload(replica: str, default: str, targets: dict, state: str) -> bytes:
+    """A replica's retained status: its state, its versions and what each can promise here."""
+    targets = sorted(targets.items())
+    return json.dumps({"state": state, "replica": replica, "default": default,
+                       "versions": [name for name, _ in targets], "time": time.time(),
+                       "exact": {name: t.exact for name, t in targets},
+                       "capabilities": {name: t.capabilities.to_json() for name, t in targets},
+                       "exactness": {name: t.model.exactness.describe() for name, t in targets}}).encode()
 
 
 def stats_payload(summary: dict, limit: int = MAX_STATS_BYTES) -> bytes:
@@ -156,15 +174,11 @@ class Verifier:
         self.errors: dict[str, int] = {}
         self.versions = Versions(cfg.target, default, registry, self.count)
         self.inbox: queue.Queue = queue.Queue()
-        self.sessions: dict[tuple[str, str, int], TargetSession] = {}
-        self.pending: dict[tuple, Pending] = {}
+        self.stats = VerifierStats()
+        self.table = SessionTable(cfg.verifier, self.stats, self.reply, self.count)
         # Messages for a session whose round is still pending (a long prefill), handled after its
         # pass in order: at most DEFERRED a session, one per round number, whatever a device sends.
         self.deferred: dict[tuple, dict[int, tuple]] = {}
-        self.hints_sent = self.hints_withheld = 0
-        self.stats = VerifierStats()
-        self.grammars = GrammarCache()  # compiled once per grammar and scope (prefix_scope)
-        self.prefixes = PrefixIndex()  # which session's cache holds a prompt prefix others may share
         v = cfg.verifier
         self.shares = Shares(v.share_slack, v.yield_ms / 1000, v.share_hold_s)
         self.holding = False  # every pending round waits for lighter devices to go idle (fairness.py)
@@ -219,12 +233,7 @@ class Verifier:
         return "" if self._thread is not None and self._thread.is_alive() else "the verifier worker is not running"
 
     def _status(self, state: str) -> bytes:
-        targets = sorted(self.targets.items())
-        return json.dumps({"state": state, "replica": self.replica, "default": self.versions.default,
-                           "versions": sorted(self.targets), "time": time.time(),
-                           "exact": {name: t.exact for name, t in targets},
-                           "capabilities": {name: t.capabilities.to_json() for name, t in targets},
-                           "exactness": {name: t.model.exactness.describe() for name, t in targets}}).encode()
+        return status_payload(self.replica, self.versions.default, self.targets, state)
 
     def stop(self) -> None:
         self._stop.set()
@@ -254,12 +263,12 @@ class Verifier:
             except Exception:  # one bad batch must not take the service down
                 log.exception("internal error in a target pass")
                 self.count("internal")
-                self.pending.clear()
+                self.table.pending.clear()
             if self.versions.poll():
                 self.apply_assignments()
             now = time.monotonic()
             if now - last_sweep > 1:
-                self.expire_idle()
+                self.table.expire_idle()
                 last_sweep = now
             if now - last_stats > self.cfg.verifier.stats_interval_s:
                 self.publish_stats()
@@ -273,7 +282,8 @@ class Verifier:
         window = max(cfg.batch_window_ms / 1000, cfg.batch_wait_fraction * last_compute_s)
         # Work carried over from the last pass (cloud-ar steps, prefill chunks) must not keep new
         # rounds out: they would wait for a whole long prefill, chunks or not.
-        limit = cfg.max_batch + len(self.pending)
+        table = self.table
+        limit = cfg.max_batch + len(table.pending)
         deferred, self.deferred = self.deferred, {}
         for held in deferred.values():
             for seq in sorted(held):
@@ -288,23 +298,15 @@ class Verifier:
         # What queued up during the last pass joins this one whatever its age; the window only
         # bounds how long we wait for more.
         opened = time.monotonic()
-        while len(self.pending) < limit and not self.inbox.empty():
+        while len(table.pending) < limit and not self.inbox.empty():
             self.receive(self.inbox.get_nowait())
-        while len(self.pending) < limit and not self._stop.is_set():
-            if self.pending and len(self.pending) >= self.active_sessions():
-                return  # everyone who could join already has: waiting would only add latency
-            if self.pending and all(isinstance(p.msg, wire.Generate) for p in self.pending.values()):
-                # Streams gain nothing from a wait: the verifier sets their pace, and a round that
-                # comes during the pass joins the next, one short pass away. (Waiting for the
-                # devices between rounds made every stream a 5 ms wait per 7.5 ms pass slower.)
+        while len(table.pending) < limit and not self._stop.is_set():
+            pending = table.pending.values()
+            timeout = wait_for_more([p.arrived for p in pending], self.active_sessions() if pending else 0,
+                                    all(isinstance(p.msg, wire.Generate) for p in pending), opened, window,
+                                    time.monotonic())
+            if timeout is None:
                 return
-            if self.pending:
-                oldest = max(opened, min(p.arrived for p in self.pending.values()))
-                timeout = oldest + window - time.monotonic()
-                if timeout <= 0:
-                    return
-            else:
-                timeout = 0.2
             try:
                 message = self.inbox.get(timeout=timeout)
             except queue.Empty:
@@ -324,26 +326,27 @@ class Verifier:
         are refused, must not make every other device's round wait the window)."""
         now = time.monotonic()
         over = self.shares.over(now) if self.shares.seen else set()
-        return sum(1 for k, s in self.sessions.items() if s.last_round > now - 5.0 and k[:2] not in over)
+        return sum(1 for k, s in self.table.sessions.items() if s.last_round > now - 5.0 and k[:2] not in over)
 
     def receive(self, message: tuple) -> None:
         """A message from the inbox: handled now, or, from a device over its share while a lighter
         device is busy (cloud/fairness.py), kept in that device's backlog (at most BACKLOG, the
         oldest dropped and counted `shed`): its handling is target time too (an OPEN under a
         grammar walks its whole text), and a flood would otherwise be decoded between every pass."""
-        parts = topics.parse_device(message[0]) if message[0] != UNHEARD else None
+        topic, payload, arrived = message
+        parts = topics.parse_device(topic) if topic != UNHEARD else None  # the only time it is parsed
         device = parts[:2] if parts is not None else None
         if device is not None:
-            self.shares.touch(device, message[2])
+            self.shares.touch(device, arrived)
         held = self.backlog.get(device)
         if held or (device is not None and self.shares.gated(device, time.monotonic())):
             held = self.backlog.setdefault(device, deque())
-            held.append(message)
+            held.append((topic, payload, arrived, parts))
             if len(held) > BACKLOG:
                 held.popleft()
                 self.count("shed")
             return
-        self.dispatch(*message)
+        self.dispatch(topic, payload, arrived, parts)
 
     def drain_backlog(self) -> None:
         """Handle the backlog of each device no longer gated, and whatever of an honest device's
@@ -358,12 +361,12 @@ class Verifier:
                 self.dispatch(*message)
                 now = time.monotonic()
 
-    def dispatch(self, topic: str, payload: bytes, arrived: float) -> None:
+    def dispatch(self, topic: str, payload: bytes, arrived: float, parts: tuple | None) -> None:
+        """`parts`: (fleet, device, kind) of a device's topic, else None."""
         t0 = time.monotonic()
-        parts = topics.parse_device(topic) if topic != UNHEARD else None
         self.sender = parts[:2] if parts is not None else None
         try:
-            self.handle(topic, payload, arrived)
+            self.handle(topic, payload, arrived, parts)
         except Exception:  # one bad request must not take the service down
             log.exception("internal error on %s", topic)
             self.count("internal")
@@ -373,16 +376,9 @@ class Verifier:
             now = time.monotonic()
             self.shares.charge(parts[:2], now - t0, now)
 
-    def expire_idle(self) -> None:
-        cutoff = time.monotonic() - self.cfg.verifier.session_idle_s
-        for key in [k for k, s in self.sessions.items() if s.last_used < cutoff and k not in self.pending]:
-            del self.sessions[key]
-            self.stats.expired += 1
-
     def publish_stats(self) -> None:
-        summary = {"replica": self.replica, "time": time.time(), "sessions": len(self.sessions),
-                   "cache_bytes": sum(s.cache_bytes() for s in self.sessions.values()),
-                   "hints_sent": self.hints_sent, "hints_withheld": self.hints_withheld,
+        summary = {"replica": self.replica, "time": time.time(), "sessions": len(self.table.sessions),
+                   "cache_bytes": self.table.cache_bytes(),
                    "errors": dict(self.errors), **self.stats.summary()}
         # Emulated compute (cloud/emulated_target.py): whether this host kept each pass's time.
         emulated = {name: t.model.emulation() for name, t in self.targets.items() if hasattr(t.model, "emulation")}
@@ -397,19 +393,19 @@ class Verifier:
         return payload
 
     # -- messages ------------------------------------------------------------------------------
-    def handle(self, topic: str, payload: bytes, arrived: float) -> None:
+    def handle(self, topic: str, payload: bytes, arrived: float, parts: tuple | None) -> None:
         if topic == UNHEARD:
             self.end_stream(*payload)
-            return
-        parts = topics.parse_device(topic)
-        if parts is None or parts[2] != "draft":
-            announced = topics.parse_fleet(topic)
-            if announced is not None and announced[1] == "targets":
-                self.on_announcement(announced[0], payload)
-            else:
-                self.count("bad_topic")
-            return
-        fleet, device, _ = parts
+        elif parts is not None and parts[2] == "draft":
+            self.session_message(parts[0], parts[1], topic, payload, arrived)
+        elif (announced := topics.parse_fleet(topic)) is not None and announced[1] == "targets":
+            self.on_announcement(announced[0], payload)
+        else:
+            self.count("bad_topic")
+
+    def session_message(self, fleet: str, device: str, topic: str, payload: bytes, arrived: float) -> None:
+        """A device's message to one of its sessions: decoded, then the table's to act on, in order
+        of its round numbers."""
         out = topics.answers(fleet, device)
         try:
             msg = wire.decode(payload)
@@ -423,217 +419,27 @@ class Verifier:
                 self.reply(out, wire.Error(session, seq, code, str(exc)))
             return
         key = (fleet, device, msg.session)
-        busy = self.pending.get(key)
-        if busy is not None:
-            if isinstance(busy.msg, wire.Generate) and msg.seq > busy.msg.seq:
-                del self.pending[key]  # the session's next message ends its stream (the device switched
-                if key in self.sessions:  # modes, asks again, opens again or is done)
-                    self.sessions[key].generating = 0
-            elif msg.seq < busy.msg.seq:
-                self.count("stale")
-                return
-            else:  # after the pending round's pass, in order (a duplicate of it is dropped)
-                if msg.seq > busy.msg.seq:
-                    self.defer(key, msg.seq, (topic, payload, arrived))
-                return
+        order = self.table.order(key, msg)
+        if order == "later":  # after the pending round's pass, in order
+            self.defer(key, msg.seq, (topic, payload, arrived, (fleet, device, "draft")))
+        elif order == "stale":
+            self.count("stale")
+        elif order == "now":
+            self.act(key, msg, out, arrived)
+
+    def act(self, key, msg, out: str, arrived: float) -> None:
         if isinstance(msg, wire.Open):
-            self.open(key, msg, out)
+            self.table.open(key, msg, out, self.targets[self.versions.version_for(*key[:2])], self.replica)
         elif isinstance(msg, wire.Close):
-            self.sessions.pop(key, None)
-            self.pending.pop(key, None)  # a cloud-ar generation or a prefill still under way
+            self.table.close(key)
         elif isinstance(msg, wire.Extend):
-            self.extend(key, msg, out)
+            self.table.extend(key, msg, out)
         elif isinstance(msg, (wire.Draft, wire.Generate)):
-            session = self.sessions.get(key)
-            if session is None:
-                self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.UNKNOWN_SESSION, "open the session"))
-                return
-            session.last_used = time.monotonic()
-            if msg.seq == session.last_seq and session.last_reply is not None:
-                self.link.publish(out, session.last_reply, qos=wire.ROUND_QOS)  # a replay: same answer, no new work
-                return
-            if msg.seq <= session.last_seq:
-                self.count("stale")
-                return
-            try:
-                holds = self.take_round(session, msg)
-            except Overloaded as exc:
-                self.refuse(out, msg, str(exc))
-                return
-            except (OutOfSync, BadRequest, GrammarError) as exc:
-                self.refused_by_session(out, msg, exc)
-                return
-            self.make_room(key, holds)  # within the limit: take_round checked
-            if isinstance(msg, wire.Draft):
-                item = Item(session, msg.tokens, msg.q, self.hint_sender(session, msg, out))
-            else:
-                session.last_seq, session.last_reply = msg.seq, None
-                session.generating = msg.max_new_tokens
-                item = Item.step(session)
-            self.pending[key] = Pending(key, item, msg, out, arrived)
+            replay = self.table.take(key, msg, out, arrived, self.hint_sender)
+            if replay is not None:  # a replay: the same answer, no new work
+                self.link.publish(out, replay, qos=wire.ROUND_QOS)
         else:
             self.count("unexpected_type")
-
-    def take_round(self, session: TargetSession, msg) -> int:
-        """Bring `session` to the text a DRAFT or GENERATE states, or leave it as it was: whatever
-        refuses the round (OutOfSync, BadRequest, Overloaded) does so before the session changes.
-        Returns the positions its cache will hold after the round."""
-        if isinstance(msg, wire.Draft):
-            holds = msg.committed + len(msg.forced) + len(msg.tokens) + 1
-            session.check_draft(msg.tokens, msg.q, msg.committed + len(msg.forced))
-        else:
-            holds = msg.committed + msg.max_new_tokens
-            if holds > session.model.cfg.max_seq_len:
-                raise BadRequest("generation runs past the target's context")
-        refusal = self.over_limit(holds)
-        if refusal:
-            raise Overloaded(refusal)
-        if isinstance(msg, wire.Draft):
-            streamed = session.stream_from is not None and msg.committed >= session.stream_from
-            session.sync(msg.committed, msg.text_hash, allow_rollback=streamed)
-            session.force(msg.forced)
-            session.stream_from = None
-        else:
-            session.sync(msg.committed, msg.text_hash, allow_rollback=True)
-            session.stream_from = len(session.committed)
-        return holds
-
-    def open(self, key, msg: wire.Open, out: str) -> None:
-        target = self.targets[self.versions.version_for(key[0], key[1])]
-        reason = msg.contract.mismatch(target.contract)
-        if reason:
-            self.count("incompatible")
-            self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.INCOMPATIBLE,
-                                       f"draft {msg.draft or '?'} cannot speculate for target {target.name}: {reason}"))
-            return
-        old = self.sessions.pop(key, None)
-        self.pending.pop(key, None)  # a round of the session this OPEN replaces gets no verdict
-        try:
-            constraint = None
-            if msg.grammar_hash:
-                compiled = self.compiled_grammar(target, msg, self.prefix_scope(key))
-                if compiled is None:
-                    self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.UNKNOWN_GRAMMAR,
-                                               "this verifier does not hold the grammar: send its text"))
-                    return
-                constraint = compiled.start()
-            session = TargetSession(target, msg.tokens, msg.params, msg.session, msg.draft, msg.contract,
-                                    constraint, msg.grammar_from, msg.prompts, "/".join(self.prefix_scope(key)))
-        except (BadRequest, GrammarError) as exc:
-            self.count("bad_request")
-            self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.BAD_REQUEST, str(exc)))
-            return
-        if old is not None:  # a resync keeps the round counter so replays stay recognisable
-            session.last_seq, session.last_reply, session.last_round = old.last_seq, None, old.last_round
-            session.adopt_cache(old)
-        else:
-            self.share_prefix(key, session)
-        need = session.cache_bytes_after([])
-        if need > self.budget_bytes:
-            self.refuse(out, msg, f"its KV cache of {need / 2**20:.2f} MB would exceed the verifier's "
-                                  f"kv_budget_mb of {self.cfg.verifier.kv_budget_mb:g}")
-            return
-        refusal = self.make_room(key, len(session.committed), opening=True)
-        if refusal:
-            self.refuse(out, msg, refusal)
-            return
-        session.hints = msg.hints
-        self.sessions[key] = session
-        self.prefixes.add(self.prefix_scope(key), key, msg.tokens)
-        self.reply(out, wire.Opened(msg.session, msg.seq, self.replica, target.name, target.exact))
-
-    def compiled_grammar(self, target, msg: wire.Open, scope: tuple):
-        """The OPEN's grammar compiled for `target`: from its text (compiled once per scope, cached
-        by hash) or, sent by hash alone, from what `scope` sent before; None when neither has it."""
-        vocab = target.model.cfg.vocab_size
-        if msg.grammar:
-            return self.grammars.get(target.tokenizer, vocab, msg.grammar, scope)
-        return self.grammars.find(target.tokenizer, vocab, msg.grammar_hash, scope)
-
-    def prefix_scope(self, key) -> tuple:
-        """Whose prefixes session `key` may share ([verifier] share_prefixes): never another fleet's."""
-        return key[:1] if self.cfg.verifier.share_prefixes == "fleet" else key[:2]
-
-    def share_prefix(self, key, session: TargetSession) -> None:
-        """A new session's prompt that begins like another session's of its scope (a system prompt)
-        starts from a copy of that session's cache: the shared prefix is not prefilled again."""
-        for holder, length in self.prefixes.candidates(self.prefix_scope(key), session.committed):
-            donor = self.sessions.get(holder)
-            taken = session.share_prefix(donor, length) if donor is not None else 0
-            if taken:
-                self.stats.prefix_hits += 1
-                self.stats.prefix_tokens += taken
-                return
-
-    def extend(self, key, msg: wire.Extend, out: str) -> None:
-        """The next turn of a kept session: its new tokens join the text, whose cache stays. Not
-        answered when it works; the device's next round states the whole text and finds out."""
-        session = self.sessions.get(key)
-        if session is None:
-            self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.UNKNOWN_SESSION, "open the session"))
-            return
-        if msg.seq <= session.last_seq:
-            self.count("stale")
-            return
-        try:
-            # The session may hold a token or two past the device's text: a stop token, or the last
-            # verdict's tokens past max_tokens, which the device did not commit.
-            session.next_turn(msg.committed, msg.text_hash, msg.tokens)
-        except (OutOfSync, BadRequest) as exc:
-            self.refused_by_session(out, msg, exc)
-            return
-        session.last_seq, session.last_reply, session.last_used = msg.seq, None, time.monotonic()
-        self.stats.extended += 1
-        self.stats.extended_cached_tokens += msg.committed
-        self.prefixes.add(self.prefix_scope(key), key, session.committed)
-        refusal = self.make_room(key, len(session.committed))
-        if refusal:
-            self.refuse(out, msg, refusal)
-
-    def refused_by_session(self, out: str, msg, exc: Exception) -> None:
-        """OUT_OF_SYNC (the device resyncs) or BAD_REQUEST (counted) for what the session refused."""
-        bad = not isinstance(exc, OutOfSync)
-        if bad:
-            self.count("bad_request")
-        code = wire.ErrorCode.BAD_REQUEST if bad else wire.ErrorCode.OUT_OF_SYNC
-        self.reply(out, wire.Error(msg.session, msg.seq, code, str(exc)))
-
-    def refuse(self, out: str, msg, reason: str) -> None:
-        self.count("overloaded")
-        self.reply(out, wire.Error(msg.session, msg.seq, wire.ErrorCode.OVERLOADED, reason))
-
-    def make_room(self, key, tokens: int, opening: bool = False) -> str:
-        """Let session `key` hold `tokens` tokens: drop its device's other sessions, least recently
-        used and idle first, while the device holds more than max_sessions_per_device sessions
-        (with an OPEN's) or max_context_per_device tokens. Returns why it cannot, or ""."""
-        cfg = self.cfg.verifier
-        refusal = self.over_limit(tokens)
-        if refusal:
-            return refusal
-        # Dropping rather than refusing: a device that restarted or lost its sessions' CLOSEs would
-        # otherwise be locked out until session_idle_s; a dropped session that was still in use
-        # gets UNKNOWN_SESSION and resyncs.
-        others = sorted((k in self.pending, s.last_used, k) for k, s in self.sessions.items()
-                        if k[:2] == key[:2] and k != key)
-        held = sum(len(self.sessions[k].committed) for *_, k in others)
-        while others and (len(others) + opening > cfg.max_sessions_per_device
-                          or held + tokens > cfg.max_context_per_device):
-            *_, k = others.pop(0)
-            held -= len(self.sessions.pop(k).committed)
-            self.pending.pop(k, None)
-            self.stats.dropped += 1
-        return ""
-
-    def over_limit(self, tokens: int) -> str:
-        """Why one session may not hold `tokens` tokens, or ""."""
-        limit = self.cfg.verifier.max_context_per_device
-        if tokens > limit:
-            return f"this session would hold {tokens} tokens, over the verifier's max_context_per_device of {limit}"
-        return ""
-
-    @property
-    def budget_bytes(self) -> float:
-        return self.cfg.verifier.kv_budget_mb * 2**20
 
     def hint_sender(self, session: TargetSession, msg: wire.Draft, out: str):
         if not (session.hints and msg.tokens):
@@ -641,9 +447,9 @@ class Verifier:
 
         def on_hint(accepted, token, confidence):  # leaves mid-pass, before the remaining layers run
             if confidence < self.cfg.target.exit_threshold:
-                self.hints_withheld += 1
+                self.stats.hints_withheld += 1
                 return
-            self.hints_sent += 1
+            self.stats.hints_sent += 1
             layer = session.target.exit_head.layer
             self.reply(out, wire.Hint(msg.session, msg.seq, msg.committed, accepted, token, layer, msg.text_hash))
         return on_hint
@@ -653,20 +459,21 @@ class Verifier:
         """Verify the pending drafts and take a step of the cloud-ar generations: one target pass
         per version, of the rounds that fit what a pass may hold (pass_limits); the rest wait
         for the next pass."""
-        if not self.pending:
+        table = self.table
+        if not table.pending:
             return
         # Oldest first, but a round a pass has fed (a long prefill, chunk by chunk) after those it
         # has not, and after those fed longer ago: rounds left out of a full pass go next.
-        pending, self.pending = sorted(self.pending.values(), key=lambda p: (p.served, p.arrived)), {}
+        pending, table.pending = sorted(table.pending.values(), key=lambda p: (p.served, p.arrived)), {}
         pending, waiting, chunk = self.shares.plan(pending, lambda p: p.key[:2],
                                                    lambda p, c: p.item.session.positions(p.item.draft, c),
                                                    lambda p: p.arrived, time.monotonic())
-        self.pending.update((p.key, p) for p in waiting)
+        table.pending.update((p.key, p) for p in waiting)
         self.holding = not pending
         self.stats.share_held += len(waiting) if not chunk else 0
         self.stats.share_yields += bool(chunk)
         by_target: dict[str, list[Pending]] = {}
-        for p in self.admit(pending, chunk):
+        for p in table.admit(pending, chunk):
             by_target.setdefault(p.item.session.target.name, []).append(p)
         fed_chunk = chunk or self.cfg.verifier.prefill_chunk
         for name, group in by_target.items():
@@ -674,55 +481,14 @@ class Verifier:
             batch, rest = fill_pass(group, self.pass_limits(target), lambda p: p.key[:2],
                                     lambda p: p.item.session.positions(p.item.draft, fed_chunk),
                                     lambda p: p.item.session.length_after(p.item.draft, fed_chunk))
-            self.pending.update((p.key, p) for p in rest)  # the next pass's, planned again with what came
+            table.pending.update((p.key, p) for p in rest)  # the next pass's, planned again with what came
             self.run_batch(target, batch, chunk)
-        self.enforce_budget()
+        table.enforce_budget()
 
     def pass_limits(self, target: Target) -> PassLimits:
         cfg, model = self.cfg.verifier, target.model
         return PassLimits(min(cfg.max_batch, getattr(model, "max_sessions", 0) or cfg.max_batch),
                           cfg.max_pass_rows, cfg.max_device_rows, getattr(model, "shared_cells", 0))
-
-    def admit(self, pending: list[Pending], chunk: int = 0) -> list[Pending]:
-        """The rounds (oldest first) whose caches fit the KV budget once their pass has run,
-        reckoned before it allocates: idle sessions lose their caches first. A round that does not
-        fit waits for the next pass, when the rounds before it are done and their caches may go;
-        the oldest round may also take the caches of sessions with work pending (so someone always
-        goes on), and is refused when its cache alone cannot fit."""
-        budget, chunk = self.budget_bytes, chunk or self.cfg.verifier.prefill_chunk
-        busy = {id(p.item.session) for p in pending}
-        held = sum(s.cache_bytes() for s in self.sessions.values())
-        admitted: list[Pending] = []
-        for p in pending:
-            session = p.item.session
-            grows = session.cache_bytes_after(p.item.draft, chunk) - session.cache_bytes()
-            if held + grows > budget:
-                spare = {id(a.item.session) for a in admitted} | {id(session)} | (busy if admitted else set())
-                held -= self.evict(held + grows - budget, spare, busy)
-            if held + grows <= budget:
-                admitted.append(p)
-                held += grows
-            elif admitted:
-                self.pending[p.key] = p
-            else:
-                self.sessions.pop(p.key, None)
-                self.refuse(p.out, p.msg, f"its KV cache of {(session.cache_bytes() + grows) / 2**20:.2f} MB "
-                                          f"would exceed the verifier's kv_budget_mb of {self.cfg.verifier.kv_budget_mb:g}")
-        return admitted
-
-    def evict(self, wanted: float, spare: set, busy: set) -> int:
-        """Drop caches, least recently used first, until `wanted` bytes are freed: never those of
-        `spare`, those of `busy` (work pending) after every idle one. Returns the bytes freed."""
-        warm = sorted((id(s) in busy, s.last_used, id(s), s) for s in self.sessions.values()
-                      if s.cache is not None and id(s) not in spare)
-        freed = 0
-        for *_, session in warm:
-            if freed >= wanted:
-                break
-            freed += session.cache_bytes()
-            session.evict()
-            self.stats.evictions += 1
-        return freed
 
     def run_batch(self, target: Target, batch: list[Pending], chunk: int = 0) -> None:
         """One pass over `batch`; `chunk`: the most positions a cold session feeds (0: prefill_chunk)."""
@@ -732,7 +498,7 @@ class Verifier:
                                 chunk or self.cfg.verifier.prefill_chunk)
         except Exception as exc:  # the caches are back where they were (verify_batch)
             if len(batch) == 1:
-                self.fail_round(batch[0], exc)
+                self.table.fail_round(batch[0], exc)
                 return
             # Whatever broke the pass, it must not cost the others their rounds: each goes again
             # alone, and only a round that fails alone is refused.
@@ -743,81 +509,48 @@ class Verifier:
             return
         compute_s = time.monotonic() - t0
         self.shares.charge_pass([(p.key[:2], p.item.fed) for p in batch], compute_s, time.monotonic())
-        stats = self.stats
-        stats.passes += 1
-        stats.rows += rows
-        stats.batch_sizes.append(len(batch))
-        stats.kv_peak_bytes = max(stats.kv_peak_bytes, sum(s.cache_bytes() for s in self.sessions.values()))
+        self.stats.passed(len(batch), rows, self.table.cache_bytes())
         self.metrics.observe_pass(len(batch), compute_s, [t0 - p.arrived for p in batch])
         for p in batch:
-            item, session, msg = p.item, p.item.session, p.msg
-            session.last_used = time.monotonic()
-            if item.error is not None:
-                self.fail_round(p, item.error)
-                continue
-            if not item.done:  # a chunk of a long prefill: the rest goes in the next passes
-                stats.prefill_chunks += 1
+            p.item.session.last_used = time.monotonic()
+            if p.item.error is not None:
+                self.table.fail_round(p, p.item.error)
+            elif not p.item.done:  # a chunk of a long prefill: the rest goes in the next passes
+                self.stats.prefill_chunks += 1
                 p.served = t0
-                self.pending[p.key] = p
-                continue
-            stats.rounds += 1
-            session.last_round = session.last_used
-            # busy from its answer on, not only from its last message: it drafts its next round now
-            self.shares.touch(p.key[:2], session.last_round)
-            stats.tokens += item.accepted + 1
-            stats.queue_s.append(t0 - p.arrived)
-            stats.compute_s.append(compute_s)
-            if isinstance(msg, wire.Draft):
-                pair = stats.pair(session.draft, target.name)
-                pair.rounds += 1
-                pair.drafted += len(item.draft)
-                pair.accepted += item.accepted
-                session.last_seq = msg.seq
-                session.last_reply = self.reply(p.out, wire.Verdict(
-                    msg.session, msg.seq, msg.committed, item.accepted, item.next_token, int(compute_s * 1e6),
-                    msg.text_hash, item.logprobs))  # text_hash: checked when the draft came in
-            else:  # a cloud-ar step: stream the token, queue the next step
-                session.generating -= 1
-                done = item.next_token in session.target.tokenizer.stop_ids or session.generating <= 0
-                start = len(session.committed) - 1
-                ask = not done and (msg.max_new_tokens - session.generating) % STREAM_CHECK == 0
-                unheard = (lambda k=p.key, seq=msg.seq: self.inbox.put((UNHEARD, (k, seq), time.monotonic()))
-                           ) if ask else None
-                self.reply(p.out, wire.Tokens(msg.session, msg.seq, start, [item.next_token], done, item.logprobs),
-                           unheard)
-                if not done:
-                    self.pending[p.key] = Pending(p.key, Item.step(session), msg, p.out, time.monotonic())
+                self.table.pending[p.key] = p
+            else:
+                self.answer(p, target.name, t0, compute_s)
+
+    def answer(self, p: Pending, version: str, t0: float, compute_s: float) -> None:
+        """A round its pass has verified: a DRAFT's verdict, or a cloud-ar step's token (and the
+        next step queued)."""
+        item, session, msg = p.item, p.item.session, p.msg
+        session.last_round = session.last_used
+        # busy from its answer on, not only from its last message: it drafts its next round now
+        self.shares.touch(p.key[:2], session.last_round)
+        self.stats.answered(item, session.draft if isinstance(msg, wire.Draft) else None, version,
+                            t0 - p.arrived, compute_s)
+        if isinstance(msg, wire.Draft):
+            session.last_seq = msg.seq
+            session.last_reply = self.reply(p.out, wire.Verdict(
+                msg.session, msg.seq, msg.committed, item.accepted, item.next_token, int(compute_s * 1e6),
+                msg.text_hash, item.logprobs))  # text_hash: checked when the draft came in
+            return
+        session.generating -= 1
+        done = item.next_token in session.target.tokenizer.stop_ids or session.generating <= 0
+        ask = not done and (msg.max_new_tokens - session.generating) % STREAM_CHECK == 0
+        unheard = (lambda k=p.key, seq=msg.seq: self.inbox.put((UNHEARD, (k, seq), time.monotonic()))) if ask else None
+        self.reply(p.out, wire.Tokens(msg.session, msg.seq, len(session.committed) - 1, [item.next_token], done,
+                                      item.logprobs), unheard)
+        if not done:
+            self.table.pending[p.key] = Pending(p.key, Item.step(session), msg, p.out, time.monotonic())
 
     def end_stream(self, key, seq: int) -> None:
         """Nobody listens to session `key`'s stream any more (the device went away): it ends here
         instead of running to its max_new_tokens, a row of every pass until then."""
-        busy = self.pending.get(key)
-        if busy is not None and isinstance(busy.msg, wire.Generate) and busy.msg.seq == seq:
-            del self.pending[key]
-            busy.item.session.generating = 0
+        if self.table.end_stream(key, seq):
             self.count("stream_unheard", key[:2])
-
-    def fail_round(self, p: Pending, exc: Exception) -> None:
-        """A round the target could not verify, alone: its session goes (its cache already holds
-        only the committed text) and the device is told why; nobody else's round is touched."""
-        log.error("round %d of %s failed: %r", p.msg.seq, p.key, exc)
-        self.count("internal")
-        self.sessions.pop(p.key, None)
-        self.reply(p.out, wire.Error(p.msg.session, p.msg.seq, wire.ErrorCode.INTERNAL,
-                                     f"the target could not verify this round: {exc}"))
-
-    def enforce_budget(self) -> None:
-        budget = self.cfg.verifier.kv_budget_mb * 2**20
-        warm = sorted((s for s in self.sessions.values() if s.cache is not None), key=lambda s: s.last_used)
-        total = sum(s.cache_bytes() for s in warm)
-        for session in warm:
-            if total <= budget:
-                break
-            if any(p.item.session is session for p in self.pending.values()):
-                continue  # a cloud-ar generation mid-way: its next step is already queued
-            total -= session.cache_bytes()
-            session.evict()
-            self.stats.evictions += 1
 
     # -- target versions (cloud/versions.py decides; this moves sessions and tells devices) -------
     def on_announcement(self, fleet: str, payload: bytes) -> None:
@@ -827,7 +560,7 @@ class Verifier:
     def apply_assignments(self) -> None:
         """Move each session to the version its fleet's announcement gives it, if loaded and compatible.
         The session keeps its committed text; its cache is rebuilt by the new version."""
-        for (fleet, device, session_id), session, target in self.versions.moves(self.sessions):
+        for (fleet, device, session_id), session, target in self.versions.moves(self.table.sessions):
             session.switch(target)
             self.stats.switches += 1
             self.reply(topics.answers(fleet, device),

@@ -93,9 +93,9 @@ def open_engine(draft_cfg, report=log.info):
 
 def _names_gguf(model: str) -> bool:
     """A registry name (every one is a GGUF file) or a .gguf path; nothing is read or fetched."""
-    from specedge.fetch import REGISTRY
+    from specedge.fetch import MODELS
 
-    return model in REGISTRY or model.endswith(".gguf")
+    return model in MODELS or model.endswith(".gguf")
 
 
 def _llama_engine(draft_cfg):

@@ -1,9 +1,11 @@
-"""`specedge device`: the device agent's commands.
+"""`specedge device` and `specedge power`: the device's commands.
 
-`run` generates for prompts on the command line or stdin (here); `serve` is the device
-service (device/node.py); `build-engine` builds the draft's ONNX file and TensorRT engine
-ahead of time (device/backends.py); `apply-power-profile` sets the board's power mode
-(device/profiles.py).
+`device run` generates for prompts on the command line or stdin; `device serve` is the device
+service (device/node.py); `device build-engine` builds the draft's ONNX file and TensorRT engine
+ahead of time (device/backends.py); `device apply-power-profile` sets the board's power mode
+(device/profiles.py); `power` reads the power meter or calibrates a profile (device/power.py).
+The library modules hold no command: a command needs the config and the meters and profiles
+together, which the library modules would otherwise import from each other.
 """
 from __future__ import annotations
 
@@ -35,18 +37,28 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from specedge.device.backends import build_engine_command
     from specedge.device.node import serve_command
-    from specedge.device.profiles import apply_power_profile_command
 
     commands = {"run": generate_command, "serve": serve_command, "build-engine": build_engine_command,
                 "apply-power-profile": apply_power_profile_command}
     return commands[args.device_command](args)
 
 
+def apply_power_profile_command(args) -> int:
+    """The profile --profile names, or the device config's [energy] profile, applied."""
+    from specedge.device import checks
+    from specedge.device.profiles import apply_power_profile, get_profile
+
+    cfg = checks.load(args.config)
+    profile = get_profile(args.profile or cfg.energy.profile, cfg.energy.profiles or None)
+    return apply_power_profile(profile, args.dry_run)
+
+
 def generate_command(args) -> int:
     """Each --prompt, else each stdin line, generated in turn and streamed to stdout; a summary line
     per request on stderr. Exit 1 when any request failed (the others still run)."""
     from specedge.device import checks
-    from specedge.device.agent import Agent, RequestFailed
+    from specedge.device.agent import Agent
+    from specedge.device.request import RequestFailed
     from specedge.device.backends import open_engine
     from specedge.device.policy import parse_policy
     from specedge.progress import say
@@ -93,3 +105,40 @@ def _printer(tok):
             text = f"\x1b[2m{text}\x1b[0m" if sys.stdout.isatty() else f"[[unverified: {text}]]"
         print(text, end="", flush=True)
     return show
+
+
+# -- `specedge power` -------------------------------------------------------------------------------
+def add_power_parser(sub) -> None:
+    from specedge.options import model_options
+
+    pw = sub.add_parser("power", help="read the power meter, or calibrate a device profile")
+    pw.add_argument("--meter", default="auto", help="auto, jtop, ina3221, rapl or estimated")
+    pw.add_argument("--profile", default="orin-nano-15w", help="the profile the estimate falls back to")
+    pw.add_argument("--seconds", type=float, default=2.0, help="how long to measure (each phase)")
+    pw.add_argument("--calibrate", action="store_true", help="measure idle and draft-decoding watts")
+    model_options(pw)
+    pw.set_defaults(func=power_command)
+
+
+def power_command(args) -> int:
+    """Read the power meter; with --calibrate, measure this board's idle and drafting watts."""
+    from specedge.device.power import EstimatedMeter, calibrate, open_meter, read_watts
+    from specedge.device.profiles import get_profile
+
+    meter = open_meter(args.meter, get_profile(args.profile))
+    try:
+        if not args.calibrate:
+            print(json.dumps(read_watts(meter, args.seconds), indent=2))
+            return 0
+        if isinstance(meter, EstimatedMeter):
+            raise SystemExit("specedge power --calibrate needs a hardware meter (jtop, ina3221 or rapl); "
+                             "this machine only has the estimate")
+        from specedge.loader import load_named
+
+        model, _ = load_named(args.draft, args.draft_weights)
+        idle, active = calibrate(meter, model, args.seconds)
+        print(json.dumps({"source": meter.source, "idle_w": round(idle, 2), "active_w": round(active, 2),
+                          "note": "put these in your [profile.*] of firmware_config/profiles.toml"}, indent=2))
+    finally:
+        meter.close()
+    return 0

@@ -90,11 +90,11 @@ def redact(flat: dict) -> dict:
 
 def remote_paths(overlay: dict) -> list[str]:
     """The keys of `overlay` that name files, found without touching the file system."""
-    from specedge.fetch import REGISTRY
+    from specedge.fetch import MODELS
 
     keys = [k for k in overlay_keys(overlay) if k in REMOTE_PATHS]
     model = overlay.get("draft", {}).get("model")
-    if model is not None and model not in REGISTRY:  # anything else is resolved as a path
+    if model is not None and model not in MODELS:  # anything else is resolved as a path
         keys.append("draft.model")
     return keys
 
@@ -219,7 +219,7 @@ class FleetMember:
             "energy": {"mode": cfg.energy.mode, "budget_j_per_token": cfg.energy.budget_j_per_token,
                        "min_tokens_per_s": cfg.energy.min_tokens_per_s},
             "target": {"announced": self.announced_target,
-                       "serving": s.agent.current.target_version if s.agent.current else ""},
+                       "serving": s.agent.current.rounds.target_version if s.agent.current else ""},
             "http_port": self.http_port,
             "protocol": self.link.protocol,
         }
@@ -249,7 +249,7 @@ class FleetMember:
             "wire_bytes_per_token": w.wire_bytes / w.tokens if w.tokens else None,
             "queue_depth": s.queue_depth, "in_flight": s.in_flight, "policy": s.policy.name,
             "budget_j_per_token": s.cfg.energy.budget_j_per_token,
-            "target_version": s.agent.current.target_version if s.agent.current else "",
+            "target_version": s.agent.current.rounds.target_version if s.agent.current else "",
             # The running request's: every token so far verified by a self-tested exact target.
             "exact": s.agent.current.stats.exact if s.agent.current else None,
             "connected": snapshot.connected,

@@ -21,8 +21,8 @@ import threading
 from dataclasses import replace
 
 from specedge.config import DeviceConfig
-from specedge.device.http_api import (ApiError, chat_logprobs, json_body, outcome_error, parse_request, spec_summary,
-                                      submit, usage)
+from specedge.device.openai_api import (ApiError, chat_logprobs, json_body, outcome_error, parse_request,
+                                        spec_summary, submit, usage)
 from specedge.device.service import DeviceService
 from specedge.mqtt import Link, ReplyTo
 from specedge.protocol import topics

@@ -25,7 +25,9 @@ from specedge.protocol.wire import MAX_DRAFT
 @dataclass(frozen=True)
 class Policy:
     name: str
-    draft_len: int  # fixed policies: tokens drafted per round; adaptive: the most per round
+    # fixed: tokens drafted per round; adaptive: the wire's MAX_DRAFT, for the device's own cap is
+    # the scheduler's (Scheduler.draft_cap: speculation.max_draft), changed at run time with it
+    draft_len: int
     autoregressive: bool = False  # cloud-ar: the cloud generates alone and streams tokens
     adaptive: bool = False
     overrides: dict = field(default_factory=dict)  # Objective fields an adaptive spec sets
@@ -42,7 +44,7 @@ class Policy:
 _OPTION_FIELDS = {"budget": "budget_j_per_token", "floor": "min_tokens_per_s"}
 
 
-def _adaptive(spec: str, mode: str, options: str, max_draft: int) -> Policy:
+def _adaptive(spec: str, mode: str, options: str) -> Policy:
     overrides: dict = {"mode": mode}
     for item in filter(None, options.split(",")):
         key, _, value = item.partition("=")
@@ -55,7 +57,7 @@ def _adaptive(spec: str, mode: str, options: str, max_draft: int) -> Policy:
         if not number > 0:
             raise ValueError(f"policy {spec!r}: {key} must be > 0")
         overrides[_OPTION_FIELDS[key]] = number
-    return Policy(spec, max_draft, adaptive=True, overrides=overrides, stream=True)
+    return Policy(spec, MAX_DRAFT, adaptive=True, overrides=overrides, stream=True)
 
 
 DEFAULT_PIPELINED_DRAFT = 4
@@ -71,7 +73,8 @@ def fixed_policy(draft_len: int, pipelined: bool = False, early_exit: bool = Fal
 
 
 def parse_policy(spec: str, max_draft: int = MAX_DRAFT) -> Policy:
-    """`max_draft`: the device's speculation.max_draft; never above the wire's MAX_DRAFT."""
+    """`max_draft`: the device's speculation.max_draft, the most a fixed:G may draft (never above
+    the wire's MAX_DRAFT); an adaptive policy's rounds are capped by the scheduler's draft_cap."""
     max_draft = min(max_draft, MAX_DRAFT)
     base, *modifiers = spec.split("+")
     kind, _, arg = base.partition(":")
@@ -107,9 +110,9 @@ def _parse_base(spec: str, max_draft: int) -> Policy:
     if kind == "fixed":
         return _fixed(spec, arg, max_draft)
     if kind == "adaptive":
-        return _adaptive(spec, "throughput", arg, max_draft)
+        return _adaptive(spec, "throughput", arg)
     if kind == "adaptive-energy":
-        return _adaptive(spec, "energy", arg, max_draft)
+        return _adaptive(spec, "energy", arg)
     raise _unknown(spec, max_draft)
 
 

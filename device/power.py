@@ -311,44 +311,6 @@ def open_meter(kind: str = "auto", profile=None, sysfs: str | Path = "/sys") -> 
     return EstimatedMeter(profile)
 
 
-# -- `specedge power` -------------------------------------------------------------------------------
-def add_parser(sub) -> None:
-    from specedge.options import model_options
-
-    pw = sub.add_parser("power", help="read the power meter, or calibrate a device profile")
-    pw.add_argument("--meter", default="auto", help="auto, jtop, ina3221, rapl or estimated")
-    pw.add_argument("--profile", default="orin-nano-15w", help="the profile the estimate falls back to")
-    pw.add_argument("--seconds", type=float, default=2.0, help="how long to measure (each phase)")
-    pw.add_argument("--calibrate", action="store_true", help="measure idle and draft-decoding watts")
-    model_options(pw)
-    pw.set_defaults(func=run)
-
-
-def run(args) -> int:
-    """Read the power meter; with --calibrate, measure this board's idle and drafting watts."""
-    import json
-
-    from specedge.device.profiles import get_profile
-
-    meter = open_meter(args.meter, get_profile(args.profile))
-    try:
-        if not args.calibrate:
-            print(json.dumps(read_watts(meter, args.seconds), indent=2))
-            return 0
-        if isinstance(meter, EstimatedMeter):
-            raise SystemExit("specedge power --calibrate needs a hardware meter (jtop, ina3221 or rapl); "
-                             "this machine only has the estimate")
-        from specedge.loader import load_named
-
-        model, _ = load_named(args.draft, args.draft_weights)
-        idle, active = calibrate(meter, model, args.seconds)
-        print(json.dumps({"source": meter.source, "idle_w": round(idle, 2), "active_w": round(active, 2),
-                          "note": "put these in your [profile.*] of firmware_config/profiles.toml"}, indent=2))
-    finally:
-        meter.close()
-    return 0
-
-
 def read_watts(meter: PowerMeter, seconds: float) -> dict:
     """The meter's rails now, and its mean watts over `seconds` of this process sleeping."""
     e0, t0 = meter.energy_j(), time.monotonic()

@@ -127,16 +127,6 @@ def power_commands(profile: DeviceProfile) -> list[list[str]]:
     return commands
 
 
-# -- `specedge device apply-power-profile` (argument table: device/commands.py) ----------------------
-def apply_power_profile_command(args) -> int:
-    """The profile --profile names, or the device config's [energy] profile, applied."""
-    from specedge.device import checks
-
-    cfg = checks.load(args.config)
-    profile = get_profile(args.profile or cfg.energy.profile, cfg.energy.profiles or None)
-    return apply_power_profile(profile, args.dry_run)
-
-
 def apply_power_profile(profile: DeviceProfile, dry_run: bool = False) -> int:
     """Put the board into its profile's power mode: nvpmodel, jetson_clocks, fan. With `dry_run`,
     print the exact commands instead. 1 when a command fails."""

@@ -1,7 +1,7 @@
 """The device's side of one session's rounds, with no I/O: messages in, actions out.
 
 Like cloud/session.py on the verifier, this holds the state both ends must agree on and decides
-what every event means; device/agent.py only sends, waits and drafts as the actions say.
+what every event means; device/request.py only sends, waits and drafts as the actions say.
 
 `Rounds` holds a session's state: its id, the round number (seq) and that of the latest OPEN, the
 replica that holds the session and its target version, and the committed text's hash

@@ -16,7 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from specedge.config import DeviceConfig, EnergyConfig
-from specedge.device.agent import Agent, RequestFailed, VerifierUnavailable
+from specedge.device.agent import Agent
+from specedge.device.request import RequestFailed, VerifierUnavailable
 from specedge.device.policy import Policy, parse_policy
 from specedge.device.scheduler import objective
 from specedge.exporter import DeviceMetrics

@@ -7,8 +7,9 @@ import importlib
 import logging
 import sys
 
-# The command modules, in help order. Each has add_parser(subparsers), which adds its command (or
-# command group) with its module's run(args) as `func`, and run(args), which returns the exit code.
+# The command modules, in help order. Each has add_parser(subparsers) (or the function named after
+# its ':'), which adds its command (or command group) with the function that runs it, run(args) or
+# another, as `func`; that returns the exit code.
 COMMANDS = (
     "specedge.tools.demo",  # demo
     "specedge.fetch",  # models fetch | ls
@@ -30,7 +31,7 @@ COMMANDS = (
     "specedge.tools.faults",  # faults
     "specedge.tools.soak",  # soak
     "specedge.tools.fuzz",  # fuzz
-    "specedge.device.power",  # power
+    "specedge.device.commands:add_power_parser",  # power
     "specedge.broker",  # broker
 )
 
@@ -39,8 +40,9 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="specedge", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        importlib.import_module(name).add_parser(sub)
+    for entry in COMMANDS:
+        module, _, adder = entry.partition(":")
+        getattr(importlib.import_module(module), adder or "add_parser")(sub)
     return p
 
 
@@ -49,7 +51,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from specedge.config import ConfigError
-    from specedge.device.agent import RequestFailed
+    from specedge.device.request import RequestFailed
     from specedge.fetch import FetchError
     from specedge.loader import ModelFileError
     from specedge.mqtt import BrokerUnavailable

@@ -156,9 +156,9 @@ class VerifierMetrics:
                        stats.share_held)
         yield _counter("specedge_verifier_share_yields", "Passes of over-share rounds alone, kept to yield_ms",
                        stats.share_yields)
-        yield _gauge("specedge_verifier_sessions", "Sessions held", len(v.sessions))
+        yield _gauge("specedge_verifier_sessions", "Sessions held", len(v.table.sessions))
         yield _gauge("specedge_verifier_cache_bytes", "KV cache bytes of all sessions",
-                     sum(s.cache_bytes() for s in list(v.sessions.values())))
+                     sum(s.cache_bytes() for s in list(v.table.sessions.values())))
         exact = GaugeMetricFamily("specedge_verifier_target_exact",
                                   "1 if the target version passed its bitwise self-test on this machine",
                                   labels=["target"])

@@ -50,7 +50,7 @@ def _pinned(requirement: str, sha256s: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f"{requirement.format(i)} --hash=sha256:{h}" for i, h in enumerate(sha256s, 1))
 
 
-REGISTRY = {
+MODELS = {
     m.name: m
     for m in (
         ModelSpec(
@@ -143,12 +143,12 @@ def verify(path: Path, spec: ModelSpec, progress: bool = False) -> None:
 
 
 def spec_for(name: str) -> ModelSpec:
-    if name in REGISTRY:
-        return REGISTRY[name]
-    for spec in REGISTRY.values():
+    if name in MODELS:
+        return MODELS[name]
+    for spec in MODELS.values():
         if name == spec.file:
             return spec
-    raise FetchError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
+    raise FetchError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
 
 
 def cached_path(spec: ModelSpec) -> Path:
@@ -361,7 +361,7 @@ def resolve(name_or_path: str, fetch_missing: bool = True) -> tuple[Path, str | 
     """(path, sha256 or None): a registry name is fetched and verified; a path is used as is."""
     path = Path(name_or_path).expanduser()
     if path.exists():
-        for spec in REGISTRY.values():  # a known file under another path is still checked
+        for spec in MODELS.values():  # a known file under another path is still checked
             if path.is_file() and path.name == spec.file:
                 verify(path, spec)
                 return path, spec.sha256
@@ -374,7 +374,7 @@ def resolve(name_or_path: str, fetch_missing: bool = True) -> tuple[Path, str | 
 
 def list_models() -> list[dict]:
     rows = []
-    for spec in REGISTRY.values():
+    for spec in MODELS.values():
         path = cached_path(spec)
         rows.append({"name": spec.name, "role": spec.role, "file": spec.file, "size": spec.size,
                      "sha256": spec.sha256, "cached": path.exists(), "path": str(path)})
@@ -399,7 +399,7 @@ def run(args) -> int:
 
 
 def fetch_command(args) -> int:
-    for name in args.names or list(REGISTRY):
+    for name in args.names or list(MODELS):
         print(fetch(name, sources=args.source or None))
     return 0
 

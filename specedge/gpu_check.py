@@ -114,7 +114,7 @@ def check_tensorrt(draft: str) -> dict:
 
 
 def check_llama_cpp(target: str) -> dict:
-    from specedge.cloud.engine import installed
+    from specedge.cloud.registry import installed
 
     if not installed("llama.cpp"):
         return {"status": "SKIP", "detail": "llama-cpp-python is not installed (the lent GPU image has none: its CUDA "
@@ -131,7 +131,7 @@ def check_llama_cpp(target: str) -> dict:
 def check_vllm(target: str) -> dict:
     import torch
 
-    from specedge.cloud.engine import installed
+    from specedge.cloud.registry import installed
 
     if not installed("vllm"):
         return {"status": "SKIP", "detail": "vLLM is not installed (pip install 'specedge[vllm]')"}
@@ -144,7 +144,7 @@ def _target_engine(name: str, target: str) -> dict:
     """A target engine in its batch-invariant mode: the bitwise self-test, then ms/token and
     verify-call ms by k (PASS means it ran; the exactness it found is in the report)."""
     from specedge.tools.bench_engines import target_timings
-    from specedge.cloud.engine import open_engine, weights_held
+    from specedge.cloud.registry import open_engine, weights_held
     from specedge.exactness import establish
 
     engine, tok = open_engine(name, target, None, weights_held(name, "auto"), True)

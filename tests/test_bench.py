@@ -264,7 +264,7 @@ def test_a_numerical_engines_differences_are_shown_with_the_top2_gap_there(tiny_
     engine's top-2 gap at the first differing position, and passes only inside the near-tie limit."""
     from conftest import reference_greedy
     from specedge.tools.bench import divergences
-    from specedge.cloud.engine import open_engine
+    from specedge.cloud.registry import open_engine
 
     tok = tiny_models[1]
     engine = open_engine("llama.cpp", tiny_files[1], None, "gguf", True)[0]

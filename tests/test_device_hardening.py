@@ -17,7 +17,8 @@ import pytest
 
 from specedge.protocol import wire
 from specedge.config import CloudConfig, DeviceConfig, MqttConfig, build
-from specedge.device.agent import MAX_INBOX, MAX_STALLED, Agent, RequestFailed
+from specedge.device.agent import MAX_INBOX, Agent
+from specedge.device.request import MAX_STALLED, RequestFailed
 from specedge.device.draft import TorchDraftEngine
 from specedge.device.policy import parse_policy
 from specedge.mqtt import Link, ReplyTo

@@ -46,9 +46,9 @@ def test_agent_gets_a_hint_before_every_verdict_and_output_is_unchanged(stack, t
     assert stats.hints == drafted_rounds > 0  # hints that came after their verdict would not count
     assert stats.hint_layer == 1 and 0 <= stats.hints_agreed <= stats.hints
     monkeypatch.setattr(verifier.cfg.target, "exit_threshold", 1.0)  # none is that sure
-    withheld = verifier.hints_withheld
+    withheld = verifier.stats.hints_withheld
     result = stack.agent.generate(prompt, SamplingParams(), 24, parse_policy("early-exit:3"))
-    assert result.stats.hints == 0 and verifier.hints_withheld > withheld
+    assert result.stats.hints == 0 and verifier.stats.hints_withheld > withheld
 
 
 def test_trained_head_agrees_more_than_the_plain_one_and_round_trips(tiny_models, tmp_path):

@@ -213,7 +213,8 @@ def test_profile_and_an_emulated_bench_run_on_the_tiny_pair_and_answer_what_the_
         tiny_files, tmp_path, mosquitto):
     """`specedge profile` on both tiny models (llama.cpp where installed), then `specedge bench
     --emulate` with them: the outputs are the real target's own greedy generation."""
-    from specedge.cloud.engine import open_engine, own_generation, resolve_engine
+    from specedge.cloud.engine import own_generation
+    from specedge.cloud.registry import open_engine, resolve_engine
     from specedge.exactness import establish
     from specedge.tools.bench import load_prompts, prompts_file
 

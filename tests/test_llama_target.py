@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import alone, speculation_is_the_engines_own_decoding
-from specedge.cloud.engine import Capabilities, resolve_engine
+from specedge.cloud.engine import Capabilities
 from specedge.cloud.llama_target import LlamaCppTarget
-from specedge.cloud.registry import TargetSpec, load_target
+from specedge.cloud.registry import TargetSpec, load_target, resolve_engine
 from specedge.config import ConfigError
 from specedge.exactness import establish
 

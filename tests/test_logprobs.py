@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import alone, device_node, reference_greedy
-from specedge.device.http_api import parse_request, token_text
+from specedge.device.openai_api import parse_request, token_text
 from specedge.device.policy import parse_policy
 from specedge.protocol import wire
 from specedge.speculative import SamplingParams, TokenLogprob, token_logprobs

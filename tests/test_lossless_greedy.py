@@ -161,7 +161,7 @@ def test_a_next_turn_the_verifier_no_longer_holds_resyncs_and_stays_exact(stack,
     _, tok, target, _ = tiny_models
     turn1 = tok.encode_chat("wheel sensor on")
     first = stack.agent.generate(turn1, SamplingParams(), 12, parse_policy("fixed:2"))
-    stack.verifier.sessions.clear()  # expired, evicted, or the replica restarted
+    stack.verifier.table.sessions.clear()  # expired, evicted, or the replica restarted
     turn2 = turn1 + first.tokens + tok.encode_chat("and off")[1:]
     second = stack.agent.generate(turn2, SamplingParams(), 12, parse_policy("fixed:2"))
     assert second.tokens == reference_greedy(target, turn2, 12, tok.stop_ids)

@@ -69,8 +69,11 @@ def test_fixed_policies_are_built_directly():
     shorthand = parse_policy("pipelined")
     assert (shorthand.name, shorthand.draft_len, shorthand.pipelined, shorthand.early_exit) == ("pipelined", 4, True, False)
     assert parse_policy("early-exit:2").early_exit and parse_policy("early-exit:2").draft_len == 2
-    assert parse_policy("adaptive").draft_len == MAX_DRAFT
-    assert parse_policy("adaptive", 8).draft_len == 8
+    # An adaptive policy carries no cap of the device's: the scheduler's draft_cap is the one cap.
+    assert parse_policy("adaptive").draft_len == parse_policy("adaptive", 8).draft_len == MAX_DRAFT
+    assert parse_policy("fixed:8", 8).draft_len == 8
+    with pytest.raises(ValueError):
+        parse_policy("fixed:9", 8)
     assert parse_policy("fixed:2").next_draft_len(10) == 2 and parse_policy("fixed:5").next_draft_len(3) == 2
     with pytest.raises(ValueError):
         fixed_policy(MAX_DRAFT + 1)

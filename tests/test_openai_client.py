@@ -9,7 +9,7 @@ import json
 import openai
 import pytest
 from conftest import device_node, reference_greedy
-from specedge.device.http_api import parse_request
+from specedge.device.openai_api import parse_request
 from test_structured_api import ACTION, TOOLS, reference, schema_format, tokens_through, valid_action
 
 FLEET = "openai-client"

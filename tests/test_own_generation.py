@@ -157,10 +157,10 @@ def test_speculation_on_a_long_prompt_is_llama_cpp_pythons_greedy_generation(lla
         # A third turn the verifier no longer holds: the device's resync OPEN states the two turns'
         # prompt spans, and the verifier re-reads the text as the client had fed it.
         turn3 = turn2 + second.tokens + tok.encode_chat("and stop")[1:]
-        stack.verifier.sessions.clear()
+        stack.verifier.table.sessions.clear()
         third = stack.agent.generate(turn3, SamplingParams(), 16, parse_policy("fixed:3"))
         assert third.stats.resyncs >= 1
-        (session,) = stack.verifier.sessions.values()
+        (session,) = stack.verifier.table.sessions.values()
         assert len(session.prompts) == 3 and session.prompts[0] == (0, len(long_prompt))
         assert third.tokens == client.generate(turn3, 16, tok.stop_ids, fresh=False)
     finally:

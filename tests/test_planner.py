@@ -108,7 +108,7 @@ def test_an_assumed_profile_is_the_roofline_of_its_datasheet_and_says_it_is_an_a
     assert 6.5 < p["decode_ms"]["128"] < 9.0
     grid = p["verify"]["ms"]
     assert grid[0][3] == pytest.approx(grid[0][0], rel=0.01)  # 8 rows cost one: memory-bound
-    assert pass_ms(__import__("specedge.tools.profile", fromlist=["SHAPES"]).SHAPES["qwen2.5-7b"], "h100-sxm",
+    assert pass_ms(__import__("specedge.tools.assumed", fromlist=["SHAPES"]).SHAPES["qwen2.5-7b"], "h100-sxm",
                    "bf16", 64, 64, 128) > 4 * grid[0][0]  # 4096 rows: compute-bound
 
 

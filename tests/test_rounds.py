@@ -195,11 +195,11 @@ def test_the_verifier_answers_out_of_sync_to_a_draft_over_another_text_of_the_sa
         assert isinstance(client.ask("d", wire.Open(1, 0, prompt)), wire.Opened)
         verdict = client.ask("d", wire.Draft(1, 1, len(prompt), [3, 4, 5], text_hash=wire.text_hash(prompt)))
         assert isinstance(verdict, wire.Verdict) and verdict.text_hash == wire.text_hash(prompt)
-        held = verifier.sessions[(fleet, "d", 1)].committed
+        held = verifier.table.sessions[(fleet, "d", 1)].committed
         other = held[:-1] + [(held[-1] + 1) % model.cfg.vocab_size]
         refused = client.ask("d", wire.Draft(1, 2, len(other), [6], text_hash=wire.text_hash(other)))
         assert isinstance(refused, wire.Error) and refused.code == wire.ErrorCode.OUT_OF_SYNC
-        assert verifier.sessions[(fleet, "d", 1)].committed == held  # nothing verified over it
+        assert verifier.table.sessions[(fleet, "d", 1)].committed == held  # nothing verified over it
         assert isinstance(client.ask("d", wire.Draft(1, 3, len(held), [6], text_hash=wire.text_hash(held))),
                           wire.Verdict)
     finally:
@@ -243,7 +243,7 @@ def test_a_late_verdict_of_a_stale_draft_after_drafting_alone_never_verifies_ano
     try:
         prompt = tok.encode_chat("sensor arm wheel")
         result = agent.generate(prompt, SamplingParams(), 16, parse_policy("fixed:4"))
-        session = agent.current.session
+        session = agent.current.rounds.session
     finally:
         agent.stop()
         ver.stop()

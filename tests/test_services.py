@@ -97,7 +97,7 @@ def test_agent_resyncs_when_the_verifier_loses_its_session(stack, tiny_models):
     prompt = tok.encode_chat("robot go to the mat")
     def forget():
         stack.verifier.inbox.put(("forget", b"", time.monotonic()))  # processed in order, before our next draft
-        stack.verifier.sessions.clear()
+        stack.verifier.table.sessions.clear()
 
     with on_draft_call(stack.agent.engine, {3, 6}, forget):
         result = stack.agent.generate(prompt, SamplingParams(), 30, parse_policy("fixed:3"))

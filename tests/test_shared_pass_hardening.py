@@ -107,7 +107,7 @@ def test_a_failing_round_is_refused_alone_while_the_innocent_one_gets_its_verdic
     prompt = tok.encode_chat("water the plants")
     for device, params in (("bad", SAMPLED), ("good", SamplingParams())):
         assert isinstance(client.ask(device, wire.Open(1, 1, prompt, params)), wire.Opened)
-    bad = verifier.sessions[("failed", "bad", 1)]
+    bad = verifier.table.sessions[("failed", "bad", 1)]
     bad.check_draft = lambda *_: None  # the door misses this one (a fault injected)
     client.send("bad", wire.Draft(1, 2, len(prompt), [5], [_q([5, target.cfg.vocab_size + 1])],
                                   wire.text_hash(prompt)))
@@ -116,7 +116,7 @@ def test_a_failing_round_is_refused_alone_while_the_innocent_one_gets_its_verdic
     assert isinstance(verdict, wire.Verdict)
     assert (verdict.accepted, verdict.next_token) == _alone(target, tok, prompt, [5, 6, 7])
     assert isinstance(refused, wire.Error) and refused.code == wire.ErrorCode.INTERNAL
-    assert ("failed", "bad", 1) not in verifier.sessions and verifier.errors.get("internal") == 1
+    assert ("failed", "bad", 1) not in verifier.table.sessions and verifier.errors.get("internal") == 1
 
 
 # -- 2: a grammar whose lexer one session exhausts --------------------------------------------------
@@ -157,7 +157,7 @@ def test_a_grammar_session_spending_its_budget_leaves_the_innocent_sessions_verd
         tiny_models, fleet_verifier, wire_client):
     _, tok, model, _ = tiny_models
     verifier = fleet_verifier("lexer")
-    verifier.grammars = grammar.Cache(limits=TIGHT)
+    verifier.table.grammars = grammar.Cache(limits=TIGHT)
     client = wire_client("lexer")
     text = grammar.json_schema(LONG_STRING)
     prompt = tok.encode_chat("write a note")
@@ -394,7 +394,7 @@ def test_a_round_refused_midway_leaves_the_session_as_it_was(tiny_models, fleet_
     opened = client.ask("d", wire.Open(1, 1, prompt, grammar_hash=grammar.grammar_hash(text), grammar=text,
                                        grammar_from=len(prompt)))
     assert isinstance(opened, wire.Opened)
-    session = verifier.sessions[("atomic", "d", 1)]
+    session = verifier.table.sessions[("atomic", "d", 1)]
     forced = grammar.Compiled(tok, model.cfg.vocab_size, text).start()
     first = forced.forced()
     forced.accept([first])
@@ -428,7 +428,7 @@ def test_a_stream_whose_device_went_away_ends_and_costs_no_more_rows(tiny_models
     while verifier.errors.get("stream_unheard") != 1 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert verifier.errors.get("stream_unheard") == 1
-    assert verifier.sessions[("walk", "bad", 1)].generating == 0  # it ended: 1,800 tokens were asked
+    assert verifier.table.sessions[("walk", "bad", 1)].generating == 0  # it ended: 1,800 tokens were asked
     streamed = verifier.stats.rounds
     text = list(prompt)
     for seq in (2, 3):  # the innocent device's rounds: the target's verdicts, in passes of its own
@@ -460,6 +460,6 @@ def test_a_message_for_a_session_with_a_round_pending_waits_for_its_pass_instead
     assert isinstance(bad.answer("bad", timeout=20), wire.Verdict)  # the draft before the CLOSE got its verdict
     assert list(verifier.stats.batch_sizes) == [1, 1, 2]
     deadline = time.monotonic() + 10
-    while ("split", "bad", 1) in verifier.sessions and time.monotonic() < deadline:
+    while ("split", "bad", 1) in verifier.table.sessions and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert ("split", "bad", 1) not in verifier.sessions
+    assert ("split", "bad", 1) not in verifier.table.sessions

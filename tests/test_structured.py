@@ -198,7 +198,7 @@ def test_a_grammar_travels_once_then_by_hash_and_again_when_the_verifier_lost_it
     uplink = []
     for lose in (False, False, True):
         if lose:
-            stack.verifier.grammars = grammar.Cache()  # a restarted replica, or evicted from its cache
+            stack.verifier.table.grammars = grammar.Cache()  # a restarted replica, or evicted from its cache
         sent0 = agent.status().bytes_sent
         got = agent.generate(prompt, SamplingParams(), 20, policy, grammar=text)
         uplink.append(agent.status().bytes_sent - sent0)

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from specedge import grammar
-from specedge.device.http_api import parse_request
+from specedge.device.openai_api import parse_request
 from specedge.tokenizer import Tokenizer
 from conftest import device_node
 from test_fleet_secure import http

@@ -89,7 +89,7 @@ def test_after_a_slow_pass_the_window_waits_for_the_devices_just_answered(tiny_m
     for device in ("d1", "d2"):
         session = TargetSession(verifier.targets["v"], prompt, SamplingParams(), 1)
         session.last_round = time.monotonic()  # both answered a moment ago: the ones a pass waits for
-        verifier.sessions[("f", device, 1)] = session
+        verifier.table.sessions[("f", device, 1)] = session
     if last_pass_s:
         verifier.stats.compute_s.append(last_pass_s)
 
@@ -101,7 +101,7 @@ def test_after_a_slow_pass_the_window_waits_for_the_devices_just_answered(tiny_m
     late.start()
     verifier.gather()
     late.join()
-    assert len(verifier.pending) == joined
+    assert len(verifier.table.pending) == joined
 
 
 def test_a_stream_step_alone_does_not_wait_for_the_window(tiny_models):
@@ -119,7 +119,7 @@ def test_a_stream_step_alone_does_not_wait_for_the_window(tiny_models):
     for device in ("d1", "d2"):
         session = TargetSession(verifier.targets["v"], prompt, SamplingParams(), 1)
         session.last_round = time.monotonic()  # both active: a draft would wait the window for the other
-        verifier.sessions[("f", device, 1)] = session
+        verifier.table.sessions[("f", device, 1)] = session
     verifier.stats.compute_s.append(0.4)  # a window of 100 ms
     stream = wire.encode(wire.Generate(1, 1, len(prompt), 8, wire.text_hash(prompt)))
     verifier.inbox.put((topics.device("f", "d1", "draft"), stream, time.monotonic()))
@@ -131,7 +131,7 @@ def test_a_stream_step_alone_does_not_wait_for_the_window(tiny_models):
     late.start()
     verifier.gather()
     late.join()
-    assert [key[1] for key in verifier.pending] == ["d1"]
+    assert [key[1] for key in verifier.table.pending] == ["d1"]
 
 
 def test_an_open_does_not_fingerprint_the_tokenizer_again(tiny_models, monkeypatch):
@@ -144,15 +144,15 @@ def test_an_open_does_not_fingerprint_the_tokenizer_again(tiny_models, monkeypat
     _, tok, target, _ = tiny_models
     verifier = Verifier(build(CloudConfig, {}), Target.in_memory("v", target, tok))
     replies = []
-    monkeypatch.setattr(verifier, "reply", lambda out, msg: replies.append(msg))  # not started: no broker
+    monkeypatch.setattr(verifier.table, "reply", lambda out, msg: replies.append(msg))  # not started: no broker
     calls = []
     real = Contract.of.__func__
     monkeypatch.setattr(Contract, "of", classmethod(lambda cls, *a: calls.append(1) or real(cls, *a)))
     prompt = tok.encode_chat("go")
     for session in (1, 2, 3):
         open_msg = wire.Open(session, 1, prompt, SamplingParams(), contract=verifier.targets["v"].contract)
-        verifier.open(("f", "d", session), open_msg, "out")
-    assert len(verifier.sessions) == 3 and len(calls) <= 1
+        verifier.table.open(("f", "d", session), open_msg, "out", verifier.targets["v"], verifier.replica)
+    assert len(verifier.table.sessions) == 3 and len(calls) <= 1
     assert [type(m).__name__ for m in replies] == ["Opened"] * 3
 
 
@@ -253,7 +253,7 @@ def test_killed_replica_loses_no_session(tiny_files, tiny_models, mosquitto, tmp
     killed = []
 
     def kill_the_holder():
-        victim = agent.current.replica
+        victim = agent.current.rounds.replica
         replicas[victim].kill()
         replicas[victim].wait()
         killed.append(victim)

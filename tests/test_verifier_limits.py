@@ -11,7 +11,8 @@ from conftest import reference_greedy
 from specedge.protocol import wire
 from specedge.cloud.registry import Target
 from specedge.config import CloudConfig, ConfigError, DeviceConfig, build
-from specedge.device.agent import Agent, Refused
+from specedge.device.agent import Agent
+from specedge.device.request import Refused
 from specedge.device.draft import TorchDraftEngine
 from specedge.device.policy import parse_policy
 from specedge.speculative import SamplingParams
@@ -45,7 +46,7 @@ def test_a_device_holds_at_most_max_sessions_per_device_and_loses_its_oldest(
     for session in (1, 2, 3):
         assert isinstance(client.ask("d", wire.Open(session, 1, prompt)), wire.Opened)
     assert isinstance(client.ask("e", wire.Open(1, 1, prompt)), wire.Opened)  # another device: its own cap
-    held = sorted(k for k in verifier.sessions if k[1] == "d")
+    held = sorted(k for k in verifier.table.sessions if k[1] == "d")
     assert held == [("cap", "d", 2), ("cap", "d", 3)]
     gone = client.ask("d", wire.Draft(1, 2, len(prompt), [3], text_hash=wire.text_hash(prompt)))
     assert isinstance(gone, wire.Error) and gone.code == wire.ErrorCode.UNKNOWN_SESSION  # it resyncs
@@ -73,7 +74,7 @@ def test_an_extend_appends_to_a_kept_session_only_over_the_same_text(tiny_models
     assert verifier.stats.extended == 1 and verifier.stats.extended_cached_tokens == len(prompt)
     client.send("d", wire.Extend(1, 3, len(text), more, wire.text_hash(text)))  # a stale round: ignored
     again = client.ask("d", wire.Draft(1, 5, len(text) + verdict.accepted + 1, [3],
-                                       text_hash=verifier.sessions[("ext", "d", 1)].text_hash()))
+                                       text_hash=verifier.table.sessions[("ext", "d", 1)].text_hash()))
     assert isinstance(again, wire.Verdict) and verifier.stats.extended == 1
 
 
@@ -87,7 +88,7 @@ def test_an_open_whose_cache_cannot_fit_the_kv_budget_is_refused_before_any_pass
     reply = client.ask("d", wire.Open(1, 1, prompt))
     assert isinstance(reply, wire.Error) and reply.code == wire.ErrorCode.OVERLOADED
     assert "kv_budget_mb" in reply.text
-    assert verifier.stats.passes == 0 and not verifier.sessions
+    assert verifier.stats.passes == 0 and not verifier.table.sessions
 
 
 def test_rounds_that_fit_the_kv_budget_only_one_at_a_time_take_turns_and_caches_never_exceed_it(
@@ -131,7 +132,7 @@ def test_a_context_over_max_context_per_device_is_refused_with_its_reason(
     short = long[:40]
     assert isinstance(client.ask("d", wire.Open(2, 1, short)), wire.Opened)
     assert isinstance(client.ask("d", wire.Open(3, 1, short)), wire.Opened)
-    assert sorted(k[2] for k in verifier.sessions if k[1] == "d") == [3]
+    assert sorted(k[2] for k in verifier.table.sessions if k[1] == "d") == [3]
     # A draft that would carry the session itself past the cap is refused, the session kept.
     reply = client.ask("d", wire.Draft(3, 2, 40, list(range(3, 3 + 30)), text_hash=wire.text_hash(short)))
     assert isinstance(reply, wire.Error) and reply.code == wire.ErrorCode.OVERLOADED
@@ -227,7 +228,7 @@ def test_a_draft_ends_a_stream_and_takes_the_text_back_to_what_the_device_holds(
     draft = expected[5:8]  # a draft of the target's own tokens: all accepted
     verdict = answer(wire.Draft(1, 3, len(held), draft, text_hash=wire.text_hash(held)))
     assert isinstance(verdict, wire.Verdict) and (verdict.accepted, verdict.next_token) == (3, expected[8])
-    session = verifier.sessions[("streams", "d", 1)]
+    session = verifier.table.sessions[("streams", "d", 1)]
     assert session.generating == 0 and len(session.committed) == len(held) + 4
     again = answer(wire.Generate(1, 4, len(held) + 4, 10, session.text_hash()))
     assert isinstance(again, wire.Tokens) and again.tokens[0] == expected[9]

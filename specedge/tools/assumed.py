@@ -18,6 +18,17 @@ from __future__ import annotations
 
 from specedge.emulation import PROFILE_FORMAT
 
+# Model shapes, as each model's published config.json gives them (tiny: the test pair's).
+SHAPES = {
+    "tiny": dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128),
+    "qwen2.5-0.5b": dict(n_layers=24, dim=896, n_heads=14, n_kv_heads=2, ffn_dim=4864, vocab_size=151936),
+    "qwen2.5-1.5b": dict(n_layers=28, dim=1536, n_heads=12, n_kv_heads=2, ffn_dim=8960, vocab_size=151936),
+    "qwen2.5-7b": dict(n_layers=28, dim=3584, n_heads=28, n_kv_heads=4, ffn_dim=18944, vocab_size=152064),
+    "qwen2.5-14b": dict(n_layers=48, dim=5120, n_heads=40, n_kv_heads=8, ffn_dim=13824, vocab_size=152064),
+    "qwen2.5-32b": dict(n_layers=64, dim=5120, n_heads=40, n_kv_heads=8, ffn_dim=27648, vocab_size=152064),
+}
+TIED = {"tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"}  # output head = the embedding (tie_word_embeddings)
+
 # Datasheet figures: memory bandwidth (bytes/s) and dense 16-bit tensor peak (flop/s).
 HARDWARE = {
     "h100-sxm": dict(kind="gpu", bandwidth=3.35e12, flops=989e12,
@@ -73,8 +84,6 @@ def assumed_profile(kind: str, hardware: str, shape_name: str, dtype: str, conte
                     prefill_rows=(2, 4, 8, 32, 128, 512, 1024), grid=(1, 2, 4, 8, 16, 32, 64),
                     base_context: int = 128) -> dict:
     """A `specedge profile` JSON for `kind` (target or draft) on `hardware`, from the roofline."""
-    from specedge.tools.profile import SHAPES
-
     shape = SHAPES[shape_name]
     hw, a = HARDWARE[hardware], ASSUMED[HARDWARE[hardware]["kind"]]
     ms = lambda s, k, c: round(pass_ms(shape, hardware, dtype, s, k, c), 4)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -160,29 +161,34 @@ def worker_main(argv: list[str]) -> int:
                                 cmd.get("seed", 0))
         prompt = tok.encode_chat(cmd["prompt"])
         result = agent.generate(prompt, params, cmd["max_new_tokens"], parse_policy(cmd["policy"]))
-        stats = result.stats
-        out.write(json.dumps({"tokens": result.tokens, "summary": stats.summary(), "draft_s": stats.draft_s,
-                              "draft_prefill_s": stats.draft_prefill_s, "first_tokens": stats.first_tokens,
-                              "wait_s": stats.wait_s, "verify_s": stats.verify_s, "rounds": stats.rounds,
-                              "target_passes": stats.target_passes,
-                              "drafted": stats.drafted_tokens, "accepted": stats.accepted_tokens,
-                              "network_rtt_s": stats.network_rtt_s(), "draft_lens": stats.draft_lens,
-                              "accepted_lens": stats.accepted_lens, "round_start_s": stats.round_start_s,
-                              "verify_round_s": stats.verify_round_s, "energy_j": stats.energy_j,
-                              "energy_source": stats.energy_source, "prompt_tokens": len(prompt),
-                              "prompt": prompt, "q_wire_bytes": stats.q_wire_bytes,
-                              "dense_q_bytes": stats.dense_q_bytes, "ahead_s": stats.ahead_s,
-                              "ahead_tokens": stats.ahead_tokens, "ahead_kept": stats.ahead_kept,
-                              "ahead_hits": stats.ahead_hits, "hints": stats.hints,
-                              "hints_agreed": stats.hints_agreed, "hint_layer": stats.hint_layer,
-                              "lookup_rounds": stats.lookup_rounds, "lookup_drafted": stats.lookup_drafted,
-                              "lookup_accepted": stats.lookup_accepted,
-                              "streamed_tokens": stats.streamed_tokens, "modes": stats.modes,
-                              "emulation": engine.emulation() if hasattr(engine, "emulation") else None,
-                              "text": tok.decode(result.tokens)}) + "\n")
+        out.write(json.dumps(_run_record(result, prompt, engine, tok)) + "\n")
         out.flush()
     agent.stop()
     return 0
+
+
+def _run_record(result, prompt: list[int], engine, tok) -> dict:
+    """One run as the worker reports it: its tokens, text and every statistic the bench reads."""
+    stats = result.stats
+    return {"tokens": result.tokens, "summary": stats.summary(), "draft_s": stats.draft_s,
+            "draft_prefill_s": stats.draft_prefill_s, "first_tokens": stats.first_tokens,
+            "wait_s": stats.wait_s, "verify_s": stats.verify_s, "rounds": stats.rounds,
+            "target_passes": stats.target_passes,
+            "drafted": stats.drafted_tokens, "accepted": stats.accepted_tokens,
+            "network_rtt_s": stats.network_rtt_s(), "draft_lens": stats.draft_lens,
+            "accepted_lens": stats.accepted_lens, "round_start_s": stats.round_start_s,
+            "verify_round_s": stats.verify_round_s, "energy_j": stats.energy_j,
+            "energy_source": stats.energy_source, "prompt_tokens": len(prompt),
+            "prompt": prompt, "q_wire_bytes": stats.q_wire_bytes,
+            "dense_q_bytes": stats.dense_q_bytes, "ahead_s": stats.ahead_s,
+            "ahead_tokens": stats.ahead_tokens, "ahead_kept": stats.ahead_kept,
+            "ahead_hits": stats.ahead_hits, "hints": stats.hints,
+            "hints_agreed": stats.hints_agreed, "hint_layer": stats.hint_layer,
+            "lookup_rounds": stats.lookup_rounds, "lookup_drafted": stats.lookup_drafted,
+            "lookup_accepted": stats.lookup_accepted,
+            "streamed_tokens": stats.streamed_tokens, "modes": stats.modes,
+            "emulation": engine.emulation() if hasattr(engine, "emulation") else None,
+            "text": tok.decode(result.tokens)}
 
 
 def local_target_main(argv: list[str]) -> int:
@@ -332,6 +338,44 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+class StatsWatch:
+    """Follows the replicas' statistics topic: the latest of each replica of the current run, and
+    their peak cache memory."""
+
+    def __init__(self, port: int, every: bool = False):
+        """every: every replica counts (one verifier), not only those `follow` names."""
+        from specedge.config import MqttConfig
+        from specedge.mqtt import Link
+        from specedge.protocol import topics
+
+        self.latest: dict[str, dict] = {}
+        self.replicas: set[str] | None = None if every else set()
+        self.peak_cache_bytes = 0
+        self.lock = threading.Lock()
+        self.link = Link(MqttConfig(port=port, protocol="5"), f"bench-stats-{os.getpid()}", self._on)
+        self.link.subscribe(topics.replica(topics.ANY, "stats"))
+        self.link.start()
+
+    def _on(self, topic: str, payload: bytes) -> None:
+        stats = json.loads(payload)
+        with self.lock:
+            if self.replicas is not None and stats["replica"] not in self.replicas:
+                return  # a replica of an earlier run, saying goodbye
+            self.latest[stats["replica"]] = stats
+            self.peak_cache_bytes = max(self.peak_cache_bytes, sum(s["cache_bytes"] for s in self.latest.values()))
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {r: dict(s) for r, s in self.latest.items()}
+
+    def follow(self, replicas: set[str]) -> None:
+        """A new run: only these replicas count, the peak starts again."""
+        with self.lock:
+            self.replicas = set(replicas)
+            self.latest = {r: s for r, s in self.latest.items() if r in self.replicas}
+            self.peak_cache_bytes = 0
+
+
 def _git_revision() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
@@ -461,24 +505,10 @@ def run(args) -> int:
     """The whole bench: every prompt under every policy on every channel against one verifier
     process, the baselines, the report (table, JSON, plots). Exit 1 when greedy outputs differ
     from cloud-ar's and no near tie explains it."""
-    from specedge.config import ConfigError, DraftConfig
     from specedge.device.policy import parse_policy
     from specedge.tools.demo import machine
 
-    args.prompts = prompts_file(args.prompts)
-    try:
-        configs = bench_channels(args.channel, args.up_trace, args.down_trace, args.seed)
-    except ValueError as exc:
-        raise SystemExit(f"specedge bench: {exc}") from None
-    policies = [p for p in args.policies.split(",") if p]
-    for p in policies:
-        parse_policy(p)
-    if not 1 <= args.max_draft <= WIRE_MAX_DRAFT:
-        raise SystemExit(f"specedge bench: --max-draft must be in 1..{WIRE_MAX_DRAFT}")
-    try:
-        DraftConfig(sources=args.draft_sources).validate()
-    except ConfigError as exc:
-        raise SystemExit(f"specedge bench: --draft-sources: {exc}") from None
+    configs, policies = _checked_args(args)
     prompts = load_prompts(args.prompts, args.max_prompts)
     device_cores, verifier_cores, pinning = _split_cores()
     print(f"specedge bench: {len(prompts)} prompts x {len(policies)} policies x {len(configs)} channels, "
@@ -528,6 +558,29 @@ def run(args) -> int:
     _print_table(report)
     _write_outputs(report, args)
     return 0 if report["outputs_identical"] in (True, None) or report.get("divergences", {}).get("near_ties") else 1
+
+
+def _checked_args(args) -> tuple[list[ChannelConfig], list[str]]:
+    """(the channels, the policies) the arguments name, each checked; SystemExit names a wrong one.
+    `args.prompts` becomes the prompt file's path."""
+    from specedge.config import ConfigError, DraftConfig
+    from specedge.device.policy import parse_policy
+
+    args.prompts = prompts_file(args.prompts)
+    try:
+        configs = bench_channels(args.channel, args.up_trace, args.down_trace, args.seed)
+    except ValueError as exc:
+        raise SystemExit(f"specedge bench: {exc}") from None
+    policies = [p for p in args.policies.split(",") if p]
+    for p in policies:
+        parse_policy(p)
+    if not 1 <= args.max_draft <= WIRE_MAX_DRAFT:
+        raise SystemExit(f"specedge bench: --max-draft must be in 1..{WIRE_MAX_DRAFT}")
+    try:
+        DraftConfig(sources=args.draft_sources).validate()
+    except ConfigError as exc:
+        raise SystemExit(f"specedge bench: --draft-sources: {exc}") from None
+    return configs, policies
 
 
 def _emulate(args, prompts: list[str], logs: Path) -> dict:
@@ -580,8 +633,6 @@ def _run_channels(args, configs: list[ChannelConfig], policies: list[str], promp
     watch = None
     try:
         if args.engine == "emulated":  # the verifier's statistics say whether it kept the profile's times
-            from specedge.tools.bench_verifier import StatsWatch
-
             watch = StatsWatch(broker.port, every=True)
         verifier = _spawn([sys.executable, "-m", "specedge.cli", "cloud", "run"], verifier_cores, {
             **({"SPECEDGE_VERIFIER_STATS_INTERVAL_S": "1"} if watch else {}),

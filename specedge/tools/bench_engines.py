@@ -93,16 +93,7 @@ def llama_bench(path: Path, tokens: int, threads: int) -> dict | None:
 
 
 def run(args) -> int:
-    from specedge.tools.bench_draft import measure
-    from specedge.cloud.engine import open_engine as open_target
-    from specedge.cloud.engine import installed, weights_held
-    from specedge.config import DraftConfig
     from specedge.tools.demo import machine
-    from specedge.device.backends import open_engine as open_draft
-    from specedge.device.backends import unavailable
-    from specedge.exactness import establish
-    from specedge.fetch import resolve
-    from specedge.loader import read_gguf_tokenizer
 
     args.prompts = prompts_file(args.prompts)
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
@@ -110,9 +101,27 @@ def run(args) -> int:
     torch.set_num_threads(threads)
     texts = load_prompts(args.prompts, args.max_prompts)
     report = {"machine": machine(), "threads": threads, "prompts": len(texts), "tokens": args.tokens,
-              "draft": args.draft, "target": args.target, "drafts": [], "targets": [], "llama_cpp_own": {}}
+              "draft": args.draft, "target": args.target, "drafts": _drafts(args, texts, say),
+              "targets": _targets(args, texts, threads, say), "llama_cpp_own": _llama_cpp_own(args, texts, threads, say)}
+    _ratios(report)
+    _print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+        say(f"wrote {args.json}")
+    if args.plot:
+        plot(report, args.plot)
+        say(f"wrote {args.plot}")
+    return 0
 
-    base = DraftConfig(model=args.draft)
+
+def _drafts(args, texts: list[str], say) -> list[dict]:
+    """Each --draft-backends entry (backend[:weights]) that runs here: its ms and tokens per second."""
+    from specedge.tools.bench_draft import measure
+    from specedge.config import DraftConfig
+    from specedge.device.backends import open_engine as open_draft
+    from specedge.device.backends import unavailable
+
+    rows, base = [], DraftConfig(model=args.draft)
     for spec in args.draft_backends.split(","):
         backend, _, weights = spec.partition(":")
         cfg = replace(base, backend=backend, weights=weights or "int8")
@@ -122,13 +131,21 @@ def run(args) -> int:
             continue
         say(f"draft {spec} ...")
         engine, tok = open_draft(cfg, say)
-        prompts = [tok.encode_chat(t) for t in texts]
-        row = measure(engine, prompts, args.tokens)
-        report["drafts"].append({"backend": spec, "ms_per_token": round(row["ms_per_token"], 2),
-                                 "tokens_per_s": round(row["tokens_per_s"], 2)})
+        row = measure(engine, [tok.encode_chat(t) for t in texts], args.tokens)
+        rows.append({"backend": spec, "ms_per_token": round(row["ms_per_token"], 2),
+                     "tokens_per_s": round(row["tokens_per_s"], 2)})
         del engine
+    return rows
 
-    path, sha256 = resolve(args.target)
+
+def _targets(args, texts: list[str], threads: int, say) -> list[dict]:
+    """Each --engines entry (engine[:batched]) installed here: its self-test and its timings."""
+    from specedge.cloud.registry import installed, weights_held
+    from specedge.cloud.registry import open_engine as open_target
+    from specedge.exactness import establish
+    from specedge.fetch import resolve
+
+    rows, (path, sha256) = [], resolve(args.target)
     for spec in args.engines.split(","):
         name, _, mode = spec.partition(":")  # llama.cpp:batched = batch_invariant off
         if not installed(name):
@@ -140,28 +157,28 @@ def run(args) -> int:
         found = establish(engine)
         prompts = [tok.encode_chat(t) for t in texts]
         say(f"target {spec}: {found.summary()}; timing ...")
-        report["targets"].append({"engine": spec, "weights": weights,
-                                  "exactness": "exact" if found.exact else "numerical",
-                                  "max_abs_dlogit": found.max_abs_diff,
-                                  "block": found.block, **target_timings(engine, prompts, args.tokens)})
+        rows.append({"engine": spec, "weights": weights, "exactness": "exact" if found.exact else "numerical",
+                     "max_abs_dlogit": found.max_abs_diff, "block": found.block,
+                     **target_timings(engine, prompts, args.tokens)})
         del engine
+    return rows
 
+
+def _llama_cpp_own(args, texts: list[str], threads: int, say) -> dict:
+    """llama.cpp's own decode loop and llama-bench on each file, where llama.cpp is installed."""
+    from specedge.cloud.registry import installed
+    from specedge.fetch import resolve
+    from specedge.loader import read_gguf_tokenizer
+
+    own = {}
     if installed("llama.cpp"):
         for role, model in (("draft", args.draft), ("target", args.target)):
             file, _ = resolve(model)
             encode = read_gguf_tokenizer(file).encode_chat
             say(f"llama.cpp's own decode loop on the {role} ...")
-            own = llama_cpp_own(file, [encode(t) for t in texts], args.tokens, threads)
-            report["llama_cpp_own"][role] = {"llama_eval": own, "llama_bench": llama_bench(file, args.tokens, threads)}
-    _ratios(report)
-    _print(report)
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        say(f"wrote {args.json}")
-    if args.plot:
-        plot(report, args.plot)
-        say(f"wrote {args.plot}")
-    return 0
+            timings = llama_cpp_own(file, [encode(t) for t in texts], args.tokens, threads)
+            own[role] = {"llama_eval": timings, "llama_bench": llama_bench(file, args.tokens, threads)}
+    return own
 
 
 def _ratios(report: dict) -> None:

@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from specedge.tools.bench import (_git_revision, _read_json, _split_cores, _stop, load_prompts, near_ties,
-                                  pinned_here, prompts_file, spawn_verifier)
+from specedge.tools.bench import (StatsWatch, _git_revision, _read_json, _split_cores, _stop, load_prompts,
+                                  near_ties, pinned_here, prompts_file, spawn_verifier)
 from specedge.broker import MosquittoBroker
 from specedge.cloud.engine import own_generation
 from specedge.device.draft import Drafted, TorchDraftEngine
@@ -149,44 +149,6 @@ def _start_verifiers(folder: Path, port: int, args, replicas: int, max_batch: in
     for proc in procs:
         _read_json(proc, f"verifier {proc.replica}", args.start_timeout)
     return procs
-
-
-class StatsWatch:
-    """Follows the replicas' statistics topic: the latest of each replica of the current run, and
-    their peak cache memory."""
-
-    def __init__(self, port: int, every: bool = False):
-        """every: every replica counts (one verifier), not only those `follow` names."""
-        from specedge.config import MqttConfig
-        from specedge.mqtt import Link
-        from specedge.protocol import topics
-
-        self.latest: dict[str, dict] = {}
-        self.replicas: set[str] | None = None if every else set()
-        self.peak_cache_bytes = 0
-        self.lock = threading.Lock()
-        self.link = Link(MqttConfig(port=port, protocol="5"), f"bench-stats-{os.getpid()}", self._on)
-        self.link.subscribe(topics.replica(topics.ANY, "stats"))
-        self.link.start()
-
-    def _on(self, topic: str, payload: bytes) -> None:
-        stats = json.loads(payload)
-        with self.lock:
-            if self.replicas is not None and stats["replica"] not in self.replicas:
-                return  # a replica of an earlier run, saying goodbye
-            self.latest[stats["replica"]] = stats
-            self.peak_cache_bytes = max(self.peak_cache_bytes, sum(s["cache_bytes"] for s in self.latest.values()))
-
-    def snapshot(self) -> dict:
-        with self.lock:
-            return {r: dict(s) for r, s in self.latest.items()}
-
-    def follow(self, replicas: set[str]) -> None:
-        """A new run: only these replicas count, the peak starts again."""
-        with self.lock:
-            self.replicas = set(replicas)
-            self.latest = {r: s for r, s in self.latest.items() if r in self.replicas}
-            self.peak_cache_bytes = 0
 
 
 def _agents(n: int, port: int, recordings, drafts: list[tuple[str, TorchDraftEngine, object]], args):

@@ -23,7 +23,7 @@ def profiles(spec: str) -> tuple[dict, dict, list[str]]:
 def recordings(args, prompts: list[str]) -> tuple[list[Recording], dict, dict]:
     """The real pair's recordings of the prompts (cached under the models' hashes), and what the
     emulated target and draft stand for: shapes and the files their tokenizers come from."""
-    from specedge.cloud.engine import open_engine, resolve_engine, weights_held
+    from specedge.cloud.registry import open_engine, resolve_engine, weights_held
     from specedge.config import DraftConfig
     from specedge.device.backends import open_engine as open_draft
     from specedge.exactness import establish

@@ -168,7 +168,7 @@ class Rig:
 
     def kill_replica(self) -> str:
         """kill -9 the replica holding the session (or the first one alive)."""
-        name = self.agent.current.replica or next(n for n, p in self.procs.items() if p.poll() is None)
+        name = self.agent.current.rounds.replica or next(n for n, p in self.procs.items() if p.poll() is None)
         self.procs[name].kill()
         self.procs[name].wait()
         return name
@@ -552,7 +552,7 @@ class Generation:
 def _generate_under_fault(rig: Rig, fault: Fault, rng: random.Random, prompt: list[int], at_round: int) -> Generation:
     """The agent generates on a worker thread (so a hung request is seen, not waited for) while
     `fault` is injected just before the draft of round `at_round`."""
-    from specedge.device.agent import RequestFailed
+    from specedge.device.request import RequestFailed
     from specedge.device.policy import parse_policy
     from specedge.speculative import SamplingParams
 
@@ -637,7 +637,7 @@ def _expectation_problems(fault: Fault, gen: Generation, got: list[int], referen
     """What breaks the fault's promise: `exact` (the target's own decoding, all verified), `failed`
     (VerifierUnavailable, and only the target's text committed before it) or `unverified` (the
     target's text up to the first unverified span, the spans marked and within the policy)."""
-    from specedge.device.agent import VerifierUnavailable
+    from specedge.device.request import VerifierUnavailable
 
     problems = []
     result, error, streamed, flags = gen.result, gen.error, gen.streamed, gen.flags

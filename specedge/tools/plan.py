@@ -419,6 +419,25 @@ def _print_regimes(report: dict) -> None:
     print(f"every cell within: {report['all_within']}")
 
 
+def _mark_cells(ax, rows: list[dict], first_set: str) -> None:
+    """Each sweep cell of one panel where its devices sit: the target's ms per token as their
+    stream gives it (the load of the other devices included), their draft's ms per token; o where
+    speculation paid, x where streaming won; black the first prompt set, blue the second (drawn a
+    little higher, so the two do not hide each other)."""
+    named = set()
+    for r in rows:
+        colour = "k" if r["prompts"] == first_set else "b"
+        x, y = 1000 / r["cloud_ar"], r["draft_decode_ms"] * (1 if colour == "k" else 1.25)
+        size = 18 * (1 + math.log2(r["devices"]))
+        if r["speculation_pays"]:
+            ax.scatter(x, y, marker="o", s=size, facecolors="none", edgecolors=colour)
+        else:
+            ax.scatter(x, y, marker="x", s=size, color=colour)
+        if r["pair"] not in named and r["devices"] == 1:
+            named.add(r["pair"])
+            ax.annotate(r["pair"], (x, y), fontsize=6, xytext=(4, -9), textcoords="offset points")
+
+
 def regime_map(report: dict, path: str) -> None:
     """Where speculation beats streaming for one device (the scheduler's own round model,
     device/scheduler.py best_rate), across target and draft ms per token, per RTT; a verification
@@ -458,22 +477,8 @@ def regime_map(report: dict, path: str) -> None:
             if len(sets) > 1:
                 ax.contour(xs, ys, gain(report["acceptance_by_position"][sets[1]], flat, rtt), levels=[1.0],
                            colors="b", linewidths=1, linestyles="--")
-            named = set()
-            for r in report["rows"]:
-                if r["verify_flat"] != flat or round(r["rtt_ms"]) != rtt:
-                    continue
-                colour = "k" if r["prompts"] == sets[0] else "b"
-                # Where a device sits: the target's ms per token as its stream gives it (the load of
-                # the other devices included), its draft's ms per token.
-                x, y = 1000 / r["cloud_ar"], r["draft_decode_ms"] * (1 if colour == "k" else 1.25)
-                size = 18 * (1 + math.log2(r["devices"]))
-                if r["speculation_pays"]:
-                    ax.scatter(x, y, marker="o", s=size, facecolors="none", edgecolors=colour)
-                else:
-                    ax.scatter(x, y, marker="x", s=size, color=colour)
-                if r["pair"] not in named and r["devices"] == 1:
-                    named.add(r["pair"])
-                    ax.annotate(r["pair"], (x, y), fontsize=6, xytext=(4, -9), textcoords="offset points")
+            _mark_cells(ax, [r for r in report["rows"] if r["verify_flat"] == flat and round(r["rtt_ms"]) == rtt],
+                        sets[0])
             ax.set_xscale("log")
             ax.set_yscale("log")
             ax.set_xlabel("target ms/token (a device's stream)", fontsize=8)

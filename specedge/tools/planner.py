@@ -19,7 +19,7 @@ what a device would observe, and its decision rule: when to leave a stream, how 
 token by token, when to stream again), the policies' draft lengths (device/policy.py), the pass
 times (emulation.target_pass_ms, draft_feed_ms) and the recordings' answers (emulation.Recording).
 What the model restates (docs/capacity.md section 6), checked against the emulated product: the
-device's round sequence of device/agent.py (the first round's message after the OPEN's OPENED; a
+device's round sequence of device/request.py (the first round's message after the OPEN's OPENED; a
 fixed policy's draft prefill, then rounds; an adaptive request's stream, the draft prefilling
 behind it; the draft's catch-up of what it has not fed), and the verifier's batching
 (cloud/verifier.py gather). Links are the channel's mean rate plus its one-way delay per message, a
@@ -270,7 +270,7 @@ class _Device:
         if self.policy.autoregressive or streams:
             self.clock.at(self.opened_at, self._stream)
         else:
-            self.after_stream = self.policy.stream  # a speculating start is probed (device/agent.py)
+            self.after_stream = self.policy.stream  # a speculating start is probed (device/request.py)
             self._prefill_draft()
             self.clock.at(self.clock.now + self.fed_s, self._round)
 
@@ -356,7 +356,7 @@ class _Device:
             self._round()  # its DRAFT ends the stream on the verifier, whatever it had in flight
 
     def _leave_stream(self) -> bool:
-        """device/agent.py leave_stream, on virtual time."""
+        """device/request.py Streaming.leave, on virtual time."""
         scheduler, remaining = self.scheduler, self.setup.max_new - self.generated
         if not scheduler.can_pay(remaining):
             return False

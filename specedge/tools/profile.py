@@ -28,19 +28,9 @@ from pathlib import Path
 
 import torch
 
-from specedge.tools.assumed import BYTES_PER_WEIGHT, HARDWARE, assumed_profile
+from specedge.tools.assumed import BYTES_PER_WEIGHT, HARDWARE, SHAPES, TIED, assumed_profile
 from specedge.emulation import PROFILE_FORMAT
 
-# Real shapes (the models' config.json), for --random-shape.
-SHAPES = {
-    "tiny": dict(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128),
-    "qwen2.5-0.5b": dict(n_layers=24, dim=896, n_heads=14, n_kv_heads=2, ffn_dim=4864, vocab_size=151936),
-    "qwen2.5-1.5b": dict(n_layers=28, dim=1536, n_heads=12, n_kv_heads=2, ffn_dim=8960, vocab_size=151936),
-    "qwen2.5-7b": dict(n_layers=28, dim=3584, n_heads=28, n_kv_heads=4, ffn_dim=18944, vocab_size=152064),
-    "qwen2.5-14b": dict(n_layers=48, dim=5120, n_heads=40, n_kv_heads=8, ffn_dim=13824, vocab_size=152064),
-    "qwen2.5-32b": dict(n_layers=64, dim=5120, n_heads=40, n_kv_heads=8, ffn_dim=27648, vocab_size=152064),
-}
-TIED = {"tiny", "qwen2.5-0.5b", "qwen2.5-1.5b"}  # output head = the embedding (tie_word_embeddings)
 GRID = (1, 2, 4, 8, 16, 32, 64)
 CONTEXTS = (32, 128, 512, 1024, 2048)
 PREFILL_ROWS = (2, 4, 8, 32, 128, 512, 1024)
@@ -443,7 +433,7 @@ def _profile_file(args, model: str | None, device: str, grid: dict) -> dict:
     from specedge.fetch import DEFAULT_DRAFT, DEFAULT_TARGET
 
     if args.kind == "target":
-        from specedge.cloud.engine import open_engine, resolve_engine, weights_held
+        from specedge.cloud.registry import open_engine, resolve_engine, weights_held
         from specedge.fetch import resolve
 
         path, sha = resolve(model or DEFAULT_TARGET)

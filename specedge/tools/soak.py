@@ -145,7 +145,7 @@ class _Tally:
 def _device_loop(i: int, agent, prompts, references, max_new: int, stop: threading.Event, tally: _Tally) -> None:
     """One device: the prompts in turn (starting at its own), each output checked against the
     target's, until `stop`."""
-    from specedge.device.agent import RequestFailed
+    from specedge.device.request import RequestFailed
     from specedge.device.policy import parse_policy
     from specedge.speculative import SamplingParams
 

@@ -36,7 +36,7 @@ async function loadModel() {
 
 const num = (x, digits) => (x === null || x === undefined ? "–" : Number(x).toFixed(digits));
 
-// How the answer was made, from the `specedge` object of the last chunk (http_api.spec_summary).
+// How the answer was made, from the `specedge` object of the last chunk (openai_api.spec_summary).
 function how(s) {
   const div = document.createElement("div");
   div.className = "how";
