@@ -162,8 +162,7 @@ class SessionTable:
         if busy is None:
             return "now"
         if isinstance(busy.msg, wire.Generate) and msg.seq > busy.msg.seq:
-            del self.pending[key]
-            busy.item.session.generating = 0
+            self._stop_stream(key, busy)
             return "now"
         return "later" if msg.seq > busy.msg.seq else "stale" if msg.seq < busy.msg.seq else "duplicate"
 
@@ -171,10 +170,13 @@ class SessionTable:
         """End session `key`'s stream (round `seq`) if it still runs; whether it did."""
         busy = self.pending.get(key)
         if busy is not None and isinstance(busy.msg, wire.Generate) and busy.msg.seq == seq:
-            del self.pending[key]
-            busy.item.session.generating = 0
+            self._stop_stream(key, busy)
             return True
         return False
+
+    def _stop_stream(self, key, busy: Pending) -> None:
+        del self.pending[key]
+        busy.item.session.generating = 0
 
     def close(self, key) -> None:
         self.sessions.pop(key, None)

@@ -397,15 +397,16 @@ class Verifier:
         if topic == UNHEARD:
             self.end_stream(*payload)
         elif parts is not None and parts[2] == "draft":
-            self.session_message(parts[0], parts[1], topic, payload, arrived)
+            self.session_message(parts, topic, payload, arrived)
         elif (announced := topics.parse_fleet(topic)) is not None and announced[1] == "targets":
             self.on_announcement(announced[0], payload)
         else:
             self.count("bad_topic")
 
-    def session_message(self, fleet: str, device: str, topic: str, payload: bytes, arrived: float) -> None:
-        """A device's message to one of its sessions: decoded, then the table's to act on, in order
-        of its round numbers."""
+    def session_message(self, parts: tuple, topic: str, payload: bytes, arrived: float) -> None:
+        """A device's message to one of its sessions (`parts`: its topic's (fleet, device, "draft")):
+        decoded, then the table's to act on, in order of its round numbers."""
+        fleet, device, _ = parts
         out = topics.answers(fleet, device)
         try:
             msg = wire.decode(payload)
@@ -421,7 +422,7 @@ class Verifier:
         key = (fleet, device, msg.session)
         order = self.table.order(key, msg)
         if order == "later":  # after the pending round's pass, in order
-            self.defer(key, msg.seq, (topic, payload, arrived, (fleet, device, "draft")))
+            self.defer(key, msg.seq, (topic, payload, arrived, parts))
         elif order == "stale":
             self.count("stale")
         elif order == "now":

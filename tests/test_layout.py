@@ -164,13 +164,8 @@ def test_the_protocol_is_a_leaf():
     """specedge/protocol/ imports nothing of the product but itself and the pure math whose values
     it carries (specedge.speculative): not device/, cloud/, the harness, config or grammar (which
     import it), so that nothing it needs can import it back."""
-    found = []
-    for path in sorted((ROOT / "specedge" / "protocol").glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            module = node.module if isinstance(node, ast.ImportFrom) else None
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [module or ""]
-            found += [f"{path.name}: {n}" for n in names if n.startswith("specedge")
-                      and not n.startswith(("specedge.protocol", "specedge.speculative"))]
+    found = [f"{module}: {name}" for module, names in import_graph().items() if module.startswith("specedge.protocol")
+             for name in names if not name.startswith(("specedge.protocol", "specedge.speculative"))]
     assert not found, found
 
 
